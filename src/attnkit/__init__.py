@@ -1,0 +1,23 @@
+"""attnkit: attention, exact and fast, with every common variant, on any PyTorch device.
+
+>>> import torch, attnkit
+>>> q = k = v = torch.randn(2, 4, 16, 32)
+>>> out = attnkit.attention(q, k, v, mask=attnkit.masks.sliding_window(left=4))
+>>> out.shape
+torch.Size([2, 4, 16, 32])
+"""
+
+from attnkit import biases, masks
+from attnkit.functional import BackendInfo, attention, attention_probs, backends
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "BackendInfo",
+    "__version__",
+    "attention",
+    "attention_probs",
+    "backends",
+    "biases",
+    "masks",
+]

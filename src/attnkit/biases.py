@@ -1,0 +1,283 @@
+"""Biases: shifts of the attention scores before the softmax.
+
+The order inside attention is: ``scores = (q @ k^T) * scale``, then soft-capping
+(``softcap * tanh(scores / softcap)``), then each bias in turn, then the mask.
+
+Biases combine with ``+`` and are evaluated one block at a time, so the tiled backend
+never materialises an (Lq x Lk) bias that the user did not give it.
+
+>>> from attnkit import biases
+>>> biases.alibi_slopes(8)
+tensor([0.5000, 0.2500, 0.1250, 0.0625, 0.0312, 0.0156, 0.0078, 0.0039])
+>>> biases.alibi(8).to_dense(3, 3)[0, 0]  # batch 0, head 0: slope 1/2
+tensor([[ 0.0000, -0.5000, -1.0000],
+        [-0.5000,  0.0000, -0.5000],
+        [-1.0000, -0.5000,  0.0000]])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from attnkit._blocks import ScoreBlock
+from attnkit._checks import check_broadcast_4d, describe, require_choice, require_int, require_tensor
+
+__all__ = ["Bias", "alibi", "alibi_slopes", "from_tensor", "score_mod"]
+
+ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+class Bias:
+    """Base class. ``additive`` biases add a term that does not depend on the score."""
+
+    additive = True
+
+    def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
+        """The additive term, broadcastable to ``block.shape`` (additive biases only)."""
+        raise NotImplementedError
+
+    def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
+        """Return shifted scores (5-D, in ``block``'s layout). ``leaves`` substitutes the
+        block slices of tensor biases, so the tiled backward can differentiate them."""
+        return scores + self.values(block, scores.dtype)
+
+    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """On this block, the bias as ``row + col``, if it splits so.
+
+        ``row`` is broadcastable to (B, Hkv, bq, G, 1) and ``col`` to (B, Hkv, 1, G, bk).
+        A row term only shifts a row's log-sum-exp, so the tiled backend can pass
+        ``col`` to a kernel as a small broadcast tensor instead of materialising the
+        block. ``None`` if the bias does not split on this block.
+        """
+        return None
+
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
+        """Raise ValueError if this bias cannot apply to a call of these sizes."""
+
+    def parts(self) -> tuple[Bias, ...]:
+        return (self,)
+
+    def to_dense(self, q_len: int, k_len: int, *, batch: int = 1, heads: int | None = None,
+                 device: torch.device | str = "cpu") -> Tensor:
+        """Materialise the bias as a (B, H, Lq, Lk) float32 tensor of score shifts."""
+        heads = heads if heads is not None else getattr(self, "num_heads", 1)
+        device = torch.device(device)
+        self.check(batch, heads, q_len, k_len, device)
+        block = ScoreBlock(batch, heads, 1, q_len, k_len, 0, q_len, 0, k_len, device)
+        zeros = torch.zeros(block.shape, device=device)
+        return self.apply(zeros, block).squeeze(3)
+
+    def __add__(self, other: Bias) -> Bias:
+        return _Chain((*self.parts(), *as_bias("other", other).parts()))
+
+
+class _Chain(Bias):
+    def __init__(self, items: tuple[Bias, ...]):
+        self.items = items
+        self.additive = all(b.additive for b in items)
+        heads = {getattr(b, "num_heads", None) for b in items} - {None}
+        if len(heads) == 1:
+            self.num_heads = heads.pop()
+
+    def parts(self):
+        return self.items
+
+    def values(self, block, dtype):
+        out = self.items[0].values(block, dtype)
+        for b in self.items[1:]:
+            out = out + b.values(block, dtype)
+        return out
+
+    def apply(self, scores, block, leaves=None):
+        for b in self.items:
+            scores = b.apply(scores, block, leaves)
+        return scores
+
+    def separable(self, block, dtype):
+        terms = [b.separable(block, dtype) for b in self.items]
+        if any(t is None for t in terms):
+            return None
+        return sum(t[0] for t in terms), sum(t[1] for t in terms)  # type: ignore[index]
+
+    def check(self, batch, heads, q_len, k_len, device):
+        for b in self.items:
+            b.check(batch, heads, q_len, k_len, device)
+
+    def __repr__(self) -> str:
+        return " + ".join(map(repr, self.items))
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's head slopes (Press et al. 2022), for any head count.
+
+    For a power of two ``n`` the slopes are ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``. For
+    other ``n`` they are the slopes of the nearest lower power of two ``m``, followed
+    by every other slope of ``2m`` (the reference implementation's rule).
+
+    >>> alibi_slopes(12)[:3]
+    tensor([0.5000, 0.2500, 0.1250])
+    """
+    n = require_int("num_heads", num_heads, minimum=1)
+
+    def power_of_two(m: int) -> list[float]:
+        start = 2.0 ** (-8.0 / m)
+        return [start ** (k + 1) for k in range(m)]
+
+    m = 2 ** math.floor(math.log2(n))
+    slopes = power_of_two(m)
+    if m < n:
+        slopes += power_of_two(2 * m)[0::2][: n - m]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class _ALiBi(Bias):
+    def __init__(self, slopes: Tensor, align: str):
+        self.slopes = slopes.detach().to(torch.float32)
+        self.num_heads = slopes.numel()
+        self.align = require_choice("align", align, ("top_left", "bottom_right"))
+
+    def _offset(self, block: ScoreBlock) -> int:
+        return 0 if self.align == "top_left" else block.k_len - block.q_len
+
+    def values(self, block, dtype):
+        slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
+        distance = (block.i + self._offset(block) - block.j).abs().to(dtype)  # (1, 1, bq, 1, bk)
+        return -slopes * distance
+
+    def separable(self, block, dtype):
+        # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).
+        # The reference key r is the block's key nearest the diagonal, so the column
+        # term is ~0 on the keys that carry the weight and loses no precision there.
+        diag = block.i + self._offset(block)  # (1, 1, bq, 1, 1)
+        slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]
+        if block.k_stop - 1 <= block.q_start + self._offset(block):  # every j <= i'
+            r = block.k_stop - 1
+            return -slopes * (diag - r).to(dtype), slopes * (block.j - r).to(dtype)
+        if block.k_start >= block.q_stop - 1 + self._offset(block):  # every j >= i'
+            r = block.k_start
+            return -slopes * (r - diag).to(dtype), -slopes * (block.j - r).to(dtype)
+        return None
+
+    def check(self, batch, heads, q_len, k_len, device):
+        if self.num_heads != heads:
+            raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
+
+    def __repr__(self) -> str:
+        return f"alibi({self.num_heads} heads, align={self.align!r})"
+
+
+def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left") -> Bias:
+    """ALiBi: ``-slope_h * |i + offset - j|`` added to head ``h``'s scores.
+
+    Give ``num_heads`` for the standard slopes (:func:`alibi_slopes`), or ``slopes``,
+    a (H,) tensor. ``align`` places the diagonal as for :func:`attnkit.masks.causal`.
+    Slopes are constants: they get no gradient.
+    """
+    if (num_heads is None) == (slopes is None):
+        raise TypeError("alibi needs exactly one of num_heads or slopes=")
+    if slopes is None:
+        slopes = alibi_slopes(num_heads)  # type: ignore[arg-type]
+    require_tensor("slopes", slopes)
+    if slopes.dim() != 1 or not slopes.dtype.is_floating_point:
+        raise ValueError(f"slopes must be a 1-D float tensor (one per head); got {describe(slopes)}")
+    return _ALiBi(slopes, align)
+
+
+class _TensorBias(Bias):
+    def __init__(self, tensor: Tensor):
+        require_tensor("bias", tensor)
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"bias tensor must be floating point; got {describe(tensor)}")
+        if tensor.dim() > 4:
+            raise ValueError(f"bias tensor must broadcast to (batch, heads, Lq, Lk); got shape {tuple(tensor.shape)}")
+        self.tensor = tensor
+
+    @property
+    def tensor4(self) -> Tensor:
+        """The tensor viewed as 4-D, (B|1, H|1, Lq|1, Lk|1)."""
+        return self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))
+
+    def values(self, block, dtype):
+        return block.take(self.tensor4).to(dtype)
+
+    def apply(self, scores, block, leaves=None):
+        if leaves is not None and id(self) in leaves:
+            return scores + leaves[id(self)]
+        return scores + self.values(block, scores.dtype)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        check_broadcast_4d("bias", self.tensor, (batch, heads, q_len, k_len))
+        if self.tensor.device != device:
+            raise ValueError(f"bias tensor is on {self.tensor.device} but the inputs are on {device}")
+
+    def __repr__(self) -> str:
+        return f"from_tensor(shape {tuple(self.tensor.shape)})"
+
+
+def from_tensor(bias: Tensor) -> Bias:
+    """An additive float bias, broadcastable to (B, H, Lq, Lk). It may require grad:
+    every backend returns its gradient. ``-inf`` entries act as a mask."""
+    return _TensorBias(bias)
+
+
+class _ScoreMod(Bias):
+    additive = False
+
+    def __init__(self, fn: ScoreMod, name: str | None):
+        if not callable(fn):
+            raise TypeError(f"score_mod needs a callable fn(score, b, h, i, j); got {describe(fn)}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "fn")
+
+    def apply(self, scores, block, leaves=None):
+        out = self.fn(scores, block.b, block.h, block.i, block.j)
+        if not isinstance(out, Tensor):
+            raise TypeError(f"score_mod {self.name} must return a tensor; got {describe(out)}")
+        if out.shape != scores.shape:
+            out = out.expand(scores.shape)
+        return out.to(scores.dtype)
+
+    def __repr__(self) -> str:
+        return f"score_mod({self.name})"
+
+
+def score_mod(fn: ScoreMod, name: str | None = None) -> Bias:
+    """Any elementwise score modification, as in FlexAttention.
+
+    ``fn(score, b, h, i, j) -> score`` receives the scores and broadcastable int64
+    index tensors of batch, query head, query position and key position. It must be
+    elementwise: the result at a position may depend only on that position's inputs.
+    The tiled backend differentiates it with respect to the score; tensors captured
+    inside ``fn`` get gradients only on the reference backend.
+
+    >>> import torch, attnkit
+    >>> relative = attnkit.biases.score_mod(lambda s, b, h, i, j: s - 0.1 * (i - j).abs())
+    >>> q = k = v = torch.randn(1, 2, 5, 8)
+    >>> out = attnkit.attention(q, k, v, bias=relative)
+    >>> ref = attnkit.attention(q, k, v, bias=attnkit.biases.alibi(slopes=torch.full((2,), 0.1)))
+    >>> torch.allclose(out, ref, atol=1e-6)
+    True
+    """
+    return _ScoreMod(fn, name)
+
+
+def as_bias(name: str, bias: object) -> Bias:
+    if isinstance(bias, Bias):
+        return bias
+    if isinstance(bias, Tensor):
+        return _TensorBias(bias)
+    if isinstance(bias, Sequence) and not isinstance(bias, str) and bias:
+        items = [as_bias(f"{name}[{n}]", b) for n, b in enumerate(bias)]
+        return items[0] if len(items) == 1 else _Chain(tuple(p for b in items for p in b.parts()))
+    raise TypeError(f"{name} must be an attnkit bias, a float tensor or a list of them; got {describe(bias)}")
+
+
+def tensor_bias_parts(bias: Bias | None) -> list[_TensorBias]:
+    """The ``from_tensor`` biases in ``bias``, in order."""
+    if bias is None:
+        return []
+    return [b for b in bias.parts() if isinstance(b, _TensorBias)]

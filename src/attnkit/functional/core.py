@@ -1,0 +1,175 @@
+"""``attention()``: one exact attention function over interchangeable backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from attnkit.biases import Bias
+from attnkit.functional._call import AttentionCall, make_call
+from attnkit.functional.reference import ReferenceBackend, reference_forward
+from attnkit.functional.sdpa import SDPABackend
+from attnkit.functional.tiled import TiledBackend
+from attnkit.masks import Mask
+
+
+class Backend(Protocol):
+    name: str
+    summary: str
+    features: tuple[str, ...]
+
+    def supports(self, call: AttentionCall) -> str | None: ...
+
+    def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]: ...
+
+
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TiledBackend(), ReferenceBackend())}
+
+# Below this many scores (B * H * Lq * Lk), materialising is cheaper than tiling's overhead.
+_SMALL = 1 << 14
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    summary: str
+    features: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name:<10} {self.summary}\n{'':<10} supports: {', '.join(f for f in self.features if f)}"
+
+
+def backends() -> dict[str, BackendInfo]:
+    """Each backend and what it supports; ``"auto"`` picks among them per call.
+
+    >>> sorted(backends())
+    ['reference', 'sdpa', 'tiled']
+    """
+    return {n: BackendInfo(b.name, b.summary, b.features) for n, b in _BACKENDS.items()}
+
+
+def select_backend(call: AttentionCall, backend: str) -> Backend:
+    """The backend that will run ``call``: the one named, or the fastest that supports it."""
+    if backend == "auto":
+        if _BACKENDS["sdpa"].supports(call) is None:
+            return _BACKENDS["sdpa"]
+        if call.batch * call.heads * call.q_len * call.k_len <= _SMALL:
+            return _BACKENDS["reference"]
+        return _BACKENDS["tiled"]
+    if backend not in _BACKENDS:
+        raise ValueError(
+            f"backend must be 'auto' or one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}"
+        )
+    chosen = _BACKENDS[backend]
+    reason = chosen.supports(call)
+    if reason is not None:
+        raise ValueError(
+            f"backend={backend!r} cannot run this call: {reason}. "
+            "Use backend='tiled' (exact, O(L) memory, every option) or backend='auto'"
+        )
+    return chosen
+
+
+def _empty(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """Lq == 0 or Lk == 0: empty or zero output, connected to the inputs' graph."""
+    k = call.k.repeat_interleave(call.groups, 1)
+    v = call.v.repeat_interleave(call.groups, 1)
+    out = (call.q @ k.transpose(-1, -2)) @ v  # (B, H, Lq, Dv), all zeros
+    lse = torch.full(call.q.shape[:3], float("-inf"), dtype=call.compute_dtype, device=call.q.device)
+    return out, lse
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | list[Bias] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Scaled dot-product attention, exact, with every common variant.
+
+    ``out_i = sum_j softmax_j(mask(bias(softcap(scale * q_i . k_j)))) v_j``
+
+    Args:
+        q: queries, (B, H, Lq, D).
+        k: keys, (B, Hkv, Lk, D). ``H`` must be a multiple of ``Hkv``: query head ``h``
+            reads key/value head ``h // (H // Hkv)`` (GQA; MQA when Hkv = 1). K/V are
+            never copied per query head by the tiled backend.
+        v: values, (B, Hkv, Lk, Dv). ``Dv`` may differ from ``D``.
+        mask: an :mod:`attnkit.masks` mask (composable with ``&``, ``|``, ``~``) or a
+            bool tensor broadcastable to (B, H, Lq, Lk), True = may attend.
+        bias: an :mod:`attnkit.biases` bias (ALiBi, ``score_mod``), a float tensor
+            broadcastable to (B, H, Lq, Lk), or a list of them, applied in order.
+        scale: multiplies ``q . k``; default ``1 / sqrt(D)``.
+        softcap: if given, scores become ``softcap * tanh(scores / softcap)``, after the
+            scale and before the bias (Gemma 2).
+        dropout_p: dropout on the probabilities, in [0, 1). The reference and tiled
+            backends draw it from a hash of (seed, b, h, i, j), the seed from torch's
+            global generator, so both give identical results; sdpa uses its own RNG.
+        backend: ``"auto"``, ``"sdpa"``, ``"tiled"`` or ``"reference"``; see
+            :func:`backends`. A backend that cannot run the call raises ValueError.
+        return_lse: also return the log-sum-exp of each row's scores.
+
+    Returns:
+        ``out`` (B, H, Lq, Dv) in the input dtype, or ``(out, lse)`` with ``lse``
+        (B, H, Lq) in float32 (float64 for float64 inputs).
+
+    Edges:
+        A query row with no allowed key outputs 0, its lse is -inf, and its gradients
+        are 0. Lq == 0 gives an empty output; Lk == 0 gives zeros. Scores are
+        accumulated in float32 whatever the input dtype; on CPU, float16/bfloat16 are
+        computed in float32 and the output is cast back.
+
+    >>> import torch, attnkit
+    >>> q, k, v = torch.randn(1, 8, 128, 64), torch.randn(1, 2, 128, 64), torch.randn(1, 2, 128, 64)
+    >>> out, lse = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), return_lse=True)
+    >>> out.shape, lse.shape
+    (torch.Size([1, 8, 128, 64]), torch.Size([1, 8, 128]))
+    """
+    call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap,
+                     dropout_p=dropout_p, return_lse=return_lse)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+    chosen = select_backend(call, backend)
+    out, lse = _empty(call) if call.q_len == 0 or call.k_len == 0 else chosen.run(call)
+    return (out, lse) if return_lse else out
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | list[Bias] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> Tensor:
+    """The attention probabilities (B, H, Lq, Lk), for inspection.
+
+    Computed by the reference backend in float32 (float64 for float64 inputs). Rows
+    with no allowed key are all zero. ``v`` is accepted for symmetry with
+    :func:`attention` and checked, but not used.
+
+    >>> import torch, attnkit
+    >>> q = k = v = torch.randn(1, 2, 4, 8)
+    >>> p = attnkit.attention_probs(q, k, v, mask=attnkit.masks.causal())
+    >>> p.sum(-1)
+    tensor([[[1., 1., 1., 1.],
+             [1., 1., 1., 1.]]])
+    """
+    call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap,
+                     dropout_p=0.0, return_lse=False)
+    if call.q_len == 0 or call.k_len == 0:
+        shape = (call.batch, call.heads, call.q_len, call.k_len)
+        return torch.zeros(shape, dtype=call.compute_dtype, device=call.q.device)
+    return reference_forward(call)[2]

@@ -1,0 +1,62 @@
+"""The sdpa backend: PyTorch's fused ``scaled_dot_product_attention``.
+
+Used only where a call maps onto it without materialising an (Lq x Lk) mask: no mask,
+causal (top-left, or bottom-right when Lq == Lk), key padding (a (B, 1, 1, Lk) mask),
+grouped-query attention. On CPU, float16/bfloat16 inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from attnkit.functional._call import AttentionCall
+from attnkit.masks import _Causal, _KeyPadding
+
+_HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"  # enable_gqa arrived in 2.5
+
+
+class SDPABackend:
+    name = "sdpa"
+    summary = "PyTorch's fused kernel; no mask, causal, key padding, GQA"
+    features = ("no mask", "causal (top-left)", "key padding", "GQA/MQA" if _HAS_GQA else "",
+                "dropout (torch RNG)", "any device")
+
+    def supports(self, call: AttentionCall) -> str | None:
+        if call.return_lse:
+            return "it does not return the log-sum-exp (return_lse=True)"
+        if call.softcap is not None:
+            return "it has no soft-capping"
+        if call.bias is not None:
+            return "it takes a bias only as a dense (Lq x Lk) tensor"
+        if call.v.shape[-1] != call.q.shape[-1]:
+            return "its fused kernels need the value head dim to equal the query head dim"
+        if call.groups > 1 and not _HAS_GQA:
+            return "this torch version's SDPA has no enable_gqa"
+        mask = call.mask
+        if mask is None:
+            return None
+        if isinstance(mask, _Causal):
+            if mask.align == "top_left" or call.q_len == call.k_len:
+                return None
+            return "its causal mask is top-left aligned only; this call is bottom-right with Lq != Lk"
+        if isinstance(mask, _KeyPadding):
+            if mask.rows_without_keys(call.k_len):
+                return "a batch element has no valid key, and SDPA returns NaN for such rows"
+            return None
+        return f"it takes a {mask!r} mask only as a dense (Lq x Lk) tensor"
+
+    def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
+        cd = call.compute_dtype if call.q.device.type == "cpu" else call.q.dtype
+        q, k, v = call.q.to(cd), call.k.to(cd), call.v.to(cd)
+        attn_mask = None
+        if isinstance(call.mask, _KeyPadding):
+            attn_mask = call.mask._valid_rows(call.k_len, q.device)[:, None, None, :]  # (B, 1, 1, Lk)
+        kwargs = {"enable_gqa": True} if call.groups > 1 else {}
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p,
+            is_causal=isinstance(call.mask, _Causal), scale=call.scale, **kwargs,
+        )
+        return out.to(call.q.dtype), torch.empty(0)
