@@ -660,6 +660,7 @@ class _Dense(Mask):
                 f"mask tensor must have 2 to 4 dims, broadcastable to (batch, heads, Lq, Lk); "
                 f"got shape {tuple(tensor.shape)}"
             )
+        self.given = tensor
         self.tensor = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
 
     def allowed(self, block):
@@ -679,7 +680,7 @@ class _Dense(Mask):
         return reduce_over_batch(states(empty, full))
 
     def check(self, batch, heads, q_len, k_len, device):
-        check_broadcast_4d("mask", self.tensor, (batch, heads, q_len, k_len))
+        check_broadcast_4d("mask", self.given, (batch, heads, q_len, k_len))
         if self.tensor.device != device:
             raise ValueError(
                 f"mask tensor is on {self.tensor.device} but the inputs are on {device}; "

@@ -253,7 +253,7 @@ def _math_backward(call, block, seg, q_rows, k_seg, v_seg, lse_rows, dout_rows, 
         p = torch.exp(s.detach() - lse_rows.reshape(b, hkv, bq, g, 1))  # (B, Hkv, bq, G, bk)
         pv = p
         if call.dropout_p > 0:
-            keep = dropout_keep(call, block) / (1.0 - call.dropout_p)
+            keep = dropout_keep(call, block).to(p.dtype) / (1.0 - call.dropout_p)
             pv = p * keep
         dv = pv.view(b, hkv, bq * g, bk).transpose(-1, -2) @ dout_rows
         dp = (dout_rows @ v_seg.transpose(-1, -2)).view(block.shape)

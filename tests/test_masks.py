@@ -1,0 +1,142 @@
+"""Masks against independent, loop-by-loop definitions, and their block maps against dense."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from attnkit import masks
+from attnkit._blocks import EMPTY, FULL
+
+
+def loops(q_len, k_len, allowed, batch=1):
+    """Dense (B, Lq, Lk) mask built one pair at a time from a plain Python predicate."""
+    out = np.zeros((batch, q_len, k_len), dtype=bool)
+    for b, i, j in itertools.product(range(batch), range(q_len), range(k_len)):
+        out[b, i, j] = allowed(b, i, j)
+    return torch.from_numpy(out)
+
+
+LENGTHS = [(1, 1), (5, 5), (7, 13), (13, 7), (33, 33)]
+DOC_Q = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], [0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]])
+DOC_K = torch.tensor([[0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 1, 1, 2]])
+
+
+def cases(q_len, k_len):
+    """(mask, predicate(b, i, j), batch) for every built-in mask kind at these lengths."""
+    br = k_len - q_len
+    yield masks.causal(), lambda b, i, j: j <= i, 1
+    yield masks.causal("bottom_right"), lambda b, i, j: j <= i + br, 1
+    yield masks.sliding_window(2), lambda b, i, j: i - 2 <= j <= i, 1
+    yield masks.sliding_window(3, 1, "bottom_right"), lambda b, i, j: -3 <= j - (i + br) <= 1, 1
+    yield masks.prefix_lm(3), lambda b, i, j: j <= i or j < 3, 1
+    g = [0, 4] if max(q_len, k_len) > 4 else [0]
+    yield masks.global_tokens(g), lambda b, i, j: i in g or j in g, 1
+    lengths = [min(2, k_len), k_len]
+    yield masks.key_padding(lengths), lambda b, i, j: j < lengths[b], 2
+    valid = torch.arange(k_len)[None, :] % torch.tensor([[2], [3]]) != 0
+    yield masks.key_padding(valid=valid), lambda b, i, j: bool(valid[b, j]), 2
+    dense = torch.rand(2, 1, q_len, k_len, generator=torch.Generator().manual_seed(q_len)) > 0.5
+    yield masks.from_tensor(dense), lambda b, i, j: bool(dense[b, 0, i, j]), 2
+    if (q_len, k_len) == (13, 7):
+        yield (masks.document(DOC_Q, DOC_K),
+               lambda b, i, j: DOC_Q[b, i] == DOC_K[b, j], 2)
+    ids = torch.arange(q_len) // 4
+    if q_len == k_len:
+        yield masks.document(ids), lambda b, i, j: ids[i] == ids[j], 1
+        yield (masks.causal() & masks.document(ids),
+               lambda b, i, j: j <= i and ids[i] == ids[j], 1)
+        yield (masks.sliding_window(2, 2) | masks.global_tokens([0]),
+               lambda b, i, j: abs(i - j) <= 2 or 0 in (i, j), 1)
+        yield ~masks.causal(), lambda b, i, j: j > i, 1
+
+
+ALL = [(lq, lk, m, p, b) for lq, lk in LENGTHS for m, p, b in cases(lq, lk)]
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "mask", "pred", "batch"), ALL,
+                         ids=[f"{lq}x{lk}-{m!r}" for lq, lk, m, _, _ in ALL])
+def test_to_dense_matches_definition(q_len, k_len, mask, pred, batch):
+    want = loops(q_len, k_len, pred, batch)
+    got = mask.to_dense(q_len, k_len, batch=batch)
+    got = got.expand(batch, 1, q_len, k_len)[:, 0] if got.dim() == 4 else got.expand(batch, q_len, k_len)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "mask", "pred", "batch"), ALL,
+                         ids=[f"{lq}x{lk}-{m!r}" for lq, lk, m, _, _ in ALL])
+@pytest.mark.parametrize("block", [(1, 1), (2, 3), (4, 4), (8, 5)])
+def test_block_states_agree_with_dense(q_len, k_len, mask, pred, batch, block):
+    """EMPTY blocks hold no allowed pair and FULL blocks only allowed pairs, for every
+    batch element; built-in masks (not compositions) classify exactly."""
+    bq, bk = block
+    dense = loops(q_len, k_len, pred, batch)
+    state = mask.blocks(q_len, k_len, block).state
+    exact = not repr(mask).startswith(("(", "~"))
+    for r, c in itertools.product(range(state.shape[0]), range(state.shape[1])):
+        tile = dense[:, r * bq : (r + 1) * bq, c * bk : (c + 1) * bk]
+        if state[r, c] == EMPTY:
+            assert not tile.any()
+        elif state[r, c] == FULL:
+            assert tile.all()
+        elif exact:
+            assert tile.any() and not tile.all(), "a partial block must be neither empty nor full"
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "mask", "pred", "batch"), ALL[:12],
+                         ids=[f"{lq}x{lk}-{m!r}" for lq, lk, m, _, _ in ALL[:12]])
+def test_sparsity_is_the_masked_fraction(q_len, k_len, mask, pred, batch):
+    dense = loops(q_len, k_len, pred, batch)
+    assert mask.sparsity(q_len, k_len) == pytest.approx(1 - dense.float().mean().item())
+
+
+def test_sliding_window_block_sparsity_is_linear():
+    """At L=16384 a 512-token window leaves about 512/16384 of the blocks, without
+    materialising anything of size L x L."""
+    bm = masks.sliding_window(511).blocks(16384, 16384, 128)
+    c = bm.counts()
+    assert c["full"] + c["partial"] <= 128 * 6
+    assert bm.sparsity > 0.95
+
+
+def test_picture():
+    text = str(masks.causal())
+    lines = text.splitlines()
+    assert lines[0].startswith("causal(align='top_left') on Lq=16, Lk=16")
+    assert lines[1] == "█" + "·" * 15
+    assert lines[16] == "█" * 16
+    assert "sparsity 46.9%" in lines[0]  # 120 of 256 pairs masked
+    big = masks.sliding_window(511).blocks(4096, 4096, 512)
+    rows = str(big).splitlines()[1:]
+    assert rows[0] == "▒" + "·" * 7  # queries 0..511 see keys 0..i only
+    assert rows[1] == "▒▒" + "·" * 6  # queries 512..1023 see keys i-511..i
+
+
+def test_natural_size_drives_the_picture():
+    m = masks.document(torch.tensor([0] * 40 + [1] * 24))
+    head = str(m).splitlines()[0]
+    assert "Lq=64, Lk=64" in head and "1 cell = 1 2 x 2 block" in head
+
+
+def test_bad_masks_raise_clear_errors():
+    with pytest.raises(ValueError, match="left must be >= 0; got -3"):
+        masks.sliding_window(-3)
+    with pytest.raises(TypeError, match="left must be an int"):
+        masks.sliding_window(2.5)
+    with pytest.raises(ValueError, match="align must be one of"):
+        masks.causal("top_right")
+    with pytest.raises(TypeError, match="document ids"):
+        masks.document(torch.tensor([0.0, 1.0]))
+    with pytest.raises(TypeError, match="exactly one of lengths= or valid="):
+        masks.key_padding()
+    with pytest.raises(ValueError, match="lengths must be >= 0"):
+        masks.key_padding([-1])
+    with pytest.raises(TypeError, match="pass it as bias= instead"):
+        masks.from_tensor(torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="positions must be >= 0"):
+        masks.global_tokens([-1])
+    with pytest.raises(TypeError, match="other must be an attnkit mask"):
+        masks.causal() & 3
