@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within, max_err, qkv
 
 import attnkit
 from attnkit import biases, masks
+
+from conftest import assert_within, max_err, qkv
 
 
 def dense_bias(mask, bias, b, h, lq, lk, softcap=None):

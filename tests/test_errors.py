@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import qkv
 
 import attnkit
 from attnkit import biases, masks
+
+from conftest import qkv
 
 
 def good():

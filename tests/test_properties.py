@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
-from conftest import max_err, qkv
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnkit
 from attnkit import masks
+
+from conftest import max_err, qkv
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,7 +7,6 @@ grouped-query attention. On CPU, float16/bfloat16 inputs are computed in float32
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

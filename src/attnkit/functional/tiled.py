@@ -165,7 +165,7 @@ def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype:
     ``row`` (B|1, Hkv|1, bq*G) is a per-row shift left out of ``add`` (a separable
     bias), which changes only the log-sum-exp, or None.
     """
-    b, hkv, bq, g, bk = block.shape
+    _, _, bq, g, bk = block.shape
     if not partial and call.bias is not None:
         split = call.bias.separable(block, dtype)
         if split is not None:
