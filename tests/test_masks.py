@@ -118,7 +118,7 @@ def test_picture():
 def test_natural_size_drives_the_picture():
     m = masks.document(torch.tensor([0] * 40 + [1] * 24))
     head = str(m).splitlines()[0]
-    assert "Lq=64, Lk=64" in head and "1 cell = 1 2 x 2 block" in head
+    assert "Lq=64, Lk=64" in head and "a cell = 2 queries x 2 keys" in head
 
 
 def test_bad_masks_raise_clear_errors():

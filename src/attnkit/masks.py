@@ -99,9 +99,10 @@ class BlockMap:
         glyph = {EMPTY: "·", PARTIAL: "▒", FULL: "█"}
         rows = ["".join(glyph[int(c)] for c in row) for row in self.state.cpu()]
         c = self.counts()
-        unit = "token" if self.block_q == self.block_k == 1 else f"{self.block_q} x {self.block_k} block"
+        unit = "1 query x 1 key" if self.block_q == self.block_k == 1 else \
+            f"{self.block_q} queries x {self.block_k} keys"
         head = (
-            f"{self.mask!r} on Lq={self.q_len}, Lk={self.k_len}, 1 cell = 1 {unit}; "
+            f"{self.mask!r} on Lq={self.q_len}, Lk={self.k_len}, a cell = {unit}; "
             f"{c['full']} full, {c['partial']} partial, {c['empty']} empty; "
             f"sparsity {100 * self.sparsity:.1f}%"
         )

@@ -1,0 +1,32 @@
+"""The command line and the benchmark script run end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from attnkit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_checks_variants_and_prints_pictures(capsys):
+    assert main(["demo", "--length", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "causal + ALiBi" in out and "FAIL" not in out
+    assert out.count("ok") >= 14  # 7 variants x tiled and auto, each within 1e-4 of float64
+    assert "█···············" in out  # the causal picture's first row
+    assert "speed vs SDPA" in out
+
+
+def test_backends_command(capsys):
+    assert main(["backends"]) == 0
+    assert "tiled" in capsys.readouterr().out
+
+
+def test_benchmark_script_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "core.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("\n| ") >= 8  # header + 7 rows
