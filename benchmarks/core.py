@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit import biases, masks
-from attnkit._timing import median_seconds
+from attnkit._timing import interleaved_median_seconds, median_seconds, peak_rss_mib
 
 B, H, D = 1, 8, 64
 
@@ -50,21 +49,27 @@ def inputs(length: int, grad: bool = False):
 
 
 def case_fns(name: str, length: int, grad: bool):
-    """(attnkit_fn, sdpa_fn) for one case; each runs forward (and backward if grad)."""
+    """(attnkit_fn(backend), make_sdpa_fn()) for one case; each runs forward (and
+    backward if grad). SDPA's dense mask or bias is built by make_sdpa_fn, so that a
+    memory measurement of attnkit never includes it and one of SDPA does."""
     q, k, v = inputs(length, grad)
     if name in ("dense", "causal"):
-        mask = masks.causal() if name == "causal" else None
-        ours = {"mask": mask}
-        theirs = {"is_causal": name == "causal"}
+        ours = {"mask": masks.causal() if name == "causal" else None}
+
+        def theirs():
+            return {"is_causal": name == "causal"}
     elif name == "window":
-        mask = masks.sliding_window(511)
-        ours = {"mask": mask}
-        theirs = {"attn_mask": mask.to_dense(length, length)}
+        ours = {"mask": masks.sliding_window(511)}
+
+        def theirs():
+            return {"attn_mask": ours["mask"].to_dense(length, length)}
     elif name == "causal+alibi":
         ours = {"mask": masks.causal(), "bias": biases.alibi(H)}
-        dense = biases.alibi(H).to_dense(length, length)
-        dense.masked_fill_(~masks.causal().to_dense(length, length), float("-inf"))
-        theirs = {"attn_mask": dense}
+
+        def theirs():
+            dense = biases.alibi(H).to_dense(length, length)
+            dense.masked_fill_(~masks.causal().to_dense(length, length), float("-inf"))
+            return {"attn_mask": dense}
     else:
         raise ValueError(f"unknown case {name!r}")
 
@@ -73,8 +78,11 @@ def case_fns(name: str, length: int, grad: bool):
             out.sum().backward()
         return out
 
-    return (lambda backend: run(attnkit.attention(q, k, v, backend=backend, **ours)),
-            lambda: run(F.scaled_dot_product_attention(q, k, v, **theirs)))
+    def make_sdpa():
+        kwargs = theirs()
+        return lambda: run(F.scaled_dot_product_attention(q, k, v, **kwargs))
+
+    return lambda backend: run(attnkit.attention(q, k, v, backend=backend, **ours)), make_sdpa
 
 
 def peak_extra_mib(name: str, length: int, who: str, grad: bool) -> float:
@@ -85,13 +93,13 @@ def peak_extra_mib(name: str, length: int, who: str, grad: bool) -> float:
 
 
 def _measure(name: str, length: int, who: str, grad: bool) -> None:
-    ours, theirs = case_fns(name, length, grad)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    ours, make_sdpa = case_fns(name, length, grad)
+    base = peak_rss_mib()
     if who == "sdpa":
-        theirs()
+        make_sdpa()()  # the dense mask it needs counts towards its peak
     else:
         ours(who)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+    print(peak_rss_mib() - base)
 
 
 def flops(name: str, length: int) -> float:
@@ -116,7 +124,7 @@ def main() -> None:
         return
 
     scale = 64 if args.quick else 1
-    repeats = 1 if args.quick else 3
+    repeats = 1 if args.quick else 5
     # (case, length, backward, attnkit backends, targets: {backend: min speed vs SDPA})
     plan = [
         ("dense", 4096, False, ("auto", "tiled"), {"auto": 0.95, "tiled": 0.75}),
@@ -130,14 +138,16 @@ def main() -> None:
     print(f"machine: {raw['machine']}; fp32 2048x2048 matmul: {peak:.0f} GFLOP/s", file=sys.stderr)
     for name, length, grad, backends, targets in plan:
         length //= scale
-        ours, theirs = case_fns(name, length, grad)
-        t_sdpa = median_seconds(theirs, repeats)
+        ours, make_sdpa = case_fns(name, length, grad)
+        fns = {"sdpa": make_sdpa(), **{b: (lambda b=b, ours=ours: ours(b)) for b in backends}}
+        times = interleaved_median_seconds(fns, repeats)
+        t_sdpa = times["sdpa"]
         mem = {}
         if name == "window":
             mem = {"sdpa": peak_extra_mib(name, length, "sdpa", grad),
                    "tiled": peak_extra_mib(name, length, "tiled", grad)}
         for backend in backends:
-            t = median_seconds(lambda backend=backend: ours(backend), repeats)
+            t = times[backend]
             rate = flops(name, length) * (3.5 if grad else 1) / t / 1e9  # backward ~2.5x forward
             entry = {"case": name, "length": length, "backward": grad, "backend": backend,
                      "ms": 1e3 * t, "sdpa_ms": 1e3 * t_sdpa, "speed_vs_sdpa": t_sdpa / t,
@@ -152,7 +162,7 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
     print(f"Machine: {raw['machine']}. fp32 matmul (2048x2048): {peak:.0f} GFLOP/s. B=1, H=8, D=64, fp32.\n")
     print("| case | L | attnkit | ms | SDPA ms | speed vs SDPA | target | GFLOP/s (% of matmul) |"
-          " peak MiB attnkit / SDPA |")
+          " peak MiB: attnkit / SDPA incl. its mask |")
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if args.json:

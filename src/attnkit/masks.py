@@ -148,9 +148,18 @@ class Mask:
         b = batch if batch is not None else mb
         device = torch.device(device)
         self.check(b, mh, q_len, k_len, device)
-        block = ScoreBlock(b, mh, 1, q_len, k_len, 0, q_len, 0, k_len, device)
-        dense = self.allowed(block).expand(block.shape).squeeze(3)  # (B, H, Lq, Lk)
-        return dense[0, 0].clone() if (b, mh) == (1, 1) else dense.clone()
+        dense = torch.empty(b, mh, q_len, k_len, dtype=torch.bool, device=device)
+        for q0, q1, block in self._row_chunks(b, mh, q_len, k_len, device):
+            dense[:, :, q0:q1] = self.allowed(block).expand(block.shape).squeeze(3)
+        return dense[0, 0] if (b, mh) == (1, 1) else dense
+
+    def _row_chunks(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
+        """Blocks of whole rows, each about 4M elements, so that evaluating the mask
+        (int64 index arithmetic) never holds more than a chunk at once."""
+        rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
+        for q0 in range(0, q_len, rows):
+            q1 = min(q_len, q0 + rows)
+            yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
 
     def blocks(self, q_len: int, k_len: int, block_size: int | tuple[int, int] = 128) -> BlockMap:
         """Classify every (block_q x block_k) block as empty, partial or full."""
@@ -173,11 +182,8 @@ class Mask:
         mb, mh = self.extent()
         device = torch.device("cpu")
         self.check(mb, mh, q_len, k_len, device)
-        rows = max(1, (1 << 22) // max(1, k_len * mb * mh))
         allowed = 0
-        for q0 in range(0, q_len, rows):
-            q1 = min(q_len, q0 + rows)
-            block = ScoreBlock(mb, mh, 1, q_len, k_len, q0, q1, 0, k_len, device)
+        for _, _, block in self._row_chunks(mb, mh, q_len, k_len, device):
             allowed += int(self.allowed(block).expand(block.shape).sum())
         return 1.0 - allowed / (q_len * k_len * mb * mh)
 
