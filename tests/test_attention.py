@@ -288,7 +288,6 @@ def test_zero_lengths(backend, q_len, k_len):
 def test_huge_logits_in_float16_stay_finite(backend):
     q, k, v = qkv(1, 2, q_len=33, k_len=33, head_dim=16, dtype=torch.float16)
     q = q * 300  # scores reach ~1e4 and beyond
-    ref = attnkit.attention(q.double(), k.double(), v.double(), backend="reference")
     out = attnkit.attention(q, k, v, backend=backend, mask=masks.causal())
     assert torch.isfinite(out).all()
     ref = attnkit.attention(q.double(), k.double(), v.double(), backend="reference", mask=masks.causal())

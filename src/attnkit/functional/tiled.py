@@ -135,7 +135,7 @@ def _verify_fused() -> bool:
         return False
 
 
-def _fused_common_ok(call: AttentionCall) -> bool:
+def _fused_forward_ok(call: AttentionCall) -> bool:
     return (
         KERNEL != "math"
         and call.q.device.type == "cpu"
@@ -147,12 +147,8 @@ def _fused_common_ok(call: AttentionCall) -> bool:
     )
 
 
-def _fused_forward_ok(call: AttentionCall) -> bool:
-    return _fused_common_ok(call)
-
-
 def _fused_backward_ok(call: AttentionCall) -> bool:
-    return _fused_common_ok(call) and not any(
+    return _fused_forward_ok(call) and not any(
         b.tensor.requires_grad for b in tensor_bias_parts(call.bias)
     )
 
