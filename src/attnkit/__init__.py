@@ -7,17 +7,21 @@
 torch.Size([2, 4, 16, 32])
 """
 
-from attnkit import biases, masks
+from attnkit import biases, masks, positions
 from attnkit.functional import BackendInfo, attention, attention_probs, backends
+from attnkit.nn.cache import KV_PRESETS, kv_cache_bytes
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "KV_PRESETS",
     "BackendInfo",
     "__version__",
     "attention",
     "attention_probs",
     "backends",
     "biases",
+    "kv_cache_bytes",
     "masks",
+    "positions",
 ]

@@ -1,0 +1,92 @@
+"""Read and write the safetensors format with torch alone (no pickle, no extra dependency).
+
+The format: an 8-byte little-endian header length N, N bytes of JSON mapping each name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (plus an optional ``"__metadata__"``
+of strings), then the raw little-endian bytes. Offsets are relative to the end of the
+header. Files written here load with the ``safetensors`` package and vice versa.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100_000_000
+
+
+def save_file(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    header: dict[str, object] = {}
+    if metadata:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("metadata must map str to str")
+        header["__metadata__"] = metadata
+    blobs = []
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _NAMES:
+            raise TypeError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        t = t.detach().to("cpu").contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        if sys.byteorder == "big":  # pragma: no cover - every supported platform is little-endian
+            raise RuntimeError("writing safetensors on a big-endian machine is not supported")
+        header[name] = {"dtype": _NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+
+
+def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file. A malformed file raises ValueError."""
+    blob = Path(path).read_bytes()
+    if len(blob) < 8:
+        raise ValueError(f"{path} is not a safetensors file: {len(blob)} bytes")
+    n = int.from_bytes(blob[:8], "little")
+    if n > min(_MAX_HEADER, len(blob) - 8):
+        raise ValueError(f"{path} is not a safetensors file: header length {n} exceeds the file")
+    try:
+        header = json.loads(blob[8:8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data = memoryview(blob)[8 + n:]
+    out: dict[str, Tensor] = {}
+    spans = []
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: entry {name!r} is malformed: {info!r}") from None
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != size:
+            raise ValueError(f"{path}: entry {name!r} has offsets {begin}..{end} that do not fit "
+                             f"its shape {shape} and dtype {info['dtype']} in {len(data)} data bytes")
+        spans.append((begin, end))
+        raw = bytearray(data[begin:end])  # a private, writable copy
+        out[name] = (torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)).reshape(shape)
+    spans.sort()
+    if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
+        raise ValueError(f"{path}: tensors overlap in the data section")
+    return out, dict(metadata)

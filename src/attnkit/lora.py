@@ -1,0 +1,263 @@
+"""LoRA adapters (Hu et al. 2021) on any ``nn.Linear``: add, train, merge, save, load.
+
+An adapted layer computes ``W x + b + scaling * B (A dropout(x))`` with ``A`` (r, d_in) and
+``B`` (d_out, r). ``B`` starts at zero, so the model's output is unchanged until training.
+``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
+
+Targets are names or glob patterns, matched against each module's dotted name and its last
+part, so they work on attnkit modules (``q_proj``, ``v_proj``) and Hugging Face models
+(BERT's ``query``, ``value``; or ``"*.attention.self.query"``).
+
+>>> import torch
+>>> from attnkit.nn import AttentionConfig, MultiHeadAttention
+>>> from attnkit.lora import add_lora
+>>> mha = MultiHeadAttention(AttentionConfig(64, 4))
+>>> report = add_lora(mha, targets=("q_proj", "v_proj"), rank=8)
+>>> report.trainable, 2 * 8 * (64 + 64)
+(2048, 2048)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from attnkit._checks import describe, require_int, require_real
+from attnkit._safetensors import load_file, save_file
+
+__all__ = ["LoRALinear", "LoRAReport", "add_lora", "load_lora", "lora_layers", "merge_lora", "remove_lora",
+           "save_lora", "unmerge_lora"]
+
+_FORMAT = "attnkit-lora-1"
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` with a low-rank adapter beside its frozen weight."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear; got {describe(base)}")
+        self.base = base
+        self.rank = require_int("rank", rank, minimum=1)
+        self.alpha = require_real("alpha", alpha)
+        self.rslora = bool(rslora)
+        self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base.bias
+
+    def delta(self) -> Tensor:
+        """The adapter as a weight update, ``scaling * B @ A`` (d_out, d_in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base(x)
+        if self.merged:
+            return out
+        return out + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
+
+
+@dataclass(frozen=True)
+class LoRAReport:
+    """What :func:`add_lora` adapted and how many parameters now train."""
+
+    adapted: tuple[str, ...]
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        share = 100 * self.trainable / max(self.total, 1)
+        return (f"LoRA on {len(self.adapted)} layers: {self.trainable:,} trainable of {self.total:,} "
+                f"parameters ({share:.3f}%)")
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(name, t) or fnmatch.fnmatchcase(last, t) for t in targets)
+
+
+def _targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise TypeError(f"targets must be module names or glob patterns (str); got {targets!r}")
+    return tuple(targets)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """The adapted layers of ``model``, by dotted name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def add_lora(model: nn.Module, targets: str | Sequence[str] = ("q_proj", "v_proj"), rank: int = 8,
+             alpha: float = 16.0, dropout: float = 0.0, rslora: bool = False) -> LoRAReport:
+    """Wrap every ``nn.Linear`` whose name matches ``targets`` in a :class:`LoRALinear`, in place.
+
+    Every other parameter of ``model`` is frozen, so only the adapters train. Each adapter
+    adds ``rank * (d_in + d_out)`` trainable parameters.
+
+    Raises:
+        ValueError: no layer matches, a match is not an ``nn.Linear``, or the model
+            already has adapters.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {describe(model)}")
+    targets = _targets(targets)
+    rank = require_int("rank", rank, minimum=1)
+    if not 0.0 <= require_real("dropout", dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+    if any(True for _ in lora_layers(model)):
+        raise ValueError("model already has LoRA adapters; remove_lora(model) first")
+    found = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in found if not isinstance(m, nn.Linear)]
+    linears = [(n, m) for n, m in found if isinstance(m, nn.Linear)]
+    if not linears:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(f"no nn.Linear matches targets {targets}; the model's linear layers are named "
+                         f"{', '.join(names[:20]) or '(none)'}")
+    if wrong and len(wrong) == len(found):
+        raise ValueError(f"targets {targets} match only layers that are not nn.Linear: {', '.join(wrong[:5])}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, linear in linears:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout, rslora))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoRAReport(tuple(n for n, _ in linears), trainable, sum(p.numel() for p in model.parameters()))
+
+
+def _require_adapters(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    layers = list(lora_layers(model))
+    if not layers:
+        raise ValueError("model has no LoRA adapters; call add_lora(model, ...) first")
+    return layers
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (no extra cost at inference). Idempotent."""
+    for _, layer in _require_adapters(model):
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo :func:`merge_lora`, restoring the base weights (up to float rounding)."""
+    for _, layer in _require_adapters(model):
+        layer.unmerge()
+
+
+def remove_lora(model: nn.Module, merge: bool = True) -> None:
+    """Replace each adapted layer by a plain ``nn.Linear``, merged into it or dropped."""
+    for name, layer in _require_adapters(model):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.base)
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write only the adapters (A and B per layer) and their settings to a safetensors file."""
+    layers = _require_adapters(model)
+    tensors: dict[str, Tensor] = {}
+    config = {}
+    for name, layer in layers:
+        tensors[f"{name}.lora_A"] = layer.lora_A
+        tensors[f"{name}.lora_B"] = layer.lora_B
+        config[name] = {"rank": layer.rank, "alpha": layer.alpha, "rslora": layer.rslora,
+                        "dropout": float(getattr(layer.dropout, "p", 0.0))}
+    save_file(tensors, path, metadata={"format": _FORMAT, "layers": json.dumps(config)})
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
+    """Load adapters saved by :func:`save_lora` into ``model``.
+
+    A model without adapters gets them first, with the saved settings, on the saved layer
+    names. Missing layers or mismatched shapes raise ValueError; nothing is half-loaded.
+    """
+    tensors, metadata = load_file(path)
+    if metadata.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not an attnkit LoRA file (format {metadata.get('format')!r})")
+    config: dict[str, dict] = json.loads(metadata["layers"])
+    modules = dict(model.named_modules())
+    missing = [n for n in config if n not in modules]
+    if missing:
+        raise ValueError(f"{path} has adapters for layers this model lacks: {', '.join(missing[:5])}")
+    adapted = any(True for _ in lora_layers(model))
+    for name, cfg in config.items():
+        module = modules[name]
+        if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
+            raise ValueError(f"{path} lists layer {name!r} but lacks its lora_A or lora_B tensor")
+        if adapted and not isinstance(module, LoRALinear):
+            raise ValueError(f"{path} has an adapter for {name!r}, which has none in this model")
+        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
+        features = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, LoRALinear)) else None
+        if features != (a.shape[1], b.shape[0]) or a.shape[0] != cfg["rank"] or b.shape[1] != cfg["rank"]:
+            raise ValueError(f"{path}: the adapter for {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                             f"which do not fit {module}")
+        if isinstance(module, LoRALinear) and module.rank != cfg["rank"]:
+            raise ValueError(f"{name!r} has a rank-{module.rank} adapter; the file has rank {cfg['rank']}")
+    if not adapted:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, cfg in config.items():
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, LoRALinear(modules[name], cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["rslora"]))
+    layers = dict(lora_layers(model))
+    for name in config:
+        layer = layers[name]
+        was_merged = layer.merged
+        layer.unmerge()
+        with torch.no_grad():
+            layer.lora_A.copy_(tensors[f"{name}.lora_A"])
+            layer.lora_B.copy_(tensors[f"{name}.lora_B"])
+        if was_merged:
+            layer.merge()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return LoRAReport(tuple(config), trainable, sum(p.numel() for p in model.parameters()))
