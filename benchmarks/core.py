@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 
@@ -23,24 +21,9 @@ import torch.nn.functional as F
 
 import attnkit
 from attnkit import biases, masks
-from attnkit._timing import interleaved_median_seconds, median_seconds, peak_rss_mib
+from attnkit._timing import interleaved_median_seconds, machine, matmul_gflops, peak_rss_mib
 
 B, H, D = 1, 8, 64
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def matmul_gflops() -> float:
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    return 2 * 2048**3 / median_seconds(lambda: a @ b, 5) / 1e9
 
 
 def inputs(length: int, grad: bool = False):

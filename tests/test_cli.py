@@ -30,3 +30,10 @@ def test_benchmark_script_runs_quick():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("\n| ") >= 8  # header + 7 rows
+
+
+def test_decode_benchmark_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "speed-up" in done.stdout and done.stdout.count("\n| ") >= 6  # header + 5 rows

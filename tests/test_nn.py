@@ -223,6 +223,8 @@ def test_config_and_forward_errors():
         mha(torch.randn(2, 5, 32), padding_mask=torch.ones(2, 6, dtype=torch.bool))
     with pytest.raises(TypeError, match="cache must be an attnkit KV cache"):
         mha(torch.randn(2, 5, 32), cache={})
+    with pytest.raises(ValueError, match=r"SlidingWindowKVCache\(4\) keeps too few tokens for this layer's window="):
+        mha(torch.randn(2, 5, 32), cache=SlidingWindowKVCache(4))
     with pytest.raises(ValueError, match="does not match the cache"):
         cache = DynamicKVCache()
         cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))

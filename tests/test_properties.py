@@ -94,3 +94,23 @@ def test_merging_two_key_halves_by_lse_equals_the_whole(lq, lk, split, kind, see
     merged = o1 * torch.exp(l1 - safe)[..., None] + o2 * torch.exp(l2 - safe)[..., None]
     assert max_err(merged, whole) < 1e-12
     assert max_err(merged_lse, lse) < 1e-12
+
+
+@SETTINGS
+@given(kv_heads=st.sampled_from([1, 2, 4]), positions=st.sampled_from(["none", "rope", "alibi"]),
+       window=st.sampled_from([None, 1, 3, 8]), length=st.integers(1, 30), seed=st.integers(0, 2**16))
+def test_kv_cache_decoding_equals_full_forward(kv_heads, positions, window, length, seed):
+    from attnkit.nn import AttentionConfig, DynamicKVCache, MultiHeadAttention, SlidingWindowKVCache
+
+    torch.manual_seed(seed)
+    mha = MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=kv_heads, causal=True, window=window,
+                                             positions=positions))
+    x = torch.randn(1, length, 32)
+    g = torch.Generator().manual_seed(seed)
+    cuts = sorted(set(torch.randint(1, length + 1, (3,), generator=g).tolist()) | {length})
+    cache = DynamicKVCache() if window is None else SlidingWindowKVCache(window)
+    pieces, start = [], 0
+    for cut in cuts:  # random chunks: a prompt, then pieces of any size
+        pieces.append(mha(x[:, start:cut], cache=cache))
+        start = cut
+    assert (torch.cat(pieces, dim=1) - mha(x)).abs().max() <= 1e-5

@@ -246,13 +246,19 @@ class RotaryEmbedding(nn.Module):
         if scaling is not None and not isinstance(scaling, RopeScaling):
             raise TypeError(f"scaling must be a RopeScaling or None; got {describe(scaling)}")
         self.scaling = scaling
+        self._inv_freq: Tensor | None = None
         self.attention_factor = 1.0
         if scaling is not None and scaling.kind == "yarn":
             self.attention_factor = (scaling.attention_factor if scaling.attention_factor is not None
                                      else yarn_attention_factor(scaling.factor))
 
     def inv_freq(self, seq_len: int | None = None) -> Tensor:
-        return rope_inv_freq(self.head_dim, self.base, self.scaling, seq_len)
+        """The frequencies (head_dim/2,), float64; only dynamic scaling depends on ``seq_len``."""
+        if self.scaling is not None and self.scaling.kind == "dynamic":
+            return rope_inv_freq(self.head_dim, self.base, self.scaling, seq_len)
+        if self._inv_freq is None:
+            self._inv_freq = rope_inv_freq(self.head_dim, self.base, self.scaling)
+        return self._inv_freq
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """cos and sin of shape (*positions.shape, head_dim/2) in ``dtype`` (float32/64)."""

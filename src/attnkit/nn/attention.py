@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from attnkit import biases, masks
 from attnkit._checks import describe, require_choice, require_int, require_real, require_tensor
 from attnkit.functional import attention
-from attnkit.nn.cache import KVCache
+from attnkit.nn.cache import KVCache, SlidingWindowKVCache
 from attnkit.positions import RopeScaling, RotaryEmbedding
 
 __all__ = ["AttentionConfig", "MultiHeadAttention"]
@@ -157,6 +157,9 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"cache must be an attnkit KV cache (DynamicKVCache, ...); got {describe(cache)}")
         batch, length, _ = x.shape
         cross = context is not None
+        if isinstance(cache, SlidingWindowKVCache) and not cross and (c.window is None or c.window > cache.window):
+            raise ValueError(f"a SlidingWindowKVCache({cache.window}) keeps too few tokens for this layer's "
+                             f"window={c.window}; use a cache window >= the attention window, or DynamicKVCache")
         valid = self._padding("padding_mask", padding_mask, batch,
                               context.shape[1] if cross and context.dim() == 3 else length)
 
