@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -34,6 +36,7 @@ def test_output_unchanged_at_init_and_parameter_count():
     # q_proj: 32 -> 32, v_proj: 32 -> 16 (2 KV heads x 8), in each of 2 blocks
     assert report.trainable == 2 * (4 * (32 + 32) + 4 * (32 + 16))
     assert len(report.adapted) == 4 and "trainable" in str(report)
+    assert all(layer.scaling == 8 / 4 for _, layer in lora_layers(lm))  # alpha / r
 
 
 def test_only_adapters_train_and_merge_equals_unmerged():
@@ -66,9 +69,13 @@ def test_save_load_reproduces_outputs(tmp_path):
     assert not torch.allclose(fresh(tokens), expected, atol=1e-4)
     load_lora(fresh, tmp_path / "adapter.safetensors")
     assert torch.allclose(fresh(tokens), expected, atol=1e-6)
-    merge_lora(fresh)
-    load_lora(fresh, tmp_path / "adapter.safetensors")  # into a merged model: stays merged and right
-    assert torch.allclose(fresh(tokens), expected, atol=1e-5)
+    other = _lm()
+    add_lora(other, rank=4, alpha=3.0)  # a different adapter, and a different alpha
+    _train(other, steps=2)
+    merge_lora(other)
+    load_lora(other, tmp_path / "adapter.safetensors")  # into a merged model: stays merged, takes the file's alpha
+    assert all(layer.merged for _, layer in lora_layers(other))
+    assert torch.allclose(other(tokens), expected, atol=1e-5)
     remove_lora(fresh)
     assert not any(True for _ in lora_layers(fresh))
     assert torch.allclose(fresh(tokens), expected, atol=1e-5)
@@ -98,6 +105,32 @@ def test_hugging_face_style_names():
     assert add_lora(model2, targets="layer.1.*", rank=2).adapted == ("layer.1.query", "layer.1.key", "layer.1.value")
 
 
+def test_refuses_tied_weights_and_torch_multihead_out_proj():
+    lm = _lm()
+    with pytest.raises(ValueError, match=r"head\.weight is tied to embed\.weight"):
+        add_lora(lm, targets="head")
+    assert not any(True for _ in lora_layers(lm)) and all(p.requires_grad for p in lm.parameters())
+    torch_mha = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(8, 2)})
+    with pytest.raises(ValueError, match="reads its weight directly"):
+        add_lora(torch_mha, targets="out_proj")
+
+
+def test_malformed_file_changes_nothing(tmp_path):
+    from attnkit._safetensors import load_file, save_file
+
+    lm = _lm()
+    add_lora(lm, rank=2)
+    save_lora(lm, tmp_path / "a.safetensors")
+    tensors, meta = load_file(tmp_path / "a.safetensors")
+    layers = json.loads(meta["layers"])
+    layers[sorted(layers)[-1]]["dropout"] = 2.0  # the last layer's settings are bad
+    save_file(tensors, tmp_path / "bad.safetensors", metadata={**meta, "layers": json.dumps(layers)})
+    fresh = _lm()
+    with pytest.raises(ValueError, match="malformed"):
+        load_lora(fresh, tmp_path / "bad.safetensors")
+    assert not any(True for _ in lora_layers(fresh)) and all(p.requires_grad for p in fresh.parameters())
+
+
 def test_lora_errors(tmp_path):
     lm = _lm()
     with pytest.raises(ValueError, match=r"no nn\.Linear matches targets \('query',\); the model's linear layers"):
@@ -112,5 +145,5 @@ def test_lora_errors(tmp_path):
     with pytest.raises(ValueError, match="do not fit"):
         load_lora(other, tmp_path / "a.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    with pytest.raises(ValueError, match="header is not JSON"):
+    with pytest.raises(ValueError, match="header is not valid JSON"):
         load_lora(other, tmp_path / "junk.safetensors")

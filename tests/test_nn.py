@@ -116,9 +116,11 @@ def test_sliding_window_cache_memory_stays_flat():
     assert set(sizes) == {kv_cache_bytes(1, 2, 8, 16, torch.float32)}
 
 
-def test_padded_batch_decoding_equals_each_prompt_alone():
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static", "sliding"])
+def test_padded_batch_decoding_equals_each_prompt_alone(cache_kind):
     torch.manual_seed(4)
-    mha = MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=2, causal=True, positions="rope"))
+    window = 4 if cache_kind == "sliding" else None
+    mha = MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=2, causal=True, positions="rope", window=window))
     lengths = [6, 3, 9]
     prompts = [torch.randn(1, n, 32) for n in lengths]
     new = torch.randn(3, 5, 32)  # 5 further tokens per row
@@ -128,10 +130,12 @@ def test_padded_batch_decoding_equals_each_prompt_alone():
     for b, p in enumerate(prompts):
         x[b, longest - p.shape[1]:] = p[0]  # left padding
         valid[b, longest - p.shape[1]:] = True
-    cache = DynamicKVCache()
+    cache = {"dynamic": DynamicKVCache(), "static": StaticKVCache(longest + 5),
+             "sliding": SlidingWindowKVCache(4)}[cache_kind]
     batched = [mha(x, padding_mask=valid, cache=cache)]
     batched += [mha(new[:, t:t + 1], cache=cache) for t in range(5)]
     batched = torch.cat(batched, dim=1)
+    assert cache.real.tolist() == [n + 5 for n in lengths]
     for b, p in enumerate(prompts):
         alone = mha(torch.cat([p, new[b:b + 1]], dim=1))[0]
         got = torch.cat([batched[b, longest - p.shape[1]:longest], batched[b, longest:]])
@@ -140,19 +144,29 @@ def test_padded_batch_decoding_equals_each_prompt_alone():
 
 def test_cross_attention_with_cached_context():
     torch.manual_seed(5)
-    mha = MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=2, context_dim=24))
+    mha = MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=2, context_dim=24, qk_norm=True))
     ctx = torch.randn(2, 11, 24)
+    ctx_valid = torch.ones(2, 11, dtype=torch.bool)
+    ctx_valid[1, 7:] = False
     x = torch.randn(2, 6, 32)
-    full = mha(x, ctx)
+    full = mha(x, ctx, padding_mask=ctx_valid)
+    unpadded = mha(x[1:], ctx[1:, :7])
+    assert (full[1:] - unpadded).abs().max() <= 1e-5
     cache = DynamicKVCache()
     calls = []
     handle = mha.k_proj.register_forward_hook(lambda *a: calls.append(1))
-    stepped = torch.cat([mha(x[:, t:t + 1], ctx, cache=cache) for t in range(6)], dim=1)
+    stepped = torch.cat([mha(x[:, t:t + 1], ctx, padding_mask=ctx_valid, cache=cache) for t in range(6)], dim=1)
     handle.remove()
     assert len(calls) == 1  # context keys computed once, then read from the cache
     assert (stepped - full).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="holds 11 context tokens"):
         mha(x[:, :1], ctx[:, :5], cache=cache)
+    with pytest.raises(ValueError, match="padding_mask differs"):
+        mha(x[:, :1], ctx, cache=cache)
+    with pytest.raises(ValueError, match="this cache holds cross-attention keys"):
+        MultiHeadAttention(AttentionConfig(32, 4, num_kv_heads=2))(x[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="too few tokens for a cross-attention context"):
+        mha(x[:, :1], ctx, cache=SlidingWindowKVCache(16))
 
 
 def test_decoding_step_uses_sdpa_and_static_cache_writes_in_place():
@@ -214,6 +228,12 @@ def test_config_and_forward_errors():
         AttentionConfig(50, 4)
     with pytest.raises(ValueError, match="positions must be one of"):
         AttentionConfig(32, 4, positions="sinusoid")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        AttentionConfig(32, 4, backend="fast")
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        AttentionConfig(32, 4, causal="no")
+    with pytest.raises(ValueError, match="rope_scaling needs positions='rope'"):
+        AttentionConfig(32, 4, positions="alibi", rope_scaling=attnkit.positions.RopeScaling("linear", 2.0))
     with pytest.raises(ValueError, match="needs an even head_dim"):
         AttentionConfig(32, 4, head_dim=7, positions="rope")
     mha = MultiHeadAttention(AttentionConfig(32, 4))
@@ -229,6 +249,18 @@ def test_config_and_forward_errors():
         cache = DynamicKVCache()
         cache.update(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4))
         cache.update(torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(7)
+    mha = MultiHeadAttention(AttentionConfig(32, 4, dropout=0.5))
+    x = torch.randn(2, 9, 32)
+    mha.eval()
+    plain = mha(x)
+    assert torch.equal(plain, mha(x))
+    mha.train()
+    a, b = mha(x), mha(x)
+    assert not torch.allclose(a, plain, atol=1e-3) and not torch.allclose(a, b, atol=1e-3)
 
 
 def test_extra_mask_and_gradients_flow():

@@ -126,6 +126,12 @@ def test_rope_bad_input():
         RopeScaling("cubic", 2.0)
     with pytest.raises(ValueError, match="factor must be >= 1"):
         RopeScaling("linear", 0.5)
+    with pytest.raises(ValueError, match="0 < beta_slow < beta_fast"):
+        RopeScaling("yarn", 2.0, beta_slow=0)
+    with pytest.raises(ValueError, match="0 < low_freq_factor < high_freq_factor"):
+        RopeScaling("llama3", 2.0, low_freq_factor=0)
+    with pytest.raises(ValueError, match="base must be > 1"):
+        sinusoidal(3, 4, base=-1.0)
 
 
 _HF_CASES = [
@@ -152,6 +158,22 @@ def test_rope_scaling_matches_transformers(kind, params, ours, max_pos, seq_len)
     mine = rope_inv_freq(128, 10000.0, ours, seq_len=seq_len)
     assert torch.allclose(theirs.double(), mine, rtol=1e-6, atol=0)  # they compute in float32
     assert RotaryEmbedding(128, scaling=ours).attention_factor == pytest.approx(factor, rel=1e-12)
+
+
+def test_yarn_rotation_matches_transformers_with_its_attention_factor():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=512)
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                              "original_max_position_embeddings": 128}
+    q = torch.randn(1, 4, 9, 64)
+    pos = torch.arange(300, 309)[None]
+    cos, sin = LlamaRotaryEmbedding(config)(q, pos)
+    theirs, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    ours = RotaryEmbedding(64, scaling=RopeScaling("yarn", 4.0, original_max_position=128))(q, pos)
+    assert torch.allclose(ours, theirs, atol=1e-4)  # float32 angles there, float64 here (see below)
 
 
 def test_rotary_matches_transformers_llama():

@@ -51,6 +51,24 @@ def test_malformed_files_raise_value_error(tmp_path):
                          "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12))
     with pytest.raises(ValueError, match="malformed"):
         load_file(write({"x": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4))
+    with pytest.raises(ValueError, match="malformed"):  # a float dimension
+        load_file(write({"x": {"dtype": "F32", "shape": [1.9], "data_offsets": [0, 4]}}, b"\0" * 4))
+    with pytest.raises(ValueError, match="gap"):
+        load_file(write({"x": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8))
+    with pytest.raises(ValueError, match="bytes after the last tensor"):
+        load_file(write({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8))
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        load_file(write({"x": {"dtype": "BOOL", "shape": [2], "data_offsets": [0, 2]}}, b"\x01\x07"))
+    with pytest.raises(ValueError, match="__metadata__ must map strings to strings"):
+        load_file(write({"__metadata__": {"a": 1}}))
+    raw = b'{"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "x": {}}'
+    (tmp_path / "dup").write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    with pytest.raises(ValueError, match="duplicate names"):
+        load_file(tmp_path / "dup")
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (tmp_path / "deep").write_bytes(len(deep).to_bytes(8, "little") + deep)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_file(tmp_path / "deep")
     (tmp_path / "short").write_bytes(b"\xff" * 12)
     with pytest.raises(ValueError, match="exceeds the file"):
         load_file(tmp_path / "short")

@@ -64,15 +64,42 @@ def test_learned_positions_padded_logits_equal_unpadded():
     assert torch.allclose(lm(padded, padding_mask=valid)[:, 2:], lm(p), atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["learned-attention-only", "sinusoidal"])
+def test_forward_with_padding_and_caches_equals_uncached(name):
+    lm = _lm(name)
+    tokens = torch.tensor([[0, 0, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]])
+    valid = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    full = lm(tokens, padding_mask=valid)
+    caches = lm.new_caches()
+    stepped = torch.cat([lm(tokens[:, :3], padding_mask=valid[:, :3], caches=caches),
+                         lm(tokens[:, 3:5], caches=caches), lm(tokens[:, 5:], caches=caches)], dim=1)
+    assert (stepped - full)[valid].abs().max() <= 1e-4
+
+
+def test_generate_in_train_mode_uses_eval_and_restores():
+    torch.manual_seed(0)
+    lm = TransformerLM(TransformerConfig(vocab_size=97, dim=32, depth=1, num_heads=4, dropout=0.5)).train()
+    prompt = torch.tensor([[1, 2, 3]])
+    assert torch.equal(lm.generate(prompt, 8, temperature=0), lm.generate(prompt, 8, temperature=0, cache="none"))
+    assert lm.training
+
+
 def test_top_k_one_is_greedy_and_stop_token():
     lm = _lm("rope-gqa")
     prompt = torch.tensor([[1, 2, 3]])
     greedy = lm.generate(prompt, 6, temperature=0)
     assert torch.equal(lm.generate(prompt, 6, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(lm.generate(prompt, 6, temperature=1e-4), greedy)  # a cold temperature is greedy
     new = greedy[0, 3:].tolist()
     stop = new[1]
     out = lm.generate(prompt, 6, temperature=0, stop_token=stop)
     assert out[0].tolist() == greedy[0, : 3 + new.index(stop) + 1].tolist()
+    # in a batch, a finished row repeats the stop token while the other goes on
+    both = lm.generate(torch.tensor([[1, 2, 3], [7, 8, 9]]), 6, temperature=0, stop_token=stop)
+    other = lm.generate(torch.tensor([[7, 8, 9]]), 6, temperature=0, stop_token=stop)[0].tolist()
+    first = greedy[0, : 3 + new.index(stop) + 1].tolist()
+    assert both[0].tolist()[: len(first)] == first and set(both[0].tolist()[len(first):]) <= {stop}
+    assert both[1].tolist()[: len(other)] == other
 
 
 def test_attention_only_has_no_mlp_and_encoder_block_is_bidirectional():
@@ -97,5 +124,10 @@ def test_generate_errors():
         lm.generate(torch.tensor([1]), 2, temperature=-1)
     with pytest.raises(ValueError, match="cache must be one of"):
         lm.generate(torch.tensor([1]), 2, cache="paged")
+    with pytest.raises(ValueError, match=r"stop_token must be a token id in \[0, 10\)"):
+        lm.generate(torch.tensor([1]), 2, stop_token=10)
+    with pytest.raises(TypeError, match="padding_mask must be bool"):
+        lm.generate(torch.tensor([[1]]), 2, padding_mask=torch.ones(1, 1))
+    assert torch.equal(lm.generate(torch.tensor([1, 2]), 0), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="positions must be one of"):
         TransformerConfig(vocab_size=10, positions="absolute")

@@ -8,7 +8,6 @@ header. Files written here load with the ``safetensors`` package and vice versa.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
@@ -54,6 +53,13 @@ def save_file(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dic
             f.write(data)
 
 
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate names in the header")
+    return dict(pairs)
+
+
 def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file. A malformed file raises ValueError."""
     blob = Path(path).read_bytes()
@@ -63,30 +69,42 @@ def load_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
     if n > min(_MAX_HEADER, len(blob) - 8):
         raise ValueError(f"{path} is not a safetensors file: header length {n} exceeds the file")
     try:
-        header = json.loads(blob[8:8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e})") from None
+        header = json.loads(blob[8:8 + n], object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not a safetensors file: its header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings")
     data = memoryview(blob)[8 + n:]
     out: dict[str, Tensor] = {}
     spans = []
     for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: entry {name!r} is malformed: {info!r}") from None
+        if not (isinstance(info, dict) and info.get("dtype") in _DTYPES
+                and isinstance(info.get("shape"), list) and all(type(d) is int and d >= 0 for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(type(x) is int for x in info["data_offsets"])):
+            raise ValueError(f"{path}: entry {name!r} is malformed: {info!r:.200}")
+        dtype, shape = _DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or end - begin != size:
+        if not 0 <= begin <= end <= len(data) or end - begin != size:
             raise ValueError(f"{path}: entry {name!r} has offsets {begin}..{end} that do not fit "
                              f"its shape {shape} and dtype {info['dtype']} in {len(data)} data bytes")
         spans.append((begin, end))
         raw = bytearray(data[begin:end])  # a private, writable copy
-        out[name] = (torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)).reshape(shape)
+        t = torch.frombuffer(raw, dtype=dtype) if size else torch.empty(0, dtype=dtype)
+        if dtype == torch.bool and size and max(raw) > 1:
+            raise ValueError(f"{path}: entry {name!r} is BOOL but holds bytes other than 0 and 1")
+        out[name] = t.reshape(shape)
     spans.sort()
-    if any(a[1] > b[0] for a, b in itertools.pairwise(spans)):
-        raise ValueError(f"{path}: tensors overlap in the data section")
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise ValueError(f"{path}: tensors overlap or leave a gap in the data section at byte {covered}")
+        covered = end
+    if covered != len(data):
+        raise ValueError(f"{path}: {len(data) - covered} bytes after the last tensor")
     return out, dict(metadata)

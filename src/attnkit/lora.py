@@ -1,12 +1,14 @@
-"""LoRA adapters (Hu et al. 2021) on any ``nn.Linear``: add, train, merge, save, load.
+"""LoRA adapters (Hu et al. 2021) on ``nn.Linear`` layers: add, train, merge, save, load.
 
 An adapted layer computes ``W x + b + scaling * B (A dropout(x))`` with ``A`` (r, d_in) and
 ``B`` (d_out, r). ``B`` starts at zero, so the model's output is unchanged until training.
 ``scaling`` is ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
 
-Targets are names or glob patterns, matched against each module's dotted name and its last
-part, so they work on attnkit modules (``q_proj``, ``v_proj``) and Hugging Face models
-(BERT's ``query``, ``value``; or ``"*.attention.self.query"``).
+Targets are names or glob patterns, matched against each module's dotted name and its
+last part, so they work on attnkit modules (``q_proj``, ``v_proj``) and Hugging Face models
+(BERT's ``query``, ``value``; or ``"*.attention.self.query"``). Layers whose weight is
+tied to another parameter, and the ``out_proj`` of torch's ``nn.MultiheadAttention``
+(which reads its weight directly), are refused: an adapter there would be silently wrong.
 
 >>> import torch
 >>> from attnkit.nn import AttentionConfig, MultiHeadAttention
@@ -161,14 +163,37 @@ def add_lora(model: nn.Module, targets: str | Sequence[str] = ("q_proj", "v_proj
                          f"{', '.join(names[:20]) or '(none)'}")
     if wrong and len(wrong) == len(found):
         raise ValueError(f"targets {targets} match only layers that are not nn.Linear: {', '.join(wrong[:5])}")
+    _refuse_unsafe(model, linears)
     for p in model.parameters():
         p.requires_grad_(False)
     for name, linear in linears:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, LoRALinear(linear, rank, alpha, dropout, rslora))
+        _wrap(model, name, LoRALinear(linear, rank, alpha, dropout, rslora))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return LoRAReport(tuple(n for n, _ in linears), trainable, sum(p.numel() for p in model.parameters()))
+
+
+def _refuse_unsafe(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> None:
+    """Refuse layers where an adapter would be silently wrong: a weight shared with another
+    parameter (merging would change both), or a linear whose parent reads ``.weight``
+    directly instead of calling it (torch's ``nn.MultiheadAttention.out_proj``)."""
+    owners: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(pname)
+    modules = dict(model.named_modules())
+    for name, linear in linears:
+        shared = [o for o in owners.get(id(linear.weight), []) if o != f"{name}.weight"]
+        if shared:
+            raise ValueError(f"{name}.weight is tied to {', '.join(shared)}; an adapter there would change both "
+                             "when merged. Leave it out of targets, or untie the weights first")
+        parent = modules[name.rpartition(".")[0]]
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"{name} belongs to torch.nn.MultiheadAttention, which reads its weight directly, "
+                             "so an adapter there would be ignored; use attnkit.nn.MultiHeadAttention")
+
+
+def _wrap(model: nn.Module, name: str, layer: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
 
 
 def _require_adapters(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -197,8 +222,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
             layer.merge()
         else:
             layer.unmerge()
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.base)
+        _wrap(model, name, layer.base)
 
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
@@ -214,21 +238,44 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
     save_file(tensors, path, metadata={"format": _FORMAT, "layers": json.dumps(config)})
 
 
+def _read_config(path: object, metadata: dict[str, str]) -> dict[str, dict]:
+    """The per-layer settings of a LoRA file, every field checked before anything changes."""
+    try:
+        config = json.loads(metadata["layers"])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(f"{path}: its metadata lacks a readable 'layers' entry") from None
+    if not isinstance(config, dict) or not config:
+        raise ValueError(f"{path}: 'layers' must map layer names to settings; got {config!r:.80}")
+    for name, cfg in config.items():
+        ok = (isinstance(cfg, dict) and type(cfg.get("rank")) is int and cfg["rank"] >= 1
+              and type(cfg.get("alpha")) in (int, float) and math.isfinite(cfg["alpha"])
+              and type(cfg.get("rslora")) is bool
+              and type(cfg.get("dropout")) in (int, float) and 0 <= cfg["dropout"] < 1)
+        if not ok:
+            raise ValueError(f"{path}: the settings for {name!r} are malformed: {cfg!r:.120}")
+    return config
+
+
 def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
     """Load adapters saved by :func:`save_lora` into ``model``.
 
     A model without adapters gets them first, with the saved settings, on the saved layer
-    names. Missing layers or mismatched shapes raise ValueError; nothing is half-loaded.
+    names; a model with adapters takes the file's weights, alpha and rsLoRA setting, and
+    must have adapters on exactly the file's layers. Missing layers, mismatched shapes or
+    malformed settings raise ValueError before anything changes.
     """
     tensors, metadata = load_file(path)
     if metadata.get("format") != _FORMAT:
         raise ValueError(f"{path} is not an attnkit LoRA file (format {metadata.get('format')!r})")
-    config: dict[str, dict] = json.loads(metadata["layers"])
+    config = _read_config(path, metadata)
     modules = dict(model.named_modules())
     missing = [n for n in config if n not in modules]
     if missing:
         raise ValueError(f"{path} has adapters for layers this model lacks: {', '.join(missing[:5])}")
-    adapted = any(True for _ in lora_layers(model))
+    adapted = dict(lora_layers(model))
+    extra = [n for n in adapted if n not in config]
+    if adapted and extra:
+        raise ValueError(f"the model has adapters the file lacks: {', '.join(extra[:5])}; remove_lora(model) first")
     for name, cfg in config.items():
         module = modules[name]
         if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
@@ -237,23 +284,26 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
             raise ValueError(f"{path} has an adapter for {name!r}, which has none in this model")
         a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
         features = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, LoRALinear)) else None
-        if features != (a.shape[1], b.shape[0]) or a.shape[0] != cfg["rank"] or b.shape[1] != cfg["rank"]:
+        if (a.dim(), b.dim()) != (2, 2) or features != (a.shape[1], b.shape[0]) \
+                or a.shape[0] != cfg["rank"] or b.shape[1] != cfg["rank"]:
             raise ValueError(f"{path}: the adapter for {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
                              f"which do not fit {module}")
         if isinstance(module, LoRALinear) and module.rank != cfg["rank"]:
             raise ValueError(f"{name!r} has a rank-{module.rank} adapter; the file has rank {cfg['rank']}")
     if not adapted:
+        linears = [(n, modules[n]) for n in config]
+        _refuse_unsafe(model, linears)  # type: ignore[arg-type]
         for p in model.parameters():
             p.requires_grad_(False)
         for name, cfg in config.items():
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, LoRALinear(modules[name], cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["rslora"]))
+            _wrap(model, name, LoRALinear(modules[name], cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["rslora"]))
     layers = dict(lora_layers(model))
-    for name in config:
+    for name, cfg in config.items():
         layer = layers[name]
         was_merged = layer.merged
         layer.unmerge()
+        layer.alpha, layer.rslora = float(cfg["alpha"]), bool(cfg["rslora"])  # the file's settings win
+        layer.scaling = layer.alpha / (math.sqrt(layer.rank) if layer.rslora else layer.rank)
         with torch.no_grad():
             layer.lora_A.copy_(tensors[f"{name}.lora_A"])
             layer.lora_B.copy_(tensors[f"{name}.lora_B"])

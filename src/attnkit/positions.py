@@ -72,6 +72,8 @@ def sinusoidal(positions: Tensor | int, dim: int, *, base: float = 10000.0) -> T
     dim = require_int("dim", dim, minimum=2)
     if dim % 2:
         raise ValueError(f"dim must be even (sin/cos pairs); got {dim}")
+    if require_real("base", base) <= 1:
+        raise ValueError(f"base must be > 1; got {base}")
     if isinstance(positions, int):
         positions = torch.arange(require_int("positions", positions, minimum=0))
     require_tensor("positions", positions)
@@ -141,10 +143,13 @@ class RopeScaling:
         if require_real("factor", self.factor) < 1.0:
             raise ValueError(f"factor must be >= 1 (it stretches the context); got {self.factor}")
         require_int("original_max_position", self.original_max_position, minimum=1)
-        if self.kind == "llama3" and not self.low_freq_factor < self.high_freq_factor:
-            raise ValueError(
-                f"low_freq_factor must be < high_freq_factor; got {self.low_freq_factor} and {self.high_freq_factor}"
-            )
+        if self.kind == "llama3" and not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"llama3 scaling needs 0 < low_freq_factor < high_freq_factor; "
+                             f"got {self.low_freq_factor} and {self.high_freq_factor}")
+        if self.kind == "yarn" and not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"yarn scaling needs 0 < beta_slow < beta_fast; got {self.beta_slow} and {self.beta_fast}")
+        if self.attention_factor is not None and require_real("attention_factor", self.attention_factor) <= 0:
+            raise ValueError(f"attention_factor must be > 0; got {self.attention_factor}")
 
 
 def ntk_base(base: float, factor: float, dim: int) -> float:
@@ -262,7 +267,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
         """cos and sin of shape (*positions.shape, head_dim/2) in ``dtype`` (float32/64)."""
-        seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        dynamic = self.scaling is not None and self.scaling.kind == "dynamic"
+        seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else None  # a device sync: dynamic only
         inv = self.inv_freq(seq_len).to(positions.device)
         angle = positions.to(torch.float64)[..., None] * inv  # (..., d/2), float64 keeps large positions exact
         return ((angle.cos() * self.attention_factor).to(dtype),

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from attnkit import biases, masks
 from attnkit._checks import describe, require_choice, require_int, require_real, require_tensor
-from attnkit.functional import attention
+from attnkit.functional import attention, backends
 from attnkit.nn.cache import KVCache, SlidingWindowKVCache
 from attnkit.positions import RopeScaling, RotaryEmbedding
 
@@ -77,6 +77,15 @@ class AttentionConfig:
         if self.window is not None:
             require_int("window", self.window, minimum=1)
         require_choice("positions", self.positions, _POSITIONS)
+        for name in ("bias", "causal", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {describe(getattr(self, name))}")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise TypeError(f"rope_scaling must be a RopeScaling or None; got {describe(self.rope_scaling)}")
+            if self.positions != "rope":
+                raise ValueError(f"rope_scaling needs positions='rope'; got positions={self.positions!r}")
+        require_choice("backend", self.backend, ("auto", *backends()))
         if self.positions == "rope" and self.dim_per_head % 2:
             raise ValueError(f"positions='rope' needs an even head_dim; got {self.dim_per_head}")
         if self.context_dim is not None:
@@ -157,9 +166,17 @@ class MultiHeadAttention(nn.Module):
             raise TypeError(f"cache must be an attnkit KV cache (DynamicKVCache, ...); got {describe(cache)}")
         batch, length, _ = x.shape
         cross = context is not None
-        if isinstance(cache, SlidingWindowKVCache) and not cross and (c.window is None or c.window > cache.window):
-            raise ValueError(f"a SlidingWindowKVCache({cache.window}) keeps too few tokens for this layer's "
-                             f"window={c.window}; use a cache window >= the attention window, or DynamicKVCache")
+        if cache is not None:
+            role = "cross" if cross else "self"
+            if cache.role not in (None, role):
+                raise ValueError(f"this cache holds {cache.role}-attention keys; a {role}-attention call needs its "
+                                 "own cache" + (" (pass context on every cross-attention step)" if not cross else ""))
+            if isinstance(cache, SlidingWindowKVCache) and (cross or c.window is None or c.window > cache.window):
+                raise ValueError(f"a SlidingWindowKVCache({cache.window}) keeps too few tokens for "
+                                 + ("a cross-attention context; use DynamicKVCache" if cross else
+                                    f"this layer's window={c.window}; use a cache window >= the attention window, "
+                                    "or DynamicKVCache"))
+            cache.role = role
         valid = self._padding("padding_mask", padding_mask, batch,
                               context.shape[1] if cross and context.dim() == 3 else length)
 
@@ -214,8 +231,12 @@ class MultiHeadAttention(nn.Module):
             if cache.length != context.shape[1]:
                 raise ValueError(f"the cache holds {cache.length} context tokens but context has "
                                  f"{context.shape[1]}; reset the cache for a new context")
+            held = cache.valid
+            if (valid is None) != (held is None) or (valid is not None and not torch.equal(valid, held)):
+                raise ValueError("padding_mask differs from the one the cached context was computed with; "
+                                 "pass the same padding_mask on every step, or reset the cache")
             k, v = cache.keys_values()
-            return k, v, cache.valid
+            return k, v, held
         k = self._heads(self.k_proj(context), c.kv_heads)  # (B, Hkv, S, D)
         v = self._heads(self.v_proj(context), c.kv_heads)
         if self.k_norm is not None:

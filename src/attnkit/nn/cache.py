@@ -60,6 +60,8 @@ class KVCache:
         self._v: Tensor | None = None
         self._valid: Tensor | None = None  # (B, capacity) bool, allocated on the first padded update
         self.position = 0  # tokens seen in all, i.e. the absolute position of the next token
+        self.real: Tensor | None = None  # (B,) real (non-padding) tokens seen per row
+        self.role: str | None = None  # "self" or "cross", set by the first module that uses it
         self.valid: Tensor | None = None  # (B, k_len) for the keys the last update returned; None = all valid
 
     @property
@@ -110,7 +112,10 @@ class KVCache:
                              f"got {describe(valid)}")
         return valid.to(k.device)
 
-    def _store_valid(self, valid: Tensor | None, batch: int, capacity: int, device: torch.device) -> None:
+    def _store_valid(self, valid: Tensor | None, batch: int, capacity: int, device: torch.device,
+                     new: int) -> None:
+        seen = torch.full((batch,), new, device=device) if valid is None else valid.sum(1)
+        self.real = seen if self.real is None else self.real + seen
         if valid is None and self._valid is None:
             return
         if self._valid is None:  # padding appears now: every earlier token was valid
@@ -123,7 +128,7 @@ class KVCache:
     def _append(self, k: Tensor, v: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor]:
         """Write the new tokens after the held ones in the (large enough) buffers; return views."""
         end = self.position + k.shape[2]
-        self._store_valid(valid, k.shape[0], self._k.shape[2], k.device)  # type: ignore[union-attr]
+        self._store_valid(valid, k.shape[0], self._k.shape[2], k.device, k.shape[2])  # type: ignore[union-attr]
         self._k[:, :, self.position:end] = k  # type: ignore[index]
         self._v[:, :, self.position:end] = v  # type: ignore[index]
         if self._valid is not None:
@@ -228,7 +233,7 @@ class SlidingWindowKVCache(KVCache):
         if self._k is None:
             self._k = k.new_zeros(batch, heads, self.window, k.shape[3])
             self._v = v.new_zeros(batch, heads, self.window, v.shape[3])
-        self._store_valid(valid, batch, self.window, k.device)
+        self._store_valid(valid, batch, self.window, k.device, n)
         old_k, old_v = self._ordered(self._k), self._ordered(self._v)  # type: ignore[arg-type]
         old_valid = None if self._valid is None else self._ordered(self._valid)
         if old_k.shape[2] == 0:

@@ -84,6 +84,11 @@ class TransformerConfig:
             raise ValueError(f"mlp_ratio must be > 0; got {self.mlp_ratio}")
         if self.positions == "sinusoidal" and self.dim % 2:
             raise ValueError(f"positions='sinusoidal' needs an even dim; got {self.dim}")
+        for name in ("attention_only", "bias", "tie_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool; got {describe(getattr(self, name))}")
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise ValueError(f"rope_scaling needs positions='rope'; got positions={self.positions!r}")
         self.attention()  # validates the attention fields
 
     def attention(self, causal: bool = True) -> AttentionConfig:
@@ -140,7 +145,7 @@ class TransformerLM(nn.Module):
     ``forward(tokens, *, padding_mask=None, positions=None, caches=None)`` returns logits
     (B, L, vocab). ``tokens`` is (B, L) int64. ``padding_mask`` (B, L) bool is True for real
     tokens; padding goes on the left for generation. ``positions`` (B, L) default: counted
-    from each row's first real token, continuing from ``caches`` when given. ``caches`` is
+    over each row's real tokens, continuing from the real tokens ``caches`` have seen. ``caches`` is
     one KV cache per block (see :meth:`new_caches`).
     """
 
@@ -189,11 +194,13 @@ class TransformerLM(nn.Module):
         if caches is not None and len(caches) != len(self.blocks):
             raise ValueError(f"caches must hold one cache per block ({len(self.blocks)}); got {len(caches)}")
         batch, length = tokens.shape
-        if positions is None:
-            start = 0 if caches is None else caches[0].position
-            positions = torch.arange(start, start + length, device=tokens.device).expand(batch, length)
-            if padding_mask is not None and caches is None:
-                positions = (padding_mask.long().cumsum(1) - 1).clamp(min=0)
+        if positions is None:  # count real tokens only, continuing from the cache
+            seen = caches[0].real if caches is not None and caches[0].real is not None else None
+            base = torch.zeros(batch, 1, dtype=torch.long, device=tokens.device) if seen is None else seen[:, None]
+            if padding_mask is not None:
+                positions = base + (padding_mask.long().cumsum(1) - 1).clamp(min=0)
+            else:
+                positions = base + torch.arange(length, device=tokens.device)
         x = self.embed(tokens)  # (B, L, dim)
         if self.position_embed is not None:
             x = x + self.position_embed(positions).to(x.dtype)
@@ -218,6 +225,9 @@ class TransformerLM(nn.Module):
                 early when every row has finished.
             generator: the random generator for sampling.
 
+        The model runs in eval mode (no dropout) during generation and goes back to its mode
+        after. Generation runs under ``torch.no_grad``: caches are not differentiable.
+
         Returns:
             (B, L + n) int64, the prompt and n <= max_new_tokens new tokens ((L + n,) for a 1-D prompt).
         """
@@ -232,6 +242,22 @@ class TransformerLM(nn.Module):
         if top_k is not None:
             require_int("top_k", top_k, minimum=1)
         require_choice("cache", cache, _CACHES)
+        if stop_token is not None and not 0 <= require_int("stop_token", stop_token) < self.config.vocab_size:
+            raise ValueError(f"stop_token must be a token id in [0, {self.config.vocab_size}); got {stop_token}")
+        if max_new_tokens == 0:
+            return prompt.clone()
+        was_training = self.training
+        self.eval()  # dropout off: the cache and the full forward must see the same network
+        try:
+            result = self._generate(tokens, max_new_tokens, temperature, top_k, padding_mask, cache, stop_token,
+                                    generator)
+        finally:
+            self.train(was_training)
+        return result[0] if squeeze else result
+
+    def _generate(self, tokens: Tensor, max_new_tokens: int, temperature: float, top_k: int | None,
+                  padding_mask: Tensor | None, cache: str, stop_token: int | None,
+                  generator: torch.Generator | None) -> Tensor:
         batch, length = tokens.shape
         valid = self._left_padding(padding_mask, batch, length, tokens.device)
         pads = (~valid).sum(1, keepdim=True)  # (B, 1): a token's position is its index minus the row's padding
@@ -259,8 +285,7 @@ class TransformerLM(nn.Module):
                 logits = self(seq, padding_mask=full_mask, positions=positions(0, now))[:, -1]
             else:
                 logits = self(nxt[:, None], positions=positions(now - 1, now), caches=caches)[:, -1]
-        result = torch.cat(out, dim=1)
-        return result[0] if squeeze else result
+        return torch.cat(out, dim=1)
 
     def _left_padding(self, padding_mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
         if padding_mask is None:
@@ -268,6 +293,9 @@ class TransformerLM(nn.Module):
         require_tensor("padding_mask", padding_mask)
         if padding_mask.shape != (batch, length):
             raise ValueError(f"padding_mask must be (B, L) = {(batch, length)}; got {describe(padding_mask)}")
+        if padding_mask.dtype.is_floating_point:
+            raise TypeError("padding_mask must be bool or 0/1 integers, True = real token; "
+                            f"got {describe(padding_mask)}")
         valid = padding_mask.to(device=device, dtype=torch.bool)
         if bool((valid[:, :-1] & ~valid[:, 1:]).any()):
             raise ValueError("padding_mask must pad on the left for generation (each row: False... then True...); "
@@ -279,10 +307,10 @@ class TransformerLM(nn.Module):
     @staticmethod
     def _sample(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
         logits = logits.float()
-        if temperature == 0:
+        scaled = logits / temperature if temperature > 0 else logits
+        if temperature == 0 or not bool(torch.isfinite(scaled).all()):  # greedy, or a temperature too small
             return logits.argmax(-1)
-        logits = logits / temperature
-        if top_k is not None and top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        if top_k is not None and top_k < scaled.shape[-1]:
+            top = scaled.topk(top_k, dim=-1)  # exactly top_k candidates, ties broken by topk
+            scaled = torch.full_like(scaled, float("-inf")).scatter(-1, top.indices, top.values)
+        return torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
