@@ -37,3 +37,10 @@ def test_decode_benchmark_runs_quick():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "speed-up" in done.stdout and done.stdout.count("\n| ") >= 6  # header + 5 rows
+
+
+def test_linear_benchmark_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "FAVOR+ relative error" in done.stdout and done.stdout.count("\n| 256 |") == 1

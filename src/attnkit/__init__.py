@@ -8,7 +8,14 @@ torch.Size([2, 4, 16, 32])
 """
 
 from attnkit import biases, masks, positions
-from attnkit.functional import BackendInfo, attention, attention_probs, backends
+from attnkit.functional import (
+    BackendInfo,
+    attention,
+    attention_probs,
+    backends,
+    linear_attention,
+    linear_attention_step,
+)
 from attnkit.nn.cache import KV_PRESETS, kv_cache_bytes
 
 __version__ = "0.1.0.dev0"
@@ -22,6 +29,8 @@ __all__ = [
     "backends",
     "biases",
     "kv_cache_bytes",
+    "linear_attention",
+    "linear_attention_step",
     "masks",
     "positions",
 ]
