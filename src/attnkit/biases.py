@@ -139,8 +139,11 @@ class _ALiBi(Bias):
         self.slopes = slopes.detach().to(torch.float32)
         self.num_heads = slopes.numel()
         self.align = require_choice("align", align, ("top_left", "bottom_right"))
+        self.shift: int | None = None  # a fixed offset, for a piece of a longer sequence
 
     def _offset(self, block: ScoreBlock) -> int:
+        if self.shift is not None:
+            return self.shift
         return 0 if self.align == "top_left" else block.k_len - block.q_len
 
     def values(self, block, dtype):

@@ -286,9 +286,13 @@ class _Diagonal(Mask):
     def __init__(self, left: int | None, right: int | None, align: str):
         self.left, self.right = left, right
         self.align = require_choice("align", align, _ALIGNS)
+        self.shift: int | None = None  # a fixed offset, set by _shifted for a piece of a longer sequence
+
+    def _diagonal(self, q_len: int, k_len: int) -> int:
+        return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
 
     def allowed(self, block):
-        d = block.j - (block.i + _offset(self.align, block.q_len, block.k_len))
+        d = block.j - (block.i + self._diagonal(block.q_len, block.k_len))
         ok = torch.ones((), dtype=torch.bool, device=block.device)
         if self.left is not None:
             ok = ok & (d >= -self.left)
@@ -297,7 +301,7 @@ class _Diagonal(Mask):
         return ok
 
     def _block_states(self, q_len, k_len, block_q, block_k, device):
-        off = _offset(self.align, q_len, k_len)
+        off = self._diagonal(q_len, k_len)
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
         dmin = k0[None, :] - (q1[:, None] - 1) - off

@@ -38,6 +38,8 @@ class SDPABackend:
         if mask is None:
             return None
         if isinstance(mask, _Causal):
+            if mask.shift is not None:
+                return "its causal mask has no diagonal offset"
             if mask.align == "top_left" or call.q_len == call.k_len:
                 return None
             return "its causal mask is top-left aligned only; this call is bottom-right with Lq != Lk"
