@@ -90,6 +90,51 @@ def test_favor_error_falls_as_features_grow():
     assert errors[3] <= errors[1] / 2, errors
 
 
+@pytest.mark.parametrize("x", [torch.full((8,), 0.3, dtype=torch.float64),
+                               torch.tensor([0.8] + [0.0] * 7, dtype=torch.float64)], ids=["ones", "axis"])
+def test_favor_kernel_estimate_is_unbiased(x):
+    """Averaged over projections, phi(x).phi(y) must estimate exp(x.y) without bias: the
+    mean over 3000 seeds lies within 4 standard errors of the target."""
+    import math
+
+    y = x.flip(0) * 0.9
+    est = []
+    for seed in range(3000):
+        w = favor_projection(8, 8, seed=seed)
+        est.append(float((torch.exp(w @ x - x @ x / 2) @ torch.exp(w @ y - y @ y / 2)) / 8))
+    est = torch.tensor(est, dtype=torch.float64)
+    target = math.exp(float(x @ y))
+    assert abs(est.mean().item() - target) <= 4 * est.std().item() / math.sqrt(len(est)), (est.mean(), target)
+
+
+def test_favor_stays_finite_with_keys_of_very_different_norms():
+    """A large key must not overflow later features (step) or underflow earlier rows (causal)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    k[:, :, 0] *= 8  # the first key is far larger: its logits set a high running maximum
+    k[:, :, 30] *= 10  # and a later one larger still
+    ref = linear_attention(q.double(), k.double(), v.double(), causal=True, feature_map="favor", chunk_size=8)
+    par = linear_attention(q, k, v, causal=True, feature_map="favor", chunk_size=8)
+    state, rows = None, []
+    for t in range(40):
+        state, out = linear_attention_step(state, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
+                                           feature_map="favor")
+        rows.append(out)
+    step = torch.cat(rows, dim=2)
+    assert torch.isfinite(par).all() and torch.isfinite(step).all()
+    assert (par.double() - ref).abs().max() <= 1e-4 and (step.double() - ref).abs().max() <= 1e-4
+
+
+def test_chunk_larger_than_sequence_and_cached_projection_is_private():
+    q, k, v = qkv(1, 2, 2, 10, 10, 8, dtype=torch.float32, seed=3)
+    assert torch.allclose(linear_attention(q, k, v, causal=True, chunk_size=200_000),
+                          linear_attention(q, k, v, causal=True, chunk_size=10), atol=1e-6)
+    before = linear_attention(q, k, v, feature_map="favor")
+    state, _ = linear_attention_step(None, q[:, :, :1], k[:, :, :1], v[:, :, :1], feature_map="favor")
+    state.spec.projection.mul_(2)  # a caller scribbling on its state must not change later calls
+    assert torch.equal(linear_attention(q, k, v, feature_map="favor"), before)
+
+
 def test_favor_projection_rows_are_orthogonal_in_blocks_and_seeded():
     w = favor_projection(8, 20, seed=1)
     block = w[:8] / w[:8].norm(dim=1, keepdim=True)
@@ -104,12 +149,14 @@ def test_favor_projection_rows_are_orthogonal_in_blocks_and_seeded():
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("feature_map", ["elu", "favor"])
+@pytest.mark.parametrize("feature_map", ["elu", "favor", "custom"])
 def test_gradcheck_float64(causal, feature_map):
     q, k, v = qkv(1, 2, 1, 6, 6, 4, v_dim=3, dtype=torch.float64, seed=6)
     for t in (q, k, v):
         t.requires_grad_(True)
     kw = {"num_features": 8} if feature_map == "favor" else {}
+    if feature_map == "custom":
+        feature_map = lambda x: F.softplus(x) * x.exp()  # noqa: E731 - a differentiable positive map
     assert torch.autograd.gradcheck(
         lambda q, k, v: linear_attention(q, k, v, feature_map=feature_map, causal=causal, chunk_size=4, **kw),
         (q, k, v))
@@ -155,3 +202,15 @@ def test_empty_and_errors():
         linear_attention(q, k, v, feature_map=lambda x: x.sum(-1))
     with pytest.raises(ValueError, match="takes one token"):
         linear_attention_step(None, q, k, v)
+    with pytest.raises(ValueError, match="non-negative features"):
+        linear_attention(q, k, v, feature_map=lambda x: x)
+    with pytest.raises(ValueError, match="redraw=True applies to feature_map='favor' only"):
+        linear_attention(q, k, v, redraw=True)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        linear_attention(q, k, v, feature_map="favor", seed=1.5)
+    state, _ = linear_attention_step(None, q[:, :, :1], k[:, :, :1], v[:, :, :1])
+    with pytest.raises(ValueError, match="do not match the state's"):
+        linear_attention_step(state, q[:, :, :1, :4], k[:, :, :1, :4], v[:, :, :1])
+    q0, k0, v0 = (t.requires_grad_(True) for t in qkv(1, 2, 2, 3, 0, 8, seed=0))
+    linear_attention(q0, k0, v0).sum().backward()  # Lk = 0 stays in the graph
+    assert torch.equal(q0.grad, torch.zeros_like(q0))

@@ -13,8 +13,10 @@ Feature maps:
 - ``"elu"``: ``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020). Its own kernel, not an
   estimate of softmax.
 - ``"favor"``: Performer's positive orthogonal random features (Choromanski et al. 2021),
-  ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(F)`` with ``x`` scaled by ``scale ** 0.5``. It
-  estimates softmax attention without bias; the error falls as ``1 / sqrt(F)``.
+  ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(F)`` with ``x`` scaled by ``scale ** 0.5``.
+  ``phi(q) . phi(k)`` is an unbiased estimate of the softmax kernel ``exp(scale q . k)``;
+  the output, a ratio of two such estimates, is consistent but slightly biased, and its
+  error falls as ``1 / sqrt(F)``.
 - any callable ``phi(x) -> (..., F)`` with positive outputs.
 
 Causal mode uses the chunked form: exact quadratic attention (with the feature map)
@@ -67,7 +69,10 @@ def favor_projection(dim: int, num_features: int, seed: int | None = 0, *,
     blocks = []
     for _ in range(math.ceil(num_features / dim)):
         gauss = torch.randn(dim, dim, generator=g, dtype=torch.float64)
-        ortho, _ = torch.linalg.qr(gauss)
+        ortho, r = torch.linalg.qr(gauss)
+        # QR's sign convention biases the rows' directions; fixing the signs by diag(R) makes
+        # ortho Haar-distributed, so each row is a uniformly random direction
+        ortho = ortho * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
         blocks.append(ortho.t())  # rows orthonormal
     rows = torch.cat(blocks)[:num_features]
     norms = torch.randn(num_features, dim, generator=g, dtype=torch.float64).norm(dim=1, keepdim=True)
@@ -100,29 +105,41 @@ class _Spec:
             return torch.exp(logits - shift[..., None]), shift
         return self._apply(q), None
 
-    def keys(self, k: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Key features and the shift used: one constant per (batch, head), which cancels."""
+    def keys(self, k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Key features and the shift taken out of them (FAVOR: one per batch and head, the
+        largest key logit), which cancels in the ratio."""
         if self.kind == "favor":
-            logits = self._logits(k * math.sqrt(self.scale))
-            if shift is None:
-                shift = logits.detach().flatten(2).amax(-1)[..., None, None]  # (b, h, 1, 1)
-            return torch.exp(logits - shift), shift
+            logits = self.key_logits(k)
+            shift = logits.detach().flatten(2).amax(-1)  # (b, h)
+            return torch.exp(logits - shift[..., None, None]), shift
         return self._apply(k), None
+
+    def key_logits(self, k: Tensor) -> Tensor:
+        return self._logits(k * math.sqrt(self.scale))
 
     def _logits(self, x: Tensor) -> Tensor:
         w = self.projection.to(device=x.device, dtype=x.dtype)  # type: ignore[union-attr]
         return x @ w.t() - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(w.shape[0])
 
     def _apply(self, x: Tensor) -> Tensor:
-        out = _elu(x) if self.kind == "elu" else self.fn(x)  # type: ignore[misc]
+        if self.kind == "elu":
+            return _elu(x)
+        out = self.fn(x)  # type: ignore[misc]
         if not isinstance(out, Tensor) or out.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"feature_map must return (..., F) features for x of shape {tuple(x.shape)}; "
                              f"got {describe(out)}")
+        if bool((out.detach() < 0).any()):
+            raise ValueError("feature_map must return non-negative features (the weights phi(q).phi(k) must be "
+                             "positive); it returned negative values. Try elu(x) + 1 or relu(x) + eps")
         return out.to(x.dtype)
 
 
 def _spec(feature_map: object, dim: int, num_features: int | None, seed: int | None, redraw: bool,
           scale: float | None) -> _Spec:
+    if not isinstance(redraw, bool):
+        raise TypeError(f"redraw must be a bool; got {describe(redraw)}")
+    if redraw and feature_map != "favor":
+        raise ValueError("redraw=True applies to feature_map='favor' only (the other maps have no random features)")
     if callable(feature_map) and not isinstance(feature_map, str):
         if num_features is not None or scale is not None:
             raise ValueError("num_features and scale apply to feature_map='favor' only")
@@ -134,6 +151,10 @@ def _spec(feature_map: object, dim: int, num_features: int | None, seed: int | N
         return _Spec("elu", None, None, 1.0)
     if feature_map != "favor":
         raise ValueError(f"feature_map must be 'elu', 'favor' or a callable; got {describe(feature_map)}")
+    if dim < 1:
+        raise ValueError(f"feature_map='favor' needs head_dim >= 1; got {dim}")
+    if seed is not None:
+        require_int("seed", seed)
     if num_features is None:
         num_features = max(1, round(dim * math.log(max(dim, 2))))  # Performer's default, D ln D
     num_features = require_int("num_features", num_features, minimum=1)
@@ -142,16 +163,22 @@ def _spec(feature_map: object, dim: int, num_features: int | None, seed: int | N
     if require_real("scale", scale) <= 0:
         raise ValueError(f"scale must be > 0 for feature_map='favor'; got {scale}")
     projection = (favor_projection(dim, num_features, None) if redraw or seed is None
-                  else _seeded_projection(dim, num_features, seed))
+                  else _seeded_projection(dim, num_features, seed).clone())  # the cache stays untouched
     return _Spec("favor", None, projection, scale)
 
 
 def _ratio(num: Tensor, den: Tensor, eps: float, q_shift: Tensor | None, k_shift: Tensor | None) -> Tensor:
     """``num / (den + eps)`` in unshifted units: features that had ``exp(shift)`` taken out
-    get ``eps`` scaled alike, so the result does not depend on the shifts at all."""
+    get ``eps`` scaled alike, so the result does not depend on the shifts. ``k_shift`` is
+    (b, h) or (b, h, g, l). A row whose weights all underflow to 0 outputs 0."""
     if q_shift is not None and k_shift is not None:
-        return num / (den + eps * torch.exp(-(q_shift + k_shift[:, :, None, :, 0])))[..., None]
-    return num / (den[..., None] + eps)
+        if k_shift.dim() == 2:
+            k_shift = k_shift[:, :, None, None]
+        den = den + eps * torch.exp(-(q_shift + k_shift))
+    else:
+        den = den + eps
+    den = torch.where(den == 0, torch.ones_like(den), den)  # num is 0 there too: features are >= 0
+    return num / den[..., None]
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -195,27 +222,78 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str | Feat
     spec = _spec(feature_map, q.shape[-1], num_features, seed, redraw, scale)
     batch, heads, q_len, _ = q.shape
     kv_heads, groups, dv = call.kv_heads, call.groups, v.shape[-1]
-    if q_len == 0 or call.k_len == 0:
-        return q.new_zeros(batch, heads, q_len, dv)
+    if q_len == 0 or call.k_len == 0:  # zeros that stay in the graph, so backward gives zero gradients
+        return q.new_zeros(batch, heads, q_len, dv) + (q.sum() + k.sum() + v.sum()) * 0
     cd = _compute_dtype(q)
     qg = q.to(cd).view(batch, kv_heads, groups, q_len, q.shape[-1])  # (b, h, g, l, D): no K/V copies
     pq, q_shift = spec.queries(qg)  # (b, h, g, l, f)
-    pk, k_shift = spec.keys(k.to(cd))  # (b, h, l, f)
     vv = v.to(cd)
+    if causal and spec.kind == "favor":
+        state = _State.empty(batch, kv_heads, pq.shape[-1], dv, cd, q.device)
+        out, _ = _favor_scan(spec, state, pq, q_shift, k.to(cd), vv, min(chunk_size, q_len), eps)
+        return out.reshape(batch, heads, q_len, dv).to(q.dtype)
+    pk, k_shift = spec.keys(k.to(cd))  # (b, h, l, f)
+    _check_features(pq, pk)
     if not causal:
         s = torch.einsum("bhlf,bhld->bhfd", pk, vv)
         z = pk.sum(2)  # (b, h, f)
         num = torch.einsum("bhglf,bhfd->bhgld", pq, s)
         den = torch.einsum("bhglf,bhf->bhgl", pq, z)
     else:
-        num, den = _chunked_causal(pq, pk, vv, chunk_size)
+        num, den = _chunked_causal(pq, pk, vv, min(chunk_size, q_len))
     return _ratio(num, den, eps, q_shift, k_shift).reshape(batch, heads, q_len, dv).to(q.dtype)
+
+
+def _check_features(pq: Tensor, pk: Tensor) -> None:
+    if pq.shape[-1] != pk.shape[-1]:
+        raise ValueError(f"feature_map gave {pq.shape[-1]} features for q but {pk.shape[-1]} for k; "
+                         "it must give the same number for both")
+
+
+@dataclass
+class _State:
+    kv: Tensor  # (b, h, f, d): sum of phi(k) v^T, in units of exp(key_max)
+    z: Tensor  # (b, h, f): sum of phi(k), same units
+    key_max: Tensor  # (b, h): FAVOR's running largest key logit (-inf before any key); 0 otherwise
+
+    @staticmethod
+    def empty(b: int, h: int, f: int, d: int, dtype: torch.dtype, device: torch.device) -> _State:
+        return _State(torch.zeros(b, h, f, d, dtype=dtype, device=device),
+                      torch.zeros(b, h, f, dtype=dtype, device=device),
+                      torch.full((b, h), float("-inf"), dtype=dtype, device=device))
+
+
+def _favor_scan(spec: _Spec, state: _State, pq: Tensor, q_shift: Tensor, k: Tensor, v: Tensor, size: int,
+                eps: float) -> tuple[Tensor, _State]:
+    """Causal FAVOR+ over chunks with a running maximum of the key logits, as online softmax
+    keeps one: the state is rescaled whenever a chunk brings a larger key, so no feature
+    overflows and no key's features underflow because of a *later* key."""
+    length = pq.shape[3]
+    tril = torch.ones(size, size, dtype=torch.bool, device=pq.device).tril()
+    outs = []
+    for start in range(0, length, size):
+        sl = slice(start, min(start + size, length))
+        n = sl.stop - sl.start
+        logits = spec.key_logits(k[:, :, sl])  # (b, h, c, f)
+        key_max = torch.maximum(state.key_max, logits.detach().flatten(2).amax(-1))  # (b, h)
+        decay = torch.exp(state.key_max - key_max)  # (b, h); 0 before the first key
+        fk = torch.exp(logits - key_max[..., None, None])  # (b, h, c, f), each <= 1
+        kv, z = state.kv * decay[..., None, None], state.z * decay[..., None]
+        pqc, vc = pq[:, :, :, sl], v[:, :, sl]
+        num = torch.einsum("bhgcf,bhfd->bhgcd", pqc, kv)
+        den = torch.einsum("bhgcf,bhf->bhgc", pqc, z)
+        scores = torch.einsum("bhgcf,bhef->bhgce", pqc, fk) * tril[:n, :n]
+        num = num + torch.einsum("bhgce,bhed->bhgcd", scores, vc)
+        den = den + scores.sum(-1)
+        outs.append(_ratio(num, den, eps, q_shift[:, :, :, sl], key_max[:, :, None, None]))
+        state = _State(kv + torch.einsum("bhcf,bhcd->bhfd", fk, vc), z + fk.sum(2), key_max)
+    return torch.cat(outs, dim=3), state
 
 
 def _chunked_causal(pq: Tensor, pk: Tensor, v: Tensor, size: int) -> tuple[Tensor, Tensor]:
     """Numerator (b, h, g, l, d) and denominator (b, h, g, l) of causal linear attention."""
     b, h, g, length, f = pq.shape
-    n = math.ceil(length / size)
+    n = math.ceil(length / size)  # size <= length: padding stays below one chunk
     pad = n * size - length
     if pad:  # zero features add nothing to any sum; padded query rows are cut off below
         pq = F.pad(pq, (0, 0, 0, pad))
@@ -245,15 +323,17 @@ def _chunked_causal(pq: Tensor, pk: Tensor, v: Tensor, size: int) -> tuple[Tenso
 class LinearAttentionState:
     """What causal linear attention carries between decoding steps: constant memory.
 
-    ``kv`` (B, Hkv, F, Dv) is ``sum_j phi(k_j) v_j^T``; ``z`` (B, Hkv, F) is
-    ``sum_j phi(k_j)``; ``length`` counts the tokens seen.
+    ``kv`` (B, Hkv, F, Dv) is ``sum_j phi(k_j) v_j^T`` and ``z`` (B, Hkv, F) is
+    ``sum_j phi(k_j)``, with FAVOR+ in units of ``exp(key_max)``, its running largest key
+    logit. ``length`` counts the tokens seen.
     """
 
     kv: Tensor
     z: Tensor
-    key_shift: Tensor | None
+    key_max: Tensor
     length: int
     spec: _Spec
+    head_dim: int
 
 
 def linear_attention_step(state: LinearAttentionState | None, q: Tensor, k: Tensor, v: Tensor, *,
@@ -269,7 +349,7 @@ def linear_attention_step(state: LinearAttentionState | None, q: Tensor, k: Tens
             on the first step and kept in the state.
 
     Returns:
-        ``(state, out)`` with ``out`` (B, H, 1, Dv). Equal to the matching row of
+        ``(state, out)`` with ``out`` (B, H, 1, Dv), equal to the matching row of
         ``linear_attention(..., causal=True)`` up to rounding.
 
     >>> import torch
@@ -292,21 +372,33 @@ def linear_attention_step(state: LinearAttentionState | None, q: Tensor, k: Tens
     cd = _compute_dtype(q)
     if state is None:
         spec = _spec(feature_map, dim, num_features, seed, False, scale)
-        pk, shift = spec.keys(k.to(cd))  # (b, h, 1, f)
-        f = pk.shape[-1]
-        state = LinearAttentionState(q.new_zeros(batch, kv_heads, f, dv, dtype=cd),
-                                     q.new_zeros(batch, kv_heads, f, dtype=cd), shift, 0, spec)
+        f = spec.projection.shape[0] if spec.kind == "favor" else spec.queries(q[:1, :1].to(cd))[0].shape[-1]
+        inner = _State.empty(batch, kv_heads, f, dv, cd, q.device)
+        if spec.kind != "favor":
+            inner.key_max.zero_()
+        state = LinearAttentionState(inner.kv, inner.z, inner.key_max, 0, spec, dim)
     else:
         if not isinstance(state, LinearAttentionState):
             raise TypeError(f"state must be None or a LinearAttentionState; got {describe(state)}")
-        if state.kv.shape[:2] != (batch, kv_heads) or state.kv.shape[-1] != dv:
-            raise ValueError(f"q, k, v of batch {batch}, {kv_heads} KV heads and Dv {dv} do not match the "
-                             f"state's {tuple(state.kv.shape)}")
-        pk, _ = state.spec.keys(k.to(cd), state.key_shift)
-    kv = state.kv + torch.einsum("bhlf,bhld->bhfd", pk, v.to(cd))
-    z = state.z + pk.sum(2)
-    pq, q_shift = state.spec.queries(q.to(cd).view(batch, kv_heads, groups, 1, dim))  # (b, h, g, 1, f)
-    num = torch.einsum("bhglf,bhfd->bhgld", pq, kv)
-    den = torch.einsum("bhglf,bhf->bhgl", pq, z)
-    out = _ratio(num, den, eps, q_shift, state.key_shift).reshape(batch, heads, 1, dv).to(q.dtype)
-    return LinearAttentionState(kv, z, state.key_shift, state.length + 1, state.spec), out
+        want = (batch, kv_heads, state.head_dim, dv, state.kv.dtype)
+        got = (batch, kv_heads, dim, dv, cd)
+        if want != got:
+            raise ValueError(f"q, k, v with (batch, KV heads, head_dim, Dv, compute dtype) = {got} do not match "
+                             f"the state's {want}")
+    spec = state.spec
+    pq, q_shift = spec.queries(q.to(cd).view(batch, kv_heads, groups, 1, dim))  # (b, h, g, 1, f)
+    if spec.kind == "favor":
+        inner = _State(state.kv, state.z, state.key_max)
+        out, inner = _favor_scan(spec, inner, pq, q_shift, k.to(cd), v.to(cd), 1, eps)
+        kv, z, key_max = inner.kv, inner.z, inner.key_max
+    else:
+        pk, _ = spec.keys(k.to(cd))
+        _check_features(pq, pk)
+        kv = state.kv + torch.einsum("bhlf,bhld->bhfd", pk, v.to(cd))
+        z = state.z + pk.sum(2)
+        key_max = state.key_max
+        num = torch.einsum("bhglf,bhfd->bhgld", pq, kv)
+        den = torch.einsum("bhglf,bhf->bhgl", pq, z)
+        out = _ratio(num, den, eps, None, None)
+    out = out.reshape(batch, heads, 1, dv).to(q.dtype)
+    return LinearAttentionState(kv, z, key_max, state.length + 1, spec, dim), out
