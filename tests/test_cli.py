@@ -44,3 +44,25 @@ def test_linear_benchmark_runs_quick():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "FAVOR+ relative error" in done.stdout and done.stdout.count("\n| 256 |") == 1
+
+
+def test_kv_cache_command_published_figures(capsys):
+    assert main(["kv-cache", "--preset", "llama-2-70b", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "1.25 GiB" in out and "10 GiB" in out  # GQA (8 KV heads) against MHA (64)
+    assert main(["kv-cache", "--preset", "mistral-7b", "--tokens", "32768"]) == 0
+    out = capsys.readouterr().out
+    assert "512 MiB" in out and "4 GiB" in out  # capped by its 4096 window; 4 GiB without it
+    assert main(["kv-cache", "--layers", "32", "--kv-heads", "32", "--head-dim", "128"]) == 0
+    assert "2 GiB" in capsys.readouterr().out  # Llama-2-7B's shape at 4096 tokens, fp16
+
+
+def test_kv_cache_command_errors(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["kv-cache", "--layers", "2"])
+    assert "needs --preset NAME, or all of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["kv-cache", "--layers", "2", "--kv-heads", "3", "--heads", "4", "--head-dim", "8"])
+    assert "must be a multiple of --kv-heads" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import biases, masks
 from attnkit._timing import median_seconds
+from attnkit.nn.cache import KV_PRESETS, KVShape, kv_cache_bytes
 
 
 class _Console:
@@ -133,6 +135,44 @@ def demo(length: int = 2048, seed: int = 0) -> int:
     return 1 if failed else 0
 
 
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+           "float8": torch.float8_e4m3fn, "int8": torch.int8}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def kv_cache(shape: KVShape, tokens: int, dtype_name: str, batch: int) -> int:
+    """Print what a KV cache of ``shape`` costs, and how GQA/MQA and a window change it."""
+    dtype = _DTYPES[dtype_name]
+    con = _Console()
+    con.rule(f"KV cache: {shape.name}")
+    con.print(f"{shape.layers} layers x {shape.kv_heads} KV heads x head dim {shape.head_dim} "
+              f"({shape.heads} query heads), {dtype_name}, batch {batch}, {tokens:,} tokens")
+    rows = []
+
+    def row(label: str, kv_heads: int, window: int | None) -> None:
+        per_token = kv_cache_bytes(shape.layers, kv_heads, shape.head_dim, 1, dtype, 1)
+        total = kv_cache_bytes(shape.layers, kv_heads, shape.head_dim, tokens, dtype, batch, window)
+        rows.append((label, str(kv_heads), "none" if window is None else f"{window:,}",
+                     _size(per_token), _size(total)))
+
+    row("this model", shape.kv_heads, shape.window)
+    if shape.kv_heads != shape.heads:
+        row("same model as MHA", shape.heads, shape.window)
+    if shape.kv_heads != 1:
+        row("same model as MQA", 1, shape.window)
+    if shape.window is not None:
+        row("without its window", shape.kv_heads, None)
+    con.table("KV cache size (K and V, every layer)", ("variant", "KV heads", "window", "per token", "total"), rows)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="attnkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,11 +180,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_demo.add_argument("--length", type=int, default=2048, help="sequence length of the speed table")
     p_demo.add_argument("--seed", type=int, default=0)
     sub.add_parser("backends", help="list the backends and what each supports")
+    p_kv = sub.add_parser("kv-cache", help="the memory of a KV cache: per token, in total, with GQA/MQA or a window")
+    p_kv.add_argument("--preset", choices=sorted(KV_PRESETS), help="a well-known model's shape")
+    p_kv.add_argument("--layers", type=int)
+    p_kv.add_argument("--kv-heads", type=int)
+    p_kv.add_argument("--heads", type=int, help="query heads (default: --kv-heads), for the MHA comparison")
+    p_kv.add_argument("--head-dim", type=int)
+    p_kv.add_argument("--window", type=int, help="sliding window: the cache holds at most this many tokens")
+    p_kv.add_argument("--tokens", type=int, default=4096)
+    p_kv.add_argument("--dtype", choices=sorted(_DTYPES), default="float16")
+    p_kv.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.length < 1:
             parser.error(f"--length must be >= 1; got {args.length}")
         return demo(args.length, args.seed)
+    if args.command == "kv-cache":
+        dims = (args.layers, args.kv_heads, args.head_dim)
+        if args.preset is None and None in dims:
+            parser.error("kv-cache needs --preset NAME, or all of --layers, --kv-heads and --head-dim")
+        base = KV_PRESETS[args.preset] if args.preset else KVShape("custom", 1, 1, 1, 1)
+        kv_heads = base.kv_heads if args.kv_heads is None else args.kv_heads
+        # query heads: given, else the preset's (unless its KV heads were overridden), else MHA
+        heads = args.heads or (base.heads if args.preset and args.kv_heads is None else kv_heads)
+        shape = dataclasses.replace(
+            base, name=args.preset or "custom", kv_heads=kv_heads, heads=heads,
+            layers=base.layers if args.layers is None else args.layers,
+            head_dim=base.head_dim if args.head_dim is None else args.head_dim,
+            window=base.window if args.window is None else args.window)
+        for name in ("layers", "kv_heads", "head_dim", "heads", "window"):
+            value = getattr(shape, name)
+            if value is not None and value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+        if shape.heads % shape.kv_heads:
+            parser.error(f"--heads ({shape.heads}) must be a multiple of --kv-heads ({shape.kv_heads})")
+        if args.tokens < 0 or args.batch < 1:
+            parser.error(f"--tokens must be >= 0 and --batch >= 1; got {args.tokens} and {args.batch}")
+        return kv_cache(shape, args.tokens, args.dtype, args.batch)
     for info in attnkit.backends().values():
         print(info)
     return 0
