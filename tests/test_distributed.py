@@ -22,7 +22,15 @@ ATOL, RTOL = 2e-6, 1e-5
 
 def _case(name: str, length: int):
     ids = torch.arange(length) * 3 // length  # three documents
+    batch_ids = torch.stack([ids, torch.arange(length) * 5 // length])  # per-batch documents, (B, L)
     return {
+        "float64-causal": dict(mask=masks.causal(), dtype=torch.float64),
+        "bfloat16-causal-alibi": dict(mask=masks.causal(), bias=biases.alibi(4), dtype=torch.bfloat16),
+        "batch-documents-gqa": dict(mask=masks.document(batch_ids) & masks.causal(), kv_heads=2),
+        "window-both-sides": dict(mask=masks.sliding_window(3, 4), sharding="contiguous"),
+        "not-causal-or-window": dict(mask=~masks.causal() | masks.sliding_window(0, 3)),
+        "rows-without-keys": dict(mask=masks.document(ids) & ~masks.causal()),
+        "scale": dict(mask=masks.causal(), scale=0.37),
         "dense-contiguous": dict(sharding="contiguous"),
         "dense-zigzag": dict(),
         "causal-zigzag": dict(mask=masks.causal()),
@@ -36,47 +44,66 @@ def _case(name: str, length: int):
 
 CASES = ["dense-contiguous", "dense-zigzag", "causal-zigzag", "causal-contiguous", "gqa-causal",
          "mqa-causal-alibi", "window", "document-causal"]
+MORE_CASES = ["float64-causal", "bfloat16-causal-alibi", "batch-documents-gqa", "window-both-sides",
+              "not-causal-or-window", "rows-without-keys", "scale"]
 
 
 def _close(name, got, want, factor=1.0):
-    err = (got - want).abs()
-    bound = factor * ATOL + RTOL * want.abs()
+    if want.dtype in (torch.float16, torch.bfloat16):  # rounding of each piece differs; see ring_attention
+        got, want, factor = got.float(), want.float(), 5e3
+    err = torch.where(got == want, 0.0, (got - want).abs())  # rows with no key: lse -inf on both sides
+    bound = factor * ATOL + RTOL * want.abs().nan_to_num(posinf=0.0)
     assert bool((err <= bound).all()), f"{name}: max error {err.max().item():.3g}"
 
 
-def _worker(rank: int, world: int, init_file: str, length: int):
+def _worker(rank: int, world: int, init_file: str, length: int, cases: list[str] = CASES, group_ranks=None):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
-        for name in CASES:
+        group = None
+        if group_ranks is not None:  # a subgroup: the ring runs over its ranks only
+            group = dist.new_group(group_ranks)
+            if rank not in group_ranks:
+                return
+            world = len(group_ranks)
+            rank = group_ranks.index(rank)
+        for name in cases:
             kw = dict(_case(name, length))
             kv_heads, sharding = kw.pop("kv_heads", 4), kw.pop("sharding", "zigzag")
+            dtype = kw.pop("dtype", torch.float32)
             g = torch.Generator().manual_seed(0)
-            q = torch.randn(2, 4, length, 16, generator=g)
-            k = torch.randn(2, kv_heads, length, 16, generator=g)
-            v = torch.randn(2, kv_heads, length, 12, generator=g)
-            w_out, w_lse = torch.randn(2, 4, length, 12, generator=g), torch.randn(2, 4, length, generator=g)
+            q = torch.randn(2, 4, length, 16, generator=g).to(dtype)
+            k = torch.randn(2, kv_heads, length, 16, generator=g).to(dtype)
+            v = torch.randn(2, kv_heads, length, 12, generator=g).to(dtype)
+            w_out = torch.randn(2, 4, length, 12, generator=g).to(dtype)
+            w_lse = torch.randn(2, 4, length, generator=g)
             full = [t.clone().requires_grad_(True) for t in (q, k, v)]
             ref_out, ref_lse = attnkit.attention(*full, return_lse=True, **kw)
             ((ref_out * w_out).sum() + (ref_lse * w_lse).sum()).backward()
 
-            local = [shard(t, dim=2, sharding=sharding).requires_grad_(True) for t in (q, k, v)]
-            out, lse = ring_attention(*local, return_lse=True, sharding=sharding, **kw)
-            loss = (out * shard(w_out, sharding=sharding)).sum() + (lse * shard(w_lse, sharding=sharding)).sum()
+            local = [shard(t, group, dim=2, sharding=sharding).requires_grad_(True) for t in (q, k, v)]
+            out, lse = ring_attention(*local, group=group, return_lse=True, sharding=sharding, **kw)
+            loss = ((out * shard(w_out, group, sharding=sharding)).sum()
+                    + (lse * shard(w_lse, group, sharding=sharding)).sum())
             loss.backward()
-            got = {"out": unshard(out.detach(), sharding=sharding), "lse": unshard(lse.detach(), sharding=sharding)}
+            got = {"out": unshard(out.detach(), group, sharding=sharding),
+                   "lse": unshard(lse.detach(), group, sharding=sharding)}
             for i, t in enumerate("qkv"):
-                got[f"d{t}"] = unshard(local[i].grad, sharding=sharding)
+                got[f"d{t}"] = unshard(local[i].grad, group, sharding=sharding)
             _close(f"{name} out", got["out"], ref_out.detach())
             _close(f"{name} lse", got["lse"], ref_lse.detach())
             for i, t in enumerate("qkv"):
                 _close(f"{name} d{t}", got[f"d{t}"], full[i].grad, factor=5.0)
             # bytes sent: (W - 1) hops of this rank's K and V shards forward; W hops of K, V
             # and their float32 gradient accumulators backward (the last hop sends only dK, dV)
-            shard_bytes = (local[1].numel() + local[2].numel()) * 4
+            itemsize, acc = local[1].element_size(), 8 if dtype == torch.float64 else 4
+            shard_elems = local[1].numel() + local[2].numel()
             stats = last_stats()
-            assert stats.forward_bytes == (world - 1) * shard_bytes, (name, stats)
-            assert stats.backward_bytes == (world - 1) * 2 * shard_bytes + shard_bytes, (name, stats)
+            assert stats.forward_bytes == (world - 1) * shard_elems * itemsize, (name, stats)
+            backward = (world - 1) * shard_elems * (itemsize + acc) + shard_elems * acc  # K, V, then dK, dV
+            assert stats.backward_bytes == backward, (name, stats)
+        if group_ranks is not None or list(cases) != CASES:  # the layout and error checks run once per world
+            return
         x = torch.arange(2 * 3 * length, dtype=torch.float32).view(2, 3, length)
         for sharding in ("zigzag", "contiguous"):
             assert torch.equal(unshard(shard(x, sharding=sharding), sharding=sharding), x)
@@ -90,13 +117,16 @@ def _worker(rank: int, world: int, init_file: str, length: int):
         with pytest.raises(ValueError, match="supports causal, sliding_window and document masks"):
             t = torch.randn(1, 1, length // world, 4)
             ring_attention(t, t, t, mask=masks.prefix_lm(3))
+        uneven = torch.randn(1, 2, 8 if rank == 0 else 10, 4)
+        with pytest.raises(ValueError, match="every rank must call ring_attention with the same shapes"):
+            ring_attention(uneven, uneven, uneven)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, length: int, tmp_path, limit: float = 240.0):
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), length), nprocs=world, join=False,
-                             start_method="spawn")
+def _spawn(world: int, length: int, tmp_path, limit: float = 240.0, cases=CASES, group_ranks=None):
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), length, cases, group_ranks),
+                             nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + limit
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -108,6 +138,34 @@ def _spawn(world: int, length: int, tmp_path, limit: float = 240.0):
 @pytest.mark.parametrize(("world", "length"), [(2, 44), (4, 56)])
 def test_ring_attention_equals_single_process(world, length, tmp_path):
     _spawn(world, length, tmp_path)
+
+
+def test_world_of_three_more_cases(tmp_path):
+    """W = 3 (next and previous ranks differ) with dtypes, per-batch documents, two-sided
+    windows, ~ and |, rows with no allowed key, and a non-default scale."""
+    _spawn(3, 48, tmp_path, cases=MORE_CASES)
+
+
+def test_subgroup(tmp_path):
+    """A ring over ranks 1..3 of 4: sends must go to the subgroup's neighbours' global ranks."""
+    _spawn(4, 48, tmp_path, cases=["causal-zigzag", "mqa-causal-alibi"], group_ranks=[1, 2, 3])
+
+
+def test_shifted_pieces_leave_the_mask_alone_and_sdpa_declines_them():
+    from attnkit.distributed.ring import _local_bias, _local_mask
+    from attnkit.functional import select_backend
+    from attnkit.functional._call import make_call
+
+    mask, bias = masks.causal(), biases.alibi(2)
+    piece, piece_bias = _local_mask(mask, 8, 4, 0, 4), _local_bias(bias, 8, 0)
+    assert mask.shift is None and bias.shift is None and repr(mask) == "causal(align='top_left')"
+    assert repr(piece) == "causal(shift=8)" and "shift=8" in repr(piece_bias)
+    assert piece.to_dense(4, 4).all()  # keys 0..3 lie wholly before queries 8..11
+    q = torch.randn(1, 2, 4, 8)
+    call = make_call(q, q, q, mask=_local_mask(mask, 0, 4, 4, 4), bias=None, scale=None, softcap=None,
+                     dropout_p=0.0, return_lse=False)
+    assert select_backend(call, "auto").name != "sdpa"
+    assert not _local_mask(mask, 0, 4, 4, 4).to_dense(4, 4).any()  # keys 4..7 lie after queries 0..3
 
 
 def test_needs_an_initialised_process_group():

@@ -170,7 +170,8 @@ class _ALiBi(Bias):
             raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
 
     def __repr__(self) -> str:
-        return f"alibi({self.num_heads} heads, align={self.align!r})"
+        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+        return f"alibi({self.num_heads} heads, {where})"
 
 
 def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left") -> Bias:

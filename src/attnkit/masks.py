@@ -322,12 +322,13 @@ class _Causal(_Diagonal):
         super().__init__(None, 0, align)
 
     def __repr__(self) -> str:
-        return f"causal(align={self.align!r})"
+        return f"causal(align={self.align!r})" if self.shift is None else f"causal(shift={self.shift})"
 
 
 class _SlidingWindow(_Diagonal):
     def __repr__(self) -> str:
-        return f"sliding_window(left={self.left}, right={self.right}, align={self.align!r})"
+        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+        return f"sliding_window(left={self.left}, right={self.right}, {where})"
 
 
 def causal(align: str = "top_left") -> Mask:

@@ -200,6 +200,9 @@ class _Ring(torch.autograd.Function):
         for step in range(world):
             src = (rank - step) % world
             kh, vh, dkh, dvh = held
+            if step < world - 1:  # K and V move on while this step computes; dK, dV follow it
+                kv_in, kv_requests, n = _exchange([kh, vh], rank, world, group)
+                sent += n
             for qs, qn, ql in segs:
                 rows = slice(ql, ql + qn)
                 for ks, kn, kl in _segments(src, world, k.shape[2], sharding):
@@ -220,12 +223,17 @@ class _Ring(torch.autograd.Function):
             if world == 1:
                 held = [dkh, dvh]
                 break
-            # pass the shard on; after the last step it goes home to its owner
-            incoming, requests, n = _exchange(held if step < world - 1 else [dkh, dvh], rank, world, group)
+            # the gradients follow their shard; after the last step they go home to the owner
+            grad_in, grad_requests, n = _exchange([dkh, dvh], rank, world, group)
             sent += n
-            for r in requests:
+            for r in grad_requests:
                 r.wait()
-            held = incoming
+            if step < world - 1:
+                for r in kv_requests:
+                    r.wait()
+                held = [*kv_in, *grad_in]
+            else:
+                held = grad_in
         _STATS.backward_bytes = sent
         dk, dv = held
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
@@ -248,15 +256,21 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
         scale: as :func:`attnkit.attention`.
         sharding: ``"zigzag"`` (balanced under a causal mask) or ``"contiguous"``; must
             match how the inputs were sharded.
-        return_lse: also return the log-sum-exp (B, H, L/W), float32.
+        return_lse: also return the log-sum-exp (B, H, L/W): float32, float64 for float64
+            inputs.
 
     Returns:
         This rank's output rows (B, H, L/W, Dv), equal to the matching rows of
         ``attnkit.attention`` on the whole sequence; and the lse if asked.
 
+    Every rank must call it, and backpropagate through its output, in step: both passes
+    are collective. float16/bfloat16 inputs are rounded once per piece before the float32
+    merge (within 5e-3 of the single-process result in a check with W = 3).
+
     Raises:
-        RuntimeError if torch.distributed is not initialised; ValueError for shapes that
-        differ from rank to rank in length, or masks and biases it cannot shard.
+        RuntimeError if torch.distributed is not initialised; ValueError (on every rank)
+        for shapes, dtypes or sharding that differ between ranks, and for masks and biases
+        it cannot shard.
     """
     require_choice("sharding", sharding, _SHARDINGS)
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -267,6 +281,14 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
                          f"{q.shape[2]}, {k.shape[2]}, {v.shape[2]}")
     _, world = _world(group)
     _check_length("q", q.shape[2], world, sharding, local=True)
+    # every rank must bring the same shapes, or the ring would deadlock or abort mid-way
+    mine = (tuple(q.shape), tuple(k.shape), tuple(v.shape), str(q.dtype), sharding)
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine, group=group)
+    if any(other != mine for other in everyone):
+        raise ValueError("every rank must call ring_attention with the same shapes, dtype and sharding; got "
+                         + "; ".join(f"rank {r}: q {o[0]}, k {o[1]}, v {o[2]}, {o[3]}, {o[4]}"
+                                     for r, o in enumerate(everyone)))
     mask_ = None if mask is None else _as_mask("mask", mask)
     bias_ = None if bias is None else as_bias("bias", bias)
     # validate the pieces once, on this rank's first block, so bad input fails before any send
@@ -277,9 +299,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
     _local_bias(bias_, 0, 0)
     if isinstance(mask_, _Document) or any(isinstance(p, _Document) for p in _parts(mask_)):
         for part in [mask_, *_parts(mask_)]:
-            if isinstance(part, _Document) and part.q_ids.shape[1] != q.shape[2] * world:
-                raise ValueError(f"document ids must cover the global sequence ({q.shape[2] * world} tokens); "
-                                 f"got {part.q_ids.shape[1]}")
+            if isinstance(part, _Document):
+                for name, ids in (("q_ids", part.q_ids), ("kv_ids", part.kv_ids)):
+                    if ids.shape[1] != q.shape[2] * world or ids.shape[0] not in (1, q.shape[0]):
+                        raise ValueError(f"document {name} must be (1 or B, L) over the global sequence "
+                                         f"(B={q.shape[0]}, L={q.shape[2] * world}); got {tuple(ids.shape)}")
     out, lse = _Ring.apply(q, k, v, mask_, bias_, scale, sharding, group)
     return (out, lse) if return_lse else out
 

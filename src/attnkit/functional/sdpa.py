@@ -39,7 +39,7 @@ class SDPABackend:
             return None
         if isinstance(mask, _Causal):
             if mask.shift is not None:
-                return "its causal mask has no diagonal offset"
+                return "it cannot apply a causal mask with a fixed diagonal offset (a piece of a longer sequence)"
             if mask.align == "top_left" or call.q_len == call.k_len:
                 return None
             return "its causal mask is top-left aligned only; this call is bottom-right with Lq != Lk"
