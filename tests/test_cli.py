@@ -66,3 +66,13 @@ def test_kv_cache_command_errors(capsys):
     with pytest.raises(SystemExit):
         main(["kv-cache", "--layers", "2", "--kv-heads", "3", "--heads", "4", "--head-dim", "8"])
     assert "must be a multiple of --kv-heads" in capsys.readouterr().err
+
+
+def test_ring_benchmark_runs_quick():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ring.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| 1 |", "| 2 |", "| 4 |"))]
+    assert len(rows) == 3
+    # the bytes each rank sent equal the formula's (the last two columns)
+    assert all(r.split("|")[4].strip() == r.split("|")[5].strip() for r in rows), rows
