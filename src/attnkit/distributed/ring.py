@@ -297,13 +297,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
     if probe_m is not None:
         probe_m.check(q.shape[0], q.shape[1], seg[1], seg[1], q.device)
     _local_bias(bias_, 0, 0)
-    if isinstance(mask_, _Document) or any(isinstance(p, _Document) for p in _parts(mask_)):
-        for part in [mask_, *_parts(mask_)]:
-            if isinstance(part, _Document):
-                for name, ids in (("q_ids", part.q_ids), ("kv_ids", part.kv_ids)):
-                    if ids.shape[1] != q.shape[2] * world or ids.shape[0] not in (1, q.shape[0]):
-                        raise ValueError(f"document {name} must be (1 or B, L) over the global sequence "
-                                         f"(B={q.shape[0]}, L={q.shape[2] * world}); got {tuple(ids.shape)}")
+    for part in (mask_, *_parts(mask_)):
+        if isinstance(part, _Document):
+            for name, ids in (("q_ids", part.q_ids), ("kv_ids", part.kv_ids)):
+                if ids.shape[1] != q.shape[2] * world or ids.shape[0] not in (1, q.shape[0]):
+                    raise ValueError(f"document {name} must be (1 or B, L) over the global sequence "
+                                     f"(B={q.shape[0]}, L={q.shape[2] * world}); got {tuple(ids.shape)}")
     out, lse = _Ring.apply(q, k, v, mask_, bias_, scale, sharding, group)
     return (out, lse) if return_lse else out
 
