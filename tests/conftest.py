@@ -84,3 +84,81 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- a real browser (Debian's chromium driven by Playwright) for the pages' tests ---
+
+CHROMIUM = os.environ.get("ATTNKIT_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts")
+# Flags that keep chromium off the network on its own account (no background fetches,
+# updates, sync or QUIC probing), as root, without a screen.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """A headless chromium. Skipped where chromium or Playwright is missing, except under
+    CI (``CI=true``), where ``.ci/run`` installs both, so a missing one is a failure."""
+    reason = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        reason = "playwright is not installed (pip install playwright; it is in the test extra)"
+    if reason is None and not os.path.exists(CHROMIUM):
+        reason = f"no chromium at {CHROMIUM} (apt-get install chromium)"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@dataclass
+class PageWatch:
+    """A browser page with what it said and asked for: console errors, uncaught
+    exceptions, and every request that left the page (anything but data:, blob:, about:
+    and the ``allowed`` origins)."""
+
+    page: object
+    errors: list
+    external: list
+
+    def shot(self, name: str) -> str:
+        """Save a screenshot under ``artifacts/`` (kept by CI as a test artefact)."""
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        path = os.path.join(ARTIFACTS, f"{name}.png")
+        self.page.screenshot(path=path, full_page=True)
+        return path
+
+    def assert_clean(self) -> None:
+        assert not self.errors, f"the page logged errors: {self.errors}"
+        assert not self.external, f"the page made external requests: {self.external}"
+
+
+@pytest.fixture
+def watched_page(browser):
+    """``watched_page(allowed=("http://127.0.0.1:PORT",))`` -> PageWatch; closed after the test."""
+    pages = []
+
+    def make(allowed: tuple[str, ...] = (), width: int = 1400, height: int = 1000) -> PageWatch:
+        context = browser.new_context(viewport={"width": width, "height": height})
+        page = context.new_page()
+        watch = PageWatch(page, [], [])
+        page.on("console", lambda m: m.type == "error" and watch.errors.append(m.text))
+        page.on("pageerror", lambda e: watch.errors.append(str(e)))
+
+        def request(r):
+            if not r.url.startswith(("data:", "blob:", "about:", *allowed)):
+                watch.external.append(r.url)
+
+        page.on("request", request)
+        pages.append(context)
+        return watch
+
+    yield make
+    for context in pages:
+        context.close()

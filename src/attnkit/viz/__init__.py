@@ -1,0 +1,1 @@
+"""Pictures of attention: the HTML explorer and report, the attention lab, PNG heatmaps."""
