@@ -1,0 +1,335 @@
+"""The attention lab (attnkit.viz.lab): its page in a real browser, its numbers against attnkit.
+
+The page computes attention in JavaScript (float64). Here every number it shows is
+checked against attnkit's reference backend in float64, the mask against attnkit.masks,
+and the controls are moved as a user would move them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnkit
+from attnkit import masks
+from attnkit.viz._html import page as html_page
+from attnkit.viz.lab import lab_html, write_lab
+
+from conftest import PageWatch
+
+TOL = 1e-9  # the page and the reference both compute in float64
+
+XSS_IMG = "<img src=x onerror=window.__pwned=1>"
+XSS_SCRIPT = "</script><script>window.__pwned=2</script>"
+
+
+@pytest.fixture(scope="module")
+def lab(browser):
+    """One lab page shared by the numeric cases; each case sets the whole state it needs."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    watch = PageWatch(context.new_page(), [], [])
+    watch.page.on("console", lambda m: m.type == "error" and watch.errors.append(m.text))
+    watch.page.on("pageerror", lambda e: watch.errors.append(str(e)))
+    watch.page.on("request", lambda r: r.url.startswith(("data:", "blob:", "about:")) or watch.external.append(r.url))
+    watch.page.set_content(lab_html())
+    yield watch
+    context.close()
+
+
+def js_state(page) -> dict:
+    return page.evaluate("attnkitLab.state()")
+
+
+def js_result(page) -> dict:
+    return page.evaluate("attnkitLab.result()")
+
+
+def move(page, selector: str, value: str) -> None:
+    """Set an input's value and fire 'input', as dragging a slider or typing does."""
+    script = "(el, v) => { el.value = v; el.dispatchEvent(new Event('input', {bubbles: true})); }"
+    page.eval_on_selector(selector, script, value)
+
+
+def canvas_pixels(page) -> str:
+    return page.eval_on_selector('[data-akl="flow"]', "c => c.toDataURL()")
+
+
+def reference_mask(causal: bool, window: int | None, padding: list[bool]) -> masks.Mask | None:
+    parts = []
+    if causal:
+        parts.append(masks.causal())
+    if window is not None:
+        parts.append(masks.sliding_window(window, 0 if causal else window))
+    if any(padding):
+        parts.append(masks.key_padding(valid=torch.tensor([[not p for p in padding]])))
+    if not parts:
+        return None
+    mask = parts[0]
+    for part in parts[1:]:
+        mask = mask & part
+    return mask
+
+
+def reference(state: dict) -> dict:
+    """What the page should show, from attnkit (probs, out, mask) and numpy (scores, entropy)."""
+    n = len(state["tokens"])
+    q, k, v = (torch.tensor(state[r], dtype=torch.float64)[None, None] for r in "qkv")
+    mask = reference_mask(state["causal"], state["window"], state["padding"])
+    scale = state["scale"] / state["temperature"]
+    probs = attnkit.attention_probs(q, k, v, mask=mask, scale=scale)[0, 0].numpy()
+    out = attnkit.attention(q, k, v, mask=mask, scale=scale, backend="reference")[0, 0].numpy()
+    allowed = np.ones((n, n), dtype=bool) if mask is None else mask.to_dense(n, n).numpy().reshape(n, n)
+    scores = state["scale"] * (np.array(state["q"]) @ np.array(state["k"]).T) / state["temperature"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(probs > 0, probs * np.log2(probs), 0.0).sum(1)
+    counts = allowed.sum(1)
+    entropy_max = np.where(counts > 0, np.log2(np.maximum(counts, 1)), 0.0)
+    return {"allowed": allowed, "scores": scores, "probs": probs, "out": out, "entropy": entropy,
+            "entropyMax": entropy_max}
+
+
+def assert_matches(result: dict, want: dict) -> None:
+    allowed = want["allowed"]
+    assert [[s is not None for s in row] for row in result["scores"]] == allowed.tolist(), "masked pattern differs"
+    scores = np.array([[0.0 if s is None else s for s in row] for row in result["scores"]])
+    np.testing.assert_allclose(scores[allowed], want["scores"][allowed], rtol=0, atol=TOL)
+    for key in ("probs", "out", "entropy", "entropyMax"):
+        np.testing.assert_allclose(np.array(result[key], dtype=np.float64), want[key], rtol=0, atol=TOL, err_msg=key)
+
+
+def random_state(seed: int, n: int, d: int, causal: bool, window: int | None, padded: tuple[int, ...]) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "tokens": [f"w{i}" for i in range(n)],
+        **{r: rng.uniform(-3, 3, (n, d)).tolist() for r in "qkv"},
+        "scale": float(rng.uniform(0.05, 2.0)),
+        "temperature": float(rng.uniform(0.1, 4.0)),
+        "causal": causal,
+        "window": window,
+        "focus": int(rng.integers(n)),
+        "padding": [i in padded for i in range(n)],
+    }
+
+
+# (seed, n, d, causal, window, padded keys, rows left with no key)
+CASES = [
+    (1, 6, 4, True, None, (), ()),
+    (2, 2, 2, False, None, (), ()),
+    (3, 5, 3, True, 1, (), ()),
+    (4, 7, 8, False, 2, (), ()),
+    (5, 12, 5, True, 11, (0,), (0,)),  # causal row 0 sees only key 0
+    (6, 12, 5, False, 0, (3,), (3,)),  # the window keeps only the diagonal
+    (7, 9, 6, True, 0, (0, 4), (0, 4)),
+    (8, 4, 2, False, 3, (0, 1, 2, 3), (0, 1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize(("seed", "n", "d", "causal", "window", "padded", "empty_rows"), CASES)
+def test_numbers_match_attnkit(lab, seed, n, d, causal, window, padded, empty_rows):
+    state = random_state(seed, n, d, causal, window, padded)
+    echoed = lab.page.evaluate("s => attnkitLab.set(s)", state)
+    assert echoed == state
+    result = js_result(lab.page)
+    assert_matches(result, reference(state))
+    # attnkit's rule for a row with no allowed key, as the page shows it: zero weights, zero output
+    assert [i for i in range(n) if all(s is None for s in result["scores"][i])] == list(empty_rows)
+    for i in empty_rows:
+        assert result["probs"][i] == [0] * n and result["out"][i] == [0] * d and result["entropy"][i] == 0
+    lab.assert_clean()
+
+
+def test_extreme_scores_stay_finite(lab):
+    """The row max is subtracted before exp: scores in the thousands give exact one-hot rows, not NaN."""
+    state = random_state(9, 5, 4, False, None, ())
+    state.update(scale=1000.0, temperature=0.001, q=[[3.0] * 4] * 5, k=[[3.0] * 4, *[[-3.0] * 4] * 4])
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    result = js_result(lab.page)
+    assert_matches(result, reference(state))
+    assert [row[0] for row in result["probs"]] == [1] * 5
+
+
+def test_set_rejects_bad_states(lab):
+    lab.page.evaluate("s => attnkitLab.set(s)", random_state(10, 4, 3, True, None, ()))
+    bad = [
+        ({"temperature": 0}, "RangeError", "temperature"),
+        ({"q": [[1, 2, 3]] * 3}, "RangeError", "q must be 4 rows (one per token) of 3 numbers"),
+        ({"q": [[1, 2]] * 4, "k": [[1, 2, 3]] * 4}, "RangeError", "k must be 4 rows (one per token) of 2 numbers"),
+        ({"tokens": ["solo"]}, "RangeError", "2 to 12"),
+        ({"window": 4}, "RangeError", "window"),
+        ({"causal": 1}, "TypeError", "causal"),
+        ({"colour": "red"}, "TypeError", "unknown state keys colour"),
+    ]
+    attempt = "p => { try { attnkitLab.set(p); return null } catch (e) { return [e.name, e.message] } }"
+    for patch, kind, words in bad:
+        error = lab.page.evaluate(attempt, patch)
+        assert error is not None and error[0] == kind and words in error[1], (patch, error)
+    assert js_state(lab.page)["temperature"] != 0
+
+
+def test_page_loads_clean_from_a_file(tmp_path, watched_page):
+    path = write_lab(tmp_path / "lab.html")
+    assert path == tmp_path / "lab.html" and path.read_text(encoding="utf-8") == lab_html()
+    url = path.as_uri()
+    watch = watched_page(allowed=(url,))
+    watch.page.goto(url)
+    state = js_state(watch.page)
+    assert state["tokens"] == ["The", "cat", "sat", "on", "the", "mat"]
+    assert len(state["q"][0]) == 4 and state["scale"] == 0.5 and state["temperature"] == 1
+    assert (state["causal"], state["window"], state["focus"]) == (True, None, 5)
+    assert watch.page.locator('[data-akl="query"]').all_text_contents() == state["tokens"]
+    assert "softmax(scale·QKᵀ / T + mask)·V" in watch.page.locator(".akl-formula").text_content()
+    # the default vectors make attention peaked somewhere, not uniform
+    result = js_result(watch.page)
+    assert min(h / m for h, m in zip(result["entropy"], result["entropyMax"]) if m > 0) < 0.6
+    assert_matches(result, reference(state))
+    blank = watch.page.evaluate("() => { const c = document.createElement('canvas'); const f = "
+                                "document.querySelector('[data-akl=flow]'); c.width = f.width; c.height = f.height; "
+                                "return c.toDataURL(); }")
+    assert canvas_pixels(watch.page) != blank
+    watch.shot("lab")
+    watch.assert_clean()
+
+
+def test_controls_move_the_numbers_and_the_picture(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+
+    before, pixels = js_result(page), canvas_pixels(page)
+    move(page, '[data-akl="temperature"]', "2.5")
+    state = js_state(page)
+    assert state["temperature"] == 2.5
+    assert page.input_value('[data-akl="temperature-num"]') == "2.50"
+    after = js_result(page)
+    assert_matches(after, reference(state))
+    assert after["entropy"][5] > before["entropy"][5]  # a hotter softmax is flatter
+    assert canvas_pixels(page) != pixels
+
+    pixels = canvas_pixels(page)
+    page.click('[data-akl="query"][data-i="1"]')
+    assert js_state(page)["focus"] == 1
+    assert page.get_attribute('[data-akl="query"][data-i="1"]', "class").split().count("akl-focus") == 1
+    assert "akl-focus" in page.get_attribute('[data-akl="probs"] tbody tr:nth-child(2)', "class")
+    assert page.text_content('[data-akl="summary"]').startswith("“cat” (query 1)")
+    assert canvas_pixels(page) != pixels
+
+    pixels = canvas_pixels(page)
+    masked_cell = '[data-akl="scores"] tbody tr:nth-child(1) td:nth-of-type(6)'
+    assert page.text_content(masked_cell) == "−∞"
+    page.click('[data-akl="causal"]')
+    state = js_state(page)
+    assert state["causal"] is False
+    assert_matches(js_result(page), reference(state))
+    assert page.text_content(masked_cell) == f"{js_result(page)['scores'][0][5]:.2f}".replace("-", "−")
+    assert canvas_pixels(page) != pixels  # "cat" now also sees the keys after it
+
+    move(page, '[data-akl="window"]', "1")
+    move(page, '[data-akl="vec"][data-role="k"][data-i="2"][data-c="0"]', "2.5")
+    state = js_state(page)
+    assert state["window"] == 1 and state["k"][2][0] == 2.5
+    assert page.input_value('[data-akl="vec-num"][data-role="k"][data-i="2"][data-c="0"]') == "2.50"
+    assert page.locator('[data-akl="probs"] td.akl-masked').count() == 36 - 16  # |i - j| <= 1 on 6 tokens
+    assert_matches(js_result(page), reference(state))
+
+    page.fill('[data-akl="label"][data-i="0"]', "A")
+    page.click('[data-akl="add"]')
+    page.click('[data-akl="remove"][data-i="2"]')
+    move(page, '[data-akl="head-dim"]', "6")
+    state = js_state(page)
+    assert state["tokens"] == ["A", "cat", "on", "the", "mat", "and"]
+    assert state["window"] == 1 and state["focus"] == 1
+    assert [len(state[r][0]) for r in "qkv"] == [6, 6, 6] and state["scale"] == 1 / math.sqrt(6)
+    assert page.locator('[data-akl="query"]').all_text_contents() == state["tokens"]
+    assert_matches(js_result(page), reference(state))
+    watch.assert_clean()
+
+
+def test_token_text_is_never_markup(watched_page):
+    tokens = [XSS_IMG, XSS_SCRIPT, "ok"]
+    html = lab_html(tokens=tokens)
+    assert XSS_IMG not in html and XSS_SCRIPT not in html
+    watch = watched_page()
+    watch.page.set_content(html)
+    page = watch.page
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    assert page.locator('[data-akl="query"]').all_text_contents() == tokens
+    assert page.locator('[data-akl="scores"] tbody th').all_text_contents() == tokens
+    assert [page.input_value(f'[data-akl="label"][data-i="{i}"]') for i in range(3)] == tokens
+    assert js_state(page)["tokens"] == tokens
+    page.fill('[data-akl="label"][data-i="2"]', "<b id=bold>x</b>")
+    assert page.locator("#bold").count() == 0
+    assert page.text_content('[data-akl="key"][data-j="2"] .akl-chip-label') == "<b id=bold>x</b>"
+    watch.assert_clean()
+
+
+def test_mounts_inside_a_host_page(watched_page):
+    host = html_page("host", css=["lab.css"], js=["lab.js"],
+                     body='<p id="host-text">host page</p><div id="lab"></div>')
+    watch = watched_page()
+    page = watch.page
+    page.set_content(host)
+    style = "() => { const s = getComputedStyle(document.getElementById('host-text')); return [s.font, s.color]; }"
+    host_style = page.evaluate(style)
+    assert page.evaluate("typeof window.attnkitLab") == "undefined"  # nothing mounts without #attnkit-lab
+    initial = {"tokens": ["a", "b", "c"], "head_dim": 3, "causal": False, "focus": 0}
+    state = page.evaluate("init => AttnkitLab.mount(document.getElementById('lab'), init).state()", initial)
+    assert state["tokens"] == ["a", "b", "c"] and len(state["v"][2]) == 3 and state["causal"] is False
+    assert page.evaluate(style) == host_style
+    assert page.evaluate("document.querySelectorAll('[id]').length") == 2  # host-text and lab: the lab adds no ids
+    assert page.evaluate("[...document.querySelectorAll('[class^=akl-]')].every(e => e.closest('#lab'))")
+    assert_matches(js_result(page), reference(state))
+    default = page.evaluate("AttnkitLab.mount(document.getElementById('lab'), null).state()")
+    assert default["tokens"] == ["The", "cat", "sat", "on", "the", "mat"]
+    watch.assert_clean()
+
+
+def test_same_seed_same_vectors(watched_page):
+    watch = watched_page()
+    watch.page.set_content(html_page("host", css=[], js=["lab.js"], body=""))
+
+    def vectors(**kwargs):
+        data = lab_html(**kwargs).split('id="attnkit-data">', 1)[1].split("</script>", 1)[0]
+        return watch.page.evaluate("init => AttnkitLab.mount(document.createElement('div'), init).state()",
+                                   json.loads(data))
+
+    a, b, c = vectors(seed=3), vectors(seed=3), vectors(seed=4)
+    assert a == b and a["q"] != c["q"]
+    wide = vectors(seed=3, head_dim=6)
+    assert [row[:4] for row in wide["k"]] == a["k"]  # a larger d extends the same draw
+    assert all(-3 <= x <= 3 and round(x, 2) == x for r in "qkv" for row in a[r] for x in row)
+    watch.assert_clean()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"tokens": "The cat sat"}, TypeError, "tokens must be a sequence of str"),
+        ({"tokens": ["a", 1]}, TypeError, r"tokens\[1\] must be a str; got int 1"),
+        ({"tokens": ["only"]}, ValueError, "2 to 12 labels; got 1"),
+        ({"tokens": [str(i) for i in range(13)]}, ValueError, "2 to 12 labels; got 13"),
+        ({"tokens": ["a", "x" * 65]}, ValueError, r"tokens\[1\] must be at most 64 characters; got 65"),
+        ({"head_dim": 4.0}, TypeError, "head_dim must be an int; got float 4.0"),
+        ({"head_dim": True}, TypeError, "head_dim must be an int"),
+        ({"head_dim": 1}, ValueError, "head_dim must be between 2 and 8; got 1"),
+        ({"head_dim": 9}, ValueError, "head_dim must be between 2 and 8; got 9"),
+        ({"seed": -1}, ValueError, "seed must be >= 0; got -1"),
+        ({"seed": 2**32}, ValueError, "seed must be < 2"),
+        ({"seed": "0"}, TypeError, "seed must be an int"),
+    ],
+)
+def test_lab_html_argument_errors(kwargs, error, words):
+    with pytest.raises(error, match=words):
+        lab_html(**kwargs)
+
+
+def test_write_lab_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike; got int 3"):
+        write_lab(3)
+    with pytest.raises(ValueError, match="head_dim must be between 2 and 8"):
+        write_lab(tmp_path / "lab.html", head_dim=10)
+    assert not (tmp_path / "lab.html").exists()
