@@ -11,6 +11,7 @@ the tensor ``"attentions.{i}"``, (layers, heads, Lq, Lk) in the stored dtype. Th
 
 from __future__ import annotations
 
+import html
 import json
 import os
 from collections.abc import Iterable
@@ -143,6 +144,17 @@ class AttentionMaps:
             raise ValueError(f"{path}: expected tensors {names}; found {sorted(tensors)}")
         return cls(attentions=[tensors[k] for k in names], tokens=meta["tokens"], token_ids=meta["token_ids"],
                    model_name=meta["model_name"], layers=tuple(meta["layers"]), heads=tuple(meta["heads"]))
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the explorer inline (input 0; ``attnkit.viz.report`` for others):
+        the self-contained report page inside an ``<iframe srcdoc>``."""
+        from attnkit.viz.report import iframe
+
+        if not len(self):
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        note = "" if len(self) == 1 else (
+            f"<p>Input 0 of {len(self)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
+        return note + iframe(self, 0)
 
     def __repr__(self) -> str:
         n = len(self)

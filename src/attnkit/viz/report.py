@@ -1,0 +1,178 @@
+"""The explorer report: one self-contained HTML page of one input's attention maps.
+
+The page has a head view (lines from each token to the tokens it attends to, one colour
+per head), a model view (every layer x head as a thumbnail; click to enlarge), a matrix
+heatmap with values on hover (windowed, with an overview, for long inputs), and a table
+of head-role scores; controls choose the layer, heads, threshold and aggregation (mean of
+the selected heads, or attention rollout up to the layer). It loads nothing from the
+network: its script, style and data are inline, and its Content-Security-Policy forbids
+every request. The maps are stored compactly (:mod:`attnkit.viz.encode`); the page says
+what that leaves out.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnkit._checks import describe, require_int
+from attnkit.inspect import head_roles, rollout
+from attnkit.inspect.maps import AttentionMaps
+from attnkit.viz import encode as _encode
+from attnkit.viz._html import page
+
+__all__ = ["report_data", "report_html", "write_report"]
+
+_BODY = '<div id="attnkit-explorer"></div>'
+
+
+def _check_maps(maps: object, input_index: object) -> int:
+    if not isinstance(maps, AttentionMaps):
+        raise TypeError(f"maps must be an AttentionMaps (from attnkit.inspect.capture); got {describe(maps)}")
+    index = require_int("input_index", input_index, minimum=0)
+    if index >= len(maps):
+        raise ValueError(f"input_index must be in [0, {len(maps)}) for maps of {len(maps)} inputs; got {index}")
+    return index
+
+
+def _scores(roles: Any) -> dict[str, Any]:
+    def clean(x: float) -> float | None:
+        return None if math.isnan(x) else round(x, 5)
+
+    return {
+        "names": list(roles.scores),
+        "scores": {name: [[clean(v) for v in row] for row in t.tolist()] for name, t in roles.scores.items()},
+        "skipped": dict(roles.skipped),
+    }
+
+
+def report_data(
+    maps: AttentionMaps,
+    input_index: int = 0,
+    *,
+    title: str | None = None,
+    focus: int | None = None,
+    tolerance: float = 0.001,
+    plan: tuple[int | None, int] | str = "auto",
+    max_bytes: int = 20_000_000,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, Any]:
+    """The JSON the explorer page reads: tokens, encoded maps, rollout, head roles.
+
+    Args:
+        maps: from :func:`attnkit.inspect.capture`.
+        input_index: which input of ``maps`` (default 0).
+        title: shown at the top of the page (default: the input's text, from its tokens).
+        focus: a query token index to open the page on, or None.
+        tolerance, plan, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`);
+            by default the page's data stays under 20 MB whatever the input's length.
+        progress: called as ``progress(description, done, total)``.
+    """
+    index = _check_maps(maps, input_index)
+    attn = maps.attentions[index]
+    tokens = [str(t) for t in maps.tokens[index]]
+    n_layers, n_heads, lq, lk = attn.shape
+    if focus is not None:
+        focus = require_int("focus", focus, minimum=0)
+        if focus >= lq:
+            raise ValueError(f"focus must be a query token index in [0, {lq}); got {focus}")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None; got {describe(title)}")
+
+    matrices = [attn[li, hi] for li in range(n_layers) for hi in range(n_heads)]
+    full = maps.layers == tuple(range(n_layers)) and maps.heads == tuple(range(n_heads)) and lq == lk
+    rolled = None
+    why_not = None
+    if full:
+        if progress:
+            progress("rollout", 0, 1)
+        rolled = rollout(maps, input_index=index, every_layer=True, dtype=torch.float32)
+        matrices.extend(rolled)
+        if progress:
+            progress("rollout", 1, 1)
+    else:
+        why_not = ("rollout needs every layer and head of the model and square maps; these maps hold layers "
+                   f"{list(maps.layers)}, heads {list(maps.heads)}, {lq}x{lk}")
+
+    if progress:
+        progress("head roles", 0, 1)
+    roles = head_roles(maps, input_index=index)
+    if progress:
+        progress("head roles", 1, 1)
+
+    def step(done: int, total: int) -> None:
+        if progress:
+            progress("encoding", done, total)
+
+    enc = _encode.encode(matrices, tolerance=tolerance, plan=plan, max_bytes=max_bytes, progress=step)
+    del matrices, rolled
+    return {
+        "format": 1,
+        "title": title if title is not None else _text(tokens),
+        "model": maps.model_name,
+        "tokens": tokens,
+        "layers": list(maps.layers),
+        "heads": list(maps.heads),
+        "rollout": why_not is None,
+        "rollout_missing": why_not,
+        "focus": focus,
+        "roles": _scores(roles),
+        "encoding": enc.to_json(),
+    }
+
+
+def _text(tokens: list[str], limit: int = 160) -> str:
+    """A readable title from WordPiece/BPE tokens (special tokens left out)."""
+    words: list[str] = []
+    for t in tokens:
+        if (t.startswith("[") and t.endswith("]")) or (t.startswith("<") and t.endswith(">")):
+            continue
+        if t.startswith("##") and words:
+            words[-1] += t[2:]
+        elif t.startswith(("Ġ", "▁")):
+            words.append(t[1:])
+        else:
+            words.append(t)
+    text = " ".join(words)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def report_html(maps: AttentionMaps, input_index: int = 0, **kwargs: Any) -> str:
+    """The explorer page as one HTML string; arguments as for :func:`report_data`.
+
+    >>> import torch
+    >>> from attnkit.inspect import AttentionMaps
+    >>> p = torch.softmax(torch.randn(2, 2, 3, 3), -1)
+    >>> maps = AttentionMaps([p], [["<b>", "</script>", "&"]], None, "toy", (0, 1), (0, 1))
+    >>> text = report_html(maps)
+    >>> "<b>" in text, text.count("</script>") == text.count("<script"), "://" in text
+    (False, True, False)
+    """
+    data = report_data(maps, input_index, **kwargs)
+    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js"], body=_BODY, data=data)
+
+
+def write_report(maps: AttentionMaps, path: str | os.PathLike, input_index: int = 0, **kwargs: Any) -> Path:
+    """Write :func:`report_html` to ``path`` (UTF-8) and return the path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {describe(path)}")
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"path must be a file to write, not a folder; got {str(out)!r}")
+    text = report_html(maps, input_index, **kwargs)
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def iframe(maps: AttentionMaps, input_index: int = 0, *, height: int = 900, **kwargs: Any) -> str:
+    """The report inside an ``<iframe srcdoc>``, for notebooks: its script and style stay
+    inside the frame, and several outputs in one notebook do not clash."""
+    doc = report_html(maps, input_index, **kwargs)
+    return (f'<iframe srcdoc="{html.escape(doc, quote=True)}" style="width:100%;height:{int(height)}px;'
+            'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>')
