@@ -1,0 +1,136 @@
+/* attnkit serve: the app around the explorer and the lab.
+ *
+ * Type text, press Enter (Shift+Enter: a new line): the page POSTs {"text"} to
+ * /api/explain on its own origin and mounts the answer with AttnkitExplorer.mount. The
+ * lab is mounted with AttnkitLab.mount the first time its tab opens. Settings (model,
+ * limits, the example text) come from the JSON in #attnkit-data. Every message, the
+ * server's included, reaches the screen through textContent only.
+ *
+ * window.attnkitApp, for tests and scripting:
+ *   status          "idle" | "busy" | "ready" | "error" (also #aks-app[data-status])
+ *   explorer, lab   the mounted APIs, or null
+ *   explain(text)   a promise, settled once the explorer has drawn or the error shows
+ *   showTab(name)   "explorer" | "lab"
+ */
+(function () {
+  "use strict";
+
+  const $ = (id) => document.getElementById(id);
+  const root = $("aks-app");
+  if (!root) return;
+  const config = JSON.parse($("attnkit-data").textContent);
+  const ui = {
+    form: $("aks-form"), text: $("aks-text"), submit: $("aks-submit"), busy: $("aks-busy"),
+    error: $("aks-error"), hint: $("aks-hint"), meta: $("aks-meta"), empty: $("aks-empty"),
+    explorer: $("akx-app-explorer"), lab: $("akl-app-lab"),
+    tabs: Array.from(document.querySelectorAll("[data-app-tab]")),
+    panes: Array.from(document.querySelectorAll("[data-app-pane]")),
+  };
+
+  const app = { status: "idle", explorer: null, lab: null, tab: "explorer", explain, showTab };
+  window.attnkitApp = app;
+
+  ui.meta.replaceChildren(
+    chip("model", config.model),
+    chip("shape", `${config.layers} layers × ${config.heads} heads`),
+    chip("limit", `up to ${config.max_tokens.toLocaleString("en-US")} tokens`));
+  ui.hint.textContent = "Enter explains · Shift+Enter starts a new line";
+
+  function chip(kind, text) {
+    const span = document.createElement("span");
+    span.className = `aks-chip aks-chip-${kind}`;
+    span.textContent = text;
+    return span;
+  }
+
+  function setStatus(status, note) {
+    app.status = status;
+    root.dataset.status = status;
+    ui.submit.disabled = status === "busy";
+    ui.text.setAttribute("aria-busy", String(status === "busy"));
+    ui.busy.textContent = note || "";
+  }
+
+  function showError(message) {
+    ui.error.textContent = message;
+    ui.error.hidden = false;
+  }
+
+  function clearError() {
+    ui.error.textContent = "";
+    ui.error.hidden = true;
+  }
+
+  async function request(text) {
+    let response;
+    try {
+      response = await fetch("/api/explain", {
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }),
+        cache: "no-store", credentials: "same-origin",
+      });
+    } catch (err) {
+      throw new Error("Could not reach the attnkit server. Is `attnkit serve` still running?");
+    }
+    let data = null;
+    try { data = await response.json(); } catch (err) { data = null; }
+    if (!response.ok) {
+      const said = data && typeof data.error === "string" ? data.error : `${response.status} ${response.statusText}`;
+      throw new Error(`The server could not explain this text (${response.status}): ${said}`);
+    }
+    if (!data || !Array.isArray(data.tokens) || !data.encoding) throw new Error("The server's answer is not an explorer payload.");
+    return data;
+  }
+
+  async function explain(value) {
+    const text = value == null ? ui.text.value : String(value);
+    if (app.status === "busy") return;
+    if (!text.trim()) { showError("Type some text first."); setStatus("error"); return; }
+    clearError();
+    setStatus("busy", "Running the model…");
+    const started = performance.now();
+    try {
+      const data = await request(text);
+      setStatus("busy", "Drawing…");
+      // A fresh holder per text: the explorer keeps its listeners on the nodes it builds.
+      const holder = document.createElement("div");
+      ui.explorer.replaceChildren(holder);
+      ui.empty.hidden = true;
+      const api = window.AttnkitExplorer.mount(holder, data);
+      await api.ready;
+      app.explorer = api;
+      showTab("explorer");
+      const seconds = ((performance.now() - started) / 1000).toFixed(1);
+      setStatus("ready", `${data.tokens.length} tokens · ${seconds} s`);
+    } catch (err) {
+      showError(err && err.message ? err.message : String(err));
+      setStatus("error");
+    }
+  }
+
+  function showTab(name) {
+    if (name !== "explorer" && name !== "lab") throw new RangeError(`showTab takes "explorer" or "lab"; got ${name}`);
+    app.tab = name;
+    for (const tab of ui.tabs) {
+      const on = tab.dataset.appTab === name;
+      tab.classList.toggle("aks-on", on);
+      tab.setAttribute("aria-selected", String(on));
+    }
+    for (const pane of ui.panes) pane.hidden = pane.dataset.appPane !== name;
+    // Mounted when first shown, so that its canvas is sized to a visible pane.
+    if (name === "lab" && !app.lab) app.lab = window.AttnkitLab.mount(ui.lab, null);
+  }
+
+  ui.form.addEventListener("submit", (ev) => { ev.preventDefault(); explain(); });
+  ui.text.addEventListener("keydown", (ev) => {
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); explain(); }
+  });
+  for (const tab of ui.tabs) tab.addEventListener("click", () => showTab(tab.dataset.appTab));
+
+  showTab("explorer");
+  if (typeof config.example === "string" && config.example) {
+    ui.text.value = config.example;
+    explain(config.example);
+  } else {
+    ui.text.focus();
+  }
+})();
