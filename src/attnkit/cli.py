@@ -271,6 +271,102 @@ def induction(args: argparse.Namespace) -> int:
     return _write(con, args, result.to_dict(), result.plot)
 
 
+def _quiet_transformers() -> None:
+    """Hide transformers' own weight-loading bar (a fraction of a second for these models)."""
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Run a model on a text; print tokens, top attended tokens and head roles; write the report."""
+    from attnkit import models
+    from attnkit.viz import explainer as ex
+    from attnkit.viz import report
+
+    if args.png:
+        from attnkit._plot import pyplot
+
+        pyplot()  # fail now, not after the model ran, when matplotlib is missing
+    con = _Console()
+    _quiet_transformers()
+    with con.status(f"loading {args.model}..."):
+        model, tokenizer = models.load(args.model)
+    with _progress(con) as progress:
+        maps = ex.explain(args.text, (model, tokenizer), layers=args.layers, heads=args.heads,
+                          progress=lambda done, total: progress("capturing attention", done, total))
+    tokens = maps.tokens[0]
+    wanted: list[int] | None = None
+    if args.token:
+        wanted = []
+        for query in args.token:
+            found = ex.find_tokens(tokens, query)
+            if not found:
+                raise SystemExit(f"attnkit explain: error: --token {query!r} matches no token; the tokens are "
+                                 + " ".join(tokens[:80]) + (" ..." if len(tokens) > 80 else ""))
+            wanted.extend(i for i in found if i not in wanted)
+    summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
+
+    con.rule(f"{maps.model_name}: {len(tokens)} tokens, {len(maps.layers)} layers x {len(maps.heads)} heads")
+    con.print("  ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
+    layer_cols = [f"layer {layer}" for layer in maps.layers]
+    def cell(tops: list[tuple[int, str, float]]) -> str:
+        return "\n".join(f"{key} {w:.2f}".replace(" 0.", " .") for _, key, w in tops)
+
+    rows = [(f"{i} {tok}", *(cell(tops) for tops in per_layer)) for i, tok, per_layer in summary.rows]
+    more = "" if summary.shown == summary.total else f" (first {summary.shown} of {summary.total}; pick with --token)"
+    heads_note = "all heads" if args.heads is None else "heads " + ",".join(map(str, maps.heads))
+    con.table(f"top {args.top} attended tokens per layer, mean of {heads_note}{more}", ("token", *layer_cols), rows)
+    if summary.skipped_keys:
+        con.print("special tokens left out of the lists (heads park weight there): "
+                  + " ".join(sorted({tokens[j] for j in summary.skipped_keys})) + "; --keep-special lists them")
+    if summary.heads:
+        con.table("single heads that look hardest from the chosen tokens",
+                  ("token", "layer.head", "looks at", "weight"),
+                  [(f"{i} {tokens[i]}", f"L{lay}.H{hd}", f"{j} {tokens[j]}", f"{w:.3f}")
+                   for i, lay, hd, j, w in summary.heads])
+    roles = summary.roles
+    lowest = {"mean_distance", "normalized_entropy"}  # for these, the telling heads are the lowest
+    role_rows = [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
+                  "  ".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
+                 for role, scores in roles.scores.items()]
+    con.table("heads that score highest in each role", ("role", "mean", "top heads (layer.head score)"), role_rows)
+    for role, why in roles.skipped.items():
+        con.print(f"skipped {role}: {why}")
+    if args.out:
+        with _progress(con) as progress:
+            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, progress=progress)
+        con.print(f"wrote {path} ({_size(path.stat().st_size)}): open it in a browser; it needs no network")
+    if args.png:
+        from attnkit.viz.png import save_pngs
+
+        with _progress(con) as progress:
+            paths = save_pngs(maps, args.png, progress=progress)
+        con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Serve the explorer and the lab on a local web page until interrupted."""
+    from attnkit.viz import server
+
+    _quiet_transformers()
+    server.serve(args.model, host=args.host, port=args.port, max_tokens=args.max_tokens)
+    return 0
+
+
+def lab(args: argparse.Namespace) -> int:
+    """Write the attention lab page."""
+    from attnkit.viz.lab import write_lab
+
+    path = write_lab(args.out, tokens=args.tokens.split() if args.tokens else None, head_dim=args.head_dim,
+                     seed=args.seed)
+    _Console().print(f"wrote {path} ({_size(path.stat().st_size)}): open it in a browser; it needs no network")
+    return 0
+
+
 class _progress:
     """A rich progress bar over the run's (case, length) steps; plain lines without rich."""
 
@@ -338,6 +434,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--json", help="write every figure to this file")
     p_bench.add_argument("--plot", help="write a PNG of time and memory against L (needs matplotlib)")
     p_bench.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p_exp = sub.add_parser("explain", help="what a model attends to in a text: terminal summary, HTML report, PNGs")
+    p_exp.add_argument("text", help="the input text")
+    p_exp.add_argument("--model", default="minilm",
+                       help="'minilm' (bundled all-MiniLM-L6-v2, the hf extra) or a local Hugging Face model folder")
+    p_exp.add_argument("--out", default="report.html",
+                       help="the HTML report to write (default report.html); '' for none")
+    p_exp.add_argument("--png", default=None, metavar="DIR", help="also write static heatmaps into DIR")
+    p_exp.add_argument("--layers", type=_csv(int), default=None, help="layers to capture, e.g. 0,5 (default all)")
+    p_exp.add_argument("--heads", type=_csv(int), default=None, help="heads to capture, e.g. 0,3 (default all)")
+    p_exp.add_argument("--token", action="append", default=None,
+                       help="a token of interest: its text (every occurrence) or #N for position N; repeatable "
+                            "(default: all tokens)")
+    p_exp.add_argument("--top", type=int, default=3, help="attended tokens listed per layer (default 3)")
+    p_exp.add_argument("--keep-special", action="store_true",
+                       help="list special tokens ([CLS], [SEP], ...) among the attended tokens too")
+    p_exp.add_argument("--max-rows", type=int, default=64, help="tokens listed at most (default 64)")
+    p_srv = sub.add_parser("serve", help="a local web app: type text, see the explorer; the lab in a tab")
+    p_srv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p_srv.add_argument("--port", type=int, default=8000)
+    p_srv.add_argument("--model", default="minilm", help="'minilm' or a local Hugging Face model folder")
+    p_srv.add_argument("--max-tokens", type=int, default=None,
+                       help="longest input accepted, in tokens (default: the model's maximum positions)")
+    p_lab = sub.add_parser("lab", help="write the attention lab: sliders for q, k, v, scale, masks; live softmax")
+    p_lab.add_argument("--out", default="lab.html", help="the page to write (default lab.html)")
+    p_lab.add_argument("--tokens", default=None, help='2 to 12 starting tokens, e.g. "the bank of the river"')
+    p_lab.add_argument("--head-dim", type=int, default=4, help="length of each q, k, v vector, 2 to 8 (default 4)")
+    p_lab.add_argument("--seed", type=int, default=0, help="chooses the starting vectors")
     p_ind = sub.add_parser("induction", help="reproduce induction heads: train a 2-layer attention-only model")
     p_ind.add_argument("--steps", type=int, default=3000, help="training steps (--fast: 1000)")
     p_ind.add_argument("--fast", action="store_true", help="the quick setting (1000 steps), as run in CI")
@@ -366,6 +489,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_dense_gib < 0:
             parser.error(f"--max-dense-gib must be >= 0; got {args.max_dense_gib}")
         return bench(args)
+    if args.command == "explain":
+        for name in ("top", "max_rows"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+        for name in ("layers", "heads"):
+            if getattr(args, name) is not None and min(getattr(args, name)) < 0:
+                parser.error(f"--{name} must be >= 0; got {getattr(args, name)}")
+        if not args.text.strip():
+            parser.error("text must not be empty")
+        try:
+            return explain(args)
+        except (ValueError, TypeError, ImportError, FileNotFoundError) as err:  # bad input or a missing extra
+            parser.exit(2, f"attnkit explain: error: {err}\n")
+    if args.command == "serve":
+        if not 0 <= args.port <= 65535:
+            parser.error(f"--port must be in [0, 65535]; got {args.port}")
+        if args.max_tokens is not None and args.max_tokens < 1:
+            parser.error(f"--max-tokens must be >= 1; got {args.max_tokens}")
+        return serve(args)
+    if args.command == "lab":
+        try:
+            return lab(args)
+        except (ValueError, TypeError) as err:
+            parser.exit(2, f"attnkit lab: error: {err}\n")
     if args.command == "demo":
         if args.length < 1:
             parser.error(f"--length must be >= 1; got {args.length}")

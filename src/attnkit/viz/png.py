@@ -1,0 +1,111 @@
+"""Static heatmaps (matplotlib, the ``plot`` extra) for papers and slides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from attnkit._checks import describe
+from attnkit._plot import pyplot
+from attnkit.inspect import rollout
+from attnkit.inspect.maps import AttentionMaps
+from attnkit.viz.report import _check_maps
+
+__all__ = ["save_pngs"]
+
+_LABELLED = 48  # up to this many tokens, axes carry the tokens
+
+
+def _heatmap(ax, grid: torch.Tensor, tokens: list[str], title: str, *, labels: bool) -> object:
+    image = ax.imshow(grid.float().numpy(), cmap="magma_r", vmin=0.0, vmax=1.0, interpolation="nearest",
+                      aspect="equal")
+    ax.set_title(title, fontsize=9)
+    if labels:
+        n = len(tokens)
+        ax.set_xticks(range(n))
+        ax.set_yticks(range(n))
+        ax.set_xticklabels(tokens, rotation=90, fontsize=6)
+        ax.set_yticklabels(tokens, fontsize=6)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return image
+
+
+def save_pngs(
+    maps: AttentionMaps,
+    directory: str | os.PathLike,
+    input_index: int = 0,
+    *,
+    dpi: int = 150,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Path]:
+    """Write heatmaps of one input's maps into ``directory`` (created if needed).
+
+    Files: ``layer{L}.png`` (every head of layer L, one panel each), ``mean.png`` (the mean
+    over heads, one panel per layer) and, when the maps hold the whole model,
+    ``rollout.png``. Queries run down, keys across; the colour scale is 0..1 in every
+    panel. Axes carry the tokens up to 48 tokens.
+
+    Returns:
+        The paths written, in that order.
+    """
+    index = _check_maps(maps, input_index)
+    if not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"directory must be a str or os.PathLike; got {describe(directory)}")
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"directory must be a folder; {str(out)!r} is a file")
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    attn = maps.attentions[index]
+    tokens = [str(t) for t in maps.tokens[index]]
+    n_layers, n_heads, lq, lk = attn.shape
+    labels = max(lq, lk) <= _LABELLED
+    written: list[Path] = []
+    cols = min(n_heads, 6)
+    rows = -(-n_heads // cols)
+    size = 3.2 if labels else 2.4
+    for li, layer in enumerate(maps.layers):
+        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
+        for hi, head in enumerate(maps.heads):
+            image = _heatmap(axes[hi // cols][hi % cols], attn[li, hi], tokens, f"L{layer} H{head}", labels=labels)
+        for extra in range(n_heads, rows * cols):
+            axes[extra // cols][extra % cols].axis("off")
+        fig.suptitle(f"{maps.model_name} · layer {layer} · {lq} tokens", fontsize=11)
+        fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+        path = out / f"layer{layer}.png"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+        if progress:
+            progress("PNG heatmaps", li + 1, n_layers + 1)
+    cols = min(n_layers, 6)
+    rows = -(-n_layers // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
+    for li, layer in enumerate(maps.layers):
+        image = _heatmap(axes[li // cols][li % cols], attn[li].float().mean(0), tokens, f"layer {layer}, mean of heads",
+                         labels=labels)
+    for extra in range(n_layers, rows * cols):
+        axes[extra // cols][extra % cols].axis("off")
+    fig.suptitle(f"{maps.model_name} · mean over heads · {lq} tokens", fontsize=11)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    path = out / "mean.png"
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
+    if maps.layers == tuple(range(n_layers)) and maps.heads == tuple(range(n_heads)) and lq == lk:
+        fig, ax = plt.subplots(figsize=(6, 6))
+        image = _heatmap(ax, rollout(maps, input_index=index, dtype=torch.float32), tokens,
+                         f"{maps.model_name} · attention rollout over {n_layers} layers", labels=labels)
+        fig.colorbar(image, ax=ax, shrink=0.7, label="share of input token")
+        path = out / "rollout.png"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    if progress:
+        progress("PNG heatmaps", n_layers + 1, n_layers + 1)
+    return written

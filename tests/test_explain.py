@@ -1,0 +1,127 @@
+"""`attnkit explain` on the bundled MiniLM, its pieces, and the PNG heatmaps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnkit import cli, models
+from attnkit.inspect import AttentionMaps, capture, rollout
+from attnkit.viz import explain, find_tokens, save_pngs, summarize
+from attnkit.viz.encode import decode
+from attnkit.viz.explainer import special_positions
+
+SEED = "The cat sat on the mat because it was tired."
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers")
+    return models.load("minilm")
+
+
+def test_explain_captures_what_capture_does(minilm):
+    maps = explain(SEED, minilm)
+    direct = capture(minilm[0], SEED, tokenizer=minilm[1])
+    assert maps.tokens == direct.tokens
+    assert torch.equal(maps.attentions[0], direct.attentions[0])
+    with pytest.raises(ValueError, match="text must hold"):
+        explain("   ", minilm)
+    with pytest.raises(TypeError, match="text must be a str"):
+        explain(b"bytes", minilm)
+
+
+def test_summary_lists_the_heaviest_keys_without_special_tokens(minilm):
+    maps = explain(SEED, minilm)
+    tokens = maps.tokens[0]
+    it = find_tokens(tokens, "it")
+    assert it == [tokens.index("it")]
+    summary = summarize(maps, tokens=it, k=3)
+    assert summary.skipped_keys == [0, len(tokens) - 1]
+    # Independent: layer 5's mean over heads, row "it", specials removed, three largest.
+    row = maps.attentions[0][5, :, it[0]].double().mean(0)
+    row[[0, len(tokens) - 1]] = -1
+    expected = [tokens[j] for j in row.topk(3).indices.tolist()]
+    assert [key for _, key, _ in summary.rows[0][2][5]] == expected
+    # The strongest single head from "it" puts its weight on one key, as the maps say.
+    i, layer, head, key, weight = summary.heads[0]
+    assert weight == pytest.approx(float(maps.attentions[0][layer, head, i, key]), abs=1e-6)
+    assert all(weight >= w for *_, w in summary.heads)
+
+
+def test_find_tokens_and_specials():
+    assert find_tokens(["[CLS]", "the", "Ġcat", "▁sat", "##s"], "CAT") == [2]
+    assert find_tokens(["a", "b"], "#1") == [1]
+    with pytest.raises(ValueError, match="out of range"):
+        find_tokens(["a"], "#3")
+    with pytest.raises(TypeError, match="query must be a str"):
+        find_tokens(["a"], 3)
+    assert special_positions(["<s>", "hi", "</s>", "<|endoftext|>", "[PAD]", "[x]"]) == [0, 2, 3, 4]
+
+
+def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
+    out, pngs = tmp_path / "report.html", tmp_path / "png"
+    assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--token", "it", "--top", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "the cat sat" not in printed.lower() or "8:it" in printed
+    assert "layer 5" in printed and "previous_token" in printed and "induction" in printed
+    text = out.read_text(encoding="utf-8")
+    data = json.loads(text.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
+    assert data["focus"] == data["tokens"].index("it")
+    assert decode(data["encoding"]).shape == (6 * 12 + 6, 13, 13)
+    names = sorted(p.name for p in pngs.iterdir())
+    assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])
+    assert all((pngs / n).read_bytes()[:8] == PNG for n in names)
+
+
+def test_cli_explain_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["explain", SEED, "--top", "0"])
+    assert "--top must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "  "])
+    assert "text must not be empty" in capsys.readouterr().err
+
+
+def test_cli_explain_unknown_token(minilm, tmp_path):
+    with pytest.raises(SystemExit, match="--token 'dog' matches no token"):
+        cli.main(["explain", SEED, "--out", "", "--token", "dog"])
+
+
+def test_cli_lab_writes_the_page(tmp_path, capsys):
+    path = tmp_path / "lab.html"
+    assert cli.main(["lab", "--out", str(path)]) == 0
+    assert "AttnkitLab" in path.read_text(encoding="utf-8") and "wrote" in capsys.readouterr().out
+    assert cli.main(["lab", "--out", str(path), "--tokens", "the bank of the river", "--head-dim", "3"]) == 0
+    assert '"tokens": ["the", "bank", "of", "the", "river"], "head_dim": 3' in path.read_text(encoding="utf-8")
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "--out", str(path), "--head-dim", "9"])
+    assert "head_dim must be between 2 and 8; got 9" in capsys.readouterr().err
+
+
+def test_save_pngs_files_and_errors(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    maps = AttentionMaps([p], [list("abcde")], None, "toy", (0, 1), (0, 1, 2))
+    paths = save_pngs(maps, tmp_path / "figs")
+    assert [x.name for x in paths] == ["layer0.png", "layer1.png", "mean.png", "rollout.png"]
+    assert all(x.read_bytes()[:8] == PNG for x in paths)
+    assert [x.name for x in save_pngs(maps.select(heads=[1, 2]), tmp_path / "sub")] == ["layer0.png", "layer1.png",
+                                                                                     "mean.png"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="must be a folder"):
+        save_pngs(maps, tmp_path / "file")
+
+
+def test_rollout_every_layer_and_float32():
+    p = torch.softmax(torch.randn(3, 2, 6, 6, dtype=torch.float64), -1)
+    steps = rollout(p, every_layer=True)
+    assert steps.shape == (3, 6, 6)
+    assert torch.allclose(steps[-1], rollout(p))
+    assert torch.allclose(steps[0], rollout(p[:1]))
+    assert torch.allclose(rollout(p, dtype=torch.float32).double(), rollout(p), atol=1e-6)
+    with pytest.raises(TypeError, match="dtype must be"):
+        rollout(p, dtype=torch.float16)
