@@ -1,0 +1,146 @@
+"""How big the explorer report is and how long it takes to build and to render.
+
+    python benchmarks/report.py [--tokens 2000] [--json benchmarks/results/report.json]
+
+Inputs: the seed sentence, and a long English text (Python's own LICENSE.txt, which every
+Python install ships) cut to ``--tokens`` tokens. The bundled MiniLM (6 layers x 12 heads)
+has 512 positions; for longer inputs its position table is stretched to the needed
+length by linear interpolation, so the maps are the real model's weights on a longer
+text, not a random model's (whose near-uniform rows would be the worst case for the
+encoding; ``--random`` measures that too).
+
+Build: capture + report (rollout, head roles, encoding, HTML) in this process. Render:
+Debian's chromium (Playwright), from navigation until the explorer has decoded the maps
+and drawn the head view, then each other tab's first drawing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from attnkit import models
+from attnkit._timing import machine
+from attnkit.inspect import capture
+from attnkit.viz.report import report_html
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = "The cat sat on the mat because it was tired."
+
+
+def long_text() -> str:
+    for path in (Path(sys.base_prefix) / "lib" / f"python{sys.version_info[0]}.{sys.version_info[1]}" / "LICENSE.txt",
+                 Path(sys.base_prefix) / "LICENSE.txt", ROOT / "README.md"):
+        if path.exists():
+            return path.read_text(encoding="utf-8", errors="replace")
+    raise FileNotFoundError("no long text found")
+
+
+def stretch_positions(model: torch.nn.Module, length: int) -> None:
+    """Give a BERT-style model ``length`` positions by interpolating its position table."""
+    emb = model.embeddings.position_embeddings
+    old = emb.weight.data  # (P, D)
+    if length <= old.shape[0]:
+        return
+    grid = torch.linspace(0, old.shape[0] - 1, length)
+    lo = grid.floor().long().clamp(max=old.shape[0] - 2)
+    frac = (grid - lo)[:, None]
+    new = torch.nn.Embedding(length, old.shape[1])
+    new.weight.data = old[lo] * (1 - frac) + old[lo + 1] * frac
+    model.embeddings.position_embeddings = new
+    model.embeddings.register_buffer("position_ids", torch.arange(length)[None], persistent=False)
+    if hasattr(model.embeddings, "token_type_ids"):
+        model.embeddings.register_buffer("token_type_ids", torch.zeros(1, length, dtype=torch.long), persistent=False)
+    model.config.max_position_embeddings = length
+
+
+def render(html_path: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from playwright.sync_api import sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        t0 = time.perf_counter()
+        page.goto(html_path.as_uri())
+        page.evaluate("window.attnkitExplorer.ready")
+        load = time.perf_counter() - t0
+        tabs = {}
+        for tab in ("matrix", "roles", "head"):
+            tabs[tab] = page.evaluate(
+                f"(() => {{ const t = performance.now(); attnkitExplorer.set({{tab: '{tab}'}}); "
+                "return (performance.now() - t) / 1000; })()")
+        t0 = time.perf_counter()  # the model view draws its thumbnails a few at a time
+        page.evaluate("attnkitExplorer.set({tab: 'model'})")
+        page.wait_for_selector('.akx-grid[data-done="1"]', timeout=600_000)
+        tabs["model (all thumbnails)"] = time.perf_counter() - t0
+        layer = page.evaluate("(() => { const t = performance.now(); attnkitExplorer.set({tab: 'matrix', layer: 0}); "
+                              "return (performance.now() - t) / 1000; })()")
+        heap = page.evaluate("performance.memory ? performance.memory.usedJSHeapSize : null")
+        browser.close()
+    if errors:
+        raise RuntimeError(f"the page raised: {errors}")
+    return {"load_and_first_draw_s": round(load, 3), "tab_s": {k: round(v, 3) for k, v in tabs.items()},
+            "matrix_layer_change_s": round(layer, 3), "js_heap_mib": heap and round(heap / 2**20, 1)}
+
+
+def measure(name: str, model, tokenizer, text: str, tokens: int | None) -> dict:
+    if tokens is not None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: tokens - 2]
+        text = tokenizer.decode(ids)
+    t0 = time.perf_counter()
+    maps = capture(model, text, tokenizer=tokenizer)
+    t_capture = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    page = report_html(maps)
+    t_report = time.perf_counter() - t0
+    n = maps.attentions[0].shape[-1]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "report.html"
+        path.write_text(page, encoding="utf-8")
+        size = path.stat().st_size
+        shown = render(path)
+    data = json.loads(page.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
+    enc = data["encoding"]
+    row = {"case": name, "tokens": n, "bytes": size, "capture_s": round(t_capture, 2), "report_s": round(t_report, 2),
+           "tolerance": enc["tolerance"], "kept": enc["kept"], "entries": enc["entries"],
+           "dropped_max": max(enc["dropped_max"]), "raw_bytes": enc["raw_bytes"], **shown}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--random", action="store_true", help="also a random-weight model of the same shape")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = models.load("minilm")
+    rows = [measure("seed sentence", model, tokenizer, SEED, None)]
+    stretch_positions(model, args.tokens)
+    rows.append(measure(f"{args.tokens} tokens", model, tokenizer, long_text(), args.tokens))
+    if args.random:
+        from transformers import BertModel
+
+        rnd = BertModel(model.config).eval()
+        rows.append(measure(f"{args.tokens} tokens, random weights", rnd, tokenizer, long_text(), args.tokens))
+    result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
