@@ -115,7 +115,10 @@ def measure(name: str, model, tokenizer, text: str, tokens: int | None) -> dict:
     enc = data["encoding"]
     row = {"case": name, "tokens": n, "bytes": size, "capture_s": round(t_capture, 2), "report_s": round(t_report, 2),
            "tolerance": enc["tolerance"], "kept": enc["kept"], "entries": enc["entries"],
-           "dropped_max": max(enc["dropped_max"]), "raw_bytes": enc["raw_bytes"], **shown}
+           "dropped_max": max(enc["dropped_max"]), "peaks": enc["peaks"], "blocks": enc["blocks"],
+           "block_keys": enc["block"], "blurred_max": max(enc["blurred_max"]),
+           "blurred_mean": round(sum(enc["blurred_mean"]) / len(enc["blurred_mean"]), 5),
+           "raw_bytes": enc["raw_bytes"], **shown}
     print(json.dumps(row), flush=True)
     return row
 

@@ -26,6 +26,8 @@ tensor(1., dtype=torch.float64)
 
 from __future__ import annotations
 
+import math
+
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -139,7 +141,8 @@ def _resolve(name: str, attn: object, input_index: object, *, dims: int | None =
 def _probabilities(name: str, t: Tensor) -> Tensor:
     """``t`` as float64, checked to hold probabilities."""
     t = t.detach().to(torch.float64)
-    if not bool((torch.isfinite(t) & (t >= 0)).all()):
+    low, high = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+    if not (bool(low >= 0) and bool(high < math.inf)):  # NaN fails both: min/max propagate it
         raise ValueError(
             f"{name} must hold attention probabilities (finite, >= 0); got {describe(t)} with negative or "
             "non-finite values. Pass the softmax output, not the scores"

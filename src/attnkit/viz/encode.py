@@ -276,7 +276,8 @@ def _matrices(matrices: Sequence[Tensor] | Tensor) -> list[Tensor]:
         if not t.dtype.is_floating_point:
             raise TypeError(f"matrices must hold floating-point probabilities; got {describe(t)}")
         t = t.detach().to("cpu", torch.float32)
-        if not bool((torch.isfinite(t) & (t >= 0)).all()):
+        low, high = torch.aminmax(t)
+        if not (bool(low >= 0) and bool(high < math.inf)):  # NaN fails both: min/max propagate it
             raise ValueError("matrices must hold probabilities (finite, >= 0); got negative or non-finite values")
         out.append(t)
     return out
