@@ -128,7 +128,7 @@ class PageWatch:
     external: list
 
     def shot(self, name: str) -> str:
-        """Save a screenshot under ``artifacts/`` (kept by CI as a test artefact)."""
+        """Save a screenshot under ``artifacts/`` (git-ignored; the run's test artefacts)."""
         os.makedirs(ARTIFACTS, exist_ok=True)
         path = os.path.join(ARTIFACTS, f"{name}.png")
         self.page.screenshot(path=path, full_page=True)
