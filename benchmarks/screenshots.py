@@ -20,8 +20,9 @@ SEED = "The cat sat on the mat because it was tired."
 
 def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import CHROMIUM, CHROMIUM_ARGS
     from playwright.sync_api import sync_playwright
+
+    from conftest import CHROMIUM, CHROMIUM_ARGS
 
     maps = explain(SEED)
     it = maps.tokens[0].index("it")

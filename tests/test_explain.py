@@ -66,8 +66,9 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     out, pngs = tmp_path / "report.html", tmp_path / "png"
     assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--token", "it", "--top", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "the cat sat" not in printed.lower() or "8:it" in printed
+    assert "8:it" in printed and "2:cat" in printed
     assert "layer 5" in printed and "previous_token" in printed and "induction" in printed
+    assert "L5.H11" in printed  # the strongest single head from "it" (it -> cat)
     text = out.read_text(encoding="utf-8")
     data = json.loads(text.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["focus"] == data["tokens"].index("it")
@@ -75,6 +76,53 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     names = sorted(p.name for p in pngs.iterdir())
     assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])
     assert all((pngs / n).read_bytes()[:8] == PNG for n in names)
+
+
+def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
+    out, pngs = tmp_path / "r.html", tmp_path / "png"
+    assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--heads", "0,1", "--layers", "4,5",
+                     "--top", "1"]) == 0
+    data = json.loads(out.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
+    assert data["rollout"] is False and data["heads"] == [0, 1] and data["layers"] == [4, 5]
+    assert sorted(p.name for p in pngs.iterdir()) == ["layer4.png", "layer5.png", "mean.png"]
+
+
+def test_cli_prints_bracketed_tokens_as_text():
+    from rich.console import Console
+
+    con = cli._Console()
+    con._rich = Console(record=True, width=100)
+    con.rule("[/ model [red]x")
+    con.table("title [/", ("token", "layer 0"), [("1 [/", "[red]x .50\n] .20")])
+    text = con._rich.export_text()
+    assert "[/ model [red]x" in text and "[red]x .50" in text and "1 [/" in text
+
+
+def test_summarize_argument_errors(minilm):
+    maps = explain(SEED, minilm)
+    with pytest.raises(ValueError, match=r"input_index must be in \[0, 1\)"):
+        summarize(maps, 5)
+    with pytest.raises(TypeError, match=r"tokens\[0\] must be an int"):
+        summarize(maps, tokens=[1.5])
+    with pytest.raises(TypeError, match="tokens must be a sequence"):
+        summarize(maps, tokens=3)
+    with pytest.raises(ValueError, match=r"positions in \[0, 13\)"):
+        summarize(maps, tokens=[20])
+
+
+def test_cli_errors_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["explain", SEED, "--out", str(tmp_path / "missing" / "r.html")])
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["lab", "--out", str(tmp_path)])
+    assert "not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--port", "70000"])
+    assert "--port must be in [0, 65535]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--host", "", "--port", "0"])
+    assert "host" in capsys.readouterr().err
 
 
 def test_cli_explain_errors(capsys):

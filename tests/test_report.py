@@ -53,6 +53,25 @@ def test_peaks_only_keep_all_but_tolerance_and_round_to_a_quantum(tol):
     assert (largest_out <= smallest_kept).all()
 
 
+@pytest.mark.parametrize("n", [5, 97, 300])
+def test_exact_zeros_are_never_stored_even_with_zero_tolerance(n):
+    p = probs(2, n, n, causal=True).float()  # float32 sums: the tail of a zero rounds to ~1e-17
+    for plan in ((None, 0), (8, 4)):
+        d = decode(encode(p, tolerance=0.0, plan=plan).to_json())
+        if plan[1] == 0:
+            assert not ((p == 0) & (d > 0)).any()
+        else:  # zeros only get background, and only inside a block that holds nonzero keys
+            assert (d[p == 0] <= encode(p, tolerance=0.0, plan=plan).blurred_max[0] + QUANTUM).all()
+
+
+def test_auto_takes_the_exact_plan_whenever_it_fits():
+    p = probs(6, 64, 64, sharp=1.0)
+    exact = encode(p, plan=(None, 0))
+    chosen = encode(p, max_bytes=len(exact.blob))
+    assert (chosen.peaks, chosen.blocks) == (None, 0) and chosen.blob == exact.blob
+    assert encode(p, max_bytes=len(exact.blob) - 1).blocks > 0
+
+
 @pytest.mark.parametrize("plan", [(1, 1), (4, 7), (16, 64), (3, 200)])
 def test_background_keeps_every_rows_mass_and_bounds_each_value(plan):
     p = probs(3, 41, 97, sharp=1.5, seed=1)
@@ -89,12 +108,14 @@ def test_auto_plan_fits_the_budget_and_prefers_exact():
         ({"matrices": [torch.ones(2, 2), torch.ones(3, 3)]}, ValueError, "one shape"),
         ({"matrices": torch.full((1, 2, 2), -1.0)}, ValueError, "probabilities"),
         ({"matrices": torch.ones(1, 2, 2, dtype=torch.int64)}, TypeError, "floating-point"),
+        ({"matrices": torch.full((1, 2, 2), 3.0)}, ValueError, "rows summing to at most 1; a row sums to 6"),
+        ({"matrices": torch.full((1, 2, 2), 0.5), "progress": 3}, TypeError, "progress must be a callable"),
         ({"matrices": "abc"}, TypeError, "matrices must be"),
-        ({"matrices": torch.ones(1, 0, 2)}, ValueError, "at least one query"),
-        ({"matrices": torch.ones(1, 2, 2), "tolerance": 1.0}, ValueError, r"tolerance must be in \[0, 1\)"),
-        ({"matrices": torch.ones(1, 2, 2), "plan": "best"}, ValueError, "plan must be"),
-        ({"matrices": torch.ones(1, 2, 2), "plan": (0, 1)}, ValueError, "peaks"),
-        ({"matrices": torch.ones(1, 2, 2), "plan": [1, 1]}, TypeError, "plan must be"),
+        ({"matrices": torch.zeros(1, 0, 2)}, ValueError, "at least one query"),
+        ({"matrices": torch.full((1, 2, 2), 0.5), "tolerance": 1.0}, ValueError, r"tolerance must be in \[0, 1\)"),
+        ({"matrices": torch.full((1, 2, 2), 0.5), "plan": "best"}, ValueError, "plan must be"),
+        ({"matrices": torch.full((1, 2, 2), 0.5), "plan": (0, 1)}, ValueError, "peaks"),
+        ({"matrices": torch.full((1, 2, 2), 0.5), "plan": [1, 1]}, TypeError, "plan must be"),
     ],
 )
 def test_encode_argument_errors(kwargs, error, match):
@@ -129,6 +150,28 @@ def test_report_without_the_whole_model_has_no_rollout_and_says_why():
     maps = toy_maps().select(heads=[0, 2])
     data = report_data(maps)
     assert data["rollout"] is False and "every layer and head" in data["rollout_missing"]
+    assert data["encoding"]["matrices"] == 4
+
+
+def test_report_refuses_what_it_cannot_draw():
+    p = probs(1, 1, 8, 4).float()
+    cross = AttentionMaps([p], [list("abcd")], None, "toy", (0,), (0,))
+    with pytest.raises(ValueError, match=r"self-attention .* 8 queries and 4 keys"):
+        report_html(cross)
+    lone = toy_maps(n=3, tokens=["a", "\ud800", "c"])
+    with pytest.raises(ValueError, match=r"tokens\[0\]\[1\] is not valid text"):
+        report_html(lone)
+    with pytest.raises(TypeError, match="progress must be a callable"):
+        report_html(toy_maps(), progress=1)
+    with pytest.raises(TypeError, match="rollout must be a bool"):
+        report_html(toy_maps(), rollout="no")
+    with pytest.raises(TypeError, match="height must be an int"):
+        iframe(toy_maps(), height="abc")
+
+
+def test_rollout_can_be_left_out_for_a_leading_subset_of_heads():
+    data = report_data(toy_maps().select(heads=[0, 1]), rollout=False)
+    assert data["rollout"] is False and "turned off" in data["rollout_missing"]
     assert data["encoding"]["matrices"] == 4
 
 
@@ -269,9 +312,31 @@ def test_tokens_show_as_text_and_nothing_executes(open_report):
     assert page.locator("img").count() == 0 and page.locator("b:text('bold')").count() == 0
     info = page.text_content(".akx-info")
     assert XSS_IMG in info  # the focused query, as text
-    page.click('[data-tab="roles"]')
-    assert XSS_SCRIPT in page.text_content("body") or XSS_IMG in page.text_content(".akx-info")
+    page.evaluate("attnkitExplorer.set({focus: 1})")
+    assert XSS_SCRIPT in page.text_content(".akx-info")
+    page.fill('[data-control="find"]', "<b>bold</b>")
+    page.press('[data-control="find"]', "Enter")
+    assert page.evaluate("attnkitExplorer.state().focus") == 3
     assert page.evaluate("window.__pwned") is None
+    watch.assert_clean()
+
+
+def test_a_subset_of_heads_is_drawn_and_named_by_the_models_indices(open_report):
+    maps = toy_maps(n=7, layers=3, heads=4).select(layers=[1, 2], heads=[1, 3])
+    watch = open_report(maps, name="subset")
+    page = watch.page
+    assert page.locator(".akx-chip").count() == 2
+    assert page.evaluate("attnkitExplorer.state()")["heads"] == [1, 3]
+    page.evaluate("attnkitExplorer.set({layer: 2, heads: [3]})")
+    expected = maps.attentions[0][1, 1, 4]  # layer 2 is the second held, head 3 the second held
+    got = torch.tensor(page.evaluate("attnkitExplorer.aggregate(4)"))
+    assert torch.allclose(got, expected, atol=1e-3 + 2e-5)  # left out: at most 0.1% of the row
+    assert "layer 2, head 3" in page.text_content(".akx-info")
+    with pytest.raises(Exception, match="head must be one of 1, 3; got 0"):
+        page.evaluate("attnkitExplorer.set({heads: [0]})")
+    with pytest.raises(Exception, match="no rollout"):
+        page.evaluate("attnkitExplorer.set({mode: 'rollout'})")
+    assert not page.locator('option[value="rollout"]').is_enabled()
     watch.assert_clean()
 
 

@@ -195,6 +195,8 @@ def test_body_over_max_body(served):
     ({"text": "\u200b"}, 400, "special"),  # a zero-width space: no token but [CLS] and [SEP]
     ({"text": "a", "colour": "red"}, 400, "'colour'"),
     ({"text": "a", "focus": [1]}, 400, "focus"),
+    (b'{"text": "hi \\ud800"}', 400, "surrogate"),
+    (b"[" * 30000, 400, "nested"),
 ])
 def test_bad_requests(served, body, status, words):
     got, message = error_of(call(served, "/api/explain", body))
@@ -245,16 +247,23 @@ def test_concurrent_requests(served):
     animals = ["cat", "dog", "owl", "fox", "cow", "bee", "elk", "ant", "bat", "yak"]
     texts = [f"Request {i}: the {animals[i % 10]} chased {i} red balls." for i in range(20)]
 
-    def one(text: str) -> tuple[int, str, list[str]]:
+    def one(text: str) -> tuple[int, str, dict]:
         status, headers, body = call(served, "/api/explain", {"text": text})
-        return status, headers.get("X-Attnkit-Cache", ""), json.loads(body).get("tokens")
+        return status, headers.get("X-Attnkit-Cache", ""), json.loads(body)
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(one, texts))
     tok = served.tokenizer
-    for text, (status, cache, tokens) in zip(texts, results):
+    for text, (status, cache, payload) in zip(texts, results):
         assert (status, cache) == (200, "miss")
-        assert tokens == tok.convert_ids_to_tokens(tok(text)["input_ids"])
+        assert payload["tokens"] == tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    # The maps are each text's own, not another request's: compare a few with a direct capture.
+    for n in (0, 7, 19):
+        payload = results[n][2]
+        direct = capture(served.model, texts[n], tokenizer=tok).attentions[0].flatten(0, 1)
+        got = decode(payload["encoding"])[: direct.shape[0]]
+        kept = got > 0
+        assert (got[kept] - direct[kept]).abs().max() <= QUANTUM + 1e-6
 
 
 # -- the Python API --------------------------------------------------------------------------------

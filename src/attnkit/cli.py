@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,9 @@ class _Console:
 
     def rule(self, title: str) -> None:
         if self._rich:
-            self._rich.rule(f"[bold]{title}")
+            from rich.markup import escape
+
+            self._rich.rule(f"[bold]{escape(title)}")
         else:
             print(f"\n== {title} ==", file=self._file)
 
@@ -43,12 +46,14 @@ class _Console:
     def table(self, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         if self._rich:
             from rich.table import Table
+            from rich.text import Text
 
-            table = Table(title=title)
+            # Text objects, not markup: cells hold model tokens such as "[/" or "[red]".
+            table = Table(title=Text(title, style="italic"))
             for c in columns:
-                table.add_column(c, justify="right" if c != columns[0] else "left")
+                table.add_column(Text(c), justify="right" if c != columns[0] else "left")
             for r in rows:
-                table.add_row(*r)
+                table.add_row(*(Text(cell) for cell in r))
             self._rich.print(table)
             return
         widths = [max(len(c), *(len(r[n]) for r in rows)) for n, c in enumerate(columns)]
@@ -290,6 +295,12 @@ def explain(args: argparse.Namespace) -> int:
         from attnkit._plot import pyplot
 
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
+    if args.out:  # fail now, not after the model ran, when the report cannot be written there
+        out = Path(args.out)
+        if out.is_dir():
+            raise ValueError(f"--out must be a file to write, not a folder; got {args.out!r}")
+        if not out.resolve().parent.is_dir():
+            raise ValueError(f"--out {args.out!r}: the folder {str(out.resolve().parent)!r} does not exist")
     con = _Console()
     _quiet_transformers()
     with con.status(f"loading {args.model}..."):
@@ -337,13 +348,15 @@ def explain(args: argparse.Namespace) -> int:
         con.print(f"skipped {role}: {why}")
     if args.out:
         with _progress(con) as progress:
-            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, progress=progress)
+            # Heads 0..k-1 of the model look like a whole model to the report: no rollout of a subset.
+            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None,
+                                       rollout=args.heads is None, progress=progress)
         con.print(f"wrote {path} ({_size(path.stat().st_size)}): open it in a browser; it needs no network")
     if args.png:
         from attnkit.viz.png import save_pngs
 
         with _progress(con) as progress:
-            paths = save_pngs(maps, args.png, progress=progress)
+            paths = save_pngs(maps, args.png, rollout=args.heads is None, progress=progress)
         con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
     return 0
 
@@ -500,18 +513,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("text must not be empty")
         try:
             return explain(args)
-        except (ValueError, TypeError, ImportError, FileNotFoundError) as err:  # bad input or a missing extra
+        except (ValueError, TypeError, ImportError, OSError) as err:  # bad input, a missing extra, a bad path
             parser.exit(2, f"attnkit explain: error: {err}\n")
     if args.command == "serve":
         if not 0 <= args.port <= 65535:
             parser.error(f"--port must be in [0, 65535]; got {args.port}")
         if args.max_tokens is not None and args.max_tokens < 1:
             parser.error(f"--max-tokens must be >= 1; got {args.max_tokens}")
-        return serve(args)
+        try:
+            return serve(args)
+        except (ValueError, TypeError, ImportError, OSError) as err:  # bad host, limit, model, or a busy port
+            parser.exit(2, f"attnkit serve: error: {err}\n")
     if args.command == "lab":
         try:
             return lab(args)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, OSError) as err:
             parser.exit(2, f"attnkit lab: error: {err}\n")
     if args.command == "demo":
         if args.length < 1:

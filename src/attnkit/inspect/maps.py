@@ -26,6 +26,7 @@ __all__ = ["AttentionMaps"]
 
 _KEY = "attnkit.maps"
 _FORMAT = 1
+_INLINE_BYTES = 2_500_000  # the most attention data shown inline in a notebook
 
 
 def _indices(name: str, given: Iterable[int] | int | None, available: tuple[int, ...]) -> list[int]:
@@ -154,7 +155,11 @@ class AttentionMaps:
             return f"<pre>{html.escape(repr(self))}</pre>"
         note = "" if len(self) == 1 else (
             f"<p>Input 0 of {len(self)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
-        return note + iframe(self, 0)
+        try:  # notebooks refuse outputs of more than a few MB (Jupyter's iopub rate limit)
+            return note + iframe(self, 0, max_bytes=_INLINE_BYTES)
+        except ValueError as err:
+            return (f"<pre>{html.escape(repr(self))}</pre><p>Too large to show inline ({html.escape(str(err))}). "
+                    "Write a report instead: <code>attnkit.viz.write_report(maps, 'report.html')</code>.</p>")
 
     def __repr__(self) -> str:
         n = len(self)

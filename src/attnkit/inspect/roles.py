@@ -27,7 +27,6 @@ tensor(1., dtype=torch.float64)
 from __future__ import annotations
 
 import math
-
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -138,14 +137,15 @@ def _resolve(name: str, attn: object, input_index: object, *, dims: int | None =
     return _Input(_probabilities(name, t) if cast else t, tokens, ids, layers, heads, model_name)
 
 
-def _probabilities(name: str, t: Tensor) -> Tensor:
-    """``t`` as float64, checked to hold probabilities."""
+def _probabilities(name: str, t: Tensor, where: str = "") -> Tensor:
+    """``t`` as float64, checked to hold probabilities; ``where`` says which part of ``name`` it is."""
     t = t.detach().to(torch.float64)
     low, high = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
     if not (bool(low >= 0) and bool(high < math.inf)):  # NaN fails both: min/max propagate it
+        part = where or describe(t)
         raise ValueError(
-            f"{name} must hold attention probabilities (finite, >= 0); got {describe(t)} with negative or "
-            "non-finite values. Pass the softmax output, not the scores"
+            f"{name} must hold attention probabilities (finite, >= 0); got negative or non-finite values in "
+            f"{part}. Pass the softmax output, not the scores"
         )
     return t
 
@@ -622,7 +622,8 @@ def top_attended(
         heads = view.heads or tuple(range(t.shape[1]))
         if isinstance(head, str) and head != "mean":
             raise ValueError(f'head must be a head index or "mean"; got {head!r}')
-        per_head = _probabilities("attn", t[_position("layer", layer, layers, "layers")])  # (heads, Lq, Lk)
+        at = _position("layer", layer, layers, "layers")
+        per_head = _probabilities("attn", t[at], f"layer {layer} (of {describe(t)})")  # (heads, Lq, Lk)
         grid = per_head.mean(0) if head == "mean" else per_head[_position("head", head, heads, "heads")]
     else:
         raise ValueError(f"attn must be (Lq, Lk) or (layers, heads, Lq, Lk); got {describe(t)}")
@@ -687,12 +688,14 @@ def rollout(
     if n_layers == 0:
         raise ValueError(f"rollout needs at least one layer; got {describe(t)}")
     length = _require_square("attn", t, "rollout")
+    if not isinstance(every_layer, bool):
+        raise TypeError(f"every_layer must be a bool; got {describe(every_layer)}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype!r}")
     eye = torch.eye(length, dtype=dtype, device=t.device)
     result, steps = eye, []
-    for layer in t:  # (heads, L, L)
-        mixed = 0.5 * _probabilities("attn", layer).mean(0).to(dtype) + 0.5 * eye
+    for n, layer in enumerate(t):  # (heads, L, L)
+        mixed = 0.5 * _probabilities("attn", layer, f"layer {n} (of {describe(t)})").mean(0).to(dtype) + 0.5 * eye
         result = (mixed / mixed.sum(-1, keepdim=True)) @ result
         if every_layer:
             steps.append(result)
@@ -826,8 +829,8 @@ def head_roles(
     # One layer at a time in float64: a 2,000-token input's 72 heads would be 2.3 GB at once.
     visible = _visible_all(t)
     per_layer: dict[str, list[Tensor]] = {role: [] for role in wanted}
-    for layer in t:
-        layer = _probabilities("maps_or_tensor", layer[None])
+    for n, layer in enumerate(t):
+        layer = _probabilities("maps_or_tensor", layer[None], f"layer {n} (of {describe(t)})")
         for role in wanted:
             per_layer[role].append(_role(role, layer, ids, visible))
     computed = {role: torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)

@@ -132,9 +132,11 @@ def encode(
         tolerance: mass a row's peaks may leave out, in [0, 1) (default 0.001).
         plan: ``(peaks, blocks)``: the cap on peaks per row (None: none) and the background
             blocks per row (0: none); or ``"auto"`` (default): the first of :data:`PLANS`
-            whose base64 text fits ``max_bytes``.
+            whose base64 text fits ``max_bytes`` (each plan's size is predicted from its
+            exact uncompressed size and the compression of a few of the matrices; the one
+            chosen is encoded and checked).
         max_bytes: budget for the base64 text with ``"auto"`` (default 20,000,000).
-        progress: called as ``progress(done, total)``.
+        progress: called as ``progress(done, total)``, or None.
 
     >>> import torch
     >>> p = torch.tensor([[[0.7, 0.2995, 0.0005], [1.0, 0.0, 0.0]]])
@@ -148,6 +150,8 @@ def encode(
     tensor([[[0.7000, 0.1500, 0.1500],
              [1.0000, 0.0000, 0.0000]]])
     """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(done, total) or None; got {describe(progress)}")
     mats = _matrices(matrices)
     m, lq, lk = len(mats), mats[0].shape[0], mats[0].shape[1]
     tol = require_real("tolerance", tolerance)
@@ -179,18 +183,23 @@ def encode(
         cap = max(k for k, _ in plans if k is not None)
         kept = torch.zeros(len(plans), dtype=torch.int64)
         for p in mats:
-            under_tol = (_largest(p, cap + 1)[2] > tol).sum(-1)
+            values, _, tail = _largest(p, cap + 1)
+            under_tol = ((tail > tol) & (values > 0)).sum(-1)
             uncapped = torch.where(under_tol > cap, lk, under_tol)
             kept += torch.stack([uncapped.sum() if k is None else under_tol.clamp(max=k).sum() for k, _ in plans])
             tick()
         estimates = [_plan_bytes(m * lq, int(n), b) for (_, b), n in zip(plans, kept)]
     else:
         estimates = [0]
+    sample = mats[:: max(1, m // 6)]  # a few matrices, spread over the layers, to predict compression
     for (peaks, blocks), estimate in zip(plans, estimates):
-        # Deflate shrinks this layout 1.5-3x and base64 adds a third: skip plans that
-        # cannot fit, and try (then check) the first that may.
-        if len(plans) > 1 and estimate * 0.7 > max_bytes:
-            continue
+        if len(plans) > 1:
+            if estimate / 8 > max_bytes:  # beyond any compression this layout gets
+                continue
+            if len(sample) < m:
+                trial = _encode(sample, tol, peaks, blocks, None)
+                if estimate * len(trial.blob) / trial.raw_bytes > 1.05 * max_bytes:
+                    continue
         encoded = _encode(mats, tol, peaks, blocks, tick if len(plans) == 1 or step < total else None)
         if len(plans) == 1 or len(encoded.blob) <= max_bytes:
             return encoded
@@ -209,7 +218,7 @@ def _encode(mats: list[Tensor], tol: float, peaks: int | None, blocks: int,
     for p in mats:
         # One more than the cap, so that the largest value left out is known.
         sorted_values, order, tail = _largest(p, lk if peaks is None else peaks + 1)
-        keep_sorted = tail > tol
+        keep_sorted = (tail > tol) & (sorted_values > 0)  # an exact 0 is never a peak, whatever rounding says
         if peaks is not None:
             keep_sorted[:, peaks:] = False
         row_counts = keep_sorted.sum(-1)
@@ -279,6 +288,10 @@ def _matrices(matrices: Sequence[Tensor] | Tensor) -> list[Tensor]:
         low, high = torch.aminmax(t)
         if not (bool(low >= 0) and bool(high < math.inf)):  # NaN fails both: min/max propagate it
             raise ValueError("matrices must hold probabilities (finite, >= 0); got negative or non-finite values")
+        largest_row = float(t.sum(-1, dtype=torch.float64).max())
+        if largest_row > 1 + 1e-3:
+            raise ValueError(f"matrices must hold probabilities, rows summing to at most 1; a row sums to "
+                             f"{largest_row:.4g}. Pass softmax outputs, not scores")
         out.append(t)
     return out
 

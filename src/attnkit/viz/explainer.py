@@ -21,6 +21,7 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
 from attnkit.inspect.maps import AttentionMaps
+from attnkit.viz.report import _check_maps
 
 __all__ = ["Summary", "explain", "find_tokens", "special_positions", "summarize"]
 
@@ -128,15 +129,19 @@ def summarize(
     out of the key lists: many heads park most of their weight there, which says little
     about the text. The weights listed are the model's, not renormalised.
     """
-    if not isinstance(maps, AttentionMaps):
-        raise TypeError(f"maps must be an AttentionMaps; got {describe(maps)}")
+    input_index = _check_maps(maps, input_index)
     k = require_int("k", k, minimum=1)
     max_rows = require_int("max_rows", max_rows, minimum=1)
     names = [str(t) for t in maps.tokens[input_index]]
-    wanted = list(range(len(names))) if tokens is None else list(tokens)
-    bad = [i for i in wanted if not 0 <= i < len(names)]
-    if bad:
-        raise ValueError(f"tokens must be positions in [0, {len(names)}); got {bad}")
+    if tokens is None:
+        wanted = list(range(len(names)))
+    else:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise TypeError(f"tokens must be a sequence of token positions (ints) or None; got {describe(tokens)}")
+        wanted = [require_int(f"tokens[{n}]", i, minimum=0) for n, i in enumerate(tokens)]
+        bad = [i for i in wanted if i >= len(names)]
+        if bad:
+            raise ValueError(f"tokens must be positions in [0, {len(names)}); got {bad}")
     shown = wanted[:max_rows]
     attn = maps.attentions[input_index]
     skipped = special_positions(names) if skip_special else []

@@ -93,8 +93,10 @@ def write_lab(path: str | os.PathLike[str], **kwargs: object) -> pathlib.Path:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike; got {describe(path)}")
-    html = lab_html(**kwargs)  # type: ignore[arg-type]
     out = pathlib.Path(path)
+    if out.is_dir():
+        raise ValueError(f"path must be a file to write, not a folder; got {str(out)!r}")
+    html = lab_html(**kwargs)  # type: ignore[arg-type]
     out.write_text(html, encoding="utf-8")
     return out
 

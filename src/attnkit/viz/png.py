@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from attnkit._checks import describe
+from attnkit._checks import describe, require_int
 from attnkit._plot import pyplot
-from attnkit.inspect import rollout
+from attnkit.inspect import rollout as roll_out
 from attnkit.inspect.maps import AttentionMaps
-from attnkit.viz.report import _check_maps
+from attnkit.viz.report import _check_maps, _check_progress, has_whole_model
 
 __all__ = ["save_pngs"]
 
@@ -27,8 +27,9 @@ def _heatmap(ax, grid: torch.Tensor, tokens: list[str], title: str, *, labels: b
         n = len(tokens)
         ax.set_xticks(range(n))
         ax.set_yticks(range(n))
-        ax.set_xticklabels(tokens, rotation=90, fontsize=6)
-        ax.set_yticklabels(tokens, fontsize=6)
+        shown = [t.replace("$", r"\$") for t in tokens]  # not mathtext
+        ax.set_xticklabels(shown, rotation=90, fontsize=6)
+        ax.set_yticklabels(shown, fontsize=6)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -41,6 +42,7 @@ def save_pngs(
     input_index: int = 0,
     *,
     dpi: int = 150,
+    rollout: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[Path]:
     """Write heatmaps of one input's maps into ``directory`` (created if needed).
@@ -50,10 +52,17 @@ def save_pngs(
     ``rollout.png``. Queries run down, keys across; the colour scale is 0..1 in every
     panel. Axes carry the tokens up to 48 tokens.
 
+    ``rollout=False`` leaves the rollout out: pass it when the maps hold heads 0..k-1 of a
+    bigger model, which they cannot tell from the whole model.
+
     Returns:
         The paths written, in that order.
     """
     index = _check_maps(maps, input_index)
+    _check_progress(progress)
+    dpi = require_int("dpi", dpi, minimum=10)
+    if not isinstance(rollout, bool):
+        raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a str or os.PathLike; got {describe(directory)}")
     out = Path(directory)
@@ -97,9 +106,9 @@ def save_pngs(
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
-    if maps.layers == tuple(range(n_layers)) and maps.heads == tuple(range(n_heads)) and lq == lk:
+    if rollout and has_whole_model(maps):
         fig, ax = plt.subplots(figsize=(6, 6))
-        image = _heatmap(ax, rollout(maps, input_index=index, dtype=torch.float32), tokens,
+        image = _heatmap(ax, roll_out(maps, input_index=index, dtype=torch.float32), tokens,
                          f"{maps.model_name} · attention rollout over {n_layers} layers", labels=labels)
         fig.colorbar(image, ax=ax, shrink=0.7, label="share of input token")
         path = out / "rollout.png"

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from attnkit._checks import describe, require_int
-from attnkit.inspect import head_roles, rollout
+from attnkit.inspect import head_roles
+from attnkit.inspect import rollout as roll_out
 from attnkit.inspect.maps import AttentionMaps
 from attnkit.viz import encode as _encode
 from attnkit.viz._html import page
@@ -33,12 +34,36 @@ _BODY = '<div id="attnkit-explorer"></div>'
 
 
 def _check_maps(maps: object, input_index: object) -> int:
+    """The input's index, after checking that it holds self-attention maps the pages can draw."""
     if not isinstance(maps, AttentionMaps):
         raise TypeError(f"maps must be an AttentionMaps (from attnkit.inspect.capture); got {describe(maps)}")
     index = require_int("input_index", input_index, minimum=0)
     if index >= len(maps):
         raise ValueError(f"input_index must be in [0, {len(maps)}) for maps of {len(maps)} inputs; got {index}")
+    lq, lk = maps.attentions[index].shape[-2:]
+    if lq != lk:
+        raise ValueError(f"maps must hold self-attention (as many queries as keys) to be drawn; input {index} has "
+                         f"{lq} queries and {lk} keys")
+    for i, token in enumerate(maps.tokens[index]):
+        try:
+            str(token).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"maps.tokens[{index}][{i}] is not valid text (a lone surrogate): {token!r}") from None
     return index
+
+
+def _check_progress(progress: object) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable progress(description, done, total) or None; "
+                        f"got {describe(progress)}")
+
+
+def has_whole_model(maps: AttentionMaps) -> bool:
+    """Whether the maps' indices are 0..n-1 for layers and heads, as rollout needs. A
+    leading subset of heads (heads 0..k-1 of a bigger model) looks the same: pass
+    ``rollout=False`` to the report for those."""
+    n_layers, n_heads = len(maps.layers), len(maps.heads)
+    return maps.layers == tuple(range(n_layers)) and maps.heads == tuple(range(n_heads))
 
 
 def _scores(roles: Any) -> dict[str, Any]:
@@ -61,6 +86,7 @@ def report_data(
     tolerance: float = 0.001,
     plan: tuple[int | None, int] | str = "auto",
     max_bytes: int = 20_000_000,
+    rollout: bool = True,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The JSON the explorer page reads: tokens, encoded maps, rollout, head roles.
@@ -72,12 +98,18 @@ def report_data(
         focus: a query token index to open the page on, or None.
         tolerance, plan, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`);
             by default the page's data stays under 20 MB whatever the input's length.
+        rollout: include attention rollout (default True) when the maps hold every layer
+            and head. The maps cannot tell heads 0..k-1 of a bigger model from a whole
+            model: pass False when you captured such a subset.
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
+    _check_progress(progress)
+    if not isinstance(rollout, bool):
+        raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     attn = maps.attentions[index]
     tokens = [str(t) for t in maps.tokens[index]]
-    n_layers, n_heads, lq, lk = attn.shape
+    n_layers, n_heads, lq, _ = attn.shape
     if focus is not None:
         focus = require_int("focus", focus, minimum=0)
         if focus >= lq:
@@ -86,19 +118,20 @@ def report_data(
         raise TypeError(f"title must be a str or None; got {describe(title)}")
 
     matrices = [attn[li, hi] for li in range(n_layers) for hi in range(n_heads)]
-    full = maps.layers == tuple(range(n_layers)) and maps.heads == tuple(range(n_heads)) and lq == lk
     rolled = None
     why_not = None
-    if full:
+    if not rollout:
+        why_not = "rollout was turned off for these maps (they hold a subset of the model's heads)"
+    elif not has_whole_model(maps):
+        why_not = ("rollout needs every layer and head of the model; these maps hold layers "
+                   f"{list(maps.layers)}, heads {list(maps.heads)}")
+    else:
         if progress:
             progress("rollout", 0, 1)
-        rolled = rollout(maps, input_index=index, every_layer=True, dtype=torch.float32)
+        rolled = roll_out(maps, input_index=index, every_layer=True, dtype=torch.float32)
         matrices.extend(rolled)
         if progress:
             progress("rollout", 1, 1)
-    else:
-        why_not = ("rollout needs every layer and head of the model and square maps; these maps hold layers "
-                   f"{list(maps.layers)}, heads {list(maps.heads)}, {lq}x{lk}")
 
     if progress:
         progress("head roles", 0, 1)
@@ -173,6 +206,7 @@ def write_report(maps: AttentionMaps, path: str | os.PathLike, input_index: int 
 def iframe(maps: AttentionMaps, input_index: int = 0, *, height: int = 900, **kwargs: Any) -> str:
     """The report inside an ``<iframe srcdoc>``, for notebooks: its script and style stay
     inside the frame, and several outputs in one notebook do not clash."""
+    height = require_int("height", height, minimum=100)
     doc = report_html(maps, input_index, **kwargs)
     return (f'<iframe srcdoc="{html.escape(doc, quote=True)}" style="width:100%;height:{int(height)}px;'
             'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>')

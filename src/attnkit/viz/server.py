@@ -407,7 +407,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(code, {"error": message or phrase})
 
     def log_message(self, format: str, *args: Any) -> None:
-        self.server.say(f"{self.address_string()} - {format % args}")
+        # Escape control characters as http.server does, so a request cannot write to the terminal.
+        message = (format % args).translate(self._control_char_table)
+        self.server.say(f"{self.address_string()} - {message}")
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -485,6 +487,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, "the body must be UTF-8 JSON; it is not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise RequestError(400, f'the body must be JSON such as {{"text": "The cat sat."}}; {e}') from None
+        except RecursionError:
+            raise RequestError(400, "the body must be JSON such as {\"text\": \"The cat sat.\"}; "
+                                    "it is nested too deeply") from None
         if not isinstance(request, dict):
             raise RequestError(400, f'the body must be a JSON object such as {{"text": "The cat sat."}}; '
                                     f"got a JSON {type(request).__name__}")
@@ -499,6 +504,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise RequestError(400, f'"text" must be a string; got a JSON {_json_type(text)}')
         if not text.strip():
             raise RequestError(400, '"text" is empty; type some words')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, '"text" holds a lone surrogate (\\ud800-\\udfff), which is not text') from None
         focus = request.get("focus")
         if focus is not None and (isinstance(focus, bool) or not isinstance(focus, (str, int))):
             raise RequestError(400, f'"focus" must be a token (a string) or a token index; got a JSON '

@@ -110,7 +110,11 @@
     root.appendChild(status);
     const api = { ready: null };
     api.ready = decode(data.encoding).then((sp) => { status.remove(); build(root, data, sp, api); return api; });
-    api.ready.catch((err) => { status.textContent = "could not read the maps: " + err.message; console.error(err); });
+    api.ready.catch((err) => {
+      root.textContent = "";
+      root.appendChild(el("div", { class: "akx-status", text: "could not show the maps: " + err.message }));
+      console.error(err);
+    });
     return api;
   }
 
@@ -135,7 +139,7 @@
       if (state.mode === "rollout") return `rollout up to ${lay}`;
       const hs = [...state.heads].sort((a, b) => a - b).map((h) => data.heads[h]);
       if (hs.length === 1) return `${lay}, head ${hs[0]}`;
-      return hs.length === H ? `${lay}, mean of all ${H} heads` : `${lay}, mean of heads ${hs.join(", ")}`;
+      return `${lay}, mean of heads ${hs.length === H && H > 3 ? `${hs[0]}–${hs[H - 1]}` : hs.join(", ")}`;
     }
 
     /* header */
@@ -215,7 +219,7 @@
     root.appendChild(body);
 
     /* encoding note: say what the file leaves out */
-    root.appendChild(el("p", { class: "akx-note", "data-role": "encoding", text: encodingNote(enc) + (data.notes ? " " + data.notes : "") }));
+    root.appendChild(el("p", { class: "akx-note", "data-role": "encoding", text: encodingNote(enc) }));
 
     /* ---------- head view ---------- */
     const hv = el("canvas", { class: "akx-canvas", "data-view": "head" });
@@ -563,12 +567,24 @@
     /* For tests and scripting: read the state, set it, and read decoded rows. */
     api.state = publicState;
     api.set = (s) => {
-      if (s.layer != null) state.layer = data.layers.indexOf(s.layer);
-      if (s.heads) state.heads = new Set(s.heads.map((h) => data.heads.indexOf(h)));
-      if (s.mode) state.mode = s.mode;
-      if (s.threshold != null) state.threshold = s.threshold;
-      if (s.tab) state.tab = s.tab;
-      if (s.window != null) state.win = s.window;
+      const index = (list, v, what) => {
+        const i = list.indexOf(v);
+        if (i < 0) throw new RangeError(`${what} must be one of ${list.join(", ")}; got ${v}`);
+        return i;
+      };
+      if (s.layer != null) state.layer = index(data.layers, s.layer, "layer");
+      if (s.heads) {
+        if (!s.heads.length) throw new RangeError("heads must name at least one head");
+        state.heads = new Set(s.heads.map((h) => index(data.heads, h, "head")));
+      }
+      if (s.mode) {
+        if (s.mode !== "heads" && s.mode !== "rollout") throw new RangeError(`mode must be "heads" or "rollout"; got ${s.mode}`);
+        if (s.mode === "rollout" && !hasRollout) throw new RangeError("these maps have no rollout: " + data.rollout_missing);
+        state.mode = s.mode;
+      }
+      if (s.threshold != null) state.threshold = Math.min(Math.max(+s.threshold, 0), 1);
+      if (s.tab) state.tab = index(TABS.map((t) => t[0]), s.tab, "tab") >= 0 ? s.tab : state.tab;
+      if (s.window != null) state.win = Math.max(0, Math.min(Math.max(Lq - WIN, 0), Math.floor(+s.window)));
       if ("focus" in s) { setFocus(s.focus, true); return publicState(); }
       redraw(); return publicState();
     };
@@ -588,7 +604,7 @@
         `its weight is left out (the most any row lost: ${pct(Math.max(...enc.dropped_max), 2)}; mean ` +
         `${pct(mean(enc.dropped_mean), 3)}); values rounded to 1/65535; ${kept}. Left-out entries show as 0.`;
     }
-    return `Stored compactly: each attention row keeps its ${enc.peaks} largest entries (fewer where they hold all but ` +
+    return `Stored compactly: each attention row keeps its ${enc.peaks == null ? "" : enc.peaks + " "}largest entries (fewer where they hold all but ` +
       `${pct(enc.tolerance, 1)} of the row) exactly, to 1/65535; ${kept}. The rest of each row's weight is kept as ` +
       `sums over blocks of ${enc.block} keys, shown spread evenly over the block: no weight is lost, but those small ` +
       `values are blurred within their block, each off by at most ${Math.max(...enc.blurred_max).toFixed(4)} ` +
