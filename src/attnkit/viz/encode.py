@@ -191,12 +191,13 @@ def encode(
         estimates = [_plan_bytes(m * lq, int(n), b) for (_, b), n in zip(plans, kept)]
     else:
         estimates = [0]
-    sample = mats[:: max(1, m // 6)]  # a few matrices, spread over the layers, to predict compression
+    # A few matrices spread over the layers (about 256 rows of each) predict compression.
+    sample = [p[:: max(1, lq // 256)] for p in mats[:: max(1, m // 4)]]
     for (peaks, blocks), estimate in zip(plans, estimates):
         if len(plans) > 1:
             if estimate / 8 > max_bytes:  # beyond any compression this layout gets
                 continue
-            if len(sample) < m:
+            if len(sample) < m or lq > 256:
                 trial = _encode(sample, tol, peaks, blocks, None)
                 if estimate * len(trial.blob) / trial.raw_bytes > 1.05 * max_bytes:
                     continue
