@@ -325,8 +325,9 @@ def test_cache_is_bounded(served):
         small.server_close()
 
 
-def test_serve_until_interrupted():
-    """``serve`` as the CLI runs it: loads the model, prints the URL, stops cleanly on Ctrl-C."""
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_serve_until_interrupted(stop):
+    """``serve`` as the CLI runs it: loads the model, prints the URL, stops cleanly on Ctrl-C or kill."""
     process = subprocess.Popen(
         # Ctrl-C's handler set explicitly: a process started from a background job inherits SIGINT ignored.
         [sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
@@ -339,7 +340,7 @@ def test_serve_until_interrupted():
         assert url, f"no URL in {line!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
         with urllib.request.urlopen(url.group(0) + "healthz", timeout=10) as response:
             assert response.read() == b"ok"
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=20)
     finally:
         if process.poll() is None:

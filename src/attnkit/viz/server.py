@@ -53,6 +53,7 @@ import errno
 import ipaddress
 import json
 import re
+import signal
 import socket
 import socketserver
 import sys
@@ -587,9 +588,18 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
     server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body, log=log)
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
           f"{server.max_tokens} tokens) at {server.url}  (Ctrl-C stops)", flush=True)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # stop on SIGTERM (kill, systemd) as on Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("attnkit serve: stopped", flush=True)
     finally:
         server.server_close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
