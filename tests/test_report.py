@@ -347,8 +347,11 @@ def test_long_input_is_windowed(open_report):
     scores = -((torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().float() / 8) + torch.randn(
         2, 2, n, n, generator=g)
     maps = AttentionMaps([torch.softmax(scores, -1)], [[f"w{i}" for i in range(n)]], None, "toy", (0, 1), (0, 1))
-    watch = open_report(maps, name="long")
+    watch = open_report(maps, name="long", focus=700)
     page = watch.page
+    opened = page.evaluate("attnkitExplorer.state()")  # the page opens with the windows on the focus
+    assert opened["focus"] == 700 and opened["window"] <= 700 < opened["window"] + 48
+    assert opened["detail"][0] <= 700 < opened["detail"][0] + 64
     assert page.locator('[data-control="window"]').count() == 1
     before = pixels(page, '[data-view="head"]')
     page.evaluate("attnkitExplorer.set({focus: 900})")

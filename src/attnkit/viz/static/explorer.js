@@ -591,7 +591,8 @@
     api.row = (m, i) => { const out = new Float32Array(Lk); addRow(sp, m, i, out, 1); return Array.from(out); };
     api.aggregate = (i) => Array.from(aggregateRow(sp, mats(), i, new Float32Array(Lk)));
     api.matrices = sp.M;
-    redraw();
+    if (state.focus != null) setFocus(state.focus, true); // also moves the windows to it
+    else redraw();
   }
 
   /* What the compact encoding leaves out, in words. */
