@@ -85,6 +85,11 @@ def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
     data = json.loads(out.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["rollout"] is False and data["heads"] == [0, 1] and data["layers"] == [4, 5]
     assert sorted(p.name for p in pngs.iterdir()) == ["layer4.png", "layer5.png", "mean.png"]
+    # Every head named explicitly is the whole model again: rollout comes back.
+    every = ",".join(map(str, range(12)))
+    assert cli.main(["explain", SEED, "--out", str(out), "--heads", every, "--top", "1"]) == 0
+    data = json.loads(out.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
+    assert data["rollout"] is True
 
 
 def test_cli_prints_bracketed_tokens_as_text():
@@ -108,6 +113,7 @@ def test_summarize_argument_errors(minilm):
         summarize(maps, tokens=3)
     with pytest.raises(ValueError, match=r"positions in \[0, 13\)"):
         summarize(maps, tokens=[20])
+    assert summarize(maps, tokens=torch.tensor([8])).rows == summarize(maps, tokens=[8]).rows
 
 
 def test_cli_errors_before_any_work(tmp_path, capsys):

@@ -72,6 +72,26 @@ def test_auto_takes_the_exact_plan_whenever_it_fits():
     assert encode(p, max_bytes=len(exact.blob) - 1).blocks > 0
 
 
+def test_auto_with_sampled_prediction_takes_the_exact_plan_when_it_fits():
+    p = probs(4, 300, 300, sharp=3.0)  # long enough that plans are predicted from a sample
+    exact = encode(p, plan=(None, 0))
+    assert (encode(p, max_bytes=len(exact.blob)).peaks, encode(p, max_bytes=len(exact.blob)).blocks) == (None, 0)
+
+
+def test_regular_maps_compress_past_any_fixed_ratio():
+    sink = torch.zeros(40, 500, 500)
+    sink[:, :, 0] = 1.0  # every query on the first token: deflate shrinks this hundreds of times
+    enc = encode(sink, max_bytes=20_000)
+    assert (enc.peaks, enc.blocks) == (None, 0) and len(enc.blob) <= 20_000
+    assert torch.equal(decode(enc.to_json()), sink)
+
+
+def test_bfloat16_rows_are_probabilities_too():
+    p = probs(2, 200, 200, sharp=3.0).to(torch.bfloat16).float()  # rows round to 1 +- 0.004
+    assert p.sum(-1, dtype=torch.float64).max() > 1.001
+    assert decode(encode(p).to_json()).shape == p.shape
+
+
 @pytest.mark.parametrize("plan", [(1, 1), (4, 7), (16, 64), (3, 200)])
 def test_background_keeps_every_rows_mass_and_bounds_each_value(plan):
     p = probs(3, 41, 97, sharp=1.5, seed=1)
@@ -336,6 +356,11 @@ def test_a_subset_of_heads_is_drawn_and_named_by_the_models_indices(open_report)
         page.evaluate("attnkitExplorer.set({heads: [0]})")
     with pytest.raises(Exception, match="no rollout"):
         page.evaluate("attnkitExplorer.set({mode: 'rollout'})")
+    with pytest.raises(Exception, match="focus must be null or a token index"):
+        page.evaluate("attnkitExplorer.set({layer: 1, focus: 99})")
+    assert page.evaluate("attnkitExplorer.state().layer") == 2  # a refused set changes nothing
+    page.evaluate("attnkitExplorer.set({heads: [1, 3]})")
+    assert "mean of heads 1, 3" in page.text_content(".akx-info")
     assert not page.locator('option[value="rollout"]').is_enabled()
     watch.assert_clean()
 
@@ -363,6 +388,11 @@ def test_long_input_is_windowed(open_report):
     assert state["detail"][0] <= 900 < state["detail"][0] + 64
     watch.shot("report-long-matrix")
     watch.assert_clean()
+
+
+def test_notebook_output_explains_what_it_cannot_show():
+    cross = AttentionMaps([probs(1, 1, 6, 3).float()], [list("abc")], None, "toy", (0,), (0,))
+    assert "Cannot show these maps" in cross._repr_html_() and "6 queries and 3 keys" in cross._repr_html_()
 
 
 def test_notebook_iframe_runs_the_same_explorer(watched_page):

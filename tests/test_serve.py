@@ -197,6 +197,7 @@ def test_body_over_max_body(served):
     ({"text": "a", "focus": [1]}, 400, "focus"),
     (b'{"text": "hi \\ud800"}', 400, "surrogate"),
     (b"[" * 30000, 400, "nested"),
+    (b'{"text": "hi", "focus": 1' + b"0" * 5000 + b"}", 400, "JSON"),  # past Python's int digit limit
 ])
 def test_bad_requests(served, body, status, words):
     got, message = error_of(call(served, "/api/explain", body))

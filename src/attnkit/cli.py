@@ -63,7 +63,9 @@ class _Console:
 
     def status(self, text: str):
         if self._rich:
-            return self._rich.status(text)
+            from rich.text import Text
+
+            return self._rich.status(Text(text))
         print(text, file=self._file)
         from contextlib import nullcontext
 
@@ -295,6 +297,8 @@ def explain(args: argparse.Namespace) -> int:
         from attnkit._plot import pyplot
 
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
+    if args.png and Path(args.png).exists() and not Path(args.png).is_dir():
+        raise ValueError(f"--png must be a folder; {args.png!r} is a file")
     if args.out:  # fail now, not after the model ran, when the report cannot be written there
         out = Path(args.out)
         if out.is_dir():
@@ -308,6 +312,9 @@ def explain(args: argparse.Namespace) -> int:
     with _progress(con) as progress:
         maps = ex.explain(args.text, (model, tokenizer), layers=args.layers, heads=args.heads,
                           progress=lambda done, total: progress("capturing attention", done, total))
+    # Heads 0..k-1 of a model look like a whole model in the maps: roll out only every head.
+    model_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    whole = args.heads is None or (model_heads is not None and sorted(set(args.heads)) == list(range(model_heads)))
     tokens = maps.tokens[0]
     wanted: list[int] | None = None
     if args.token:
@@ -348,15 +355,14 @@ def explain(args: argparse.Namespace) -> int:
         con.print(f"skipped {role}: {why}")
     if args.out:
         with _progress(con) as progress:
-            # Heads 0..k-1 of the model look like a whole model to the report: no rollout of a subset.
-            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None,
-                                       rollout=args.heads is None, progress=progress)
+            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, rollout=whole,
+                                       progress=progress)
         con.print(f"wrote {path} ({_size(path.stat().st_size)}): open it in a browser; it needs no network")
     if args.png:
         from attnkit.viz.png import save_pngs
 
         with _progress(con) as progress:
-            paths = save_pngs(maps, args.png, rollout=args.heads is None, progress=progress)
+            paths = save_pngs(maps, args.png, rollout=whole, progress=progress)
         con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
     return 0
 

@@ -149,6 +149,7 @@ class AttentionMaps:
     def _repr_html_(self) -> str:
         """Jupyter shows the explorer inline (input 0; ``attnkit.viz.report`` for others):
         the self-contained report page inside an ``<iframe srcdoc>``."""
+        from attnkit.viz.encode import BudgetError
         from attnkit.viz.report import iframe
 
         if not len(self):
@@ -157,9 +158,11 @@ class AttentionMaps:
             f"<p>Input 0 of {len(self)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
         try:  # notebooks refuse outputs of more than a few MB (Jupyter's iopub rate limit)
             return note + iframe(self, 0, max_bytes=_INLINE_BYTES)
-        except ValueError as err:
+        except BudgetError as err:
             return (f"<pre>{html.escape(repr(self))}</pre><p>Too large to show inline ({html.escape(str(err))}). "
                     "Write a report instead: <code>attnkit.viz.write_report(maps, 'report.html')</code>.</p>")
+        except (ValueError, TypeError) as err:
+            return f"<pre>{html.escape(repr(self))}</pre><p>Cannot show these maps: {html.escape(str(err))}</p>"
 
     def __repr__(self) -> str:
         n = len(self)

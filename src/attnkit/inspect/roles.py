@@ -694,7 +694,7 @@ def rollout(
         raise TypeError(f"dtype must be torch.float32 or torch.float64; got {dtype!r}")
     eye = torch.eye(length, dtype=dtype, device=t.device)
     result, steps = eye, []
-    for n, layer in enumerate(t):  # (heads, L, L)
+    for n, layer in enumerate(t):  # (heads, L, L); layers are 0..n-1 here
         mixed = 0.5 * _probabilities("attn", layer, f"layer {n} (of {describe(t)})").mean(0).to(dtype) + 0.5 * eye
         result = (mixed / mixed.sum(-1, keepdim=True)) @ result
         if every_layer:
@@ -830,7 +830,8 @@ def head_roles(
     visible = _visible_all(t)
     per_layer: dict[str, list[Tensor]] = {role: [] for role in wanted}
     for n, layer in enumerate(t):
-        layer = _probabilities("maps_or_tensor", layer[None], f"layer {n} (of {describe(t)})")
+        name = view.layers[n] if view.layers else n
+        layer = _probabilities("maps_or_tensor", layer[None], f"layer {name} (of {describe(t)})")
         for role in wanted:
             per_layer[role].append(_role(role, layer, ids, visible))
     computed = {role: torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)

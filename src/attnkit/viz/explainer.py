@@ -136,7 +136,9 @@ def summarize(
     if tokens is None:
         wanted = list(range(len(names)))
     else:
-        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+        if hasattr(tokens, "tolist"):  # a tensor or an array of positions
+            tokens = tokens.tolist()
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Iterable):
             raise TypeError(f"tokens must be a sequence of token positions (ints) or None; got {describe(tokens)}")
         wanted = [require_int(f"tokens[{n}]", i, minimum=0) for n, i in enumerate(tokens)]
         bad = [i for i in wanted if i >= len(names)]

@@ -76,6 +76,8 @@ _TITLE_LIMIT = 160
 _CACHE_BYTES = 256 << 20  # encoded maps the cache holds at most (a 512-token MiniLM payload: about 12 MB)
 _DRAIN_LIMIT = 1 << 20  # an oversized body up to this many bytes past max_body is read and dropped before the 413
 _FIELDS = ("text", "focus")
+# Control characters as \xNN in the log (http.server has its own table only since 3.10.9 / 3.11.1).
+_CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 
 _BODY = """\
 <link rel="icon" href="data:,">
@@ -409,7 +411,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Escape control characters as http.server does, so a request cannot write to the terminal.
-        message = (format % args).translate(self._control_char_table)
+        message = (format % args).translate(_CONTROL_CHARS)
         self.server.say(f"{self.address_string()} - {message}")
 
     # -- dispatch -------------------------------------------------------------------------------
@@ -491,6 +493,8 @@ class _Handler(BaseHTTPRequestHandler):
         except RecursionError:
             raise RequestError(400, "the body must be JSON such as {\"text\": \"The cat sat.\"}; "
                                     "it is nested too deeply") from None
+        except ValueError as e:  # e.g. an integer past Python's digit limit
+            raise RequestError(400, f'the body must be JSON such as {{"text": "The cat sat."}}; {e}') from None
         if not isinstance(request, dict):
             raise RequestError(400, f'the body must be a JSON object such as {{"text": "The cat sat."}}; '
                                     f"got a JSON {type(request).__name__}")
@@ -588,17 +592,17 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
     server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body, log=log)
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
           f"{server.max_tokens} tokens) at {server.url}  (Ctrl-C stops)", flush=True)
-    previous = None
+    installed, previous = False, None
     if threading.current_thread() is threading.main_thread():  # stop on SIGTERM (kill, systemd) as on Ctrl-C
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        previous, installed = signal.signal(signal.SIGTERM, _interrupt), True
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("attnkit serve: stopped", flush=True)
     finally:
         server.server_close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

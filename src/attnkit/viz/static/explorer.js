@@ -139,7 +139,8 @@
       if (state.mode === "rollout") return `rollout up to ${lay}`;
       const hs = [...state.heads].sort((a, b) => a - b).map((h) => data.heads[h]);
       if (hs.length === 1) return `${lay}, head ${hs[0]}`;
-      return `${lay}, mean of heads ${hs.length === H && H > 3 ? `${hs[0]}–${hs[H - 1]}` : hs.join(", ")}`;
+      const run = hs.length > 3 && hs[hs.length - 1] - hs[0] === hs.length - 1; // consecutive heads
+      return `${lay}, mean of heads ${run ? `${hs[0]}–${hs[hs.length - 1]}` : hs.join(", ")}`;
     }
 
     /* header */
@@ -567,24 +568,34 @@
     /* For tests and scripting: read the state, set it, and read decoded rows. */
     api.state = publicState;
     api.set = (s) => {
+      // Check everything first, then change the state: a bad field leaves the page as it was.
       const index = (list, v, what) => {
         const i = list.indexOf(v);
         if (i < 0) throw new RangeError(`${what} must be one of ${list.join(", ")}; got ${v}`);
         return i;
       };
-      if (s.layer != null) state.layer = index(data.layers, s.layer, "layer");
-      if (s.heads) {
-        if (!s.heads.length) throw new RangeError("heads must name at least one head");
-        state.heads = new Set(s.heads.map((h) => index(data.heads, h, "head")));
+      const number = (v, what) => {
+        if (typeof v !== "number" || !Number.isFinite(v)) throw new TypeError(`${what} must be a finite number; got ${v}`);
+        return v;
+      };
+      const next = {};
+      if (s.layer != null) next.layer = index(data.layers, s.layer, "layer");
+      if (s.heads != null) {
+        if (!Array.isArray(s.heads) || !s.heads.length) throw new RangeError("heads must be a non-empty array of head indices");
+        next.heads = new Set(s.heads.map((h) => index(data.heads, h, "head")));
       }
-      if (s.mode) {
+      if (s.mode != null) {
         if (s.mode !== "heads" && s.mode !== "rollout") throw new RangeError(`mode must be "heads" or "rollout"; got ${s.mode}`);
         if (s.mode === "rollout" && !hasRollout) throw new RangeError("these maps have no rollout: " + data.rollout_missing);
-        state.mode = s.mode;
+        next.mode = s.mode;
       }
-      if (s.threshold != null) state.threshold = Math.min(Math.max(+s.threshold, 0), 1);
-      if (s.tab) state.tab = index(TABS.map((t) => t[0]), s.tab, "tab") >= 0 ? s.tab : state.tab;
-      if (s.window != null) state.win = Math.max(0, Math.min(Math.max(Lq - WIN, 0), Math.floor(+s.window)));
+      if (s.threshold != null) next.threshold = Math.min(Math.max(number(s.threshold, "threshold"), 0), 1);
+      if (s.tab != null) { index(TABS.map((t) => t[0]), s.tab, "tab"); next.tab = s.tab; }
+      if (s.window != null) next.win = Math.max(0, Math.min(Math.max(Lq - WIN, 0), Math.floor(number(s.window, "window"))));
+      if ("focus" in s && s.focus !== null && !(Number.isInteger(s.focus) && s.focus >= 0 && s.focus < Lq)) {
+        throw new RangeError(`focus must be null or a token index in [0, ${Lq}); got ${s.focus}`);
+      }
+      Object.assign(state, next);
       if ("focus" in s) { setFocus(s.focus, true); return publicState(); }
       redraw(); return publicState();
     };
