@@ -139,6 +139,20 @@ class PageWatch:
         assert not self.external, f"the page made external requests: {self.external}"
 
 
+def watch_page(page, allowed: tuple[str, ...] = ()) -> PageWatch:
+    """Start recording ``page``'s console errors, exceptions and requests beyond ``allowed``."""
+    watch = PageWatch(page, [], [])
+    page.on("console", lambda m: m.type == "error" and watch.errors.append(m.text))
+    page.on("pageerror", lambda e: watch.errors.append(str(e)))
+
+    def request(r):
+        if not r.url.startswith(("data:", "blob:", "about:", *allowed)):
+            watch.external.append(r.url)
+
+    page.on("request", request)
+    return watch
+
+
 @pytest.fixture
 def watched_page(browser):
     """``watched_page(allowed=("http://127.0.0.1:PORT",))`` -> PageWatch; closed after the test."""
@@ -146,18 +160,8 @@ def watched_page(browser):
 
     def make(allowed: tuple[str, ...] = (), width: int = 1400, height: int = 1000) -> PageWatch:
         context = browser.new_context(viewport={"width": width, "height": height})
-        page = context.new_page()
-        watch = PageWatch(page, [], [])
-        page.on("console", lambda m: m.type == "error" and watch.errors.append(m.text))
-        page.on("pageerror", lambda e: watch.errors.append(str(e)))
-
-        def request(r):
-            if not r.url.startswith(("data:", "blob:", "about:", *allowed)):
-                watch.external.append(r.url)
-
-        page.on("request", request)
         pages.append(context)
-        return watch
+        return watch_page(context.new_page(), allowed)
 
     yield make
     for context in pages:

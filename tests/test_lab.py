@@ -19,7 +19,7 @@ from attnkit import masks
 from attnkit.viz._html import page as html_page
 from attnkit.viz.lab import lab_html, write_lab
 
-from conftest import PageWatch
+from conftest import watch_page
 
 TOL = 1e-9  # the page and the reference both compute in float64
 
@@ -31,10 +31,7 @@ XSS_SCRIPT = "</script><script>window.__pwned=2</script>"
 def lab(browser):
     """One lab page shared by the numeric cases; each case sets the whole state it needs."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    watch = PageWatch(context.new_page(), [], [])
-    watch.page.on("console", lambda m: m.type == "error" and watch.errors.append(m.text))
-    watch.page.on("pageerror", lambda e: watch.errors.append(str(e)))
-    watch.page.on("request", lambda r: r.url.startswith(("data:", "blob:", "about:")) or watch.external.append(r.url))
+    watch = watch_page(context.new_page())
     watch.page.set_content(lab_html())
     yield watch
     context.close()

@@ -189,6 +189,13 @@ def test_report_refuses_what_it_cannot_draw():
         iframe(toy_maps(), height="abc")
 
 
+def test_precomputed_roles_are_used_and_checked():
+    maps = toy_maps()
+    assert report_data(maps, roles=head_roles(maps))["roles"] == report_data(maps)["roles"]
+    with pytest.raises(ValueError, match="roles must be head_roles of these maps"):
+        report_data(maps, roles=head_roles(maps.select(heads=[0, 1])))
+
+
 def test_rollout_can_be_left_out_for_a_leading_subset_of_heads():
     data = report_data(toy_maps().select(heads=[0, 1]), rollout=False)
     assert data["rollout"] is False and "turned off" in data["rollout_missing"]

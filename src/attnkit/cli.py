@@ -356,7 +356,7 @@ def explain(args: argparse.Namespace) -> int:
     if args.out:
         with _progress(con) as progress:
             path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, rollout=whole,
-                                       progress=progress)
+                                       roles=summary.roles, progress=progress)
         con.print(f"wrote {path} ({_size(path.stat().st_size)}): open it in a browser; it needs no network")
     if args.png:
         from attnkit.viz.png import save_pngs

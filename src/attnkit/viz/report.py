@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from attnkit._checks import describe, require_int
-from attnkit.inspect import head_roles
+from attnkit.inspect import HeadRoles, head_roles
 from attnkit.inspect import rollout as roll_out
 from attnkit.inspect.maps import AttentionMaps
 from attnkit.viz import encode as _encode
@@ -87,6 +87,7 @@ def report_data(
     plan: tuple[int | None, int] | str = "auto",
     max_bytes: int = 20_000_000,
     rollout: bool = True,
+    roles: HeadRoles | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The JSON the explorer page reads: tokens, encoded maps, rollout, head roles.
@@ -101,9 +102,14 @@ def report_data(
         rollout: include attention rollout (default True) when the maps hold every layer
             and head. The maps cannot tell heads 0..k-1 of a bigger model from a whole
             model: pass False when you captured such a subset.
+        roles: this input's :func:`~attnkit.inspect.head_roles`, when already computed.
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
+    if roles is not None and (not isinstance(roles, HeadRoles) or (roles.layers, roles.heads, roles.n_tokens) != (
+            maps.layers, maps.heads, maps.attentions[index].shape[-2])):
+        raise ValueError(f"roles must be head_roles of these maps (layers {list(maps.layers)}, heads "
+                         f"{list(maps.heads)}); got {describe(roles)}")
     _check_progress(progress)
     if not isinstance(rollout, bool):
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
@@ -133,11 +139,12 @@ def report_data(
         if progress:
             progress("rollout", 1, 1)
 
-    if progress:
-        progress("head roles", 0, 1)
-    roles = head_roles(maps, input_index=index)
-    if progress:
-        progress("head roles", 1, 1)
+    if roles is None:
+        if progress:
+            progress("head roles", 0, 1)
+        roles = head_roles(maps, input_index=index)
+        if progress:
+            progress("head roles", 1, 1)
 
     def step(done: int, total: int) -> None:
         if progress:

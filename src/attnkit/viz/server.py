@@ -52,7 +52,6 @@ import collections
 import errno
 import ipaddress
 import json
-import re
 import signal
 import socket
 import socketserver
@@ -67,6 +66,7 @@ from urllib.parse import urlsplit
 
 from attnkit._checks import describe, require_int
 from attnkit.viz._html import CSP, page
+from attnkit.viz.explainer import find_tokens
 
 __all__ = ["DEFAULT_EXAMPLE", "ExplainServer", "make_server", "serve"]
 
@@ -198,11 +198,6 @@ def _max_positions(model: Any) -> int | None:
 def _title(text: str) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= _TITLE_LIMIT else flat[: _TITLE_LIMIT - 1] + "…"
-
-
-def _bare(token: str) -> str:
-    """A token without its word-piece marks, lower case: ``'##ing'`` -> ``'ing'``, ``'Ġcat'`` -> ``'cat'``."""
-    return re.sub(r"^(##|Ġ|▁)", "", token).lower()
 
 
 class ExplainServer(ThreadingHTTPServer):
@@ -348,10 +343,12 @@ class ExplainServer(ThreadingHTTPServer):
             if not 0 <= focus < len(tokens):
                 raise RequestError(400, f"focus must be a token index in [0, {len(tokens)}); got {focus}")
             return focus
-        want = focus.strip().lower()
-        for i, token in enumerate(tokens):
-            if token.lower() == want or _bare(token) == _bare(want):
-                return i
+        try:
+            found = find_tokens(tokens, focus.strip())
+        except ValueError as e:  # "#N" past the end
+            raise RequestError(400, f"focus {focus!r}: {e}") from None
+        if found:
+            return found[0]
         shown = " ".join(tokens[:40]) + (" …" if len(tokens) > 40 else "")
         raise RequestError(400, f"focus {focus!r} is not one of the text's tokens: {shown}")
 
