@@ -111,12 +111,13 @@ class _Chain(Bias):
         return " + ".join(map(repr, self.items))
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
+def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """ALiBi's head slopes (Press et al. 2022), for any head count.
 
     For a power of two ``n`` the slopes are ``2^(-8/n), 2^(-16/n), ..., 2^(-8)``. For
     other ``n`` they are the slopes of the nearest lower power of two ``m``, followed
-    by every other slope of ``2m`` (the reference implementation's rule).
+    by every other slope of ``2m`` (the reference implementation's rule). They are
+    computed in float64 and returned in ``dtype``.
 
     >>> alibi_slopes(12)[:3]
     tensor([0.5000, 0.2500, 0.1250])
@@ -131,12 +132,17 @@ def alibi_slopes(num_heads: int) -> Tensor:
     slopes = power_of_two(m)
     if m < n:
         slopes += power_of_two(2 * m)[0::2][: n - m]
-    return torch.tensor(slopes, dtype=torch.float32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype; got {describe(dtype)}")
+    return torch.tensor(slopes, dtype=dtype)
 
 
 class _ALiBi(Bias):
     def __init__(self, slopes: Tensor, align: str):
-        self.slopes = slopes.detach().to(torch.float32)
+        # float64 slopes stay float64, so a float64 call computes ALiBi in float64;
+        # each block casts them to the call's compute dtype.
+        keep = torch.float64 if slopes.dtype == torch.float64 else torch.float32
+        self.slopes = slopes.detach().to(keep)
         self.num_heads = slopes.numel()
         self.align = require_choice("align", align, ("top_left", "bottom_right"))
         self.shift: int | None = None  # a fixed offset, for a piece of a longer sequence
@@ -184,7 +190,7 @@ def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: 
     if (num_heads is None) == (slopes is None):
         raise TypeError("alibi needs exactly one of num_heads or slopes=")
     if slopes is None:
-        slopes = alibi_slopes(num_heads)  # type: ignore[arg-type]
+        slopes = alibi_slopes(num_heads, torch.float64)  # type: ignore[arg-type]
     require_tensor("slopes", slopes)
     if slopes.dim() != 1 or not slopes.dtype.is_floating_point:
         raise ValueError(f"slopes must be a 1-D float tensor (one per head); got {describe(slopes)}")
@@ -281,7 +287,10 @@ def as_bias(name: str, bias: object) -> Bias:
 
 
 def tensor_bias_parts(bias: Bias | None) -> list[_TensorBias]:
-    """The ``from_tensor`` biases in ``bias``, in order."""
+    """The distinct ``from_tensor`` biases in ``bias``, in order of first use."""
     if bias is None:
         return []
-    return [b for b in bias.parts() if isinstance(b, _TensorBias)]
+    parts = {id(b): b for b in bias.parts() if isinstance(b, _TensorBias)}
+    # One entry per object: a bias given twice (``[b, b]``, ``b + b``) is one input whose
+    # gradient is the sum over its uses, not one input per use.
+    return list(parts.values())

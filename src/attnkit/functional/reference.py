@@ -24,8 +24,12 @@ def masked_softmax(s: Tensor) -> tuple[Tensor, Tensor]:
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     total = e.sum(-1, keepdim=True)
-    probs = e / torch.where(total > 0, total, torch.ones_like(total))
-    lse = (m + torch.log(total)).squeeze(-1)
+    some = total > 0
+    safe = torch.where(some, total, torch.ones_like(total))
+    probs = e / safe
+    # log(0) would put an infinite derivative on an empty row, and 0 * inf = NaN in the
+    # backward even where the loss masks that row's lse out; the row gets -inf by where.
+    lse = torch.where(some, m + torch.log(safe), float("-inf")).squeeze(-1)
     return probs, lse
 
 

@@ -38,6 +38,9 @@ class SDPABackend:
         if mask is None:
             return None
         if isinstance(mask, _Causal):
+            if call.scale <= 0:
+                # PyTorch's kernels mask before scaling: -inf * 0 is NaN, -inf * -s is +inf.
+                return f"its causal kernels give NaN when scale <= 0 (scale={call.scale:g})"
             if mask.shift is not None:
                 return "it cannot apply a causal mask with a fixed diagonal offset (a piece of a longer sequence)"
             if mask.align == "top_left" or call.q_len == call.k_len:
