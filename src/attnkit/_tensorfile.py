@@ -14,11 +14,12 @@ Every problem raises ValueError naming the file and the field.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,11 @@ _MAX_ELEMENTS = 2**63 - 1  # torch sizes and strides are int64
 def save(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Write ``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` to ``path``.
 
-    The package writes a new file and renames it over ``path``, so tensors still mapped from
-    an earlier file at ``path`` keep their data. Tensors sharing memory (which the package
-    refuses) are written as copies.
+    The file is written under a temporary name beside ``path`` and renamed over it, so a
+    reader never sees half a file, and tensors still memory-mapped from an earlier file at
+    ``path`` keep their data (package versions up to 0.7 truncate the file in place). It
+    gets the permissions of any new file (the umask). Tensors sharing memory (which the
+    package refuses) are written as copies.
     """
     seen: set[int] = set()
     out: dict[str, Tensor] = {}
@@ -49,7 +52,19 @@ def save(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str
         storage = t.untyped_storage().data_ptr()
         out[name] = t.clone() if storage in seen else t
         seen.add(storage)
-    save_file(out, os.fspath(path), metadata=metadata)
+    target = os.path.abspath(os.fspath(path))
+    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
+    # Created here only to learn the mode a new file gets (umask): package 0.8 writes files 0600.
+    os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        mode = os.stat(temporary).st_mode & 0o777
+        save_file(out, temporary, metadata=metadata)
+        os.chmod(temporary, mode)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
 
 
 @dataclass(frozen=True)
@@ -61,7 +76,6 @@ class Contents:
     to it never changes the file).
     """
 
-    path: str | os.PathLike
     metadata: dict[str, str]
     dtypes: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
@@ -79,7 +93,7 @@ def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
     return dict(pairs)
 
 
-@contextmanager
+@contextlib.contextmanager
 def open_file(path: str | os.PathLike) -> Iterator[Contents]:
     """Open a safetensors file for reading; the tensors read stay valid after the block.
 
@@ -107,7 +121,7 @@ def open_file(path: str | os.PathLike) -> Iterator[Contents]:
             if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
                 raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}, whose dimensions multiply past "
                                  f"2**63 - 1, the most torch can index")
-        yield Contents(path, dict(handle.metadata() or {}), {n: i["dtype"] for n, i in entries.items()}, shapes,
+        yield Contents(dict(handle.metadata() or {}), {n: i["dtype"] for n, i in entries.items()}, shapes,
                        handle)
 
 
