@@ -21,16 +21,16 @@ import os
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 __all__ = ["FLOATS", "Contents", "open_file", "parse_json", "save"]
 
-FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-"""The safetensors dtype names of the floating-point dtypes attnkit stores."""
+FLOATS = ("F64", "F32", "F16", "BF16")
+"""The safetensors names of the float dtypes attnkit stores (float64, float32, float16, bfloat16)."""
 
 _MAX_DEPTH = 32  # attnkit's metadata nests 3 levels; a file nesting deeper is not attnkit's
 _MAX_ELEMENTS = 2**63 - 1  # torch sizes and strides are int64
@@ -135,7 +135,7 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def parse_json(path: str | os.PathLike, key: str, text: str) -> object:
+def parse_json(path: str | os.PathLike, key: str, text: str) -> Any:
     """The JSON value in metadata entry ``key`` of file ``path``.
 
     Raises ValueError naming the file and the key if ``text`` is not JSON or nests lists
