@@ -13,6 +13,7 @@ import sys
 import weakref
 
 import pytest
+import safetensors.torch
 import torch
 
 import attnkit.inspect.recording as capture_module
@@ -167,21 +168,18 @@ def test_save_load_round_trip(tmp_path, dtype):
 
 
 def test_saved_file_is_plain_safetensors(tmp_path):
-    safetensors = pytest.importorskip("safetensors.torch")
     maps = _maps(torch.float16)
     maps.save(tmp_path / "m.safetensors")
-    loaded = safetensors.load_file(tmp_path / "m.safetensors")
+    loaded = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert sorted(loaded) == ["attentions.0", "attentions.1"] and torch.equal(loaded["attentions.1"], maps[1])
 
 
 def test_load_refuses_other_safetensors_files(tmp_path):
-    from attnkit import _safetensors
-
-    _safetensors.save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    safetensors.torch.save_file({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
     with pytest.raises(ValueError, match="holds no attention maps"):
         AttentionMaps.load(tmp_path / "w.safetensors")
     meta = {"attnkit.maps": '{"format": 1, "tokens": [["a"]], "layers": [0], "heads": [0]}'}
-    _safetensors.save_file({"attentions.0": torch.ones(1, 1, 1, 1)}, tmp_path / "m.safetensors", metadata=meta)
+    safetensors.torch.save_file({"attentions.0": torch.ones(1, 1, 1, 1)}, tmp_path / "m.safetensors", metadata=meta)
     with pytest.raises(ValueError, match="lacks token_ids, model_name"):
         AttentionMaps.load(tmp_path / "m.safetensors")
 

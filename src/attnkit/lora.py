@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attnkit import _tensorfile
 from attnkit._checks import describe, require_int, require_real
-from attnkit._safetensors import load_file, save_file
 
 __all__ = ["LoRALinear", "LoRAReport", "add_lora", "load_lora", "lora_layers", "merge_lora", "remove_lora",
            "save_lora", "unmerge_lora"]
@@ -226,7 +226,12 @@ def remove_lora(model: nn.Module, merge: bool = True) -> None:
 
 
 def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write only the adapters (A and B per layer) and their settings to a safetensors file."""
+    """Write only the adapters and their settings to a safetensors file.
+
+    The tensors are ``"{layer}.lora_A"`` and ``"{layer}.lora_B"``, in the adapters' dtype.
+    The metadata holds ``"format": "attnkit-lora-1"`` and ``"layers"``, a JSON object of
+    ``{layer: {"rank": int, "alpha": float, "rslora": bool, "dropout": float}}``.
+    """
     layers = _require_adapters(model)
     tensors: dict[str, Tensor] = {}
     config = {}
@@ -235,25 +240,53 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> None:
         tensors[f"{name}.lora_B"] = layer.lora_B
         config[name] = {"rank": layer.rank, "alpha": layer.alpha, "rslora": layer.rslora,
                         "dropout": float(getattr(layer.dropout, "p", 0.0))}
-    save_file(tensors, path, metadata={"format": _FORMAT, "layers": json.dumps(config)})
+    _tensorfile.save(path, tensors, metadata={"format": _FORMAT, "layers": json.dumps(config)})
+
+
+def _is_real(x: object) -> bool:
+    return type(x) in (int, float) and math.isfinite(x)  # type: ignore[arg-type]
+
+
+_SETTINGS = {  # field: (check, what it must be)
+    "rank": (lambda x: type(x) is int and x >= 1, "an int >= 1"),
+    "alpha": (_is_real, "a finite number"),
+    "rslora": (lambda x: type(x) is bool, "true or false"),
+    "dropout": (lambda x: _is_real(x) and 0 <= x < 1, "a number in [0, 1)"),
+}
 
 
 def _read_config(path: object, metadata: dict[str, str]) -> dict[str, dict]:
     """The per-layer settings of a LoRA file, every field checked before anything changes."""
-    try:
-        config = json.loads(metadata["layers"])
-    except (KeyError, json.JSONDecodeError):
-        raise ValueError(f"{path}: its metadata lacks a readable 'layers' entry") from None
+    if "layers" not in metadata:
+        raise ValueError(f"{path}: its metadata lacks the 'layers' entry")
+    config = _tensorfile.parse_json(path, "layers", metadata["layers"])  # type: ignore[arg-type]
     if not isinstance(config, dict) or not config:
-        raise ValueError(f"{path}: 'layers' must map layer names to settings; got {config!r:.80}")
+        raise ValueError(f"{path}: metadata entry 'layers' must map layer names to settings; got {config!r:.80}")
     for name, cfg in config.items():
-        ok = (isinstance(cfg, dict) and type(cfg.get("rank")) is int and cfg["rank"] >= 1
-              and type(cfg.get("alpha")) in (int, float) and math.isfinite(cfg["alpha"])
-              and type(cfg.get("rslora")) is bool
-              and type(cfg.get("dropout")) in (int, float) and 0 <= cfg["dropout"] < 1)
-        if not ok:
-            raise ValueError(f"{path}: the settings for {name!r} are malformed: {cfg!r:.120}")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: layers[{name!r}] must be an object of settings; got {cfg!r:.80}")
+        for field, (ok, expected) in _SETTINGS.items():
+            if field not in cfg:
+                raise ValueError(f"{path}: layers[{name!r}] lacks {field!r}")
+            if not ok(cfg[field]):
+                raise ValueError(f"{path}: layers[{name!r}][{field!r}] must be {expected}; got {cfg[field]!r:.80}")
     return config
+
+
+def _check_tensors(path: object, file: _tensorfile.Contents, name: str, module: nn.Module, rank: int) -> None:
+    """Check the dtypes and shapes of layer ``name``'s A and B in ``file`` before reading them."""
+    a, b = f"{name}.lora_A", f"{name}.lora_B"
+    for key in (a, b):
+        if key not in file.shapes:
+            raise ValueError(f"{path} lists layer {name!r} but lacks its tensor {key!r}")
+        if file.dtypes[key] not in _tensorfile.FLOATS:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {file.dtypes[key]}; expected one of "
+                             f"{', '.join(_tensorfile.FLOATS)}")
+    sa, sb = file.shapes[a], file.shapes[b]
+    features = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, LoRALinear)) else None
+    if (len(sa), len(sb)) != (2, 2) or features != (sa[1], sb[0]) or sa[0] != rank or sb[1] != rank:
+        raise ValueError(f"{path}: the adapter for {name!r} has A {sa} and B {sb}, which do not fit "
+                         f"rank {rank} and {module}")
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
@@ -261,35 +294,36 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
 
     A model without adapters gets them first, with the saved settings, on the saved layer
     names; a model with adapters takes the file's weights, alpha and rsLoRA setting, and
-    must have adapters on exactly the file's layers. Missing layers, mismatched shapes or
-    malformed settings raise ValueError before anything changes.
+    must have adapters on exactly the file's layers. Any float dtype in the file is
+    converted to the adapters' dtype.
+
+    Raises:
+        ValueError: before anything changes, naming the file and the field, for a file that
+            is not valid safetensors or not an attnkit LoRA file, missing layers or tensors,
+            mismatched shapes, or malformed settings.
     """
-    tensors, metadata = load_file(path)
-    if metadata.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not an attnkit LoRA file (format {metadata.get('format')!r})")
-    config = _read_config(path, metadata)
-    modules = dict(model.named_modules())
-    missing = [n for n in config if n not in modules]
-    if missing:
-        raise ValueError(f"{path} has adapters for layers this model lacks: {', '.join(missing[:5])}")
-    adapted = dict(lora_layers(model))
-    extra = [n for n in adapted if n not in config]
-    if adapted and extra:
-        raise ValueError(f"the model has adapters the file lacks: {', '.join(extra[:5])}; remove_lora(model) first")
-    for name, cfg in config.items():
-        module = modules[name]
-        if f"{name}.lora_A" not in tensors or f"{name}.lora_B" not in tensors:
-            raise ValueError(f"{path} lists layer {name!r} but lacks its lora_A or lora_B tensor")
-        if adapted and not isinstance(module, LoRALinear):
-            raise ValueError(f"{path} has an adapter for {name!r}, which has none in this model")
-        a, b = tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-        features = (module.in_features, module.out_features) if isinstance(module, (nn.Linear, LoRALinear)) else None
-        if (a.dim(), b.dim()) != (2, 2) or features != (a.shape[1], b.shape[0]) \
-                or a.shape[0] != cfg["rank"] or b.shape[1] != cfg["rank"]:
-            raise ValueError(f"{path}: the adapter for {name!r} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
-                             f"which do not fit {module}")
-        if isinstance(module, LoRALinear) and module.rank != cfg["rank"]:
-            raise ValueError(f"{name!r} has a rank-{module.rank} adapter; the file has rank {cfg['rank']}")
+    with _tensorfile.open_file(path) as file:
+        if file.metadata.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an attnkit LoRA file (metadata 'format' is "
+                             f"{file.metadata.get('format')!r}, expected {_FORMAT!r})")
+        config = _read_config(path, file.metadata)
+        modules = dict(model.named_modules())
+        missing = [n for n in config if n not in modules]
+        if missing:
+            raise ValueError(f"{path} has adapters for layers this model lacks: {', '.join(missing[:5])}")
+        adapted = dict(lora_layers(model))
+        extra = [n for n in adapted if n not in config]
+        if adapted and extra:
+            raise ValueError(f"the model has adapters that {path} lacks: {', '.join(extra[:5])}; "
+                             "remove_lora(model) first")
+        for name, cfg in config.items():
+            module = modules[name]
+            if adapted and not isinstance(module, LoRALinear):
+                raise ValueError(f"{path} has an adapter for {name!r}, which has none in this model")
+            _check_tensors(path, file, name, module, cfg["rank"])
+            if isinstance(module, LoRALinear) and module.rank != cfg["rank"]:
+                raise ValueError(f"{name!r} has a rank-{module.rank} adapter; {path} has rank {cfg['rank']}")
+        tensors = {k: file.tensor(k) for n in config for k in (f"{n}.lora_A", f"{n}.lora_B")}
     if not adapted:
         linears = [(n, modules[n]) for n in config]
         _refuse_unsafe(model, linears)  # type: ignore[arg-type]

@@ -1,12 +1,14 @@
 """``AttentionMaps``: the attention probabilities of one forward pass, per input, with their tokens.
 
-File format of :meth:`AttentionMaps.save`: one safetensors file (written and read by
-:mod:`attnkit._safetensors`, loadable by the ``safetensors`` package). Input ``i``'s maps are
-the tensor ``"attentions.{i}"``, (layers, heads, Lq, Lk) in the stored dtype. The file's
+File format of :meth:`AttentionMaps.save`: one safetensors file (written and read with the
+``safetensors`` package). Input ``i``'s maps are the tensor ``"attentions.{i}"``,
+(layers, heads, Lq, Lk) in the stored dtype (F32, F16, BF16 or F64). The file's
 ``__metadata__`` holds one key, ``"attnkit.maps"``, a JSON object::
 
     {"format": 1, "model_name": str, "layers": [int], "heads": [int],
      "tokens": [[str]], "token_ids": [[int]] or null}
+
+with one list of tokens (and of ids) per input, one token per key.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from attnkit import _safetensors
+from attnkit import _tensorfile
 from attnkit._checks import describe
 
 __all__ = ["AttentionMaps"]
@@ -117,33 +119,35 @@ class AttentionMaps:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the maps to one safetensors file at ``path`` (the format is in this module's docstring)."""
+        """Write the maps to one safetensors file at ``path`` (the format is in this module's docstring).
+
+        The file is written anew and renamed over ``path``, so maps loaded from ``path`` stay
+        valid while it is overwritten.
+        """
         meta = {"format": _FORMAT, "model_name": self.model_name, "layers": list(self.layers),
                 "heads": list(self.heads), "tokens": self.tokens, "token_ids": self.token_ids}
         tensors = {f"attentions.{i}": a for i, a in enumerate(self.attentions)}
-        _safetensors.save_file(tensors, path, metadata={_KEY: json.dumps(meta, ensure_ascii=False)})
+        _tensorfile.save(path, tensors, metadata={_KEY: json.dumps(meta, ensure_ascii=False)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> AttentionMaps:
-        """Read maps written by :meth:`save`; a file that is not one raises ValueError."""
-        tensors, metadata = _safetensors.load_file(path)
-        if _KEY not in metadata:
-            raise ValueError(f"{path} holds no attention maps: its safetensors metadata has no {_KEY!r} entry")
-        try:
-            meta = json.loads(metadata[_KEY])
-        except ValueError as e:
-            raise ValueError(f"{path}: the {_KEY!r} metadata is not valid JSON ({e})") from None
-        version = meta.get("format") if isinstance(meta, dict) else None
-        if version != _FORMAT:
-            raise ValueError(f"{path}: attention maps format {version!r}; this attnkit reads format {_FORMAT}")
-        missing = [k for k in ("tokens", "token_ids", "model_name", "layers", "heads") if k not in meta]
-        if missing:
-            raise ValueError(f"{path}: the {_KEY!r} metadata lacks {', '.join(missing)}")
-        n = len(meta["tokens"])
-        names = [f"attentions.{i}" for i in range(n)]
-        if sorted(tensors) != sorted(names):
-            raise ValueError(f"{path}: expected tensors {names}; found {sorted(tensors)}")
-        return cls(attentions=[tensors[k] for k in names], tokens=meta["tokens"], token_ids=meta["token_ids"],
+        """Read maps written by :meth:`save`, or by any writer of the same format.
+
+        The metadata and every tensor's dtype and shape are checked before any data is read.
+        The tensors are memory-mapped: pages are read from the file when first used, and
+        writing to a tensor copies its page (the file never changes). Do not truncate or
+        rewrite the file in place while the maps are in use; :meth:`save` to the same path is
+        safe.
+
+        Raises:
+            ValueError: naming the file and the field or tensor, for a file that is not valid
+                safetensors or that does not hold attention maps of this format.
+            OSError: the file cannot be opened.
+        """
+        with _tensorfile.open_file(path) as file:
+            meta = _read_metadata(path, file)
+            attentions = [file.tensor(f"attentions.{i}") for i in range(len(meta["tokens"]))]
+        return cls(attentions=attentions, tokens=meta["tokens"], token_ids=meta["token_ids"],
                    model_name=meta["model_name"], layers=tuple(meta["layers"]), heads=tuple(meta["heads"]))
 
     def _repr_html_(self) -> str:
@@ -172,6 +176,57 @@ class AttentionMaps:
         return (f"AttentionMaps(model={self.model_name!r}, {n} input{'' if n == 1 else 's'}"
                 f"{' of ' + size if size else ''}, layers {_span(self.layers)}, heads {_span(self.heads)}, {dtype}, "
                 f"{_human(self.nbytes)})")
+
+
+def _ints(value: object) -> bool:
+    return isinstance(value, list) and all(type(i) is int for i in value)
+
+
+def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
+    """The ``"attnkit.maps"`` metadata of ``file``, checked field by field, and checked
+    against the tensors' names, dtypes and shapes."""
+    if _KEY not in file.metadata:
+        raise ValueError(f"{path} holds no attention maps: its safetensors metadata has no {_KEY!r} entry")
+    meta = _tensorfile.parse_json(path, _KEY, file.metadata[_KEY])
+    version = meta.get("format") if isinstance(meta, dict) else None
+    if version != _FORMAT:
+        raise ValueError(f"{path}: attention maps format {version!r}; this attnkit reads format {_FORMAT}")
+    missing = [k for k in ("tokens", "token_ids", "model_name", "layers", "heads") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: the {_KEY!r} metadata lacks {', '.join(missing)}")
+
+    def bad(field: str, expected: str) -> ValueError:
+        return ValueError(f"{path}: {_KEY!r} field {field!r} must be {expected}; got {meta[field]!r:.80}")
+
+    tokens, ids = meta["tokens"], meta["token_ids"]
+    if not isinstance(meta["model_name"], str):
+        raise bad("model_name", "a string")
+    for field in ("layers", "heads"):
+        if not _ints(meta[field]):
+            raise bad(field, "a list of ints")
+    if not (isinstance(tokens, list) and all(isinstance(t, list) and all(isinstance(s, str) for s in t)
+                                             for t in tokens)):
+        raise bad("tokens", "a list of lists of strings, one per input")
+    if ids is not None and not (isinstance(ids, list) and len(ids) == len(tokens)
+                                and all(_ints(i) and len(i) == len(t) for i, t in zip(ids, tokens))):
+        raise bad("token_ids", "null or a list of lists of ints, one id per token")
+    names = [f"attentions.{i}" for i in range(len(tokens))]
+    if sorted(file.shapes) != sorted(names):
+        lacking = [n for n in names if n not in file.shapes]
+        unexpected = sorted(set(file.shapes) - set(names))
+        raise ValueError(f"{path}: expected one tensor 'attentions.{{i}}' per input in 'tokens' ({len(names)}); "
+                         f"missing {lacking[:5]}, unexpected {unexpected[:5]}")
+    for i, name in enumerate(names):
+        dtype, shape = file.dtypes[name], file.shapes[name]
+        if dtype not in _tensorfile.FLOATS:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; expected one of "
+                             f"{', '.join(_tensorfile.FLOATS)}")
+        want = (len(meta["layers"]), len(meta["heads"]), len(tokens[i]))
+        if len(shape) != 4 or (shape[0], shape[1], shape[3]) != want:
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}; expected (layers, heads, Lq, Lk) "
+                             f"with {want[0]} layers, {want[1]} heads and {want[2]} keys, as the metadata's "
+                             f"'layers', 'heads' and 'tokens'[{i}] say")
+    return meta
 
 
 def _span(indices: tuple[int, ...]) -> str:
