@@ -138,7 +138,8 @@ def _refuse_undeclared(model: Any) -> None:
 class _Watch:
     """What one forward of a model on ``"attnkit"`` ran: its attention modules, attnkit's calls."""
 
-    def __init__(self, modules: list[torch.nn.Module]):
+    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module]):
+        self.model = model
         self.attention_calls = 0
         self.mask_calls = 0
         self.before: dict[int, int] = {}  # attention module -> attention_calls when it started
@@ -159,6 +160,16 @@ class _Watch:
         for handle in self.handles:
             handle.remove()
         _WATCHES.set(tuple(w for w in _WATCHES.get() if w is not self))
+
+    def problem(self) -> str | None:
+        """What went wrong in the forward watched, or None."""
+        missed = sorted({name for key, name in self.ran.items() if key not in self.served})
+        if missed:
+            return (f"{len(self.ran) - len(self.served)} of its {len(self.ran)} attention modules that ran "
+                    f"({', '.join(missed)}) did not call attnkit's attention function")
+        if self.mask_calls and not self.attention_calls:
+            return f"it used attnkit's mask function {self.mask_calls} time(s) but never attnkit's attention function"
+        return None
 
 
 _WATCHES: contextvars.ContextVar[tuple[_Watch, ...]] = contextvars.ContextVar("attnkit_watches", default=())
@@ -187,42 +198,45 @@ def _attention_modules(module: torch.nn.Module, implementation: str, found: list
 
 def _start_check(model: torch.nn.Module, args: Any) -> None:
     """Forward pre-hook: until a forward on ``"attnkit"`` passed, watch what this one runs."""
-    stale = model.__dict__.pop("_attnkit_watch", None)  # left by a forward that raised
+    stale = model.__dict__.pop("_attnkit_watch", None)  # left by an interrupted forward (KeyboardInterrupt)
     if stale is not None:
         stale.close()
     if model.__dict__.get("_attnkit_checked", True) or model.config._attn_implementation != NAME:
         return
     modules: list[torch.nn.Module] = []
     _attention_modules(model, NAME, modules)
-    watch = _Watch(modules)
+    watch = _Watch(model, modules)
     _WATCHES.set((*_WATCHES.get(), watch))
     model._attnkit_watch = watch
 
 
 def _finish_check(model: torch.nn.Module, args: Any, output: Any) -> None:
-    """Forward hook: refuse the result of a forward in which attention did not all run on attnkit."""
+    """Forward hook (also called when the forward raised, with ``output`` None): refuse the result of a
+    forward in which attention did not all run on attnkit."""
     watch = model.__dict__.pop("_attnkit_watch", None)
     if watch is None:
         return
     watch.close()
-    missed = sorted({name for key, name in watch.ran.items() if key not in watch.served})
-    if missed or (watch.mask_calls and not watch.attention_calls):
-        what = (f"{len(watch.ran) - len(watch.served)} of its {len(watch.ran)} attention modules that ran "
-                f"({', '.join(missed)}) did not call attnkit's attention function" if missed else
-                f"it used attnkit's mask function {watch.mask_calls} time(s) but never attnkit's attention function")
-        raise UnsupportedModelError(
-            f"{type(model).__name__} cannot use attn_implementation={NAME!r}: in its first forward, {what}, so it "
-            f"computes attention in its own code and its output would be wrong; {_ADVICE}"
-        )
-    if watch.ran or watch.attention_calls:  # else nothing attended: check the next forward
-        model._attnkit_checked = True
+    if output is None:  # the forward raised
+        return
+    problem = watch.problem()
+    if problem is None:
+        if watch.ran or watch.attention_calls:  # else nothing attended: check the next forward
+            model._attnkit_checked = True
+        return
+    if any(m is model for outer in _WATCHES.get() for m in outer.model.modules()):
+        return  # the model around this one (a ForCausalLM around its Model) saw the same and reports it
+    raise UnsupportedModelError(
+        f"{type(model).__name__} cannot use attn_implementation={NAME!r}: in a forward, {problem}, so it "
+        f"computes attention in its own code and its output would be wrong; {_ADVICE}"
+    )
 
 
 def _watch_first_forward(model: torch.nn.Module) -> None:
     """Have ``model``'s next forward checked (hooks added once per model; cheap once it passed)."""
     if not model.__dict__.get("_attnkit_hooked", False):
         model.register_forward_pre_hook(_start_check)
-        model.register_forward_hook(_finish_check)
+        model.register_forward_hook(_finish_check, always_call=True)
         model._attnkit_hooked = True
     model._attnkit_checked = False
 
