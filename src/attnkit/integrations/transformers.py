@@ -6,10 +6,11 @@ mask function named ``"attnkit"`` to transformers' registries, so that
     model = AutoModel.from_pretrained(path, attn_implementation="attnkit")
     model.set_attn_implementation("attnkit")  # or switch a loaded model
 
-runs every attention layer on attnkit. Tested with transformers 5.23 (BERT, GPT-2, Llama with
-GQA, Mistral with a sliding window, Gemma 2 with softcap: same outputs as ``"eager"`` to 1e-5
-in float32, same greedy generations, with dynamic and static caches) and 4.57 (the same
-decoders; BERT there has per-implementation attention classes and cannot use it).
+runs every attention layer on attnkit. Needs transformers >= 4.57. Tested with transformers
+5.24 and 4.57.1 (BERT, GPT-2, Llama with GQA, Mistral with a sliding window, Gemma 2 with
+softcap: same outputs as ``"eager"`` to 1e-5 in float32, same greedy generations, with
+dynamic and static caches; in 4.57 BERT has per-implementation attention classes and is
+refused, see below).
 
 How the mask travels. transformers builds each forward's masks with the mask function
 registered under the model's implementation name; with none registered it passes
@@ -27,7 +28,9 @@ The attention function follows sdpa's conventions: a None mask means causal (top
 the call's ``is_causal`` (default ``module.is_causal``, default True) holds and Lq > 1, and
 no mask otherwise; a float mask (a model's own 4-D additive mask) is added to the scores.
 It honours ``scaling``, ``softcap``, ``dropout``, ``sliding_window`` and ``position_bias``;
-with ``output_attentions=True`` it also returns the probabilities. Options that would change
+with ``output_attentions=True`` it also returns the probabilities (where the model passes
+that flag down to it: GPT-2, OPT and StableLM in transformers 5.24 do not, and return
+``attentions=()``; :func:`attnkit.inspect.capture` records them). Options that would change
 the result and that attnkit cannot apply (attention sinks ``s_aux``, head masks, paged
 caches) raise ValueError rather than being ignored.
 
@@ -68,13 +71,13 @@ from attnkit import masks
 from attnkit._checks import describe
 from attnkit.functional import attention, attention_probs
 
-try:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface, PreTrainedModel
-except ImportError:  # pragma: no cover - only on old transformers
-    raise ImportError(f"attnkit.integrations.transformers needs transformers >= 4.57 (its AttentionInterface and "
-                      f"AttentionMaskInterface registries); found {transformers.__version__}: "
-                      "pip install -U 'transformers>=4.57'") from None
+_MIN_VERSION = (4, 57)  # AttentionInterface, AttentionMaskInterface, and decoders that use them
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _MIN_VERSION:
+    raise ImportError(f"attnkit.integrations.transformers needs transformers >= 4.57; found "
+                      f"{transformers.__version__}: pip install -U 'transformers>=4.57'")
+
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
 
 __all__ = ["NAME", "UnsupportedModelError", "attention_forward", "mask_forward", "register", "supports",
            "to_attnkit_mask"]
