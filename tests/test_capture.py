@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import re
 import sys
 import weakref
 
@@ -414,3 +415,36 @@ def test_attention_sinks_are_refused_not_recorded_as_plain_softmax():
         capture(model, ids)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)
+
+
+def test_encoder_decoder_models_are_refused_by_name_and_shape_not_values():
+    """Whisper: the error names the model and the inputs' shapes, and prints no tensor."""
+    transformers = _transformers()
+    config = transformers.WhisperConfig(vocab_size=61, d_model=32, encoder_layers=1, decoder_layers=1,
+                                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                        decoder_ffn_dim=64, num_mel_bins=8, max_source_positions=16,
+                                        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                        decoder_start_token_id=1)
+    model = transformers.WhisperForConditionalGeneration(config).eval()
+    features = torch.full((1, 8, 32), 0.123456)
+    for inputs, shapes in ((features, "(1, 8, 32)"),
+                           ({"input_features": features, "decoder_input_ids": torch.tensor([[1, 7, 9]])},
+                            r"'input_features': a 3-D float32 tensor of shape \(1, 8, 32\), "
+                            r"'decoder_input_ids': a 2-D int64 tensor of shape \(1, 3\)")):
+        with pytest.raises(ValueError, match="WhisperForConditionalGeneration' is an encoder-decoder model") as info:
+            capture(model, inputs)
+        message = str(info.value)
+        assert "tensor(" not in message and "0.1234" not in message
+        assert len(message) < 400
+        assert re.search(shapes, message)
+
+
+def test_inputs_of_an_unknown_kind_are_described_without_their_values():
+    transformers = _transformers()
+    eager = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=53, hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=6)).eval()
+    with pytest.raises(TypeError, match=r"got a dict \{'inputs_embeds': a 3-D float32 tensor of shape \(1, 4, 48\)\}$"):
+        capture(eager, {"inputs_embeds": torch.full((1, 4, 48), 0.123456)})
+    lm = TransformerLM(TransformerConfig(vocab_size=10, dim=16, depth=1, num_heads=2))
+    with pytest.raises(TypeError, match=r"got a set$"):
+        capture(lm, {1.5, 2.5})

