@@ -429,3 +429,19 @@ def test_a_forward_that_uses_only_the_mask_function_is_refused():
     torch.testing.assert_close(served(x), scores.softmax(-1) @ x, atol=1e-6, rtol=0)
     torch.testing.assert_close(served(x), scores.softmax(-1) @ x, atol=1e-6, rtol=0)  # and after the check
 
+
+
+def test_capture_reads_own_attention_models_only_on_their_eager_path():
+    """Falcon computes attention in its own code. Under sdpa its output_attentions are not the maps it used
+    (they leave the causal mask out), so capture refuses; under eager they are, and they are causal."""
+    from attnkit.inspect import capture
+
+    cls, config = OWN_ATTENTION["falcon"]
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"loaded with attn_implementation='sdpa'.*'eager'"):
+        capture(cls(_with_implementation(config, "sdpa")).eval(), ids)
+    maps = capture(cls(_with_implementation(config, "eager")).eval(), ids)
+    probs = maps[0]  # (layers, heads, L, L)
+    assert probs.shape == (2, 6, 9, 9)
+    assert probs.triu(1).eq(0).all(), "a causal model's maps put weight on future tokens"
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 6, 9), atol=1e-5)

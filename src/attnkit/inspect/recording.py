@@ -13,8 +13,11 @@ How it records, without changing what the model computes:
   softcap, sliding window and position bias. With sdpa (where ``output_attentions`` gives
   nothing) this is the only way to see them. The lookup is restored afterwards, also on
   error; the model itself (its config, its attention implementation) is never modified.
-  A model whose attention bypasses that lookup (BERT before transformers 5) is run a
-  second time with its own ``output_attentions=True``, which holds all layers at once.
+  A model whose attention bypasses that lookup (BERT before transformers 5, Falcon, Bloom,
+  MPT) is run a second time with its own ``output_attentions=True``, which holds all layers
+  at once; only when it was loaded with ``attn_implementation="eager"``, since other paths
+  of such models may compute their maps apart from what they use (Falcon under sdpa gives
+  non-causal ones).
 
 Layers are numbered in the order the model calls attention in one forward pass, which for
 encoders and decoders is the model's layer index. Encoder-decoder models (several attention
@@ -496,7 +499,16 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
                 model(*args, **kwargs)
             if hf and recorder.calls == 0:
                 # Its attention bypasses transformers' AttentionInterface (BERT before transformers 5): use the
-                # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once.
+                # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once. Only
+                # the eager path's maps are the ones the model used: other paths of such models compute them
+                # separately, and some leave the mask out (Falcon under sdpa gives non-causal maps).
+                implementation = getattr(model.config, "_attn_implementation", None)
+                if implementation != "eager":
+                    raise ValueError(
+                        f"{_name(model)!r} computes attention in its own code, not through transformers' "
+                        f"attention interface, so capture can only read its eager path's output_attentions; it "
+                        f"was loaded with attn_implementation={implementation!r}. Load it with "
+                        f"attn_implementation='eager' to capture its maps")
                 for probs in getattr(model(*args, **kwargs, output_attentions=True), "attentions", None) or ():
                     recorder.given(probs)
     finally:
