@@ -419,6 +419,12 @@ def test_argument_errors(served):
         make_server("minilm", tok, port=0)
     with pytest.raises(TypeError, match="log must be a callable"):
         make_server(model, tok, port=0, log="stderr")
+    with pytest.raises(ValueError, match="max_connections must be >= 1; got 0"):
+        make_server(model, tok, port=0, max_connections=0)
+    with pytest.raises(ValueError, match="header_timeout must be > 0 seconds; got 0.0"):
+        make_server(model, tok, port=0, header_timeout=0)
+    with pytest.raises(TypeError, match="body_timeout must be a real number; got str"):
+        make_server(model, tok, port=0, body_timeout="5")
     with pytest.raises(OSError, match=f"port {served.port} on 127.0.0.1 is in use"):
         make_server(model, tok, port=served.port, log=None)
     # serve checks its arguments before it loads a model
@@ -580,9 +586,15 @@ def load(served: Process, clients: int, requests: int, offset: int) -> tuple[lis
     return [t for times, _ in results for t in times], [e for _, errors in results for e in errors]
 
 
-def summary(times: list[float]) -> str:
+def summary(times: list[float], seconds: float) -> str:
     cuts = statistics.quantiles(times, n=20)
-    return f"{len(times)} requests: p50 {statistics.median(times) * 1000:.0f} ms, p95 {cuts[18] * 1000:.0f} ms"
+    return (f"{len(times)} requests in {seconds:.1f} s: p50 {statistics.median(times) * 1000:.0f} ms, "
+            f"p95 {cuts[18] * 1000:.0f} ms")
+
+
+def report(request, line: str) -> None:
+    """Show ``line`` in pytest's output, captured or not."""
+    request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"\n{line}")
 
 
 def test_concurrent_clients(tiny):
@@ -591,11 +603,12 @@ def test_concurrent_clients(tiny):
 
 
 @pytest.mark.slow
-def test_concurrent_clients_at_scale(minilm_process):
-    """20 clients x 10 requests of distinct texts against MiniLM: no error; the latencies are in the log line."""
+def test_concurrent_clients_at_scale(minilm_process, request):
+    """20 clients x 10 requests of distinct texts against MiniLM: no error; the latencies are reported."""
+    start = time.perf_counter()
     times, errors = load(minilm_process, clients=20, requests=10, offset=1000)
-    figures = summary(times)
-    print(f"\nattnkit serve, MiniLM, 20 clients x 10 requests: {figures}", file=sys.stderr)
+    figures = summary(times, time.perf_counter() - start)
+    report(request, f"attnkit serve, MiniLM, 20 clients x 10 requests: {figures}")
     assert not errors and len(times) == 200, (errors[:5], figures)
     assert "Traceback" not in minilm_process.log()
 
@@ -653,9 +666,9 @@ def test_memory_is_flat(tiny):
 
 
 @pytest.mark.slow
-def test_memory_is_flat_at_scale(minilm_process):
+def test_memory_is_flat_at_scale(minilm_process, request):
     warm, after = memory(minilm_process, 200)
-    print(f"\nattnkit serve, MiniLM: RSS {warm:.1f} MiB after 50 texts, {after:.1f} MiB after 200", file=sys.stderr)
+    report(request, f"attnkit serve, MiniLM: RSS {warm:.1f} MiB after 50 distinct texts, {after:.1f} MiB after 200")
     assert after - warm < 40, f"RSS grew from {warm:.1f} MiB to {after:.1f} MiB over 150 distinct texts"
 
 
