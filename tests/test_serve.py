@@ -421,7 +421,7 @@ def test_argument_errors(served):
         make_server(model, tok, port=0, log="stderr")
     with pytest.raises(ValueError, match="max_connections must be >= 1; got 0"):
         make_server(model, tok, port=0, max_connections=0)
-    with pytest.raises(ValueError, match="header_timeout must be > 0 seconds; got 0.0"):
+    with pytest.raises(ValueError, match=r"header_timeout must be > 0 seconds; got 0\.0"):
         make_server(model, tok, port=0, header_timeout=0)
     with pytest.raises(TypeError, match="body_timeout must be a real number; got str"):
         make_server(model, tok, port=0, body_timeout="5")
