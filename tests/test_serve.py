@@ -556,6 +556,17 @@ def test_probes_get_their_4xx_and_no_traceback(tiny):
     refusal(b"GET /api/info HTTP/1.1\r\nHost: evil.example\r\n" + close + b"\r\n", 400)
     refusal(b"GET /api/info HTTP/1.0\r\n\r\n", 400)  # no Host at all
 
+    # a body nobody reads (a GET's), trickled after the answer: cut off at the header deadline too
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\n" + host + b"Content-Length: 1000\r\n\r\n")
+        start = time.monotonic()
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200 ")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() - start < 6:
+                connection.sendall(b"x")
+                time.sleep(0.2)
+        assert time.monotonic() - start < 4  # closed after 2 s (the send fails once the server has closed)
+
     # clients that leave before their answer is written
     for data in (json_post + b"Content-Length: 9\r\n\r\n{not json", json_post + b"Content-Length: 99999999\r\n\r\n",
                  json_post + b"Content-Length: 40\r\n\r\n{\"text\":"):

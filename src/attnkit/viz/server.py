@@ -24,7 +24,7 @@ not received within ``body_timeout`` seconds; 411 a POST without ``Content-Lengt
 ``max_tokens`` tokens (the answer names the limit); 415 a POST whose ``Content-Type`` is
 not ``application/json``; 500 an internal error (``{"error": ...}``; the traceback goes
 to the log, never to the client); 503 more than ``max_connections`` connections open
-(uvicorn's ``limit_concurrency``). Every error is JSON.
+(uvicorn's ``limit_concurrency``; plain text). Every other error is JSON.
 
 Limits. At most ``max_connections`` connections at once; a client has ``header_timeout``
 seconds (from connecting, or from the end of its previous answer) to send a request's
@@ -219,7 +219,8 @@ class _Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header deadline and JSON refusals.
 
     A connection must send a complete request line and headers within ``header_timeout``
-    seconds of being opened, or of the end of its previous answer; else it is closed
+    seconds of being opened, or of the end of its previous answer (and the rest of an
+    answered request's body, if the app did not read it); else it is closed
     (uvicorn bounds only the idle wait between requests, so a client trickling a byte at
     a time would otherwise hold its connection open forever). uvicorn's 400 for a
     malformed request is JSON and carries the security headers.
@@ -252,8 +253,10 @@ class _Protocol(H11Protocol):
 
     def _headers_late(self) -> None:
         self._deadline = None
-        # IDLE: the client has not finished a request's headers (it may have sent part of them).
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        # Their IDLE: the client has not finished a request's headers (it may have sent part of them).
+        # Our DONE: it is still sending the body of a request already answered (one the app did not read).
+        late = self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE
+        if late and not self.transport.is_closing():
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
