@@ -369,8 +369,12 @@ def test_internal_error_is_json_and_logged(served, monkeypatch):
     monkeypatch.setattr(served.server.service, "_capture", broken)
     status, message = error_of(call(served, "/api/explain", {"text": "A text that is not cached yet."}))
     assert status == 500 and "RuntimeError" in message and "fell over" not in message
+    deadline = time.monotonic() + 5  # the server logs the traceback, then the access line, once it has answered
+    while '"POST /api/explain" 500' not in "\n".join(served.logs) and time.monotonic() < deadline:
+        time.sleep(0.05)
     logged = "\n".join(served.logs)
     assert "Traceback" in logged and "the model fell over" in logged
+    assert '"POST /api/explain" 500' in logged
 
 
 def test_concurrent_requests(served):
