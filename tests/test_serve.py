@@ -609,7 +609,9 @@ def summary(times: list[float], seconds: float) -> str:
 
 def report(request, line: str) -> None:
     """Show ``line`` in pytest's output, captured or not."""
-    request.config.pluginmanager.get_plugin("terminalreporter").write_line(f"\n{line}")
+    plugins = request.config.pluginmanager
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        plugins.get_plugin("terminalreporter").write_line(f"\n{line}")
 
 
 def test_concurrent_clients(tiny):
