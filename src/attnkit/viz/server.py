@@ -1,9 +1,9 @@
 """``attnkit serve``: a local web app over the attention explorer and the attention lab.
 
 Type text in the page, press Enter, and the explorer draws that text's attention maps as
-the model computes them; a second tab holds the lab. The model is loaded once; each
-request runs one forward pass with :func:`attnkit.inspect.capture` and answers the
-:func:`attnkit.viz.report.report_data` payload that the explorer renders.
+the model computes them; a second tab holds the lab. The work (the model behind one lock,
+the token limit, the cache, reading a request body) is :class:`attnkit.viz.service.ExplainService`;
+this module is the HTTP layer over it: a Starlette app run by uvicorn (the ``serve`` extra).
 
 Routes (every answer but the page and ``/healthz`` is JSON; errors are ``{"error": str}``):
 
@@ -14,29 +14,31 @@ Routes (every answer but the page and ``/healthz`` is JSON; errors are ``{"error
 ``GET /healthz``        ``ok`` (text/plain)
 ======================  ================================================================
 
-Status codes: 400 a body that is not a JSON object with a non-empty string ``text``, or
-an unknown field or focus; 403 a ``Host`` header that names another host (DNS rebinding)
-or an ``Origin`` that is not this server's; 404 an unknown path; 405 a known path with
-the wrong method (with ``Allow``); 411 a POST without ``Content-Length``; 413 a body over
-``max_body`` bytes or a text over ``max_tokens`` tokens (the answer names the limit);
-415 a POST whose ``Content-Type`` is not ``application/json``; 500 an internal error
-(``{"error": ...}``; the traceback goes to the log, never to the client). http.server's
-own refusals (400 a malformed request, 414 a request line too long, 501 an unknown
-method) are JSON too.
+Status codes: 400 a body that is not a JSON object with a non-empty string ``text``, an
+unknown field or focus, a ``Host`` header that does not name this server (DNS rebinding;
+starlette's ``TrustedHostMiddleware``), or a malformed request (uvicorn's refusal, e.g.
+a ``Content-Length`` that is not digits); 403 an ``Origin`` that is not this server's;
+404 an unknown path; 405 a known path with the wrong method (with ``Allow``); 408 a body
+not received within ``body_timeout`` seconds; 411 a POST without ``Content-Length``
+(chunked bodies are refused); 413 a body over ``max_body`` bytes or a text over
+``max_tokens`` tokens (the answer names the limit); 415 a POST whose ``Content-Type`` is
+not ``application/json``; 500 an internal error (``{"error": ...}``; the traceback goes
+to the log, never to the client); 503 more than ``max_connections`` connections open
+(uvicorn's ``limit_concurrency``; plain text). Every other error is JSON.
+
+Limits. At most ``max_connections`` connections at once; a client has ``header_timeout``
+seconds (from connecting, or from the end of its previous answer) to send a request's
+line and headers (at most 16 KiB, h11's limit), and ``body_timeout`` seconds for its
+body, else its connection is closed (headers) or answered 408 (body); an idle keep-alive
+connection is closed after 5 s. The model runs in a worker thread, so the event loop
+keeps answering while it runs. Ctrl-C or SIGTERM stops the server gracefully: it stops
+accepting, lets running requests finish (up to 5 s), then returns.
 
 Safety. The server binds 127.0.0.1 unless told otherwise, and warns on stderr when it is
-reachable from the network. Every answer carries the page's Content-Security-Policy,
-``X-Content-Type-Options: nosniff``, ``Referrer-Policy: no-referrer`` and
-``X-Frame-Options: DENY``. Text typed by the user reaches the page as JSON and the
-screen through ``textContent`` only.
-
-Concurrency. Requests run on daemon threads (``ThreadingHTTPServer``). Every use of the
-model and its tokenizer (counting tokens, the forward pass and capture) holds one lock:
-capture swaps transformers' attention lookup for the whole process during one forward
-pass, and a fast tokenizer is not safe to call from two threads at once. Building the
-payload (rollout, head roles, compression) runs outside it, at most ``workers`` requests
-at a time, which bounds memory (a 512-token MiniLM request holds about 100 MB until it is
-answered). Finished payloads are kept in a small LRU cache keyed by text.
+reachable from the network. Every answer, uvicorn's own refusals included, carries the
+page's Content-Security-Policy, ``X-Content-Type-Options: nosniff``,
+``Referrer-Policy: no-referrer`` and ``X-Frame-Options: DENY``. Text typed by the user
+reaches the page as JSON and the screen through ``textContent`` only.
 
 >>> from attnkit import models
 >>> model, tokenizer = models.load("minilm")
@@ -48,36 +50,50 @@ answered). Finished payloads are kept in a small LRU cache keyed by text.
 
 from __future__ import annotations
 
-import collections
+import asyncio
+import contextlib
 import errno
 import ipaddress
 import json
+import logging
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import traceback
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
-from urllib.parse import urlsplit
+from typing import Any
 
-from attnkit._checks import describe, require_int
+from attnkit._checks import describe, require_int, require_real
 from attnkit.viz._html import CSP, page
-from attnkit.viz.explainer import find_tokens
+from attnkit.viz.service import ExplainService, RequestError
 
-__all__ = ["DEFAULT_EXAMPLE", "ExplainServer", "make_server", "serve"]
+try:
+    import anyio
+    import h11
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as _missing:  # the `serve` extra
+    raise ImportError(f"attnkit serve needs starlette and uvicorn ({_missing}): pip install 'attnkit[serve]'") from None
+
+__all__ = ["DEFAULT_EXAMPLE", "SECURITY_HEADERS", "ExplainServer", "build_app", "make_server", "serve"]
 
 DEFAULT_EXAMPLE = "The cat sat on the mat because it was tired."
-_FALLBACK_MAX_TOKENS = 512  # for a model whose config names no maximum length
-_TITLE_LIMIT = 160
-_CACHE_BYTES = 256 << 20  # encoded maps the cache holds at most (a 512-token MiniLM payload: about 12 MB)
 _DRAIN_LIMIT = 1 << 20  # an oversized body up to this many bytes past max_body is read and dropped before the 413
-_FIELDS = ("text", "focus")
-# Control characters as \xNN in the log (http.server has its own table only since 3.10.9 / 3.11.1).
+_KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
+_GRACE = 5  # seconds running requests get to finish once the server is told to stop
+# Control characters as \xNN in the log, so a request cannot write to the terminal.
 _CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_JSON = "application/json; charset=utf-8"
 
 _BODY = """\
 <link rel="icon" href="data:,">
@@ -117,15 +133,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-_JSON = "application/json; charset=utf-8"
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status and a message for the user."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def _stderr(line: str) -> None:
@@ -147,19 +154,22 @@ def _check_port(port: object) -> int:
     return port
 
 
-def _check_options(host: object, port: object, max_tokens: object, max_body: object, cache_size: object,
-                   workers: object, log: object) -> tuple[str, int, int | None, int, int, int]:
+def _check_timeout(name: str, value: object) -> float:
+    value = require_real(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0 seconds; got {value}")
+    return value
+
+
+def _check_options(host: object, port: object, max_tokens: object, max_body: object, log: object) -> tuple[str, int]:
     """The arguments shared by :func:`make_server` and :func:`serve`, checked before any model is loaded."""
-    host = _check_host(host)
-    port = _check_port(port)
+    host, port = _check_host(host), _check_port(port)
     if max_tokens is not None:
-        max_tokens = require_int("max_tokens", max_tokens, minimum=1)
-    max_body = require_int("max_body", max_body, minimum=1)
-    cache_size = require_int("cache_size", cache_size, minimum=0)
-    workers = require_int("workers", workers, minimum=1)
+        require_int("max_tokens", max_tokens, minimum=1)
+    require_int("max_body", max_body, minimum=1)
     if log is not None and not callable(log):
         raise TypeError(f"log must be a callable taking one line of text, or None for silence; got {describe(log)}")
-    return host, port, max_tokens, max_body, cache_size, workers
+    return host, port
 
 
 def _is_loopback(host: str) -> bool:
@@ -171,99 +181,331 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _is_ip(host: str) -> bool:
+def _as_host(name: str) -> str:
+    """A name as it appears in a ``Host`` header, without the port: IPv6 addresses in brackets."""
+    return f"[{name}]" if ":" in name else name.lower()
+
+
+def _allowed_hosts(host: str) -> list[str]:
+    """The ``Host`` values (without port) that name a server bound to ``host``: the DNS-rebinding guard.
+
+    Loopback: ``localhost``, ``127.0.0.1``, ``[::1]`` and ``host``. Every interface
+    (``0.0.0.0``, ``::``): those, the machine's name and the addresses it resolves to.
+    Any other: ``host`` itself.
+    """
+    loopback = {"localhost", "127.0.0.1", "[::1]"}
+    if _is_loopback(host):
+        return sorted(loopback | {_as_host(host)})
+    if host not in ("0.0.0.0", "::"):
+        return [_as_host(host)]
+    names = loopback | {socket.gethostname().lower()}
+    with contextlib.suppress(OSError):  # a name that does not resolve: the machine's addresses are not known
+        names |= {_as_host(str(info[4][0])) for info in socket.getaddrinfo(socket.gethostname(), None)}
+    return sorted(names)
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+
+
+def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(_json_bytes(value), status_code=status, headers=headers, media_type=_JSON)
+
+
+# -- the HTTP protocol: uvicorn's h11 one, with a deadline for the request's headers -----------------
+
+
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a header deadline and JSON refusals.
+
+    A connection must send a complete request line and headers within ``header_timeout``
+    seconds of being opened, or of the end of its previous answer (and the rest of an
+    answered request's body, if the app did not read it); else it is closed
+    (uvicorn bounds only the idle wait between requests, so a client trickling a byte at
+    a time would otherwise hold its connection open forever). uvicorn's 400 for a
+    malformed request is JSON and carries the security headers.
+    """
+
+    header_timeout = 10.0  # set per server by make_server
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_late(self) -> None:
+        self._deadline = None
+        # Their IDLE: the client has not finished a request's headers (it may have sent part of them).
+        # Our DONE: it is still sending the body of a request already answered (one the app did not read).
+        late = self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE
+        if late and not self.transport.is_closing():
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        body = _json_bytes({"error": "malformed HTTP request (request line, headers or Content-Length); "
+                                     "this server speaks HTTP/1.1"})
+        headers = [(b"content-type", _JSON.encode()), (b"content-length", str(len(body)).encode()),
+                   (b"cache-control", b"no-store"), (b"connection", b"close"),
+                   *((name.lower().encode(), value.encode()) for name, value in SECURITY_HEADERS.items())]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                      h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+
+# -- the app --------------------------------------------------------------------------------------
+
+
+class _Answers:
+    """The outermost layer of the app (pure ASGI): every error is JSON, nothing is cached, a line per request.
+
+    - An error answer (status >= 400) that is not JSON (starlette's own refusals, such as
+      ``TrustedHostMiddleware``'s 400) becomes ``{"error": its text}``.
+    - An exception is logged with its traceback and answered with a JSON 500 if no answer
+      was started; the client never sees the traceback.
+    - ``Cache-Control: no-store`` on every answer; the security headers come from uvicorn
+      (its ``headers`` setting), which also writes them on its own 500 and 503 answers.
+    """
+
+    def __init__(self, app: Any, log: Callable[[str], None] | None) -> None:
+        self.app, self.log = app, log
+
+    def say(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: int | None = None
+        held: dict[str, Any] | None = None  # an error answer's start, held until its text is read
+        text = bytearray()
+
+        async def answer(message: dict[str, Any]) -> None:
+            nonlocal status, held
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"cache-control"]
+                message = {**message, "headers": [*headers, (b"cache-control", b"no-store")]}
+                content_type = dict(headers).get(b"content-type", b"")
+                if status >= 400 and not content_type.startswith(b"application/json"):
+                    held = message
+                    return
+            elif message["type"] == "http.response.body" and held is not None:
+                text.extend(message.get("body", b""))
+                if message.get("more_body", False):
+                    return
+                try:
+                    phrase = HTTPStatus(held["status"]).phrase
+                except ValueError:
+                    phrase = "error"
+                body = _json_bytes({"error": text.decode("utf-8", "replace").strip() or phrase})
+                kept = [(k, v) for k, v in held["headers"] if k.lower() not in (b"content-type", b"content-length")]
+                await send({**held, "headers": [*kept, (b"content-type", _JSON.encode()),
+                                                (b"content-length", str(len(body)).encode())]})
+                message = {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, answer)
+        except Exception as e:  # an internal error: logged in full, answered in one line
+            self.say(f"attnkit serve: internal error on {scope['method']} {scope['path']}:\n"
+                     + "".join(traceback.format_exception(e)).rstrip())
+            if status is None:
+                status = 500
+                await _internal_error(None, e)(scope, receive, send)
+        client = scope.get("client") or ("-", 0)
+        self.say(f'{client[0]} - "{scope["method"]} {scope["path"]}" {status}'.translate(_CONTROL_CHARS))
+
+
+class _SameOrigin:
+    """403 for a request whose ``Origin`` is not this server (a cross-site POST); pure ASGI."""
+
+    def __init__(self, app: Any, url: str) -> None:
+        self.app, self.url = app, url
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            origin, host = headers.get(b"origin"), headers.get(b"host", b"")
+            if origin is not None and origin.lower().rstrip(b"/") != b"http://" + host.lower():
+                shown = origin.decode("latin-1")
+                await _json(403, {"error": f"requests from the origin {shown!r} are not allowed; only pages "
+                                           f"served from {self.url} may call this server"})(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _internal_error(request: Request | None, exc: Exception) -> Response:
+    return _json(500, {"error": f"internal error ({type(exc).__name__}); the server's log has the details"})
+
+
+_ROUTES_HELP = "This server answers GET /, POST /api/explain, GET /api/info and GET /healthz"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 and 405, as JSON that says what the server answers."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _json(404, {"error": f"no such page: {request.url.path}. {_ROUTES_HELP}"})
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        methods = " or ".join(m.strip() for m in allowed.split(",") if m.strip() != "HEAD")
+        return _json(405, {"error": f"{request.url.path} takes {methods}, not {request.method}"}, exc.headers)
+    return _json(exc.status_code, {"error": exc.detail}, exc.headers)
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestError)
+    return _json(exc.status, {"error": exc.message}, exc.headers)
+
+
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request's body: at most ``limit`` bytes, all of it within ``timeout`` seconds.
+
+    Raises:
+        RequestError: 411 no ``Content-Length`` (or a chunked body); 413 a longer body
+            (read and dropped first if it is at most 1 MiB longer, so that the client,
+            still sending, gets the answer; then the connection is closed); 408 a body
+            not received in time (the connection is closed); 400 the client went away.
+    """
+    if "transfer-encoding" in request.headers:
+        raise RequestError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
+    raw = request.headers.get("content-length")
+    if raw is None:
+        raise RequestError(411, "POST /api/explain needs a Content-Length header")
+    length = int(raw)  # h11 has checked that it is digits
+    close = {"Connection": "close"}
+    body = bytearray()
     try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+        with anyio.fail_after(timeout):
+            if length > limit:
+                if length <= limit + _DRAIN_LIMIT:
+                    async for _ in request.stream():
+                        pass
+                raise RequestError(413, f"the request body has {length:,} bytes; this server accepts at most "
+                                        f"{limit:,} (max_body)", close)
+            async for chunk in request.stream():
+                body.extend(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout:g} s", close) from None
+    except ClientDisconnect:
+        raise RequestError(400, "the client went away before sending its whole body", close) from None
+    return bytes(body)
 
 
-def _host_name(header: str) -> str:
-    """The host part of a ``Host`` header or an origin's authority: ``[::1]:80`` -> ``::1``."""
-    header = header.strip().lower()
-    if header.startswith("["):
-        return header[1:header.find("]")] if "]" in header else header
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+def build_app(service: ExplainService, *, page_html: str, url: str, allowed_hosts: list[str], body_timeout: float,
+              log: Callable[[str], None] | None) -> Any:
+    """The ASGI app of :class:`ExplainServer`: routes over ``service``, the Host and Origin guards, JSON errors.
+
+    ``allowed_hosts`` are the ``Host`` values (no port; IPv6 in brackets) that name this
+    server. The security headers are not added here: uvicorn adds them (see
+    :func:`make_server`).
+    """
+    page_bytes = page_html.encode("utf-8")
+
+    async def home(request: Request) -> Response:
+        return Response(page_bytes, media_type="text/html; charset=utf-8")
+
+    async def healthz(request: Request) -> Response:
+        return Response(b"ok", media_type="text/plain; charset=utf-8")
+
+    async def info(request: Request) -> Response:
+        return _json(200, service.info())
+
+    async def explain(request: Request) -> Response:
+        body = await _read_body(request, service.max_body, body_timeout)
+        content_type = request.headers.get("content-type", "")
+
+        def work() -> tuple[bytes, bool]:  # in a worker thread: the event loop keeps answering meanwhile
+            payload, hit = service.explain(*service.parse(body, content_type))
+            return _json_bytes(payload), hit
+
+        answer, hit = await run_in_threadpool(work)
+        return Response(answer, media_type=_JSON, headers={"X-Attnkit-Cache": "hit" if hit else "miss"})
+
+    app = Starlette(
+        routes=[Route("/", home, methods=["GET"]), Route("/healthz", healthz, methods=["GET"]),
+                Route("/api/info", info, methods=["GET"]), Route("/api/explain", explain, methods=["POST"])],
+        middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False),
+                    Middleware(_SameOrigin, url=url)],
+        exception_handlers={HTTPException: _http_error, RequestError: _refused, Exception: _internal_error},
+    )
+    return _Answers(app, log)
 
 
-def _max_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
+# -- the server -----------------------------------------------------------------------------------
 
 
-def _title(text: str) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= _TITLE_LIMIT else flat[: _TITLE_LIMIT - 1] + "…"
+class _LogLines(logging.Handler):
+    """uvicorn's warnings and errors (e.g. "Invalid HTTP request received."), to a ``log`` callable."""
+
+    def __init__(self, log: Callable[[str], None] | None) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.log is not None:
+            self.log(f"attnkit serve: {self.format(record)}")
 
 
-class ExplainServer(ThreadingHTTPServer):
-    """An HTTP server that explains texts with one model; see the module docstring for its routes.
+class ExplainServer:
+    """The app, bound and ready: :meth:`serve_forever` runs it; see the module docstring for its routes.
 
     Make one with :func:`make_server`; run it with ``serve_forever()`` (in a thread, or
     until Ctrl-C), stop it with ``shutdown()`` (from another thread) and ``server_close()``.
 
     Attributes:
         url: ``http://host:port/`` as a browser on this machine should open it.
-        model_name: the model's name or path, as the page shows it.
-        max_tokens: the longest text accepted, in tokens, special tokens included.
-        max_body: the largest request body accepted, in bytes.
-        layers, heads: the model's attention layers and heads per layer.
+        host, port: where it listens.
+        service: the :class:`~attnkit.viz.service.ExplainService` doing the work.
+        model_name, max_tokens, max_body, layers, heads: the service's.
+        allowed_hosts: the ``Host`` values (without port) it answers.
         warnings: what the server printed to stderr when it started (e.g. reachable from
             the network).
     """
 
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-
-    def __init__(self, model: Any, tokenizer: Any, *, host: str, port: int, max_tokens: int | None,
-                 max_body: int, cache_size: int, workers: int, log: Callable[[str], None] | None,
-                 example: str | None) -> None:
-        from attnkit.inspect import capture
-
-        self.model, self.tokenizer, self.log = model, tokenizer, log
-        self.max_body, self.example = max_body, example
-        self.model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
-        positions = _max_positions(model)
-        if max_tokens is None:
-            max_tokens = positions or min(_FALLBACK_MAX_TOKENS, getattr(tokenizer, "model_max_length", 10**9))
-        elif positions is not None and max_tokens > positions:
-            raise ValueError(f"max_tokens must be at most {positions}, the positions {self.model_name!r} has "
-                             f"(max_position_embeddings); got {max_tokens}. Leave it None for {positions}")
-        self.max_tokens = max_tokens
-        self._capture = capture
-        # Held for every use of the model and of its tokenizer: capture patches transformers'
-        # attention lookup process-wide, and a fast tokenizer called from two threads at once
-        # can fail ("RuntimeError: Already borrowed", huggingface/tokenizers#537).
-        self._model_lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(workers)
-        self._cache: collections.OrderedDict[str, tuple[dict[str, Any], int]] = collections.OrderedDict()
-        self._cache_size = cache_size
-        self._cache_bytes = 0
-        self._cache_lock = threading.Lock()
-        # One short forward pass: fails now, not on the first request, for a model capture cannot read.
-        probe = self._run("attention")
-        self.layers, self.heads = len(probe.layers), len(probe.heads)
+    def __init__(self, service: ExplainService, *, host: str, port: int, max_connections: int, header_timeout: float,
+                 body_timeout: float, log: Callable[[str], None] | None, example: str | None) -> None:
+        self.service, self.log = service, log
+        self.model_name, self.max_tokens, self.max_body = service.model_name, service.max_tokens, service.max_body
+        self.layers, self.heads = service.layers, service.heads
         self.warnings: list[str] = []
-
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
         try:
-            super().__init__((host, port), _Handler)
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, port))
+            self._socket.listen(socket.SOMAXCONN)
         except OSError as e:
+            self._socket.close()
             if e.errno == errno.EADDRINUSE:
                 raise OSError(e.errno, f"port {port} on {host} is in use; pick another port "
                                        "(port=0, or --port 0, picks a free one)") from None
             raise
-        self.host, self.port = host, int(self.server_address[1])
-        shown = f"[{host}]" if ":" in host else host
+        self.host, self.port = host, int(self._socket.getsockname()[1])
         wildcard = host in ("0.0.0.0", "::")
-        self.url = f"http://{'127.0.0.1' if wildcard else shown}:{self.port}/"
-        self._hosts = {"localhost", "127.0.0.1", "::1", host.lower()} if _is_loopback(host) else {host.lower()}
-        self._any_ip = wildcard  # bound to every interface: any address of this machine may be in Host
+        self.url = f"http://{'127.0.0.1' if wildcard else _as_host(host)}:{self.port}/"
+        self.allowed_hosts = _allowed_hosts(host)
         if not _is_loopback(host):
             self.warnings.append(
                 f"attnkit serve: listening on {host}:{self.port}, which is reachable from the network: anyone who "
@@ -271,260 +513,52 @@ class ExplainServer(ThreadingHTTPServer):
                 "the explorer on this machine")
             for line in self.warnings:
                 print(line, file=sys.stderr, flush=True)
-        self.page = page(f"attnkit · {self.model_name}", css=["explorer.css", "lab.css", "app.css"],
-                         js=["explorer.js", "lab.js", "app.js"], body=_BODY, connect=True,
-                         data={"model": self.model_name, "max_tokens": self.max_tokens, "max_body": self.max_body,
-                               "layers": self.layers, "heads": self.heads, "example": self.example})
-        self.page_bytes = self.page.encode("utf-8")
+        html = page(f"attnkit · {self.model_name}", css=["explorer.css", "lab.css", "app.css"],
+                    js=["explorer.js", "lab.js", "app.js"], body=_BODY, connect=True,
+                    data={**service.info(), "example": example})
+        app = build_app(service, page_html=html, url=self.url, allowed_hosts=self.allowed_hosts,
+                        body_timeout=body_timeout, log=log)
+        protocol = type("_ServerProtocol", (_Protocol,), {"header_timeout": header_timeout})
+        config = uvicorn.Config(
+            app, http=protocol, ws="none", lifespan="off", loop="asyncio", log_config=None, access_log=False,
+            server_header=False, headers=list(SECURITY_HEADERS.items()), limit_concurrency=max_connections,
+            timeout_keep_alive=_KEEP_ALIVE, timeout_graceful_shutdown=_GRACE)
+        self._server = uvicorn.Server(config)
+        self._stopped = threading.Event()
+        self._stopped.set()
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind also looks up the host's fully qualified name, which can
-        # wait on DNS; nothing here uses it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+    def serve_forever(self) -> None:
+        """Answer requests until :meth:`shutdown` (or, in the main thread, Ctrl-C or SIGTERM).
 
-    # -- the work -------------------------------------------------------------------------------
-
-    def _run(self, text: str) -> Any:
-        with self._model_lock:
-            return self._capture(self.model, text, tokenizer=self.tokenizer)
-
-    def count_tokens(self, text: str) -> tuple[int, int]:
-        """``(tokens, special tokens)`` of ``text`` as the model would read it."""
-        with self._model_lock:
-            encoded = self.tokenizer(text, return_special_tokens_mask=True, verbose=False)
-        return len(encoded["input_ids"]), sum(encoded.get("special_tokens_mask") or [])
-
-    def explain(self, text: str, focus: str | int | None = None) -> tuple[dict[str, Any], bool]:
-        """The explorer payload for ``text`` and whether it came from the cache.
-
-        Raises :class:`RequestError` (413) for a text over ``max_tokens`` tokens, (400) for
-        a text of special tokens only or a ``focus`` that is not one of its tokens.
+        In the main thread uvicorn catches SIGINT and SIGTERM, stops gracefully, then
+        raises the signal again with the handlers that were there before.
         """
-        with self._cache_lock:
-            cached = self._cache.get(text)
-            if cached is not None:
-                self._cache.move_to_end(text)
-        payload = None if cached is None else cached[0]
-        hit = payload is not None
-        if payload is None:
-            count, special = self.count_tokens(text)
-            if count > self.max_tokens:
-                raise RequestError(413, f"the text has {count:,} tokens; this server explains at most "
-                                        f"{self.max_tokens:,} (max_tokens, special tokens included). Shorten it")
-            if count == special:
-                raise RequestError(400, "the text has no tokens the model reads, only special ones; type some words")
-            from attnkit.viz.report import report_data
-
-            with self._slots:
-                maps = self._run(text)
-                payload = report_data(maps, title=_title(text))
-            self._remember(text, payload)
-        if focus is not None:
-            payload = {**payload, "focus": self._focus(payload["tokens"], focus)}
-        return payload, hit
-
-    def _remember(self, text: str, payload: dict[str, Any]) -> None:
-        """Cache ``payload``: at most ``cache_size`` entries and ``_CACHE_BYTES`` of encoded maps."""
-        size = len(payload["encoding"]["blob"])
-        if not self._cache_size or size > _CACHE_BYTES:
-            return
-        with self._cache_lock:
-            if text in self._cache:
-                return
-            self._cache[text] = (payload, size)
-            self._cache_bytes += size
-            while len(self._cache) > self._cache_size or self._cache_bytes > _CACHE_BYTES:
-                self._cache_bytes -= self._cache.popitem(last=False)[1][1]
-
-    @staticmethod
-    def _focus(tokens: list[str], focus: str | int) -> int:
-        if isinstance(focus, int):
-            if not 0 <= focus < len(tokens):
-                raise RequestError(400, f"focus must be a token index in [0, {len(tokens)}); got {focus}")
-            return focus
+        uvicorn_log = logging.getLogger("uvicorn")
+        handler, propagate = _LogLines(self.log), uvicorn_log.propagate
+        uvicorn_log.addHandler(handler)
+        uvicorn_log.propagate = False
+        self._stopped.clear()
         try:
-            found = find_tokens(tokens, focus.strip())
-        except ValueError as e:  # "#N" past the end
-            raise RequestError(400, f"focus {focus!r}: {e}") from None
-        if found:
-            return found[0]
-        shown = " ".join(tokens[:40]) + (" …" if len(tokens) > 40 else "")
-        raise RequestError(400, f"focus {focus!r} is not one of the text's tokens: {shown}")
+            self._server.should_exit = False
+            self._server.run(sockets=[self._socket])
+        finally:
+            uvicorn_log.removeHandler(handler)
+            uvicorn_log.propagate = propagate
+            self._stopped.set()
 
-    def info(self) -> dict[str, Any]:
-        return {"model": self.model_name, "max_tokens": self.max_tokens, "max_body": self.max_body,
-                "layers": self.layers, "heads": self.heads}
+    def shutdown(self, timeout: float = _GRACE + 5) -> None:
+        """Stop :meth:`serve_forever` (called from another thread) and wait until it has returned."""
+        self._server.should_exit = True
+        self._stopped.wait(timeout)
 
-    def host_allowed(self, header: str | None) -> bool:
-        """Whether a ``Host`` header names this server (the DNS-rebinding guard)."""
-        if not header:
-            return False
-        name = _host_name(header)
-        return name in self._hosts or (self._any_ip and (_is_ip(name) or name == "localhost"))
-
-    def say(self, line: str) -> None:
-        if self.log is not None:
-            self.log(line)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: ExplainServer
-    timeout = 60  # seconds a client may take to send its request
-
-    # path -> the methods it takes
-    _ROUTES: ClassVar[dict[str, tuple[str, ...]]] = {
-        "/": ("GET", "HEAD"), "/api/info": ("GET", "HEAD"), "/healthz": ("GET", "HEAD"), "/api/explain": ("POST",),
-    }
-
-    def version_string(self) -> str:
-        return "attnkit"
-
-    # -- answers --------------------------------------------------------------------------------
-
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in {**SECURITY_HEADERS, **(headers or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-        self._send(status, body, _JSON, headers)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own refusals (a malformed request line, headers too long) as JSON too."""
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        self._json(code, {"error": message or phrase})
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Escape control characters as http.server does, so a request cannot write to the terminal.
-        message = (format % args).translate(_CONTROL_CHARS)
-        self.server.say(f"{self.address_string()} - {message}")
-
-    # -- dispatch -------------------------------------------------------------------------------
-
-    def _handle(self) -> None:
-        try:
-            path = urlsplit(self.path).path
-            self._guard()
-            allowed = self._ROUTES.get(path)
-            if allowed is None:
-                raise RequestError(404, f"no such page: {path}. This server answers GET /, POST /api/explain, "
-                                        "GET /api/info and GET /healthz")
-            if self.command not in allowed:
-                raise RequestError(405, f"{path} takes {' or '.join(m for m in allowed if m != 'HEAD')}, "
-                                        f"not {self.command}", {"Allow": ", ".join(allowed)})
-            if path == "/":
-                self._send(200, self.server.page_bytes, "text/html; charset=utf-8")
-            elif path == "/healthz":
-                self._send(200, b"ok", "text/plain; charset=utf-8")
-            elif path == "/api/info":
-                self._json(200, self.server.info())
-            else:
-                self._explain()
-        except RequestError as e:
-            if e.status == 413:
-                self.close_connection = True
-            self._json(e.status, {"error": e.message}, e.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as e:  # an internal error: logged in full, answered in one line
-            self.server.say(f"attnkit serve: internal error on {self.command} {self.path}:\n"
-                            + "".join(traceback.format_exception(e)).rstrip())
-            self.close_connection = True
-            self._json(500, {"error": f"internal error ({type(e).__name__}); the server's log has the details"})
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _handle
-
-    def _guard(self) -> None:
-        """403 for a Host that is not this server (DNS rebinding) or an Origin that is not its own."""
-        host = self.headers.get("Host")
-        if not self.server.host_allowed(host):
-            raise RequestError(403, f"Host {host!r} is not this server; open {self.server.url}")
-        origin = self.headers.get("Origin")
-        if origin is not None and origin.lower().rstrip("/") != f"http://{host.lower()}":
-            raise RequestError(403, f"requests from the origin {origin!r} are not allowed; "
-                                    f"only pages served from {self.server.url} may call this server")
-
-    def _body(self) -> bytes:
-        limit = self.server.max_body
-        if self.headers.get("Transfer-Encoding"):
-            raise RequestError(411, "send the body with a Content-Length (chunked bodies are not accepted)")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            raise RequestError(411, "POST /api/explain needs a Content-Length header")
-        if not raw.strip().isdigit():
-            raise RequestError(400, f"Content-Length must be a number of bytes; got {raw!r}")
-        length = int(raw)
-        if length > limit:
-            # Read (and drop) a moderately oversized body, so that the client, still sending
-            # it, gets the 413 rather than a reset connection.
-            if length <= limit + _DRAIN_LIMIT:
-                self.rfile.read(length)
-            raise RequestError(413, f"the request body has {length:,} bytes; this server accepts at most "
-                                    f"{limit:,} (max_body)")
-        return self.rfile.read(length)
-
-    def _explain(self) -> None:
-        content_type = self.headers.get("Content-Type", "")
-        body = self._body()
-        if content_type.split(";")[0].strip().lower() != "application/json":
-            raise RequestError(415, f"the body must be JSON sent as Content-Type: application/json; "
-                                    f"got {content_type or 'no Content-Type'!r}")
-        try:
-            request = json.loads(body.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise RequestError(400, "the body must be UTF-8 JSON; it is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
-            raise RequestError(400, f'the body must be JSON such as {{"text": "The cat sat."}}; {e}') from None
-        except RecursionError:
-            raise RequestError(400, "the body must be JSON such as {\"text\": \"The cat sat.\"}; "
-                                    "it is nested too deeply") from None
-        except ValueError as e:  # e.g. an integer past Python's digit limit
-            raise RequestError(400, f'the body must be JSON such as {{"text": "The cat sat."}}; {e}') from None
-        if not isinstance(request, dict):
-            raise RequestError(400, f'the body must be a JSON object such as {{"text": "The cat sat."}}; '
-                                    f"got a JSON {type(request).__name__}")
-        unknown = sorted(set(request) - set(_FIELDS))
-        if unknown:
-            raise RequestError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; "
-                                    f"expected {' and '.join(map(repr, _FIELDS))}")
-        if "text" not in request:
-            raise RequestError(400, 'the body has no "text"; send {"text": "The cat sat."}')
-        text = request["text"]
-        if not isinstance(text, str):
-            raise RequestError(400, f'"text" must be a string; got a JSON {_json_type(text)}')
-        if not text.strip():
-            raise RequestError(400, '"text" is empty; type some words')
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(400, '"text" holds a lone surrogate (\\ud800-\\udfff), which is not text') from None
-        focus = request.get("focus")
-        if focus is not None and (isinstance(focus, bool) or not isinstance(focus, (str, int))):
-            raise RequestError(400, f'"focus" must be a token (a string) or a token index; got a JSON '
-                                    f"{_json_type(focus)}")
-        payload, hit = self.server.explain(text, focus)
-        self._json(200, payload, {"X-Attnkit-Cache": "hit" if hit else "miss"})
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
+    def server_close(self) -> None:
+        """Close the listening socket (:meth:`serve_forever` closes it too, when it ends)."""
+        self._socket.close()
 
 
 def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000,
                 max_tokens: int | None = None, max_body: int = 65536, cache_size: int = 32, workers: int = 4,
+                max_connections: int = 256, header_timeout: float = 10.0, body_timeout: float = 20.0,
                 log: Callable[[str], None] | None = _stderr, example: str | None = DEFAULT_EXAMPLE) -> ExplainServer:
     """An :class:`ExplainServer` for ``model``, bound and ready; it serves once you call ``serve_forever()``.
 
@@ -545,8 +579,12 @@ def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: in
             256 MB of them.
         workers: requests building a payload at once (default 4); the forward passes
             themselves run one at a time.
-        log: called with each access line and each internal error's traceback; default
-            stderr; None: silent. The network warning always goes to stderr.
+        max_connections: connections open at once (default 256); past it, requests get 503.
+        header_timeout: seconds a client has to send a request's line and headers
+            (default 10), from connecting or from its previous answer; then it is cut off.
+        body_timeout: seconds a client has to send a request's body (default 20); then 408.
+        log: called with each access line, uvicorn's warnings and each internal error's
+            traceback; default stderr; None: silent. The network warning always goes to stderr.
         example: the text the page shows and explains when it opens; None: an empty box.
 
     Raises:
@@ -560,17 +598,21 @@ def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: in
     if not callable(tokenizer):
         raise TypeError(f"tokenizer must be a tokenizer (callable on text, e.g. from attnkit.models.load); "
                         f"got {describe(tokenizer)}")
-    host, port, max_tokens, max_body, cache_size, workers = _check_options(
-        host, port, max_tokens, max_body, cache_size, workers, log)
+    host, port = _check_options(host, port, max_tokens, max_body, log)
+    max_connections = require_int("max_connections", max_connections, minimum=1)
+    header_timeout = _check_timeout("header_timeout", header_timeout)
+    body_timeout = _check_timeout("body_timeout", body_timeout)
     if example is not None and not isinstance(example, str):
         raise TypeError(f"example must be a str or None; got {describe(example)}")
-    return ExplainServer(model, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body,
-                         cache_size=cache_size, workers=workers, log=log, example=example)
+    service = ExplainService(model, tokenizer, max_tokens=max_tokens, max_body=max_body, cache_size=cache_size,
+                             workers=workers)
+    return ExplainServer(service, host=host, port=port, max_connections=max_connections,
+                         header_timeout=header_timeout, body_timeout=body_timeout, log=log, example=example)
 
 
 def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, max_tokens: int | None = None,
           max_body: int = 65536, log: Callable[[str], None] | None = _stderr) -> None:
-    """Load ``model`` once, print the app's URL and serve it until Ctrl-C; then close cleanly.
+    """Load ``model`` once, print the app's URL and serve it until Ctrl-C or SIGTERM; then stop gracefully.
 
     Args:
         model: a bundled model's name (``"minilm"``) or a local Hugging Face model folder,
@@ -582,7 +624,7 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
 
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be 'minilm' or a local model folder (str or path); got {describe(model)}")
-    _check_options(host, port, max_tokens, max_body, 0, 1, log)
+    _check_options(host, port, max_tokens, max_body, log)
     from attnkit import models
 
     loaded, tokenizer = models.load(model)
@@ -590,7 +632,9 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
           f"{server.max_tokens} tokens) at {server.url}  (Ctrl-C stops)", flush=True)
     installed, previous = False, None
-    if threading.current_thread() is threading.main_thread():  # stop on SIGTERM (kill, systemd) as on Ctrl-C
+    # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again with the
+    # handlers from before: make that SIGTERM a KeyboardInterrupt too, so both end here.
+    if threading.current_thread() is threading.main_thread():
         previous, installed = signal.signal(signal.SIGTERM, _interrupt), True
     try:
         server.serve_forever()
