@@ -30,8 +30,11 @@ def machine_info(note: str = "") -> dict:
             "note": note or os.environ.get("ATTNKIT_BENCH_NOTE", "")}
 
 
-def machine_line(info: dict) -> str:
-    """One line that says where and when the figures were measured."""
+def machine_line(info: dict | str) -> str:
+    """One line that says where and when the figures were measured (older results files
+    hold only the description, a string)."""
+    if isinstance(info, str):
+        return f"Machine: {info}."
     line = f"Machine: {info['description']}; measured {info['date']}"
     return line + (f" ({info['note']})." if info.get("note") else ".")
 
