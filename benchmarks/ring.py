@@ -91,7 +91,7 @@ def render(data: dict) -> str:
         sent_fwd = max(r["forward_bytes"] for r in rows) / 2**20
         sent_bwd = max(r["backward_bytes"] for r in rows) / 2**20
         lines.append(f"| {w} | {max(r['seconds'] for r in rows):.2f} | {max(r['peak_mib'] for r in rows):.0f} | "
-                     f"{sent_fwd:.0f} / {sent_bwd:.0f} | {fwd / 2**20:.0f} / {bwd / 2**20:.0f} |")
+                     f"{sent_fwd:.1f} / {sent_bwd:.1f} | {fwd / 2**20:.1f} / {bwd / 2**20:.1f} |")
     return "\n".join(lines)
 
 
