@@ -127,8 +127,16 @@ def quoted() -> list[tuple[str, str]]:
              for line in (RESULTS / "coreference.txt").read_text().splitlines() if re.match(r"\s+\d+\s+\d+\s", line)}
     cat, mat = heads[(5, 11)]
     prefer = re.search(r"(\d+) of 72 heads give 'cat' more weight", (RESULTS / "coreference.txt").read_text())[1]
+    shift_text = (RESULTS / "finetune_shift.txt").read_text()
+    shift = {tuple(map(int, line.split()[:2])): float(line.split()[2])
+             for line in shift_text.splitlines() if re.match(r"\s+\d+\s+\d+\s+[+-]", line)}
+    gained = re.search(r"(\d+) heads gained more than 0.05", shift_text)[1]
     induction = load("induction")
     return [
+        ("README.md", f"layer 3 head 1, {heads[(3, 1)][0]:.3f} vs {heads[(3, 1)][1]:.3f}"),
+        ("README.md", f"heads 10 and 8 move {shift[(5, 10)]:+.2f} and {shift[(5, 8)]:+.2f} of their attention onto "
+                      f"the domain terms, and {gained} heads gain more than 0.05"),
+        ("docs/inspect.md", f"{gained} heads gained more than 0.05 of their attention"),
         ("README.md", f"layer 5, head 11 sends {cat:.3f} of `it`'s attention"),
         ("README.md", f"layer 5 head 11 sends {cat:.3f} of `it`'s attention to `cat` and {mat:.3f} to"),
         ("README.md", f"{prefer} of the 72 heads prefer `cat`"),
