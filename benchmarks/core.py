@@ -1,9 +1,11 @@
 """Core attention against PyTorch SDPA: the figures in the README's benchmark table.
 
-    python benchmarks/core.py                 # full run, prints a markdown table (~3 min)
-    python benchmarks/core.py --json out.json # also write the raw figures
+    python benchmarks/core.py                 # full run (~3 min on an idle 2-core machine)
+    python benchmarks/core.py --scale 2       # every length halved (the committed run)
     python benchmarks/core.py --quick         # tiny lengths, a smoke test of this script
 
+It prints the markdown table and writes benchmarks/results/core.json and core.md (or
+the directory given by ``--out``; ``--quick`` writes nothing unless ``--out`` is given).
 Every ratio is taken in one process against SDPA on the same inputs. Peak memory is
 measured in a fresh process per case (growth of the peak resident set after the inputs
 exist), since CPU PyTorch has no allocator statistics.
@@ -12,16 +14,19 @@ exist), since CPU PyTorch has no allocator statistics.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import attnkit
 from attnkit import biases, masks
-from attnkit._timing import interleaved_median_seconds, machine, matmul_gflops, peak_rss_mib
+from attnkit._timing import interleaved_median_seconds, matmul_gflops, peak_rss_mib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, machine_info, machine_line, save
 
 B, H, D = 1, 8, 64
 
@@ -95,10 +100,29 @@ def flops(name: str, length: int) -> float:
     return 4 * B * H * pairs * D
 
 
+def render(data: dict) -> str:
+    """The markdown table of a core.json result."""
+    lines = [machine_line(data["machine"]),
+             f"fp32 matmul (2048x2048): {data['matmul_gflops']:.0f} GFLOP/s. B={B}, H={H}, D={D}, fp32; "
+             f"median of {data['repeats']} interleaved runs.", "",
+             "| case | L | attnkit | ms | SDPA ms | speed vs SDPA | attnkit's goal | GFLOP/s (% of matmul) |"
+             " peak MiB: attnkit / SDPA incl. its mask |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for e in data["cases"]:
+        met = "yes" if e["speed_vs_sdpa"] >= e["target"] else "**no**"
+        mem_cell = f"{e['peak_mib']:.0f} / {e['sdpa_peak_mib']:.0f}" if e["peak_mib"] is not None else ""
+        lines.append(f"| {e['case']}{' fwd+bwd' if e['backward'] else ''} | {e['length']} | {e['backend']} | "
+                     f"{e['ms']:.0f} | {e['sdpa_ms']:.0f} | {e['speed_vs_sdpa']:.2f}x | >= {e['target']}x {met} | "
+                     f"{e['gflops']:.0f} ({e['pct_of_matmul']:.0f}%) | {mem_cell} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json")
+    parser.add_argument("--scale", type=int, default=1, help="divide every length by this")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help=f"results directory (default {RESULTS}; none with --quick)")
     parser.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -106,9 +130,9 @@ def main() -> None:
         _measure(name, int(length), who, grad == "1")
         return
 
-    scale = 64 if args.quick else 1
-    repeats = 1 if args.quick else 5
-    # (case, length, backward, attnkit backends, targets: {backend: min speed vs SDPA})
+    scale = 64 if args.quick else args.scale
+    repeats = 1 if args.quick else args.repeats
+    # (case, length, backward, attnkit backends, goals: {backend: min speed vs SDPA})
     plan = [
         ("dense", 4096, False, ("auto", "tiled"), {"auto": 0.95, "tiled": 0.75}),
         ("causal", 4096, False, ("auto", "tiled"), {"auto": 0.95, "tiled": 0.75}),
@@ -117,8 +141,8 @@ def main() -> None:
         ("window", 8192, True, ("tiled",), {"tiled": 4.0}),
     ]
     peak = matmul_gflops()
-    rows, raw = [], {"machine": machine(), "matmul_gflops": peak, "cases": []}
-    print(f"machine: {raw['machine']}; fp32 2048x2048 matmul: {peak:.0f} GFLOP/s", file=sys.stderr)
+    data = {"machine": machine_info(), "matmul_gflops": peak, "repeats": repeats, "scale": scale, "cases": []}
+    print(f"{machine_line(data['machine'])} fp32 2048x2048 matmul: {peak:.0f} GFLOP/s", file=sys.stderr)
     for name, length, grad, backends, targets in plan:
         length //= scale
         ours, make_sdpa = case_fns(name, length, grad)
@@ -132,25 +156,15 @@ def main() -> None:
         for backend in backends:
             t = times[backend]
             rate = flops(name, length) * (3.5 if grad else 1) / t / 1e9  # backward ~2.5x forward
-            entry = {"case": name, "length": length, "backward": grad, "backend": backend,
-                     "ms": 1e3 * t, "sdpa_ms": 1e3 * t_sdpa, "speed_vs_sdpa": t_sdpa / t,
-                     "gflops": rate, "pct_of_matmul": 100 * rate / peak, "target": targets[backend],
-                     "peak_mib": mem.get(backend), "sdpa_peak_mib": mem.get("sdpa")}
-            raw["cases"].append(entry)
-            met = "yes" if entry["speed_vs_sdpa"] >= entry["target"] else "**no**"
-            mem_cell = f"{entry['peak_mib']:.0f} / {entry['sdpa_peak_mib']:.0f}" if mem else ""
-            rows.append(f"| {name}{' fwd+bwd' if grad else ''} | {length} | {backend} | {entry['ms']:.0f} | "
-                        f"{entry['sdpa_ms']:.0f} | {entry['speed_vs_sdpa']:.2f}x | >= {entry['target']}x {met} | "
-                        f"{rate:.0f} ({entry['pct_of_matmul']:.0f}%) | {mem_cell} |")
-            print(rows[-1], file=sys.stderr)
-    print(f"Machine: {raw['machine']}. fp32 matmul (2048x2048): {peak:.0f} GFLOP/s. B=1, H=8, D=64, fp32.\n")
-    print("| case | L | attnkit | ms | SDPA ms | speed vs SDPA | target | GFLOP/s (% of matmul) |"
-          " peak MiB: attnkit / SDPA incl. its mask |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(raw, f, indent=2)
+            data["cases"].append({"case": name, "length": length, "backward": grad, "backend": backend,
+                                  "ms": 1e3 * t, "sdpa_ms": 1e3 * t_sdpa, "speed_vs_sdpa": t_sdpa / t,
+                                  "gflops": rate, "pct_of_matmul": 100 * rate / peak, "target": targets[backend],
+                                  "peak_mib": mem.get(backend), "sdpa_peak_mib": mem.get("sdpa")})
+            print(data["cases"][-1], file=sys.stderr)
+    table = render(data)
+    print(table)
+    if args.out or not args.quick:
+        save("core", data, table, args.out or RESULTS)
 
 
 if __name__ == "__main__":

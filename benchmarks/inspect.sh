@@ -12,4 +12,4 @@ mkdir -p "$out" docs/img
 python examples/coreference.py > "$out/coreference.txt"
 python examples/finetune_shift.py > "$out/finetune_shift.txt"
 python -m attnkit induction --plot docs/img/induction.png --json "$out/induction.json"
-python benchmarks/capture.py > "$out/capture.md"
+python benchmarks/capture.py

@@ -1,13 +1,17 @@
 """How big the explorer report is and how long it takes to build and to render.
 
-    python benchmarks/report.py [--tokens 2000] [--json benchmarks/results/report.json]
+    python benchmarks/report.py --tokens 2000 --stretch linear --random   # the committed run (~3 min idle)
+    python benchmarks/report.py --tokens 500 --stretch none               # MiniLM as it is
+
+It writes benchmarks/results/report.json and report.md (or into ``--out``).
 
 Inputs: the seed sentence, and a long English text (Python's own LICENSE.txt, which every
 Python install ships) cut to ``--tokens`` tokens. The bundled MiniLM (6 layers x 12 heads)
-has 512 positions; for longer inputs its position table is stretched to the needed
-length by linear interpolation, so the maps are the real model's weights on a longer
-text, not a random model's (whose near-uniform rows would be the worst case for the
-encoding; ``--random`` measures that too).
+has 512 positions. ``--stretch linear`` (the default) gives it ``--tokens`` positions by
+linear interpolation of its position table (:func:`stretch_positions`), so the maps are
+the real model's weights on a longer text, not a random model's (whose near-uniform rows
+would be the worst case for the encoding; ``--random`` measures that too).
+``--stretch none`` keeps the 512 positions and refuses longer inputs.
 
 Build: capture + report (rollout, head roles, encoding, HTML) in this process. Render:
 Debian's chromium (Playwright), from navigation until the explorer has decoded the maps
@@ -18,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -30,6 +33,9 @@ from attnkit import models
 from attnkit._timing import machine
 from attnkit.inspect import capture
 from attnkit.viz.report import report_html
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, machine_line, save
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = "The cat sat on the mat because it was tired."
@@ -61,7 +67,7 @@ def stretch_positions(model: torch.nn.Module, length: int) -> None:
     model.config.max_position_embeddings = length
 
 
-def render(html_path: Path) -> dict:
+def render_in_browser(html_path: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from playwright.sync_api import sync_playwright
 
@@ -110,7 +116,7 @@ def measure(name: str, model, tokenizer, text: str, tokens: int | None) -> dict:
         path = Path(tmp) / "report.html"
         path.write_text(page, encoding="utf-8")
         size = path.stat().st_size
-        shown = render(path)
+        shown = render_in_browser(path)
     data = json.loads(page.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     enc = data["encoding"]
     row = {"case": name, "tokens": n, "bytes": size, "capture_s": round(t_capture, 2), "report_s": round(t_report, 2),
@@ -123,26 +129,61 @@ def measure(name: str, model, tokenizer, text: str, tokens: int | None) -> dict:
     return row
 
 
+def _stored(r: dict) -> str:
+    """How the report stored the rows of one input, from its encoding figures."""
+    if r["blocks"] == 0:
+        return (f"all but {r['tolerance']:.1%} of each row exactly, to 1/65535 ({r['kept']:,} of {r['entries']:,} "
+                f"values; the most a row left out: {r['dropped_max']:.2%})")
+    return (f"{r['peaks']} peaks per row exactly, the rest as sums over {r['blocks']} blocks of {r['block_keys']} "
+            f"keys: no weight lost, a blurred value off by at most {r['blurred_max']:.3f} "
+            f"({r['blurred_mean']:.4f} on average)")
+
+
+def render(data: dict) -> str:
+    """The markdown table of a report.json result."""
+    lines = [machine_line(data["machine"]) + " Rendered in Debian's chromium (headless) through Playwright.", "",
+             "| input | report size | capture | report build | load and first draw | all 78 thumbnails | matrix tab "
+             "| layer change in the matrix | JS heap | how rows are stored |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        name = f"{r['case']}, {r['tokens']} tokens" if r["case"] == "seed sentence" else r["case"].replace(
+            f"{r['tokens']} tokens", f"{r['tokens']:,} tokens, MiniLM" if "random" not in r["case"]
+            else f"{r['tokens']:,} tokens")
+        size = f"{r['bytes'] / 1e3:.0f} KB" if r["bytes"] < 1e6 else f"{r['bytes'] / 1e6:.1f} MB"
+        lines.append(f"| {name} | {size} | {r['capture_s']:.2f} s | {r['report_s']:.2f} s | "
+                     f"{r['load_and_first_draw_s']:.2f} s | {r['tab_s']['model (all thumbnails)']:.2f} s | "
+                     f"{r['tab_s']['matrix']:.2f} s | {r['matrix_layer_change_s']:.3f} s | "
+                     f"{r['js_heap_mib']:.1f} MiB | {_stored(r)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--stretch", choices=("linear", "none"), default="linear",
+                    help="give MiniLM --tokens positions by linear interpolation of its 512 (default), or not")
     ap.add_argument("--random", action="store_true", help="also a random-weight model of the same shape")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tokenizer = models.load("minilm")
+    positions = model.config.max_position_embeddings
+    if args.stretch == "none" and args.tokens > positions:
+        ap.error(f"--tokens {args.tokens} needs more than MiniLM's {positions} positions; use --stretch linear")
     rows = [measure("seed sentence", model, tokenizer, SEED, None)]
-    stretch_positions(model, args.tokens)
+    if args.stretch == "linear":
+        stretch_positions(model, args.tokens)
     rows.append(measure(f"{args.tokens} tokens", model, tokenizer, long_text(), args.tokens))
     if args.random:
         from transformers import BertModel
 
         rnd = BertModel(model.config).eval()
         rows.append(measure(f"{args.tokens} tokens, random weights", rnd, tokenizer, long_text(), args.tokens))
-    result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    result = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "stretch": args.stretch, "rows": rows}
+    table = render(result)
+    print(table)
+    save("report", result, table, args.out)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Ring attention over torch.distributed (gloo) with 1, 2 and 4 processes: per-rank peak
 memory, time per forward+backward step, and bytes sent per rank against the formula.
 
-    python benchmarks/ring.py                 # L = 16384 (~3 min)
+    python benchmarks/ring.py                 # L = 16384 (~3 min on an idle 2-core machine)
     python benchmarks/ring.py --length 4096   # shorter
     python benchmarks/ring.py --quick         # L = 1024, a smoke test of this script
+
+It prints the markdown table and writes benchmarks/results/ring.json and ring.md (or the
+directory given by ``--out``; ``--quick`` writes nothing unless ``--out`` is given).
 
 Causal, zigzag sharding, fp32, B=1, H=8, D=64. Each rank makes its own shard (no rank
 holds the whole sequence) and uses max(1, cores / W) threads. Peak memory is the growth
@@ -27,8 +30,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attnkit import masks
-from attnkit._timing import machine, peak_rss_mib
+from attnkit._timing import peak_rss_mib
 from attnkit.distributed import last_stats, ring_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import RESULTS, machine_info, machine_line, save
 
 B, H, D = 1, 8, 64
 
@@ -67,35 +73,45 @@ def run(world: int, length: int) -> list[dict]:
         return json.loads(Path(out).read_text())
 
 
+def render(data: dict) -> str:
+    """The markdown table of a ring.json result: per world size, the slowest rank's time,
+    the largest rank's peak, the most any rank sent, and the formula's bytes per rank."""
+    length = data["length"]
+    shard_bytes = 2 * B * H * length * D * 4  # K and V of the whole sequence, fp32
+    lines = [machine_line(data["machine"]),
+             f"Causal, zigzag sharding, fp32, B={B}, H={H}, D={D}, L={length}, gloo processes on this one machine.",
+             "", "| processes W | time per fwd+bwd step (s) | peak MiB per rank (max) | sent per rank fwd / bwd (MiB) "
+             "| formula fwd / bwd (MiB) |", "|---|---|---|---|---|"]
+    for world, rows in data["results"].items():
+        w = int(world)
+        per = shard_bytes / w  # this rank's K and V
+        # forward: W-1 hops of K, V; backward: W-1 hops of K, V, dK, dV, then dK, dV home
+        fwd = (w - 1) * per
+        bwd = (w - 1) * 2 * per + per if w > 1 else 0
+        sent_fwd = max(r["forward_bytes"] for r in rows) / 2**20
+        sent_bwd = max(r["backward_bytes"] for r in rows) / 2**20
+        lines.append(f"| {w} | {max(r['seconds'] for r in rows):.2f} | {max(r['peak_mib'] for r in rows):.0f} | "
+                     f"{sent_fwd:.1f} / {sent_bwd:.1f} | {fwd / 2**20:.1f} / {bwd / 2**20:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--out", type=Path, help=f"results directory (default {RESULTS}; none with --quick)")
     args = parser.parse_args(argv)
     length = 1024 if args.quick else args.length
     results = {}
     for world in (1, 2, 4):
         print(f"W={world} ...", file=sys.stderr, flush=True)
-        results[world] = run(world, length)
-    shard_bytes = 2 * B * H * length * D * 4  # K and V of the whole sequence, fp32
-    print(f"Machine: {machine()}. Causal, zigzag, fp32, B={B}, H={H}, D={D}, L={length}.\n")
-    print("| processes | time per fwd+bwd step (s) | peak MiB per rank (max) | sent per rank fwd / bwd (MiB) "
-          "| formula fwd / bwd (MiB) |")
-    print("|---|---|---|---|---|")
-    for world, rows in results.items():
-        per = shard_bytes / world  # this rank's K and V
-        # forward: W-1 hops of K, V; backward: W-1 hops of K, V, dK, dV, then dK, dV home
-        fwd = (world - 1) * per
-        bwd = (world - 1) * 2 * per + per if world > 1 else 0
-        sent_fwd = max(r["forward_bytes"] for r in rows) / 2**20
-        sent_bwd = max(r["backward_bytes"] for r in rows) / 2**20
-        print(f"| {world} | {max(r['seconds'] for r in rows):.2f} | {max(r['peak_mib'] for r in rows):.0f} | "
-              f"{sent_fwd:.1f} / {sent_bwd:.1f} | {fwd / 2**20:.1f} / {bwd / 2**20:.1f} |")
-    out = {"machine": machine(), "length": length, "results": results}
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+        results[str(world)] = run(world, length)
+    data = {"machine": machine_info(), "length": length, "results": results}
+    table = render(data)
+    print(table)
+    if args.out or not args.quick:
+        save("ring", data, table, args.out or RESULTS)
+    return data
 
 
 if __name__ == "__main__":

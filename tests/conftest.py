@@ -166,3 +166,26 @@ def watched_page(browser):
     yield make
     for context in pages:
         context.close()
+
+
+# --- PNG figures: their pixels, not only their signature ---
+
+
+def png_rgb(path):
+    """The (height, width, 3) int16 RGB pixels of a PNG file."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_drawn(path, min_colours=8, min_ink=0.01):
+    """The PNG is a real figure: at least ``min_colours`` distinct colours, and more than
+    ``min_ink`` of its pixels darker than near-white (a blank figure has neither)."""
+    import numpy as np
+
+    rgb = png_rgb(path)
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) >= min_colours, f"{path}: too few colours"
+    assert (rgb.min(-1) < 200).mean() > min_ink, f"{path}: almost blank"

@@ -16,6 +16,8 @@ from attnkit.bench import runner
 from attnkit.bench.runner import BenchResult, Row
 from attnkit.cli import main
 
+from conftest import assert_drawn
+
 
 def _grid(p):
     _, _, _, lq, lk, _ = p.shape
@@ -211,7 +213,7 @@ def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     result = bench.run(["causal", "window"], [32, 64], peers=["sdpa"], repeats=1, window=16)
     path = bench.plot(result, tmp_path / "bench.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_drawn(path)
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from attnkit.inspect.compare import Comparison, compare, jensen_shannon
+from attnkit.inspect.maps import AttentionMaps
 from attnkit.inspect.roles import token_set_mass
 
 from conftest import MapsStandIn
@@ -198,12 +199,11 @@ def test_compare_errors():
 
 
 def test_with_real_attention_maps():
-    maps_module = pytest.importorskip("attnkit.inspect.maps")
     a, b = random_attn(2, 2, seed=14).float(), random_attn(2, 2, seed=15).float()
 
     def maps(attn, tokens, name):
-        return maps_module.AttentionMaps(attentions=[attn], tokens=[tokens], token_ids=None, model_name=name,
-                                         layers=(0, 1), heads=(0, 1))
+        return AttentionMaps(attentions=[attn], tokens=[tokens], token_ids=None, model_name=name,
+                             layers=(0, 1), heads=(0, 1))
 
     tokens = ["the", "cat", "sat", "on", "the", "mat"]
     result = compare(maps(a, tokens, "base"), maps(b, tokens, "tuned"))
@@ -213,3 +213,26 @@ def test_with_real_attention_maps():
         compare(maps(a, tokens, "base"), maps(b, [*tokens[:-1], "rug"], "tuned"))
     with pytest.raises(ValueError, match=r"same heads; got \(0, 1\) and \(1,\)"):
         compare(maps(a, tokens, "base"), maps(b, tokens, "tuned").select(heads=[1]))
+
+
+def test_real_maps_with_model_indices_and_a_key_set():
+    a = random_attn(2, 3, seed=31).float()
+    b = a.clone()
+    b[1, 2] = torch.eye(6).roll(1, dims=1)  # model layer 8, head 5: all on the previous key
+    tokens = ["the", "cat", "sat", "on", "the", "mat"]
+    maps_a = AttentionMaps([a], [tokens], [[1, 2, 3, 4, 1, 5]], "base", layers=(3, 8), heads=(0, 2, 5))
+    maps_b = AttentionMaps([b], [tokens], [[1, 2, 3, 4, 1, 5]], "tuned", layers=(3, 8), heads=(0, 2, 5))
+    result = compare(maps_a, maps_b, key_set=[0, 4])
+    assert torch.allclose(result.js, ref_head_js(a.double(), b.double()), rtol=1e-6, atol=1e-7)
+    assert (result.layers, result.heads) == ((3, 8), (0, 2, 5))
+    assert result.most_changed(n=1)[0][:2] == (8, 5)
+    # mass on keys 0 and 4, from a loop: rows sum to 1, so the share is the mean over the 6 rows
+    for maps, attn in ((result.mass_a, a), (result.mass_b, b)):
+        want = [[sum(attn[la, h, i, j].item() for i in range(6) for j in (0, 4)) / 6 for h in range(3)]
+                for la in range(2)]
+        assert torch.allclose(maps.double(), torch.tensor(want, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(result.mass_shift, result.mass_b - result.mass_a)
+    # selected by model index on both sides, the comparison is that part of the whole
+    part = compare(maps_a.select(layers=8, heads=[5, 0]), maps_b.select(layers=8, heads=[5, 0]))
+    assert torch.allclose(part.js, result.js[[1]][:, [2, 0]])
+    assert (part.layers, part.heads) == ((8,), (5, 0))

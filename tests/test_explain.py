@@ -13,8 +13,9 @@ from attnkit.viz import explain, find_tokens, save_pngs, summarize
 from attnkit.viz.encode import decode
 from attnkit.viz.explainer import special_positions
 
+from conftest import assert_drawn, png_rgb
+
 SEED = "The cat sat on the mat because it was tired."
-PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,8 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     assert decode(data["encoding"]).shape == (6 * 12 + 6, 13, 13)
     names = sorted(p.name for p in pngs.iterdir())
     assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])
-    assert all((pngs / n).read_bytes()[:8] == PNG for n in names)
+    for n in names:
+        assert_drawn(pngs / n)
 
 
 def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
@@ -162,7 +164,8 @@ def test_save_pngs_files_and_errors(tmp_path):
     maps = AttentionMaps([p], [list("abcde")], None, "toy", (0, 1), (0, 1, 2))
     paths = save_pngs(maps, tmp_path / "figs")
     assert [x.name for x in paths] == ["layer0.png", "layer1.png", "mean.png", "rollout.png"]
-    assert all(x.read_bytes()[:8] == PNG for x in paths)
+    for x in paths:
+        assert_drawn(x)
     assert [x.name for x in save_pngs(maps.select(heads=[1, 2]), tmp_path / "sub")] == ["layer0.png", "layer1.png",
                                                                                      "mean.png"]
     (tmp_path / "file").write_text("x")
@@ -179,3 +182,29 @@ def test_rollout_every_layer_and_float32():
     assert torch.allclose(rollout(p, dtype=torch.float32).double(), rollout(p), atol=1e-6)
     with pytest.raises(TypeError, match="dtype must be"):
         rollout(p, dtype=torch.float16)
+
+
+def test_png_cell_colour_follows_its_value(tmp_path):
+    """Two maps that differ only in cells (2, 0) and (2, 2), where they swap 0.2 and 0.5:
+    the pixels that differ are those two cells, and each shows the colour of its value on
+    the 0..1 colour scale."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    b = a.clone()
+    b[2] = torch.tensor([0.5, 0.3, 0.2])
+    images = []
+    for name, p in (("a", a), ("b", b)):
+        maps = AttentionMaps([p[None, None]], [["x", "y", "z"]], None, "toy", (0,), (0,))
+        images.append(png_rgb(save_pngs(maps, tmp_path / name, rollout=False)[0]))
+    assert images[0].shape == images[1].shape
+    changed = (images[0] != images[1]).any(-1)
+    xs = np.nonzero(changed)[1]
+    assert len(xs) > 100  # two cells' worth of pixels, not an edge
+    mid = (xs.min() + xs.max()) / 2
+    left, right = changed & (np.arange(changed.shape[1]) < mid), changed & (np.arange(changed.shape[1]) > mid)
+    colour = {v: np.array(colormaps["magma_r"](v)[:3]) * 255 for v in (0.2, 0.5)}
+    for image, (lv, rv) in zip(images, ((0.2, 0.5), (0.5, 0.2))):
+        assert np.abs(np.median(image[left], 0) - colour[lv]).max() <= 3
+        assert np.abs(np.median(image[right], 0) - colour[rv]).max() <= 3

@@ -11,6 +11,8 @@ import torch
 from attnkit.cli import main
 from attnkit.inspect.induction import InductionConfig, _sequences, train_induction
 
+from conftest import assert_drawn
+
 
 def test_sequences_repeat_a_block_of_random_length():
     config = InductionConfig(vocab_size=50, half_length=10)
@@ -53,7 +55,7 @@ def test_second_half_loss_falls_far_below_first_half(trained):
 def test_plot_and_json(trained, tmp_path):
     pytest.importorskip("matplotlib")
     path = trained.plot(tmp_path / "induction.png")
-    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert_drawn(path)
     data = json.loads(json.dumps(trained.to_dict()))
     assert len(data["steps"]) == len(data["induction"]) == 11
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attnkit.inspect.maps import AttentionMaps
 from attnkit.inspect.roles import (
     ROLES,
     STOP_WORDS,
@@ -496,21 +497,54 @@ def test_head_roles_reads_the_chosen_input():
 
 
 def test_with_real_attention_maps():
-    maps_module = pytest.importorskip("attnkit.inspect.maps")
     attn = random_attn(3, 2, length=7, seed=19, dtype=torch.float32)
     ids = [1, 2, 3, 1, 2, 3, 1]
-    maps = maps_module.AttentionMaps(attentions=[attn], tokens=[list("abcabca")], token_ids=[ids],
-                                     model_name="toy", layers=(0, 1, 2), heads=(0, 1))
+    maps = AttentionMaps(attentions=[attn], tokens=[list("abcabca")], token_ids=[ids],
+                         model_name="toy", layers=(0, 1, 2), heads=(0, 1))
     roles = head_roles(maps)
     assert close(roles["induction"], induction_score(attn, ids)) and roles.model_name == "toy"
     assert torch.equal(rollout(maps), rollout(attn))
     sub = maps.select(layers=[2, 0], heads=1)
     assert close(previous_token_score(sub), previous_token_score(attn[[2, 0]][:, [1]]))
-    best = head_roles(sub).top("first_token", n=1)[0]
-    assert best == (2, 1, first_token_score(attn[2, 1]).item()) or best == (0, 1, first_token_score(attn[0, 1]).item())
+    # the best first-token head of the selection, found here from the two scores themselves
+    scores = {(2, 1): first_token_score(attn[2, 1]).item(), (0, 1): first_token_score(attn[0, 1]).item()}
+    assert scores[(2, 1)] != scores[(0, 1)]
+    layer, head = max(scores, key=scores.get)
+    assert head_roles(sub).top("first_token", n=1) == [(layer, head, pytest.approx(scores[(layer, head)]))]
     assert top_attended(sub, layer=0, head=1) == top_attended(attn, list("abcabca"), layer=0, head=1)
     with pytest.raises(ValueError, match="every layer of the model"):
         rollout(sub)
+
+
+def test_real_maps_report_the_models_layer_and_head_indices():
+    attn = random_attn(2, 3, length=8, seed=23, dtype=torch.float32)
+    tokens = ["[CLS]", "the", "cat", "sat", "the", "cat", "sat", "[SEP]"]
+    ids = [101, 5, 6, 7, 5, 6, 7, 102]
+    maps = AttentionMaps([attn], [tokens], [ids], "toy", layers=(4, 9), heads=(1, 3, 7))
+    roles = head_roles(maps)
+    assert (roles.layers, roles.heads, roles.n_tokens) == ((4, 9), (1, 3, 7), 8)
+    ref = torch.tensor([[ref_share(attn[la, h].double(), lambda i, j: j == i - 1) for h in range(3)]
+                        for la in range(2)], dtype=torch.float64)
+    assert close(roles["previous_token"], ref)
+    flat = sorted(((ref[la, h].item(), (4, 9)[la], (1, 3, 7)[h]) for la in range(2) for h in range(3)), reverse=True)
+    assert [(la, h) for la, h, _ in roles.top("previous_token", n=3)] == [(la, h) for _, la, h in flat[:3]]
+    # the same scores through select, by model index
+    sub = maps.select(layers=9, heads=[7, 1])
+    assert close(head_roles(sub)["previous_token"], ref[[1]][:, [2, 0]])
+    with pytest.raises(ValueError, match=r"layers \[5\] were not captured"):
+        maps.select(layers=5)
+
+
+def test_real_maps_token_set_mass_matches_a_loop():
+    attn = random_attn(1, 2, length=6, seed=29, dtype=torch.float32)
+    tokens = ["[CLS]", "the", "cat", "is", "the", "[SEP]"]
+    maps = AttentionMaps([attn], [tokens], [[101, 5, 6, 8, 5, 102]], "toy", layers=(0,), heads=(0, 1))
+    keys = token_set(maps.tokens[0], ["the"])
+    assert keys.tolist() == [t == "the" for t in tokens]
+    got = token_set_mass(maps, keys)
+    want = torch.tensor([[sum(attn[0, h, i, j].item() for i in range(6) for j in (1, 4)) / 6 for h in range(2)]],
+                        dtype=torch.float64)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=1e-7)
 
 
 # Properties
