@@ -1,8 +1,8 @@
 """Compact encoding of attention maps for the HTML pages.
 
 A report holds many (Lq, Lk) probability matrices: one per layer and head, plus the
-rollout up to each layer. bertviz writes each value as JSON text (about 45 bytes a
-value: 425 MB for 12 layers x 12 heads x 256 tokens). Here each row is stored as its
+rollout up to each layer. bertviz's ``head_view`` writes each value as JSON text, twice
+(about 46 bytes a value, measured by ``benchmarks/bertviz_size.py``). Here each row is stored as its
 **peaks** plus a coarse **background**:
 
 - **Peaks.** Row by row, entries in decreasing order until what is left carries at most
