@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+import attnkit
 from attnkit import masks
 from attnkit._blocks import EMPTY, FULL
+
+from conftest import qkv
 
 
 def loops(q_len, k_len, allowed, batch=1):
@@ -23,6 +26,30 @@ def loops(q_len, k_len, allowed, batch=1):
 LENGTHS = [(1, 1), (5, 5), (7, 13), (13, 7), (33, 33)]
 DOC_Q = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3], [0, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]])
 DOC_K = torch.tensor([[0, 1, 1, 2, 2, 3, 3], [0, 0, 0, 0, 1, 1, 2]])
+
+
+class EvenDistance(masks.Mask):
+    """A user's mask written only as ``allowed``: keys at an even distance of at most 4."""
+
+    def allowed(self, block):
+        d = block.i - block.j
+        return (d % 2 == 0) & (d.abs() <= 4)
+
+    def __repr__(self):
+        return "EvenDistance()"
+
+
+class EveryThirdKey(masks.Mask):
+    """A user's mask written only as FlexAttention's ``mask_mod``: key j with j % 3 == b."""
+
+    def mask_mod(self, q_len, k_len):
+        return lambda b, h, q_idx, kv_idx: kv_idx % 3 == b
+
+    def extent(self):
+        return 2, 1
+
+    def __repr__(self):
+        return "EveryThirdKey()"
 
 
 def cases(q_len, k_len):
@@ -52,6 +79,9 @@ def cases(q_len, k_len):
         yield (masks.sliding_window(2, 2) | masks.global_tokens([0]),
                lambda b, i, j: abs(i - j) <= 2 or 0 in (i, j), 1)
         yield ~masks.causal(), lambda b, i, j: j > i, 1
+    yield EvenDistance(), lambda b, i, j: (i - j) % 2 == 0 and abs(i - j) <= 4, 1
+    yield EveryThirdKey(), lambda b, i, j: j % 3 == b, 2
+    yield EvenDistance() & masks.causal(), lambda b, i, j: (i - j) % 2 == 0 and 0 <= i - j <= 4, 1
 
 
 ALL = [(lq, lk, m, p, b) for lq, lk in LENGTHS for m, p, b in cases(lq, lk)]
@@ -75,7 +105,7 @@ def test_block_states_agree_with_dense(q_len, k_len, mask, pred, batch, block):
     bq, bk = block
     dense = loops(q_len, k_len, pred, batch)
     state = mask.blocks(q_len, k_len, block).state
-    exact = not repr(mask).startswith(("(", "~"))
+    exact = not repr(mask).startswith(("(", "~"))  # the default block states are exact too
     for r, c in itertools.product(range(state.shape[0]), range(state.shape[1])):
         tile = dense[:, r * bq : (r + 1) * bq, c * bk : (c + 1) * bk]
         if state[r, c] == EMPTY:
@@ -140,3 +170,75 @@ def test_bad_masks_raise_clear_errors():
         masks.global_tokens([-1])
     with pytest.raises(TypeError, match="other must be an attnkit mask"):
         masks.causal() & 3
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "mask", "pred", "batch"), ALL,
+                         ids=[f"{lq}x{lk}-{m!r}" for lq, lk, m, _, _ in ALL])
+def test_mask_mod_and_full_empty_match_definition(q_len, k_len, mask, pred, batch):
+    want = loops(q_len, k_len, pred, batch)  # (B, Lq, Lk)
+    mod = mask.mask_mod(q_len, k_len)
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    got = mod(b, torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(q_len).view(1, 1, -1, 1),
+              torch.arange(k_len).view(1, 1, 1, -1))
+    assert got.dtype == torch.bool
+    assert torch.equal(got.expand(batch, 1, q_len, k_len)[:, 0], want)
+    assert mask.is_full(q_len, k_len, batch=batch) == bool(want.all())
+    assert mask.is_empty(q_len, k_len, batch=batch) == (not want.any())
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "mask", "pred", "batch"), [c for c in ALL if c[:2] == (13, 7)],
+                         ids=[repr(c[2]) for c in ALL if c[:2] == (13, 7)])
+def test_shifted_is_a_piece_of_the_whole(q_len, k_len, mask, pred, batch):
+    whole = loops(q_len, k_len, pred, batch)
+    for (q0, q1), (k0, k1) in [((0, 5), (2, 7)), ((6, 13), (0, 4)), ((3, 4), (6, 7))]:
+        piece = mask.shifted(q0, k0, q_total=q_len, k_total=k_len)
+        got = piece.to_dense(q1 - q0, k1 - k0, batch=batch)
+        got = got.expand(batch, 1, q1 - q0, k1 - k0)[:, 0] if got.dim() == 4 else got.expand(batch, -1, -1)
+        assert torch.equal(got, whole[:, q0:q1, k0:k1]), (q0, k0)
+        state = piece.block_states(q1 - q0, k1 - k0, 2, 2, batch=batch)
+        tiles = whole[:, q0:q1, k0:k1]
+        for r, c in itertools.product(range(state.shape[0]), range(state.shape[1])):
+            tile = tiles[:, 2 * r: 2 * r + 2, 2 * c: 2 * c + 2]
+            assert state[r, c] != EMPTY or not tile.any()
+            assert state[r, c] != FULL or tile.all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "sdpa", "auto"])
+@pytest.mark.parametrize("user_mask", [EvenDistance(), EveryThirdKey(), EvenDistance() | masks.causal()],
+                         ids=repr)
+def test_a_user_mask_runs_on_every_backend(backend, user_mask, tiled_kernel):
+    """Output and gradients equal the float64 reference under the same mask given as a
+    dense tensor built from the definition; sdpa declines with a reason."""
+    q_len, k_len = 150, 300  # more than one key block of the tiled backend
+    q, k, v = qkv(batch=2, heads=2, q_len=q_len, k_len=k_len, requires_grad=True)
+    dense = user_mask.to_dense(q_len, k_len, batch=2)
+    if backend == "sdpa":
+        with pytest.raises(ValueError, match="only as a dense"):
+            attnkit.attention(q, k, v, mask=user_mask, backend="sdpa")
+        return
+    out = attnkit.attention(q, k, v, mask=user_mask, backend=backend)
+    ref = attnkit.attention(q, k, v, mask=dense, backend="reference")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    want = torch.autograd.grad(ref.sum(), (q, k, v))
+    assert torch.allclose(out, ref, atol=1e-10)
+    for g, w in zip(grads, want):
+        assert torch.allclose(g, w, atol=1e-10)
+
+
+def test_sdpa_is_asked_in_its_own_terms():
+    form = masks.causal().sdpa_form(3, 5)
+    assert form is not None and form.is_causal and form.key_valid is None
+    assert masks.causal("bottom_right").sdpa_form(3, 5) is None
+    assert masks.causal("bottom_right").sdpa_form(4, 4).is_causal
+    assert masks.causal().shifted(4, 0).sdpa_form(4, 4) is None
+    pad = masks.key_padding([1, 3]).sdpa_form(2, 3)
+    assert torch.equal(pad.key_valid, torch.tensor([[True, False, False], [True, True, True]]))
+    assert masks.sliding_window(2).sdpa_form(3, 3) is None and EvenDistance().sdpa_form(3, 3) is None
+
+
+def test_a_mask_without_a_definition_says_so():
+    class Nothing(masks.Mask):
+        pass
+
+    with pytest.raises(NotImplementedError, match="allowed\\(\\) or mask_mod\\(\\)"):
+        Nothing().to_dense(2, 2)

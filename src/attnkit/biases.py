@@ -59,7 +59,23 @@ class Bias:
         """Raise ValueError if this bias cannot apply to a call of these sizes."""
 
     def parts(self) -> tuple[Bias, ...]:
+        """The biases this one sums, in order (itself for a single bias)."""
         return (self,)
+
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Bias:
+        """This bias seen from a piece of a longer sequence.
+
+        Query ``i`` of the piece is query ``q_offset + i`` of the whole, key ``j`` is key
+        ``k_offset + j``; ``q_total`` and ``k_total`` are the whole's lengths (they place
+        ``bottom_right`` diagonals). If not given, the whole is taken as square and as long
+        as the piece reaches, as in :meth:`attnkit.masks.Mask.shifted`.
+        """
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        if q_offset == k_offset == 0 and q_total is None and k_total is None:
+            return self
+        return _Shifted(self, q_offset, k_offset, q_total, k_total)
 
     def to_dense(self, q_len: int, k_len: int, *, batch: int = 1, heads: int | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
@@ -111,6 +127,39 @@ class _Chain(Bias):
         return " + ".join(map(repr, self.items))
 
 
+class _Shifted(Bias):
+    """``inner`` on queries [q_offset, ...) and keys [k_offset, ...) of a longer sequence."""
+
+    def __init__(self, inner: Bias, q_offset: int, k_offset: int, q_total: int | None, k_total: int | None):
+        self.inner, self.q_offset, self.k_offset = inner, q_offset, k_offset
+        self.q_total, self.k_total = q_total, k_total
+        self.additive = inner.additive
+        if hasattr(inner, "num_heads"):
+            self.num_heads = inner.num_heads
+
+    def _whole(self, block: ScoreBlock) -> ScoreBlock:
+        side = max(self.q_offset + block.q_len, self.k_offset + block.k_len)
+        return ScoreBlock(block.batch, block.kv_heads, block.groups, self.q_total or side, self.k_total or side,
+                          block.q_start + self.q_offset, block.q_stop + self.q_offset,
+                          block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
+
+    def values(self, block, dtype):
+        return self.inner.values(self._whole(block), dtype)
+
+    def apply(self, scores, block, leaves=None):
+        return self.inner.apply(scores, self._whole(block), leaves)
+
+    def separable(self, block, dtype):
+        return self.inner.separable(self._whole(block), dtype)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        side = max(self.q_offset + q_len, self.k_offset + k_len)
+        self.inner.check(batch, heads, self.q_total or side, self.k_total or side, device)
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.shifted({self.q_offset}, {self.k_offset})"
+
+
 def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """ALiBi's head slopes (Press et al. 2022), for any head count.
 
@@ -145,11 +194,8 @@ class _ALiBi(Bias):
         self.slopes = slopes.detach().to(keep)
         self.num_heads = slopes.numel()
         self.align = require_choice("align", align, ("top_left", "bottom_right"))
-        self.shift: int | None = None  # a fixed offset, for a piece of a longer sequence
 
     def _offset(self, block: ScoreBlock) -> int:
-        if self.shift is not None:
-            return self.shift
         return 0 if self.align == "top_left" else block.k_len - block.q_len
 
     def values(self, block, dtype):
@@ -176,8 +222,7 @@ class _ALiBi(Bias):
             raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
 
     def __repr__(self) -> str:
-        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
-        return f"alibi({self.num_heads} heads, {where})"
+        return f"alibi({self.num_heads} heads, align={self.align!r})"
 
 
 def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left") -> Bias:

@@ -31,7 +31,8 @@ tensor([[1, 0, 0, 0],
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,6 +50,9 @@ from attnkit._checks import (
 __all__ = [
     "BlockMap",
     "Mask",
+    "MaskMod",
+    "SDPAForm",
+    "as_mask",
     "causal",
     "document",
     "from_tensor",
@@ -111,17 +115,116 @@ class BlockMap:
     __repr__ = __str__
 
 
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``."""
+
+
+@dataclass(frozen=True)
+class SDPAForm:
+    """A mask in the terms of PyTorch's ``scaled_dot_product_attention``.
+
+    ``is_causal``: pass ``is_causal=True`` (top-left causal). ``key_valid``: a (B|1, Lk)
+    bool tensor of real keys, to pass as a (B|1, 1, 1, Lk) ``attn_mask``; None if there
+    is none. At most one of the two is set (SDPA takes one or the other).
+    """
+
+    is_causal: bool = False
+    key_valid: Tensor | None = None
+
+
 class Mask:
-    """Base class of all masks. Subclasses implement ``allowed`` and ``_block_states``."""
+    """Base class of all masks.
+
+    A subclass implements at least one of :meth:`allowed` (a block of the score matrix)
+    or :meth:`mask_mod` (FlexAttention's elementwise function); each has a default in
+    terms of the other. Everything else has an exact default: :meth:`block_states`
+    evaluates the mask block by block in bounded memory, :meth:`shifted` translates the
+    coordinates. Built-in masks override them with analytic versions. A subclass that
+    varies by batch or head reports it in :meth:`extent`, and checks sizes in :meth:`check`.
+    """
+
+    # -- the elementwise definition ---------------------------------------------------
 
     def allowed(self, block: ScoreBlock) -> Tensor:
-        """Bool tensor, broadcastable to ``block.shape`` = (B, Hkv, bq, G, bk)."""
-        raise NotImplementedError
+        """Bool tensor, broadcastable to ``block.shape`` = (B, Hkv, bq, G, bk): True = may attend.
 
-    def _block_states(self, q_len: int, k_len: int, block_q: int, block_k: int,
-                      device: torch.device) -> Tensor:
-        """int8 (ceil(Lq/bq), ceil(Lk/bk)) block states, aggregated over batch and heads."""
-        raise NotImplementedError
+        The default calls :meth:`mask_mod` with the block's index tensors.
+        """
+        if type(self).mask_mod is Mask.mask_mod:
+            raise NotImplementedError(f"{type(self).__name__} must implement allowed() or mask_mod()")
+        return self.mask_mod(block.q_len, block.k_len)(block.b, block.h, block.i, block.j)
+
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
+        """This mask at lengths (Lq, Lk) as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``.
+
+        The function takes int index tensors that broadcast together (or 0-d tensors, as
+        under Flex's ``vmap``) and returns a bool tensor of their broadcast shape. The
+        default materialises the mask once, (B, H, Lq, Lk), and indexes it; built-in masks
+        compute it from the indices.
+        """
+        if type(self).allowed is Mask.allowed:
+            raise NotImplementedError(f"{type(self).__name__} must implement allowed() or mask_mod()")
+        mb, mh = self.extent()
+        dense = self.to_dense(q_len, k_len, batch=mb).reshape(mb, mh, q_len, k_len)
+
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return dense[b if mb > 1 else 0, h if mh > 1 else 0, q_idx, kv_idx]
+
+        return mod
+
+    # -- block structure ----------------------------------------------------------------
+
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """Classify each (block_q x block_k) block of an (Lq x Lk) call.
+
+        Returns an int8 tensor (ceil(Lq / block_q), ceil(Lk / block_k)) on ``device`` of
+        EMPTY (0: no pair allowed), PARTIAL (1) or FULL (2: every pair allowed), aggregated
+        over batch and heads: a block is EMPTY only if it is empty for every batch element
+        and head, FULL only if full for all. The last block of each axis may be short; only
+        its real positions count. ``batch`` and ``heads`` are the call's sizes (default: the
+        mask's :meth:`extent`); a mask that does not vary by them ignores them.
+
+        The default is exact: it evaluates :meth:`allowed` on row chunks of about 8M
+        pairs, so it costs O(Lq * Lk) time and bounded memory.
+        """
+        mb, mh = self.extent()
+        return _evaluate_states(self.allowed, q_len, k_len, block_q, block_k,
+                                batch or mb, heads or mh, torch.device(device))
+
+    def is_full(self, q_len: int, k_len: int, *, batch: int | None = None, heads: int | None = None) -> bool:
+        """Whether every (query, key) pair is allowed at these lengths (True if there is none)."""
+        s = self.block_states(q_len, k_len, max(q_len, 1), max(k_len, 1), batch=batch, heads=heads)
+        return bool((s == FULL).all())
+
+    def is_empty(self, q_len: int, k_len: int, *, batch: int | None = None, heads: int | None = None) -> bool:
+        """Whether no (query, key) pair is allowed at these lengths (True if there is none)."""
+        s = self.block_states(q_len, k_len, max(q_len, 1), max(k_len, 1), batch=batch, heads=heads)
+        return bool((s == EMPTY).all())
+
+    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
+        """This mask as SDPA's native arguments at these lengths, or None if it needs a dense mask."""
+        return None
+
+    # -- pieces of a longer sequence ------------------------------------------------------
+
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
+        """This mask seen from a piece of a longer sequence.
+
+        Query ``i`` of the piece is query ``q_offset + i`` of the whole, key ``j`` is key
+        ``k_offset + j``. ``q_total`` and ``k_total`` are the whole's lengths: they place
+        the diagonal of ``bottom_right`` masks and size per-token masks. If not given, the
+        whole is taken as square (both aligns agree) and as long as the piece reaches.
+        The piece's own lengths are those of the call it is used in.
+        """
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        if q_offset == k_offset == 0 and q_total is None and k_total is None:
+            return self
+        return _Shifted(self, q_offset, k_offset, q_total, k_total)
+
+    # -- facts about the mask -------------------------------------------------------------
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         """Raise ValueError if this mask cannot apply to a call of these sizes."""
@@ -149,17 +252,9 @@ class Mask:
         device = torch.device(device)
         self.check(b, mh, q_len, k_len, device)
         dense = torch.empty(b, mh, q_len, k_len, dtype=torch.bool, device=device)
-        for q0, q1, block in self._row_chunks(b, mh, q_len, k_len, device):
+        for q0, q1, block in _row_chunks(b, mh, q_len, k_len, device):
             dense[:, :, q0:q1] = self.allowed(block).expand(block.shape).squeeze(3)
         return dense[0, 0] if (b, mh) == (1, 1) else dense
-
-    def _row_chunks(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
-        """Blocks of whole rows, each about 4M elements, so that evaluating the mask
-        (int64 index arithmetic) never holds more than a chunk at once."""
-        rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
-        for q0 in range(0, q_len, rows):
-            q1 = min(q_len, q0 + rows)
-            yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
 
     def blocks(self, q_len: int, k_len: int, block_size: int | tuple[int, int] = 128) -> BlockMap:
         """Classify every (block_q x block_k) block as empty, partial or full."""
@@ -168,7 +263,7 @@ class Mask:
         bq, bk = require_int("block_q", bq, minimum=1), require_int("block_k", bk, minimum=1)
         mb, mh = self.extent()
         self.check(mb, mh, q_len, k_len, torch.device("cpu"))
-        state = self._block_states(q_len, k_len, bq, bk, torch.device("cpu"))
+        state = self.block_states(q_len, k_len, bq, bk)
         return BlockMap(self, state, q_len, k_len, bq, bk)
 
     def sparsity(self, q_len: int, k_len: int) -> float:
@@ -183,15 +278,15 @@ class Mask:
         device = torch.device("cpu")
         self.check(mb, mh, q_len, k_len, device)
         allowed = 0
-        for _, _, block in self._row_chunks(mb, mh, q_len, k_len, device):
+        for _, _, block in _row_chunks(mb, mh, q_len, k_len, device):
             allowed += int(self.allowed(block).expand(block.shape).sum())
         return 1.0 - allowed / (q_len * k_len * mb * mh)
 
     def __and__(self, other: Mask) -> Mask:
-        return _And(self, _as_mask("other", other))
+        return _And(self, as_mask("other", other))
 
     def __or__(self, other: Mask) -> Mask:
-        return _Or(self, _as_mask("other", other))
+        return _Or(self, as_mask("other", other))
 
     def __invert__(self) -> Mask:
         return _Not(self)
@@ -202,7 +297,77 @@ class Mask:
         return str(self.blocks(q_len, k_len, size))
 
 
-def _as_mask(name: str, m: object) -> Mask:
+def _row_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device, multiple: int = 1,
+                elements: int = 1 << 22):
+    """Blocks of whole rows, each about ``elements`` pairs (and a multiple of ``multiple``
+    rows), so that evaluating the mask never holds more than a chunk at once."""
+    rows = max(1, elements // max(1, k_len * batch * heads))
+    rows = max(multiple, rows // multiple * multiple)
+    for q0 in range(0, q_len, rows):
+        q1 = min(q_len, q0 + rows)
+        yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
+
+
+_ONES = int.from_bytes(b"\x01" * 8, "little")  # an int64 whose 8 bytes are each True
+
+
+def _block_any_all(some: Tensor, every: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+    """Per block of two (R, C) bool tensors (R, C multiples of the block): any of ``some``
+    and all of ``every`` (which may be the same tensor, then read once)."""
+    nr, nk = some.shape[0] // block_q, some.shape[1] // block_k
+    if block_k % 8 == 0:
+        # 8 bools as one int64 word: a word is 0 iff all 8 are False and _ONES iff all are
+        # True, and lies in [0, _ONES] otherwise, so min and max over words decide all and any.
+        def words(t: Tensor) -> Tensor:
+            return t.view(torch.int64).view(nr, block_q, nk, block_k // 8)
+
+        if some is every:
+            low, high = torch.aminmax(words(some), dim=1)
+        else:
+            low, high = words(every).amin(1), words(some).amax(1)
+        return high.amax(2) != 0, low.amin(2) == _ONES
+    return (some.view(nr, block_q, nk, block_k).any(1).any(2),
+            every.view(nr, block_q, nk, block_k).all(1).all(2))
+
+
+def _evaluate_states(allowed: Callable[[ScoreBlock], Tensor], q_len: int, k_len: int, block_q: int,
+                     block_k: int, batch: int, heads: int, device: torch.device) -> Tensor:
+    """Exact block states from an elementwise ``allowed``, one chunk of block rows at a time.
+
+    Every pair is evaluated (a block is EMPTY or FULL only if each of its pairs says so),
+    in chunks of about 8M pairs (few, large dispatches), with the reductions on 8 pairs per
+    machine word.
+    """
+    nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+    out = torch.empty(nq, nk, dtype=torch.int8, device=device)
+    if nq == 0 or nk == 0:
+        return out
+    kp = nk * block_k
+    for q0, q1, block in _row_chunks(batch, heads, q_len, k_len, device, multiple=block_q, elements=1 << 23):
+        a = allowed(block)  # (B|1, H|1, r|1, 1, Lk|1)
+        r, nr = q1 - q0, -(-(q1 - q0) // block_q)
+        a = torch.broadcast_to(a, (*a.shape[:2], r, a.shape[3], k_len)).transpose(2, 3).flatten(0, 2)
+        some, every = (a.any(0), a.all(0)) if a.shape[0] > 1 else (a[0], a[0])  # over batch and heads
+        if r % block_q or k_len % block_k:  # ragged edge: pad so that padding never counts
+            padded = torch.zeros(2, nr * block_q, kp, dtype=torch.bool, device=device)
+            padded[1] = True
+            padded[0, :r, :k_len], padded[1, :r, :k_len] = some, every
+            some, every = padded[0], padded[1]
+        if some is every:
+            some = every = some.contiguous()
+        else:
+            some, every = some.contiguous(), every.contiguous()
+        row = q0 // block_q
+        any_, all_ = _block_any_all(some, every, block_q, block_k)
+        out[row: row + nr] = states(~any_, all_)
+    return out
+
+
+def as_mask(name: str, m: object) -> Mask:
+    """``m`` as a :class:`Mask`: a mask as is, a bool tensor through :func:`from_tensor`.
+
+    Raises TypeError naming ``name`` for anything else.
+    """
     if isinstance(m, Mask):
         return m
     if isinstance(m, Tensor):
@@ -220,10 +385,22 @@ class _And(Mask):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) & self.b.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        sa = self.a._block_states(q_len, k_len, block_q, block_k, device)
-        sb = self.b._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
+
+    def _both(self, q_len, k_len, block_q, block_k, batch, heads, device):
+        kw = {"batch": batch, "heads": heads, "device": device}
+        return (self.a.block_states(q_len, k_len, block_q, block_k, **kw),
+                self.b.block_states(q_len, k_len, block_q, block_k, **kw))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) | (sb == EMPTY), (sa == FULL) & (sb == FULL))
+
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        kw = {"q_total": q_total, "k_total": k_total}
+        return type(self)(self.a.shifted(q_offset, k_offset, **kw), self.b.shifted(q_offset, k_offset, **kw))
 
     def check(self, batch, heads, q_len, k_len, device):
         self.a.check(batch, heads, q_len, k_len, device)
@@ -244,9 +421,12 @@ class _Or(_And):
     def allowed(self, block):
         return self.a.allowed(block) | self.b.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        sa = self.a._block_states(q_len, k_len, block_q, block_k, device)
-        sb = self.b._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) | fb(b, h, q_idx, kv_idx)
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) & (sb == EMPTY), (sa == FULL) | (sb == FULL))
 
     def __repr__(self) -> str:
@@ -260,9 +440,16 @@ class _Not(Mask):
     def allowed(self, block):
         return ~self.a.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        s = self.a._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa = self.a.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: ~fa(b, h, q_idx, kv_idx)
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        s = self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device)
         return states(s == FULL, s == EMPTY)
+
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        return _Not(self.a.shifted(q_offset, k_offset, q_total=q_total, k_total=k_total))
 
     def check(self, batch, heads, q_len, k_len, device):
         self.a.check(batch, heads, q_len, k_len, device)
@@ -277,30 +464,80 @@ class _Not(Mask):
         return f"~{self.a!r}"
 
 
+class _Shifted(Mask):
+    """``inner`` on queries [q_offset, ...) and keys [k_offset, ...) of a longer sequence."""
+
+    def __init__(self, inner: Mask, q_offset: int, k_offset: int, q_total: int | None, k_total: int | None):
+        self.inner, self.q_offset, self.k_offset = inner, q_offset, k_offset
+        self.q_total, self.k_total = q_total, k_total
+
+    def _totals(self, q_len: int, k_len: int) -> tuple[int, int]:
+        if self.q_total is not None and self.k_total is not None:
+            return self.q_total, self.k_total
+        side = max(self.q_offset + q_len, self.k_offset + k_len)
+        return (self.q_total or side), (self.k_total or side)
+
+    def allowed(self, block):
+        q_total, k_total = self._totals(block.q_len, block.k_len)
+        whole = ScoreBlock(block.batch, block.kv_heads, block.groups, q_total, k_total,
+                           block.q_start + self.q_offset, block.q_stop + self.q_offset,
+                           block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
+        return self.inner.allowed(whole)
+
+    def mask_mod(self, q_len, k_len):
+        fn = self.inner.mask_mod(*self._totals(q_len, k_len))
+        qo, ko = self.q_offset, self.k_offset
+        return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx + qo, kv_idx + ko)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        q_total, k_total = self._totals(q_len, k_len)
+        if self.q_offset + q_len > q_total or self.k_offset + k_len > k_total:
+            raise ValueError(f"a piece of Lq={q_len} at query {self.q_offset}, Lk={k_len} at key {self.k_offset} "
+                             f"does not fit in the whole (Lq={q_total}, Lk={k_total}) of {self.inner!r}")
+        self.inner.check(batch, heads, q_total, k_total, device)
+
+    def extent(self):
+        return self.inner.extent()
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.shifted({self.q_offset}, {self.k_offset})"
+
+
 # -- analytic masks ---------------------------------------------------------------------
 
 
 class _Diagonal(Mask):
-    """Allows ``-left <= j - (i + offset) <= right``; ``None`` means unbounded."""
+    """Allows ``-left <= j - (i + offset) <= right``; ``None`` means unbounded.
 
-    def __init__(self, left: int | None, right: int | None, align: str):
+    ``shift``, if set, is a fixed offset (a piece of a longer sequence) instead of the one
+    that ``align`` gives at the call's lengths.
+    """
+
+    def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
         self.left, self.right = left, right
         self.align = require_choice("align", align, _ALIGNS)
-        self.shift: int | None = None  # a fixed offset, set by _shifted for a piece of a longer sequence
+        self.shift = shift
 
     def _diagonal(self, q_len: int, k_len: int) -> int:
         return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
 
-    def allowed(self, block):
-        d = block.j - (block.i + self._diagonal(block.q_len, block.k_len))
-        ok = torch.ones((), dtype=torch.bool, device=block.device)
+    def _within(self, d: Tensor) -> Tensor:
+        ok = torch.ones((), dtype=torch.bool, device=d.device)
         if self.left is not None:
             ok = ok & (d >= -self.left)
         if self.right is not None:
             ok = ok & (d <= self.right)
         return ok
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def allowed(self, block):
+        return self._within(block.j - (block.i + self._diagonal(block.q_len, block.k_len)))
+
+    def mask_mod(self, q_len, k_len):
+        off = self._diagonal(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         off = self._diagonal(q_len, k_len)
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
@@ -316,19 +553,32 @@ class _Diagonal(Mask):
             full &= dmax <= self.right
         return states(empty, full)
 
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        base = 0 if q_total is None or k_total is None else self._diagonal(q_total, k_total)
+        return type(self)(self.left, self.right, self.align, q_offset - k_offset + base)
+
+    def _where(self) -> str:
+        return f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+
 
 class _Causal(_Diagonal):
-    def __init__(self, align: str):
-        super().__init__(None, 0, align)
+    def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
+        super().__init__(None, 0, align, shift)
+
+    def sdpa_form(self, q_len, k_len):
+        if self.shift is None and (self.align == "top_left" or q_len == k_len):
+            return SDPAForm(is_causal=True)
+        return None
 
     def __repr__(self) -> str:
-        return f"causal(align={self.align!r})" if self.shift is None else f"causal(shift={self.shift})"
+        return f"causal({self._where()})"
 
 
 class _SlidingWindow(_Diagonal):
     def __repr__(self) -> str:
-        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
-        return f"sliding_window(left={self.left}, right={self.right}, {where})"
+        return f"sliding_window(left={self.left}, right={self.right}, {self._where()})"
 
 
 def causal(align: str = "top_left") -> Mask:
@@ -348,7 +598,7 @@ def causal(align: str = "top_left") -> Mask:
     tensor([[1, 1, 1, 0],
             [1, 1, 1, 1]], dtype=torch.int32)
     """
-    return _Causal(align)
+    return _Causal(None, 0, align)
 
 
 def sliding_window(left: int, right: int = 0, align: str = "top_left") -> Mask:
@@ -379,7 +629,7 @@ class _PrefixLM(Mask):
                 raise ValueError(f"prefix_length must be >= 0; got {self.prefix.tolist()}")
         else:
             self.prefix = torch.tensor([require_int("prefix_length", prefix_length, minimum=0)])
-        self._causal = _Causal(align)
+        self._causal = _Causal(None, 0, align)
 
     def _prefix(self, device: torch.device) -> Tensor:
         return self.prefix.to(device)
@@ -388,8 +638,18 @@ class _PrefixLM(Mask):
         p = self._prefix(block.device).view(-1, 1, 1, 1, 1)
         return self._causal.allowed(block) | (block.j < p)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        c = self._causal._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        causal, prefix, many = self._causal.mask_mod(q_len, k_len), self.prefix, self.prefix.numel() > 1
+
+        def mod(b, h, q_idx, kv_idx):
+            p = prefix.to(kv_idx.device)[b if many else 0]
+            return causal(b, h, q_idx, kv_idx) | (kv_idx < p)
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        c = self._causal.block_states(q_len, k_len, block_q, block_k, device=device)
         k0, k1 = block_bounds(k_len, block_k, device)
         p = self._prefix(device)[:, None, None]  # (B, 1, 1)
         full = (c == FULL) | ((k1 - 1)[None, None, :] < p)
@@ -442,7 +702,12 @@ class _GlobalTokens(Mask):
         gk = self._flags(block.k_len, block.device)[block.k_start : block.k_stop]
         return gq.view(1, 1, -1, 1, 1) | gk.view(1, 1, 1, 1, -1)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        gq, gk = self._flags(q_len, torch.device("cpu")), self._flags(k_len, torch.device("cpu"))
+        return lambda b, h, q_idx, kv_idx: gq.to(q_idx.device)[q_idx] | gk.to(kv_idx.device)[kv_idx]
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         def per_block(length: int, size: int) -> tuple[Tensor, Tensor]:
             n = -(-length // size)
             flags = torch.zeros(n * size, dtype=torch.bool, device=device)
@@ -532,7 +797,19 @@ class _Document(Mask):
         kj = kv_ids[:, block.k_start : block.k_stop].view(kv_ids.shape[0], 1, 1, 1, -1)
         return qi == kj
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        q_ids, kv_ids = self.q_ids, self.kv_ids
+        many_q, many_k = q_ids.shape[0] > 1, kv_ids.shape[0] > 1
+
+        def mod(b, h, q_idx, kv_idx):
+            qi = q_ids.to(q_idx.device)[b if many_q else 0, q_idx]
+            kj = kv_ids.to(kv_idx.device)[b if many_k else 0, kv_idx]
+            return qi == kj
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         q_ids, kv_ids = self._ids(device)
         if q_len == 0 or k_len == 0:
             return torch.zeros(-(-q_len // block_q), -(-k_len // block_k), dtype=torch.int8)
@@ -605,7 +882,16 @@ class _KeyPadding(Mask):
         valid = self.valid.to(block.device)[:, block.k_start : block.k_stop]  # type: ignore[union-attr]
         return valid.view(valid.shape[0], 1, 1, 1, -1)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        valid = self._valid_rows(k_len, torch.device("cpu"))
+        many = valid.shape[0] > 1
+        return lambda b, h, q_idx, kv_idx: valid.to(kv_idx.device)[b if many else 0, kv_idx]
+
+    def sdpa_form(self, q_len, k_len):
+        return SDPAForm(key_valid=self._valid_rows(k_len, torch.device("cpu")))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         valid = self._valid_rows(k_len, device)  # (B, Lk)
         nq = -(-q_len // block_q)
         if k_len == 0:
@@ -632,10 +918,6 @@ class _KeyPadding(Mask):
             return self.valid.shape[1], self.valid.shape[1]
         n = int(self.lengths.max()) if self.lengths.numel() else 0  # type: ignore[union-attr]
         return (n, n) if n else None
-
-    def rows_without_keys(self, k_len: int) -> bool:
-        """Whether some batch element has no valid key at all."""
-        return bool((~self._valid_rows(k_len, torch.device("cpu")).any(1)).any())
 
     def __repr__(self) -> str:
         if self.lengths is not None:
@@ -678,7 +960,18 @@ class _Dense(Mask):
     def allowed(self, block):
         return block.take(self.tensor.to(block.device))
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        t = self.tensor
+        b_, h_, q_, k_ = (n > 1 for n in t.shape)
+
+        def mod(b, h, q_idx, kv_idx):
+            z = torch.zeros((), dtype=torch.int64, device=t.device)
+            return t[b if b_ else z, h if h_ else z, q_idx if q_ else z, kv_idx if k_ else z]
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         t = self.tensor.to(device).expand(-1, -1, q_len, k_len).flatten(0, 1)  # (N, Lq, Lk)
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
         if nq == 0 or nk == 0:
