@@ -40,6 +40,8 @@ def _case(name: str, length: int):
         "rows-without-keys": dict(mask=masks.document(ids) & ~masks.causal()),
         "scale": dict(mask=masks.causal(), scale=0.37),
         "user-mask-prefix-lm": dict(mask=EvenDistance() | masks.prefix_lm(5)),
+        "function-docs": dict(mask=masks.from_function(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx])
+                              & masks.causal()),
         "dense-contiguous": dict(sharding="contiguous"),
         "dense-zigzag": dict(),
         "causal-zigzag": dict(mask=masks.causal()),
@@ -54,7 +56,8 @@ def _case(name: str, length: int):
 CASES = ["dense-contiguous", "dense-zigzag", "causal-zigzag", "causal-contiguous", "gqa-causal",
          "mqa-causal-alibi", "window", "document-causal"]
 MORE_CASES = ["float64-causal", "bfloat16-causal-alibi", "batch-documents-gqa", "window-both-sides",
-              "not-causal-or-window", "rows-without-keys", "scale", "user-mask-prefix-lm"]
+              "not-causal-or-window", "rows-without-keys", "scale", "user-mask-prefix-lm",
+              "function-docs"]
 
 
 def _close(name, got, want, factor=1.0):

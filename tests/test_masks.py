@@ -10,7 +10,7 @@ import torch
 
 import attnkit
 from attnkit import masks
-from attnkit._blocks import EMPTY, FULL
+from attnkit._blocks import EMPTY, FULL, ScoreBlock
 
 from conftest import qkv
 
@@ -242,3 +242,143 @@ def test_a_mask_without_a_definition_says_so():
 
     with pytest.raises(NotImplementedError, match="allowed\\(\\) or mask_mod\\(\\)"):
         Nothing().to_dense(2, 2)
+
+
+# -- from_function -------------------------------------------------------------------------
+
+DOCS = torch.tensor([0] * 40 + [1] * 100 + [2] * 116)  # packed documents over 256 tokens
+
+
+def _stripes(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx) % 5 == 0
+
+
+def _docs_causal(b, h, q_idx, kv_idx):
+    return (DOCS[q_idx] == DOCS[kv_idx]) & (kv_idx <= q_idx)
+
+
+def _per_head_window(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 8 * (h + 1) + 16 * b
+
+
+FUNCTIONS = [
+    (_stripes, lambda b, h, i, j: (i - j) % 5 == 0),
+    (_docs_causal, lambda b, h, i, j: DOCS[i] == DOCS[j] and j <= i),
+    (_per_head_window, lambda b, h, i, j: abs(i - j) <= 8 * (h + 1) + 16 * b),
+]
+
+
+@pytest.mark.parametrize(("fn", "pred"), FUNCTIONS, ids=[f.__name__ for f, _ in FUNCTIONS])
+def test_from_function_matches_its_definition(fn, pred):
+    m = masks.from_function(fn)
+    for b, h in [(0, 0), (1, 2)]:
+        want = loops(37, 41, lambda _, i, j, b=b, h=h: pred(b, h, i, j))[0]
+        block = ScoreBlock(2, 3, 1, 37, 41, 0, 37, 0, 41, torch.device("cpu"))
+        got = m.allowed(block).expand(block.shape)[b, h, :, 0, :]
+        assert torch.equal(got, want)
+
+
+def _flex_states(fn, batch, heads, length, block):
+    """Flex's create_block_mask as EMPTY/PARTIAL/FULL, aggregated over batch and heads."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    bm = flex.create_block_mask(fn, batch, heads, length, length, device="cpu", BLOCK_SIZE=block, _compile=False)
+    nq, nk = -(-length // block), -(-length // block)
+
+    def dense(num, idx):
+        out = torch.zeros(*num.shape, nk, dtype=torch.bool)  # (B, H, nq, nk)
+        for pos in itertools.product(*map(range, num.shape)):
+            out[pos][idx[pos][: int(num[pos])].long()] = True
+        return out
+
+    partial, full = dense(bm.kv_num_blocks, bm.kv_indices), dense(bm.full_kv_num_blocks, bm.full_kv_indices)
+    per = torch.full(partial.shape, EMPTY, dtype=torch.int8)
+    per[partial], per[full] = 1, FULL
+    per = per.flatten(0, 1)
+    state = torch.full((nq, nk), 1, dtype=torch.int8)
+    state[(per == FULL).all(0)], state[(per == EMPTY).all(0)] = FULL, EMPTY
+    return state
+
+
+@pytest.mark.parametrize(("fn", "pred"), FUNCTIONS, ids=[f.__name__ for f, _ in FUNCTIONS])
+@pytest.mark.parametrize("block", [16, 32])
+def test_from_function_blocks_equal_flex_create_block_mask(fn, pred, block):
+    batch, heads = (2, 3) if fn is _per_head_window else (None, None)
+    want = _flex_states(fn, batch, heads, 256, block)
+    got = masks.from_function(fn).block_states(256, 256, block, block, batch=batch, heads=heads)
+    assert torch.equal(got, want)
+
+
+def test_from_function_ragged_blocks_count_real_pairs_only():
+    """Flex pads the last block and calls it partial; attnkit counts real pairs, so it may
+    call it full (no mask work). Everywhere else the two agree."""
+    got = masks.from_function(_stripes).block_states(250, 250, 32, 32)
+    flex = _flex_states(_stripes, None, None, 250, 32)
+    assert torch.equal(got[:-1, :-1], flex[:-1, :-1])
+    always = masks.from_function(lambda b, h, q_idx, kv_idx: q_idx >= 0, name="always")
+    assert (always.block_states(250, 250, 32, 32) == FULL).all()
+
+
+def test_from_function_caches_its_block_states():
+    calls = []
+
+    def counted(b, h, q_idx, kv_idx):
+        calls.append(1)
+        return kv_idx <= q_idx
+
+    m = masks.from_function(counted)
+    first = m.block_states(300, 300, 64, 128)
+    n = len(calls)
+    assert m.block_states(300, 300, 64, 128) is first and len(calls) == n
+    assert torch.equal(first, masks.causal().block_states(300, 300, 64, 128))
+    m.block_states(300, 300, 32, 128)  # other block sizes are another entry
+    assert len(calls) > n
+
+
+def test_from_function_composes_and_prints():
+    m = masks.from_function(_stripes, name="stripes") & masks.causal() | masks.global_tokens([0])
+    assert "from_function(stripes)" in str(m) and "sparsity" in str(m)
+    want = loops(9, 9, lambda b, i, j: ((i - j) % 5 == 0 and j <= i) or 0 in (i, j))[0]
+    assert torch.equal(m.to_dense(9, 9), want)
+    stripes = loops(9, 9, lambda b, i, j: (i - j) % 5 == 0)[0]
+    assert torch.equal((~masks.from_function(_stripes)).to_dense(9, 9), ~stripes)
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+def test_from_function_runs_on_every_backend(backend, tiled_kernel):
+    q, k, v = qkv(batch=2, heads=3, q_len=256, k_len=256, requires_grad=True)
+    m = masks.from_function(_per_head_window)
+    dense = torch.stack([torch.stack([loops(256, 256, lambda _, i, j, b=b, h=h: abs(i - j) <= 8 * (h + 1) + 16 * b)[0]
+                                      for h in range(3)]) for b in range(2)])
+    out = attnkit.attention(q, k, v, mask=m, backend=backend)
+    ref = attnkit.attention(q, k, v, mask=dense, backend="reference")
+    assert torch.allclose(out, ref, atol=1e-10)
+    g, w = torch.autograd.grad(out.sum(), q), torch.autograd.grad(ref.sum(), q)
+    assert torch.allclose(g[0], w[0], atol=1e-10)
+    with pytest.raises(ValueError, match="only as a dense"):
+        attnkit.attention(q, k, v, mask=m, backend="sdpa")
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_from_function_accepts_a_flex_mask_mod_unchanged():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    q, k, v = qkv(heads=2, q_len=128, k_len=128, dtype=torch.float32)
+    out = attnkit.attention(q, k, v, mask=masks.from_function(_docs_causal), backend="tiled")
+    bm = flex.create_block_mask(_docs_causal, None, None, 128, 128, device="cpu", _compile=False)
+    want = flex.flex_attention(q, k, v, block_mask=bm)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("fn", "error", "match"), [
+    (lambda b, h, q_idx, kv_idx: 1 / 0, ValueError, "'bad' raised ZeroDivisionError"),
+    (lambda b, h, q_idx, kv_idx: True, TypeError, "'bad' must return a bool tensor; got bool"),
+    (lambda b, h, q_idx, kv_idx: q_idx - kv_idx, TypeError, "'bad' must return a bool tensor .* torch.int64"),
+    (lambda b, h, q_idx, kv_idx: torch.ones(3, 3, dtype=torch.bool), ValueError, "'bad' returned shape \\(3, 3\\)"),
+])
+def test_from_function_bad_functions_get_clear_errors(fn, error, match):
+    m = masks.from_function(fn, name="bad")
+    with pytest.raises(error, match=match):
+        m.block_states(8, 8, 4, 4)
+    with pytest.raises(error, match=match):
+        attnkit.attention(*qkv(q_len=8), mask=m, backend="reference")
+    with pytest.raises(TypeError, match="callable"):
+        masks.from_function("q >= k")

@@ -31,6 +31,7 @@ tensor([[1, 0, 0, 0],
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ __all__ = [
     "as_mask",
     "causal",
     "document",
+    "from_function",
     "from_tensor",
     "global_tokens",
     "key_padding",
@@ -1014,3 +1016,93 @@ def from_tensor(mask: Tensor) -> Mask:
             [1, 1]], dtype=torch.int32)
     """
     return _Dense(mask)
+
+
+# -- any elementwise function ---------------------------------------------------------------
+
+
+class _Function(Mask):
+    _CACHE_SIZE = 16
+
+    def __init__(self, fn: MaskMod, name: str | None):
+        if not callable(fn):
+            raise TypeError(f"from_function needs a callable fn(b, h, q_idx, kv_idx) -> bool tensor; "
+                            f"got {describe(fn)}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None; got {describe(name)}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+        self._cache: OrderedDict[tuple, Tensor] = OrderedDict()
+
+    def _call(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        shapes = f"b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx {tuple(q_idx.shape)}, kv_idx {tuple(kv_idx.shape)}"
+        try:
+            out = self.fn(b, h, q_idx, kv_idx)
+        except Exception as e:
+            raise ValueError(f"mask function {self.name!r} raised {type(e).__name__}: {e} "
+                             f"(called with int64 index tensors of shapes {shapes})") from e
+        if not isinstance(out, Tensor):
+            raise TypeError(f"mask function {self.name!r} must return a bool tensor; got {describe(out)}")
+        if out.dtype != torch.bool:
+            raise TypeError(f"mask function {self.name!r} must return a bool tensor (True = may attend); "
+                            f"got dtype {out.dtype}. Compare instead of computing, e.g. (q_idx >= kv_idx)")
+        try:
+            fits = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(f"mask function {self.name!r} returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to {shape}: the broadcast of its inputs ({shapes}). It must be "
+                             "elementwise in b, h, q_idx and kv_idx")
+        return out
+
+    def allowed(self, block):
+        return self._call(block.b, block.h, block.i, block.j, block.shape)
+
+    def mask_mod(self, q_len, k_len):
+        return self.fn
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        key = (q_len, k_len, block_q, block_k, batch or 1, heads or 1, str(device))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        state = _evaluate_states(self.allowed, q_len, k_len, block_q, block_k, batch or 1, heads or 1, device)
+        self._cache[key] = state
+        if len(self._cache) > self._CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return state
+
+    def __repr__(self) -> str:
+        return f"from_function({self.name})"
+
+
+def from_function(fn: MaskMod, name: str | None = None) -> Mask:
+    """Any mask, given as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+    ``fn`` receives int64 index tensors of batch, query head, query position and key
+    position that broadcast together (each has its own axis; under FlexAttention they may
+    be 0-d) and returns a bool tensor of their broadcast shape: True = may attend. A Flex
+    ``mask_mod`` works unchanged, including one that indexes captured tensors
+    (``doc[q_idx] == doc[kv_idx]``). ``fn`` must be pure: the same inputs give the same
+    answer, whenever and however often it is called, or cached block states go stale.
+
+    Block states are exact: :meth:`Mask.block_states` evaluates ``fn`` on every pair, in
+    chunks of about 8M pairs, and reduces each block (a block is empty or full only if
+    each of its pairs says so; no black-box function allows less). The result is cached
+    per (lengths, block sizes, batch, heads, device), so the tiled backend's later calls
+    pay nothing. ``fn`` is evaluated over the call's batch and heads; a function that
+    ignores ``b`` and ``h`` returns a tensor without those axes and costs nothing extra.
+
+    Errors name the function: an exception inside it, a non-tensor, a dtype other than
+    bool, or a shape that does not broadcast to its inputs' raise ValueError/TypeError.
+
+    >>> m = from_function(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 3 == 0, name="every_third")
+    >>> m.to_dense(4, 4).int()
+    tensor([[1, 0, 0, 1],
+            [0, 1, 0, 0],
+            [0, 0, 1, 0],
+            [1, 0, 0, 1]], dtype=torch.int32)
+    """
+    return _Function(fn, name)
