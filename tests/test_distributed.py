@@ -40,6 +40,9 @@ def _case(name: str, length: int):
         "rows-without-keys": dict(mask=masks.document(ids) & ~masks.causal()),
         "scale": dict(mask=masks.causal(), scale=0.37),
         "user-mask-prefix-lm": dict(mask=EvenDistance() | masks.prefix_lm(5)),
+        "chunked-or-strided": dict(mask=(masks.chunked(10) & masks.causal()) | masks.strided(7)),
+        "dilated-or-bigbird-alibi": dict(mask=masks.dilated(12, 3) | masks.bigbird(1, 2, 1, 4, seed=3),
+                                         bias=biases.alibi(4)),
         "function-docs": dict(mask=masks.from_function(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx])
                               & masks.causal()),
         "dense-contiguous": dict(sharding="contiguous"),
@@ -57,7 +60,7 @@ CASES = ["dense-contiguous", "dense-zigzag", "causal-zigzag", "causal-contiguous
          "mqa-causal-alibi", "window", "document-causal"]
 MORE_CASES = ["float64-causal", "bfloat16-causal-alibi", "batch-documents-gqa", "window-both-sides",
               "not-causal-or-window", "rows-without-keys", "scale", "user-mask-prefix-lm",
-              "function-docs"]
+              "function-docs", "chunked-or-strided", "dilated-or-bigbird-alibi"]
 
 
 def _close(name, got, want, factor=1.0):

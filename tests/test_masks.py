@@ -80,6 +80,21 @@ def cases(q_len, k_len):
                lambda b, i, j: abs(i - j) <= 2 or 0 in (i, j), 1)
         yield ~masks.causal(), lambda b, i, j: j > i, 1
     yield EvenDistance(), lambda b, i, j: (i - j) % 2 == 0 and abs(i - j) <= 4, 1
+    # the sparse patterns of the literature, each from its definition
+    yield masks.chunked(3), lambda b, i, j: i // 3 == j // 3, 1
+    yield masks.chunked(4) & masks.causal(), lambda b, i, j: i // 4 == j // 4 and j <= i, 1
+    yield masks.strided(3), lambda b, i, j: j <= i and (i - j < 3 or (i - j) % 3 == 0), 1
+    yield (masks.strided(2, "bottom_right"),
+           lambda b, i, j: j <= i + br and (i + br - j < 2 or (i + br - j) % 2 == 0), 1)
+    yield masks.dilated(5, 2), lambda b, i, j: 0 <= i - j < 5 and (i - j) % 2 == 0, 1
+    yield masks.dilated(7, 3), lambda b, i, j: 0 <= i - j < 7 and (i - j) % 3 == 0, 1
+    nq, nk = -(-q_len // 2), -(-k_len // 3)
+    blocks = torch.rand(2, 1, nq, nk, generator=torch.Generator().manual_seed(k_len)) > 0.4
+    yield masks.from_blocks(blocks, 2, 3), lambda b, i, j: bool(blocks[b, 0, i // 2, j // 3]), 2
+    if q_len == k_len:
+        bb = masks.bigbird(window=1, global_tokens=2, random_blocks=1, block_size=3, seed=7)
+        lay = bb.layout(q_len, k_len)  # its random part is checked against the definition apart
+        yield bb, lambda b, i, j: abs(i // 3 - j // 3) <= 1 or i < 2 or j < 2 or bool(lay[i // 3, j // 3]), 1
     yield EveryThirdKey(), lambda b, i, j: j % 3 == b, 2
     yield EvenDistance() & masks.causal(), lambda b, i, j: (i - j) % 2 == 0 and 0 <= i - j <= 4, 1
 
@@ -371,7 +386,7 @@ def test_from_function_accepts_a_flex_mask_mod_unchanged():
 @pytest.mark.parametrize(("fn", "error", "match"), [
     (lambda b, h, q_idx, kv_idx: 1 / 0, ValueError, "'bad' raised ZeroDivisionError"),
     (lambda b, h, q_idx, kv_idx: True, TypeError, "'bad' must return a bool tensor; got bool"),
-    (lambda b, h, q_idx, kv_idx: q_idx - kv_idx, TypeError, "'bad' must return a bool tensor .* torch.int64"),
+    (lambda b, h, q_idx, kv_idx: q_idx - kv_idx, TypeError, "'bad' must return a bool tensor .* torch.int32"),
     (lambda b, h, q_idx, kv_idx: torch.ones(3, 3, dtype=torch.bool), ValueError, "'bad' returned shape \\(3, 3\\)"),
 ])
 def test_from_function_bad_functions_get_clear_errors(fn, error, match):
@@ -382,3 +397,51 @@ def test_from_function_bad_functions_get_clear_errors(fn, error, match):
         attnkit.attention(*qkv(q_len=8), mask=m, backend="reference")
     with pytest.raises(TypeError, match="callable"):
         masks.from_function("q >= k")
+
+
+# -- the sparse patterns of the literature ------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bigbird_random_blocks_follow_the_definition(seed):
+    """Each query block gets exactly ``random_blocks`` key blocks outside its window (or
+    all of them if fewer), the same for the same seed and lengths; other seeds differ."""
+    m = masks.bigbird(window=1, global_tokens=0, random_blocks=2, block_size=4, seed=seed)
+    lay = m.layout(64, 64)  # 16 x 16 blocks
+    for r in range(16):
+        outside = [c for c in range(16) if abs(r - c) > 1]
+        extra = [c for c in outside if lay[r, c]]
+        assert len(extra) == min(2, len(outside))
+        assert all(lay[r, c] for c in range(16) if abs(r - c) <= 1)
+    assert torch.equal(lay, masks.bigbird(1, 0, 2, 4, seed=seed).layout(64, 64))
+    assert not torch.equal(lay, masks.bigbird(1, 0, 2, 4, seed=seed + 10).layout(64, 64))
+
+
+def test_strided_with_causal_is_the_factorised_pattern_and_dilated_one_is_a_window():
+    assert torch.equal((masks.strided(4) & masks.causal()).to_dense(30, 30), masks.strided(4).to_dense(30, 30))
+    assert torch.equal(masks.dilated(5, 1).to_dense(20, 20), masks.sliding_window(4).to_dense(20, 20))
+
+
+LITERATURE = [masks.chunked(64), masks.chunked(100) & masks.causal(), masks.strided(40), masks.dilated(200, 3),
+              masks.bigbird(1, 3, 2, 32, seed=1),
+              masks.from_blocks(torch.rand(5, 3, generator=torch.Generator().manual_seed(0)) > 0.5, 64, 128)]
+
+
+@pytest.mark.parametrize("mask", LITERATURE, ids=repr)
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_the_literature_runs_on_every_backend_and_skips_blocks(mask, backend, tiled_kernel):
+    q, k, v = qkv(heads=2, q_len=300, k_len=300, requires_grad=True)
+    out = attnkit.attention(q, k, v, mask=mask, backend=backend)
+    ref = attnkit.attention(q, k, v, mask=mask.to_dense(300, 300), backend="reference")
+    assert torch.allclose(out, ref, atol=1e-10)
+    assert torch.allclose(torch.autograd.grad(out.sum(), k)[0], torch.autograd.grad(ref.sum(), k)[0], atol=1e-10)
+    with pytest.raises(ValueError, match="only as a dense"):
+        attnkit.attention(q, k, v, mask=mask, backend="sdpa")
+    # the tiled backend's plan visits only the blocks the mask allows
+    from attnkit.functional import tiled
+    from attnkit.functional._call import make_call
+
+    call = make_call(q, k, v, mask=mask, bias=None, scale=None, softcap=None, dropout_p=0.0, return_lse=False)
+    visited = sum(s.k_stop - s.k_start for c in tiled._plan(call, 64) for s in c.segments for _ in [c])
+    state = mask.block_states(300, 300, 64, 128)
+    assert (state == EMPTY).any() and visited < 5 * 300

@@ -28,6 +28,11 @@ CASES = {
     "gqa": "causal, H query heads sharing --kv-heads key/value heads",
     "cross": "Lq = L queries on Lk = L/4 context keys, the last 10% of them padding",
     "decode": "one new query on a cache of L keys",
+    "chunked": "Llama 4's chunked local attention: causal within chunks of W (--window) tokens",
+    "strided": "Sparse Transformer's strided pattern, stride W (--window)",
+    "dilated": "a causal window of 2W keys that keeps every 2nd (Longformer/LongNet dilation)",
+    "bigbird": "BigBird: 64-token blocks, 3-block window, 64 global tokens, 3 random blocks",
+    "blocks": "a user's block map: 128 x 128 blocks, a random quarter of them (the diagonal always)",
 }
 
 
@@ -132,6 +137,18 @@ def make_problem(case: str, length: int, *, batch: int = 1, heads: int = 8, kv_h
         mask = masks.document(_document_ids(length, documents, g).to(dev)) & masks.causal()
     elif case == "cross":
         mask = masks.key_padding([k_len - k_len // 10] * batch)
+    elif case == "chunked":
+        mask = masks.chunked(window) & masks.causal()
+    elif case == "strided":
+        mask = masks.strided(window)
+    elif case == "dilated":
+        mask = masks.dilated(2 * window, 2)
+    elif case == "bigbird":
+        mask = masks.bigbird(window=1, global_tokens=64, random_blocks=3, block_size=64, seed=seed)
+    elif case == "blocks":
+        n = -(-length // 128)
+        block_map = (torch.rand(n, n, generator=g) < 0.25) | torch.eye(n, dtype=torch.bool)
+        mask = masks.from_blocks(block_map.to(dev), 128)
     if mask is not None:  # Flex's mask_mod and the dense mask come from the mask itself
         p.mask_mod = mask.mask_mod(q_len, k_len)
         per_batch = batch if mask.extent()[0] > 1 else None
