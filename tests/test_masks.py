@@ -445,3 +445,34 @@ def test_the_literature_runs_on_every_backend_and_skips_blocks(mask, backend, ti
     visited = sum(s.k_stop - s.k_start for c in tiled._plan(call, 64) for s in c.segments for _ in [c])
     state = mask.block_states(300, 300, 64, 128)
     assert (state == EMPTY).any() and visited < 5 * 300
+
+
+# -- FlexAttention interop -------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("mask", [
+    masks.chunked(96) & masks.causal(), masks.key_padding([200, 256]),
+    *(pytest.param(m, marks=pytest.mark.slow) for m in (masks.causal(), masks.strided(50),
+                                                        masks.from_function(_docs_causal),
+                                                        masks.bigbird(1, 8, 1, 32, seed=2)))], ids=repr)
+def test_to_flex_gives_flex_the_same_blocks_and_the_same_answer(mask):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    block_mask, mod = masks.to_flex(mask, 2, 2, 256, 256)
+    want = flex.create_block_mask(mod, 2, 2, 256, 256, device="cpu", _compile=False)
+    # per (b, h), Flex's own blocks: ours are the same, or coarser where the mask varies by batch
+    ours, theirs = block_mask.to_dense(), want.to_dense()  # partial blocks
+    if mask.extent() == (1, 1):
+        assert torch.equal(ours.expand_as(theirs), theirs)
+    q, k, v = qkv(batch=2, heads=2, q_len=256, k_len=256, dtype=torch.float32)
+    out = flex.flex_attention(q, k, v, block_mask=block_mask)
+    ref = attnkit.attention(q, k, v, mask=mask, backend="reference")
+    rows = mask.to_dense(256, 256, batch=2).reshape(-1, 1, 256, 256).expand(2, 2, 256, 256).any(-1)
+    assert torch.allclose(out[rows], ref[rows], atol=1e-5)  # rows without keys: Flex's convention differs
+
+
+def test_to_flex_edges_are_partial_like_flex():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    block_mask, _ = masks.to_flex(masks.causal(), None, None, 200, 200)
+    assert block_mask.full_kv_num_blocks.flatten().tolist() == [0, 0]  # block (1, 0) is full, but ragged
+    assert block_mask.kv_num_blocks.flatten().tolist() == [1, 2]
