@@ -476,3 +476,88 @@ def test_to_flex_edges_are_partial_like_flex():
     block_mask, _ = masks.to_flex(masks.causal(), None, None, 200, 200)
     assert block_mask.full_kv_num_blocks.flatten().tolist() == [0, 0]  # block (1, 0) is full, but ragged
     assert block_mask.kv_num_blocks.flatten().tolist() == [1, 2]
+
+
+# -- per-sequence alignment in padded batches -------------------------------------------------
+
+
+def _flash_ref_mask(q_valid, k_valid, window=(-1, 0), left_padded=False):
+    """flash-attn's ``attention_ref`` masking, from its definition (construct_local_mask plus
+    the key padding mask): True = may attend. Sequence b has sq = q_valid[b].sum() real
+    queries and sk real keys; its local positions count from its first real token."""
+    batch, lq = q_valid.shape
+    lk = k_valid.shape[1]
+    out = torch.zeros(batch, lq, lk, dtype=torch.bool)
+    for b in range(batch):
+        sq, sk = int(q_valid[b].sum()), int(k_valid[b].sum())
+        q_pad, k_pad = (lq - sq, lk - sk) if left_padded else (0, 0)
+        for i, j in itertools.product(range(lq), range(lk)):
+            row, col = i - q_pad, j - k_pad  # local positions
+            if window[0] < 0:
+                masked = col > row + sk - sq + window[1]
+            else:
+                masked = col > min(row + sk - sq + window[1], sk) or col < row + sk - sq - window[0]
+            out[b, i, j] = not masked and bool(k_valid[b, j])
+    return out
+
+
+def test_the_issue_example_aligns_to_the_real_keys():
+    m = masks.key_padding([3]) & masks.causal("bottom_right", k_lengths=[3])
+    assert m.to_dense(2, 5).int().tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+
+
+@pytest.mark.parametrize("left_padded", [False, True], ids=["right-padded", "left-padded"])
+@pytest.mark.parametrize("window", [(-1, 0), (3, 0), (2, 1)], ids=["causal", "window-3", "window-2-1"])
+def test_per_sequence_alignment_follows_flash_attn_attention_ref(left_padded, window, tiled_kernel):
+    q_lengths, k_lengths, lq, lk = torch.tensor([5, 2, 7, 1]), torch.tensor([9, 3, 11, 1]), 7, 140
+    pos_q, pos_k = torch.arange(lq)[None, :], torch.arange(lk)[None, :]
+    if left_padded:
+        q_valid, k_valid = pos_q >= lq - q_lengths[:, None], pos_k >= lk - k_lengths[:, None]
+    else:
+        q_valid, k_valid = pos_q < q_lengths[:, None], pos_k < k_lengths[:, None]
+    want = _flash_ref_mask(q_valid, k_valid, window, left_padded)
+    padding = "left" if left_padded else "right"
+    kw = dict(q_lengths=q_lengths, k_lengths=k_lengths, padding=padding)
+    diag = masks.causal("bottom_right", **kw) if window[0] < 0 else \
+        masks.sliding_window(window[0], window[1], "bottom_right", **kw)
+    mask = masks.key_padding(valid=k_valid) & diag
+    got = mask.to_dense(lq, lk, batch=4)[:, 0]
+    assert torch.equal(got[q_valid], want[q_valid])  # padding query rows: flash-attn zeroes them
+    # every backend gives the float64 reference's answer under the definition's dense mask
+    q, k, v = qkv(batch=4, heads=2, q_len=lq, k_len=lk, requires_grad=True)
+    ref = attnkit.attention(q, k, v, mask=want[:, None], backend="reference")
+    for backend in ("reference", "tiled", "auto"):
+        out = attnkit.attention(q, k, v, mask=mask, backend=backend)
+        assert torch.allclose(out.transpose(1, 2)[q_valid], ref.transpose(1, 2)[q_valid], atol=1e-10), backend
+    # and block states stay sound per sequence
+    state = mask.block_states(lq, lk, 2, 16, batch=4)
+    full = mask.to_dense(lq, lk, batch=4)[:, 0]
+    for r, c in itertools.product(range(state.shape[0]), range(state.shape[1])):
+        tile = full[:, 2 * r: 2 * r + 2, 16 * c: 16 * c + 16]
+        assert state[r, c] != EMPTY or not tile.any()
+        assert state[r, c] != FULL or tile.all()
+
+
+def test_per_sequence_alibi_follows_flash_attn_attention_ref(tiled_kernel):
+    """attention_ref's ALiBi without causal: -slope * |i + sk - sq - j| per sequence."""
+    q_lengths, k_lengths, lq, lk = torch.tensor([3, 6]), torch.tensor([10, 4]), 6, 10
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    bias = attnkit.biases.alibi(slopes=slopes, align="bottom_right", q_lengths=q_lengths, k_lengths=k_lengths)
+    want = torch.zeros(2, 2, lq, lk, dtype=torch.float64)
+    for b, h, i, j in itertools.product(range(2), range(2), range(lq), range(lk)):
+        want[b, h, i, j] = -slopes[h] * abs(i + int(k_lengths[b]) - int(q_lengths[b]) - j)
+    assert torch.allclose(bias.to_dense(lq, lk, batch=2, heads=2).double(), want)
+    q, k, v = qkv(batch=2, heads=2, q_len=lq, k_len=lk)
+    ref = attnkit.attention(q, k, v, bias=want, backend="reference")
+    for backend in ("reference", "tiled"):
+        assert torch.allclose(attnkit.attention(q, k, v, bias=bias, backend=backend), ref, atol=1e-10)
+
+
+def test_per_sequence_lengths_are_checked():
+    with pytest.raises(ValueError, match="k_lengths must be <= Lk=4"):
+        masks.causal("bottom_right", k_lengths=[5]).to_dense(2, 4)
+    with pytest.raises(ValueError, match="k_lengths has 3 entries; expected 1 or batch=2"):
+        attnkit.attention(*qkv(batch=2, q_len=4), mask=masks.causal(k_lengths=[1, 2, 3]))
+    with pytest.raises(ValueError, match="padding must be one of"):
+        masks.causal(k_lengths=[1], padding="middle")
+    assert masks.causal("bottom_right", k_lengths=[3]).sdpa_form(2, 5) is None

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnkit._blocks import ScoreBlock
 from attnkit._checks import check_broadcast_4d, describe, require_choice, require_int, require_tensor
+from attnkit.masks import Lengths
 
 __all__ = ["Bias", "alibi", "alibi_slopes", "from_tensor", "score_mod"]
 
@@ -187,6 +188,8 @@ def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 class _ALiBi(Bias):
+    lengths: Lengths | None = None  # per-sequence alignment, if given
+
     def __init__(self, slopes: Tensor, align: str):
         # float64 slopes stay float64, so a float64 call computes ALiBi in float64;
         # each block casts them to the call's compute dtype.
@@ -198,15 +201,23 @@ class _ALiBi(Bias):
     def _offset(self, block: ScoreBlock) -> int:
         return 0 if self.align == "top_left" else block.k_len - block.q_len
 
+    def _offsets(self, block: ScoreBlock) -> Tensor | int:
+        """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
+        if self.lengths is None:
+            return self._offset(block)
+        return self.lengths.offsets(self.align, block.q_len, block.k_len, block.device).view(-1, 1, 1, 1, 1)
+
     def values(self, block, dtype):
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
-        distance = (block.i + self._offset(block) - block.j).abs().to(dtype)  # (1, 1, bq, 1, bk)
+        distance = (block.i + self._offsets(block) - block.j).abs().to(dtype)  # (B|1, 1, bq, 1, bk)
         return -slopes * distance
 
     def separable(self, block, dtype):
         # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).
         # The reference key r is the block's key nearest the diagonal, so the column
         # term is ~0 on the keys that carry the weight and loses no precision there.
+        if self.lengths is not None:
+            return None
         diag = block.i + self._offset(block)  # (1, 1, bq, 1, 1)
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]
         if block.k_stop - 1 <= block.q_start + self._offset(block):  # every j <= i'
@@ -220,17 +231,24 @@ class _ALiBi(Bias):
     def check(self, batch, heads, q_len, k_len, device):
         if self.num_heads != heads:
             raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
+        if self.lengths is not None:
+            self.lengths.check(batch, q_len, k_len)
 
     def __repr__(self) -> str:
-        return f"alibi({self.num_heads} heads, align={self.align!r})"
+        lengths = "" if self.lengths is None else f", {self.lengths!r}"
+        return f"alibi({self.num_heads} heads, align={self.align!r}{lengths})"
 
 
-def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left") -> Bias:
+def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left",
+          q_lengths: Sequence[int] | Tensor | None = None, k_lengths: Sequence[int] | Tensor | None = None,
+          padding: str = "right") -> Bias:
     """ALiBi: ``-slope_h * |i + offset - j|`` added to head ``h``'s scores.
 
     Give ``num_heads`` for the standard slopes (:func:`alibi_slopes`), or ``slopes``,
     a (H,) tensor. ``align`` places the diagonal as for :func:`attnkit.masks.causal`.
-    Slopes are constants: they get no gradient.
+    Slopes are constants: they get no gradient. ``q_lengths``, ``k_lengths`` and
+    ``padding`` place the diagonal per sequence of a padded batch, as for
+    :func:`attnkit.masks.causal`.
     """
     if (num_heads is None) == (slopes is None):
         raise TypeError("alibi needs exactly one of num_heads or slopes=")
@@ -239,7 +257,12 @@ def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: 
     require_tensor("slopes", slopes)
     if slopes.dim() != 1 or not slopes.dtype.is_floating_point:
         raise ValueError(f"slopes must be a 1-D float tensor (one per head); got {describe(slopes)}")
-    return _ALiBi(slopes, align)
+    out = _ALiBi(slopes, align)
+    if q_lengths is not None or k_lengths is not None:
+        out.lengths = Lengths(q_lengths, k_lengths, padding)
+    else:
+        require_choice("padding", padding, ("right", "left"))
+    return out
 
 
 class _TensorBias(Bias):

@@ -79,6 +79,59 @@ def _offset(align: str, q_len: int, k_len: int) -> int:
     return 0 if align == "top_left" else k_len - q_len
 
 
+_PADDINGS = ("right", "left")
+
+
+class Lengths:
+    """Per-sequence real lengths of a padded batch, for masks and biases that align to them.
+
+    ``q_lengths`` (B,) and ``k_lengths`` (B,) count each sequence's real queries and keys
+    (None: all Lq, or all Lk, are real). ``padding="right"`` puts the real tokens first,
+    ``"left"`` puts them last.
+    """
+
+    def __init__(self, q_lengths: Sequence[int] | Tensor | None, k_lengths: Sequence[int] | Tensor | None,
+                 padding: str):
+        if q_lengths is None and k_lengths is None:
+            raise TypeError("per-sequence alignment needs q_lengths=, k_lengths= or both")
+        self.q = None if q_lengths is None else int_vector("q_lengths", q_lengths)
+        self.k = None if k_lengths is None else int_vector("k_lengths", k_lengths)
+        for name, t in (("q_lengths", self.q), ("k_lengths", self.k)):
+            if t is not None and (t < 0).any():
+                raise ValueError(f"{name} must be >= 0; got {t.tolist()}")
+        if self.q is not None and self.k is not None and 1 not in (self.q.numel(), self.k.numel()) \
+                and self.q.numel() != self.k.numel():
+            raise ValueError(f"q_lengths and k_lengths must have one entry per batch element; got "
+                             f"{self.q.numel()} and {self.k.numel()}")
+        self.padding = require_choice("padding", padding, _PADDINGS)
+
+    @property
+    def batch(self) -> int:
+        return max(t.numel() for t in (self.q, self.k) if t is not None)
+
+    def check(self, batch: int, q_len: int, k_len: int) -> None:
+        for name, t, length, what in (("q_lengths", self.q, q_len, "Lq"), ("k_lengths", self.k, k_len, "Lk")):
+            if t is None:
+                continue
+            if t.numel() not in (1, batch):
+                raise ValueError(f"{name} has {t.numel()} entries; expected 1 or batch={batch}")
+            if int(t.max()) > length:
+                raise ValueError(f"{name} must be <= {what}={length}; got {t.tolist()}")
+
+    def offsets(self, align: str, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(B,) int64: sequence b's query i sits at key position i + offset[b] (padded coordinates)."""
+        lq = torch.full((1,), q_len) if self.q is None else self.q
+        lk = torch.full((1,), k_len) if self.k is None else self.k
+        off = lk - lq if align == "bottom_right" else torch.zeros_like(lk - lq)
+        if self.padding == "left":  # real tokens start at L - length
+            off = off + (k_len - lk) - (q_len - lq)
+        return off.to(device)
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={t.tolist()}" for n, t in (("q_lengths", self.q), ("k_lengths", self.k)) if t is not None]
+        return ", ".join(parts) + (", padding='left'" if self.padding == "left" else "")
+
+
 class BlockMap:
     """Block states of a mask for given lengths: EMPTY (0), PARTIAL (1) or FULL (2).
 
@@ -525,6 +578,8 @@ class _Diagonal(Mask):
     that ``align`` gives at the call's lengths.
     """
 
+    lengths: Lengths | None = None  # per-sequence alignment, if given
+
     def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
         self.left, self.right = left, right
         self.align = require_choice("align", align, _ALIGNS)
@@ -532,6 +587,12 @@ class _Diagonal(Mask):
 
     def _diagonal(self, q_len: int, k_len: int) -> int:
         return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
+
+    def _diagonals(self, q_len: int, k_len: int, device: torch.device) -> Tensor | int:
+        """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
+        if self.lengths is None:
+            return self._diagonal(q_len, k_len)
+        return self.lengths.offsets(self.align, q_len, k_len, device).view(-1, 1, 1, 1, 1)
 
     def _within(self, d: Tensor) -> Tensor:
         ok = torch.ones((), dtype=torch.bool, device=d.device)
@@ -542,15 +603,32 @@ class _Diagonal(Mask):
         return ok
 
     def allowed(self, block):
-        return self._within(block.j - (block.i + self._diagonal(block.q_len, block.k_len)))
+        return self._within(block.j - (block.i + self._diagonals(block.q_len, block.k_len, block.device)))
 
     def mask_mod(self, q_len, k_len):
-        off = self._diagonal(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
+        if self.lengths is None:
+            off = self._diagonal(q_len, k_len)
+            return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
+        offs = self.lengths.offsets(self.align, q_len, k_len, torch.device("cpu"))
+        many = offs.numel() > 1
+        return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + offs.to(q_idx.device)[b if many else 0]))
 
     def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
         device = torch.device(device)
-        off = self._diagonal(q_len, k_len)
+        if self.lengths is not None:
+            per = [self._states_at(int(o), q_len, k_len, block_q, block_k, device)
+                   for o in self.lengths.offsets(self.align, q_len, k_len, device).tolist()]
+            return reduce_over_batch(torch.stack(per))
+        return self._states_at(self._diagonal(q_len, k_len), q_len, k_len, block_q, block_k, device)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        if self.lengths is not None:
+            self.lengths.check(batch, q_len, k_len)
+
+    def extent(self):
+        return (1 if self.lengths is None else self.lengths.batch), 1
+
+    def _states_at(self, off, q_len, k_len, block_q, block_k, device):
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
         dmin = k0[None, :] - (q1[:, None] - 1) - off
@@ -566,13 +644,16 @@ class _Diagonal(Mask):
         return states(empty, full)
 
     def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        if self.lengths is not None:  # per-sequence diagonals: the exact, evaluated view
+            return super().shifted(q_offset, k_offset, q_total=q_total, k_total=k_total)
         q_offset = require_int("q_offset", q_offset, minimum=0)
         k_offset = require_int("k_offset", k_offset, minimum=0)
         base = 0 if q_total is None or k_total is None else self._diagonal(q_total, k_total)
         return type(self)(self.left, self.right, self.align, q_offset - k_offset + base)
 
     def _where(self) -> str:
-        return f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+        return where if self.lengths is None else f"{where}, {self.lengths!r}"
 
 
 class _Causal(_Diagonal):
@@ -580,7 +661,7 @@ class _Causal(_Diagonal):
         super().__init__(None, 0, align, shift)
 
     def sdpa_form(self, q_len, k_len):
-        if self.shift is None and (self.align == "top_left" or q_len == k_len):
+        if self.shift is None and self.lengths is None and (self.align == "top_left" or q_len == k_len):
             return SDPAForm(is_causal=True)
         return None
 
@@ -593,7 +674,16 @@ class _SlidingWindow(_Diagonal):
         return f"sliding_window(left={self.left}, right={self.right}, {self._where()})"
 
 
-def causal(align: str = "top_left") -> Mask:
+def _aligned(mask: _Diagonal, q_lengths, k_lengths, padding: str) -> _Diagonal:
+    if q_lengths is not None or k_lengths is not None:
+        mask.lengths = Lengths(q_lengths, k_lengths, padding)
+    else:
+        require_choice("padding", padding, _PADDINGS)
+    return mask
+
+
+def causal(align: str = "top_left", *, q_lengths: Sequence[int] | Tensor | None = None,
+           k_lengths: Sequence[int] | Tensor | None = None, padding: str = "right") -> Mask:
     """Query ``i`` may attend to keys ``j <= i + offset``.
 
     Args:
@@ -601,6 +691,13 @@ def causal(align: str = "top_left") -> Mask:
             (offset ``Lk - Lq``: flash-attn's convention and KV-cache decoding). With
             bottom-right alignment and Lq > Lk the first ``Lq - Lk`` rows allow no key;
             they output 0.
+        q_lengths, k_lengths: per-sequence real lengths (B,) of a padded batch (None: all
+            real). The diagonal of sequence ``b`` then sits at its own lengths, as in
+            flash-attn's varlen and KV-cache calls: bottom-right alignment uses
+            ``k_lengths[b] - q_lengths[b]``. Padding keys are not masked by this; combine
+            with :func:`key_padding` for that.
+        padding: ``"right"`` (real tokens first) or ``"left"`` (real tokens last, as in
+            left-padded generation batches).
 
     >>> causal().to_dense(3, 3).int()
     tensor([[1, 0, 0],
@@ -610,16 +707,18 @@ def causal(align: str = "top_left") -> Mask:
     tensor([[1, 1, 1, 0],
             [1, 1, 1, 1]], dtype=torch.int32)
     """
-    return _Causal(None, 0, align)
+    return _aligned(_Causal(None, 0, align), q_lengths, k_lengths, padding)
 
 
-def sliding_window(left: int, right: int = 0, align: str = "top_left") -> Mask:
+def sliding_window(left: int, right: int = 0, align: str = "top_left", *,
+                   q_lengths: Sequence[int] | Tensor | None = None, k_lengths: Sequence[int] | Tensor | None = None,
+                   padding: str = "right") -> Mask:
     """Query ``i`` may attend to keys ``j`` with ``-left <= j - (i + offset) <= right``.
 
     ``sliding_window(left=w)`` is causal attention to the current token and the ``w``
     before it (Mistral's window of ``w + 1`` tokens). ``sliding_window(w, w)`` is a
     symmetric local window (Longformer). The offset follows ``align``, as for
-    :func:`causal`.
+    :func:`causal`, per sequence with ``q_lengths``/``k_lengths``/``padding`` as there.
 
     >>> sliding_window(1, 1).to_dense(4, 4).int()
     tensor([[1, 1, 0, 0],
@@ -629,7 +728,7 @@ def sliding_window(left: int, right: int = 0, align: str = "top_left") -> Mask:
     """
     left = require_int("left", left, minimum=0)
     right = require_int("right", right, minimum=0)
-    return _SlidingWindow(left, right, align)
+    return _aligned(_SlidingWindow(left, right, align), q_lengths, k_lengths, padding)
 
 
 class _PrefixLM(Mask):
