@@ -408,7 +408,11 @@ def _evaluate_states(allowed: Callable[[ScoreBlock], Tensor], q_len: int, k_len:
     if nq == 0 or nk == 0:
         return out
     kp = nk * block_k
-    for q0, q1, block in _row_chunks(batch, heads, q_len, k_len, device, multiple=block_q, elements=1 << 23):
+    # a probe row tells which of batch and heads the mask varies over: chunks hold 8M results
+    probe = allowed(ScoreBlock(batch, heads, 1, q_len, k_len, 0, 1, 0, k_len, device))
+    spread = math.prod(probe.shape[:2]) * probe.shape[3] if probe.dim() == 5 else 1
+    for q0, q1, block in _row_chunks(spread, 1, q_len, k_len, device, multiple=block_q, elements=1 << 23):
+        block = ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
         a = allowed(block)  # (B|1, H|1, r|1, 1, Lk|1)
         r, nr = q1 - q0, -(-(q1 - q0) // block_q)
         a = torch.broadcast_to(a, (*a.shape[:2], r, a.shape[3], k_len)).transpose(2, 3).flatten(0, 2)
@@ -1175,11 +1179,7 @@ class _Function(_Evaluated):
         if out.dtype != torch.bool:
             raise TypeError(f"mask function {self.name!r} must return a bool tensor (True = may attend); "
                             f"got dtype {out.dtype}. Compare instead of computing, e.g. (q_idx >= kv_idx)")
-        try:
-            fits = torch.broadcast_shapes(out.shape, shape) == torch.Size(shape)
-        except RuntimeError:
-            fits = False
-        if not fits:
+        if out.dim() > len(shape) or any(n not in (1, m) for n, m in zip(reversed(out.shape), reversed(shape))):
             raise ValueError(f"mask function {self.name!r} returned shape {tuple(out.shape)}, which does not "
                              f"broadcast to {shape}: the broadcast of its inputs ({shapes}). It must be "
                              "elementwise in b, h, q_idx and kv_idx")
