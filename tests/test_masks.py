@@ -331,6 +331,7 @@ def test_from_function_ragged_blocks_count_real_pairs_only():
     assert torch.equal(got[:-1, :-1], flex[:-1, :-1])
     always = masks.from_function(lambda b, h, q_idx, kv_idx: q_idx >= 0, name="always")
     assert (always.block_states(250, 250, 32, 32) == FULL).all()
+    assert masks.from_function(lambda *_: torch.tensor(True), name="constant").is_full(5, 5)  # a 0-d answer
 
 
 def test_from_function_caches_its_block_states():

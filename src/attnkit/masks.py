@@ -362,12 +362,10 @@ class Mask:
         return str(self.blocks(q_len, k_len, size))
 
 
-def _row_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device, multiple: int = 1,
-                elements: int = 1 << 22):
-    """Blocks of whole rows, each about ``elements`` pairs (and a multiple of ``multiple``
-    rows), so that evaluating the mask never holds more than a chunk at once."""
-    rows = max(1, elements // max(1, k_len * batch * heads))
-    rows = max(multiple, rows // multiple * multiple)
+def _row_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
+    """Blocks of whole rows, each about 4M elements, so that evaluating the mask never
+    holds more than a chunk at once."""
+    rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
     for q0 in range(0, q_len, rows):
         q1 = min(q_len, q0 + rows)
         yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
@@ -408,12 +406,17 @@ def _evaluate_states(allowed: Callable[[ScoreBlock], Tensor], q_len: int, k_len:
     if nq == 0 or nk == 0:
         return out
     kp = nk * block_k
+    def five_d(t: Tensor) -> Tensor:
+        return t.reshape((1,) * (5 - t.dim()) + tuple(t.shape))
+
     # a probe row tells which of batch and heads the mask varies over: chunks hold 8M results
-    probe = allowed(ScoreBlock(batch, heads, 1, q_len, k_len, 0, 1, 0, k_len, device))
-    spread = math.prod(probe.shape[:2]) * probe.shape[3] if probe.dim() == 5 else 1
-    for q0, q1, block in _row_chunks(spread, 1, q_len, k_len, device, multiple=block_q, elements=1 << 23):
+    probe = five_d(allowed(ScoreBlock(batch, heads, 1, q_len, k_len, 0, 1, 0, k_len, device)))
+    spread = probe.shape[0] * probe.shape[1] * probe.shape[3]
+    rows = max(block_q, (1 << 23) // max(1, k_len * spread) // block_q * block_q)
+    for q0 in range(0, q_len, rows):
+        q1 = min(q_len, q0 + rows)
         block = ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
-        a = allowed(block)  # (B|1, H|1, r|1, 1, Lk|1)
+        a = five_d(allowed(block))  # (B|1, H|1, r|1, 1, Lk|1)
         r, nr = q1 - q0, -(-(q1 - q0) // block_q)
         a = torch.broadcast_to(a, (*a.shape[:2], r, a.shape[3], k_len)).transpose(2, 3).flatten(0, 2)
         some, every = (a.any(0), a.all(0)) if a.shape[0] > 1 else (a[0], a[0])  # over batch and heads
