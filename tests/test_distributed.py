@@ -20,6 +20,14 @@ from attnkit.distributed import last_stats, ring_attention, shard, unshard
 ATOL, RTOL = 2e-6, 1e-5
 
 
+class EvenDistance(masks.Mask):
+    """A user's own mask, written only as ``allowed``: keys at an even distance within 6."""
+
+    def allowed(self, block):
+        d = block.i - block.j
+        return (d % 2 == 0) & (d.abs() < 6)
+
+
 def _case(name: str, length: int):
     ids = torch.arange(length) * 3 // length  # three documents
     batch_ids = torch.stack([ids, torch.arange(length) * 5 // length])  # per-batch documents, (B, L)
@@ -31,6 +39,12 @@ def _case(name: str, length: int):
         "not-causal-or-window": dict(mask=~masks.causal() | masks.sliding_window(0, 3)),
         "rows-without-keys": dict(mask=masks.document(ids) & ~masks.causal()),
         "scale": dict(mask=masks.causal(), scale=0.37),
+        "user-mask-prefix-lm": dict(mask=EvenDistance() | masks.prefix_lm(5)),
+        "chunked-or-strided": dict(mask=(masks.chunked(10) & masks.causal()) | masks.strided(7)),
+        "dilated-or-bigbird-alibi": dict(mask=masks.dilated(12, 3) | masks.bigbird(1, 2, 1, 4, seed=3),
+                                         bias=biases.alibi(4)),
+        "function-docs": dict(mask=masks.from_function(lambda b, h, q_idx, kv_idx: ids[q_idx] == ids[kv_idx])
+                              & masks.causal()),
         "dense-contiguous": dict(sharding="contiguous"),
         "dense-zigzag": dict(),
         "causal-zigzag": dict(mask=masks.causal()),
@@ -45,7 +59,8 @@ def _case(name: str, length: int):
 CASES = ["dense-contiguous", "dense-zigzag", "causal-zigzag", "causal-contiguous", "gqa-causal",
          "mqa-causal-alibi", "window", "document-causal"]
 MORE_CASES = ["float64-causal", "bfloat16-causal-alibi", "batch-documents-gqa", "window-both-sides",
-              "not-causal-or-window", "rows-without-keys", "scale"]
+              "not-causal-or-window", "rows-without-keys", "scale", "user-mask-prefix-lm",
+              "function-docs", "chunked-or-strided", "dilated-or-bigbird-alibi"]
 
 
 def _close(name, got, want, factor=1.0):
@@ -114,9 +129,9 @@ def _worker(rank: int, world: int, init_file: str, length: int, cases: list[str]
         assert torch.equal(mine, want)
         with pytest.raises(ValueError, match="cannot split"):
             shard(x[..., :-1])
-        with pytest.raises(ValueError, match="supports causal, sliding_window and document masks"):
+        with pytest.raises(ValueError, match="global sequence"):
             t = torch.randn(1, 1, length // world, 4)
-            ring_attention(t, t, t, mask=masks.prefix_lm(3))
+            ring_attention(t, t, t, mask=masks.document(torch.zeros(length // world, dtype=torch.long)))
         uneven = torch.randn(1, 2, 8 if rank == 0 else 10, 4)
         with pytest.raises(ValueError, match="every rank must call ring_attention with the same shapes"):
             ring_attention(uneven, uneven, uneven)
@@ -157,15 +172,18 @@ def test_shifted_pieces_leave_the_mask_alone_and_sdpa_declines_them():
     from attnkit.functional._call import make_call
 
     mask, bias = masks.causal(), biases.alibi(2)
-    piece, piece_bias = _local_mask(mask, 8, 4, 0, 4), _local_bias(bias, 8, 0)
-    assert mask.shift is None and bias.shift is None and repr(mask) == "causal(align='top_left')"
-    assert repr(piece) == "causal(shift=8)" and "shift=8" in repr(piece_bias)
+    piece, piece_bias = _local_mask(mask, 8, 0, 16), _local_bias(bias, 8, 0, 16)
+    assert repr(mask) == "causal(align='top_left')" and repr(bias) == "alibi(2 heads, align='top_left')"
+    assert repr(piece) == "causal(shift=8)" and repr(piece_bias) == "alibi(2 heads, align='top_left').shifted(8, 0)"
     assert piece.to_dense(4, 4).all()  # keys 0..3 lie wholly before queries 8..11
+    # the piece's ALiBi is the whole's, rows 8..11 and columns 0..3
+    whole = bias.to_dense(16, 16, heads=2)
+    assert torch.equal(piece_bias.to_dense(4, 4, heads=2), whole[:, :, 8:12, 0:4])
     q = torch.randn(1, 2, 4, 8)
-    call = make_call(q, q, q, mask=_local_mask(mask, 0, 4, 4, 4), bias=None, scale=None, softcap=None,
+    call = make_call(q, q, q, mask=_local_mask(mask, 0, 4, 16), bias=None, scale=None, softcap=None,
                      dropout_p=0.0, return_lse=False)
     assert select_backend(call, "auto").name != "sdpa"
-    assert not _local_mask(mask, 0, 4, 4, 4).to_dense(4, 4).any()  # keys 4..7 lie after queries 0..3
+    assert not _local_mask(mask, 0, 4, 16).to_dense(4, 4).any()  # keys 4..7 lie after queries 0..3
 
 
 def test_needs_an_initialised_process_group():

@@ -72,6 +72,22 @@ def allowed(spec, b, i, j, lq: int, lk: int) -> np.ndarray:
         return j < np.asarray(spec[1]).reshape(-1, 1, 1)
     if kind == "dense":
         return np.asarray(spec[1])
+    if kind == "chunked":  # the same chunk of spec[1] positions
+        return i // spec[1] == j // spec[1]
+    if kind == "strided":  # Child et al. 2019: j <= i and (i - j < s or (i - j) % s == 0)
+        d, s = i - j, spec[1]
+        return (d >= 0) & ((d < s) | (d % s == 0))
+    if kind == "dilated":  # 0 <= i - j < window and (i - j) % dilation == 0
+        d = i - j
+        return (d >= 0) & (d < spec[1]) & (d % spec[2] == 0)
+    if kind == "function":  # from_function(lambda b, h, q, k: (q + m * k + b) % n < t)
+        _, m, n, t = spec
+        return (i + m * j + b) % n < t
+    if kind == "causal_seq":  # per-sequence bottom-right: j - kpad <= i - qpad + lk_b - lq_b (flash-attn)
+        _, q_lengths, k_lengths, padding = spec
+        lq_b, lk_b = np.asarray(q_lengths).reshape(-1, 1, 1), np.asarray(k_lengths).reshape(-1, 1, 1)
+        shift = lk_b - lq_b + ((lk - lk_b) - (lq - lq_b) if padding == "left" else 0)
+        return j <= i + shift
     if kind == "and":
         return allowed(spec[1], b, i, j, lq, lk) & allowed(spec[2], b, i, j, lq, lk)
     if kind == "or":
@@ -98,6 +114,17 @@ def build_mask(spec):
         return masks.key_padding(spec[1])
     if kind == "dense":
         return masks.from_tensor(torch.from_numpy(np.asarray(spec[1]))[:, None])  # (B|1, 1, Lq, Lk)
+    if kind == "chunked":
+        return masks.chunked(spec[1])
+    if kind == "strided":
+        return masks.strided(spec[1])
+    if kind == "dilated":
+        return masks.dilated(spec[1], spec[2])
+    if kind == "function":
+        _, m, n, t = spec
+        return masks.from_function(lambda b, h, q_idx, kv_idx: (q_idx + m * kv_idx + b) % n < t, name="fuzz")
+    if kind == "causal_seq":
+        return masks.causal("bottom_right", q_lengths=spec[1], k_lengths=spec[2], padding=spec[3])
     if kind == "and":
         return build_mask(spec[1]) & build_mask(spec[2])
     if kind == "or":
@@ -110,7 +137,18 @@ def build_mask(spec):
 @st.composite
 def leaf_masks(draw, batch: int, lq: int, lk: int):
     align = st.sampled_from(["top_left", "bottom_right"])
-    kind = draw(st.sampled_from(["causal", "window", "prefix", "global", "document", "padding", "dense"]))
+    kind = draw(st.sampled_from(["causal", "window", "prefix", "global", "document", "padding", "dense",
+                                 "chunked", "strided", "dilated", "function", "causal_seq"]))
+    if kind in ("chunked", "strided"):
+        return (kind, draw(st.integers(1, max(lq, lk) + 1)))
+    if kind == "dilated":
+        return ("dilated", draw(st.integers(1, max(lq, lk) + 1)), draw(st.integers(1, 5)))
+    if kind == "function":
+        return ("function", draw(st.integers(0, 3)), draw(st.integers(1, 7)), draw(st.integers(0, 7)))
+    if kind == "causal_seq":
+        lengths = st.lists(st.integers(0, lk), min_size=batch, max_size=batch)
+        q_lengths = draw(st.lists(st.integers(0, lq), min_size=batch, max_size=batch))
+        return ("causal_seq", q_lengths, draw(lengths), draw(st.sampled_from(["right", "left"])))
     if kind == "causal":
         return ("causal", draw(align))
     if kind == "window":

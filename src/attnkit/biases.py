@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnkit._blocks import ScoreBlock
 from attnkit._checks import check_broadcast_4d, describe, require_choice, require_int, require_tensor
+from attnkit.masks import Lengths
 
 __all__ = ["Bias", "alibi", "alibi_slopes", "from_tensor", "score_mod"]
 
@@ -59,7 +60,23 @@ class Bias:
         """Raise ValueError if this bias cannot apply to a call of these sizes."""
 
     def parts(self) -> tuple[Bias, ...]:
+        """The biases this one sums, in order (itself for a single bias)."""
         return (self,)
+
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Bias:
+        """This bias seen from a piece of a longer sequence.
+
+        Query ``i`` of the piece is query ``q_offset + i`` of the whole, key ``j`` is key
+        ``k_offset + j``; ``q_total`` and ``k_total`` are the whole's lengths (they place
+        ``bottom_right`` diagonals). If not given, the whole is taken as square and as long
+        as the piece reaches, as in :meth:`attnkit.masks.Mask.shifted`.
+        """
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        if q_offset == k_offset == 0 and q_total is None and k_total is None:
+            return self
+        return _Shifted(self, q_offset, k_offset, q_total, k_total)
 
     def to_dense(self, q_len: int, k_len: int, *, batch: int = 1, heads: int | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
@@ -111,6 +128,39 @@ class _Chain(Bias):
         return " + ".join(map(repr, self.items))
 
 
+class _Shifted(Bias):
+    """``inner`` on queries [q_offset, ...) and keys [k_offset, ...) of a longer sequence."""
+
+    def __init__(self, inner: Bias, q_offset: int, k_offset: int, q_total: int | None, k_total: int | None):
+        self.inner, self.q_offset, self.k_offset = inner, q_offset, k_offset
+        self.q_total, self.k_total = q_total, k_total
+        self.additive = inner.additive
+        if hasattr(inner, "num_heads"):
+            self.num_heads = inner.num_heads
+
+    def _whole(self, block: ScoreBlock) -> ScoreBlock:
+        side = max(self.q_offset + block.q_len, self.k_offset + block.k_len)
+        return ScoreBlock(block.batch, block.kv_heads, block.groups, self.q_total or side, self.k_total or side,
+                          block.q_start + self.q_offset, block.q_stop + self.q_offset,
+                          block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
+
+    def values(self, block, dtype):
+        return self.inner.values(self._whole(block), dtype)
+
+    def apply(self, scores, block, leaves=None):
+        return self.inner.apply(scores, self._whole(block), leaves)
+
+    def separable(self, block, dtype):
+        return self.inner.separable(self._whole(block), dtype)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        side = max(self.q_offset + q_len, self.k_offset + k_len)
+        self.inner.check(batch, heads, self.q_total or side, self.k_total or side, device)
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.shifted({self.q_offset}, {self.k_offset})"
+
+
 def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """ALiBi's head slopes (Press et al. 2022), for any head count.
 
@@ -138,6 +188,8 @@ def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 class _ALiBi(Bias):
+    lengths: Lengths | None = None  # per-sequence alignment, if given
+
     def __init__(self, slopes: Tensor, align: str):
         # float64 slopes stay float64, so a float64 call computes ALiBi in float64;
         # each block casts them to the call's compute dtype.
@@ -145,22 +197,27 @@ class _ALiBi(Bias):
         self.slopes = slopes.detach().to(keep)
         self.num_heads = slopes.numel()
         self.align = require_choice("align", align, ("top_left", "bottom_right"))
-        self.shift: int | None = None  # a fixed offset, for a piece of a longer sequence
 
     def _offset(self, block: ScoreBlock) -> int:
-        if self.shift is not None:
-            return self.shift
         return 0 if self.align == "top_left" else block.k_len - block.q_len
+
+    def _offsets(self, block: ScoreBlock) -> Tensor | int:
+        """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
+        if self.lengths is None:
+            return self._offset(block)
+        return self.lengths.offsets(self.align, block.q_len, block.k_len, block.device).view(-1, 1, 1, 1, 1)
 
     def values(self, block, dtype):
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
-        distance = (block.i + self._offset(block) - block.j).abs().to(dtype)  # (1, 1, bq, 1, bk)
+        distance = (block.i + self._offsets(block) - block.j).abs().to(dtype)  # (B|1, 1, bq, 1, bk)
         return -slopes * distance
 
     def separable(self, block, dtype):
         # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).
         # The reference key r is the block's key nearest the diagonal, so the column
         # term is ~0 on the keys that carry the weight and loses no precision there.
+        if self.lengths is not None:
+            return None
         diag = block.i + self._offset(block)  # (1, 1, bq, 1, 1)
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]
         if block.k_stop - 1 <= block.q_start + self._offset(block):  # every j <= i'
@@ -174,18 +231,24 @@ class _ALiBi(Bias):
     def check(self, batch, heads, q_len, k_len, device):
         if self.num_heads != heads:
             raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
+        if self.lengths is not None:
+            self.lengths.check(batch, q_len, k_len)
 
     def __repr__(self) -> str:
-        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
-        return f"alibi({self.num_heads} heads, {where})"
+        lengths = "" if self.lengths is None else f", {self.lengths!r}"
+        return f"alibi({self.num_heads} heads, align={self.align!r}{lengths})"
 
 
-def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left") -> Bias:
+def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: str = "top_left",
+          q_lengths: Sequence[int] | Tensor | None = None, k_lengths: Sequence[int] | Tensor | None = None,
+          padding: str = "right") -> Bias:
     """ALiBi: ``-slope_h * |i + offset - j|`` added to head ``h``'s scores.
 
     Give ``num_heads`` for the standard slopes (:func:`alibi_slopes`), or ``slopes``,
     a (H,) tensor. ``align`` places the diagonal as for :func:`attnkit.masks.causal`.
-    Slopes are constants: they get no gradient.
+    Slopes are constants: they get no gradient. ``q_lengths``, ``k_lengths`` and
+    ``padding`` place the diagonal per sequence of a padded batch, as for
+    :func:`attnkit.masks.causal`.
     """
     if (num_heads is None) == (slopes is None):
         raise TypeError("alibi needs exactly one of num_heads or slopes=")
@@ -194,7 +257,12 @@ def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: 
     require_tensor("slopes", slopes)
     if slopes.dim() != 1 or not slopes.dtype.is_floating_point:
         raise ValueError(f"slopes must be a 1-D float tensor (one per head); got {describe(slopes)}")
-    return _ALiBi(slopes, align)
+    out = _ALiBi(slopes, align)
+    if q_lengths is not None or k_lengths is not None:
+        out.lengths = Lengths(q_lengths, k_lengths, padding)
+    else:
+        require_choice("padding", padding, ("right", "left"))
+    return out
 
 
 class _TensorBias(Bias):

@@ -30,8 +30,11 @@ tensor([[1, 0, 0, 0],
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,13 +52,23 @@ from attnkit._checks import (
 __all__ = [
     "BlockMap",
     "Mask",
+    "MaskMod",
+    "SDPAForm",
+    "as_mask",
+    "bigbird",
     "causal",
+    "chunked",
+    "dilated",
     "document",
+    "from_blocks",
+    "from_function",
     "from_tensor",
     "global_tokens",
     "key_padding",
     "prefix_lm",
     "sliding_window",
+    "strided",
+    "to_flex",
 ]
 
 _ALIGNS = ("top_left", "bottom_right")
@@ -64,6 +77,59 @@ _ALIGNS = ("top_left", "bottom_right")
 def _offset(align: str, q_len: int, k_len: int) -> int:
     """Shift of the diagonal: query i sits at key position i + offset."""
     return 0 if align == "top_left" else k_len - q_len
+
+
+_PADDINGS = ("right", "left")
+
+
+class Lengths:
+    """Per-sequence real lengths of a padded batch, for masks and biases that align to them.
+
+    ``q_lengths`` (B,) and ``k_lengths`` (B,) count each sequence's real queries and keys
+    (None: all Lq, or all Lk, are real). ``padding="right"`` puts the real tokens first,
+    ``"left"`` puts them last.
+    """
+
+    def __init__(self, q_lengths: Sequence[int] | Tensor | None, k_lengths: Sequence[int] | Tensor | None,
+                 padding: str):
+        if q_lengths is None and k_lengths is None:
+            raise TypeError("per-sequence alignment needs q_lengths=, k_lengths= or both")
+        self.q = None if q_lengths is None else int_vector("q_lengths", q_lengths)
+        self.k = None if k_lengths is None else int_vector("k_lengths", k_lengths)
+        for name, t in (("q_lengths", self.q), ("k_lengths", self.k)):
+            if t is not None and (t < 0).any():
+                raise ValueError(f"{name} must be >= 0; got {t.tolist()}")
+        if self.q is not None and self.k is not None and 1 not in (self.q.numel(), self.k.numel()) \
+                and self.q.numel() != self.k.numel():
+            raise ValueError(f"q_lengths and k_lengths must have one entry per batch element; got "
+                             f"{self.q.numel()} and {self.k.numel()}")
+        self.padding = require_choice("padding", padding, _PADDINGS)
+
+    @property
+    def batch(self) -> int:
+        return max(t.numel() for t in (self.q, self.k) if t is not None)
+
+    def check(self, batch: int, q_len: int, k_len: int) -> None:
+        for name, t, length, what in (("q_lengths", self.q, q_len, "Lq"), ("k_lengths", self.k, k_len, "Lk")):
+            if t is None:
+                continue
+            if t.numel() not in (1, batch):
+                raise ValueError(f"{name} has {t.numel()} entries; expected 1 or batch={batch}")
+            if int(t.max()) > length:
+                raise ValueError(f"{name} must be <= {what}={length}; got {t.tolist()}")
+
+    def offsets(self, align: str, q_len: int, k_len: int, device: torch.device) -> Tensor:
+        """(B,) int64: sequence b's query i sits at key position i + offset[b] (padded coordinates)."""
+        lq = torch.full((1,), q_len) if self.q is None else self.q
+        lk = torch.full((1,), k_len) if self.k is None else self.k
+        off = lk - lq if align == "bottom_right" else torch.zeros_like(lk - lq)
+        if self.padding == "left":  # real tokens start at L - length
+            off = off + (k_len - lk) - (q_len - lq)
+        return off.to(device)
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={t.tolist()}" for n, t in (("q_lengths", self.q), ("k_lengths", self.k)) if t is not None]
+        return ", ".join(parts) + (", padding='left'" if self.padding == "left" else "")
 
 
 class BlockMap:
@@ -111,17 +177,116 @@ class BlockMap:
     __repr__ = __str__
 
 
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+"""FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``."""
+
+
+@dataclass(frozen=True)
+class SDPAForm:
+    """A mask in the terms of PyTorch's ``scaled_dot_product_attention``.
+
+    ``is_causal``: pass ``is_causal=True`` (top-left causal). ``key_valid``: a (B|1, Lk)
+    bool tensor of real keys, to pass as a (B|1, 1, 1, Lk) ``attn_mask``; None if there
+    is none. At most one of the two is set (SDPA takes one or the other).
+    """
+
+    is_causal: bool = False
+    key_valid: Tensor | None = None
+
+
 class Mask:
-    """Base class of all masks. Subclasses implement ``allowed`` and ``_block_states``."""
+    """Base class of all masks.
+
+    A subclass implements at least one of :meth:`allowed` (a block of the score matrix)
+    or :meth:`mask_mod` (FlexAttention's elementwise function); each has a default in
+    terms of the other. Everything else has an exact default: :meth:`block_states`
+    evaluates the mask block by block in bounded memory, :meth:`shifted` translates the
+    coordinates. Built-in masks override them with analytic versions. A subclass that
+    varies by batch or head reports it in :meth:`extent`, and checks sizes in :meth:`check`.
+    """
+
+    # -- the elementwise definition ---------------------------------------------------
 
     def allowed(self, block: ScoreBlock) -> Tensor:
-        """Bool tensor, broadcastable to ``block.shape`` = (B, Hkv, bq, G, bk)."""
-        raise NotImplementedError
+        """Bool tensor, broadcastable to ``block.shape`` = (B, Hkv, bq, G, bk): True = may attend.
 
-    def _block_states(self, q_len: int, k_len: int, block_q: int, block_k: int,
-                      device: torch.device) -> Tensor:
-        """int8 (ceil(Lq/bq), ceil(Lk/bk)) block states, aggregated over batch and heads."""
-        raise NotImplementedError
+        The default calls :meth:`mask_mod` with the block's index tensors.
+        """
+        if type(self).mask_mod is Mask.mask_mod:
+            raise NotImplementedError(f"{type(self).__name__} must implement allowed() or mask_mod()")
+        return self.mask_mod(block.q_len, block.k_len)(block.b, block.h, block.i, block.j)
+
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
+        """This mask at lengths (Lq, Lk) as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``.
+
+        The function takes int index tensors that broadcast together (or 0-d tensors, as
+        under Flex's ``vmap``) and returns a bool tensor of their broadcast shape. The
+        default materialises the mask once, (B, H, Lq, Lk), and indexes it; built-in masks
+        compute it from the indices.
+        """
+        if type(self).allowed is Mask.allowed:
+            raise NotImplementedError(f"{type(self).__name__} must implement allowed() or mask_mod()")
+        mb, mh = self.extent()
+        dense = self.to_dense(q_len, k_len, batch=mb).reshape(mb, mh, q_len, k_len)
+
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return dense[b if mb > 1 else 0, h if mh > 1 else 0, q_idx, kv_idx]
+
+        return mod
+
+    # -- block structure ----------------------------------------------------------------
+
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+        """Classify each (block_q x block_k) block of an (Lq x Lk) call.
+
+        Returns an int8 tensor (ceil(Lq / block_q), ceil(Lk / block_k)) on ``device`` of
+        EMPTY (0: no pair allowed), PARTIAL (1) or FULL (2: every pair allowed), aggregated
+        over batch and heads: a block is EMPTY only if it is empty for every batch element
+        and head, FULL only if full for all. The last block of each axis may be short; only
+        its real positions count. ``batch`` and ``heads`` are the call's sizes (default: the
+        mask's :meth:`extent`); a mask that does not vary by them ignores them.
+
+        The default is exact: it evaluates :meth:`allowed` on row chunks of about 8M
+        pairs, so it costs O(Lq * Lk) time and bounded memory.
+        """
+        mb, mh = self.extent()
+        return _evaluate_states(self.allowed, q_len, k_len, block_q, block_k,
+                                batch or mb, heads or mh, torch.device(device))
+
+    def is_full(self, q_len: int, k_len: int, *, batch: int | None = None, heads: int | None = None) -> bool:
+        """Whether every (query, key) pair is allowed at these lengths (True if there is none)."""
+        s = self.block_states(q_len, k_len, max(q_len, 1), max(k_len, 1), batch=batch, heads=heads)
+        return bool((s == FULL).all())
+
+    def is_empty(self, q_len: int, k_len: int, *, batch: int | None = None, heads: int | None = None) -> bool:
+        """Whether no (query, key) pair is allowed at these lengths (True if there is none)."""
+        s = self.block_states(q_len, k_len, max(q_len, 1), max(k_len, 1), batch=batch, heads=heads)
+        return bool((s == EMPTY).all())
+
+    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
+        """This mask as SDPA's native arguments at these lengths, or None if it needs a dense mask."""
+        return None
+
+    # -- pieces of a longer sequence ------------------------------------------------------
+
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
+        """This mask seen from a piece of a longer sequence.
+
+        Query ``i`` of the piece is query ``q_offset + i`` of the whole, key ``j`` is key
+        ``k_offset + j``. ``q_total`` and ``k_total`` are the whole's lengths: they place
+        the diagonal of ``bottom_right`` masks and size per-token masks. If not given, the
+        whole is taken as square (both aligns agree) and as long as the piece reaches.
+        The piece's own lengths are those of the call it is used in.
+        """
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        if q_offset == k_offset == 0 and q_total is None and k_total is None:
+            return self
+        return _Shifted(self, q_offset, k_offset, q_total, k_total)
+
+    # -- facts about the mask -------------------------------------------------------------
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         """Raise ValueError if this mask cannot apply to a call of these sizes."""
@@ -149,17 +314,9 @@ class Mask:
         device = torch.device(device)
         self.check(b, mh, q_len, k_len, device)
         dense = torch.empty(b, mh, q_len, k_len, dtype=torch.bool, device=device)
-        for q0, q1, block in self._row_chunks(b, mh, q_len, k_len, device):
+        for q0, q1, block in _row_chunks(b, mh, q_len, k_len, device):
             dense[:, :, q0:q1] = self.allowed(block).expand(block.shape).squeeze(3)
         return dense[0, 0] if (b, mh) == (1, 1) else dense
-
-    def _row_chunks(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
-        """Blocks of whole rows, each about 4M elements, so that evaluating the mask
-        (int64 index arithmetic) never holds more than a chunk at once."""
-        rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
-        for q0 in range(0, q_len, rows):
-            q1 = min(q_len, q0 + rows)
-            yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
 
     def blocks(self, q_len: int, k_len: int, block_size: int | tuple[int, int] = 128) -> BlockMap:
         """Classify every (block_q x block_k) block as empty, partial or full."""
@@ -168,7 +325,7 @@ class Mask:
         bq, bk = require_int("block_q", bq, minimum=1), require_int("block_k", bk, minimum=1)
         mb, mh = self.extent()
         self.check(mb, mh, q_len, k_len, torch.device("cpu"))
-        state = self._block_states(q_len, k_len, bq, bk, torch.device("cpu"))
+        state = self.block_states(q_len, k_len, bq, bk)
         return BlockMap(self, state, q_len, k_len, bq, bk)
 
     def sparsity(self, q_len: int, k_len: int) -> float:
@@ -183,26 +340,106 @@ class Mask:
         device = torch.device("cpu")
         self.check(mb, mh, q_len, k_len, device)
         allowed = 0
-        for _, _, block in self._row_chunks(mb, mh, q_len, k_len, device):
+        for _, _, block in _row_chunks(mb, mh, q_len, k_len, device):
             allowed += int(self.allowed(block).expand(block.shape).sum())
         return 1.0 - allowed / (q_len * k_len * mb * mh)
 
     def __and__(self, other: Mask) -> Mask:
-        return _And(self, _as_mask("other", other))
+        return _And(self, as_mask("other", other))
 
     def __or__(self, other: Mask) -> Mask:
-        return _Or(self, _as_mask("other", other))
+        return _Or(self, as_mask("other", other))
 
     def __invert__(self) -> Mask:
         return _Not(self)
 
+    def _picture_size(self) -> tuple[int, int]:
+        return self.natural_size() or (16, 16)
+
     def __str__(self) -> str:
-        q_len, k_len = self.natural_size() or (16, 16)
+        q_len, k_len = self._picture_size()
         size = max(1, math.ceil(max(q_len, k_len) / 32))
         return str(self.blocks(q_len, k_len, size))
 
 
-def _as_mask(name: str, m: object) -> Mask:
+def _row_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
+    """Blocks of whole rows, each about 4M elements, so that evaluating the mask never
+    holds more than a chunk at once."""
+    rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
+    for q0 in range(0, q_len, rows):
+        q1 = min(q_len, q0 + rows)
+        yield q0, q1, ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
+
+
+_ONES = int.from_bytes(b"\x01" * 8, "little")  # an int64 whose 8 bytes are each True
+
+
+def _block_any_all(some: Tensor, every: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor]:
+    """Per block of two (R, C) bool tensors (R, C multiples of the block): any of ``some``
+    and all of ``every`` (which may be the same tensor, then read once)."""
+    nr, nk = some.shape[0] // block_q, some.shape[1] // block_k
+    if block_k % 8 == 0:
+        # 8 bools as one int64 word: a word is 0 iff all 8 are False and _ONES iff all are
+        # True, and lies in [0, _ONES] otherwise, so min and max over words decide all and any.
+        def words(t: Tensor) -> Tensor:
+            return t.view(torch.int64).view(nr, block_q, nk, block_k // 8)
+
+        if some is every:
+            low, high = torch.aminmax(words(some), dim=1)
+        else:
+            low, high = words(every).amin(1), words(some).amax(1)
+        return high.amax(2) != 0, low.amin(2) == _ONES
+    return (some.view(nr, block_q, nk, block_k).any(1).any(2),
+            every.view(nr, block_q, nk, block_k).all(1).all(2))
+
+
+def _evaluate_states(allowed: Callable[[ScoreBlock], Tensor], q_len: int, k_len: int, block_q: int,
+                     block_k: int, batch: int, heads: int, device: torch.device) -> Tensor:
+    """Exact block states from an elementwise ``allowed``, one chunk of block rows at a time.
+
+    Every pair is evaluated (a block is EMPTY or FULL only if each of its pairs says so),
+    in chunks of about 8M pairs (few, large dispatches), with the reductions on 8 pairs per
+    machine word.
+    """
+    nq, nk = -(-q_len // block_q), -(-k_len // block_k)
+    out = torch.empty(nq, nk, dtype=torch.int8, device=device)
+    if nq == 0 or nk == 0:
+        return out
+    kp = nk * block_k
+    def five_d(t: Tensor) -> Tensor:
+        return t.reshape((1,) * (5 - t.dim()) + tuple(t.shape))
+
+    # a probe row tells which of batch and heads the mask varies over: chunks hold 8M results
+    probe = five_d(allowed(ScoreBlock(batch, heads, 1, q_len, k_len, 0, 1, 0, k_len, device)))
+    spread = probe.shape[0] * probe.shape[1] * probe.shape[3]
+    rows = max(block_q, (1 << 23) // max(1, k_len * spread) // block_q * block_q)
+    for q0 in range(0, q_len, rows):
+        q1 = min(q_len, q0 + rows)
+        block = ScoreBlock(batch, heads, 1, q_len, k_len, q0, q1, 0, k_len, device)
+        a = five_d(allowed(block))  # (B|1, H|1, r|1, 1, Lk|1)
+        r, nr = q1 - q0, -(-(q1 - q0) // block_q)
+        a = torch.broadcast_to(a, (*a.shape[:2], r, a.shape[3], k_len)).transpose(2, 3).flatten(0, 2)
+        some, every = (a.any(0), a.all(0)) if a.shape[0] > 1 else (a[0], a[0])  # over batch and heads
+        if r % block_q or k_len % block_k:  # ragged edge: pad so that padding never counts
+            padded = torch.zeros(2, nr * block_q, kp, dtype=torch.bool, device=device)
+            padded[1] = True
+            padded[0, :r, :k_len], padded[1, :r, :k_len] = some, every
+            some, every = padded[0], padded[1]
+        if some is every:
+            some = every = some.contiguous()
+        else:
+            some, every = some.contiguous(), every.contiguous()
+        row = q0 // block_q
+        any_, all_ = _block_any_all(some, every, block_q, block_k)
+        out[row: row + nr] = states(~any_, all_)
+    return out
+
+
+def as_mask(name: str, m: object) -> Mask:
+    """``m`` as a :class:`Mask`: a mask as is, a bool tensor through :func:`from_tensor`.
+
+    Raises TypeError naming ``name`` for anything else.
+    """
     if isinstance(m, Mask):
         return m
     if isinstance(m, Tensor):
@@ -220,10 +457,22 @@ class _And(Mask):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) & self.b.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        sa = self.a._block_states(q_len, k_len, block_q, block_k, device)
-        sb = self.b._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
+
+    def _both(self, q_len, k_len, block_q, block_k, batch, heads, device):
+        kw = {"batch": batch, "heads": heads, "device": device}
+        return (self.a.block_states(q_len, k_len, block_q, block_k, **kw),
+                self.b.block_states(q_len, k_len, block_q, block_k, **kw))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) | (sb == EMPTY), (sa == FULL) & (sb == FULL))
+
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        kw = {"q_total": q_total, "k_total": k_total}
+        return type(self)(self.a.shifted(q_offset, k_offset, **kw), self.b.shifted(q_offset, k_offset, **kw))
 
     def check(self, batch, heads, q_len, k_len, device):
         self.a.check(batch, heads, q_len, k_len, device)
@@ -244,9 +493,12 @@ class _Or(_And):
     def allowed(self, block):
         return self.a.allowed(block) | self.b.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        sa = self.a._block_states(q_len, k_len, block_q, block_k, device)
-        sb = self.b._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) | fb(b, h, q_idx, kv_idx)
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) & (sb == EMPTY), (sa == FULL) | (sb == FULL))
 
     def __repr__(self) -> str:
@@ -260,9 +512,16 @@ class _Not(Mask):
     def allowed(self, block):
         return ~self.a.allowed(block)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        s = self.a._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        fa = self.a.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: ~fa(b, h, q_idx, kv_idx)
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        s = self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device)
         return states(s == FULL, s == EMPTY)
+
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        return _Not(self.a.shifted(q_offset, k_offset, q_total=q_total, k_total=k_total))
 
     def check(self, batch, heads, q_len, k_len, device):
         self.a.check(batch, heads, q_len, k_len, device)
@@ -277,31 +536,106 @@ class _Not(Mask):
         return f"~{self.a!r}"
 
 
+class _Shifted(Mask):
+    """``inner`` on queries [q_offset, ...) and keys [k_offset, ...) of a longer sequence."""
+
+    def __init__(self, inner: Mask, q_offset: int, k_offset: int, q_total: int | None, k_total: int | None):
+        self.inner, self.q_offset, self.k_offset = inner, q_offset, k_offset
+        self.q_total, self.k_total = q_total, k_total
+
+    def _totals(self, q_len: int, k_len: int) -> tuple[int, int]:
+        if self.q_total is not None and self.k_total is not None:
+            return self.q_total, self.k_total
+        side = max(self.q_offset + q_len, self.k_offset + k_len)
+        return (self.q_total or side), (self.k_total or side)
+
+    def allowed(self, block):
+        q_total, k_total = self._totals(block.q_len, block.k_len)
+        whole = ScoreBlock(block.batch, block.kv_heads, block.groups, q_total, k_total,
+                           block.q_start + self.q_offset, block.q_stop + self.q_offset,
+                           block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
+        return self.inner.allowed(whole)
+
+    def mask_mod(self, q_len, k_len):
+        fn = self.inner.mask_mod(*self._totals(q_len, k_len))
+        qo, ko = self.q_offset, self.k_offset
+        return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx + qo, kv_idx + ko)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        q_total, k_total = self._totals(q_len, k_len)
+        if self.q_offset + q_len > q_total or self.k_offset + k_len > k_total:
+            raise ValueError(f"a piece of Lq={q_len} at query {self.q_offset}, Lk={k_len} at key {self.k_offset} "
+                             f"does not fit in the whole (Lq={q_total}, Lk={k_total}) of {self.inner!r}")
+        self.inner.check(batch, heads, q_total, k_total, device)
+
+    def extent(self):
+        return self.inner.extent()
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r}.shifted({self.q_offset}, {self.k_offset})"
+
+
 # -- analytic masks ---------------------------------------------------------------------
 
 
 class _Diagonal(Mask):
-    """Allows ``-left <= j - (i + offset) <= right``; ``None`` means unbounded."""
+    """Allows ``-left <= j - (i + offset) <= right``; ``None`` means unbounded.
 
-    def __init__(self, left: int | None, right: int | None, align: str):
+    ``shift``, if set, is a fixed offset (a piece of a longer sequence) instead of the one
+    that ``align`` gives at the call's lengths.
+    """
+
+    lengths: Lengths | None = None  # per-sequence alignment, if given
+
+    def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
         self.left, self.right = left, right
         self.align = require_choice("align", align, _ALIGNS)
-        self.shift: int | None = None  # a fixed offset, set by _shifted for a piece of a longer sequence
+        self.shift = shift
 
     def _diagonal(self, q_len: int, k_len: int) -> int:
         return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
 
-    def allowed(self, block):
-        d = block.j - (block.i + self._diagonal(block.q_len, block.k_len))
-        ok = torch.ones((), dtype=torch.bool, device=block.device)
+    def _diagonals(self, q_len: int, k_len: int, device: torch.device) -> Tensor | int:
+        """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
+        if self.lengths is None:
+            return self._diagonal(q_len, k_len)
+        return self.lengths.offsets(self.align, q_len, k_len, device).view(-1, 1, 1, 1, 1)
+
+    def _within(self, d: Tensor) -> Tensor:
+        ok = torch.ones((), dtype=torch.bool, device=d.device)
         if self.left is not None:
             ok = ok & (d >= -self.left)
         if self.right is not None:
             ok = ok & (d <= self.right)
         return ok
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        off = self._diagonal(q_len, k_len)
+    def allowed(self, block):
+        return self._within(block.j - (block.i + self._diagonals(block.q_len, block.k_len, block.device)))
+
+    def mask_mod(self, q_len, k_len):
+        if self.lengths is None:
+            off = self._diagonal(q_len, k_len)
+            return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
+        offs = self.lengths.offsets(self.align, q_len, k_len, torch.device("cpu"))
+        many = offs.numel() > 1
+        return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + offs.to(q_idx.device)[b if many else 0]))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        if self.lengths is not None:
+            per = [self._states_at(int(o), q_len, k_len, block_q, block_k, device)
+                   for o in self.lengths.offsets(self.align, q_len, k_len, device).tolist()]
+            return reduce_over_batch(torch.stack(per))
+        return self._states_at(self._diagonal(q_len, k_len), q_len, k_len, block_q, block_k, device)
+
+    def check(self, batch, heads, q_len, k_len, device):
+        if self.lengths is not None:
+            self.lengths.check(batch, q_len, k_len)
+
+    def extent(self):
+        return (1 if self.lengths is None else self.lengths.batch), 1
+
+    def _states_at(self, off, q_len, k_len, block_q, block_k, device):
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
         dmin = k0[None, :] - (q1[:, None] - 1) - off
@@ -316,22 +650,47 @@ class _Diagonal(Mask):
             full &= dmax <= self.right
         return states(empty, full)
 
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        if self.lengths is not None:  # per-sequence diagonals: the exact, evaluated view
+            return super().shifted(q_offset, k_offset, q_total=q_total, k_total=k_total)
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        base = 0 if q_total is None or k_total is None else self._diagonal(q_total, k_total)
+        return type(self)(self.left, self.right, self.align, q_offset - k_offset + base)
+
+    def _where(self) -> str:
+        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
+        return where if self.lengths is None else f"{where}, {self.lengths!r}"
+
 
 class _Causal(_Diagonal):
-    def __init__(self, align: str):
-        super().__init__(None, 0, align)
+    def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
+        super().__init__(None, 0, align, shift)
+
+    def sdpa_form(self, q_len, k_len):
+        if self.shift is None and self.lengths is None and (self.align == "top_left" or q_len == k_len):
+            return SDPAForm(is_causal=True)
+        return None
 
     def __repr__(self) -> str:
-        return f"causal(align={self.align!r})" if self.shift is None else f"causal(shift={self.shift})"
+        return f"causal({self._where()})"
 
 
 class _SlidingWindow(_Diagonal):
     def __repr__(self) -> str:
-        where = f"align={self.align!r}" if self.shift is None else f"shift={self.shift}"
-        return f"sliding_window(left={self.left}, right={self.right}, {where})"
+        return f"sliding_window(left={self.left}, right={self.right}, {self._where()})"
 
 
-def causal(align: str = "top_left") -> Mask:
+def _aligned(mask: _Diagonal, q_lengths, k_lengths, padding: str) -> _Diagonal:
+    if q_lengths is not None or k_lengths is not None:
+        mask.lengths = Lengths(q_lengths, k_lengths, padding)
+    else:
+        require_choice("padding", padding, _PADDINGS)
+    return mask
+
+
+def causal(align: str = "top_left", *, q_lengths: Sequence[int] | Tensor | None = None,
+           k_lengths: Sequence[int] | Tensor | None = None, padding: str = "right") -> Mask:
     """Query ``i`` may attend to keys ``j <= i + offset``.
 
     Args:
@@ -339,6 +698,13 @@ def causal(align: str = "top_left") -> Mask:
             (offset ``Lk - Lq``: flash-attn's convention and KV-cache decoding). With
             bottom-right alignment and Lq > Lk the first ``Lq - Lk`` rows allow no key;
             they output 0.
+        q_lengths, k_lengths: per-sequence real lengths (B,) of a padded batch (None: all
+            real). The diagonal of sequence ``b`` then sits at its own lengths, as in
+            flash-attn's varlen and KV-cache calls: bottom-right alignment uses
+            ``k_lengths[b] - q_lengths[b]``. Padding keys are not masked by this; combine
+            with :func:`key_padding` for that.
+        padding: ``"right"`` (real tokens first) or ``"left"`` (real tokens last, as in
+            left-padded generation batches).
 
     >>> causal().to_dense(3, 3).int()
     tensor([[1, 0, 0],
@@ -348,16 +714,18 @@ def causal(align: str = "top_left") -> Mask:
     tensor([[1, 1, 1, 0],
             [1, 1, 1, 1]], dtype=torch.int32)
     """
-    return _Causal(align)
+    return _aligned(_Causal(None, 0, align), q_lengths, k_lengths, padding)
 
 
-def sliding_window(left: int, right: int = 0, align: str = "top_left") -> Mask:
+def sliding_window(left: int, right: int = 0, align: str = "top_left", *,
+                   q_lengths: Sequence[int] | Tensor | None = None, k_lengths: Sequence[int] | Tensor | None = None,
+                   padding: str = "right") -> Mask:
     """Query ``i`` may attend to keys ``j`` with ``-left <= j - (i + offset) <= right``.
 
     ``sliding_window(left=w)`` is causal attention to the current token and the ``w``
     before it (Mistral's window of ``w + 1`` tokens). ``sliding_window(w, w)`` is a
     symmetric local window (Longformer). The offset follows ``align``, as for
-    :func:`causal`.
+    :func:`causal`, per sequence with ``q_lengths``/``k_lengths``/``padding`` as there.
 
     >>> sliding_window(1, 1).to_dense(4, 4).int()
     tensor([[1, 1, 0, 0],
@@ -367,7 +735,7 @@ def sliding_window(left: int, right: int = 0, align: str = "top_left") -> Mask:
     """
     left = require_int("left", left, minimum=0)
     right = require_int("right", right, minimum=0)
-    return _SlidingWindow(left, right, align)
+    return _aligned(_SlidingWindow(left, right, align), q_lengths, k_lengths, padding)
 
 
 class _PrefixLM(Mask):
@@ -379,7 +747,7 @@ class _PrefixLM(Mask):
                 raise ValueError(f"prefix_length must be >= 0; got {self.prefix.tolist()}")
         else:
             self.prefix = torch.tensor([require_int("prefix_length", prefix_length, minimum=0)])
-        self._causal = _Causal(align)
+        self._causal = _Causal(None, 0, align)
 
     def _prefix(self, device: torch.device) -> Tensor:
         return self.prefix.to(device)
@@ -388,8 +756,18 @@ class _PrefixLM(Mask):
         p = self._prefix(block.device).view(-1, 1, 1, 1, 1)
         return self._causal.allowed(block) | (block.j < p)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
-        c = self._causal._block_states(q_len, k_len, block_q, block_k, device)
+    def mask_mod(self, q_len, k_len):
+        causal, prefix, many = self._causal.mask_mod(q_len, k_len), self.prefix, self.prefix.numel() > 1
+
+        def mod(b, h, q_idx, kv_idx):
+            p = prefix.to(kv_idx.device)[b if many else 0]
+            return causal(b, h, q_idx, kv_idx) | (kv_idx < p)
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        c = self._causal.block_states(q_len, k_len, block_q, block_k, device=device)
         k0, k1 = block_bounds(k_len, block_k, device)
         p = self._prefix(device)[:, None, None]  # (B, 1, 1)
         full = (c == FULL) | ((k1 - 1)[None, None, :] < p)
@@ -442,7 +820,12 @@ class _GlobalTokens(Mask):
         gk = self._flags(block.k_len, block.device)[block.k_start : block.k_stop]
         return gq.view(1, 1, -1, 1, 1) | gk.view(1, 1, 1, 1, -1)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        gq, gk = self._flags(q_len, torch.device("cpu")), self._flags(k_len, torch.device("cpu"))
+        return lambda b, h, q_idx, kv_idx: gq.to(q_idx.device)[q_idx] | gk.to(kv_idx.device)[kv_idx]
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         def per_block(length: int, size: int) -> tuple[Tensor, Tensor]:
             n = -(-length // size)
             flags = torch.zeros(n * size, dtype=torch.bool, device=device)
@@ -532,7 +915,19 @@ class _Document(Mask):
         kj = kv_ids[:, block.k_start : block.k_stop].view(kv_ids.shape[0], 1, 1, 1, -1)
         return qi == kj
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        q_ids, kv_ids = self.q_ids, self.kv_ids
+        many_q, many_k = q_ids.shape[0] > 1, kv_ids.shape[0] > 1
+
+        def mod(b, h, q_idx, kv_idx):
+            qi = q_ids.to(q_idx.device)[b if many_q else 0, q_idx]
+            kj = kv_ids.to(kv_idx.device)[b if many_k else 0, kv_idx]
+            return qi == kj
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         q_ids, kv_ids = self._ids(device)
         if q_len == 0 or k_len == 0:
             return torch.zeros(-(-q_len // block_q), -(-k_len // block_k), dtype=torch.int8)
@@ -605,7 +1000,16 @@ class _KeyPadding(Mask):
         valid = self.valid.to(block.device)[:, block.k_start : block.k_stop]  # type: ignore[union-attr]
         return valid.view(valid.shape[0], 1, 1, 1, -1)
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        valid = self._valid_rows(k_len, torch.device("cpu"))
+        many = valid.shape[0] > 1
+        return lambda b, h, q_idx, kv_idx: valid.to(kv_idx.device)[b if many else 0, kv_idx]
+
+    def sdpa_form(self, q_len, k_len):
+        return SDPAForm(key_valid=self._valid_rows(k_len, torch.device("cpu")))
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         valid = self._valid_rows(k_len, device)  # (B, Lk)
         nq = -(-q_len // block_q)
         if k_len == 0:
@@ -632,10 +1036,6 @@ class _KeyPadding(Mask):
             return self.valid.shape[1], self.valid.shape[1]
         n = int(self.lengths.max()) if self.lengths.numel() else 0  # type: ignore[union-attr]
         return (n, n) if n else None
-
-    def rows_without_keys(self, k_len: int) -> bool:
-        """Whether some batch element has no valid key at all."""
-        return bool((~self._valid_rows(k_len, torch.device("cpu")).any(1)).any())
 
     def __repr__(self) -> str:
         if self.lengths is not None:
@@ -678,7 +1078,18 @@ class _Dense(Mask):
     def allowed(self, block):
         return block.take(self.tensor.to(block.device))
 
-    def _block_states(self, q_len, k_len, block_q, block_k, device):
+    def mask_mod(self, q_len, k_len):
+        t = self.tensor
+        b_, h_, q_, k_ = (n > 1 for n in t.shape)
+
+        def mod(b, h, q_idx, kv_idx):
+            z = torch.zeros((), dtype=torch.int64, device=t.device)
+            return t[b if b_ else z, h if h_ else z, q_idx if q_ else z, kv_idx if k_ else z]
+
+        return mod
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
         t = self.tensor.to(device).expand(-1, -1, q_len, k_len).flatten(0, 1)  # (N, Lq, Lk)
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
         if nq == 0 or nk == 0:
@@ -721,3 +1132,433 @@ def from_tensor(mask: Tensor) -> Mask:
             [1, 1]], dtype=torch.int32)
     """
     return _Dense(mask)
+
+
+# -- any elementwise function ---------------------------------------------------------------
+
+
+class _Evaluated(Mask):
+    """A mask whose block states come from evaluating it (exact), cached per
+    (lengths, block sizes, batch, heads, device)."""
+
+    _CACHE_SIZE = 16
+    _cache: OrderedDict[tuple, Tensor]
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        mb, mh = self.extent()
+        batch, heads = batch or mb, heads or mh
+        key = (q_len, k_len, block_q, block_k, batch, heads, str(device))
+        cache = self.__dict__.setdefault("_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        state = _evaluate_states(self.allowed, q_len, k_len, block_q, block_k, batch, heads, device)
+        cache[key] = state
+        if len(cache) > self._CACHE_SIZE:
+            cache.popitem(last=False)
+        return state
+
+
+class _Function(_Evaluated):
+    def __init__(self, fn: MaskMod, name: str | None):
+        if not callable(fn):
+            raise TypeError(f"from_function needs a callable fn(b, h, q_idx, kv_idx) -> bool tensor; "
+                            f"got {describe(fn)}")
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"name must be a str or None; got {describe(name)}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", type(fn).__name__)
+
+    def _call(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, shape: tuple[int, ...]) -> Tensor:
+        shapes = f"b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx {tuple(q_idx.shape)}, kv_idx {tuple(kv_idx.shape)}"
+        try:
+            out = self.fn(b, h, q_idx, kv_idx)
+        except Exception as e:
+            raise ValueError(f"mask function {self.name!r} raised {type(e).__name__}: {e} "
+                             f"(called with int32 index tensors of shapes {shapes})") from e
+        if not isinstance(out, Tensor):
+            raise TypeError(f"mask function {self.name!r} must return a bool tensor; got {describe(out)}")
+        if out.dtype != torch.bool:
+            raise TypeError(f"mask function {self.name!r} must return a bool tensor (True = may attend); "
+                            f"got dtype {out.dtype}. Compare instead of computing, e.g. (q_idx >= kv_idx)")
+        if out.dim() > len(shape) or any(n not in (1, m) for n, m in zip(reversed(out.shape), reversed(shape))):
+            raise ValueError(f"mask function {self.name!r} returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to {shape}: the broadcast of its inputs ({shapes}). It must be "
+                             "elementwise in b, h, q_idx and kv_idx")
+        return out
+
+    def allowed(self, block):
+        # int32 indices, as in Flex's compiled kernels: half the memory traffic of int64
+        i32 = torch.int32
+        return self._call(block.b.to(i32), block.h.to(i32), block.i.to(i32), block.j.to(i32), block.shape)
+
+    def mask_mod(self, q_len, k_len):
+        return self.fn
+
+    def __repr__(self) -> str:
+        return f"from_function({self.name})"
+
+
+def from_function(fn: MaskMod, name: str | None = None) -> Mask:
+    """Any mask, given as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+    ``fn`` receives int32 index tensors (as in Flex's compiled kernels) of batch, query
+    head, query position and key position that broadcast together (each has its own axis; under FlexAttention they may
+    be 0-d) and returns a bool tensor of their broadcast shape: True = may attend. A Flex
+    ``mask_mod`` works unchanged, including one that indexes captured tensors
+    (``doc[q_idx] == doc[kv_idx]``). ``fn`` must be pure: the same inputs give the same
+    answer, whenever and however often it is called, or cached block states go stale.
+
+    Block states are exact: :meth:`Mask.block_states` evaluates ``fn`` on every pair, in
+    chunks of about 8M pairs, and reduces each block (a block is empty or full only if
+    each of its pairs says so; no black-box function allows less). The result is cached
+    per (lengths, block sizes, batch, heads, device), so the tiled backend's later calls
+    pay nothing. ``fn`` is evaluated over the call's batch and heads; a function that
+    ignores ``b`` and ``h`` returns a tensor without those axes and costs nothing extra.
+
+    Errors name the function: an exception inside it, a non-tensor, a dtype other than
+    bool, or a shape that does not broadcast to its inputs' raise ValueError/TypeError.
+
+    >>> m = from_function(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 3 == 0, name="every_third")
+    >>> m.to_dense(4, 4).int()
+    tensor([[1, 0, 0, 1],
+            [0, 1, 0, 0],
+            [0, 0, 1, 0],
+            [1, 0, 0, 1]], dtype=torch.int32)
+    """
+    return _Function(fn, name)
+
+
+# -- sparse patterns of the literature -------------------------------------------------------
+
+
+class _ByDistance(_Diagonal):
+    """A mask that depends only on ``d = (i + offset) - j``: ``_keep(d)``, elementwise.
+
+    Every block holds every distance between its extremes, so a block is empty (full) iff
+    no (every) distance in [dmin, dmax] is kept: O(Lq + Lk) prefix sums over distances,
+    then O(1) per block, exact.
+    """
+
+    def __init__(self, align: str, shift: int | None = None):
+        super().__init__(None, None, align, shift)
+
+    def _keep(self, d: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def allowed(self, block):
+        return self._keep(block.i + self._diagonal(block.q_len, block.k_len) - block.j)
+
+    def mask_mod(self, q_len, k_len):
+        off = self._diagonal(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: self._keep(q_idx + off - kv_idx)
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        off = self._diagonal(q_len, k_len)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(k_len, block_k, device)
+        low = -(k_len - 1) + off  # smallest distance (i + off) - j
+        d = torch.arange(low, q_len + off, device=device)
+        kept = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), self._keep(d).to(torch.int64).cumsum(0)])
+        dmin = q0[:, None] + off - (k1[None, :] - 1)
+        dmax = (q1[:, None] - 1) + off - k0[None, :]
+        count = kept[dmax - low + 1] - kept[dmin - low]
+        return states(count == 0, count == dmax - dmin + 1)
+
+    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+        q_offset = require_int("q_offset", q_offset, minimum=0)
+        k_offset = require_int("k_offset", k_offset, minimum=0)
+        base = 0 if q_total is None or k_total is None else self._diagonal(q_total, k_total)
+        out = copy.copy(self)
+        out.shift = q_offset - k_offset + base
+        return out
+
+
+class _Strided(_ByDistance):
+    def __init__(self, stride: int, align: str, shift: int | None = None):
+        super().__init__(align, shift)
+        self.stride = stride
+
+    def _keep(self, d):
+        return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
+
+    def _picture_size(self):
+        return 4 * self.stride, 4 * self.stride
+
+    def __repr__(self) -> str:
+        return f"strided({self.stride}, {self._where()})"
+
+
+def strided(stride: int, align: str = "top_left") -> Mask:
+    """The strided pattern of the Sparse Transformer (Child et al. 2019, "Generating Long
+    Sequences with Sparse Transformers", section 4.2): query ``i`` attends to key ``j``
+    iff ``j <= i`` and (``i - j < stride`` or ``(i - j) % stride == 0``).
+
+    The two terms are the paper's two heads of factorised attention (the previous
+    ``stride`` keys, and every ``stride``-th key before them) in one mask; it is causal
+    by definition, so ``strided(s) & causal()`` equals ``strided(s)``. With Lq != Lk,
+    ``i`` is shifted by ``align`` as for :func:`causal`. Block states are exact, O(1) per block.
+
+    >>> strided(3).to_dense(7, 7).int()[6]
+    tensor([1, 0, 0, 1, 1, 1, 1], dtype=torch.int32)
+    """
+    return _Strided(require_int("stride", stride, minimum=1), align)
+
+
+class _Dilated(_ByDistance):
+    def __init__(self, window: int, dilation: int, align: str, shift: int | None = None):
+        super().__init__(align, shift)
+        self.window, self.dilation = window, dilation
+
+    def _keep(self, d):
+        return (d >= 0) & (d < self.window) & (d % self.dilation == 0)
+
+    def _picture_size(self):
+        return 2 * self.window, 2 * self.window
+
+    def __repr__(self) -> str:
+        return f"dilated(window={self.window}, dilation={self.dilation}, {self._where()})"
+
+
+def dilated(window: int, dilation: int, align: str = "top_left") -> Mask:
+    """A causal window of ``window`` positions that keeps every ``dilation``-th key:
+    query ``i`` attends to key ``j`` iff ``0 <= i - j < window`` and
+    ``(i - j) % dilation == 0``.
+
+    This is the dilated sliding window of Longformer (Beltagy et al. 2020, section 3.1),
+    causal, and LongNet's dilation (Ding et al. 2023) within a sliding window rather than
+    fixed segments: the receptive field grows with ``dilation`` at the same cost.
+    ``dilated(w, 1)`` is ``sliding_window(w - 1)``. Block states are exact, O(1) per block.
+
+    >>> dilated(window=6, dilation=2).to_dense(7, 7).int()[6]
+    tensor([0, 0, 1, 0, 1, 0, 1], dtype=torch.int32)
+    """
+    window = require_int("window", window, minimum=1)
+    return _Dilated(window, require_int("dilation", dilation, minimum=1), align)
+
+
+class _Chunked(Mask):
+    def __init__(self, size: int):
+        self.size = size
+
+    def allowed(self, block):
+        return block.i // self.size == block.j // self.size
+
+    def mask_mod(self, q_len, k_len):
+        return lambda b, h, q_idx, kv_idx: q_idx // self.size == kv_idx // self.size
+
+    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+        device = torch.device(device)
+        q0, q1 = block_bounds(q_len, block_q, device)
+        k0, k1 = block_bounds(k_len, block_k, device)
+        qa, qb = (q0 // self.size)[:, None], ((q1 - 1) // self.size)[:, None]  # chunks a block spans
+        ka, kb = (k0 // self.size)[None, :], ((k1 - 1) // self.size)[None, :]
+        return states((qb < ka) | (kb < qa), (qa == qb) & (ka == kb) & (qa == ka))
+
+    def _picture_size(self):
+        return 4 * self.size, 4 * self.size
+
+    def __repr__(self) -> str:
+        return f"chunked({self.size})"
+
+
+def chunked(size: int) -> Mask:
+    """Attention only within the same chunk of ``size`` positions: query ``i`` attends to
+    key ``j`` iff ``i // size == j // size``.
+
+    Llama 4's chunked local attention (Meta 2025; ``attention_chunk_size`` in its config,
+    8192) is ``chunked(size) & causal()``: each token sees the tokens of its own chunk up
+    to itself. Block states are exact, O(1) per block.
+
+    >>> chunked(2).to_dense(4, 4).int()
+    tensor([[1, 1, 0, 0],
+            [1, 1, 0, 0],
+            [0, 0, 1, 1],
+            [0, 0, 1, 1]], dtype=torch.int32)
+    """
+    return _Chunked(require_int("size", size, minimum=1))
+
+
+class _FromBlocks(_Evaluated):
+    def __init__(self, block_mask: Tensor, block_q: int, block_k: int):
+        require_tensor("block_mask", block_mask)
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"block_mask must be a bool tensor (True = the block may attend); "
+                            f"got {describe(block_mask)}")
+        if not 2 <= block_mask.dim() <= 4:
+            raise ValueError(f"block_mask must be (nq, nk), (H, nq, nk) or (B, H, nq, nk); got shape "
+                             f"{tuple(block_mask.shape)}")
+        self.blocks_ = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
+        self.block_q, self.block_k = block_q, block_k
+
+    def allowed(self, block):
+        t = self.blocks_.to(block.device)
+        rows = torch.arange(block.q_start, block.q_stop, device=block.device) // self.block_q
+        cols = torch.arange(block.k_start, block.k_stop, device=block.device) // self.block_k
+        sub = t[:, :, rows][:, :, :, cols]  # (B|1, H|1, bq, bk)
+        if sub.shape[1] == 1:
+            return sub.unsqueeze(3)
+        return sub.unflatten(1, (block.kv_heads, block.groups)).transpose(2, 3)  # (B|1, Hkv, bq, G, bk)
+
+    def mask_mod(self, q_len, k_len):
+        t, bq, bk = self.blocks_, self.block_q, self.block_k
+        many_b, many_h = t.shape[0] > 1, t.shape[1] > 1
+
+        def mod(b, h, q_idx, kv_idx):
+            z = torch.zeros((), dtype=torch.int64, device=t.device)
+            return t[b if many_b else z, h if many_h else z, q_idx // bq, kv_idx // bk]
+
+        return mod
+
+    def check(self, batch, heads, q_len, k_len, device):
+        nq, nk = -(-q_len // self.block_q), -(-k_len // self.block_k)
+        if tuple(self.blocks_.shape[2:]) != (nq, nk):
+            raise ValueError(f"block_mask has {tuple(self.blocks_.shape[2:])} blocks; Lq={q_len}, Lk={k_len} in "
+                             f"blocks of {self.block_q} x {self.block_k} need ({nq}, {nk})")
+        check_broadcast_4d("block_mask", self.blocks_, (batch, heads, nq, nk))
+
+    def extent(self):
+        return self.blocks_.shape[0], self.blocks_.shape[1]
+
+    def natural_size(self):
+        return self.blocks_.shape[2] * self.block_q, self.blocks_.shape[3] * self.block_k
+
+    def __repr__(self) -> str:
+        return f"from_blocks({tuple(self.blocks_.shape[2:])} blocks of {self.block_q} x {self.block_k})"
+
+
+def from_blocks(block_mask: Tensor, block_q: int, block_k: int | None = None) -> Mask:
+    """A user's boolean block map: query block ``r`` may attend to key block ``c`` iff
+    ``block_mask[..., r, c]``.
+
+    Args:
+        block_mask: bool, (nq, nk), (H, nq, nk) or (B, H, nq, nk) with 1 where a dim does
+            not vary; nq = ceil(Lq / block_q), nk = ceil(Lk / block_k) (the last block of
+            each axis may be short).
+        block_q, block_k: block sizes in tokens (``block_k`` defaults to ``block_q``).
+
+    This is the block-sparse layout that flash-attn's block-sparse attention and Flex's
+    ``BlockMask.from_kv_blocks`` take (as a dense map). Block states on the tiled
+    backend's own grid are evaluated exactly and cached.
+
+    >>> from_blocks(torch.tensor([[True, False], [True, True]]), 2).to_dense(4, 4).int()
+    tensor([[1, 1, 0, 0],
+            [1, 1, 0, 0],
+            [1, 1, 1, 1],
+            [1, 1, 1, 1]], dtype=torch.int32)
+    """
+    block_q = require_int("block_q", block_q, minimum=1)
+    block_k = block_q if block_k is None else require_int("block_k", block_k, minimum=1)
+    return _FromBlocks(block_mask, block_q, block_k)
+
+
+class _BigBird(_Evaluated):
+    def __init__(self, window: int, global_tokens: int, random_blocks: int, block_size: int, seed: int):
+        self.window, self.global_tokens, self.random_blocks = window, global_tokens, random_blocks
+        self.block_size, self.seed = block_size, seed
+
+    def layout(self, q_len: int, k_len: int) -> Tensor:
+        """The (nq, nk) bool map of window and random blocks at these lengths (global tokens aside)."""
+        nq, nk = -(-q_len // self.block_size), -(-k_len // self.block_size)
+        r, c = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+        near = (r - c).abs() <= self.window
+        g = torch.Generator().manual_seed(self.seed)
+        # each query block draws random_blocks key blocks uniformly among those outside its window
+        draw = torch.rand(nq, nk, generator=g).masked_fill(near, 2.0)
+        take = min(self.random_blocks, nk)
+        chosen = torch.zeros(nq, nk, dtype=torch.bool)
+        if take:
+            picks = draw.topk(take, dim=1, largest=False)
+            chosen.scatter_(1, picks.indices, picks.values < 2.0)
+        return near | chosen
+
+    def allowed(self, block):
+        lay = self.layout(block.q_len, block.k_len).to(block.device)
+        i = torch.arange(block.q_start, block.q_stop, device=block.device)
+        j = torch.arange(block.k_start, block.k_stop, device=block.device)
+        a = lay[i // self.block_size][:, j // self.block_size]
+        a = a | (i < self.global_tokens)[:, None] | (j < self.global_tokens)[None, :]
+        return a.view(1, 1, a.shape[0], 1, a.shape[1])
+
+    def mask_mod(self, q_len, k_len):
+        lay, bs, g = self.layout(q_len, k_len), self.block_size, self.global_tokens
+
+        def mod(b, h, q_idx, kv_idx):
+            return lay.to(q_idx.device)[q_idx // bs, kv_idx // bs] | (q_idx < g) | (kv_idx < g)
+
+        return mod
+
+    def _picture_size(self):
+        return 12 * self.block_size, 12 * self.block_size
+
+    def __repr__(self) -> str:
+        return (f"bigbird(window={self.window}, global_tokens={self.global_tokens}, random_blocks="
+                f"{self.random_blocks}, block_size={self.block_size}, seed={self.seed})")
+
+
+def bigbird(window: int = 1, global_tokens: int = 0, random_blocks: int = 3, block_size: int = 64,
+            seed: int = 0) -> Mask:
+    """BigBird's sparse attention (Zaheer et al. 2020, "Big Bird: Transformers for Longer
+    Sequences"), in its block-sparse form (appendix D): window + global + random.
+
+    The sequence is cut into blocks of ``block_size`` tokens. Query block ``r`` attends to
+    key blocks ``c`` with ``|r - c| <= window`` (the paper's 3-block window is
+    ``window=1``), and to ``random_blocks`` more key blocks drawn uniformly, without
+    replacement, among those outside its window. The first ``global_tokens`` tokens attend
+    to every key and every query attends to them (BigBird-ITC's global tokens).
+
+    The random blocks are deterministic: the same ``seed`` and lengths give the same
+    layout (:meth:`layout`) on every call, backend and process, as the paper's
+    block-sparse implementation fixes them per layer. Block states on the tiled grid are
+    evaluated exactly and cached.
+    """
+    return _BigBird(require_int("window", window, minimum=0), require_int("global_tokens", global_tokens, minimum=0),
+                    require_int("random_blocks", random_blocks, minimum=0),
+                    require_int("block_size", block_size, minimum=1), require_int("seed", seed))
+
+
+# -- FlexAttention -------------------------------------------------------------------------
+
+
+def to_flex(mask: Mask, B: int | None, H: int | None, Lq: int, Lk: int, *,
+            block_size: int | tuple[int, int] = 128, device: torch.device | str = "cpu"):
+    """``mask`` as FlexAttention's ``(BlockMask, mask_mod)`` for a (B, H, Lq, Lk) call.
+
+    The ``mask_mod`` is :meth:`Mask.mask_mod` at these lengths; the ``BlockMask`` is built
+    from :meth:`Mask.block_states` (analytic for built-ins, cached for
+    :func:`from_function`), not by evaluating ``mask_mod`` again, and is shared by every
+    batch element and head (B and H only widen the states to the mask's variation).
+    Blocks at a ragged edge are marked partial, as Flex's ``create_block_mask`` marks
+    them, so the kernel applies ``mask_mod`` there. Needs a torch with
+    ``torch.nn.attention.flex_attention`` (ImportError otherwise).
+
+    >>> block_mask, mask_mod = to_flex(causal(), None, None, 256, 256)  # doctest: +SKIP
+    >>> flex_attention(q, k, v, block_mask=block_mask)  # doctest: +SKIP
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    mask = as_mask("mask", mask)
+    q_len, k_len = require_int("Lq", Lq, minimum=1), require_int("Lk", Lk, minimum=1)
+    bq, bk = (block_size, block_size) if isinstance(block_size, int) else block_size
+    bq, bk = require_int("block_q", bq, minimum=1), require_int("block_k", bk, minimum=1)
+    mb, mh = mask.extent()
+    batch, heads = B or mb, H or mh
+    device = torch.device(device)
+    mask.check(batch, heads, q_len, k_len, device)
+    state = mask.block_states(q_len, k_len, bq, bk, batch=batch, heads=heads).clone()
+    if q_len % bq:
+        state[-1][state[-1] == FULL] = PARTIAL
+    if k_len % bk:
+        state[:, -1][state[:, -1] == FULL] = PARTIAL
+
+    def blocks(which: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.argsort((~which).to(torch.int8), dim=-1, stable=True)  # listed blocks first
+        return (which.sum(-1).to(torch.int32)[None, None].to(device),
+                order.to(torch.int32)[None, None].contiguous().to(device))
+
+    mod = mask.mask_mod(q_len, k_len)
+    block_mask = BlockMask.from_kv_blocks(*blocks(state == PARTIAL), *blocks(state == FULL), BLOCK_SIZE=(bq, bk),
+                                          mask_mod=mod, seq_lengths=(q_len, k_len))
+    return block_mask, mod

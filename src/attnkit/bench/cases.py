@@ -28,6 +28,11 @@ CASES = {
     "gqa": "causal, H query heads sharing --kv-heads key/value heads",
     "cross": "Lq = L queries on Lk = L/4 context keys, the last 10% of them padding",
     "decode": "one new query on a cache of L keys",
+    "chunked": "Llama 4's chunked local attention: causal within chunks of W (--window) tokens",
+    "strided": "Sparse Transformer's strided pattern, stride W (--window)",
+    "dilated": "a causal window of 2W keys that keeps every 2nd (Longformer/LongNet dilation)",
+    "bigbird": "BigBird: 64-token blocks, 3-block window, 64 global tokens, 3 random blocks",
+    "blocks": "a user's block map: 128 x 128 blocks, a random quarter of them (the diagonal always)",
 }
 
 
@@ -114,24 +119,11 @@ def make_problem(case: str, length: int, *, batch: int = 1, heads: int = 8, kv_h
     bias: Bias | None = None
     p = Problem(case, length, q, k, v, None, None, 0.0)
 
-    def causal_mod(b, h, qi, ki):
-        return qi >= ki
-
     if case in ("causal", "gqa"):
         mask = masks.causal()
         p.sdpa_native = {"is_causal": True, **({"enable_gqa": True} if kv != heads else {})}
-        p.mask_mod = causal_mod
-        p.dense_mask = lambda: mask.to_dense(q_len, k_len, device=dev)
-    elif case == "dense" or case == "decode":
-        p.sdpa_native = {}
     elif case == "window":
         mask = masks.sliding_window(left=window - 1)
-
-        def window_mod(b, h, qi, ki):
-            return (qi >= ki) & (qi - ki < window)
-
-        p.mask_mod = window_mod
-        p.dense_mask = lambda: mask.to_dense(q_len, k_len, device=dev)
     elif case == "alibi":
         mask, bias = masks.causal(), biases.alibi(heads)
         slopes = biases.alibi_slopes(heads).to(dev)
@@ -139,27 +131,28 @@ def make_problem(case: str, length: int, *, batch: int = 1, heads: int = 8, kv_h
         def alibi_mod(score, b, h, qi, ki):
             return score - slopes[h] * (qi - ki).abs()
 
-        p.mask_mod, p.score_mod = causal_mod, alibi_mod
-        p.dense_mask = lambda: mask.to_dense(q_len, k_len, device=dev)
+        p.score_mod = alibi_mod
         p.dense_bias = lambda: bias.to_dense(q_len, k_len, heads=heads, device=dev)
     elif case == "document":
-        ids = _document_ids(length, documents, g).to(dev)
-        mask = masks.document(ids) & masks.causal()
-
-        def document_mod(b, h, qi, ki):
-            return (ids[qi] == ids[ki]) & (qi >= ki)
-
-        p.mask_mod = document_mod
-        p.dense_mask = lambda: mask.to_dense(q_len, k_len, device=dev)
+        mask = masks.document(_document_ids(length, documents, g).to(dev)) & masks.causal()
     elif case == "cross":
-        valid = k_len - k_len // 10
-        mask = masks.key_padding([valid] * batch)
-
-        def padding_mod(b, h, qi, ki):
-            return ki < valid
-
-        p.mask_mod = padding_mod
-        p.dense_mask = lambda: mask.to_dense(q_len, k_len, batch=batch, device=dev)
+        mask = masks.key_padding([k_len - k_len // 10] * batch)
+    elif case == "chunked":
+        mask = masks.chunked(window) & masks.causal()
+    elif case == "strided":
+        mask = masks.strided(window)
+    elif case == "dilated":
+        mask = masks.dilated(2 * window, 2)
+    elif case == "bigbird":
+        mask = masks.bigbird(window=1, global_tokens=64, random_blocks=3, block_size=64, seed=seed)
+    elif case == "blocks":
+        n = -(-length // 128)
+        block_map = (torch.rand(n, n, generator=g) < 0.25) | torch.eye(n, dtype=torch.bool)
+        mask = masks.from_blocks(block_map.to(dev), 128)
+    if mask is not None:  # Flex's mask_mod and the dense mask come from the mask itself
+        p.mask_mod = mask.mask_mod(q_len, k_len)
+        per_batch = batch if mask.extent()[0] > 1 else None
+        p.dense_mask = lambda: mask.to_dense(q_len, k_len, batch=per_batch, device=dev)
     p.mask, p.bias = mask, bias
     p.pairs = _pairs(mask, batch, heads, q_len, k_len)
     return p

@@ -27,13 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from attnkit import masks as masks_mod
 from attnkit._checks import describe, require_choice
-from attnkit.biases import Bias, _ALiBi, as_bias
+from attnkit.biases import Bias, as_bias, tensor_bias_parts
 from attnkit.functional import attention
 from attnkit.functional._call import make_call
 from attnkit.functional.tiled import partial_gradients
-from attnkit.masks import Mask, _And, _as_mask, _Diagonal, _Document, _Not, _Or
+from attnkit.masks import Mask, as_mask
 
 __all__ = ["RingStats", "last_stats", "ring_attention", "shard", "unshard"]
 
@@ -85,40 +84,14 @@ def _check_length(name: str, length: int, world: int, sharding: str, local: bool
 # -- masks and biases of one piece of the sequence -----------------------------------------
 
 
-def _local_mask(mask: Mask | None, qs: int, qn: int, ks: int, kn: int) -> Mask | None:
-    """``mask`` (over the global square sequence) restricted to queries [qs, qs+qn) and keys [ks, ks+kn)."""
-    if mask is None:
-        return None
-    if isinstance(mask, _Diagonal):
-        local = copy.copy(mask)
-        local.shift = qs - ks  # query i sits at key position i + (qs - ks)
-        return local
-    if isinstance(mask, _Document):
-        return masks_mod.document(mask.q_ids[:, qs:qs + qn], mask.kv_ids[:, ks:ks + kn])
-    if isinstance(mask, _Not):
-        return ~_local_mask(mask.a, qs, qn, ks, kn)  # type: ignore[operator]
-    if isinstance(mask, (_And, _Or)):
-        a, b = _local_mask(mask.a, qs, qn, ks, kn), _local_mask(mask.b, qs, qn, ks, kn)
-        return (a | b) if isinstance(mask, _Or) else (a & b)  # type: ignore[operator]
-    raise ValueError(f"ring_attention supports causal, sliding_window and document masks and their combinations; "
-                     f"got {mask!r}")
+def _local_mask(mask: Mask | None, qs: int, ks: int, total: int) -> Mask | None:
+    """``mask`` (over the global square sequence of ``total`` tokens) on the piece whose
+    queries start at ``qs`` and keys at ``ks``."""
+    return None if mask is None else mask.shifted(qs, ks, q_total=total, k_total=total)
 
 
-def _local_bias(bias: Bias | None, qs: int, ks: int) -> Bias | None:
-    if bias is None:
-        return None
-    if isinstance(bias, _ALiBi):
-        local = copy.copy(bias)
-        local.shift = qs - ks
-        return local
-    raise ValueError(f"ring_attention supports ALiBi as its bias; got {bias!r}")
-
-
-def _skip(mask: Mask | None, qn: int, kn: int) -> bool:
-    """Whether the mask allows nothing in this piece (so no work and no contribution)."""
-    if mask is None:
-        return False
-    return bool((mask.blocks(qn, kn, block_size=(qn, kn)).state == 0).all())
+def _local_bias(bias: Bias | None, qs: int, ks: int, total: int) -> Bias | None:
+    return None if bias is None else bias.shifted(qs, ks, q_total=total, k_total=total)
 
 
 # -- the ring ------------------------------------------------------------------------------
@@ -152,6 +125,7 @@ class _Ring(torch.autograd.Function):
         rank, world = _world(group)
         segs = _segments(rank, world, q.shape[2], sharding)
         batch, heads, local_len, _ = q.shape
+        total = local_len * world
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         acc_out = torch.zeros(batch, heads, local_len, v.shape[-1], dtype=acc, device=q.device)
         acc_lse = torch.full((batch, heads, local_len), float("-inf"), dtype=acc, device=q.device)
@@ -165,11 +139,11 @@ class _Ring(torch.autograd.Function):
             kh, vh = held
             for qs, qn, ql in segs:
                 for ks, kn, kl in _segments(src, world, k.shape[2], sharding):
-                    m = _local_mask(mask, qs, qn, ks, kn)
-                    if _skip(m, qn, kn):
+                    m = _local_mask(mask, qs, ks, total)
+                    if m is not None and m.is_empty(qn, kn, batch=batch, heads=heads):
                         continue
                     out, lse = attention(q[:, :, ql:ql + qn], kh[:, :, kl:kl + kn], vh[:, :, kl:kl + kn],
-                                         mask=m, bias=_local_bias(bias, qs, ks), scale=scale, return_lse=True)
+                                         mask=m, bias=_local_bias(bias, qs, ks, total), scale=scale, return_lse=True)
                     o, l_ = _merge(acc_out[:, :, ql:ql + qn], acc_lse[:, :, ql:ql + qn], out, lse)
                     acc_out[:, :, ql:ql + qn], acc_lse[:, :, ql:ql + qn] = o, l_
             if step < world - 1:
@@ -188,6 +162,7 @@ class _Ring(torch.autograd.Function):
         mask, bias, scale, sharding, group = ctx.args
         rank, world = _world(group)
         segs = _segments(rank, world, q.shape[2], sharding)
+        batch, heads, total = q.shape[0], q.shape[1], q.shape[2] * world
         acc = out.dtype
         d_out = torch.zeros_like(out) if d_out is None else d_out.to(acc)
         has_dlse = d_lse is not None
@@ -206,12 +181,12 @@ class _Ring(torch.autograd.Function):
             for qs, qn, ql in segs:
                 rows = slice(ql, ql + qn)
                 for ks, kn, kl in _segments(src, world, k.shape[2], sharding):
-                    m = _local_mask(mask, qs, qn, ks, kn)
-                    if _skip(m, qn, kn):
+                    m = _local_mask(mask, qs, ks, total)
+                    if m is not None and m.is_empty(qn, kn, batch=batch, heads=heads):
                         continue
                     cols = slice(kl, kl + kn)
                     call = make_call(q[:, :, rows], kh[:, :, cols], vh[:, :, cols], mask=m,
-                                     bias=_local_bias(bias, qs, ks), scale=scale, softcap=None, dropout_p=0.0,
+                                     bias=_local_bias(bias, qs, ks, total), scale=scale, softcap=None, dropout_p=0.0,
                                      return_lse=True)
                     # FlashAttention-2's backward with the final out and lse of these rows gives
                     # exactly this shard's share of the gradients
@@ -249,10 +224,12 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
         k, v: this rank's keys and values, (B, Hkv, L/W, D) and (B, Hkv, L/W, Dv); GQA/MQA
             as in :func:`attnkit.attention`.
         group: the process group (default: the whole world). Gloo on CPU, NCCL on GPU.
-        mask: a mask over the *global* (L x L) sequence: ``causal``, ``sliding_window``,
-            ``document`` (with global ids of length L) and their ``&``/``|``/``~``
-            combinations. Causal alignment is moot: the global sequence is square.
-        bias: ``biases.alibi`` (global positions), or None.
+        mask: any mask over the *global* (L x L) sequence (per-token masks such as
+            ``document`` take global ids of length L). Each piece uses
+            ``mask.shifted(q0, k0, q_total=L, k_total=L)``; pieces the mask rules out
+            entirely are skipped. Causal alignment is moot: the global sequence is square.
+        bias: any bias over the global sequence (ALiBi, ``score_mod``, a tensor that needs
+            no gradient), shifted the same way; or None.
         scale: as :func:`attnkit.attention`.
         sharding: ``"zigzag"`` (balanced under a causal mask) or ``"contiguous"``; must
             match how the inputs were sharded.
@@ -289,30 +266,20 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup 
         raise ValueError("every rank must call ring_attention with the same shapes, dtype and sharding; got "
                          + "; ".join(f"rank {r}: q {o[0]}, k {o[1]}, v {o[2]}, {o[3]}, {o[4]}"
                                      for r, o in enumerate(everyone)))
-    mask_ = None if mask is None else _as_mask("mask", mask)
+    mask_ = None if mask is None else as_mask("mask", mask)
     bias_ = None if bias is None else as_bias("bias", bias)
-    # validate the pieces once, on this rank's first block, so bad input fails before any send
-    seg = _segments(0, world, q.shape[2], sharding)[0]
-    probe_m = _local_mask(mask_, seg[0], seg[1], seg[0], seg[1])
-    if probe_m is not None:
-        probe_m.check(q.shape[0], q.shape[1], seg[1], seg[1], q.device)
-    _local_bias(bias_, 0, 0)
-    for part in (mask_, *_parts(mask_)):
-        if isinstance(part, _Document):
-            for name, ids in (("q_ids", part.q_ids), ("kv_ids", part.kv_ids)):
-                if ids.shape[1] != q.shape[2] * world or ids.shape[0] not in (1, q.shape[0]):
-                    raise ValueError(f"document {name} must be (1 or B, L) over the global sequence "
-                                     f"(B={q.shape[0]}, L={q.shape[2] * world}); got {tuple(ids.shape)}")
+    # validate against the global sequence, so bad input fails before any send
+    total = q.shape[2] * world
+    if any(b.tensor.requires_grad for b in tensor_bias_parts(bias_)):
+        raise ValueError("ring_attention returns no gradient for a bias tensor; pass one that does not require grad")
+    for name, what in (("mask", mask_), ("bias", bias_)):
+        if what is not None:
+            try:
+                what.check(q.shape[0], q.shape[1], total, total, q.device)
+            except ValueError as e:
+                raise ValueError(f"ring_attention's {name} is over the global sequence (L={total}): {e}") from e
     out, lse = _Ring.apply(q, k, v, mask_, bias_, scale, sharding, group)
     return (out, lse) if return_lse else out
-
-
-def _parts(mask: Mask | None) -> list[Mask]:
-    if isinstance(mask, (_And, _Or)):
-        return [mask.a, mask.b, *_parts(mask.a), *_parts(mask.b)]
-    if isinstance(mask, _Not):
-        return [mask.a, *_parts(mask.a)]
-    return []
 
 
 def shard(x: Tensor, group: dist.ProcessGroup | None = None, dim: int = 2, sharding: str = "zigzag") -> Tensor:

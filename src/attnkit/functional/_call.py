@@ -15,7 +15,7 @@ from torch import Tensor
 from attnkit._blocks import ScoreBlock
 from attnkit._checks import describe, require_real, require_tensor
 from attnkit.biases import Bias, as_bias
-from attnkit.masks import Mask, _as_mask
+from attnkit.masks import Mask, as_mask
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -117,7 +117,7 @@ def make_call(q: object, k: object, v: object, *, mask: object, bias: object, sc
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool; got {describe(return_lse)}")
 
-    mask_ = None if mask is None else _as_mask("mask", mask)
+    mask_ = None if mask is None else as_mask("mask", mask)
     bias_ = None if bias is None else as_bias("bias", bias)
     sizes = (q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     if mask_ is not None:

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.functional._call import AttentionCall
-from attnkit.masks import _Causal, _KeyPadding
 
 _HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"  # enable_gqa arrived in 2.5
 
@@ -37,30 +36,29 @@ class SDPABackend:
         mask = call.mask
         if mask is None:
             return None
-        if isinstance(mask, _Causal):
-            if call.scale <= 0:
-                # PyTorch's kernels mask before scaling: -inf * 0 is NaN, -inf * -s is +inf.
-                return f"its causal kernels give NaN when scale <= 0 (scale={call.scale:g})"
-            if mask.shift is not None:
-                return "it cannot apply a causal mask with a fixed diagonal offset (a piece of a longer sequence)"
-            if mask.align == "top_left" or call.q_len == call.k_len:
-                return None
-            return "its causal mask is top-left aligned only; this call is bottom-right with Lq != Lk"
-        if isinstance(mask, _KeyPadding):
-            if mask.rows_without_keys(call.k_len):
-                return "a batch element has no valid key, and SDPA returns NaN for such rows"
-            return None
-        return f"it takes a {mask!r} mask only as a dense (Lq x Lk) tensor"
+        form = mask.sdpa_form(call.q_len, call.k_len)
+        if form is None:
+            return (f"it takes the {mask!r} mask at Lq={call.q_len}, Lk={call.k_len} only as a dense (Lq x Lk) "
+                    "tensor (it has top-left causal and key padding natively)")
+        if form.is_causal and call.scale <= 0:
+            # PyTorch's kernels mask before scaling: -inf * 0 is NaN, -inf * -s is +inf.
+            return f"its causal kernels give NaN when scale <= 0 (scale={call.scale:g})"
+        if form.key_valid is not None and not form.key_valid.any(1).all():
+            return "a batch element has no valid key, and SDPA returns NaN for such rows"
+        return None
 
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         cd = call.compute_dtype if call.q.device.type == "cpu" else call.q.dtype
         q, k, v = call.q.to(cd), call.k.to(cd), call.v.to(cd)
-        attn_mask = None
-        if isinstance(call.mask, _KeyPadding):
-            attn_mask = call.mask._valid_rows(call.k_len, q.device)[:, None, None, :]  # (B, 1, 1, Lk)
+        form = call.mask.sdpa_form(call.q_len, call.k_len) if call.mask is not None else None
+        attn_mask, is_causal = None, False
+        if form is not None:
+            is_causal = form.is_causal
+            if form.key_valid is not None:
+                attn_mask = form.key_valid.to(q.device)[:, None, None, :]  # (B|1, 1, 1, Lk)
         kwargs = {"enable_gqa": True} if call.groups > 1 else {}
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=call.dropout_p,
-            is_causal=isinstance(call.mask, _Causal), scale=call.scale, **kwargs,
+            is_causal=is_causal, scale=call.scale, **kwargs,
         )
         return out.to(call.q.dtype), torch.empty(0)

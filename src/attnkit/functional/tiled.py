@@ -66,7 +66,8 @@ def _plan(call: AttentionCall, block_q: int) -> list[_Chunk]:
     if call.mask is None:
         state_rows = [[FULL] * nk for _ in range(nq)]
     else:
-        state_rows = call.mask._block_states(q_len, k_len, block_q, _BLOCK_K, torch.device("cpu")).tolist()
+        state_rows = call.mask.block_states(q_len, k_len, block_q, _BLOCK_K, batch=call.batch,
+                                               heads=call.heads).tolist()
     # A segment that materialises scores, a mask or a bias spans at most `cap` keys, so
     # its (B, H, bq, cap) tensors stay within the budget. Full segments on the fused
     # kernel without a bias materialise nothing and span any length.

@@ -349,11 +349,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     return out.transpose(1, 2).contiguous(), weights  # (B, Lq, H, D)
 
 
-def _full(mask: masks.Mask, q_len: int, k_len: int) -> bool:
-    """Whether ``mask`` allows every (query, key) pair at these lengths."""
-    return bool((mask.blocks(q_len, k_len, block_size=(max(q_len, 1), max(k_len, 1))).state == 2).all())
-
-
 def _structured(dense: Tensor, kwargs: dict[str, Any]) -> masks.Mask | None:
     """A structured mask equal to ``dense`` (B, 1, Lq, Lk), or None if no candidate matches."""
     batch, _, q_len, k_len = dense.shape
@@ -385,7 +380,7 @@ def _structured(dense: Tensor, kwargs: dict[str, Any]) -> masks.Mask | None:
                   masks.sliding_window(left=window, right=window, align=align)]
     bases += [masks.causal(align=align), None]
     for base in bases:
-        kept = ([] if base is None or _full(base, q_len, k_len) else [base]) + parts
+        kept = ([] if base is None or base.is_full(q_len, k_len) else [base]) + parts
         # allowing everything is said by a padding mask with no padding (None would mean is_causal)
         candidate = kept[0] if kept else masks.key_padding(lengths=[k_len])
         for m in kept[1:]:

@@ -103,12 +103,6 @@ class AttentionConfig:
         return self.embed_dim // self.num_heads if self.head_dim is None else self.head_dim
 
 
-def _full(mask: masks.Mask, q_len: int, k_len: int) -> bool:
-    """Whether ``mask`` allows every (query, key) pair at these lengths (so it can be dropped)."""
-    state = mask.blocks(q_len, k_len, block_size=(max(q_len, 1), max(k_len, 1))).state
-    return bool((state == 2).all())
-
-
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (MHA, GQA, MQA; self or cross) on :func:`attnkit.attention`.
 
@@ -275,7 +269,7 @@ class MultiHeadAttention(nn.Module):
                                                   align="bottom_right"))
         # a part that allows everything at these lengths (e.g. causal for one new token) is
         # dropped, so the call can go to the fastest backend
-        parts = [m for m in parts if not _full(m, q_len, k_len)]
+        parts = [m for m in parts if not m.is_full(q_len, k_len)]
         if key_valid is not None:
             parts.append(masks.key_padding(valid=key_valid))
         if extra is not None:
