@@ -310,7 +310,7 @@ def test_cli_quick_preset_and_help(capsys):
     assert exc.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--quick" in text and "took" in text and "minutes" in text and "(default: 1024,2048,4096" in text
-    assert bench_cmd.QUICK["lengths"] == [128, 256] and bench_cmd.QUICK["repeats"] == 2
+    assert "--quick: 128,256" in text and "peers sdpa,naive" in text
 
 
 def test_document_case_packs_several_documents():

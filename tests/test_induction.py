@@ -39,7 +39,7 @@ def test_an_induction_head_forms_in_the_second_layer(trained):
     layer, _, score = trained.best_head("induction")
     assert layer == 1 and score > 0.3
     assert float(trained.induction[0].max()) < 0.1  # it was not there at initialisation
-    # the layer-1 previous-token heads grow with it (the circuit's first half)
+    # the previous-token heads of layer 0 grow with it (the circuit's first half)
     assert float(trained.previous_token[-1, 0].max()) > 1.5 * float(trained.previous_token[0, 0].max())
 
 

@@ -15,8 +15,9 @@ from attnkit.cli._common import Column, Console, Parser, csv, write_outputs
 
 LENGTHS = [1024, 2048, 4096]
 REPEATS = 5
-QUICK = {"lengths": [128, 256], "repeats": 2, "memory": False}
-"""--quick: short lengths, 2 repeats, no memory pass (each option given explicitly wins)."""
+QUICK = {"lengths": [128, 256], "repeats": 2, "peers": ["sdpa", "naive"]}
+"""--quick: short lengths, 2 repeats, no FlexAttention (its compilation alone takes a minute on
+a small CPU), no memory pass. Each option given explicitly wins."""
 
 
 def add_parser(sub) -> Parser:
@@ -24,12 +25,13 @@ def add_parser(sub) -> Parser:
                        description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help=f"a preset that runs in under a minute: lengths {','.join(map(str, QUICK['lengths']))}, "
-                        f"{QUICK['repeats']} repeats, no memory pass")
+                        f"{QUICK['repeats']} repeats, peers {','.join(QUICK['peers'])}, no memory pass")
     p.add_argument("--cases", type=csv(str, list(CASES)), default=list(CASES), help="comma-separated cases")
     p.add_argument("--lengths", type=csv(int), default=None, help=f"comma-separated L (default: "
                    f"{','.join(map(str, LENGTHS))}; --quick: {','.join(map(str, QUICK['lengths']))})")
     p.add_argument("--backends", type=csv(str, BACKENDS), default=list(BACKENDS), help="attnkit backends to time")
-    p.add_argument("--peers", type=csv(str, list(PEERS)), default=list(PEERS), help="other implementations to time")
+    p.add_argument("--peers", type=csv(str, list(PEERS)), default=None, help=f"other implementations to time "
+                   f"(default: {','.join(PEERS)}; --quick: {','.join(QUICK['peers'])})")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "float64"], default="float32",
                    help="element type of q, k, v")
@@ -57,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
 
     lengths = args.lengths or (QUICK["lengths"] if args.quick else LENGTHS)
     repeats = args.repeats if args.repeats is not None else (QUICK["repeats"] if args.quick else REPEATS)
+    peers = args.peers or (QUICK["peers"] if args.quick else list(PEERS))
     con = Console(stderr=args.markdown)  # with --markdown, stdout holds the table alone
     con.rule("attnkit bench")
     with con.progress() as progress:
-        result = bench_lib.run(args.cases, lengths, progress=progress, backends=args.backends, peers=args.peers,
+        result = bench_lib.run(args.cases, lengths, progress=progress, backends=args.backends, peers=peers,
                                backward=args.backward, dtype=getattr(torch, args.dtype), device=args.device,
                                batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                window=args.window, repeats=repeats,
@@ -69,11 +72,16 @@ def run(args: argparse.Namespace) -> int:
         print(bench_lib.markdown(result))
     else:
         con.print(f"{result.machine}; fp32 matmul {result.matmul_gflops:.0f} GFLOP/s. Rows without 'sdpa', 'flex' "
-                  "or 'naive' in the impl column are attnkit backends; 'vs sdpa' is that peer's time over ours.")
-        con.table("attention, " + ("forward+backward" if args.backward else "forward"),
-                  ("case", Column("L", right=True), "impl", Column("ms", right=True), Column("peak MiB", right=True),
-                   Column("GFLOP/s (% of matmul)", right=True), *(Column(f"vs {p}", right=True) for p in args.peers),
-                   Column("status", wrap=True)), rows(result, args.peers), keep=3)
+                  "or 'naive' in the impl column are attnkit backends; %mm: share of that matmul rate; 'vs sdpa': "
+                  "that peer's time over ours.")
+        columns = ["case", Column("L", right=True), "impl", Column("ms", right=True),
+                   Column("peak MiB", right=True), Column("GFLOP/s (%mm)", right=True),
+                   *(Column(f"vs {p}", right=True) for p in peers), Column("status", wrap=True)]
+        table = rows(result, peers)
+        if all(r.peak_mib is None for r in result.rows):  # no memory pass: no empty column
+            columns.pop(4)
+            table = [row[:4] + row[5:] for row in table]
+        con.table("attention, " + ("forward+backward" if args.backward else "forward"), columns, table, keep=3)
     write_outputs(con, args.json, result.to_dict(), args.plot, lambda path: bench_lib.plot(result, path))
     return 0
 
