@@ -303,8 +303,6 @@ def test_cli_table_fits_80_columns_with_every_figure_whole(tmp_path, monkeypatch
 
 
 def test_cli_quick_preset_and_help(capsys):
-    from attnkit.cli import bench as bench_cmd
-
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])
     assert exc.value.code == 0

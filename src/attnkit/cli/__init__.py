@@ -19,11 +19,15 @@ __all__ = ["main"]
 COMMANDS = (demo, backends, kv_cache, bench, explain, serve, lab, induction)
 
 EPILOG = """\
-Layers and heads are numbered from 0 everywhere (options, tables, reports).
-Exit status: 0 success; 1 the command failed (a value the library rejects, a token
-that matches nothing, a file that cannot be written, a missing extra); 2 the command
-line could not be parsed (unknown command or option, a malformed value), with the
-usage of the command at fault. `attnkit COMMAND --help` describes each command."""
+Layers and heads are numbered from 0 everywhere: options, tables, reports.
+
+Exit status: 0 success (a bare `attnkit` prints this help); 1 the command failed: a value
+the library rejects, a token that matches nothing, a file that cannot be written, a
+missing extra; 2 the command line could not be parsed (an unknown command or option, a
+malformed value, options that do not go together), shown with the usage of the command
+at fault.
+
+`attnkit COMMAND --help` describes each command and its defaults."""
 
 
 def build_parser() -> Parser:

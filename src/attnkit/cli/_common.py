@@ -47,8 +47,14 @@ def did_you_mean(value: str, choices: Sequence[str]) -> str:
     return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the description's and epilog's line breaks; appends each option's default."""
+class HelpFormatter(argparse.HelpFormatter):
+    """Fills the description and epilog paragraph by paragraph (module docstrings, their
+    ````literals```` shown plain); appends each option's default to its help."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        paragraphs = text.replace("``", "").strip().split("\n\n")
+        return "\n\n".join(textwrap.fill(" ".join(p.split()), width, initial_indent=indent, subsequent_indent=indent,
+                                         break_on_hyphens=False) for p in paragraphs)
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""

@@ -2,7 +2,7 @@
 attention on the benchmark cases; check every output against the reference.
 
 The defaults (8 cases x L = 1024, 2048, 4096, 3 backends and 3 peers, 5 repeats and a memory
-pass) took 9 minutes on a shared 2-core x86 CPU (torch 2.13); --quick took 25 seconds there."""
+pass) took 9 minutes on a shared 2-core x86 CPU (torch 2.13); --quick took 43 s there."""
 
 from __future__ import annotations
 

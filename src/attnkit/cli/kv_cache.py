@@ -19,7 +19,8 @@ def add_parser(sub) -> Parser:
     p = sub.add_parser("kv-cache", help="the memory of a KV cache: per token, in total, with GQA/MQA or a window",
                        description=__doc__ + "\n\nGive --preset NAME, or all of --layers, --kv-heads and --head-dim "
                        "(options given with --preset override the preset's).")
-    p.add_argument("--preset", choices=sorted(KV_PRESETS), help="a well-known model's shape")
+    p.add_argument("--preset", choices=sorted(KV_PRESETS), metavar="NAME",
+                   help="a well-known model's shape: " + ", ".join(sorted(KV_PRESETS)))
     p.add_argument("--layers", type=int, help="layers of the model")
     p.add_argument("--kv-heads", type=int, help="key/value heads per layer")
     p.add_argument("--heads", type=int, help="query heads, for the MHA comparison (default: the preset's, "
