@@ -2,7 +2,8 @@
 attention on the benchmark cases; check every output against the reference.
 
 The defaults (8 cases x L = 1024, 2048, 4096, 3 backends and 3 peers, 5 repeats and a memory
-pass) took 9 minutes on a shared 2-core x86 CPU (torch 2.13); --quick took 43 s there."""
+pass) took 53 minutes on a 2-core AMD EPYC shared with other work (load 8; 22 minutes of CPU
+time). --quick took 24 s there when idle and 43 s under the same load."""
 
 from __future__ import annotations
 
