@@ -88,6 +88,12 @@ def test_kv_cache_command_errors(capsys):
     assert "needs --preset NAME, or all of" in err
     assert main(["kv-cache", "--layers", "2", "--kv-heads", "3", "--heads", "4", "--head-dim", "8"]) == 1
     assert "attnkit kv-cache: error: heads (4) must be a multiple of kv_heads (3)" in capsys.readouterr().err
+    from attnkit.nn.cache import KVShape
+
+    with pytest.raises(ValueError, match=r"heads \(4\) must be a multiple of kv_heads \(3\)"):
+        KVShape("x", 2, 4, 3, 8)  # the check lives in the library; the CLI only reports it
+    with pytest.raises(ValueError, match="window must be >= 1; got 0"):
+        KVShape("x", 2, 4, 2, 8, window=0)
     assert main(["kv-cache", "--preset", "gpt-2", "--tokens", "-1"]) == 1
     assert "tokens must be >= 0; got -1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
