@@ -259,16 +259,58 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--cases", "dense,sparse"], "unknown sparse"),
+    (["--cases", "causl"], "did you mean 'causal'?"),
     (["--lengths", "64,abc"], "ints separated by commas"),
-    (["--lengths", "0"], "--lengths must all be >= 1"),
     (["--peers", "xformers"], "unknown xformers"),
-    (["--heads", "8", "--kv-heads", "3"], "multiple of --kv-heads"),
+    (["--lenghts", "64"], "did you mean '--lengths'?"),
 ])
-def test_cli_rejects_bad_options(argv, message, capsys):
+def test_cli_usage_errors_show_the_bench_usage(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])
     assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("usage: attnkit bench ")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "0"], "lengths must be positive integers; got [0]"),
+    (["--heads", "8", "--kv-heads", "3"], "heads (8) must be a multiple of kv_heads (3)"),
+    (["--repeats", "0"], "repeats must be >= 1; got 0"),
+    (["--max-dense-gib", "-1"], "max_dense_gib must be >= 0; got -1.0"),
+])
+def test_cli_values_the_library_rejects_exit_1(argv, message, capsys):
+    assert main(["bench", "--cases", "causal", *argv]) == 1
+    err = capsys.readouterr().err
+    assert f"attnkit bench: error: {message}\n" in err and "Traceback" not in err
+
+
+def test_cli_table_fits_80_columns_with_every_figure_whole(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--cases", "causal,gqa", "--lengths", "48", "--peers", "sdpa,naive", "--repeats", "1",
+                 "--json", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80]
+    # one line per step of the run while it goes (stdout is not a terminal here)
+    assert [line.split(" (")[0] for line in lines if line.startswith("[")] == [
+        "[0/2] causal L=48", "[1/2] gqa L=48", "[2/2] done"]
+    data = json.loads(out.read_text())
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("----"))) + 1:]
+            if line.split() and line.split()[0] in ("causal", "gqa")]
+    assert len(rows) == len(data["rows"]) == 2 * 5
+    for r, words in zip(data["rows"], rows):
+        assert words[:3] == [r["case"], "48", r["impl"].removeprefix("attnkit:")]
+        assert f"{r['ms']:.2f}" in words and f"{r['peak_mib']:.0f}" in words  # figures printed whole
+        assert f"{r['gflops']:.1f}" in words
+
+
+def test_cli_quick_preset_and_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--quick" in text and "took" in text and "minutes" in text and "(default: 1024,2048,4096" in text
+    assert "--quick: 128,256" in text and "peers sdpa,naive" in text
 
 
 def test_document_case_packs_several_documents():

@@ -97,12 +97,29 @@ def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
 def test_cli_prints_bracketed_tokens_as_text():
     from rich.console import Console
 
-    con = cli._Console()
+    from attnkit.cli._common import Console as CliConsole
+
+    con = CliConsole()
     con._rich = Console(record=True, width=100)
     con.rule("[/ model [red]x")
+    con.print("[bold]y")
     con.table("title [/", ("token", "layer 0"), [("1 [/", "[red]x .50\n] .20")])
     text = con._rich.export_text()
-    assert "[/ model [red]x" in text and "[red]x .50" in text and "1 [/" in text
+    assert "[/ model [red]x" in text and "[bold]y" in text and "[red]x .50" in text and "1 [/" in text
+
+
+def test_cli_explain_fits_80_columns_and_prints_entries_whole(minilm, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert cli.main(["explain", SEED, "--out", "", "--token", "it", "--token", "#2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80, [line for line in lines if len(line) > 80]
+    summary = summarize(explain(SEED, minilm), tokens=[8, 2])
+    cells = [cell for line in lines for cell in line.split("  ") if cell.strip()]
+    for _, _, per_layer in summary.rows:  # every "key weight" entry on one line, its number whole
+        for tops in per_layer:
+            for _, key, w in tops:
+                assert f"{key} {w:.2f}".replace(" 0.", " .") in [c.strip() for c in cells], (key, w)
+    assert [line.split(" (")[0] for line in lines if line.startswith("[")][-1] == "[6/6] capturing attention"
 
 
 def test_summarize_argument_errors(minilm):
@@ -119,32 +136,38 @@ def test_summarize_argument_errors(minilm):
 
 
 def test_cli_errors_before_any_work(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["explain", SEED, "--out", str(tmp_path / "missing" / "r.html")])
+    assert cli.main(["explain", SEED, "--out", str(tmp_path / "missing" / "r.html")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["lab", "--out", str(tmp_path)])
-    assert "not a folder" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["serve", "--port", "70000"])
-    assert "--port must be in [0, 65535]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["serve", "--host", "", "--port", "0"])
+    assert cli.main(["lab", "--out", str(tmp_path)]) == 1
+    assert "attnkit lab: error: path must be a file to write, not a folder" in capsys.readouterr().err
+    assert cli.main(["serve", "--port", "70000"]) == 1
+    assert "attnkit serve: error: port" in capsys.readouterr().err
+    assert cli.main(["serve", "--host", "", "--port", "0"]) == 1
     assert "host" in capsys.readouterr().err
 
 
-def test_cli_explain_errors(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["explain", SEED, "--top", "0"])
-    assert "--top must be >= 1" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["explain", "  "])
-    assert "text must not be empty" in capsys.readouterr().err
+def test_cli_explain_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["explain", SEED, "--top", "x"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: attnkit explain ") and "--top: invalid int value: 'x'" in err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["explain"])
+    assert exc.value.code == 2 and "the following arguments are required: text" in capsys.readouterr().err
 
 
-def test_cli_explain_unknown_token(minilm, tmp_path):
-    with pytest.raises(SystemExit, match="--token 'dog' matches no token"):
-        cli.main(["explain", SEED, "--out", "", "--token", "dog"])
+def test_cli_explain_failures_exit_1(minilm, capsys):
+    assert cli.main(["explain", "  ", "--out", ""]) == 1
+    assert "attnkit explain: error: text must hold at least one non-blank character" in capsys.readouterr().err
+    assert cli.main(["explain", SEED, "--out", "", "--top", "0"]) == 1
+    assert "attnkit explain: error: k must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_cli_explain_unknown_token(minilm, capsys):
+    assert cli.main(["explain", SEED, "--out", "", "--token", "dog"]) == 1
+    err = capsys.readouterr().err
+    assert "attnkit explain: error: --token 'dog' matches no token" in err and "Traceback" not in err
 
 
 def test_cli_lab_writes_the_page(tmp_path, capsys):
@@ -153,8 +176,7 @@ def test_cli_lab_writes_the_page(tmp_path, capsys):
     assert "AttnkitLab" in path.read_text(encoding="utf-8") and "wrote" in capsys.readouterr().out
     assert cli.main(["lab", "--out", str(path), "--tokens", "the bank of the river", "--head-dim", "3"]) == 0
     assert '"tokens": ["the", "bank", "of", "the", "river"], "head_dim": 3' in path.read_text(encoding="utf-8")
-    with pytest.raises(SystemExit):
-        cli.main(["lab", "--out", str(path), "--head-dim", "9"])
+    assert cli.main(["lab", "--out", str(path), "--head-dim", "9"]) == 1
     assert "head_dim must be between 2 and 8; got 9" in capsys.readouterr().err
 
 

@@ -41,7 +41,7 @@ def test_an_induction_head_forms_in_the_second_layer(trained):
     layer, _, score = trained.best_head("induction")
     assert layer == 1 and score > 0.3
     assert float(trained.induction[0].max()) < 0.1  # it was not there at initialisation
-    # the layer-1 previous-token heads grow with it (the circuit's first half)
+    # the previous-token heads of layer 0 grow with it (the circuit's first half)
     assert float(trained.previous_token[-1, 0].max()) > 1.5 * float(trained.previous_token[0, 0].max())
 
 
@@ -70,14 +70,24 @@ def test_config_is_checked():
 
 
 def test_cli_rejects_bad_options(capsys):
-    with pytest.raises(SystemExit):
-        main(["induction", "--steps", "0"])
-    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert main(["induction", "--steps", "0", "--plot", ""]) == 1
+    assert "attnkit induction: error: steps must be >= 1; got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["induction", "--step", "x"])
+    assert exc.value.code == 2 and "usage: attnkit induction" in capsys.readouterr().err
 
 
-def test_cli_runs_and_writes(tmp_path, capsys):
+def test_cli_runs_and_writes(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "80")
     out = tmp_path / "ind.json"
     assert main(["induction", "--steps", "20", "--plot", "", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "strongest induction head" in text
-    assert len(json.loads(out.read_text())["steps"]) >= 2
+    lines = capsys.readouterr().out.splitlines()
+    assert max(map(len, lines)) <= 80
+    assert any("strongest induction head" in line for line in lines)
+    # progress: a line per 5% of the steps (stdout is not a terminal here), ending at 20/20
+    progress = [line.split(" (")[0] for line in lines if line.startswith("[")]
+    assert progress[-1] == "[20/20] training" and 10 <= len(progress) <= 21
+    data = json.loads(out.read_text())
+    assert len(data["steps"]) >= 2
+    last = next(line for line in lines if line.split() and line.split()[0] == str(data["steps"][-1]))
+    assert last.split()[1:3] == [f"{data['first_half_loss'][-1]:.3f}", f"{data['second_half_loss'][-1]:.3f}"]

@@ -3,8 +3,8 @@
 A 2-layer attention-only :class:`~attnkit.nn.TransformerLM` learns sequences
 ``[BOS, r1..rn, r1..rn, f1..]`` of random tokens: a block of random length n (between N/2
 and N), the same block again, then fresh random filler up to 2N + 1 tokens. The first
-copy cannot be predicted; the second can, once a layer-1 *previous-token* head and a
-layer-2 *induction* head form together (the second head looks at the token after the
+copy cannot be predicted; the second can, once a *previous-token* head in layer 0 and an
+*induction* head in layer 1 form together (layers numbered from 0) (the second head looks at the token after the
 earlier copy of the current token). The block length varies so that no head can find the
 earlier copy by position alone: with a fixed offset, a single layer learns the shortcut.
 Training records, at regular steps, the loss on each half and every head's induction and

@@ -292,6 +292,12 @@ class KVShape:
     head_dim: int
     window: int | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("layers", "heads", "kv_heads", "head_dim") + (("window",) if self.window is not None else ()):
+            require_int(name, getattr(self, name), minimum=1)
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
     def bytes(self, tokens: int, dtype: torch.dtype = torch.float16, batch: int = 1) -> int:
         return kv_cache_bytes(self.layers, self.kv_heads, self.head_dim, tokens, dtype, batch, self.window)
 

@@ -1,0 +1,109 @@
+"""``attnkit explain``: run a model on a text and show what it attends to: the tokens, the
+top attended tokens per layer, the heads that stand out, and each head role's best heads;
+write a self-contained HTML report and, on request, PNG heatmaps."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from attnkit.cli._common import Column, Console, Parser, csv, quiet_transformers, size
+
+
+def add_parser(sub) -> Parser:
+    p = sub.add_parser("explain", help="what a model attends to in a text: terminal summary, HTML report, PNGs",
+                       description=__doc__)
+    p.add_argument("text", help="the input text")
+    p.add_argument("--model", default="minilm",
+                   help="'minilm' (bundled all-MiniLM-L6-v2, the hf extra) or a local Hugging Face model folder")
+    p.add_argument("--out", default="report.html", help="the HTML report to write ('' for none)")
+    p.add_argument("--png", default=None, metavar="DIR", help="also write static heatmaps into DIR")
+    p.add_argument("--layers", type=csv(int), default=None, help="layers to capture, from 0, e.g. 0,5 (default: all)")
+    p.add_argument("--heads", type=csv(int), default=None, help="heads to capture, from 0, e.g. 0,3 (default: all)")
+    p.add_argument("--token", action="append", default=None,
+                   help="a token of interest: its text (every occurrence) or #N for position N (from 0); "
+                        "repeatable (default: all tokens)")
+    p.add_argument("--top", type=int, default=3, help="attended tokens listed per layer")
+    p.add_argument("--keep-special", action="store_true",
+                   help="list special tokens ([CLS], [SEP], ...) among the attended tokens too")
+    p.add_argument("--max-rows", type=int, default=64, help="tokens listed at most")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from attnkit import models
+    from attnkit.viz import explainer as ex
+    from attnkit.viz import report
+
+    if args.png:
+        from attnkit._plot import pyplot
+
+        pyplot()  # fail now, not after the model ran, when matplotlib is missing
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # the one check the report cannot make early
+        raise ValueError(f"--out {args.out!r}: the folder {str(Path(args.out).resolve().parent)!r} does not exist")
+    con = Console()
+    quiet_transformers()
+    with con.status(f"loading {args.model}..."):
+        model, tokenizer = models.load(args.model)
+    with con.progress() as progress:
+        maps = ex.explain(args.text, (model, tokenizer), layers=args.layers, heads=args.heads,
+                          progress=lambda done, total: progress("capturing attention", done, total))
+    # Heads 0..k-1 of a model look like a whole model in the maps: roll out only every head.
+    model_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    whole = args.heads is None or (model_heads is not None and sorted(set(args.heads)) == list(range(model_heads)))
+    tokens = maps.tokens[0]
+    wanted = _wanted(ex, tokens, args.token)
+    summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
+
+    con.rule(f"{maps.model_name}: {len(tokens)} tokens, {len(maps.layers)} layers x {len(maps.heads)} heads")
+    con.print("  ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
+    rows = [(f"{i} {tok}", *("\n".join(f"{key} {w:.2f}".replace(" 0.", " .") for _, key, w in tops)
+                              for tops in per_layer)) for i, tok, per_layer in summary.rows]
+    more = "" if summary.shown == summary.total else f" (first {summary.shown} of {summary.total}; pick with --token)"
+    heads_note = "all heads" if args.heads is None else "heads " + ",".join(map(str, maps.heads))
+    con.table(f"top {args.top} attended tokens per layer, mean of {heads_note}{more}",
+              ("token", *(f"layer {layer}" for layer in maps.layers)), rows)
+    if summary.skipped_keys:
+        con.print("special tokens left out of the lists (heads park weight there): "
+                  + " ".join(sorted({tokens[j] for j in summary.skipped_keys})) + "; --keep-special lists them")
+    if summary.heads:
+        con.table("single heads that look hardest from the chosen tokens",
+                  ("token", "layer.head", "looks at", Column("weight", right=True)),
+                  [(f"{i} {tokens[i]}", f"L{lay}.H{hd}", f"{j} {tokens[j]}", f"{w:.3f}")
+                   for i, lay, hd, j, w in summary.heads])
+    roles = summary.roles
+    lowest = {"mean_distance", "normalized_entropy"}  # for these, the telling heads are the lowest
+    role_rows = [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
+                  "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
+                 for role, scores in roles.scores.items()]
+    con.table("heads that score highest in each role",
+              ("role", Column("mean", right=True), "top heads (layer.head score)"), role_rows)
+    for role, why in roles.skipped.items():
+        con.print(f"skipped {role}: {why}")
+    if args.out:
+        with con.progress() as progress:
+            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, rollout=whole,
+                                       roles=summary.roles, progress=progress)
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+    if args.png:
+        from attnkit.viz.png import save_pngs
+
+        with con.progress() as progress:
+            paths = save_pngs(maps, args.png, rollout=whole, progress=progress)
+        con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def _wanted(ex, tokens: list[str], queries: list[str] | None) -> list[int] | None:
+    """Positions of the tokens that ``--token`` names, in order, each once; None for all."""
+    if not queries:
+        return None
+    wanted: list[int] = []
+    for query in queries:
+        found = ex.find_tokens(tokens, query)
+        if not found:
+            raise ValueError(f"--token {query!r} matches no token; the tokens are "
+                             + " ".join(tokens[:80]) + (" ..." if len(tokens) > 80 else ""))
+        wanted.extend(i for i in found if i not in wanted)
+    return wanted
