@@ -73,6 +73,20 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     text = out.read_text(encoding="utf-8")
     data = json.loads(text.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["focus"] == data["tokens"].index("it")
+    assert data["title"] == SEED  # as typed, not rebuilt from lowercased wordpieces
+    # It opens on the head that gives one key beyond its neighbours (|i - j| > 2, no special token) the most
+    # weight from "it": computed here from the captured maps, a loop over every head.
+    maps = capture(minilm[0], SEED, tokenizer=minilm[1])
+    i, best = data["focus"], (-1.0, None)
+    for layer in range(6):
+        for head in range(12):
+            for j, tok in enumerate(data["tokens"]):
+                w = float(maps.attentions[0][layer, head, i, j])
+                if abs(i - j) > 2 and tok not in ("[CLS]", "[SEP]") and w > best[0]:
+                    best = (w, (layer, head))
+    assert best[1] == (5, 11)
+    assert data["view"] == {"layer": 5, "heads": [11]}
+    assert "opening on layer 5 head 11" in printed
     assert decode(data["encoding"]).shape == (6 * 12 + 6, 13, 13)
     names = sorted(p.name for p in pngs.iterdir())
     assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])

@@ -422,3 +422,24 @@ def test_notebook_iframe_runs_the_same_explorer(watched_page):
     assert frame.evaluate("attnkitExplorer.state().layer") == 1
     assert watch.page.evaluate("window.__pwned") is None and frame.evaluate("window.__pwned") is None
     watch.assert_clean()
+
+
+def test_report_opens_on_the_chosen_view_with_distinct_head_colours(open_report):
+    maps = AttentionMaps([probs(3, 12, 6, 6, seed=1).float()], [[f"t{i}" for i in range(6)]], None, "toy",
+                         (4, 5, 6), tuple(range(12)))
+    watch = open_report(maps, view=(5, [11]), title="A title as typed")
+    page = watch.page
+    state = page.evaluate("attnkitExplorer.state()")
+    assert state["layer"] == 5 and state["heads"] == [11]
+    assert page.text_content(".akx-title") == "A title as typed"
+    colours = page.eval_on_selector_all(".akx-chip", "cs => cs.map(c => getComputedStyle(c).borderColor)")
+    rgb = [tuple(int(x) for x in c[c.index("(") + 1 : c.index(")")].split(",")[:3]) for c in colours]
+    gaps = [sum((x - y) ** 2 for x, y in zip(a, b)) ** 0.5 for n, a in enumerate(rgb) for b in rgb[n + 1 :]]
+    assert len(rgb) == 12 and min(gaps) >= 60, f"two head colours are only {min(gaps):.0f} apart in RGB"
+    watch.assert_clean()
+    with pytest.raises(ValueError, match="view's layer must be one of"):
+        report_html(maps, view=(0, [1]))
+    with pytest.raises(ValueError, match="view's heads must be"):
+        report_html(maps, view=(5, [12]))
+    with pytest.raises(TypeError, match="view must be a"):
+        report_html(maps, view=[5, 11])

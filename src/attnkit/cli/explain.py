@@ -82,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
     for role, why in roles.skipped.items():
         con.print(f"skipped {role}: {why}")
     if args.out:
+        view = _opening_head(maps, wanted, set(summary.skipped_keys))
         with con.progress() as progress:
-            path = report.write_report(maps, args.out, focus=wanted[0] if wanted else None, rollout=whole,
-                                       roles=summary.roles, progress=progress)
-        con.print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+            path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
+                                       view=view, rollout=whole, roles=summary.roles, progress=progress)
+        opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
+        con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
     if args.png:
         from attnkit.viz.png import save_pngs
 
@@ -107,3 +109,19 @@ def _wanted(ex, tokens: list[str], queries: list[str] | None) -> list[int] | Non
                              + " ".join(tokens[:80]) + (" ..." if len(tokens) > 80 else ""))
         wanted.extend(i for i in found if i not in wanted)
     return wanted
+
+
+def _opening_head(maps, wanted: list[int] | None, skipped_keys: set[int]) -> tuple[int, list[int]] | None:
+    """(layer, [head]) to open the report on for the first chosen token: the single head that gives the
+    most weight to one key more than 2 tokens away (local heads, such as previous-token heads, say little
+    about that token), special tokens left out; the strongest head of all if none looks that far."""
+    import torch
+
+    if not wanted:
+        return None
+    i = wanted[0]
+    row = maps.attentions[0][:, :, i].float()  # (layers, heads, Lk)
+    far = torch.tensor([abs(i - j) > 2 and j not in skipped_keys for j in range(row.shape[-1])])
+    pool = row.masked_fill(~far, -1.0) if far.any() and float(row[..., far].max()) > 0 else row
+    flat = int(pool.flatten().argmax()) // row.shape[-1]
+    return maps.layers[flat // row.shape[1]], [maps.heads[flat % row.shape[1]]]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import html
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ def report_data(
     *,
     title: str | None = None,
     focus: int | None = None,
+    view: tuple[int, Sequence[int]] | None = None,
     tolerance: float = 0.001,
     plan: tuple[int | None, int] | str = "auto",
     max_bytes: int = 20_000_000,
@@ -95,8 +96,11 @@ def report_data(
     Args:
         maps: from :func:`attnkit.inspect.capture`.
         input_index: which input of ``maps`` (default 0).
-        title: shown at the top of the page (default: the input's text, from its tokens).
+        title: shown at the top of the page, cut to 160 characters (default: the input's
+            text, rebuilt from its tokens; ``attnkit explain`` passes the text as typed).
         focus: a query token index to open the page on, or None.
+        view: ``(layer, heads)``, model indices of the layer and heads to open the page on
+            (default: every head of the last layer).
         tolerance, plan, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`);
             by default the page's data stays under 20 MB whatever the input's length.
         rollout: include attention rollout (default True) when the maps hold every layer
@@ -122,6 +126,7 @@ def report_data(
             raise ValueError(f"focus must be a query token index in [0, {lq}); got {focus}")
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None; got {describe(title)}")
+    opening = None if view is None else _view(maps, view)
 
     matrices = [attn[li, hi] for li in range(n_layers) for hi in range(n_heads)]
     rolled = None
@@ -154,7 +159,7 @@ def report_data(
     del matrices, rolled
     return {
         "format": 1,
-        "title": title if title is not None else _text(tokens),
+        "title": _text(tokens) if title is None else title if len(title) <= 160 else title[:159] + "…",
         "model": maps.model_name,
         "tokens": tokens,
         "layers": list(maps.layers),
@@ -162,9 +167,23 @@ def report_data(
         "rollout": why_not is None,
         "rollout_missing": why_not,
         "focus": focus,
+        "view": opening,
         "roles": _scores(roles),
         "encoding": enc.to_json(),
     }
+
+
+def _view(maps: AttentionMaps, view: object) -> dict[str, Any]:
+    """``(layer, heads)`` in model indices -> positions in ``maps``' layers and heads."""
+    if not (isinstance(view, tuple) and len(view) == 2 and isinstance(view[1], (list, tuple))):
+        raise TypeError(f"view must be a (layer, heads) tuple, e.g. (5, [11]); got {describe(view)}")
+    layer, heads = view
+    if layer not in maps.layers:
+        raise ValueError(f"view's layer must be one of the maps' layers {list(maps.layers)}; got {layer!r}")
+    missing = [h for h in heads if h not in maps.heads]
+    if not heads or missing:
+        raise ValueError(f"view's heads must be a non-empty list of the maps' heads {list(maps.heads)}; got {heads!r}")
+    return {"layer": maps.layers.index(layer), "heads": sorted({maps.heads.index(h) for h in heads})}
 
 
 def _text(tokens: list[str], limit: int = 160) -> str:

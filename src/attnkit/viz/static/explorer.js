@@ -26,9 +26,14 @@
     return node;
   }
 
+  // Twelve categorical colours that stay apart from each other and from the grey of weak
+  // lines (Tableau's 10 plus two), then hues spread evenly for models with more heads.
+  const PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#edc948",
+                   "#76b7b2", "#ff4fa7", "#9c6b4e", "#1f3d7a", "#8cd17d", "#6f2da8"];
   function headColor(h, n) {
-    const hue = (h * 360 / Math.max(n, 1) + 200) % 360;
-    return `hsl(${hue.toFixed(0)}, 72%, 42%)`;
+    if (n <= PALETTE.length) return PALETTE[h];
+    const hue = (h * 360 / n) % 360;
+    return `hsl(${hue.toFixed(0)}, 70%, ${h % 2 ? 38 : 50}%)`;
   }
 
   // Light yellow -> orange -> deep purple, indexed by sqrt(value) so small weights show.
@@ -123,7 +128,10 @@
     const Lq = sp.Lq, Lk = sp.Lk;
     const hasRollout = !!data.rollout;
     const state = {
-      layer: L - 1, heads: new Set(data.heads.map((_, i) => i)), mode: "heads",
+      // Open on the view the caller chose (explain --token: the head that looks hardest from
+      // that token), else on every head of the last layer.
+      layer: data.view ? data.view.layer : L - 1,
+      heads: new Set(data.view ? data.view.heads : data.heads.map((_, i) => i)), mode: "heads",
       threshold: 0.02, focus: data.focus == null ? null : data.focus, hover: null, win: 0, tab: "head",
       detail: [0, 0],
     };
