@@ -330,3 +330,84 @@ def test_write_lab_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="head_dim must be between 2 and 8"):
         write_lab(tmp_path / "lab.html", head_dim=10)
     assert not (tmp_path / "lab.html").exists()
+
+
+# --- FlashAttention step by step ---
+
+
+def online_softmax_steps(scores: list, v: np.ndarray, block: int) -> list[dict]:
+    """The running statistics of FlashAttention's loop over key blocks, in float64 Python:
+    scores is one row (None where masked), v is (n, d)."""
+    m, total, acc, steps = -math.inf, 0.0, np.zeros(v.shape[1]), []
+    for start in range(0, len(scores), block):
+        kept = [(j, s) for j, s in enumerate(scores[start:start + block], start) if s is not None]
+        new_m = max([m] + [s for _, s in kept])
+        alpha = 1.0 if new_m == m else math.exp(m - new_m)
+        weights = [(j, math.exp(s - new_m)) for j, s in kept]
+        total = alpha * total + sum(w for _, w in weights)
+        acc = alpha * acc + sum((w * v[j] for j, w in weights), np.zeros(v.shape[1]))
+        steps.append({"max": new_m, "rescale": alpha, "sum": total, "acc": acc.copy(),
+                      "partial": acc / total if total > 0 else np.zeros(v.shape[1])})
+        m = new_m
+    return steps
+
+
+@pytest.mark.parametrize(("seed", "n", "d", "causal", "window", "padded", "block"), [
+    (11, 6, 4, False, None, (), 2),
+    (12, 7, 3, True, None, (), 3),
+    (13, 12, 5, False, 2, (0, 1, 2), 4),  # the focused row's first blocks are all masked
+    (14, 5, 2, False, None, (), 1),
+    (15, 9, 8, False, None, (4,), 9),
+])
+def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padded, block):
+    state = random_state(seed, n, d, causal, window, padded)
+    state["focus"] = n - 1
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    assert lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0})", block) == {"block": block, "step": 0}
+    got = lab.page.evaluate("attnkitLab.panels.flash.result()")
+    want_row = reference(state)
+    row = [s if a else None for s, a in zip(want_row["scores"][n - 1], want_row["allowed"][n - 1])]
+    want = online_softmax_steps(row, np.array(state["v"]), block)
+    assert got["row"] == n - 1 and len(got["steps"]) == len(want) == math.ceil(n / block)
+    for index, (step, ref) in enumerate(zip(got["steps"], want)):
+        assert step["start"] == index * block and step["end"] == min(n, (index + 1) * block)
+        assert (step["max"] == -math.inf) == (ref["max"] == -math.inf), index
+        if ref["max"] > -math.inf:
+            assert abs(step["max"] - ref["max"]) <= TOL, index
+        for key in ("rescale", "sum"):
+            assert abs(step[key] - ref[key]) <= TOL, (index, key)
+        for key in ("acc", "partial"):
+            np.testing.assert_allclose(step[key], ref[key], rtol=0, atol=TOL, err_msg=f"step {index} {key}")
+    # the last step is the full softmax row, from attnkit's reference backend
+    np.testing.assert_allclose(got["out"], want_row["out"][n - 1], rtol=0, atol=TOL)
+    assert got["maxError"] <= TOL and got["held"] == block + d + 2
+    lab.assert_clean()
+
+
+def test_flash_controls_walk_the_blocks(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    page.evaluate("attnkitLab.set({causal: false})")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": 0}
+    story = page.text_content('[data-akl="flash-story"]')
+    assert story.startswith("Step 1 of 3: keys 0–1.")
+    assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 1
+    move(page, '[data-akl="flash-step"]', "1")
+    assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 2
+    assert page.text_content('[data-akl="flash-story"]') != story
+    assert "move the step slider" in page.text_content('[data-akl="flash-verdict"]')
+    move(page, '[data-akl="flash-step"]', "2")
+    verdict = page.text_content('[data-akl="flash-verdict"]')
+    assert verdict.startswith("Done: acc / l equals the full softmax(s)·V") and "no 6×6 matrix" in verdict
+    move(page, '[data-akl="flash-block"]', "4")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 4, "step": 0}
+    assert page.locator('[data-akl="flash-block-cells"]').count() == 2
+    assert page.text_content('[data-akl="flash-block-text"]') == "4 keys"
+    error = page.evaluate("() => { try { attnkitLab.panels.flash.set({block: 7}) } catch (e) { return e.message } }")
+    assert error == "block must be an integer in [1, 6]; got 7"
+    # the focused row's token text is shown as text
+    page.fill('[data-akl="label"][data-i="5"]', XSS_IMG)
+    assert XSS_IMG in page.text_content('[data-akl="flash-keys"]')
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    watch.assert_clean()

@@ -45,6 +45,8 @@ MIN_TOKENS, MAX_TOKENS = 2, 12
 MIN_HEAD_DIM, MAX_HEAD_DIM = 2, 8
 _MAX_SEED = 2**32 - 1  # the page's generator mixes 32-bit words
 _MAX_LABEL = 64
+# the panels below the lab, one small file each; they register before lab.js mounts
+PANEL_SCRIPTS = ("lab_flash.js",)
 
 
 def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: int = 0) -> str:
@@ -76,7 +78,7 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
     return page(
         "attnkit lab: attention with sliders",
         css=["lab.css"],
-        js=["lab.js"],
+        js=[*PANEL_SCRIPTS, "lab.js"],
         body='<div id="attnkit-lab"></div>',
         data={"tokens": labels, "head_dim": d, "seed": seed},
     )

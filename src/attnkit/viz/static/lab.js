@@ -16,6 +16,9 @@
  *                  returns state(); throws TypeError/RangeError on a bad value
  *   result()       {scores, probs, out, entropy, entropyMax}: n x n, n x n, n x d, n, n;
  *                  scores are null where masked; entropies in bits
+ *   panels         {name: api} of the panels below the lab (lab_flash.js and the others):
+ *                  each panel file pushes a factory onto window.AttnkitLabPanels before this
+ *                  file runs; mount calls factory(kit) -> {name, node, update(state, result), api}
  * `initial` is null or any part of a state, plus `head_dim` and `seed` for the starting
  * vectors that it does not give. The standalone page mounts itself on #attnkit-lab with
  * the JSON in #attnkit-data. Text reaches the screen through textContent only.
@@ -312,6 +315,11 @@
         box("outputs", "o = p\u00b7V", ui.out)));
     lab.append(el("div", { class: "akl-main" }, editor, view));
 
+    // panels from the other lab_*.js files, which register before this one runs
+    const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, apply: (patch) => apply(patch) };
+    const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit));
+    for (const panel of panels) lab.append(panel.node);
+
     // -- structure (rebuilt when n or d changes) and values (every update) --------------
     function buildStructure() {
       const n = state.tokens.length, d = state.q[0].length;
@@ -517,6 +525,7 @@
       const res = compute(state);
       fillMatrices(res);
       fillFlow(res);
+      for (const panel of panels) panel.update(state, res);
     }
 
     function apply(patch, source = null) {
@@ -586,6 +595,7 @@
       state: () => JSON.parse(JSON.stringify(state)),
       set: (partial) => { apply(partial); return api.state(); },
       result: () => compute(state),
+      panels: Object.fromEntries(panels.map((panel) => [panel.name, panel.api])),
     };
     window.attnkitLab = api;
     return api;
