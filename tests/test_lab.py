@@ -363,7 +363,8 @@ def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padde
     state = random_state(seed, n, d, causal, window, padded)
     state["focus"] = n - 1
     lab.page.evaluate("s => attnkitLab.set(s)", state)
-    assert lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0})", block) == {"block": block, "step": 0}
+    chosen = lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0})", block)
+    assert chosen == {"block": block, "step": 0}
     got = lab.page.evaluate("attnkitLab.panels.flash.result()")
     want_row = reference(state)
     row = [s if a else None for s, a in zip(want_row["scores"][n - 1], want_row["allowed"][n - 1])]
