@@ -17,7 +17,7 @@ import torch
 import attnkit
 from attnkit import masks
 from attnkit.viz._html import page as html_page
-from attnkit.viz.lab import lab_html, write_lab
+from attnkit.viz.lab import LAB_SCRIPTS, lab_html, write_lab
 
 from conftest import watch_page
 
@@ -109,6 +109,9 @@ def random_state(seed: int, n: int, d: int, causal: bool, window: int | None, pa
         "window": window,
         "focus": int(rng.integers(n)),
         "padding": [i in padded for i in range(n)],
+        "position": "none",
+        "slope": 0.5,
+        "offset": 0,
     }
 
 
@@ -265,7 +268,7 @@ def test_token_text_is_never_markup(watched_page):
 
 
 def test_mounts_inside_a_host_page(watched_page):
-    host = html_page("host", css=["lab.css"], js=["lab.js"],
+    host = html_page("host", css=["lab.css"], js=list(LAB_SCRIPTS),
                      body='<p id="host-text">host page</p><div id="lab"></div>')
     watch = watched_page()
     page = watch.page
@@ -287,7 +290,7 @@ def test_mounts_inside_a_host_page(watched_page):
 
 def test_same_seed_same_vectors(watched_page):
     watch = watched_page()
-    watch.page.set_content(html_page("host", css=[], js=["lab.js"], body=""))
+    watch.page.set_content(html_page("host", css=[], js=list(LAB_SCRIPTS), body=""))
 
     def vectors(**kwargs):
         data = lab_html(**kwargs).split('id="attnkit-data">', 1)[1].split("</script>", 1)[0]
@@ -411,4 +414,119 @@ def test_flash_controls_walk_the_blocks(watched_page):
     page.fill('[data-akl="label"][data-i="5"]', XSS_IMG)
     assert XSS_IMG in page.text_content('[data-akl="flash-keys"]')
     assert page.evaluate("document.querySelectorAll('img').length") == 0
+    watch.assert_clean()
+
+
+# --- positions: the page's against attnkit.positions and attnkit.biases.alibi ---
+
+
+def placed_reference(state: dict) -> dict:
+    """``reference`` with the state's positions applied by attnkit (RoPE in float64; ALiBi as a bias)."""
+    from attnkit import biases
+    from attnkit.positions import RotaryEmbedding
+
+    n, d = len(state["tokens"]), len(state["q"][0])
+    q, k, v = (torch.tensor(state[r], dtype=torch.float64)[None, None] for r in "qkv")
+    positions = torch.arange(n) + state["offset"]
+    bias = None
+    if state["position"] == "rope":
+        rope = RotaryEmbedding(d, layout="half")
+        q, k = rope(q, positions), rope(k, positions)
+    elif state["position"] == "alibi":
+        bias = biases.alibi(slopes=torch.tensor([state["slope"]], dtype=torch.float64))
+    mask = reference_mask(state["causal"], state["window"], state["padding"])
+    scale = state["scale"] / state["temperature"]
+    probs = attnkit.attention_probs(q, k, v, mask=mask, bias=bias, scale=scale)[0, 0].numpy()
+    out = attnkit.attention(q, k, v, mask=mask, bias=bias, scale=scale, backend="reference")[0, 0].numpy()
+    return {"q": q[0, 0].numpy(), "k": k[0, 0].numpy(), "probs": probs, "out": out}
+
+
+@pytest.mark.parametrize(("position", "offset", "causal"), [
+    ("rope", 0, True), ("rope", 37, False), ("alibi", 0, True), ("alibi", 5, False),
+])
+def test_positions_match_attnkit(lab, position, offset, causal):
+    state = random_state(20 + offset, 7, 6, causal, None, ())
+    state.update(position=position, offset=offset, slope=0.375)
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    got, want = js_result(lab.page), placed_reference(state)
+    for key in ("q", "k", "probs", "out"):
+        np.testing.assert_allclose(np.array(got[key]), want[key], rtol=0, atol=TOL, err_msg=key)
+    if position == "alibi":
+        n = len(state["tokens"])
+        distance = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
+        np.testing.assert_allclose(got["bias"], -0.375 * distance, rtol=0, atol=0)
+    else:
+        assert got["bias"] is None
+    lab.assert_clean()
+
+
+def test_sinusoidal_positions_match_attnkit(lab):
+    """attnkit.positions.sinusoidal returns float32, so the page is held to float32 rounding
+    against it, and to 1e-9 against the definition in float64."""
+    from attnkit.positions import sinusoidal
+
+    state = random_state(30, 6, 4, True, None, ())
+    state.update(position="sinusoidal", offset=11)
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    got = js_result(lab.page)
+    p = np.arange(6)[:, None] + 11.0
+    angle = p / 10000.0 ** (np.arange(0, 4, 2)[None, :] / 4)
+    pe = np.stack((np.sin(angle), np.cos(angle)), axis=-1).reshape(6, 4)
+    for role in "qk":
+        np.testing.assert_allclose(got[role], np.array(state[role]) + pe, rtol=0, atol=TOL)
+        np.testing.assert_allclose(np.array(got[role]) - np.array(state[role]),
+                                   sinusoidal(torch.arange(6) + 11, 4).double().numpy(), rtol=0, atol=1e-6)
+    placed = dict(state, q=got["q"], k=got["k"], position="none")
+    assert_matches(got, reference(placed))
+
+
+def test_rope_scores_depend_only_on_distance(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    page.select_option('[data-akl="position"]', "rope")
+    assert js_state(page)["position"] == "rope"
+    note = page.text_content('[data-akl="position-note"]')
+    assert "a score depends only on the distance i − j" in note
+    home, pixels = js_result(page), canvas_pixels(page)
+    move(page, '[data-akl="offset"]', "250")
+    shifted = js_result(page)
+    assert js_state(page)["offset"] == 250 and shifted["q"] != home["q"]  # the vectors did turn
+    scores = [[s for s in row if s is not None] for row in shifted["scores"]]
+    np.testing.assert_allclose(np.concatenate(scores), np.concatenate(
+        [[s for s in row if s is not None] for row in home["scores"]]), rtol=0, atol=TOL)
+    assert "Moving every token by 250 changes the scores by at most" in page.text_content('[data-akl="position-note"]')
+    assert canvas_pixels(page) == pixels  # same scores, same picture
+    # sinusoidal positions are absolute: the same move changes the scores
+    page.select_option('[data-akl="position"]', "sinusoidal")
+    at_250 = js_result(page)["probs"]
+    move(page, '[data-akl="offset"]', "0")
+    assert js_result(page)["probs"] != at_250
+    # odd head dims cannot carry sin/cos pairs: the field ignores them, set() says why
+    move(page, '[data-akl="head-dim"]', "5")
+    assert len(js_state(page)["q"][0]) == 4
+    odd = "{position: 'rope', q: attnkitLab.state().q.map(r => r.slice(1))}"
+    error = page.evaluate(f"() => {{ try {{ attnkitLab.set({odd}) }} catch (e) {{ return e.message }} }}")
+    assert error == "position rope needs an even head dim (sin/cos pairs); got d = 3"
+    watch.assert_clean()
+
+
+def test_alibi_slope_draws_the_penalty(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    assert page.is_hidden('[data-akl="bias"]') and page.is_disabled('[data-akl="slope"]')
+    page.select_option('[data-akl="position"]', "alibi")
+    assert page.is_visible('[data-akl="bias"]') and page.is_enabled('[data-akl="slope"]')
+    assert page.text_content('[data-akl="bias"] tbody tr:nth-child(6) td:nth-of-type(1)') == "−2.50"  # 0.5 * 5
+    before, pixels = js_result(page), canvas_pixels(page)
+    move(page, '[data-akl="slope"]', "1.5")
+    state = js_state(page)
+    assert state["slope"] == 1.5 and page.text_content('[data-akl="slope-text"]') == "1.50"
+    assert page.text_content('[data-akl="bias"] tbody tr:nth-child(6) td:nth-of-type(1)') == "−7.50"
+    after = js_result(page)
+    assert after["probs"][5][5] > before["probs"][5][5]  # a steeper penalty pulls weight to the nearest key
+    np.testing.assert_allclose(after["out"], placed_reference(state)["out"], rtol=0, atol=TOL)
+    assert canvas_pixels(page) != pixels
+    assert "ALiBi: every score gets −1.50·|i − j|" in page.text_content('[data-akl="position-note"]')
     watch.assert_clean()

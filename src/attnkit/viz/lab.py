@@ -38,15 +38,17 @@ from collections.abc import Sequence
 from attnkit._checks import describe, require_int
 from attnkit.viz._html import page
 
-__all__ = ["DEFAULT_TOKENS", "MAX_HEAD_DIM", "MAX_TOKENS", "MIN_HEAD_DIM", "MIN_TOKENS", "lab_html", "write_lab"]
+__all__ = ["DEFAULT_TOKENS", "LAB_SCRIPTS", "MAX_HEAD_DIM", "MAX_TOKENS", "MIN_HEAD_DIM", "MIN_TOKENS", "lab_html",
+           "write_lab"]
 
 DEFAULT_TOKENS = ("The", "cat", "sat", "on", "the", "mat")
 MIN_TOKENS, MAX_TOKENS = 2, 12
 MIN_HEAD_DIM, MAX_HEAD_DIM = 2, 8
 _MAX_SEED = 2**32 - 1  # the page's generator mixes 32-bit words
 _MAX_LABEL = 64
-# the panels below the lab, one small file each; they register before lab.js mounts
-PANEL_SCRIPTS = ("lab_flash.js",)
+# the lab's scripts in load order: the panels below the lab (optional: lab.js alone works) register
+# themselves on window before lab.js mounts
+LAB_SCRIPTS = ("lab_flash.js", "lab.js")
 
 
 def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: int = 0) -> str:
@@ -78,7 +80,7 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
     return page(
         "attnkit lab: attention with sliders",
         css=["lab.css"],
-        js=[*PANEL_SCRIPTS, "lab.js"],
+        js=list(LAB_SCRIPTS),
         body='<div id="attnkit-lab"></div>',
         data={"tokens": labels, "head_dim": d, "seed": seed},
     )

@@ -5,16 +5,22 @@
  *                                     allowed key is all 0 (attnkit's rule)
  *   o_i  = sum_j p_ij v_j             so that row's output is 0 too
  *
+ *   s_ij += bias_ij                   ALiBi; sinusoidal and RoPE change q and k first
+ *
  * The mask allows (i, j) unless key j is padding, or causal and j > i, or a window w is
  * set and |i - j| > w (with causal: 0 <= i - j <= w).
  *
  * AttnkitLab.mount(root, initial) builds a lab inside `root` and returns its API, which
  * is also stored as window.attnkitLab:
- *   state()        {tokens, q, k, v, scale, temperature, causal, window, focus, padding}
- *                  q, k, v: n x d arrays; window and focus: an int or null (off)
+ *   state()        {tokens, q, k, v, scale, temperature, causal, window, focus, padding,
+ *                   position, slope, offset}
+ *                  q, k, v: n x d arrays; window and focus: an int or null (off);
+ *                  position: none, sinusoidal, rope or alibi; slope: ALiBi's, in [0, 4];
+ *                  offset: the position of token 0 (see lab_positions.js)
  *   set(partial)   validates and merges any of those keys, redraws, moves the controls,
  *                  returns state(); throws TypeError/RangeError on a bad value
- *   result()       {scores, probs, out, entropy, entropyMax}: n x n, n x n, n x d, n, n;
+ *   result()       {scores, probs, out, entropy, entropyMax, q, k, bias}: n x n, n x n, n x d,
+ *                  n, n, then q and k after positions (n x d) and ALiBi's n x n bias or null;
  *                  scores are null where masked; entropies in bits
  *   panels         {name: api} of the panels below the lab (lab_flash.js and the others):
  *                  each panel file pushes a factory onto window.AttnkitLabPanels before this
@@ -33,7 +39,10 @@
   const WORDS = ["The", "cat", "sat", "on", "the", "mat", "and", "then", "it", "slept", "all", "day"];
   const ROLES = ["q", "k", "v"];
   const ROLE_NAMES = { q: "query", k: "key", v: "value" };
-  const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding"];
+  const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding",
+    "position", "slope", "offset"];
+  const MAX_SLOPE = 4, MAX_OFFSET = 100000;
+
   const MINUS = "\u2212";
 
   // -- the starting vectors: a hash of (seed, role, token, component), so a new token
@@ -68,6 +77,58 @@
       Array.from({ length: d }, (_, c) => (i < matrix.length && c < matrix[i].length ? matrix[i][c] : draw(seed, role, i, c))));
   }
 
+  // -- positions: token i sits at position p_i = offset + i ----------------------------
+  //   none        q, k as edited
+  //   sinusoidal  q_i + PE(p_i), k_i + PE(p_i); PE[p, 2c] = sin(p / 10000^(2c/d)) and
+  //               PE[p, 2c+1] = cos(...), as attnkit.positions.sinusoidal (the lab has no
+  //               embeddings, so PE is added to the vectors that stand for them)
+  //   rope        q_i, k_i rotated by angle p_i * 10000^(-2c/d) on the pairs (x[c], x[c + d/2]):
+  //               the "half" layout of attnkit.positions.RotaryEmbedding (GPT-NeoX, Llama in
+  //               transformers); <R_a q, R_b k> depends only on a - b, so the offset changes nothing
+  //   alibi       q, k as edited; bias_ij = -slope * |i - j| joins the scaled scores
+  //               (attnkit.biases.alibi(slopes=[slope]))
+  // sinusoidal and rope need an even d. place(state) -> {q, k, bias}, bias n x n or null.
+  const KINDS = ["none", "sinusoidal", "rope", "alibi"];
+  const BASE = 10000;
+
+  const needsEven = (kind) => kind === "sinusoidal" || kind === "rope";
+
+  function sinusoidal(p, d) {
+    const pe = new Array(d);
+    for (let c = 0; c < d; c += 2) {
+      const angle = p / BASE ** (c / d);
+      pe[c] = Math.sin(angle);
+      pe[c + 1] = Math.cos(angle);
+    }
+    return pe;
+  }
+
+  function rotate(x, p) {  // the "half" layout: pair c is (x[c], x[c + d/2]), frequency 10000^(-2c/d)
+    const d = x.length, h = d / 2, out = new Array(d);
+    for (let c = 0; c < h; c++) {
+      const angle = p * BASE ** (-(2 * c) / d), cos = Math.cos(angle), sin = Math.sin(angle);
+      out[c] = x[c] * cos - x[c + h] * sin;
+      out[c + h] = x[c + h] * cos + x[c] * sin;
+    }
+    return out;
+  }
+
+  function place(s) {
+    const n = s.tokens.length, d = s.q[0].length, pos = (i) => s.offset + i;
+    if (s.position === "sinusoidal") {
+      const add = (m) => m.map((row, i) => { const pe = sinusoidal(pos(i), d); return row.map((x, c) => x + pe[c]); });
+      return { q: add(s.q), k: add(s.k), bias: null };
+    }
+    if (s.position === "rope") return { q: s.q.map((row, i) => rotate(row, pos(i))), k: s.k.map((row, i) => rotate(row, pos(i))), bias: null };
+    if (s.position === "alibi") {
+      const bias = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => -s.slope * Math.abs(i - j)));
+      return { q: s.q, k: s.k, bias };
+    }
+    return { q: s.q, k: s.k, bias: null };
+  }
+
+  const POSITIONS = { KINDS, needsEven, place };
+
   // -- the math ---------------------------------------------------------------------
   function allowed(s, i, j) {
     if (s.padding[j]) return false;
@@ -77,6 +138,7 @@
 
   function compute(s) {
     const n = s.tokens.length, d = s.q[0].length;
+    const { q, k, bias } = POSITIONS.place(s);
     const scores = [], probs = [], out = [], entropy = [], entropyMax = [];
     for (let i = 0; i < n; i++) {
       const row = new Array(n).fill(null);
@@ -84,8 +146,8 @@
       for (let j = 0; j < n; j++) {
         if (!allowed(s, i, j)) continue;
         let dot = 0;
-        for (let c = 0; c < d; c++) dot += s.q[i][c] * s.k[j][c];
-        row[j] = (s.scale * dot) / s.temperature;
+        for (let c = 0; c < d; c++) dot += q[i][c] * k[j][c];
+        row[j] = (s.scale * dot) / s.temperature + (bias ? bias[i][j] : 0);
         max = Math.max(max, row[j]);
         count++;
       }
@@ -106,7 +168,7 @@
       entropy.push(Math.max(0, h));
       entropyMax.push(count > 0 ? Math.log2(count) : 0);
     }
-    return { scores, probs, out, entropy, entropyMax };
+    return { scores, probs, out, entropy, entropyMax, q, k, bias };
   }
 
   // -- validating set() ---------------------------------------------------------------
@@ -149,6 +211,17 @@
     return x;
   }
 
+  function checkPosition(x) {
+    if (!POSITIONS.KINDS.includes(x)) throw new TypeError(`position must be one of ${POSITIONS.KINDS.join(", ")}; got ${shown(x)}`);
+    return x;
+  }
+
+  function checkOffset(x) {
+    if (!Number.isInteger(x) || x < 0 || x > MAX_OFFSET)
+      throw new RangeError(`offset must be an integer in [0, ${MAX_OFFSET}]; got ${shown(x)}`);
+    return x;
+  }
+
   function merge(cur, patch, seed) {
     if (patch === null || typeof patch !== "object" || Array.isArray(patch))
       throw new TypeError(`set() takes an object with some of ${STATE_KEYS.join(", ")}; got ${shown(patch)}`);
@@ -173,6 +246,11 @@
     next.causal = "causal" in patch ? checkBool("causal", patch.causal) : cur.causal;
     next.window = "window" in patch ? checkIndexOrNull("window", patch.window, n)
       : cur.window === null ? null : Math.min(cur.window, n - 1);
+    next.position = "position" in patch ? checkPosition(patch.position) : cur.position;
+    if (POSITIONS.needsEven(next.position) && d % 2)
+      throw new RangeError(`position ${next.position} needs an even head dim (sin/cos pairs); got d = ${d}`);
+    next.slope = "slope" in patch ? checkNumber("slope", patch.slope, 0, MAX_SLOPE) : cur.slope;
+    next.offset = "offset" in patch ? checkOffset(patch.offset) : cur.offset;
     next.focus = "focus" in patch ? checkIndexOrNull("focus", patch.focus, n)
       : cur.focus !== null && cur.focus < n ? cur.focus : null;
     return next;
@@ -189,7 +267,7 @@
     const base = {
       tokens, q: resize([], n, d, "q", seed), k: resize([], n, d, "k", seed), v: resize([], n, d, "v", seed),
       scale: 1 / Math.sqrt(d), temperature: 1, causal: true, window: null, focus: n - 1,
-      padding: new Array(n).fill(false),
+      padding: new Array(n).fill(false), position: "none", slope: 0.5, offset: 0,
     };
     const patch = {};
     for (const key of STATE_KEYS) if (key in init && key !== "tokens") patch[key] = init[key];
@@ -269,6 +347,13 @@
     ui.window = el("input", { type: "range", min: "0", step: "1", "data-akl": "window", "aria-label": "sliding window" });
     ui.windowText = el("output", { class: "akl-readout", "data-akl": "window-text" });
     ui.headDim = el("input", { type: "number", min: String(MIN_DIM), max: String(MAX_DIM), step: "1", "data-akl": "head-dim", "aria-label": "head dim" });
+    ui.position = el("select", { "data-akl": "position", "aria-label": "positions" },
+      ...POSITIONS.KINDS.map((kind) => el("option", { value: kind, text: kind === "rope" ? "RoPE" : kind === "alibi" ? "ALiBi" : kind })));
+    ui.slope = el("input", { type: "range", min: "0", max: "2", step: "0.01", "data-akl": "slope", "aria-label": "ALiBi slope" });
+    ui.slopeText = el("output", { class: "akl-readout akl-short", "data-akl": "slope-text" });
+    ui.offset = el("input", { type: "range", min: "0", max: "1000", step: "1", "data-akl": "offset", "aria-label": "position offset" });
+    ui.offsetText = el("output", { class: "akl-readout akl-short", "data-akl": "offset-text" });
+    ui.positionNote = el("p", { class: "akl-position-note", "data-akl": "position-note" });
     const control = (name, hint, ...inputs) => el("div", { class: "akl-control" },
       el("span", { class: "akl-control-name", text: name }), el("div", { class: "akl-control-inputs" }, ...inputs),
       hint ? el("span", { class: "akl-hint", text: hint }) : null);
@@ -278,8 +363,12 @@
       control("mask", "", el("label", { class: "akl-check" }, ui.causal, el("span", { text: "causal" }))),
       control("sliding window w", "", ui.window, ui.windowText),
       control("head dim d", "", ui.headDim),
+      control("positions", "", ui.position),
+      control("ALiBi slope", "", ui.slope, ui.slopeText),
+      control("offset: token 0 at", "", ui.offset, ui.offsetText),
       el("div", { class: "akl-control akl-end" },
-        el("button", { type: "button", class: "akl-button", "data-akl": "reset", text: "Reset" }))));
+        el("button", { type: "button", class: "akl-button", "data-akl": "reset", text: "Reset" })),
+      ui.positionNote));
 
     // the token editor
     ui.editorBody = el("tbody");
@@ -300,6 +389,7 @@
     ui.scores = el("table", { class: "akl-matrix", "data-akl": "scores" });
     ui.probs = el("table", { class: "akl-matrix", "data-akl": "probs" });
     ui.out = el("table", { class: "akl-matrix", "data-akl": "out" });
+    ui.bias = el("table", { class: "akl-matrix", "data-akl": "bias" });
     const box = (title, formulaText, table) => el("div", { class: "akl-box" },
       el("h3", {}, el("span", { text: title }), el("code", { text: formulaText })), table);
     const view = el("section", { class: "akl-panel akl-view" },
@@ -310,7 +400,8 @@
         ui.flow,
         el("div", { class: "akl-axis akl-axis-k", text: "keys" }), ui.keys),
       el("div", { class: "akl-matrices" },
-        box("scores", "s = scale\u00b7q\u00b7k / T", ui.scores),
+        box("scores", "s = scale\u00b7q\u00b7k / T (+ bias)", ui.scores),
+        ui.biasBox = box("ALiBi penalty", "bias = \u2212slope\u00b7|i \u2212 j|", ui.bias),
         box("weights and entropy", "p = softmax(s)", ui.probs),
         box("outputs", "o = p\u00b7V", ui.out)));
     lab.append(el("div", { class: "akl-main" }, editor, view));
@@ -379,6 +470,13 @@
       ui.windowText.textContent = state.window === null ? "off"
         : state.causal ? `${state.window} (0 \u2264 i\u2212j \u2264 ${state.window})` : `${state.window} (|i\u2212j| \u2264 ${state.window})`;
       setValue(ui.headDim, String(d), source);
+      setValue(ui.position, state.position, source);
+      for (const option of ui.position.options) option.disabled = POSITIONS.needsEven(option.value) && d % 2 === 1;
+      setValue(ui.slope, String(state.slope), source);
+      ui.slopeText.textContent = fmt(state.slope);
+      ui.slope.disabled = state.position !== "alibi";
+      setValue(ui.offset, String(Math.min(state.offset, 1000)), source);
+      ui.offsetText.textContent = String(state.offset);
       for (let i = 0; i < n; i++) {
         setValue(ui.labels[i], state.tokens[i], source);
         ui.pads[i].checked = state.padding[i];
@@ -442,6 +540,40 @@
       ui.scores.replaceChildren(...scores, sBody);
       ui.probs.replaceChildren(...probs, pBody);
       ui.out.replaceChildren(...out, oBody);
+    }
+
+    function fillPositions(res) {
+      const n = state.tokens.length;
+      ui.biasBox.hidden = res.bias === null;
+      if (res.bias !== null) {
+        const body = el("tbody");
+        for (let i = 0; i < n; i++) {
+          const tr = el("tr", {}, rowHeader(i));
+          for (let j = 0; j < n; j++) {
+            const b = res.bias[i][j], c = diverging(state.slope > 0 ? b / (state.slope * (n - 1)) : 0);
+            tr.append(el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(b), text: fmt(b) }));
+          }
+          body.append(tr);
+        }
+        ui.bias.replaceChildren(el("thead", {}, headerRow(state.tokens)), body);
+      }
+      ui.positionNote.textContent = positionNote(res);
+    }
+
+    function positionNote(res) {
+      if (state.position === "none") return "No positions: permuting the tokens permutes the scores; "
+        + "only the causal mask and the window know about order.";
+      if (state.position === "alibi") return `ALiBi: every score gets −${fmt(state.slope)}·|i − j| `
+        + "(drawn beside the scores), a penalty growing linearly with distance; q and k are not changed.";
+      const home = compute({ ...state, offset: 0 });
+      let shift = 0;
+      for (let i = 0; i < res.scores.length; i++) for (let j = 0; j < res.scores.length; j++)
+        if (res.scores[i][j] !== null) shift = Math.max(shift, Math.abs(res.scores[i][j] - home.scores[i][j]));
+      const moved = `Moving every token by ${state.offset} changes the scores by at most ${shift.toExponential(1)}`;
+      if (state.position === "rope") return "RoPE rotates q and k by their positions, so a score depends only on the "
+        + `distance i − j between the two tokens. ${moved}: nothing, to rounding. Drag the offset to see.`;
+      return "Sinusoidal: PE(position) is added to q and k, so a score depends on where the tokens are, not only "
+        + `on their distance. ${moved}.`;
     }
 
     function fillFlow(res) {
@@ -524,6 +656,7 @@
       syncControls(source);
       const res = compute(state);
       fillMatrices(res);
+      fillPositions(res);
       fillFlow(res);
       for (const panel of panels) panel.update(state, res);
     }
@@ -563,7 +696,11 @@
       else if ((kind === "temperature" || kind === "temperature-num") && value >= MIN_T && value <= MAX_T) apply({ temperature: value }, t);
       else if (kind === "causal") apply({ causal: t.checked }, t);
       else if (kind === "window" && Number.isInteger(value)) apply({ window: value >= n ? null : value }, t);
-      else if (kind === "head-dim" && Number.isInteger(value) && value >= MIN_DIM && value <= MAX_DIM) apply(setHeadDim(value), t);
+      else if (kind === "head-dim" && Number.isInteger(value) && value >= MIN_DIM && value <= MAX_DIM
+        && !(POSITIONS.needsEven(state.position) && value % 2)) apply(setHeadDim(value), t);
+      else if (kind === "position" && POSITIONS.KINDS.includes(t.value)) apply({ position: t.value }, t);
+      else if (kind === "slope" && value >= 0 && value <= MAX_SLOPE) apply({ slope: value }, t);
+      else if (kind === "offset" && Number.isInteger(value) && value >= 0 && value <= MAX_OFFSET) apply({ offset: value }, t);
       else if (kind === "label") apply({ tokens: state.tokens.map((s, j) => (j === i ? t.value : s)) }, t);
       else if (kind === "pad") apply({ padding: state.padding.map((p, j) => (j === i ? t.checked : p)) }, t);
       else if ((kind === "vec" || kind === "vec-num") && Number.isFinite(value) && Math.abs(value) <= MAX_ABS) {
