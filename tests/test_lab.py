@@ -530,3 +530,55 @@ def test_alibi_slope_draws_the_penalty(watched_page):
     assert canvas_pixels(page) != pixels
     assert "ALiBi: every score gets −1.50·|i − j|" in page.text_content('[data-akl="position-note"]')
     watch.assert_clean()
+
+
+# --- the cost of length ---
+
+
+def test_cost_of_length_follows_its_controls(tmp_path, watched_page):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"machine": "<s id=evil>test box</s>", "settings": {}, "matmul_gflops": 1.0, "rows": [
+        {"case": "dense", "length": 4096, "impl": "attnkit:auto", "status": "ok", "ms": 12.5},
+        {"case": "dense", "length": 4096, "impl": "naive", "status": "failed", "ms": None},
+        {"case": "dense", "length": 1000, "impl": "attnkit:auto", "status": "ok", "ms": 3.0},
+    ]}))
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(bench=bench))
+    cost = "attnkitLab.panels.cost"
+    assert page.evaluate(f"{cost}.state()") == {"length": 4096, "preset": "gpt-2", "window": 4096}
+    table = page.text_content('[data-akl="cost-table"]')
+    assert "16,777,216 (16.8 million)" in table and "64.0 MiB" in table  # 4096² scores, 4 bytes each
+    measured = page.text_content('[data-akl="cost-measured"]')
+    assert measured == "Measured at n = 4096 on <s id=evil>test box</s>: dense attnkit:auto 12.5 ms"
+    assert page.locator("#evil").count() == 0
+
+    move(page, '[data-akl="cost-length"]', "13")  # the last stop: 2**17
+    r = page.evaluate(f"{cost}.result()")
+    n = 131072
+    assert (r["length"], r["scores"], r["scoreBytes"], r["flashBytes"]) == (n, n * n, 4 * n * n, 8 * n)
+    assert r["windowScores"] == n * 4096 and r["linearNumbers"] == n * 64
+    assert r["kvBytes"] == 2 * 12 * 12 * 64 * n * 2  # gpt-2: 2 (K, V) * layers * kv heads * head dim * n * fp16
+    assert "17,179,869,184 (17.2 billion)" in page.text_content('[data-akl="cost-table"]')
+    none_measured = "No measured timing at n = 131072 on <s id=evil>test box</s>."
+    assert page.text_content('[data-akl="cost-measured"]') == none_measured
+
+    page.select_option('[data-akl="cost-preset"]', label="mistral-7b")
+    move(page, '[data-akl="cost-window"]', "10")
+    r = page.evaluate(f"{cost}.result()")
+    assert r["kvBytes"] == 2 * 32 * 8 * 128 * 4096 * 2  # its 4096-token window caps the cache
+    assert r["windowScores"] == n * 1024 and r["linearNumbers"] == n * 128
+    assert "capped at its 4096-token window" in page.text_content('[data-akl="cost-table"]')
+    error = page.evaluate(f"() => {{ try {{ {cost}.set({{length: 1000}}) }} catch (e) {{ return e.message }} }}")
+    assert error.startswith("length must be one of 16, 32,")
+    watch.shot("lab-cost")
+    watch.assert_clean()
+
+
+def test_lab_bench_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="bench must be a path"):
+        lab_html(bench=3)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="bench must be the JSON written by `attnkit bench --json`"):
+        lab_html(bench=tmp_path / "x.json")
+    assert '"bench": null' in lab_html()

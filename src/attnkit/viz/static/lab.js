@@ -25,6 +25,7 @@
  *   panels         {name: api} of the panels below the lab (lab_flash.js and the others):
  *                  each panel file pushes a factory onto window.AttnkitLabPanels before this
  *                  file runs; mount calls factory(kit) -> {name, node, update(state, result), api}
+ *                  or null (a panel whose data `initial` lacks)
  * `initial` is null or any part of a state, plus `head_dim` and `seed` for the starting
  * vectors that it does not give. The standalone page mounts itself on #attnkit-lab with
  * the JSON in #attnkit-data. Text reaches the screen through textContent only.
@@ -407,8 +408,8 @@
     lab.append(el("div", { class: "akl-main" }, editor, view));
 
     // panels from the other lab_*.js files, which register before this one runs
-    const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, apply: (patch) => apply(patch) };
-    const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit));
+    const kit = { el, fmt, rgb, diverging, ink, MINUS, shown, initial };
+    const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit)).filter((panel) => panel !== null);
     for (const panel of panels) lab.append(panel.node);
 
     // -- structure (rebuilt when n or d changes) and values (every update) --------------

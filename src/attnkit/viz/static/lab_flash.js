@@ -95,7 +95,9 @@
       ui.story.textContent = `Step ${s + 1} of ${r.steps.length}: keys ${cur.start}\u2013${cur.end - 1}. `
         + (Number.isFinite(cur.blockMax) ? `Block max ${fmt(cur.blockMax, 3)}; ` : "Every key of this block is masked; ")
         + (grew ? `the max grows from ${fmt(cur.maxBefore, 3)} to ${fmt(cur.max, 3)}, so the earlier sum and output are multiplied by exp(${fmt(cur.maxBefore, 3)} ${MINUS} ${fmt(cur.max, 3)}) = ${fmt(cur.rescale, 4)}. `
-          : Number.isFinite(cur.max) ? `the max stays ${fmt(cur.max, 3)}: nothing is rescaled. ` : "no key seen yet. ")
+          : !Number.isFinite(cur.max) ? "no key seen yet. "
+            : Number.isFinite(cur.maxBefore) ? `the max stays ${fmt(cur.max, 3)}: nothing is rescaled. `
+              : `the first allowed keys set m = ${fmt(cur.max, 3)}; there is nothing earlier to rescale. `)
         + `Running sum l = ${fmt(cur.sum, 4)}.`;
     }
 
