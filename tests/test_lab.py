@@ -582,3 +582,63 @@ def test_lab_bench_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="bench must be the JSON written by `attnkit bench --json`"):
         lab_html(bench=tmp_path / "x.json")
     assert '"bench": null' in lab_html()
+
+
+# --- several heads ---
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "causal"), [(1, 1, True), (2, 2, False), (4, 2, True), (4, 1, False)])
+def test_heads_match_multihead_attention(lab, heads, kv_heads, causal):
+    from attnkit.nn import AttentionConfig, MultiHeadAttention
+
+    lab.page.evaluate("s => attnkitLab.set(s)", random_state(40 + heads, 5, 4, causal, None, ()))
+    s = lab.page.evaluate("p => attnkitLab.panels.heads.set(p)", {"heads": heads, "kvHeads": kv_heads, "seed": 7})
+    got = lab.page.evaluate("attnkitLab.panels.heads.result()")
+    mha = MultiHeadAttention(AttentionConfig(embed_dim=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=2,
+                                             bias=False, causal=causal, backend="reference")).double()
+    with torch.no_grad():
+        for name, key in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+            getattr(mha, name).weight.copy_(torch.tensor(s[key], dtype=torch.float64))
+        out = mha(torch.tensor(s["x"], dtype=torch.float64)[None])[0].numpy()
+    np.testing.assert_allclose(got["out"], out, rtol=0, atol=TOL)
+    # each head's pattern, from the definition: query head h reads K/V head h // (H / Hkv)
+    x = np.array(s["x"])
+    q, k = x @ np.array(s["wq"]).T, x @ np.array(s["wk"]).T
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        logits = q[:, 2 * h:2 * h + 2] @ k[:, 2 * g:2 * g + 2].T / math.sqrt(2)
+        if causal:
+            logits = np.where(np.tri(5, dtype=bool), logits, -np.inf)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(got["probs"][h], p / p.sum(1, keepdims=True), rtol=0, atol=TOL, err_msg=f"head {h}")
+    lab.assert_clean()
+
+
+def test_heads_controls_and_kv_saving(watched_page):
+    from attnkit.nn import KV_PRESETS, kv_cache_bytes
+
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(tokens=[XSS_IMG, "b", "c", "d"]))
+    assert page.locator('[data-akl="head-pattern"]').count() == 2
+    before = page.evaluate("attnkitLab.panels.heads.result()")
+    move(page, '[data-akl="heads"]', "4")
+    assert page.locator('[data-akl="head-pattern"]').count() == 4
+    assert page.locator('[data-akl="kv-heads"] option').all_text_contents() == ["1 (MQA)", "2 (GQA)", "4 (MHA)"]
+    page.select_option('[data-akl="kv-heads"]', "1")
+    state = page.evaluate("attnkitLab.panels.heads.state()")
+    assert (state["heads"], state["kvHeads"], len(state["wk"])) == (4, 1, 2)
+    assert page.locator('[data-akl="head-pattern"] h3').all_text_contents()[3] == "head 3 · K/V 0"
+    saving = page.text_content('[data-akl="kv-saving"]')
+    assert "holds 1 of 4 heads" in saving and "4× smaller" in saving
+    llama = KV_PRESETS["llama-3-8b"]
+    own, mha = llama.bytes(4096) / 2**30, kv_cache_bytes(llama.layers, llama.heads, llama.head_dim, 4096) / 2**30
+    assert f"llama-3-8b {own:#.3g} GiB instead of {mha:#.3g} GiB" in saving
+    move(page, '[data-akl="heads-seed"]', "5")
+    assert page.evaluate("attnkitLab.panels.heads.result()")["out"] != before["out"]
+    assert XSS_IMG in page.text_content('[data-akl="head-patterns"]')
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    bad = "attnkitLab.panels.heads.set({heads: 4, kvHeads: 3})"
+    error = page.evaluate(f"() => {{ try {{ {bad} }} catch (e) {{ return e.message }} }}")
+    assert error == "kvHeads must divide heads = 4; got 3"
+    watch.assert_clean()

@@ -37,7 +37,7 @@ import pathlib
 from collections.abc import Sequence
 
 from attnkit._checks import describe, require_int
-from attnkit.nn import KV_PRESETS
+from attnkit.nn import KV_PRESETS, kv_cache_bytes
 from attnkit.viz._html import page
 
 __all__ = ["DEFAULT_TOKENS", "LAB_SCRIPTS", "MAX_HEAD_DIM", "MAX_TOKENS", "MIN_HEAD_DIM", "MIN_TOKENS", "lab_html",
@@ -50,7 +50,7 @@ _MAX_SEED = 2**32 - 1  # the page's generator mixes 32-bit words
 _MAX_LABEL = 64
 # the lab's scripts in load order: the panels below the lab (optional: lab.js alone works) register
 # themselves on window before lab.js mounts
-LAB_SCRIPTS = ("lab_flash.js", "lab_cost.js", "lab.js")
+LAB_SCRIPTS = ("lab_heads.js", "lab_flash.js", "lab_cost.js", "lab.js")
 COST_LENGTHS = tuple(2**p for p in range(4, 18))  # the cost panel's length slider: 16 to 128K tokens
 
 
@@ -113,9 +113,12 @@ def write_lab(path: str | os.PathLike[str], **kwargs: object) -> pathlib.Path:
 
 
 def _cost_data(bench: str | os.PathLike[str] | None) -> dict:
-    """The cost panel's figures: every preset's KV cache at every length, from kv_cache_bytes."""
+    """The cost and heads panels' figures: every preset's KV cache at every length, from
+    kv_cache_bytes, with its KV heads and (``kv_bytes_mha``) as if every head kept its own."""
     presets = [{"name": p.name, "layers": p.layers, "heads": p.heads, "kv_heads": p.kv_heads,
-                "head_dim": p.head_dim, "window": p.window, "kv_bytes": [p.bytes(n) for n in COST_LENGTHS]}
+                "head_dim": p.head_dim, "window": p.window, "kv_bytes": [p.bytes(n) for n in COST_LENGTHS],
+                "kv_bytes_mha": [kv_cache_bytes(p.layers, p.heads, p.head_dim, n, window=p.window)
+                                 for n in COST_LENGTHS]}
                for p in KV_PRESETS.values()]
     return {"lengths": list(COST_LENGTHS), "presets": presets, "bench": None if bench is None else _bench_rows(bench)}
 

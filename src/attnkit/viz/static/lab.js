@@ -408,7 +408,7 @@
     lab.append(el("div", { class: "akl-main" }, editor, view));
 
     // panels from the other lab_*.js files, which register before this one runs
-    const kit = { el, fmt, rgb, diverging, ink, MINUS, shown, initial };
+    const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
     const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit)).filter((panel) => panel !== null);
     for (const panel of panels) lab.append(panel.node);
 
