@@ -83,10 +83,15 @@
         control("weights seed", ui.seed)),
       ui.patterns, el("h3", {}, el("span", { text: "output" }), el("code", { text: "concat(p_h\u00b7v_g)\u00b7W_o\u1d40" })), ui.out, ui.saving);
 
-    function heatmap(tokens, p, title) {
+    function heatmap(tokens, p, title, causal) {
       const body = el("tbody");
+      const cell = (x, masked) => {
+        if (masked) return el("td", { class: "akl-masked", title: "masked" });
+        const c = ramp(BLUE, x);
+        return el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(x), text: fmt(x) });
+      };
       p.forEach((row, i) => body.append(el("tr", {}, el("th", { title: tokens[i], text: tokens[i] }),
-        ...row.map((x) => { const c = ramp(BLUE, x); return el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(x), text: fmt(x) }); }))));
+        ...row.map((x, j) => cell(x, causal && j > i)))));
       return el("div", { class: "akl-box", "data-akl": "head-pattern" }, el("h3", {}, el("span", { text: title })),
         el("table", { class: "akl-matrix akl-small-matrix" }, body));
     }
@@ -114,7 +119,7 @@
         el("option", { value: String(g), text: g === s.heads ? `${g} (MHA)` : g === 1 ? "1 (MQA)" : `${g} (GQA)` })));
       ui.kv.value = String(s.kvHeads);
       ui.seed.value = String(s.seed);
-      ui.patterns.replaceChildren(...r.probs.map((p, h) => heatmap(state.tokens, p, `head ${h} \u00b7 K/V ${Math.floor(h / group)}`)));
+      ui.patterns.replaceChildren(...r.probs.map((p, h) => heatmap(state.tokens, p, `head ${h} \u00b7 K/V ${Math.floor(h / group)}`, state.causal)));
       const head = el("tr", {}, el("th", { text: "" }), ...Array.from({ length: E }, (_, c) => el("th", { text: `y${c}` })));
       const top = Math.max(...r.out.flat().map(Math.abs), 1e-12);
       ui.out.replaceChildren(el("thead", {}, head), el("tbody", {}, ...r.out.map((row, i) => el("tr", {},
