@@ -317,28 +317,18 @@
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 150 ? "#fff" : "#111827";
   }
 
-  // -- the lab --------------------------------------------------------------------------
-  function mount(root, initial) {
-    if (!(root instanceof Element)) throw new TypeError(`AttnkitLab.mount needs a DOM element; got ${shown(root)}`);
-    const { seed, state: start } = initialState(initial);
-    let state = start;
-    let shape = "";  // "n,d" of the last built structure
-    const ui = {};
-
-    // a fresh container, so that mounting again on the same element drops the old lab's listeners
-    const lab = el("div", { class: "akl-root" });
-    root.replaceChildren(lab);
-
-    // header
+  // -- the page's parts; `ui` collects the elements that updates touch ------------------
+  function buildHeader() {
     const formula = el("p", { class: "akl-formula" },
       el("span", { text: "out = softmax(scale\u00b7QK\u1d40 / T + mask)\u00b7V" }));
-    lab.append(el("header", { class: "akl-head" },
+    return el("header", { class: "akl-head" },
       el("h1", {}, el("span", { class: "akl-brand", text: "attnkit" }), el("span", { text: " attention lab" })),
       formula,
       el("p", { class: "akl-lead", text: "Drag any slider: scores, weights, entropy and outputs follow. "
-        + "Click a query token to follow its attention. Masked pairs are hatched; a row with no allowed key outputs 0." })));
+        + "Click a query token to follow its attention. Masked pairs are hatched; a row with no allowed key outputs 0." }));
+  }
 
-    // global controls
+  function buildControls(ui) {
     ui.scale = el("input", { type: "range", min: "0", max: "2", step: "0.001", "data-akl": "scale", "aria-label": "scale" });
     ui.scaleNum = el("input", { type: "number", step: "0.01", "data-akl": "scale-num", "aria-label": "scale value" });
     ui.sqrtD = el("button", { type: "button", class: "akl-small", "data-akl": "sqrt-d" });
@@ -358,7 +348,7 @@
     const control = (name, hint, ...inputs) => el("div", { class: "akl-control" },
       el("span", { class: "akl-control-name", text: name }), el("div", { class: "akl-control-inputs" }, ...inputs),
       hint ? el("span", { class: "akl-hint", text: hint }) : null);
-    lab.append(el("section", { class: "akl-controls" },
+    return el("section", { class: "akl-controls" },
       control("scale", "", ui.scale, ui.scaleNum, ui.sqrtD),
       control("temperature T", "", ui.temperature, ui.temperatureNum),
       control("mask", "", el("label", { class: "akl-check" }, ui.causal, el("span", { text: "causal" }))),
@@ -369,20 +359,22 @@
       control("offset: token 0 at", "", ui.offset, ui.offsetText),
       el("div", { class: "akl-control akl-end" },
         el("button", { type: "button", class: "akl-button", "data-akl": "reset", text: "Reset" })),
-      ui.positionNote));
+      ui.positionNote);
+  }
 
-    // the token editor
+  function buildEditor(ui) {
     ui.editorBody = el("tbody");
     ui.add = el("button", { type: "button", class: "akl-button", "data-akl": "add", text: "+ Add token" });
     const headRow = el("tr", {}, el("th", { text: "" }), el("th", { text: "token" }));
     for (const r of ROLES) headRow.append(el("th", { class: `akl-role akl-role-${r}` }, el("b", { text: r }), el("span", { text: ` ${ROLE_NAMES[r]}` })));
-    const editor = el("section", { class: "akl-panel akl-editor" },
+    return el("section", { class: "akl-panel akl-editor" },
       el("h2", { text: "Tokens and their vectors" }),
       el("table", { class: "akl-vectors" }, el("thead", {}, headRow), ui.editorBody),
       el("div", { class: "akl-editor-foot" }, ui.add,
         el("span", { class: "akl-hint", text: `${MIN_TOKENS} to ${MAX_TOKENS} tokens; "pad" masks a key out for every query.` })));
+  }
 
-    // the view: flow, matrices, outputs
+  function buildView(ui) {  // the flow from queries to keys, then the matrices
     ui.summary = el("p", { class: "akl-summary", "data-akl": "summary" });
     ui.queries = el("div", { class: "akl-chips akl-queries" });
     ui.flow = el("canvas", { class: "akl-flow", "data-akl": "flow", height: "150" });
@@ -393,7 +385,7 @@
     ui.bias = el("table", { class: "akl-matrix", "data-akl": "bias" });
     const box = (title, formulaText, table) => el("div", { class: "akl-box" },
       el("h3", {}, el("span", { text: title }), el("code", { text: formulaText })), table);
-    const view = el("section", { class: "akl-panel akl-view" },
+    return el("section", { class: "akl-panel akl-view" },
       el("h2", { text: "Where each query looks" }),
       ui.summary,
       el("div", { class: "akl-flow-wrap" },
@@ -405,7 +397,22 @@
         ui.biasBox = box("ALiBi penalty", "bias = \u2212slope\u00b7|i \u2212 j|", ui.bias),
         box("weights and entropy", "p = softmax(s)", ui.probs),
         box("outputs", "o = p\u00b7V", ui.out)));
-    lab.append(el("div", { class: "akl-main" }, editor, view));
+  }
+
+  // -- the lab --------------------------------------------------------------------------
+  function mount(root, initial) {
+    if (!(root instanceof Element)) throw new TypeError(`AttnkitLab.mount needs a DOM element; got ${shown(root)}`);
+    const { seed, state: start } = initialState(initial);
+    let state = start;
+    let shape = "";  // "n,d" of the last built structure
+    const ui = {};
+
+    // a fresh container, so that mounting again on the same element drops the old lab's listeners
+    const lab = el("div", { class: "akl-root" });
+    root.replaceChildren(lab);
+
+    lab.append(buildHeader(), buildControls(ui));
+    lab.append(el("div", { class: "akl-main" }, buildEditor(ui), buildView(ui)));
 
     // panels from the other lab_*.js files, which register before this one runs
     const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
