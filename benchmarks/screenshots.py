@@ -1,6 +1,6 @@
 """The README's screenshots, taken from the real pages in Debian's chromium.
 
-    python benchmarks/screenshots.py        # writes docs/img/explorer-*.png and docs/img/lab.png
+    python benchmarks/screenshots.py        # writes docs/img/explorer-*.png and docs/img/lab*.png
 
 The explorer shows the bundled MiniLM on the seed sentence, focused on "it".
 """
@@ -44,11 +44,24 @@ def main() -> None:
                 page.wait_for_selector('.akx-grid[data-done="1"]')
             page.screenshot(path=OUT / f"{name}.png", full_page=True)
             print("wrote", OUT / f"{name}.png")
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(lab.as_uri())
-        page.screenshot(path=OUT / "lab.png")
-        print("wrote", OUT / "lab.png")
+        lab_shots(browser, lab)
         browser.close()
+
+
+def lab_shots(browser, lab: Path) -> None:
+    """docs/img/lab.png (the top of the page), lab-heads.png, lab-flash.png and lab-cost.png (its panels),
+    at 1280 wide."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(lab.as_uri())
+    page.screenshot(path=OUT / "lab.png")
+    page.evaluate("attnkitLab.panels.heads.set({heads: 4, kvHeads: 2})")
+    page.locator('[data-akl="heads-panel"]').screenshot(path=OUT / "lab-heads.png")
+    page.evaluate("attnkitLab.set({causal: false, position: 'rope'}); attnkitLab.panels.flash.set({step: 1})")
+    page.locator('[data-akl="flash"]').screenshot(path=OUT / "lab-flash.png")
+    page.evaluate("attnkitLab.panels.cost.set({length: 131072, preset: 'llama-3-8b'})")
+    page.locator('[data-akl="cost"]').screenshot(path=OUT / "lab-cost.png")
+    for name in ("lab", "lab-heads", "lab-flash", "lab-cost"):
+        print("wrote", OUT / f"{name}.png")
 
 
 if __name__ == "__main__":

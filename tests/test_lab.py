@@ -17,7 +17,7 @@ import torch
 import attnkit
 from attnkit import masks
 from attnkit.viz._html import page as html_page
-from attnkit.viz.lab import lab_html, write_lab
+from attnkit.viz.lab import LAB_SCRIPTS, lab_html, write_lab
 
 from conftest import watch_page
 
@@ -109,6 +109,9 @@ def random_state(seed: int, n: int, d: int, causal: bool, window: int | None, pa
         "window": window,
         "focus": int(rng.integers(n)),
         "padding": [i in padded for i in range(n)],
+        "position": "none",
+        "slope": 0.5,
+        "offset": 0,
     }
 
 
@@ -265,7 +268,7 @@ def test_token_text_is_never_markup(watched_page):
 
 
 def test_mounts_inside_a_host_page(watched_page):
-    host = html_page("host", css=["lab.css"], js=["lab.js"],
+    host = html_page("host", css=["lab.css"], js=list(LAB_SCRIPTS),
                      body='<p id="host-text">host page</p><div id="lab"></div>')
     watch = watched_page()
     page = watch.page
@@ -287,7 +290,7 @@ def test_mounts_inside_a_host_page(watched_page):
 
 def test_same_seed_same_vectors(watched_page):
     watch = watched_page()
-    watch.page.set_content(html_page("host", css=[], js=["lab.js"], body=""))
+    watch.page.set_content(html_page("host", css=[], js=list(LAB_SCRIPTS), body=""))
 
     def vectors(**kwargs):
         data = lab_html(**kwargs).split('id="attnkit-data">', 1)[1].split("</script>", 1)[0]
@@ -330,3 +333,312 @@ def test_write_lab_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="head_dim must be between 2 and 8"):
         write_lab(tmp_path / "lab.html", head_dim=10)
     assert not (tmp_path / "lab.html").exists()
+
+
+# --- FlashAttention step by step ---
+
+
+def online_softmax_steps(scores: list, v: np.ndarray, block: int) -> list[dict]:
+    """The running statistics of FlashAttention's loop over key blocks, in float64 Python:
+    scores is one row (None where masked), v is (n, d)."""
+    m, total, acc, steps = -math.inf, 0.0, np.zeros(v.shape[1]), []
+    for start in range(0, len(scores), block):
+        kept = [(j, s) for j, s in enumerate(scores[start:start + block], start) if s is not None]
+        new_m = max([m] + [s for _, s in kept])
+        alpha = 1.0 if new_m == m else math.exp(m - new_m)
+        weights = [(j, math.exp(s - new_m)) for j, s in kept]
+        total = alpha * total + sum(w for _, w in weights)
+        acc = alpha * acc + sum((w * v[j] for j, w in weights), np.zeros(v.shape[1]))
+        steps.append({"max": new_m, "rescale": alpha, "sum": total, "acc": acc.copy(),
+                      "partial": acc / total if total > 0 else np.zeros(v.shape[1])})
+        m = new_m
+    return steps
+
+
+@pytest.mark.parametrize(("seed", "n", "d", "causal", "window", "padded", "block"), [
+    (11, 6, 4, False, None, (), 2),
+    (12, 7, 3, True, None, (), 3),
+    (13, 12, 5, False, 2, (0, 1, 2), 4),  # the focused row's first blocks are all masked
+    (14, 5, 2, False, None, (), 1),
+    (15, 9, 8, False, None, (4,), 9),
+])
+def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padded, block):
+    state = random_state(seed, n, d, causal, window, padded)
+    state["focus"] = n - 1
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    chosen = lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0})", block)
+    assert chosen == {"block": block, "step": 0}
+    got = lab.page.evaluate("attnkitLab.panels.flash.result()")
+    want_row = reference(state)
+    row = [s if a else None for s, a in zip(want_row["scores"][n - 1], want_row["allowed"][n - 1])]
+    want = online_softmax_steps(row, np.array(state["v"]), block)
+    assert got["row"] == n - 1 and len(got["steps"]) == len(want) == math.ceil(n / block)
+    for index, (step, ref) in enumerate(zip(got["steps"], want)):
+        assert step["start"] == index * block and step["end"] == min(n, (index + 1) * block)
+        assert (step["max"] == -math.inf) == (ref["max"] == -math.inf), index
+        if ref["max"] > -math.inf:
+            assert abs(step["max"] - ref["max"]) <= TOL, index
+        for key in ("rescale", "sum"):
+            assert abs(step[key] - ref[key]) <= TOL, (index, key)
+        for key in ("acc", "partial"):
+            np.testing.assert_allclose(step[key], ref[key], rtol=0, atol=TOL, err_msg=f"step {index} {key}")
+    # the last step is the full softmax row, from attnkit's reference backend
+    np.testing.assert_allclose(got["out"], want_row["out"][n - 1], rtol=0, atol=TOL)
+    assert got["maxError"] <= TOL and got["held"] == block + d + 2
+    lab.assert_clean()
+
+
+def test_flash_controls_walk_the_blocks(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    page.evaluate("attnkitLab.set({causal: false})")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": 0}
+    story = page.text_content('[data-akl="flash-story"]')
+    assert story.startswith("Step 1 of 3: keys 0–1.")
+    assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 1
+    move(page, '[data-akl="flash-step"]', "1")
+    assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 2
+    assert page.text_content('[data-akl="flash-story"]') != story
+    assert "move the step slider" in page.text_content('[data-akl="flash-verdict"]')
+    move(page, '[data-akl="flash-step"]', "2")
+    verdict = page.text_content('[data-akl="flash-verdict"]')
+    assert verdict.startswith("Done: acc / l equals the full softmax(s)·V") and "no 6×6 matrix" in verdict
+    move(page, '[data-akl="flash-block"]', "4")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 4, "step": 0}
+    assert page.locator('[data-akl="flash-block-cells"]').count() == 2
+    assert page.text_content('[data-akl="flash-block-text"]') == "4 keys"
+    error = page.evaluate("() => { try { attnkitLab.panels.flash.set({block: 7}) } catch (e) { return e.message } }")
+    assert error == "block must be an integer in [1, 6]; got 7"
+    # the focused row's token text is shown as text
+    page.fill('[data-akl="label"][data-i="5"]', XSS_IMG)
+    assert XSS_IMG in page.text_content('[data-akl="flash-keys"]')
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    watch.assert_clean()
+
+
+# --- positions: the page's against attnkit.positions and attnkit.biases.alibi ---
+
+
+def placed_reference(state: dict) -> dict:
+    """``reference`` with the state's positions applied by attnkit (RoPE in float64; ALiBi as a bias)."""
+    from attnkit import biases
+    from attnkit.positions import RotaryEmbedding
+
+    n, d = len(state["tokens"]), len(state["q"][0])
+    q, k, v = (torch.tensor(state[r], dtype=torch.float64)[None, None] for r in "qkv")
+    positions = torch.arange(n) + state["offset"]
+    bias = None
+    if state["position"] == "rope":
+        rope = RotaryEmbedding(d, layout="half")
+        q, k = rope(q, positions), rope(k, positions)
+    elif state["position"] == "alibi":
+        bias = biases.alibi(slopes=torch.tensor([state["slope"]], dtype=torch.float64))
+    mask = reference_mask(state["causal"], state["window"], state["padding"])
+    scale = state["scale"] / state["temperature"]
+    probs = attnkit.attention_probs(q, k, v, mask=mask, bias=bias, scale=scale)[0, 0].numpy()
+    out = attnkit.attention(q, k, v, mask=mask, bias=bias, scale=scale, backend="reference")[0, 0].numpy()
+    return {"q": q[0, 0].numpy(), "k": k[0, 0].numpy(), "probs": probs, "out": out}
+
+
+@pytest.mark.parametrize(("position", "offset", "causal"), [
+    ("rope", 0, True), ("rope", 37, False), ("alibi", 0, True), ("alibi", 5, False),
+])
+def test_positions_match_attnkit(lab, position, offset, causal):
+    state = random_state(20 + offset, 7, 6, causal, None, ())
+    state.update(position=position, offset=offset, slope=0.375)
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    got, want = js_result(lab.page), placed_reference(state)
+    for key in ("q", "k", "probs", "out"):
+        np.testing.assert_allclose(np.array(got[key]), want[key], rtol=0, atol=TOL, err_msg=key)
+    if position == "alibi":
+        n = len(state["tokens"])
+        distance = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
+        np.testing.assert_allclose(got["bias"], -0.375 * distance, rtol=0, atol=0)
+    else:
+        assert got["bias"] is None
+    lab.assert_clean()
+
+
+def test_sinusoidal_positions_match_attnkit(lab):
+    """attnkit.positions.sinusoidal returns float32, so the page is held to float32 rounding
+    against it, and to 1e-9 against the definition in float64."""
+    from attnkit.positions import sinusoidal
+
+    state = random_state(30, 6, 4, True, None, ())
+    state.update(position="sinusoidal", offset=11)
+    lab.page.evaluate("s => attnkitLab.set(s)", state)
+    got = js_result(lab.page)
+    p = np.arange(6)[:, None] + 11.0
+    angle = p / 10000.0 ** (np.arange(0, 4, 2)[None, :] / 4)
+    pe = np.stack((np.sin(angle), np.cos(angle)), axis=-1).reshape(6, 4)
+    for role in "qk":
+        np.testing.assert_allclose(got[role], np.array(state[role]) + pe, rtol=0, atol=TOL)
+        np.testing.assert_allclose(np.array(got[role]) - np.array(state[role]),
+                                   sinusoidal(torch.arange(6) + 11, 4).double().numpy(), rtol=0, atol=1e-6)
+    placed = dict(state, q=got["q"], k=got["k"], position="none")
+    assert_matches(got, reference(placed))
+
+
+def test_rope_scores_depend_only_on_distance(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    page.select_option('[data-akl="position"]', "rope")
+    assert js_state(page)["position"] == "rope"
+    note = page.text_content('[data-akl="position-note"]')
+    assert "a score depends only on the distance i − j" in note
+    home, pixels = js_result(page), canvas_pixels(page)
+    move(page, '[data-akl="offset"]', "250")
+    shifted = js_result(page)
+    assert js_state(page)["offset"] == 250 and shifted["q"] != home["q"]  # the vectors did turn
+    scores = [[s for s in row if s is not None] for row in shifted["scores"]]
+    np.testing.assert_allclose(np.concatenate(scores), np.concatenate(
+        [[s for s in row if s is not None] for row in home["scores"]]), rtol=0, atol=TOL)
+    assert "Moving every token by 250 changes the scores by at most" in page.text_content('[data-akl="position-note"]')
+    assert canvas_pixels(page) == pixels  # same scores, same picture
+    # sinusoidal positions are absolute: the same move changes the scores
+    page.select_option('[data-akl="position"]', "sinusoidal")
+    at_250 = js_result(page)["probs"]
+    move(page, '[data-akl="offset"]', "0")
+    assert js_result(page)["probs"] != at_250
+    # odd head dims cannot carry sin/cos pairs: the field ignores them, set() says why
+    move(page, '[data-akl="head-dim"]', "5")
+    assert len(js_state(page)["q"][0]) == 4
+    odd = "{position: 'rope', q: attnkitLab.state().q.map(r => r.slice(1))}"
+    error = page.evaluate(f"() => {{ try {{ attnkitLab.set({odd}) }} catch (e) {{ return e.message }} }}")
+    assert error == "position rope needs an even head dim (sin/cos pairs); got d = 3"
+    watch.assert_clean()
+
+
+def test_alibi_slope_draws_the_penalty(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    assert page.is_hidden('[data-akl="bias"]') and page.is_disabled('[data-akl="slope"]')
+    page.select_option('[data-akl="position"]', "alibi")
+    assert page.is_visible('[data-akl="bias"]') and page.is_enabled('[data-akl="slope"]')
+    assert page.text_content('[data-akl="bias"] tbody tr:nth-child(6) td:nth-of-type(1)') == "−2.50"  # 0.5 * 5
+    before, pixels = js_result(page), canvas_pixels(page)
+    move(page, '[data-akl="slope"]', "1.5")
+    state = js_state(page)
+    assert state["slope"] == 1.5 and page.text_content('[data-akl="slope-text"]') == "1.50"
+    assert page.text_content('[data-akl="bias"] tbody tr:nth-child(6) td:nth-of-type(1)') == "−7.50"
+    after = js_result(page)
+    assert after["probs"][5][5] > before["probs"][5][5]  # a steeper penalty pulls weight to the nearest key
+    np.testing.assert_allclose(after["out"], placed_reference(state)["out"], rtol=0, atol=TOL)
+    assert canvas_pixels(page) != pixels
+    assert "ALiBi: every score gets −1.50·|i − j|" in page.text_content('[data-akl="position-note"]')
+    watch.assert_clean()
+
+
+# --- the cost of length ---
+
+
+def test_cost_of_length_follows_its_controls(tmp_path, watched_page):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"machine": "<s id=evil>test box</s>", "settings": {}, "matmul_gflops": 1.0, "rows": [
+        {"case": "dense", "length": 4096, "impl": "attnkit:auto", "status": "ok", "ms": 12.5},
+        {"case": "dense", "length": 4096, "impl": "naive", "status": "failed", "ms": None},
+        {"case": "dense", "length": 1000, "impl": "attnkit:auto", "status": "ok", "ms": 3.0},
+    ]}))
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(bench=bench))
+    cost = "attnkitLab.panels.cost"
+    assert page.evaluate(f"{cost}.state()") == {"length": 4096, "preset": "gpt-2", "window": 4096}
+    table = page.text_content('[data-akl="cost-table"]')
+    assert "16,777,216 (16.8 million)" in table and "64.0 MiB" in table  # 4096² scores, 4 bytes each
+    measured = page.text_content('[data-akl="cost-measured"]')
+    assert measured == "Measured at n = 4096 on <s id=evil>test box</s>: dense attnkit:auto 12.5 ms"
+    assert page.locator("#evil").count() == 0
+
+    move(page, '[data-akl="cost-length"]', "13")  # the last stop: 2**17
+    r = page.evaluate(f"{cost}.result()")
+    n = 131072
+    assert (r["length"], r["scores"], r["scoreBytes"], r["flashBytes"]) == (n, n * n, 4 * n * n, 8 * n)
+    assert r["windowScores"] == n * 4096 and r["linearNumbers"] == n * 64
+    assert r["kvBytes"] == 2 * 12 * 12 * 64 * n * 2  # gpt-2: 2 (K, V) * layers * kv heads * head dim * n * fp16
+    assert "17,179,869,184 (17.2 billion)" in page.text_content('[data-akl="cost-table"]')
+    none_measured = "No measured timing at n = 131072 on <s id=evil>test box</s>."
+    assert page.text_content('[data-akl="cost-measured"]') == none_measured
+
+    page.select_option('[data-akl="cost-preset"]', label="mistral-7b")
+    move(page, '[data-akl="cost-window"]', "10")
+    r = page.evaluate(f"{cost}.result()")
+    assert r["kvBytes"] == 2 * 32 * 8 * 128 * 4096 * 2  # its 4096-token window caps the cache
+    assert r["windowScores"] == n * 1024 and r["linearNumbers"] == n * 128
+    assert "capped at its 4096-token window" in page.text_content('[data-akl="cost-table"]')
+    error = page.evaluate(f"() => {{ try {{ {cost}.set({{length: 1000}}) }} catch (e) {{ return e.message }} }}")
+    assert error.startswith("length must be one of 16, 32,")
+    watch.shot("lab-cost")
+    watch.assert_clean()
+
+
+def test_lab_bench_argument_errors(tmp_path):
+    with pytest.raises(TypeError, match="bench must be a path"):
+        lab_html(bench=3)
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match="bench must be the JSON written by `attnkit bench --json`"):
+        lab_html(bench=tmp_path / "x.json")
+    assert '"bench": null' in lab_html()
+
+
+# --- several heads ---
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "causal"), [(1, 1, True), (2, 2, False), (4, 2, True), (4, 1, False)])
+def test_heads_match_multihead_attention(lab, heads, kv_heads, causal):
+    from attnkit.nn import AttentionConfig, MultiHeadAttention
+
+    lab.page.evaluate("s => attnkitLab.set(s)", random_state(40 + heads, 5, 4, causal, None, ()))
+    s = lab.page.evaluate("p => attnkitLab.panels.heads.set(p)", {"heads": heads, "kvHeads": kv_heads, "seed": 7})
+    got = lab.page.evaluate("attnkitLab.panels.heads.result()")
+    mha = MultiHeadAttention(AttentionConfig(embed_dim=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=2,
+                                             bias=False, causal=causal, backend="reference")).double()
+    with torch.no_grad():
+        for name, key in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
+            getattr(mha, name).weight.copy_(torch.tensor(s[key], dtype=torch.float64))
+        out = mha(torch.tensor(s["x"], dtype=torch.float64)[None])[0].numpy()
+    np.testing.assert_allclose(got["out"], out, rtol=0, atol=TOL)
+    # each head's pattern, from the definition: query head h reads K/V head h // (H / Hkv)
+    x = np.array(s["x"])
+    q, k = x @ np.array(s["wq"]).T, x @ np.array(s["wk"]).T
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        logits = q[:, 2 * h:2 * h + 2] @ k[:, 2 * g:2 * g + 2].T / math.sqrt(2)
+        if causal:
+            logits = np.where(np.tri(5, dtype=bool), logits, -np.inf)
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(got["probs"][h], p / p.sum(1, keepdims=True), rtol=0, atol=TOL, err_msg=f"head {h}")
+    lab.assert_clean()
+
+
+def test_heads_controls_and_kv_saving(watched_page):
+    from attnkit.nn import KV_PRESETS, kv_cache_bytes
+
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(tokens=[XSS_IMG, "b", "c", "d"]))
+    assert page.locator('[data-akl="head-pattern"]').count() == 2
+    before = page.evaluate("attnkitLab.panels.heads.result()")
+    move(page, '[data-akl="heads"]', "4")
+    assert page.locator('[data-akl="head-pattern"]').count() == 4
+    assert page.locator('[data-akl="kv-heads"] option').all_text_contents() == ["1 (MQA)", "2 (GQA)", "4 (MHA)"]
+    page.select_option('[data-akl="kv-heads"]', "1")
+    state = page.evaluate("attnkitLab.panels.heads.state()")
+    assert (state["heads"], state["kvHeads"], len(state["wk"])) == (4, 1, 2)
+    assert page.locator('[data-akl="head-pattern"] h3').all_text_contents()[3] == "head 3 · K/V 0"
+    saving = page.text_content('[data-akl="kv-saving"]')
+    assert "holds 1 of 4 heads" in saving and "4× smaller" in saving
+    llama = KV_PRESETS["llama-3-8b"]
+    own, mha = llama.bytes(4096) / 2**30, kv_cache_bytes(llama.layers, llama.heads, llama.head_dim, 4096) / 2**30
+    assert f"llama-3-8b {own:#.3g} GiB instead of {mha:#.3g} GiB" in saving
+    move(page, '[data-akl="heads-seed"]', "5")
+    assert page.evaluate("attnkitLab.panels.heads.result()")["out"] != before["out"]
+    assert XSS_IMG in page.text_content('[data-akl="head-patterns"]')
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    bad = "attnkitLab.panels.heads.set({heads: 4, kvHeads: 3})"
+    error = page.evaluate(f"() => {{ try {{ {bad} }} catch (e) {{ return e.message }} }}")
+    assert error == "kvHeads must divide heads = 4; got 3"
+    watch.assert_clean()

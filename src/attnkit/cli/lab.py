@@ -15,6 +15,8 @@ def add_parser(sub) -> Parser:
     p.add_argument("--tokens", default=None, help='2 to 12 starting tokens, e.g. "the bank of the river"')
     p.add_argument("--head-dim", type=int, default=4, help="length of each q, k, v vector, 2 to 8")
     p.add_argument("--seed", type=int, default=0, help="chooses the starting vectors")
+    p.add_argument("--bench", default=None, metavar="RESULTS.json",
+                   help="`attnkit bench --json` output: its timings are shown beside the cost-of-length arithmetic")
     p.set_defaults(run=run)
     return p
 
@@ -23,6 +25,6 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.viz.lab import write_lab
 
     path = write_lab(args.out, tokens=args.tokens.split() if args.tokens else None, head_dim=args.head_dim,
-                     seed=args.seed)
+                     seed=args.seed, bench=args.bench)
     Console().print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
     return 0

@@ -31,23 +31,31 @@ False
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Sequence
 
 from attnkit._checks import describe, require_int
+from attnkit.nn import KV_PRESETS, kv_cache_bytes
 from attnkit.viz._html import page
 
-__all__ = ["DEFAULT_TOKENS", "MAX_HEAD_DIM", "MAX_TOKENS", "MIN_HEAD_DIM", "MIN_TOKENS", "lab_html", "write_lab"]
+__all__ = ["DEFAULT_TOKENS", "LAB_SCRIPTS", "MAX_HEAD_DIM", "MAX_TOKENS", "MIN_HEAD_DIM", "MIN_TOKENS", "lab_html",
+           "write_lab"]
 
 DEFAULT_TOKENS = ("The", "cat", "sat", "on", "the", "mat")
 MIN_TOKENS, MAX_TOKENS = 2, 12
 MIN_HEAD_DIM, MAX_HEAD_DIM = 2, 8
 _MAX_SEED = 2**32 - 1  # the page's generator mixes 32-bit words
 _MAX_LABEL = 64
+# the lab's scripts in load order: the panels below the lab (optional: lab.js alone works) register
+# themselves on window before lab.js mounts
+LAB_SCRIPTS = ("lab_heads.js", "lab_flash.js", "lab_cost.js", "lab.js")
+COST_LENGTHS = tuple(2**p for p in range(4, 18))  # the cost panel's length slider: 16 to 128K tokens
 
 
-def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: int = 0) -> str:
+def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: int = 0,
+             bench: str | os.PathLike[str] | None = None) -> str:
     """The attention lab as one HTML document (CSS, JS and data inline).
 
     Args:
@@ -57,6 +65,9 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
             The scale starts at ``1 / sqrt(d)``.
         seed: an int in ``[0, 2**32)`` choosing the starting vectors; the same seed gives
             the same vectors.
+        bench: the JSON written by ``attnkit bench --json``, or None. Its timings at the
+            cost panel's lengths (16 to 131072, powers of two) are shown beside the
+            arithmetic, labelled with the machine they were measured on.
 
     Returns:
         The page as a str. The user can then edit labels, add or remove tokens (2 to 12),
@@ -76,9 +87,9 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
     return page(
         "attnkit lab: attention with sliders",
         css=["lab.css"],
-        js=["lab.js"],
+        js=list(LAB_SCRIPTS),
         body='<div id="attnkit-lab"></div>',
-        data={"tokens": labels, "head_dim": d, "seed": seed},
+        data={"tokens": labels, "head_dim": d, "seed": seed, "cost": _cost_data(bench)},
     )
 
 
@@ -99,6 +110,31 @@ def write_lab(path: str | os.PathLike[str], **kwargs: object) -> pathlib.Path:
     html = lab_html(**kwargs)  # type: ignore[arg-type]
     out.write_text(html, encoding="utf-8")
     return out
+
+
+def _cost_data(bench: str | os.PathLike[str] | None) -> dict:
+    """The cost and heads panels' figures: every preset's KV cache at every length, from
+    kv_cache_bytes, with its KV heads and (``kv_bytes_mha``) as if every head kept its own."""
+    presets = [{"name": p.name, "layers": p.layers, "heads": p.heads, "kv_heads": p.kv_heads,
+                "head_dim": p.head_dim, "window": p.window, "kv_bytes": [p.bytes(n) for n in COST_LENGTHS],
+                "kv_bytes_mha": [kv_cache_bytes(p.layers, p.heads, p.head_dim, n, window=p.window)
+                                 for n in COST_LENGTHS]}
+               for p in KV_PRESETS.values()]
+    return {"lengths": list(COST_LENGTHS), "presets": presets, "bench": None if bench is None else _bench_rows(bench)}
+
+
+def _bench_rows(path: str | os.PathLike[str]) -> dict:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"bench must be a path to `attnkit bench --json` output, or None; got {describe(path)}")
+    try:
+        result = json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+        machine, rows = result["machine"], result["rows"]
+        timed = [{"case": str(r["case"]), "length": int(r["length"]), "impl": str(r["impl"]), "ms": float(r["ms"])}
+                 for r in rows if r.get("status") == "ok" and r.get("ms") is not None]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"bench must be the JSON written by `attnkit bench --json`; reading {str(path)!r} "
+                         f"failed: {error}") from error
+    return {"machine": str(machine), "rows": [r for r in timed if r["length"] in COST_LENGTHS]}
 
 
 def _check_tokens(tokens: Sequence[str] | None) -> list[str]:

@@ -68,6 +68,7 @@ from typing import Any
 from attnkit._checks import describe, require_int, require_real
 from attnkit.viz._html import CSP, page
 from attnkit.viz.service import ExplainService, RequestError
+from attnkit.viz.lab import LAB_SCRIPTS
 
 try:
     import anyio
@@ -514,7 +515,7 @@ class ExplainServer:
             for line in self.warnings:
                 print(line, file=sys.stderr, flush=True)
         html = page(f"attnkit · {self.model_name}", css=["explorer.css", "lab.css", "app.css"],
-                    js=["explorer.js", "lab.js", "app.js"], body=_BODY, connect=True,
+                    js=["explorer.js", *LAB_SCRIPTS, "app.js"], body=_BODY, connect=True,
                     data={**service.info(), "example": example})
         app = build_app(service, page_html=html, url=self.url, allowed_hosts=self.allowed_hosts,
                         body_timeout=body_timeout, log=log)

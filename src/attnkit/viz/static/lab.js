@@ -5,17 +5,27 @@
  *                                     allowed key is all 0 (attnkit's rule)
  *   o_i  = sum_j p_ij v_j             so that row's output is 0 too
  *
+ *   s_ij += bias_ij                   ALiBi; sinusoidal and RoPE change q and k first
+ *
  * The mask allows (i, j) unless key j is padding, or causal and j > i, or a window w is
  * set and |i - j| > w (with causal: 0 <= i - j <= w).
  *
  * AttnkitLab.mount(root, initial) builds a lab inside `root` and returns its API, which
  * is also stored as window.attnkitLab:
- *   state()        {tokens, q, k, v, scale, temperature, causal, window, focus, padding}
- *                  q, k, v: n x d arrays; window and focus: an int or null (off)
+ *   state()        {tokens, q, k, v, scale, temperature, causal, window, focus, padding,
+ *                   position, slope, offset}
+ *                  q, k, v: n x d arrays; window and focus: an int or null (off);
+ *                  position: none, sinusoidal, rope or alibi; slope: ALiBi's, in [0, 4];
+ *                  offset: the position of token 0 (see lab_positions.js)
  *   set(partial)   validates and merges any of those keys, redraws, moves the controls,
  *                  returns state(); throws TypeError/RangeError on a bad value
- *   result()       {scores, probs, out, entropy, entropyMax}: n x n, n x n, n x d, n, n;
+ *   result()       {scores, probs, out, entropy, entropyMax, q, k, bias}: n x n, n x n, n x d,
+ *                  n, n, then q and k after positions (n x d) and ALiBi's n x n bias or null;
  *                  scores are null where masked; entropies in bits
+ *   panels         {name: api} of the panels below the lab (lab_flash.js and the others):
+ *                  each panel file pushes a factory onto window.AttnkitLabPanels before this
+ *                  file runs; mount calls factory(kit) -> {name, node, update(state, result), api}
+ *                  or null (a panel whose data `initial` lacks)
  * `initial` is null or any part of a state, plus `head_dim` and `seed` for the starting
  * vectors that it does not give. The standalone page mounts itself on #attnkit-lab with
  * the JSON in #attnkit-data. Text reaches the screen through textContent only.
@@ -30,7 +40,10 @@
   const WORDS = ["The", "cat", "sat", "on", "the", "mat", "and", "then", "it", "slept", "all", "day"];
   const ROLES = ["q", "k", "v"];
   const ROLE_NAMES = { q: "query", k: "key", v: "value" };
-  const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding"];
+  const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding",
+    "position", "slope", "offset"];
+  const MAX_SLOPE = 4, MAX_OFFSET = 100000;
+
   const MINUS = "\u2212";
 
   // -- the starting vectors: a hash of (seed, role, token, component), so a new token
@@ -65,6 +78,58 @@
       Array.from({ length: d }, (_, c) => (i < matrix.length && c < matrix[i].length ? matrix[i][c] : draw(seed, role, i, c))));
   }
 
+  // -- positions: token i sits at position p_i = offset + i ----------------------------
+  //   none        q, k as edited
+  //   sinusoidal  q_i + PE(p_i), k_i + PE(p_i); PE[p, 2c] = sin(p / 10000^(2c/d)) and
+  //               PE[p, 2c+1] = cos(...), as attnkit.positions.sinusoidal (the lab has no
+  //               embeddings, so PE is added to the vectors that stand for them)
+  //   rope        q_i, k_i rotated by angle p_i * 10000^(-2c/d) on the pairs (x[c], x[c + d/2]):
+  //               the "half" layout of attnkit.positions.RotaryEmbedding (GPT-NeoX, Llama in
+  //               transformers); <R_a q, R_b k> depends only on a - b, so the offset changes nothing
+  //   alibi       q, k as edited; bias_ij = -slope * |i - j| joins the scaled scores
+  //               (attnkit.biases.alibi(slopes=[slope]))
+  // sinusoidal and rope need an even d. place(state) -> {q, k, bias}, bias n x n or null.
+  const KINDS = ["none", "sinusoidal", "rope", "alibi"];
+  const BASE = 10000;
+
+  const needsEven = (kind) => kind === "sinusoidal" || kind === "rope";
+
+  function sinusoidal(p, d) {
+    const pe = new Array(d);
+    for (let c = 0; c < d; c += 2) {
+      const angle = p / BASE ** (c / d);
+      pe[c] = Math.sin(angle);
+      pe[c + 1] = Math.cos(angle);
+    }
+    return pe;
+  }
+
+  function rotate(x, p) {  // the "half" layout: pair c is (x[c], x[c + d/2]), frequency 10000^(-2c/d)
+    const d = x.length, h = d / 2, out = new Array(d);
+    for (let c = 0; c < h; c++) {
+      const angle = p * BASE ** (-(2 * c) / d), cos = Math.cos(angle), sin = Math.sin(angle);
+      out[c] = x[c] * cos - x[c + h] * sin;
+      out[c + h] = x[c + h] * cos + x[c] * sin;
+    }
+    return out;
+  }
+
+  function place(s) {
+    const n = s.tokens.length, d = s.q[0].length, pos = (i) => s.offset + i;
+    if (s.position === "sinusoidal") {
+      const add = (m) => m.map((row, i) => { const pe = sinusoidal(pos(i), d); return row.map((x, c) => x + pe[c]); });
+      return { q: add(s.q), k: add(s.k), bias: null };
+    }
+    if (s.position === "rope") return { q: s.q.map((row, i) => rotate(row, pos(i))), k: s.k.map((row, i) => rotate(row, pos(i))), bias: null };
+    if (s.position === "alibi") {
+      const bias = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => -s.slope * Math.abs(i - j)));
+      return { q: s.q, k: s.k, bias };
+    }
+    return { q: s.q, k: s.k, bias: null };
+  }
+
+  const POSITIONS = { KINDS, needsEven, place };
+
   // -- the math ---------------------------------------------------------------------
   function allowed(s, i, j) {
     if (s.padding[j]) return false;
@@ -74,6 +139,7 @@
 
   function compute(s) {
     const n = s.tokens.length, d = s.q[0].length;
+    const { q, k, bias } = POSITIONS.place(s);
     const scores = [], probs = [], out = [], entropy = [], entropyMax = [];
     for (let i = 0; i < n; i++) {
       const row = new Array(n).fill(null);
@@ -81,8 +147,8 @@
       for (let j = 0; j < n; j++) {
         if (!allowed(s, i, j)) continue;
         let dot = 0;
-        for (let c = 0; c < d; c++) dot += s.q[i][c] * s.k[j][c];
-        row[j] = (s.scale * dot) / s.temperature;
+        for (let c = 0; c < d; c++) dot += q[i][c] * k[j][c];
+        row[j] = (s.scale * dot) / s.temperature + (bias ? bias[i][j] : 0);
         max = Math.max(max, row[j]);
         count++;
       }
@@ -103,7 +169,7 @@
       entropy.push(Math.max(0, h));
       entropyMax.push(count > 0 ? Math.log2(count) : 0);
     }
-    return { scores, probs, out, entropy, entropyMax };
+    return { scores, probs, out, entropy, entropyMax, q, k, bias };
   }
 
   // -- validating set() ---------------------------------------------------------------
@@ -146,6 +212,17 @@
     return x;
   }
 
+  function checkPosition(x) {
+    if (!POSITIONS.KINDS.includes(x)) throw new TypeError(`position must be one of ${POSITIONS.KINDS.join(", ")}; got ${shown(x)}`);
+    return x;
+  }
+
+  function checkOffset(x) {
+    if (!Number.isInteger(x) || x < 0 || x > MAX_OFFSET)
+      throw new RangeError(`offset must be an integer in [0, ${MAX_OFFSET}]; got ${shown(x)}`);
+    return x;
+  }
+
   function merge(cur, patch, seed) {
     if (patch === null || typeof patch !== "object" || Array.isArray(patch))
       throw new TypeError(`set() takes an object with some of ${STATE_KEYS.join(", ")}; got ${shown(patch)}`);
@@ -170,6 +247,11 @@
     next.causal = "causal" in patch ? checkBool("causal", patch.causal) : cur.causal;
     next.window = "window" in patch ? checkIndexOrNull("window", patch.window, n)
       : cur.window === null ? null : Math.min(cur.window, n - 1);
+    next.position = "position" in patch ? checkPosition(patch.position) : cur.position;
+    if (POSITIONS.needsEven(next.position) && d % 2)
+      throw new RangeError(`position ${next.position} needs an even head dim (sin/cos pairs); got d = ${d}`);
+    next.slope = "slope" in patch ? checkNumber("slope", patch.slope, 0, MAX_SLOPE) : cur.slope;
+    next.offset = "offset" in patch ? checkOffset(patch.offset) : cur.offset;
     next.focus = "focus" in patch ? checkIndexOrNull("focus", patch.focus, n)
       : cur.focus !== null && cur.focus < n ? cur.focus : null;
     return next;
@@ -186,7 +268,7 @@
     const base = {
       tokens, q: resize([], n, d, "q", seed), k: resize([], n, d, "k", seed), v: resize([], n, d, "v", seed),
       scale: 1 / Math.sqrt(d), temperature: 1, causal: true, window: null, focus: n - 1,
-      padding: new Array(n).fill(false),
+      padding: new Array(n).fill(false), position: "none", slope: 0.5, offset: 0,
     };
     const patch = {};
     for (const key of STATE_KEYS) if (key in init && key !== "tokens") patch[key] = init[key];
@@ -235,6 +317,88 @@
     return 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2] < 150 ? "#fff" : "#111827";
   }
 
+  // -- the page's parts; `ui` collects the elements that updates touch ------------------
+  function buildHeader() {
+    const formula = el("p", { class: "akl-formula" },
+      el("span", { text: "out = softmax(scale\u00b7QK\u1d40 / T + mask)\u00b7V" }));
+    return el("header", { class: "akl-head" },
+      el("h1", {}, el("span", { class: "akl-brand", text: "attnkit" }), el("span", { text: " attention lab" })),
+      formula,
+      el("p", { class: "akl-lead", text: "Drag any slider: scores, weights, entropy and outputs follow. "
+        + "Click a query token to follow its attention. Masked pairs are hatched; a row with no allowed key outputs 0." }));
+  }
+
+  function buildControls(ui) {
+    ui.scale = el("input", { type: "range", min: "0", max: "2", step: "0.001", "data-akl": "scale", "aria-label": "scale" });
+    ui.scaleNum = el("input", { type: "number", step: "0.01", "data-akl": "scale-num", "aria-label": "scale value" });
+    ui.sqrtD = el("button", { type: "button", class: "akl-small", "data-akl": "sqrt-d" });
+    ui.temperature = el("input", { type: "range", min: "0.05", max: "5", step: "0.05", "data-akl": "temperature", "aria-label": "temperature" });
+    ui.temperatureNum = el("input", { type: "number", min: String(MIN_T), max: String(MAX_T), step: "0.05", "data-akl": "temperature-num", "aria-label": "temperature value" });
+    ui.causal = el("input", { type: "checkbox", "data-akl": "causal" });
+    ui.window = el("input", { type: "range", min: "0", step: "1", "data-akl": "window", "aria-label": "sliding window" });
+    ui.windowText = el("output", { class: "akl-readout", "data-akl": "window-text" });
+    ui.headDim = el("input", { type: "number", min: String(MIN_DIM), max: String(MAX_DIM), step: "1", "data-akl": "head-dim", "aria-label": "head dim" });
+    ui.position = el("select", { "data-akl": "position", "aria-label": "positions" },
+      ...POSITIONS.KINDS.map((kind) => el("option", { value: kind, text: kind === "rope" ? "RoPE" : kind === "alibi" ? "ALiBi" : kind })));
+    ui.slope = el("input", { type: "range", min: "0", max: "2", step: "0.01", "data-akl": "slope", "aria-label": "ALiBi slope" });
+    ui.slopeText = el("output", { class: "akl-readout akl-short", "data-akl": "slope-text" });
+    ui.offset = el("input", { type: "range", min: "0", max: "1000", step: "1", "data-akl": "offset", "aria-label": "position offset" });
+    ui.offsetText = el("output", { class: "akl-readout akl-short", "data-akl": "offset-text" });
+    ui.positionNote = el("p", { class: "akl-position-note", "data-akl": "position-note" });
+    const control = (name, hint, ...inputs) => el("div", { class: "akl-control" },
+      el("span", { class: "akl-control-name", text: name }), el("div", { class: "akl-control-inputs" }, ...inputs),
+      hint ? el("span", { class: "akl-hint", text: hint }) : null);
+    return el("section", { class: "akl-controls" },
+      control("scale", "", ui.scale, ui.scaleNum, ui.sqrtD),
+      control("temperature T", "", ui.temperature, ui.temperatureNum),
+      control("mask", "", el("label", { class: "akl-check" }, ui.causal, el("span", { text: "causal" }))),
+      control("sliding window w", "", ui.window, ui.windowText),
+      control("head dim d", "", ui.headDim),
+      control("positions", "", ui.position),
+      control("ALiBi slope", "", ui.slope, ui.slopeText),
+      control("offset: token 0 at", "", ui.offset, ui.offsetText),
+      el("div", { class: "akl-control akl-end" },
+        el("button", { type: "button", class: "akl-button", "data-akl": "reset", text: "Reset" })),
+      ui.positionNote);
+  }
+
+  function buildEditor(ui) {
+    ui.editorBody = el("tbody");
+    ui.add = el("button", { type: "button", class: "akl-button", "data-akl": "add", text: "+ Add token" });
+    const headRow = el("tr", {}, el("th", { text: "" }), el("th", { text: "token" }));
+    for (const r of ROLES) headRow.append(el("th", { class: `akl-role akl-role-${r}` }, el("b", { text: r }), el("span", { text: ` ${ROLE_NAMES[r]}` })));
+    return el("section", { class: "akl-panel akl-editor" },
+      el("h2", { text: "Tokens and their vectors" }),
+      el("table", { class: "akl-vectors" }, el("thead", {}, headRow), ui.editorBody),
+      el("div", { class: "akl-editor-foot" }, ui.add,
+        el("span", { class: "akl-hint", text: `${MIN_TOKENS} to ${MAX_TOKENS} tokens; "pad" masks a key out for every query.` })));
+  }
+
+  function buildView(ui) {  // the flow from queries to keys, then the matrices
+    ui.summary = el("p", { class: "akl-summary", "data-akl": "summary" });
+    ui.queries = el("div", { class: "akl-chips akl-queries" });
+    ui.flow = el("canvas", { class: "akl-flow", "data-akl": "flow", height: "150" });
+    ui.keys = el("div", { class: "akl-chips akl-keys" });
+    ui.scores = el("table", { class: "akl-matrix", "data-akl": "scores" });
+    ui.probs = el("table", { class: "akl-matrix", "data-akl": "probs" });
+    ui.out = el("table", { class: "akl-matrix", "data-akl": "out" });
+    ui.bias = el("table", { class: "akl-matrix", "data-akl": "bias" });
+    const box = (title, formulaText, table) => el("div", { class: "akl-box" },
+      el("h3", {}, el("span", { text: title }), el("code", { text: formulaText })), table);
+    return el("section", { class: "akl-panel akl-view" },
+      el("h2", { text: "Where each query looks" }),
+      ui.summary,
+      el("div", { class: "akl-flow-wrap" },
+        el("div", { class: "akl-axis akl-axis-q", text: "queries" }), ui.queries,
+        ui.flow,
+        el("div", { class: "akl-axis akl-axis-k", text: "keys" }), ui.keys),
+      el("div", { class: "akl-matrices" },
+        box("scores", "s = scale\u00b7q\u00b7k / T (+ bias)", ui.scores),
+        ui.biasBox = box("ALiBi penalty", "bias = \u2212slope\u00b7|i \u2212 j|", ui.bias),
+        box("weights and entropy", "p = softmax(s)", ui.probs),
+        box("outputs", "o = p\u00b7V", ui.out)));
+  }
+
   // -- the lab --------------------------------------------------------------------------
   function mount(root, initial) {
     if (!(root instanceof Element)) throw new TypeError(`AttnkitLab.mount needs a DOM element; got ${shown(root)}`);
@@ -247,70 +411,13 @@
     const lab = el("div", { class: "akl-root" });
     root.replaceChildren(lab);
 
-    // header
-    const formula = el("p", { class: "akl-formula" },
-      el("span", { text: "out = softmax(scale\u00b7QK\u1d40 / T + mask)\u00b7V" }));
-    lab.append(el("header", { class: "akl-head" },
-      el("h1", {}, el("span", { class: "akl-brand", text: "attnkit" }), el("span", { text: " attention lab" })),
-      formula,
-      el("p", { class: "akl-lead", text: "Drag any slider: scores, weights, entropy and outputs follow. "
-        + "Click a query token to follow its attention. Masked pairs are hatched; a row with no allowed key outputs 0." })));
+    lab.append(buildHeader(), buildControls(ui));
+    lab.append(el("div", { class: "akl-main" }, buildEditor(ui), buildView(ui)));
 
-    // global controls
-    ui.scale = el("input", { type: "range", min: "0", max: "2", step: "0.001", "data-akl": "scale", "aria-label": "scale" });
-    ui.scaleNum = el("input", { type: "number", step: "0.01", "data-akl": "scale-num", "aria-label": "scale value" });
-    ui.sqrtD = el("button", { type: "button", class: "akl-small", "data-akl": "sqrt-d" });
-    ui.temperature = el("input", { type: "range", min: "0.05", max: "5", step: "0.05", "data-akl": "temperature", "aria-label": "temperature" });
-    ui.temperatureNum = el("input", { type: "number", min: String(MIN_T), max: String(MAX_T), step: "0.05", "data-akl": "temperature-num", "aria-label": "temperature value" });
-    ui.causal = el("input", { type: "checkbox", "data-akl": "causal" });
-    ui.window = el("input", { type: "range", min: "0", step: "1", "data-akl": "window", "aria-label": "sliding window" });
-    ui.windowText = el("output", { class: "akl-readout", "data-akl": "window-text" });
-    ui.headDim = el("input", { type: "number", min: String(MIN_DIM), max: String(MAX_DIM), step: "1", "data-akl": "head-dim", "aria-label": "head dim" });
-    const control = (name, hint, ...inputs) => el("div", { class: "akl-control" },
-      el("span", { class: "akl-control-name", text: name }), el("div", { class: "akl-control-inputs" }, ...inputs),
-      hint ? el("span", { class: "akl-hint", text: hint }) : null);
-    lab.append(el("section", { class: "akl-controls" },
-      control("scale", "", ui.scale, ui.scaleNum, ui.sqrtD),
-      control("temperature T", "", ui.temperature, ui.temperatureNum),
-      control("mask", "", el("label", { class: "akl-check" }, ui.causal, el("span", { text: "causal" }))),
-      control("sliding window w", "", ui.window, ui.windowText),
-      control("head dim d", "", ui.headDim),
-      el("div", { class: "akl-control akl-end" },
-        el("button", { type: "button", class: "akl-button", "data-akl": "reset", text: "Reset" }))));
-
-    // the token editor
-    ui.editorBody = el("tbody");
-    ui.add = el("button", { type: "button", class: "akl-button", "data-akl": "add", text: "+ Add token" });
-    const headRow = el("tr", {}, el("th", { text: "" }), el("th", { text: "token" }));
-    for (const r of ROLES) headRow.append(el("th", { class: `akl-role akl-role-${r}` }, el("b", { text: r }), el("span", { text: ` ${ROLE_NAMES[r]}` })));
-    const editor = el("section", { class: "akl-panel akl-editor" },
-      el("h2", { text: "Tokens and their vectors" }),
-      el("table", { class: "akl-vectors" }, el("thead", {}, headRow), ui.editorBody),
-      el("div", { class: "akl-editor-foot" }, ui.add,
-        el("span", { class: "akl-hint", text: `${MIN_TOKENS} to ${MAX_TOKENS} tokens; "pad" masks a key out for every query.` })));
-
-    // the view: flow, matrices, outputs
-    ui.summary = el("p", { class: "akl-summary", "data-akl": "summary" });
-    ui.queries = el("div", { class: "akl-chips akl-queries" });
-    ui.flow = el("canvas", { class: "akl-flow", "data-akl": "flow", height: "150" });
-    ui.keys = el("div", { class: "akl-chips akl-keys" });
-    ui.scores = el("table", { class: "akl-matrix", "data-akl": "scores" });
-    ui.probs = el("table", { class: "akl-matrix", "data-akl": "probs" });
-    ui.out = el("table", { class: "akl-matrix", "data-akl": "out" });
-    const box = (title, formulaText, table) => el("div", { class: "akl-box" },
-      el("h3", {}, el("span", { text: title }), el("code", { text: formulaText })), table);
-    const view = el("section", { class: "akl-panel akl-view" },
-      el("h2", { text: "Where each query looks" }),
-      ui.summary,
-      el("div", { class: "akl-flow-wrap" },
-        el("div", { class: "akl-axis akl-axis-q", text: "queries" }), ui.queries,
-        ui.flow,
-        el("div", { class: "akl-axis akl-axis-k", text: "keys" }), ui.keys),
-      el("div", { class: "akl-matrices" },
-        box("scores", "s = scale\u00b7q\u00b7k / T", ui.scores),
-        box("weights and entropy", "p = softmax(s)", ui.probs),
-        box("outputs", "o = p\u00b7V", ui.out)));
-    lab.append(el("div", { class: "akl-main" }, editor, view));
+    // panels from the other lab_*.js files, which register before this one runs
+    const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
+    const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit)).filter((panel) => panel !== null);
+    for (const panel of panels) lab.append(panel.node);
 
     // -- structure (rebuilt when n or d changes) and values (every update) --------------
     function buildStructure() {
@@ -371,6 +478,13 @@
       ui.windowText.textContent = state.window === null ? "off"
         : state.causal ? `${state.window} (0 \u2264 i\u2212j \u2264 ${state.window})` : `${state.window} (|i\u2212j| \u2264 ${state.window})`;
       setValue(ui.headDim, String(d), source);
+      setValue(ui.position, state.position, source);
+      for (const option of ui.position.options) option.disabled = POSITIONS.needsEven(option.value) && d % 2 === 1;
+      setValue(ui.slope, String(state.slope), source);
+      ui.slopeText.textContent = fmt(state.slope);
+      ui.slope.disabled = state.position !== "alibi";
+      setValue(ui.offset, String(Math.min(state.offset, 1000)), source);
+      ui.offsetText.textContent = String(state.offset);
       for (let i = 0; i < n; i++) {
         setValue(ui.labels[i], state.tokens[i], source);
         ui.pads[i].checked = state.padding[i];
@@ -434,6 +548,40 @@
       ui.scores.replaceChildren(...scores, sBody);
       ui.probs.replaceChildren(...probs, pBody);
       ui.out.replaceChildren(...out, oBody);
+    }
+
+    function fillPositions(res) {
+      const n = state.tokens.length;
+      ui.biasBox.hidden = res.bias === null;
+      if (res.bias !== null) {
+        const body = el("tbody");
+        for (let i = 0; i < n; i++) {
+          const tr = el("tr", {}, rowHeader(i));
+          for (let j = 0; j < n; j++) {
+            const b = res.bias[i][j], c = diverging(state.slope > 0 ? b / (state.slope * (n - 1)) : 0);
+            tr.append(el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(b), text: fmt(b) }));
+          }
+          body.append(tr);
+        }
+        ui.bias.replaceChildren(el("thead", {}, headerRow(state.tokens)), body);
+      }
+      ui.positionNote.textContent = positionNote(res);
+    }
+
+    function positionNote(res) {
+      if (state.position === "none") return "No positions: permuting the tokens permutes the scores; "
+        + "only the causal mask and the window know about order.";
+      if (state.position === "alibi") return `ALiBi: every score gets −${fmt(state.slope)}·|i − j| `
+        + "(drawn beside the scores), a penalty growing linearly with distance; q and k are not changed.";
+      const home = compute({ ...state, offset: 0 });
+      let shift = 0;
+      for (let i = 0; i < res.scores.length; i++) for (let j = 0; j < res.scores.length; j++)
+        if (res.scores[i][j] !== null) shift = Math.max(shift, Math.abs(res.scores[i][j] - home.scores[i][j]));
+      const moved = `Moving every token by ${state.offset} changes the scores by at most ${shift.toExponential(1)}`;
+      if (state.position === "rope") return "RoPE rotates q and k by their positions, so a score depends only on the "
+        + `distance i − j between the two tokens. ${moved}: nothing, to rounding. Drag the offset to see.`;
+      return "Sinusoidal: PE(position) is added to q and k, so a score depends on where the tokens are, not only "
+        + `on their distance. ${moved}.`;
     }
 
     function fillFlow(res) {
@@ -516,7 +664,9 @@
       syncControls(source);
       const res = compute(state);
       fillMatrices(res);
+      fillPositions(res);
       fillFlow(res);
+      for (const panel of panels) panel.update(state, res);
     }
 
     function apply(patch, source = null) {
@@ -554,7 +704,11 @@
       else if ((kind === "temperature" || kind === "temperature-num") && value >= MIN_T && value <= MAX_T) apply({ temperature: value }, t);
       else if (kind === "causal") apply({ causal: t.checked }, t);
       else if (kind === "window" && Number.isInteger(value)) apply({ window: value >= n ? null : value }, t);
-      else if (kind === "head-dim" && Number.isInteger(value) && value >= MIN_DIM && value <= MAX_DIM) apply(setHeadDim(value), t);
+      else if (kind === "head-dim" && Number.isInteger(value) && value >= MIN_DIM && value <= MAX_DIM
+        && !(POSITIONS.needsEven(state.position) && value % 2)) apply(setHeadDim(value), t);
+      else if (kind === "position" && POSITIONS.KINDS.includes(t.value)) apply({ position: t.value }, t);
+      else if (kind === "slope" && value >= 0 && value <= MAX_SLOPE) apply({ slope: value }, t);
+      else if (kind === "offset" && Number.isInteger(value) && value >= 0 && value <= MAX_OFFSET) apply({ offset: value }, t);
       else if (kind === "label") apply({ tokens: state.tokens.map((s, j) => (j === i ? t.value : s)) }, t);
       else if (kind === "pad") apply({ padding: state.padding.map((p, j) => (j === i ? t.checked : p)) }, t);
       else if ((kind === "vec" || kind === "vec-num") && Number.isFinite(value) && Math.abs(value) <= MAX_ABS) {
@@ -586,6 +740,7 @@
       state: () => JSON.parse(JSON.stringify(state)),
       set: (partial) => { apply(partial); return api.state(); },
       result: () => compute(state),
+      panels: Object.fromEntries(panels.map((panel) => [panel.name, panel.api])),
     };
     window.attnkitLab = api;
     return api;

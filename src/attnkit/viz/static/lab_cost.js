@@ -1,0 +1,128 @@
+/* attnkit lab, panel "cost": what a sequence length n costs, per layer and per head.
+ *
+ *   full attention      n^2 scores; materialised in float32: 4 n^2 bytes
+ *   FlashAttention      the same n^2 scores computed, never stored: a running max and sum
+ *                       per query, 2 n float32 numbers (8 n bytes), plus one tile
+ *   sliding window w    n * min(n, w) scores
+ *   linear attention    n * d numbers of features (d = the preset's head dim), no n x n at all
+ *   KV cache            the preset model's, in float16, from attnkit.nn.kv_cache_bytes
+ *
+ * The page has no model knowledge of its own: the lengths, presets and cache sizes come in
+ * the page's data as `cost` = {lengths, presets: [{name, layers, heads, kv_heads, head_dim,
+ * window, kv_bytes: [one per length]}], bench: null | {machine, rows: [{case, length, impl,
+ * ms}]}}, written by attnkit.viz.lab. Without `cost` the panel is not shown.
+ *
+ * api: state() {length, preset, window}; set({length?, preset?, window?}) -> state();
+ *   result() {length, scores, scoreBytes, flashBytes, windowScores, linearNumbers, kvBytes, measured}
+ */
+"use strict";
+(() => {
+  const WORDS = [[1e12, "trillion"], [1e9, "billion"], [1e6, "million"], [1e3, "thousand"]];
+
+  function count(x) {
+    const whole = Math.round(x).toLocaleString("en-US");
+    const word = WORDS.find(([size]) => x >= size);
+    return word ? `${whole} (${(x / word[0]).toPrecision(3)} ${word[1]})` : whole;
+  }
+
+  function bytes(x) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let u = 0;
+    while (x >= 1024 && u < units.length - 1) { x /= 1024; u++; }
+    return `${u === 0 ? x : x.toPrecision(3)} ${units[u]}`;
+  }
+
+  const lengthName = (n) => (n >= 1024 ? `${n / 1024}K` : String(n));
+
+  function make(kit) {
+    const data = kit.initial?.cost;
+    if (!data) return null;
+    const { el, shown } = kit;
+    let index = data.lengths.indexOf(4096), preset = 0, window = 4096;
+    const ui = {
+      length: el("input", { type: "range", min: "0", max: String(data.lengths.length - 1), step: "1", "data-akl": "cost-length", "aria-label": "sequence length" }),
+      lengthText: el("output", { class: "akl-readout", "data-akl": "cost-length-text" }),
+      preset: el("select", { "data-akl": "cost-preset", "aria-label": "model preset" },
+        ...data.presets.map((p, i) => el("option", { value: String(i), text: p.name }))),
+      window: el("input", { type: "range", min: "4", max: "17", step: "1", "data-akl": "cost-window", "aria-label": "window" }),
+      windowText: el("output", { class: "akl-readout", "data-akl": "cost-window-text" }),
+      table: el("table", { class: "akl-cost-table", "data-akl": "cost-table" }),
+      measured: el("div", { class: "akl-cost-measured", "data-akl": "cost-measured" }),
+    };
+    const control = (name, ...inputs) => el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: name }),
+      el("span", { class: "akl-control-inputs" }, ...inputs));
+    const node = el("section", { class: "akl-panel akl-cost", "data-akl": "cost" },
+      el("h2", { text: "The cost of length: per layer, per head" }),
+      el("div", { class: "akl-flash-controls" },
+        control("length n", ui.length, ui.lengthText), control("window w", ui.window, ui.windowText),
+        control("KV cache of", ui.preset)),
+      ui.table, ui.measured);
+
+    function compute() {
+      const n = data.lengths[index], p = data.presets[preset];
+      const measured = data.bench ? data.bench.rows.filter((r) => r.length === n) : [];
+      return { length: n, scores: n * n, scoreBytes: 4 * n * n, flashBytes: 8 * n, windowScores: n * Math.min(n, window),
+        linearNumbers: n * p.head_dim, kvBytes: p.kv_bytes[index], measured };
+    }
+
+    function row(name, figure, note) {
+      return el("tr", {}, el("th", { text: name }), el("td", { text: figure }), el("td", { class: "akl-hint", text: note }));
+    }
+
+    function update() {
+      const r = compute(), p = data.presets[preset];
+      ui.length.value = String(index);
+      ui.lengthText.textContent = `${lengthName(r.length)} tokens`;
+      ui.preset.value = String(preset);
+      ui.window.value = String(Math.log2(window));
+      ui.windowText.textContent = lengthName(window);
+      ui.table.replaceChildren(el("tbody", {},
+        row("scores, full attention", count(r.scores), "n\u00b2: every query against every key"),
+        row("materialised scores", bytes(r.scoreBytes), "float32 n\u00d7n matrix, if it is stored"),
+        row("FlashAttention holds", bytes(r.flashBytes), "running max and sum per query (2n float32): O(n); the n\u00b2 scores are computed, never stored"),
+        row(`sliding window, w = ${lengthName(window)}`, count(r.windowScores), "n\u00b7min(n, w) scores"),
+        row("linear attention", count(r.linearNumbers), `n\u00b7d feature numbers, d = ${p.head_dim}: no n\u00d7n at all`),
+        row(`KV cache, ${p.name}`, bytes(r.kvBytes),
+          `float16, batch 1: 2\u00b7${p.layers} layers\u00b7${p.kv_heads} KV heads\u00b7${p.head_dim}\u00b7n`
+          + (p.window ? `, capped at its ${p.window}-token window` : "") + " (all layers)")));
+      if (!data.bench) {
+        ui.measured.textContent = "No measured timings in this page (write it with attnkit lab --bench RESULTS.json).";
+      } else if (!r.measured.length) {
+        ui.measured.textContent = `No measured timing at n = ${r.length} on ${data.bench.machine}.`;
+      } else {
+        ui.measured.replaceChildren(el("span", { text: `Measured at n = ${r.length} on ${data.bench.machine}: ` }),
+          ...r.measured.map((m) => el("span", { class: "akl-cost-time", text: `${m.case} ${m.impl} ${m.ms.toPrecision(3)} ms` })));
+      }
+    }
+
+    function set(patch) {
+      if (patch === null || typeof patch !== "object" || Array.isArray(patch))
+        throw new TypeError(`cost.set() takes {length, preset, window}; got ${shown(patch)}`);
+      const next = "length" in patch ? data.lengths.indexOf(patch.length) : index;
+      if (next < 0) throw new RangeError(`length must be one of ${data.lengths.join(", ")}; got ${shown(patch.length)}`);
+      const p = "preset" in patch ? data.presets.findIndex((q) => q.name === patch.preset) : preset;
+      if (p < 0) throw new RangeError(`preset must be one of ${data.presets.map((q) => q.name).join(", ")}; got ${shown(patch.preset)}`);
+      const w = "window" in patch ? patch.window : window;
+      if (!data.lengths.includes(w)) throw new RangeError(`window must be one of ${data.lengths.join(", ")}; got ${shown(w)}`);
+      index = next; preset = p; window = w;
+      update();
+      return api.state();
+    }
+
+    const api = {
+      state: () => ({ length: data.lengths[index], preset: data.presets[preset].name, window }),
+      set, result: compute,
+    };
+
+    node.addEventListener("input", (event) => {
+      const kind = event.target.dataset.akl, value = Number(event.target.value);
+      if (kind === "cost-length") set({ length: data.lengths[value] });
+      else if (kind === "cost-window") set({ window: 2 ** value });
+      else if (kind === "cost-preset") set({ preset: data.presets[value].name });
+    });
+    update();
+    return { name: "cost", node, update: () => {}, api };
+  }
+
+  (window.AttnkitLabPanels = window.AttnkitLabPanels ?? []).push(make);
+})();
