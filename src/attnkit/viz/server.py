@@ -67,8 +67,8 @@ from typing import Any
 
 from attnkit._checks import describe, require_int, require_real
 from attnkit.viz._html import CSP, page
-from attnkit.viz.service import ExplainService, RequestError
 from attnkit.viz.lab import LAB_SCRIPTS
+from attnkit.viz.service import ExplainService, RequestError
 
 try:
     import anyio
