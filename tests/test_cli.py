@@ -29,6 +29,7 @@ def test_backends_command(capsys):
     assert "tiled" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_benchmark_script_runs_quick():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "core.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)
@@ -36,6 +37,7 @@ def test_benchmark_script_runs_quick():
     assert done.stdout.count("\n| ") >= 8  # header + 7 rows
 
 
+@pytest.mark.slow
 def test_decode_benchmark_runs_quick():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)
@@ -43,6 +45,7 @@ def test_decode_benchmark_runs_quick():
     assert "speed-up" in done.stdout and done.stdout.count("\n| ") >= 6  # header + 5 rows
 
 
+@pytest.mark.slow
 def test_linear_benchmark_runs_quick():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linear.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)
@@ -101,6 +104,7 @@ def test_kv_cache_command_errors(capsys):
     assert exc.value.code == 2 and "did you mean 'llama-2-7b'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ring_benchmark_runs_quick():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ring.py"), "--quick"],
                           capture_output=True, text=True, timeout=300)

@@ -150,17 +150,19 @@ def _spawn(world: int, length: int, tmp_path, limit: float = 240.0, cases=CASES,
             pytest.fail(f"ring attention with {world} processes did not finish in {limit:.0f} s")
 
 
-@pytest.mark.parametrize(("world", "length"), [(2, 44), (4, 56)])
+@pytest.mark.parametrize(("world", "length"), [(2, 44), pytest.param(4, 56, marks=pytest.mark.slow)])
 def test_ring_attention_equals_single_process(world, length, tmp_path):
     _spawn(world, length, tmp_path)
 
 
+@pytest.mark.slow
 def test_world_of_three_more_cases(tmp_path):
     """W = 3 (next and previous ranks differ) with dtypes, per-batch documents, two-sided
     windows, ~ and |, rows with no allowed key, and a non-default scale."""
     _spawn(3, 48, tmp_path, cases=MORE_CASES)
 
 
+@pytest.mark.slow
 def test_subgroup(tmp_path):
     """A ring over ranks 1..3 of 4: sends must go to the subgroup's neighbours' global ranks."""
     _spawn(4, 48, tmp_path, cases=["causal-zigzag", "mqa-causal-alibi"], group_ranks=[1, 2, 3])

@@ -29,9 +29,17 @@ def test_sequences_repeat_a_block_of_random_length():
 
 @pytest.fixture(scope="module")
 def trained(one_thread):
+    """The CLI's --fast setting: the phase change happens within it (the slow tier)."""
     return train_induction(InductionConfig(steps=1000, eval_every=100))
 
 
+@pytest.fixture(scope="module")
+def brief(one_thread):
+    """A few steps, for what does not need the phase change (the default tier)."""
+    return train_induction(InductionConfig(steps=40, eval_every=20))
+
+
+@pytest.mark.slow
 def test_an_induction_head_forms_in_the_second_layer(trained):
     """Thresholds: uniform causal attention scores ~0.05 on induction (chance_induction) and
     ~0.08 on previous-token; a trained induction head puts most of its attention on the
@@ -45,6 +53,7 @@ def test_an_induction_head_forms_in_the_second_layer(trained):
     assert float(trained.previous_token[-1, 0].max()) > 1.5 * float(trained.previous_token[0, 0].max())
 
 
+@pytest.mark.slow
 def test_second_half_loss_falls_far_below_first_half(trained):
     first, second = trained.first_half_loss[-1], trained.second_half_loss[-1]
     assert first > 0.9 * math.log(63)  # random tokens stay unpredictable
@@ -52,12 +61,12 @@ def test_second_half_loss_falls_far_below_first_half(trained):
     assert trained.second_half_loss[0] > 0.9 * math.log(63)
 
 
-def test_plot_and_json(trained, tmp_path):
+def test_plot_and_json(brief, tmp_path):
     pytest.importorskip("matplotlib")
-    path = trained.plot(tmp_path / "induction.png")
+    path = brief.plot(tmp_path / "induction.png")
     assert_drawn(path)
-    data = json.loads(json.dumps(trained.to_dict()))
-    assert len(data["steps"]) == len(data["induction"]) == 11
+    data = json.loads(json.dumps(brief.to_dict()))
+    assert data["steps"] == [0, 20, 40] and len(data["induction"]) == 3
 
 
 def test_config_is_checked():
