@@ -1,0 +1,7 @@
+"""Watching cost on real models: :func:`profile` (time and memory per component as the
+context grows) and :func:`monitor` (every attention call of any code, as it runs)."""
+
+from attnkit.profile.core import Length, Profile, compare, profile
+from attnkit.profile.monitor import Monitor, monitor
+
+__all__ = ["Length", "Monitor", "Profile", "compare", "monitor", "profile"]
