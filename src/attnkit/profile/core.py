@@ -190,7 +190,7 @@ def check_lengths(lengths: Sequence[int] | None, limit: int) -> list[int]:
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     if not values or bad:
         raise ValueError(f"lengths must be a non-empty list of ints >= 1; got {values!r}"
-                         + (f" ({', '.join(map(repr, bad))} not)" if bad else ""))
+                         + (f" ({', '.join(map(repr, bad))}: not an int >= 1)" if bad else ""))
     over = [v for v in values if v > limit]
     if over:
         raise ValueError(f"lengths {over} exceed the model's maximum of {limit} positions "
