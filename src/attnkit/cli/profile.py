@@ -32,6 +32,8 @@ def add_parser(sub) -> Parser:
     p.add_argument("--implementations", type=csv(str, IMPLEMENTATIONS), default=None,
                    help="attention implementations to compare, Hugging Face models only "
                         "(default: eager,sdpa,attnkit for those; none for a TransformerConfig)")
+    p.add_argument("--new-tokens", type=positive, default=16,
+                   help="decoders: tokens generated after each prompt length, to time generation with the KV cache")
     p.add_argument("--repeats", type=positive, default=5, help="timed runs per length")
     p.add_argument("--batch", type=positive, default=1, help="sequences per forward")
     p.add_argument("--json", metavar="FILE", help="write the measurements as JSON (schema in docs/profile.md)")
@@ -68,7 +70,9 @@ def load(spec: str, implementation: str | None = None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from attnkit.profile import compare, profile
+    from attnkit.profile import compare, generation, profile
+    from attnkit.profile.core import max_length
+    from attnkit.profile.generation import is_decoder
 
     if args.png:
         from attnkit._plot import pyplot
@@ -93,6 +97,13 @@ def run(args: argparse.Namespace) -> int:
             result.implementations = compare(lambda name: load(args.model, name),
                                              [r.length for r in result.lengths], implementations,
                                              batch=args.batch, repeats=args.repeats, progress=progress)
+        if is_decoder(model):
+            limit = max_length(model) - args.new_tokens
+            prompts = [r.length for r in result.lengths if r.length <= limit]
+            if prompts:
+                progress("generation", 0, 1)
+                result.generation = generation(model, prompts, args.new_tokens, batch=args.batch,
+                                               repeats=args.repeats)
     _print(con, result)
     if args.json:
         result.to_json(args.json)
@@ -135,3 +146,10 @@ def _print(con: Console, result) -> None:
                   ("tokens", *(Column(n, right=True) for n in names)),
                   [(f"{r.length:,}", *(f"{result.implementations[n][str(r.length)] * 1e3:.2f}" for n in names))
                    for r in result.lengths])
+    if result.generation:
+        con.table(f"generation: {result.generation['new_tokens']} new tokens after the prompt, with the KV cache",
+                  ("prompt", Column("first token ms", right=True), Column("per token ms", right=True),
+                   Column("tokens/s", right=True), Column("cache", right=True), Column("kv_cache_bytes", right=True)),
+                  [(f"{g['prompt_length']:,}", f"{g['ttft_s'] * 1e3:.2f}", f"{g['per_token_s'] * 1e3:.2f}",
+                    "n/a" if g["tokens_per_s"] is None else f"{g['tokens_per_s']:.1f}", size(g["cache_bytes"]),
+                    size(g["cache_bytes_formula"])) for g in result.generation["rows"]])

@@ -2,6 +2,7 @@
 context grows) and :func:`monitor` (every attention call of any code, as it runs)."""
 
 from attnkit.profile.core import Length, Profile, compare, profile
+from attnkit.profile.generation import generation
 from attnkit.profile.monitor import Monitor, monitor
 
-__all__ = ["Length", "Monitor", "Profile", "compare", "monitor", "profile"]
+__all__ = ["Length", "Monitor", "Profile", "compare", "generation", "monitor", "profile"]

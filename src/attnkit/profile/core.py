@@ -3,7 +3,8 @@
 Per length, the plain forward (no hooks) and the instrumented forward (timed per component,
 see :mod:`attnkit.profile._hooks`) run in alternation, ``repeats`` times each after
 ``warmup`` runs; each figure is the median. ``rest`` is the instrumented total less the
-three timed components (embeddings, norms, residuals, the hooks' own cost); ``overhead``
+three timed components (embeddings, norms, residuals, the hooks' own cost; slightly negative
+when it is tiny, as medians do not add up exactly); ``overhead``
 is how much slower the instrumented forward was than the plain one, the bound within which
 the components sum to the plain total. ``spread`` is (max - min) / median of the plain
 totals; over 20% the length is flagged ``noisy``.
@@ -35,6 +36,52 @@ from attnkit.profile._hooks import COMPONENTS, Clock, is_hf, linear_macs, parts,
 
 NOISY = 0.20  # relative spread of the plain totals above which a length is flagged
 IMPLEMENTATIONS = ("eager", "sdpa", "attnkit")
+
+
+_NUMBER = {"type": "number"}
+_MAYBE_NUMBER = {"type": ["number", "null"]}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "attnkit profile",
+    "type": "object",
+    "required": ["schema", "model", "machine", "batch", "repeats", "noisy_threshold", "lengths", "crossover",
+                 "exponents", "implementations", "generation"],
+    "properties": {
+        "schema": {"const": "attnkit.profile/1"},
+        "model": {"type": "string"}, "machine": {"type": "string"},
+        "batch": {"type": "integer", "minimum": 1}, "repeats": {"type": "integer", "minimum": 1},
+        "noisy_threshold": _NUMBER,
+        "lengths": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "additionalProperties": False,
+            "required": ["length", "total_s", "instrumented_s", "attention_s", "projections_s", "feed_forward_s",
+                         "rest_s", "overhead", "spread", "noisy", "peak_mib", "attention_peak_mib",
+                         "attention_calls", "attention_flops", "feed_forward_flops"],
+            "properties": {
+                "length": {"type": "integer", "minimum": 1},
+                **{k: {"type": "number", "minimum": 0} for k in ("total_s", "instrumented_s", "attention_s",
+                                                                  "projections_s", "feed_forward_s", "spread")},
+                "rest_s": _NUMBER, "overhead": _NUMBER, "noisy": {"type": "boolean"},
+                "peak_mib": _MAYBE_NUMBER, "attention_peak_mib": _MAYBE_NUMBER,
+                **{k: {"type": "integer", "minimum": 0} for k in ("attention_calls", "attention_flops",
+                                                                   "feed_forward_flops")}}}},
+        "crossover": {"type": "object", "required": ["measured", "predicted"],
+                      "properties": {"measured": {"type": ["integer", "null"]}, "predicted": _MAYBE_NUMBER}},
+        "exponents": {"type": "object", "additionalProperties": _MAYBE_NUMBER},
+        "implementations": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": {"type": "number", "minimum": 0}}},
+        "generation": {"oneOf": [{"type": "null"}, {
+            "type": "object", "required": ["new_tokens", "rows"],
+            "properties": {"new_tokens": {"type": "integer", "minimum": 1}, "rows": {"type": "array", "items": {
+                "type": "object",
+                "required": ["prompt_length", "ttft_s", "per_token_s", "tokens_per_s", "step_s", "cache_bytes",
+                             "cache_bytes_formula"],
+                "properties": {"prompt_length": {"type": "integer", "minimum": 1}, "ttft_s": _NUMBER,
+                               "per_token_s": _NUMBER, "tokens_per_s": _MAYBE_NUMBER,
+                               "step_s": {"type": "array", "items": _NUMBER},
+                               "cache_bytes": {"type": "integer"}, "cache_bytes_formula": {"type": "integer"}}}}}}]},
+    },
+}
+"""The JSON Schema of :meth:`Profile.to_dict` (``attnkit profile --json``); see docs/profile.md."""
 
 
 @dataclass
@@ -300,7 +347,7 @@ def _measure(model: nn.Module, clock: Clock, ids: torch.Tensor, repeats: int, wa
     ffn_macs = linear_macs(parts(model)["feed_forward"])
     return Length(
         length=length, total_s=total, instrumented_s=instrumented_total, **{f"{c}_s": med[c] for c in COMPONENTS},
-        rest_s=max(0.0, instrumented_total - sum(med.values())), overhead=instrumented_total / total - 1,
+        rest_s=instrumented_total - sum(med.values()), overhead=instrumented_total / total - 1,
         spread=(max(totals) - min(totals)) / total, noisy=(max(totals) - min(totals)) / total > NOISY,
         peak_mib=peak_memory_mib(lambda: forward(model, ids), ids.device),
         attention_peak_mib=None if kept is None else peak_memory_mib(kept, ids.device),
