@@ -150,6 +150,7 @@ def _print(con: Console, result) -> None:
         con.table(f"generation: {result.generation['new_tokens']} new tokens after the prompt, with the KV cache",
                   ("prompt", Column("first token ms", right=True), Column("per token ms", right=True),
                    Column("tokens/s", right=True), Column("cache", right=True), Column("kv_cache_bytes", right=True)),
-                  [(f"{g['prompt_length']:,}", f"{g['ttft_s'] * 1e3:.2f}", f"{g['per_token_s'] * 1e3:.2f}",
+                  [(f"{g['prompt_length']:,}", f"{g['ttft_s'] * 1e3:.2f}",
+                    "n/a" if g["per_token_s"] is None else f"{g['per_token_s'] * 1e3:.2f}",
                     "n/a" if g["tokens_per_s"] is None else f"{g['tokens_per_s']:.1f}", size(g["cache_bytes"]),
                     size(g["cache_bytes_formula"])) for g in result.generation["rows"]])

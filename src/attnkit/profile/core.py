@@ -76,7 +76,7 @@ SCHEMA: dict[str, Any] = {
                 "required": ["prompt_length", "ttft_s", "per_token_s", "tokens_per_s", "step_s", "cache_bytes",
                              "cache_bytes_formula"],
                 "properties": {"prompt_length": {"type": "integer", "minimum": 1}, "ttft_s": _NUMBER,
-                               "per_token_s": _NUMBER, "tokens_per_s": _MAYBE_NUMBER,
+                               "per_token_s": _MAYBE_NUMBER, "tokens_per_s": _MAYBE_NUMBER,
                                "step_s": {"type": "array", "items": _NUMBER},
                                "cache_bytes": {"type": "integer"}, "cache_bytes_formula": {"type": "integer"}}}}}}]},
     },

@@ -82,9 +82,9 @@ def generation(model: nn.Module, prompt_lengths: Sequence[int], new_tokens: int 
             prompt = inputs(model, batch, length)
             runs = [_generate(model, prompt, new_tokens, sync) for _ in range(repeats + 1)][1:]  # first: warm-up
             steps = [statistics.median(r[1][i] for r in runs) for i in range(new_tokens - 1)]
-            per_token = statistics.median(steps) if steps else float("nan")
+            per_token = statistics.median(steps) if steps else None
             rows.append({"prompt_length": length, "ttft_s": statistics.median(r[0] for r in runs),
-                         "per_token_s": per_token, "tokens_per_s": batch / per_token if steps else None,
+                         "per_token_s": per_token, "tokens_per_s": batch / per_token if per_token else None,
                          "step_s": steps, "cache_bytes": runs[-1][2],
                          "cache_bytes_formula": kv_cache_bytes(layers, kv_heads, head_dim, length + new_tokens - 1,
                                                                dtype, batch)})
