@@ -154,6 +154,13 @@ class Profile:
                 "exponents": self.exponents(), "implementations": self.implementations,
                 "generation": self.generation}
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Profile:
+        """The :class:`Profile` that :meth:`to_dict` wrote (derived fields are recomputed)."""
+        return cls(model=data["model"], machine=data["machine"], batch=data["batch"], repeats=data["repeats"],
+                   lengths=[Length(**row) for row in data["lengths"]], implementations=data["implementations"],
+                   generation=data["generation"])
+
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
