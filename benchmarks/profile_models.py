@@ -24,7 +24,7 @@ from attnkit.nn import TransformerConfig, TransformerLM
 from attnkit.profile import Profile, compare, generation, profile
 
 MINILM_LENGTHS = [32, 64, 128, 256, 512]
-LM_CONFIG = {"vocab_size": 32000, "dim": 256, "depth": 4, "num_heads": 4, "max_length": 8192}
+LM_CONFIG = {"vocab_size": 8192, "dim": 256, "depth": 4, "num_heads": 4, "max_length": 8192}
 LM_LENGTHS = [512, 1024, 2048, 4096, 8192]
 
 

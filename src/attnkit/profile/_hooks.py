@@ -6,7 +6,7 @@ How each part is found:
 - attnkit modules: every :class:`~attnkit.nn.MultiHeadAttention`; its attention function
   runs from its attention hook (just before :func:`attnkit.attention`) to its ``o_proj``
   (just after); its ``q/k/v/o_proj`` are the projections; each ``TransformerBlock.mlp`` is
-  a feed-forward layer.
+  a feed-forward layer (found by its name, ``mlp``).
 - Hugging Face models: the attention function (eager, sdpa, attnkit, ...) is wrapped where
   transformers hands it out (:func:`attnkit.inspect.recording.wrapped_attention_functions`);
   the outermost modules whose class name ends in ``Attention`` hold the projections (every
@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 
 from attnkit.nn.attention import MultiHeadAttention
-from attnkit.nn.transformer import TransformerBlock
 
 COMPONENTS = ("attention", "projections", "feed_forward")
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "intermediate")
@@ -48,20 +47,14 @@ def parts(model: nn.Module) -> dict[str, list[nn.Module]]:
     attention: list[nn.Module] = []
     ffn: list[nn.Module] = []
     for name, module in named.items():
+        if not name or any(name.startswith(p + ".") for p in _names(named, attention + ffn)):
+            continue  # the model itself, or inside a part already found: its outermost module is timed
         last = name.rsplit(".", 1)[-1]
         parent = name.rsplit(".", 1)[0] if "." in name else ""
-        inside = any(name.startswith(p + ".") for p in _names(named, attention + ffn))
-        if inside:
-            continue
         if isinstance(module, MultiHeadAttention) or (is_hf(model) and type(module).__name__.endswith("Attention")):
             attention.append(module)
-        elif isinstance(module, TransformerBlock) or not name:
-            continue
         elif last in _FFN_NAMES or (last == "output" and f"{parent}.intermediate".lstrip(".") in named):
             ffn.append(module)
-    for block in (m for m in model.modules() if isinstance(m, TransformerBlock) and m.mlp is not None):
-        if block.mlp not in ffn:
-            ffn.append(block.mlp)
     projections = [m for a in attention for m in a.modules() if isinstance(m, nn.Linear)]
     if not projections:
         raise ValueError(f"cannot find the attention projections of {type(model).__name__} (no nn.Linear inside "
