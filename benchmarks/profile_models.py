@@ -41,7 +41,10 @@ def main() -> None:
     parser.add_argument("--transformer", action="store_true", help="also profile a TransformerLM up to 8K tokens")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (one is immune to oversubscription on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     os.environ["HF_HUB_OFFLINE"] = "1"
     profiles = {}
     model, _ = models.load("minilm")
