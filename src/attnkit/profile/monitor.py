@@ -13,7 +13,10 @@ While the block runs (and only then; nothing is installed outside it):
   generated token under ``generate``): its wall time against its context length, the most
   keys any of its attention calls saw. Steps come from torch's global module hooks.
 
-Records from any thread go to the same monitor, under a lock. The KV-cache length is the
+Records from any thread go to the same monitor, under a lock. Blocks do not nest
+(RuntimeError). While a block watches transformers models it holds the lock that
+:func:`attnkit.inspect.capture` takes to patch transformers, so a capture started in another
+thread waits for the block to end (in the same thread, it runs inside it). The KV-cache length is the
 keys a call saw beyond its queries (``Lk - Lq``) when the call used a cache (attnkit) or had
 more keys than queries (transformers); else None. On CUDA, times are wall times without
 synchronizing (the launch cost), unless ``synchronize=True``.
