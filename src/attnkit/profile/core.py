@@ -187,6 +187,15 @@ class Profile:
             for r in self.lengths:
                 lines.append(f"| {r.length} | " + " | ".join(f"{t[str(r.length)] * 1e3:.2f}"
                                                              for t in self.implementations.values()) + " |")
+        if self.generation:
+            lines += ["", f"Generation, {self.generation['new_tokens']} new tokens with the KV cache:", "",
+                      "| prompt | first token ms | per token ms | tokens/s | cache bytes | kv_cache_bytes |",
+                      "|---:|---:|---:|---:|---:|---:|"]
+            for g in self.generation["rows"]:
+                per_token = "n/a" if g["per_token_s"] is None else f"{g['per_token_s'] * 1e3:.2f}"
+                rate = "n/a" if g["tokens_per_s"] is None else f"{g['tokens_per_s']:.1f}"
+                lines.append(f"| {g['prompt_length']} | {g['ttft_s'] * 1e3:.2f} | {per_token} | {rate} | "
+                             f"{g['cache_bytes']:,} | {g['cache_bytes_formula']:,} |")
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> str:
