@@ -17,6 +17,7 @@ from attnkit.functional import (
     linear_attention_step,
 )
 from attnkit.nn.cache import KV_PRESETS, kv_cache_bytes
+from attnkit.profile.monitor import monitor
 
 __version__ = "0.1.0.dev0"
 
@@ -32,5 +33,6 @@ __all__ = [
     "linear_attention",
     "linear_attention_step",
     "masks",
+    "monitor",
     "positions",
 ]

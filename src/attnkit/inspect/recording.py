@@ -57,7 +57,7 @@ __all__ = ["capture"]
 _STORAGE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 26  # float32 scores computed at once, at most (when heads can be split)
 _PATCH_LOCK = threading.RLock()  # one capture at a time patches transformers' lookup
-_PATCHING: list[bool] = []  # non-empty while the lock's holder patches (to refuse a nested capture)
+_PATCHING: list[str] = []  # the kinds the lock's holder patches now (to refuse a nested one of the same kind)
 
 
 def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...] | None:
@@ -216,20 +216,13 @@ def _arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[
 @contextlib.contextmanager
 def _hf_recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
     """Wrap the attention functions transformers hands to ``model``'s modules, for this block only."""
-    from attnkit.integrations.transformers import (  # needs transformers >= 4.57
-        _UNSUPPORTED,
-        AttentionInterface,
-        to_attnkit_mask,
-    )
+    from attnkit.integrations.transformers import _UNSUPPORTED, to_attnkit_mask  # needs transformers >= 4.57
 
     targets = {id(m) for m in model.modules()}
     # eager gets None where it wants no mask; sdpa, flash and attnkit read None as "causal if is_causal"
     none_is_causal = "eager" not in str(model.config._attn_implementation)
 
     def wrap(fn: Any) -> Any:
-        if not callable(fn) or getattr(fn, "_attnkit_recording", False):
-            return fn
-
         @functools.wraps(fn)
         def recording(*args: Any, **kwargs: Any) -> Any:
             (module, query, key, _, attention_mask), named = _arguments(fn, args, kwargs)
@@ -246,8 +239,35 @@ def _hf_recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
                 recorder(query, key, mask, bias, named.get("scaling"), named.get("softcap"))
             return result
 
-        recording._attnkit_recording = True  # type: ignore[attr-defined]
         return recording
+
+    with wrapped_attention_functions(model, wrap, kind="capture"):
+        yield
+
+
+@contextlib.contextmanager
+def wrapped_attention_functions(model: nn.Module, wrap: Callable[[Callable[..., Any]], Callable[..., Any]], *,
+                                kind: str) -> Iterator[None]:
+    """For this block, transformers hands ``model``'s attention modules ``wrap(fn)`` in place of
+    each attention function ``fn`` (eager, sdpa, attnkit, ...), whatever the model was loaded with.
+
+    Used by :func:`capture` and by :mod:`attnkit.profile` (timing). ``wrap(fn)`` must call
+    ``fn`` with the same arguments and return its result; ``fn``'s leading arguments are
+    ``(module, query, key, value, attention_mask)``. The lookup is restored on exit, also on
+    error. Wrappers of different ``kind`` nest (each wraps the other's); the same ``kind``
+    nested in one thread is refused (RuntimeError). One thread at a time patches: another
+    thread entering waits until the first leaves.
+    """
+    from attnkit.integrations.transformers import AttentionInterface  # needs transformers >= 4.57
+
+    marker = f"_attnkit_wrapped_{kind}"
+
+    def wrapped(fn: Any) -> Any:
+        if not callable(fn) or getattr(fn, marker, False):
+            return fn
+        out = wrap(fn)
+        setattr(out, marker, True)
+        return out
 
     undo: list[Callable[[], None]] = []
 
@@ -261,27 +281,27 @@ def _hf_recording(model: nn.Module, recorder: _Recorder) -> Iterator[None]:
         setattr(owner, name, value)
 
     with _PATCH_LOCK:
-        if _PATCHING:
-            raise RuntimeError("capture was called while a capture of a transformers model runs in this thread "
-                               "(from a hook?); capture one model at a time")
-        _PATCHING.append(True)
+        if kind in _PATCHING:
+            raise RuntimeError(f"a {kind} of a transformers model was started while another {kind} runs in this "
+                               "thread (from a hook?); run one at a time")
+        _PATCHING.append(kind)
         try:
             getitem = AttentionInterface.__getitem__
-            patch(AttentionInterface, "__getitem__", lambda self, key: wrap(getitem(self, key)))
+            patch(AttentionInterface, "__getitem__", lambda self, key: wrapped(getitem(self, key)))
             if hasattr(AttentionInterface, "get_interface"):  # transformers 5: also hands out eager
                 get_interface = AttentionInterface.get_interface
                 patch(AttentionInterface, "get_interface",
-                      lambda self, name, default: wrap(get_interface(self, name, default)))
+                      lambda self, name, default: wrapped(get_interface(self, name, default)))
             for module_name in sorted({type(m).__module__ for m in model.modules()}):
                 source = sys.modules.get(module_name)
                 eager = getattr(source, "eager_attention_forward", None)
                 if callable(eager):  # transformers 4 calls the modeling file's eager function directly
-                    patch(source, "eager_attention_forward", wrap(eager))
+                    patch(source, "eager_attention_forward", wrapped(eager))
             yield
         finally:
             for restore in reversed(undo):
                 restore()
-            _PATCHING.clear()
+            _PATCHING.remove(kind)
 
 
 # -- inputs --------------------------------------------------------------------------------------
