@@ -143,14 +143,16 @@ def test_unknown_option_shows_the_subcommand_usage(capsys):
 
 def test_every_option_has_help_and_shows_its_default(capsys):
     parser = build_parser()
-    assert set(parser.commands) == {"demo", "backends", "kv-cache", "bench", "explain", "serve", "lab", "induction", "profile"}
+    assert set(parser.commands) == {"demo", "backends", "kv-cache", "bench", "explain", "serve", "lab", "induction",
+                                    "profile"}
     for name, sub in parser.commands.items():
         text = " ".join(sub.format_help().split())
         for action in sub._actions:
             assert action.help, (name, action.dest)
             if action.option_strings and action.default not in (None, False) and action.dest != "help":
-                shown = ",".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-                assert f"default: {shown!r}" in text or f"default: {shown}" in text, (name, action.dest)
+                forms = ([sep.join(map(str, action.default)) for sep in (",", ", ")]
+                         if isinstance(action.default, list) else [action.default])
+                assert any(f"default: {f!r}" in text or f"default: {f}" in text for f in forms), (name, action.dest)
 
 
 def test_tables_fit_the_width_and_never_cut_an_entry():

@@ -9,8 +9,8 @@ attention, on the same inputs in one process, checked before they are timed.
 True
 """
 
-from attnkit.bench.cases import CASES, Problem, make_problem
+from attnkit.bench.cases import CASES, DEFAULT_CASES, Problem, make_problem
 from attnkit.bench.report import markdown, plot
 from attnkit.bench.runner import BACKENDS, PEERS, BenchResult, Row, run
 
-__all__ = ["BACKENDS", "CASES", "PEERS", "BenchResult", "Problem", "Row", "make_problem", "markdown", "plot", "run"]
+__all__ = ["BACKENDS", "CASES", "DEFAULT_CASES", "PEERS", "BenchResult", "Problem", "Row", "make_problem", "markdown", "plot", "run"]

@@ -17,7 +17,7 @@ from attnkit import biases, masks
 from attnkit.biases import Bias
 from attnkit.masks import Mask
 
-__all__ = ["CASES", "Problem", "make_problem"]
+__all__ = ["CASES", "DEFAULT_CASES", "Problem", "make_problem"]
 
 CASES = {
     "dense": "no mask",
@@ -34,6 +34,9 @@ CASES = {
     "bigbird": "BigBird: 64-token blocks, 3-block window, 64 global tokens, 3 random blocks",
     "blocks": "a user's block map: 128 x 128 blocks, a random quarter of them (the diagonal always)",
 }
+DEFAULT_CASES = ("dense", "causal", "window", "alibi", "document", "gqa", "cross", "decode")
+"""The cases ``attnkit bench`` runs unless told otherwise; the sparse patterns of the literature
+(chunked, strided, dilated, bigbird, blocks) run when named."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from torch import Tensor
 import attnkit
 from attnkit._checks import require_int, require_real
 from attnkit._timing import interleaved_median_seconds, machine, matmul_gflops, peak_memory_mib
-from attnkit.bench.cases import CASES, Problem, make_problem
+from attnkit.bench.cases import CASES, DEFAULT_CASES, Problem, make_problem
 
 __all__ = ["BACKENDS", "PEERS", "BenchResult", "Row", "run"]
 
@@ -171,7 +171,7 @@ def _agrees(got: Tensor, expected: Tensor) -> tuple[bool, float]:
     return math.isfinite(err) and got.shape == expected.shape and err <= rtol * max(1.0, scale), err
 
 
-def run(cases: Sequence[str] = tuple(CASES), lengths: Sequence[int] = (1024, 2048, 4096), *,
+def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 2048, 4096), *,
         backends: Sequence[str] = BACKENDS, peers: Sequence[str] = tuple(PEERS), backward: bool = False,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
         heads: int = 8, kv_heads: int = 2, head_dim: int = 64, window: int = 512, repeats: int = 5,

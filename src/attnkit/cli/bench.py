@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from attnkit.bench import BACKENDS, CASES, PEERS
+from attnkit.bench import BACKENDS, CASES, DEFAULT_CASES, PEERS
 from attnkit.cli._common import Column, Console, Parser, csv, write_outputs
 
 LENGTHS = [1024, 2048, 4096]
@@ -27,7 +27,9 @@ def add_parser(sub) -> Parser:
     p.add_argument("--quick", action="store_true",
                    help=f"a preset that runs in under a minute: lengths {','.join(map(str, QUICK['lengths']))}, "
                         f"{QUICK['repeats']} repeats, peers {','.join(QUICK['peers'])}, no memory pass")
-    p.add_argument("--cases", type=csv(str, list(CASES)), default=list(CASES), help="comma-separated cases")
+    extra = [c for c in CASES if c not in DEFAULT_CASES]
+    p.add_argument("--cases", type=csv(str, list(CASES)), default=list(DEFAULT_CASES),
+                   help=f"comma-separated cases (default: {', '.join(DEFAULT_CASES)}; also: {', '.join(extra)})")
     p.add_argument("--lengths", type=csv(int), default=None, help=f"comma-separated L (default: "
                    f"{','.join(map(str, LENGTHS))}; --quick: {','.join(map(str, QUICK['lengths']))})")
     p.add_argument("--backends", type=csv(str, BACKENDS), default=list(BACKENDS), help="attnkit backends to time")
