@@ -236,7 +236,7 @@ def test_auto_picks_sdpa_tiled_or_reference():
 
 
 @pytest.mark.parametrize("name", ["causal", "window+alibi", "softcap", "score_mod", "gqa", "masked-rows"])
-def test_gradcheck_tiled(name, tiled_kernel):
+def test_gradcheck_tiled(name, tiled_kernel, one_thread):
     kw = {
         "causal": {"mask": masks.causal()},
         "window+alibi": {"mask": masks.sliding_window(3, 2), "bias": biases.alibi(4)},
@@ -254,7 +254,7 @@ def test_gradcheck_tiled(name, tiled_kernel):
     assert torch.autograd.gradcheck(f, (q, k, v))
 
 
-def test_tensor_bias_gradients(tiled_kernel):
+def test_tensor_bias_gradients(tiled_kernel, one_thread):
     q, k, v = qkv(1, 4, 1, 9, 7, 6, v_dim=5, requires_grad=True)
     g = torch.Generator().manual_seed(2)
     full = torch.randn(1, 4, 9, 7, generator=g, dtype=torch.float64, requires_grad=True)
@@ -369,7 +369,7 @@ def test_dropout_keeps_the_right_fraction_and_is_unbiased():
     assert rel < 0.2  # expected about 0.12 for 20 draws; a biased mean would sit near 0.3
 
 
-def test_gradcheck_with_dropout(tiled_kernel):
+def test_gradcheck_with_dropout(tiled_kernel, one_thread):
     q, k, v = qkv(1, 2, q_len=9, k_len=7, head_dim=6, requires_grad=True)
 
     def f(q, k, v):

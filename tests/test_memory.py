@@ -32,7 +32,7 @@ class LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("kw", [
     {}, {"mask": masks.causal()}, {"mask": masks.sliding_window(300)},
     {"mask": masks.causal(), "bias": biases.alibi(2)}, {"softcap": 20.0, "mask": masks.causal()},
-    {"mask": masks.document(torch.arange(6000) // 1000), "dropout_p": 0.1},
+    pytest.param({"mask": masks.document(torch.arange(6000) // 1000), "dropout_p": 0.1}, marks=pytest.mark.slow),
 ], ids=["dense", "causal", "window", "alibi", "softcap", "document+dropout"])
 def test_no_op_returns_an_l_by_l_tensor(kw):
     length = 6000
@@ -46,6 +46,7 @@ def test_no_op_returns_an_l_by_l_tensor(kw):
     assert probe.largest < length * length / 8
 
 
+@pytest.mark.slow
 def test_peak_memory_at_16k_stays_far_below_one_l_by_l_matrix():
     """Forward+backward at L=16384, H=1, D=64 in a fresh process: the peak resident
     memory above the inputs stays far below the 1 GiB that one (L x L) fp32 matrix takes."""

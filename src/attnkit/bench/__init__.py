@@ -13,4 +13,5 @@ from attnkit.bench.cases import CASES, DEFAULT_CASES, Problem, make_problem
 from attnkit.bench.report import markdown, plot
 from attnkit.bench.runner import BACKENDS, PEERS, BenchResult, Row, run
 
-__all__ = ["BACKENDS", "CASES", "DEFAULT_CASES", "PEERS", "BenchResult", "Problem", "Row", "make_problem", "markdown", "plot", "run"]
+__all__ = ["BACKENDS", "CASES", "DEFAULT_CASES", "PEERS", "BenchResult", "Problem", "Row", "make_problem", "markdown",
+           "plot", "run"]
