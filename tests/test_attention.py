@@ -402,3 +402,19 @@ def test_backends_lists_features():
     assert set(info) == {"sdpa", "tiled", "reference"}
     assert "return_lse" in info["tiled"].features
     assert "tiled" in str(info["tiled"])
+
+
+def test_a_shifted_tensor_bias_is_the_slice_and_refuses_grad():
+    """``from_tensor(t).shifted(q0, k0)`` is ``t``'s slice for that piece. Its gradient cannot reach ``t`` on
+    every backend, so a ``t`` that requires grad is refused instead of left without one."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn(1, 2, 9, 9, generator=g, dtype=torch.float64)
+    q, k, v = qkv(1, 2, 2, 4, 5, 8)
+    piece = biases.from_tensor(t).shifted(3, 2, q_total=9, k_total=9)
+    for backend in ("reference", "tiled"):
+        out = attnkit.attention(q, k, v, bias=piece, backend=backend)
+        ref = attnkit.attention(q, k, v, bias=t[..., 3:7, 2:7], backend="reference")
+        assert max_err(out, ref) < 1e-12
+    t.requires_grad_(True)
+    with pytest.raises(ValueError, match="shifted tensor bias cannot require grad"):
+        attnkit.attention(q, k, v, bias=biases.from_tensor(t).shifted(3, 2, q_total=9, k_total=9))

@@ -156,6 +156,11 @@ class _Shifted(Bias):
     def check(self, batch, heads, q_len, k_len, device):
         side = max(self.q_offset + q_len, self.k_offset + k_len)
         self.inner.check(batch, heads, self.q_total or side, self.k_total or side, device)
+        if torch.is_grad_enabled() and any(p.tensor.requires_grad for p in tensor_bias_parts(self.inner)):
+            # The backends take a tensor bias's gradient from the tensor itself; through a shift
+            # that slice would be lost on the tiled path, so it is refused rather than dropped.
+            raise ValueError(f"{self!r}: a shifted tensor bias cannot require grad; detach it, or pass the "
+                             "slice of the tensor for this piece as its own bias")
 
     def __repr__(self) -> str:
         return f"{self.inner!r}.shifted({self.q_offset}, {self.k_offset})"
