@@ -223,7 +223,8 @@ def bench(args: argparse.Namespace) -> int:
     kwargs = {"backends": args.backends, "peers": args.peers, "backward": args.backward,
               "dtype": getattr(torch, args.dtype), "device": args.device, "batch": args.batch, "heads": args.heads,
               "kv_heads": args.kv_heads, "head_dim": args.head_dim, "window": args.window,
-              "repeats": args.repeats, "memory": not args.no_memory, "max_dense_gib": args.max_dense_gib}
+              "repeats": args.repeats, "memory": not args.no_memory, "max_dense_gib": args.max_dense_gib,
+              "load": args.load}
     with _progress(con) as progress:
         result = bench_lib.run(args.cases, args.lengths, progress=progress, **kwargs)
     table = bench_lib.markdown(result)
@@ -234,7 +235,9 @@ def bench(args: argparse.Namespace) -> int:
         for r in result.rows:
             ups = result.speedups(r.case, r.length, r.impl) if r.impl.startswith("attnkit:") else {}
             rows.append((r.case, str(r.length), r.impl.removeprefix("attnkit:"),
-                         "" if r.ms is None else f"{r.ms:.2f}", "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+                         ("" if r.ms is None else f"{r.ms:.2f}")
+                         + ("" if r.slowdown is None else f" (x{r.slowdown:.1f} loaded)"),
+                         "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
                          "" if r.gflops is None else f"{r.gflops:.1f} ({r.pct_of_matmul:.0f}%)",
                          *(f"{ups[p]:.2f}x" if p in ups else "" for p in args.peers),
                          r.status + (f": {r.note}" if r.note and r.status != "ok" else "")
@@ -450,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_bench.add_argument("--max-dense-gib", type=float, default=4.0,
                          help="skip implementations that would hold dense scores larger than this")
     p_bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p_bench.add_argument("--load", type=int, default=0, metavar="N",
+                         help="time again with N background loads (spin / 2-thread matmul) and report slowdowns")
     p_bench.add_argument("--json", help="write every figure to this file")
     p_bench.add_argument("--plot", help="write a PNG of time and memory against L (needs matplotlib)")
     p_bench.add_argument("--markdown", action="store_true", help="print a markdown table")

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
 from attnkit.biases import tensor_bias_parts
+from attnkit.functional import _bands
 from attnkit.functional._call import AttentionCall, dropout_keep, transform_scores
 
 _SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in float32
@@ -278,13 +279,31 @@ def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device) -> S
                       chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
 
 
-def _merge(out: Tensor | None, lse: Tensor | None, o: Tensor, l: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two normalised partial results by their log-sum-exp."""
-    if out is None:
-        return o, l
-    new = torch.logaddexp(lse, l)
-    safe = torch.where(new == _NEG_INF, 0.0, new)
-    return out * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(l - safe).unsqueeze(-1), new
+_merge = _bands.lse_merge
+
+
+class _Banded(torch.autograd.Function):
+    """The batched fused path (:mod:`attnkit.functional._bands`): ops independent of L."""
+
+    @staticmethod
+    def forward(ctx, call, plan, q_rows, k, v, *bias_tensors):
+        out, lse = _bands.band_forward(call, plan, q_rows, k, v)
+        ctx.call, ctx.plan = call, plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q_rows, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        if dlse is None:
+            dout = torch.zeros_like(out) if dout is None else dout
+            dq, dk, dv = _bands.band_backward(call, ctx.plan, q_rows, k, v, out, lse, dout)
+        else:  # a gradient on lse: the per-chunk backward adds its term
+            dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+        return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(call.bias)))
 
 
 class _Tiled(torch.autograd.Function):
@@ -417,9 +436,12 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
     q_rows = _fold(call.q.to(cd), hkv, g)
     k, v = call.k.to(cd), call.v.to(cd)
-    plan = _plan(call, _block_q(call))
     bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
-    out_rows, lse_rows = _Tiled.apply(call, plan, q_rows, k, v, *bias_tensors)
+    if KERNEL == "auto" and _fused_forward_ok(call) and (not call.requires_grad or _fused_backward_ok(call)):
+        q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
+        out_rows, lse_rows = _Banded.apply(call, _bands.band_plan(call), q_rows, k, v, *bias_tensors)
+    else:
+        out_rows, lse_rows = _Tiled.apply(call, _plan(call, _block_q(call)), q_rows, k, v, *bias_tensors)
     return _unfold(out_rows, hkv, g).to(call.q.dtype), _unfold(lse_rows, hkv, g)
 
 
