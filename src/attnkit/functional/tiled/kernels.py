@@ -1,41 +1,21 @@
-"""Batched execution of the tiled backend on the fused CPU kernel: a bounded number of ops.
+"""The tiled backend's kernels: per segment (fused or math) and per run (batched fused).
 
-The per-chunk loop of :mod:`attnkit.functional.tiled` dispatches a handful of ops for
-every (query chunk, key segment) pair; on a loaded machine each op's parallel region
-waits at a barrier, so the call slows with the op count. Here the call is split into
-
-* the **near band**: for each query chunk of ``_BAND_Q`` positions, the keys from its
-  first non-full block (or one block before the far part's edge) to its last non-empty
-  block. Consecutive chunks whose bands have the same offset relative to the chunk, the
-  same width and the same height form a *run*; a run is ONE call of the fused kernel,
-  with queries viewed as (X, N, bq*G, D), keys and values as overlapping strided views
-  (X, N, W, D) (no copy) and one additive mask (1|X, N, bq*G, W) evaluated by the mask
-  and bias on a :class:`BandBlock` (every chunk's band at once).
-* the **far part** (causal-like maps): keys wholly below a diagonal ``j <= i + s`` whose
-  blocks are all full. It runs as the fused kernel's own ``is_causal`` (one call per query
-  head within a group, plus one unmasked call for ``s > 0``); ALiBi enters as a per-key
-  column plus a per-row shift of the log-sum-exp. The near band then excludes ``j <= i + s``.
-
-The op count depends on the number of runs (a few for window, causal, dense, prefix-LM),
-on G and on B (masks that depend on the batch element run per element), never on L.
-Temporaries are O(L * band width).
+Each computes normalised outputs and log-sum-exps for the keys it is given; the
+backward kernels recompute probabilities from the final ``lse`` (FlashAttention-2), so
+any piece can be differentiated given the global statistics.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cached_property
-
 import torch
 from torch import Tensor
 
-from attnkit._blocks import EMPTY, FULL, ScoreBlock
-from attnkit.biases import _ALiBi, _Chain
-from attnkit.masks import _And, _Diagonal, _Not, _PrefixLM
+from attnkit._blocks import ScoreBlock
+from attnkit.biases import tensor_bias_parts
+from attnkit.functional._call import AttentionCall, dropout_keep, transform_scores
+from attnkit.functional._merge import lse_merge
+from attnkit.functional.tiled.plan import _BAND_Q, BandBlock, BandPlan, _band_safe, _far_bias, _Run
 
-_BAND_Q = 128  # queries per chunk, and keys per block of the block map
-_MAX_PIECES = 4  # a long run splits into at most this many calls to bound its mask
-_PIECE_BUDGET = 1 << 23  # mask elements per call before a run splits
 _NEG_INF = float("-inf")
 
 
@@ -44,154 +24,135 @@ def _ops():
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 
 
-@dataclass(frozen=True)
-class BandBlock(ScoreBlock):
-    """Rows ``[q_start, q_stop)`` in chunks of ``chunk``; chunk ``c`` sees keys
-    ``[k_start + c * stride, k_start + c * stride + width)`` with ``width = k_stop - k_start``.
+# -- the fused kernel, per segment -------------------------------------------------------
 
-    ``j`` is per row, shape (1, 1, rows, 1, width); ``shape`` is (B, Hkv, rows, G, width).
-    Only masks and biases written in ``b, h, i, j`` (see :func:`_band_safe`) may read it.
+
+def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype: torch.dtype
+                   ) -> tuple[Tensor | None, Tensor | None]:
+    """The segment's mask and additive biases for the fused kernel.
+
+    Returns ``(add, row)``: ``add`` is one float tensor (B|1, Hkv|1, bq*G|1, bk) or None;
+    ``row`` (B|1, Hkv|1, bq*G) is a per-row shift left out of ``add`` (a separable
+    bias), which changes only the log-sum-exp, or None.
     """
-
-    chunk: int = 1
-    stride: int = 0
-
-    @cached_property
-    def j(self) -> Tensor:
-        rows = torch.arange(self.q_stop - self.q_start, device=self.device) // self.chunk
-        width = torch.arange(self.k_stop - self.k_start, device=self.device)
-        return (self.k_start + rows * self.stride).unsqueeze(1).add(width).view(1, 1, -1, 1, width.numel())
-
-
-def _band_safe(obj) -> bool:
-    """Whether a mask/bias evaluates from ``b, h, i, j`` alone (so a BandBlock is valid)."""
-    if obj is None or isinstance(obj, (_Diagonal, _PrefixLM, _ALiBi)):
-        return True
-    if isinstance(obj, _And):  # _Or subclasses _And
-        return _band_safe(obj.a) and _band_safe(obj.b)
-    if isinstance(obj, _Not):
-        return _band_safe(obj.a)
-    if isinstance(obj, _Chain):
-        return all(_band_safe(b) for b in obj.items)
-    return False
+    _, _, bq, g, bk = block.shape
+    if not partial and call.bias is not None:
+        split = call.bias.separable(block, dtype)
+        if split is not None:
+            row, col = split
+            row = row.expand(row.shape[0], row.shape[1], bq, g, 1)
+            col = col.expand(col.shape[0], col.shape[1], 1, g, bk)
+            if g > 1:
+                col = col.expand(col.shape[0], col.shape[1], bq, g, bk)
+            return (col.reshape(col.shape[0], col.shape[1], -1, bk),
+                    row.reshape(row.shape[0], row.shape[1], bq * g))
+    add = None if call.bias is None else call.bias.values(block, dtype)
+    if partial:
+        allowed = call.mask.allowed(block)  # type: ignore[union-attr]
+        base = add if add is not None else torch.zeros((), dtype=dtype, device=block.device)
+        add = torch.where(allowed, base, _NEG_INF)
+    if add is None:
+        return None, None
+    add = add.expand(add.shape[0], add.shape[1], bq, g, bk)
+    return add.reshape(add.shape[0], add.shape[1], bq * g, bk), None
 
 
-@dataclass(frozen=True)
-class _Run:
-    n0: int  # first chunk
-    n: int  # chunks
-    rows: int  # query positions per chunk
-    k0: int  # first chunk's first key
-    width: int
-    stride: int  # keys between one chunk's band and the next's: 0 (shared) or _BAND_Q (sliding)
+def _fused_forward(call, block, seg, q_rows, k_seg, v_seg):
+    add, row = _additive_mask(call, block, seg.partial, q_rows.dtype)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out, lse = op(q_rows, k_seg, v_seg, attn_mask=add, scale=call.scale)
+    if add is not None:
+        # The fused kernel reports lse = 0 for a row with no allowed key; it must be -inf.
+        lse = torch.where((add > _NEG_INF).any(-1), lse, _NEG_INF)
+    if row is not None:
+        lse = lse + row
+    return out, lse
 
 
-@dataclass(frozen=True)
-class BandPlan:
-    runs: tuple[_Run, ...]
-    far: int | None  # s: the far part is j <= i + s, or None
+def _fused_backward(call, block, seg, q_rows, k_seg, v_seg, out_rows, lse_rows, dout_rows):
+    add, row = _additive_mask(call, block, seg.partial, q_rows.dtype)
+    if row is not None:
+        lse_rows = lse_rows - row  # the kernel sees scores without the row shift
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    return op(dout_rows, q_rows, k_seg, v_seg, out_rows, lse_rows, 0.0, False,
+              attn_mask=add, scale=call.scale)
 
 
-def band_plan(call) -> BandPlan:
-    """Runs of equal bands and the far diagonal, from the mask's block map at ``_BAND_Q``."""
-    bq, q_len, k_len = _BAND_Q, call.q_len, call.k_len
-    nq, nk = -(-q_len // bq), -(-k_len // bq)
-    if call.mask is None:
-        rows = [[FULL] * nk for _ in range(nq)]
-    else:
-        rows = call.mask.block_states(q_len, k_len, bq, bq, batch=call.batch, heads=call.heads).tolist()
-    spans = []
-    for states in rows:
-        live = [c for c, st in enumerate(states) if st != EMPTY]
-        if not live:
-            spans.append(None)
-            continue
-        lo, hi = live[0], live[-1] + 1
-        f = lo
-        while f < hi and states[f] == FULL:
-            f += 1
-        spans.append((lo, hi, f))
-    far = _far_diagonal(call, spans, nq)
-    plans = [BandPlan(tuple(_pieces(_runs(spans, None, q_len, k_len), call, None)), None)]
-    if far is not None:  # worth it when it leaves fewer runs (causal), not more (dense)
-        plans.append(BandPlan(tuple(_pieces(_runs(spans, far, q_len, k_len), call, far)), far))
-    return min(plans, key=lambda p: len(p.runs))
+# -- the math kernel, per segment --------------------------------------------------------
 
 
-def _runs(spans, far: int | None, q_len: int, k_len: int) -> list[_Run]:
-    """Consecutive chunks whose near bands have one offset, width and height, as runs."""
-    bq = _BAND_Q
-    runs: list[_Run] = []
-    for n, span in enumerate(spans):
-        if span is None:
-            continue
-        lo, hi, f = span
-        start = lo if far is None else max(lo, min(f, n + far // bq))  # far // bq = c - 1
-        k0, k1 = start * bq, min(hi * bq, k_len)
-        if k1 <= k0:
-            continue
-        q0, q1 = n * bq, min(n * bq + bq, q_len)
-        last = runs[-1] if runs else None
-        if last is not None and last.n0 + last.n == n and last.rows == q1 - q0 and last.width == k1 - k0:
-            stride = (k0 - last.k0) if last.n == 1 else last.stride
-            if stride in (0, bq) and last.k0 + last.n * stride == k0:
-                runs[-1] = _Run(last.n0, last.n + 1, last.rows, last.k0, last.width, stride)
-                continue
-        runs.append(_Run(n, 1, q1 - q0, k0, k1 - k0, 0))
-    return runs
-
-
-def _pieces(runs: list[_Run], call, far: int | None) -> list[_Run]:
-    """Split long runs into at most ``_MAX_PIECES`` calls, to bound each call's mask (if any)."""
-    if call.mask is None and call.bias is None and far is None:
-        return runs
-    out = []
-    for run in runs:
-        elems = run.n * run.rows * call.groups * run.width
-        pieces = min(_MAX_PIECES, run.n, -(-elems // _PIECE_BUDGET))
-        step = -(-run.n // pieces)
-        for a in range(0, run.n, step):
-            out.append(_Run(run.n0 + a, min(step, run.n - a), run.rows, run.k0 + a * run.stride, run.width,
-                            run.stride))
-    return out
-
-
-def _far_diagonal(call, spans, nq) -> int | None:
-    """``s`` such that every pair with ``j <= i + s`` lies in full blocks, if that part is worth a call."""
-    last = nq - 1
-    if spans[last] is None:
-        return None
-    c = spans[last][2] - last  # the last chunk's full prefix ends at block last + c
-    if c + last < 2:
-        return None
-    for n, span in enumerate(spans):
-        if n + c >= 1 and (span is None or span[0] != 0 or span[2] < n + c):
-            return None
-    s = (c - 1) * _BAND_Q
-    if call.bias is not None and _far_bias(call, s) is None:
-        return None
+def _scores(call, block, seg, q_rows, k_seg, leaves=None, raw=None):
+    """Masked, transformed scores of one segment, (B, Hkv, bq, G, bk)."""
+    if raw is None:
+        raw = (q_rows @ k_seg.transpose(-1, -2)).mul_(call.scale).view(block.shape)
+    s = transform_scores(raw, block, call, leaves)
+    if seg.partial:
+        s = s.masked_fill(~call.mask.allowed(block), _NEG_INF)
     return s
 
 
-def _far_bias(call, s):
-    """ALiBi on the far part as (row (B|1, Hkv, R, G), col (B|1, Hkv, 1, G, K)), or None.
+def _math_forward(call, block, seg, q_rows, k_seg, v_seg):
+    s = _scores(call, block, seg, q_rows, k_seg)
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == _NEG_INF, 0.0, m)
+    p = (s - m).exp_()
+    total = p.sum(-1, keepdim=True)
+    lse = (m + torch.log(total)).flatten(2, 3).squeeze(-1)  # (B, Hkv, bq*G)
+    if call.dropout_p > 0:
+        p = p * dropout_keep(call, block) / (1.0 - call.dropout_p)
+    b, hkv, bq, g, bk = block.shape
+    out = p.view(b, hkv, bq * g, bk) @ v_seg
+    out = out / torch.where(total > 0, total, 1.0).view(b, hkv, bq * g, 1)
+    return out, lse
 
-    ALiBi is ``row(i) + col(j)`` on each side of its diagonal, so two strips inside the
-    far part (its first key column, its last query row) give it all:
-    ``f(i, j) = f(i, 0) - f(last, 0) + f(last, j)``.
-    """
-    if not all(isinstance(p, _ALiBi) for p in call.bias.parts()):
-        return None
-    r0 = max(0, -s)
-    dt = call.compute_dtype
-    sizes = (call.batch, call.kv_heads, call.groups, call.q_len, call.k_len)
-    strip_a = ScoreBlock(*sizes, r0, call.q_len, 0, 1, call.q.device)
-    strip_b = ScoreBlock(*sizes, call.q_len - 1, call.q_len, 0, call.k_len, call.q.device)
-    a, b = call.bias.separable(strip_a, dt), call.bias.separable(strip_b, dt)
-    if a is None or b is None:
-        return None
-    row = a[0] - a[0][:, :, -1:] + b[0]
-    return row.squeeze(-1), b[1]
+
+def _math_backward(call, block, seg, q_rows, k_seg, v_seg, lse_rows, dout_rows, delta_rows,
+                   bias_grads):
+    b, hkv, bq, g, bk = block.shape
+    parts = [p for p in tensor_bias_parts(call.bias) if p.tensor.requires_grad]
+    needs_chain = call.softcap is not None or (call.bias is not None and not call.bias.additive) or parts
+    raw = (q_rows @ k_seg.transpose(-1, -2)).mul_(call.scale).view(block.shape)
+    leaves: dict[int, Tensor] = {}
+    with torch.enable_grad() if needs_chain else torch.no_grad():
+        if needs_chain:
+            raw = raw.detach().requires_grad_(True)
+            leaves = {id(p): block.take(p.tensor4).detach().to(raw.dtype).requires_grad_(True)
+                      for p in parts}
+        s = _scores(call, block, seg, q_rows, k_seg, leaves, raw=raw)
+    with torch.no_grad():
+        p = torch.exp(s.detach() - lse_rows.reshape(b, hkv, bq, g, 1))  # (B, Hkv, bq, G, bk)
+        pv = p
+        if call.dropout_p > 0:
+            keep = dropout_keep(call, block).to(p.dtype) / (1.0 - call.dropout_p)
+            pv = p * keep
+        dv = pv.view(b, hkv, bq * g, bk).transpose(-1, -2) @ dout_rows
+        dp = (dout_rows @ v_seg.transpose(-1, -2)).view(block.shape)
+        if call.dropout_p > 0:
+            dp = dp * keep
+        ds = p * (dp - delta_rows.reshape(b, hkv, bq, g, 1))
+    if needs_chain:
+        inputs = [raw, *leaves.values()]
+        grads = torch.autograd.grad(s, inputs, ds, allow_unused=True)
+        ds = grads[0] if grads[0] is not None else torch.zeros_like(raw)
+        for part, grad in zip(parts, grads[1:]):
+            if grad is not None:
+                bias_grads[id(part)][block.slices(part.tensor4)] += block.untake(grad, part.tensor4)
+    ds = ds.reshape(b, hkv, bq * g, bk)
+    dq = (ds @ k_seg) * call.scale
+    dk = (ds.transpose(-1, -2) @ q_rows) * call.scale
+    return dq, dk, dv
+
+
+def _lse_grad(call, block, seg, q_rows, k_seg, lse_rows, dlse_rows):
+    """Gradient of sum(dlse * lse) w.r.t. q and k on one segment: d lse_i / d s_ij = p_ij."""
+    b, hkv, bq, g, bk = block.shape
+    s = _scores(call, block, seg, q_rows, k_seg)
+    p = torch.exp(s - lse_rows.reshape(b, hkv, bq, g, 1))
+    ds = (p * dlse_rows.reshape(b, hkv, bq, g, 1)).reshape(b, hkv, bq * g, bk)
+    return (ds @ k_seg) * call.scale, (ds.transpose(-1, -2) @ q_rows) * call.scale
+
+
+# -- the batched fused kernel, per run ----------------------------------------------------
 
 
 def _band_additive(call, run: _Run, far: int | None, dtype) -> Tensor | None:
@@ -278,20 +239,8 @@ def band_forward(call, plan: BandPlan, q_rows, k, v):
     out, lse = out.view(b, hkv, -1, v.shape[-1]), lse.view(b, hkv, -1)
     if plan.far is not None:
         o_far, l_far = _far_forward(call, plan.far, q_rows, k, v)
-        out, lse = lse_merge(out, lse, o_far, l_far)
+        out, lse = lse_merge(out, lse, o_far, l_far) if plan.runs else (o_far, l_far)
     return out, lse
-
-
-def lse_merge(out: Tensor | None, lse: Tensor | None, o: Tensor, lse_o: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two normalised partial results (out (..., Dv), lse (...)) by their log-sum-exp.
-
-    ``out`` None starts an accumulation. Rows with ``lse = -inf`` on both sides stay zero.
-    """
-    if out is None:
-        return o, lse_o
-    new = torch.logaddexp(lse, lse_o)
-    safe = torch.where(new == _NEG_INF, 0.0, new)
-    return out * torch.exp(lse - safe).unsqueeze(-1) + o * torch.exp(lse_o - safe).unsqueeze(-1), new
 
 
 def _far_pieces(call, s):
