@@ -31,10 +31,10 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(params=["auto", "math"])
-def tiled_kernel(request, monkeypatch):
+def tiled_kernel(request):
     """Run a test once with the fused CPU kernel allowed and once with plain math only."""
-    monkeypatch.setattr(tiled, "KERNEL", request.param)
-    return request.param
+    with tiled.kernel(request.param):
+        yield request.param
 
 
 def qkv(batch=1, heads=2, kv_heads=None, q_len=7, k_len=None, head_dim=16, v_dim=None,

@@ -15,6 +15,7 @@ ValueError; it may never answer wrongly. Failures shrink to a minimal case
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -408,8 +409,8 @@ def check(case: Case) -> None:
     ref_out, ref_lse = reference(case, rq, rk, rv, rtensors)
 
     want_lse = case.backend != "sdpa"
-    saved = tiled.KERNEL
-    tiled.KERNEL = case.kernel
+    pinned = contextlib.ExitStack()
+    pinned.enter_context(tiled.kernel(case.kernel))
     try:
         try:
             result = attnkit.attention(q, k, v, mask=mask, bias=bias, scale=case.scale, softcap=case.softcap,
@@ -443,7 +444,7 @@ def check(case: Case) -> None:
         ref_g = torch.autograd.grad(loss(ref_out, ref_lse if lse is not None else None),
                                     [t for t in ref_in if t.requires_grad], allow_unused=True)
     finally:
-        tiled.KERNEL = saved
+        pinned.close()
     names = [n for n, t in zip(["dq", "dk", "dv", *[f"dbias{n}" for n in range(len(rt))]], leaves)
              if t.requires_grad]
     for name, a, b in zip(names, got, ref_g):

@@ -46,6 +46,14 @@ class Bias:
         block slices of tensor biases, so the tiled backward can differentiate them."""
         return scores + self.values(block, scores.dtype)
 
+    by_position = False
+    """Whether the bias reads only the block's ``b, h, i, j`` index tensors (never its ranges),
+    so it can be evaluated on any layout of indices (the tiled backend's moving key band)."""
+
+    splits_by_side = False
+    """Whether, on each side of its diagonal, the bias is ``row(i) + col(j)`` everywhere, so
+    :meth:`separable` answers for any block wholly on one side (ALiBi)."""
+
     def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         """On this block, the bias as ``row + col``, if it splits so.
 
@@ -96,6 +104,8 @@ class _Chain(Bias):
     def __init__(self, items: tuple[Bias, ...]):
         self.items = items
         self.additive = all(b.additive for b in items)
+        self.by_position = all(b.by_position for b in items)
+        self.splits_by_side = all(b.splits_by_side for b in items)
         heads = {getattr(b, "num_heads", None) for b in items} - {None}
         if len(heads) == 1:
             self.num_heads = heads.pop()
@@ -194,6 +204,8 @@ def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
 
 class _ALiBi(Bias):
     lengths: Lengths | None = None  # per-sequence alignment, if given
+    by_position = True
+    splits_by_side = True
 
     def __init__(self, slopes: Tensor, align: str):
         # float64 slopes stay float64, so a float64 call computes ALiBi in float64;

@@ -268,6 +268,18 @@ class Mask:
         """This mask as SDPA's native arguments at these lengths, or None if it needs a dense mask."""
         return None
 
+    @property
+    def by_position(self) -> bool:
+        """Whether :meth:`allowed` reads only the block's ``b, h, i, j`` index tensors (never its
+        ranges), so it can be evaluated on any layout of indices, such as the tiled backend's
+        band of keys that moves with each query row. False unless a mask says so."""
+        return False
+
+    def causal_offset(self, q_len: int, k_len: int) -> int | None:
+        """``s`` if this mask is exactly ``j <= i + s`` at these lengths (causal in either
+        alignment, or shifted), else None."""
+        return None
+
     # -- pieces of a longer sequence ------------------------------------------------------
 
     def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
@@ -454,6 +466,10 @@ class _And(Mask):
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
 
+    @property
+    def by_position(self) -> bool:
+        return self.a.by_position and self.b.by_position
+
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) & self.b.allowed(block)
 
@@ -508,6 +524,10 @@ class _Or(_And):
 class _Not(Mask):
     def __init__(self, a: Mask):
         self.a = a
+
+    @property
+    def by_position(self) -> bool:
+        return self.a.by_position
 
     def allowed(self, block):
         return ~self.a.allowed(block)
@@ -592,8 +612,15 @@ class _Diagonal(Mask):
         self.align = require_choice("align", align, _ALIGNS)
         self.shift = shift
 
+    by_position = True
+
     def _diagonal(self, q_len: int, k_len: int) -> int:
         return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
+
+    def causal_offset(self, q_len: int, k_len: int) -> int | None:
+        if self.left is not None or self.right is None or self.lengths is not None:
+            return None
+        return self._diagonal(q_len, k_len) + self.right
 
     def _diagonals(self, q_len: int, k_len: int, device: torch.device) -> Tensor | int:
         """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
@@ -739,6 +766,8 @@ def sliding_window(left: int, right: int = 0, align: str = "top_left", *,
 
 
 class _PrefixLM(Mask):
+    by_position = True
+
     def __init__(self, prefix_length: int | Tensor, align: str):
         self.align = require_choice("align", align, _ALIGNS)
         if isinstance(prefix_length, Tensor):

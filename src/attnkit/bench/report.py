@@ -25,6 +25,8 @@ def markdown(result: BenchResult) -> str:
     """
     s = result.settings
     peers = list(s["peers"])
+    load = s.get("load", 0)
+    load_head = f" ms, load {load} | slowdown |" if load else ""
     lines = [
         f"Machine: {result.machine}. fp32 matmul (2048x2048): {result.matmul_gflops:.0f} GFLOP/s.",
         f"B={s['batch']}, H={s['heads']}, D={s['head_dim']}, {s['dtype']} on {s['device']}, "
@@ -33,8 +35,8 @@ def markdown(result: BenchResult) -> str:
         f"{' (backward as 2.5x forward)' if s['backward'] else ''}.",
         "",
         "| case | L | implementation | ms | peak MiB | GFLOP/s (% of matmul) | "
-        + " | ".join(f"speed vs {_PEER_NAMES[p]}" for p in peers) + " | status |",
-        "|---|---|---|---|---|---|" + "---|" * len(peers) + "---|",
+        + " | ".join(f"speed vs {_PEER_NAMES[p]}" for p in peers) + " | status |" + load_head,
+        "|---|---|---|---|---|---|" + "---|" * len(peers) + "---|" + "---|---|" * bool(load),
     ]
     for r in result.rows:
         rate = f"{r.gflops:.1f} ({r.pct_of_matmul:.0f}%)" if r.gflops is not None else ""
@@ -49,7 +51,11 @@ def markdown(result: BenchResult) -> str:
         if notes:
             status += ": " + "; ".join(notes)
         lines.append(f"| {r.case} | {r.length} | {r.impl} | {_num(r.ms, '.2f')} | {_num(r.peak_mib, '.0f')} | "
-                     f"{rate} | " + " | ".join(ratio_cells) + f" | {status} |")
+                     f"{rate} | " + " | ".join(ratio_cells) + f" | {status} |"
+                     + (f" {_num(r.loaded_ms, '.2f')} | {_num(r.slowdown, '.1f')}x |" if load else ""))
+    if load:
+        lines += ["", f"Slowdown: time with {load} background loads (a Python spin loop and a 2-thread torch "
+                  "matmul loop, alternating) over the idle time."]
     cases = list(dict.fromkeys(r.case for r in result.rows))
     impls = result.impls()
     if len(s["lengths"]) > 1:

@@ -22,6 +22,7 @@ import attnkit
 from attnkit._checks import require_int, require_real
 from attnkit._timing import interleaved_median_seconds, machine, matmul_gflops, peak_memory_mib
 from attnkit.bench.cases import CASES, DEFAULT_CASES, Problem, make_problem
+from attnkit.bench.load import background_load
 
 __all__ = ["BACKENDS", "PEERS", "BenchResult", "Row", "run"]
 
@@ -49,6 +50,8 @@ class Row:
     max_err: float | None = None
     compile_s: float | None = None  # FlexAttention: first call minus a timed call
     note: str = ""
+    loaded_ms: float | None = None  # with ``load`` background processes running
+    slowdown: float | None = None  # loaded_ms / ms
 
 
 @dataclass
@@ -175,7 +178,7 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
         backends: Sequence[str] = BACKENDS, peers: Sequence[str] = tuple(PEERS), backward: bool = False,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", batch: int = 1,
         heads: int = 8, kv_heads: int = 2, head_dim: int = 64, window: int = 512, repeats: int = 5,
-        memory: bool = True, max_dense_gib: float = 4.0,
+        memory: bool = True, max_dense_gib: float = 4.0, load: int = 0, load_seconds: float = 1800.0,
         progress: Callable[[str, int, int], None] | None = None) -> BenchResult:
     """Time and check every (case, length, implementation).
 
@@ -190,6 +193,10 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
             past this size.
         repeats: timed calls per implementation, interleaved; the median is reported.
         memory: also measure each implementation's peak memory (one more call each).
+        load: after the idle run, time everything again with this many background loads
+            (:func:`attnkit.bench.load.background_load`: spin and 2-thread matmul, alternating)
+            and report each row's ``loaded_ms`` and ``slowdown`` (loaded / idle).
+        load_seconds: deadline of each load process; they are killed when the run ends anyway.
         progress: called with (description, done, total) as the run advances.
 
     Returns a :class:`BenchResult`.
@@ -197,26 +204,41 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
     device = torch.device(device)
     _check_run_args(cases, lengths, backends, peers, dtype, max_dense_gib, batch=batch, heads=heads,
                     kv_heads=kv_heads, head_dim=head_dim, window=window, repeats=repeats)
+    load = require_int("load", load, minimum=0)
     flex = None
     settings = {"cases": list(cases), "lengths": list(lengths), "backends": list(backends), "peers": list(peers),
                 "backward": backward, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                 "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window,
-                "repeats": repeats}
+                "repeats": repeats, "load": load}
     result = BenchResult(machine(), settings, matmul_gflops(device))
     if "flex" in peers:
         try:
             flex = _Flex()
         except ImportError as err:  # torch < 2.5
             flex = err
-    total, done = len(cases) * len(lengths), 0
-    for case in cases:
-        for length in lengths:
-            if progress:
-                progress(f"{case} L={length}", done, total)
-            result.rows.extend(_run_one(case, length, result.matmul_gflops, flex, backends, peers, backward,
-                                        dtype, device, batch, heads, kv_heads, head_dim, window, repeats,
-                                        memory, max_dense_gib))
-            done += 1
+    total, done = len(cases) * len(lengths) * (2 if load else 1), 0
+
+    def one_pass(label: str, with_memory: bool) -> list[Row]:
+        nonlocal done
+        rows = []
+        for case in cases:
+            for length in lengths:
+                if progress:
+                    progress(f"{case} L={length}{label}", done, total)
+                rows.extend(_run_one(case, length, result.matmul_gflops, flex, backends, peers, backward,
+                                     dtype, device, batch, heads, kv_heads, head_dim, window, repeats,
+                                     with_memory, max_dense_gib))
+                done += 1
+        return rows
+
+    result.rows = one_pass("", memory)
+    if load:
+        with background_load(load, load_seconds):
+            loaded = {(r.case, r.length, r.impl): r for r in one_pass(f" under load {load}", False)}
+        for r in result.rows:
+            other = loaded.get((r.case, r.length, r.impl))
+            if r.ms is not None and other is not None and other.ms is not None:
+                r.loaded_ms, r.slowdown = other.ms, other.ms / r.ms
     if progress:
         progress("done", done, total)
     return result

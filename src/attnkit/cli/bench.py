@@ -53,6 +53,9 @@ def add_parser(sub) -> Parser:
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--plot", help="write a PNG of time and memory against L (needs matplotlib)")
     p.add_argument("--markdown", action="store_true", help="print a markdown table (alone on stdout)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="time each case again with N background loads (a spin loop and a 2-thread matmul loop, "
+                        "alternating; bounded in time, always stopped) and report each slowdown")
     p.set_defaults(run=run)
     return p
 
@@ -70,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                                backward=args.backward, dtype=getattr(torch, args.dtype), device=args.device,
                                batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                window=args.window, repeats=repeats,
-                               memory=not (args.no_memory or args.quick), max_dense_gib=args.max_dense_gib)
+                               memory=not (args.no_memory or args.quick), max_dense_gib=args.max_dense_gib,
+                               load=args.load)
     if args.markdown:
         print(bench_lib.markdown(result))
     else:
@@ -95,7 +99,9 @@ def rows(result, peers) -> list[tuple[str, ...]]:
     for r in result.rows:
         ups = result.speedups(r.case, r.length, r.impl) if r.impl.startswith("attnkit:") else {}
         out.append((r.case, str(r.length), r.impl.removeprefix("attnkit:"),
-                    "" if r.ms is None else f"{r.ms:.2f}", "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+                    ("" if r.ms is None else f"{r.ms:.2f}")
+                    + ("" if r.slowdown is None else f" (x{r.slowdown:.1f} loaded)"),
+                    "" if r.peak_mib is None else f"{r.peak_mib:.0f}",
                     "" if r.gflops is None else f"{r.gflops:.1f} ({r.pct_of_matmul:.0f}%)",
                     *(f"{ups[p]:.2f}x" if p in ups else "" for p in peers),
                     r.status + (f": {r.note}" if r.note and r.status != "ok" else "")

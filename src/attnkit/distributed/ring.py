@@ -31,6 +31,7 @@ from attnkit._checks import describe, require_choice
 from attnkit.biases import Bias, as_bias, tensor_bias_parts
 from attnkit.functional import attention
 from attnkit.functional._call import make_call
+from attnkit.functional._merge import lse_merge
 from attnkit.functional.tiled import partial_gradients
 from attnkit.masks import Mask, as_mask
 
@@ -110,15 +111,6 @@ def _exchange(tensors: list[Tensor], rank: int, world: int, group) -> tuple[list
     return received, requests, sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Combine two partial attentions over disjoint key sets by log-sum-exp (float32)."""
-    new = torch.logaddexp(acc_lse, lse)
-    safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)  # rows with no key yet: keep 0
-    w_old = torch.exp(acc_lse - safe)[..., None]
-    w_new = torch.exp(lse - safe)[..., None]
-    return acc_out * w_old + out.to(acc_out.dtype) * w_new, new
-
-
 class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, bias, scale, sharding, group):
@@ -144,7 +136,7 @@ class _Ring(torch.autograd.Function):
                         continue
                     out, lse = attention(q[:, :, ql:ql + qn], kh[:, :, kl:kl + kn], vh[:, :, kl:kl + kn],
                                          mask=m, bias=_local_bias(bias, qs, ks, total), scale=scale, return_lse=True)
-                    o, l_ = _merge(acc_out[:, :, ql:ql + qn], acc_lse[:, :, ql:ql + qn], out, lse)
+                    o, l_ = lse_merge(acc_out[:, :, ql:ql + qn], acc_lse[:, :, ql:ql + qn], out, lse)
                     acc_out[:, :, ql:ql + qn], acc_lse[:, :, ql:ql + qn] = o, l_
             if step < world - 1:
                 for r in requests:

@@ -1,0 +1,176 @@
+"""The tiled backend's autograd functions and entry points."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnkit._blocks import ScoreBlock
+from attnkit.biases import tensor_bias_parts
+from attnkit.functional._call import AttentionCall
+from attnkit.functional._merge import lse_merge
+from attnkit.functional.tiled import kernels
+from attnkit.functional.tiled.kernels import _fused_backward, _fused_forward, _lse_grad, _math_backward, _math_forward
+from attnkit.functional.tiled.plan import _block_q, _Chunk, _plan, _Segment, band_plan
+from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok, banded
+
+_NEG_INF = float("-inf")
+
+
+def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device) -> ScoreBlock:
+    return ScoreBlock(call.batch, call.kv_heads, call.groups, call.q_len, call.k_len,
+                      chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
+
+
+class _Banded(torch.autograd.Function):
+    """The batched fused path (:func:`.plan.band_plan`, :func:`.kernels.band_forward`): ops independent of L."""
+
+    @staticmethod
+    def forward(ctx, call, plan, q_rows, k, v, *bias_tensors):
+        out, lse = kernels.band_forward(call, plan, q_rows, k, v)
+        ctx.call, ctx.plan = call, plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q_rows, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        if dlse is None:
+            dout = torch.zeros_like(out) if dout is None else dout
+            dq, dk, dv = kernels.band_backward(call, ctx.plan, q_rows, k, v, out, lse, dout)
+        else:  # a gradient on lse: the per-chunk backward adds its term
+            dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+        return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(call.bias)))
+
+
+class _Tiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, call, plan, q_rows, k, v, *bias_tensors):
+        # q_rows (B, Hkv, Lq*G, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); compute dtype
+        b, hkv, _, _ = q_rows.shape
+        g = call.groups
+        out = q_rows.new_zeros(b, hkv, q_rows.shape[2], v.shape[-1])
+        lse = q_rows.new_full((b, hkv, q_rows.shape[2]), _NEG_INF)
+        kernel = _fused_forward if _fused_forward_ok(call) else _math_forward
+        for chunk in plan:
+            rows = slice(chunk.q_start * g, chunk.q_stop * g)
+            q_c = q_rows[:, :, rows]
+            acc_o = acc_l = None
+            for seg in chunk.segments:
+                block = _chunk_block(call, chunk, seg, q_rows.device)
+                o, l = kernel(call, block, seg, q_c, k[:, :, seg.k_start : seg.k_stop],
+                              v[:, :, seg.k_start : seg.k_stop])
+                acc_o, acc_l = lse_merge(acc_o, acc_l, o, l)
+            if acc_o is not None:
+                out[:, :, rows] = acc_o
+                lse[:, :, rows] = acc_l
+        ctx.call, ctx.plan = call, plan
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q_rows, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout, dlse):
+        q_rows, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, bias_grads = _backward_rows(ctx.call, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
+        parts = tensor_bias_parts(ctx.call.bias)
+        bias_out = [bias_grads[id(p)].reshape(p.tensor.shape).to(p.tensor.dtype)
+                    if id(p) in bias_grads else None for p in parts]
+        return None, None, dq, dk, dv, *bias_out
+
+
+def _backward_rows(call, plan, q_rows, k, v, out, lse, dout, dlse):
+    """FlashAttention-2's backward over the plan, from the rows' final ``out`` and ``lse``.
+
+    ``out`` and ``lse`` may come from a larger call whose keys include these (ring
+    attention): the recomputed probabilities ``exp(s - lse)`` are then this call's share.
+    """
+    g = call.groups
+    dq = torch.zeros_like(q_rows)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+    # D_i = rowsum(dO * O); a gradient on lse enters as -dlse (d lse / d s = p).
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    # Rows with no allowed key: lse = +inf makes every recomputed probability 0.
+    lse_b = torch.where(lse == _NEG_INF, float("inf"), lse)
+    parts = tensor_bias_parts(call.bias)
+    bias_grads = {id(p): torch.zeros_like(p.tensor4, dtype=q_rows.dtype) for p in parts
+                  if p.tensor.requires_grad}
+    fused = _fused_backward_ok(call)
+    for chunk in plan:
+        rows = slice(chunk.q_start * g, chunk.q_stop * g)
+        q_c, o_c, l_c, do_c, d_c = (t[:, :, rows] for t in (q_rows, out, lse_b, dout, delta))
+        for seg in chunk.segments:
+            cols = slice(seg.k_start, seg.k_stop)
+            block = _chunk_block(call, chunk, seg, q_rows.device)
+            if fused:
+                gq, gk, gv = _fused_backward(call, block, seg, q_c, k[:, :, cols], v[:, :, cols],
+                                             o_c, l_c, do_c)
+                if dlse is not None:  # the fused kernel knows only D_i = rowsum(dO * O)
+                    extra_q, extra_k = _lse_grad(call, block, seg, q_c, k[:, :, cols], l_c,
+                                                 dlse[:, :, rows])
+                    gq, gk = gq + extra_q, gk + extra_k
+            else:
+                gq, gk, gv = _math_backward(call, block, seg, q_c, k[:, :, cols], v[:, :, cols],
+                                            l_c, do_c, d_c, bias_grads)
+            dq[:, :, rows] += gq
+            dk[:, :, cols] += gk
+            dv[:, :, cols] += gv
+    return dq, dk, dv, bias_grads
+
+
+def _fold(t: Tensor, hkv: int, g: int) -> Tensor:
+    """(B, H, L, ...) -> (B, Hkv, L*G, ...) with rows ordered (i, g), as the plan expects."""
+    if g == 1:
+        return t
+    b, _, length = t.shape[:3]
+    rest = t.shape[3:]
+    return t.view(b, hkv, g, length, *rest).transpose(2, 3).reshape(b, hkv, length * g, *rest)
+
+
+def _unfold(t: Tensor, hkv: int, g: int) -> Tensor:
+    if g == 1:
+        return t
+    b, _, rows = t.shape[:3]
+    rest = t.shape[3:]
+    return t.view(b, hkv, rows // g, g, *rest).transpose(2, 3).reshape(b, hkv * g, rows // g, *rest)
+
+
+def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tensor,
+                      dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v for the keys of ``call``, when they are part of a larger key set.
+
+    ``out`` (B, H, Lq, Dv) and ``lse`` (B, H, Lq) are the final results over all keys, and
+    ``dout``/``dlse`` their gradients. Used by ring attention: summing these over the key
+    shards gives exactly the gradients of the whole call. O(L) memory, like the backward.
+    """
+    cd = call.compute_dtype
+    hkv, g = call.kv_heads, call.groups
+    q_rows = _fold(call.q.to(cd), hkv, g)
+    fold = [_fold(t.to(cd), hkv, g) for t in (out, lse, dout)]
+    dlse_rows = None if dlse is None else _fold(dlse.to(cd), hkv, g)
+    plan = _plan(call, _block_q(call))
+    dq, dk, dv, _ = _backward_rows(call, plan, q_rows, call.k.to(cd), call.v.to(cd), *fold, dlse_rows)
+    return _unfold(dq, hkv, g), dk, dv
+
+
+def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    cd = call.compute_dtype
+    hkv, g = call.kv_heads, call.groups
+    # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
+    q_rows = _fold(call.q.to(cd), hkv, g)
+    k, v = call.k.to(cd), call.v.to(cd)
+    bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
+    if banded(call):
+        q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
+        out_rows, lse_rows = _Banded.apply(call, band_plan(call), q_rows, k, v, *bias_tensors)
+    else:
+        out_rows, lse_rows = _Tiled.apply(call, _plan(call, _block_q(call)), q_rows, k, v, *bias_tensors)
+    return _unfold(out_rows, hkv, g).to(call.q.dtype), _unfold(lse_rows, hkv, g)

@@ -1,0 +1,239 @@
+"""The tiled backend's plans: which keys each query chunk visits, and how chunks batch.
+
+* :func:`_plan` (per-chunk engine): each query chunk's key *segments*, runs of full or
+  partial blocks from the mask's block map; empty blocks are skipped.
+* :func:`band_plan` (batched engine): consecutive chunks with the same band of keys
+  relative to the chunk form one *run*, one fused-kernel call; a causal-like map's full
+  part below a diagonal becomes the *far* part, run by the kernel's own ``is_causal``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from attnkit._blocks import EMPTY, FULL, ScoreBlock
+from attnkit.functional._call import AttentionCall
+from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok
+
+_SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in float32
+_BLOCK_K = 128  # key granularity of the block map
+_MIN_SEGMENT = 512  # keys a materialising segment may span, at least, when the budget allows
+_BAND_Q = 128  # batched engine: queries per chunk, and keys per block of the block map
+_MAX_PIECES = 4  # a long run splits into at most this many calls to bound its mask
+_PIECE_BUDGET = 1 << 23  # mask elements per call before a run splits
+
+
+@dataclass(frozen=True)
+class _Segment:
+    k_start: int
+    k_stop: int
+    partial: bool  # the mask must be evaluated on this segment
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    q_start: int
+    q_stop: int
+    segments: tuple[_Segment, ...]
+
+
+def _plan(call: AttentionCall, block_q: int) -> list[_Chunk]:
+    """Split the call into query chunks, each with the key segments it must visit."""
+    q_len, k_len = call.q_len, call.k_len
+    nq = -(-q_len // block_q)
+    nk = -(-k_len // _BLOCK_K)
+    if call.mask is None:
+        state_rows = [[FULL] * nk for _ in range(nq)]
+    else:
+        state_rows = call.mask.block_states(q_len, k_len, block_q, _BLOCK_K, batch=call.batch,
+                                               heads=call.heads).tolist()
+    # A segment that materialises scores, a mask or a bias spans at most `cap` keys, so
+    # its (B, H, bq, cap) tensors stay within the budget. Full segments on the fused
+    # kernel without a bias materialise nothing and span any length.
+    cap = max(_BLOCK_K, _SCORE_BUDGET // (call.batch * call.heads * block_q) // _BLOCK_K * _BLOCK_K)
+    fused = _fused_forward_ok(call) and (not call.requires_grad or _fused_backward_ok(call))
+    full_cap = k_len if fused and call.bias is None else cap
+    chunks = []
+    for row, states in enumerate(state_rows):
+        segments: list[_Segment] = []
+        col = 0
+        while col < nk:
+            state = states[col]
+            if state == EMPTY:
+                col += 1
+                continue
+            limit = full_cap if state == FULL else cap
+            start = col
+            col += 1
+            while col < nk and states[col] == state and (col - start + 1) * _BLOCK_K <= limit:
+                col += 1
+            segments.append(_Segment(start * _BLOCK_K, min(col * _BLOCK_K, k_len), state != FULL))
+        q_start = row * block_q
+        chunks.append(_Chunk(q_start, min(q_start + block_q, q_len), tuple(segments)))
+    return chunks
+
+
+def _block_q(call: AttentionCall) -> int:
+    """Query positions per chunk: a power of two in [16, 256] within the score budget."""
+    per_row = call.batch * call.heads * _MIN_SEGMENT
+    size = 256
+    while size > 16 and size * per_row > _SCORE_BUDGET:
+        size //= 2
+    return size
+
+
+# -- the batched engine's plan ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BandBlock(ScoreBlock):
+    """Rows ``[q_start, q_stop)`` in chunks of ``chunk``; chunk ``c`` sees keys
+    ``[k_start + c * stride, k_start + c * stride + width)`` with ``width = k_stop - k_start``.
+
+    ``j`` is per row, shape (1, 1, rows, 1, width); ``shape`` is (B, Hkv, rows, G, width).
+    Only masks and biases written in ``b, h, i, j`` (see :func:`_band_safe`) may read it.
+    """
+
+    chunk: int = 1
+    stride: int = 0
+
+    @cached_property
+    def j(self) -> Tensor:
+        rows = torch.arange(self.q_stop - self.q_start, device=self.device) // self.chunk
+        width = torch.arange(self.k_stop - self.k_start, device=self.device)
+        return (self.k_start + rows * self.stride).unsqueeze(1).add(width).view(1, 1, -1, 1, width.numel())
+
+
+def _band_safe(obj) -> bool:
+    """Whether a mask/bias evaluates from ``b, h, i, j`` alone (so a BandBlock is valid)."""
+    return obj is None or obj.by_position
+
+
+@dataclass(frozen=True)
+class _Run:
+    n0: int  # first chunk
+    n: int  # chunks
+    rows: int  # query positions per chunk
+    k0: int  # first chunk's first key
+    width: int
+    stride: int  # keys between one chunk's band and the next's: 0 (shared) or _BAND_Q (sliding)
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    runs: tuple[_Run, ...]
+    far: int | None  # s: the far part is j <= i + s, or None
+
+
+def band_plan(call) -> BandPlan:
+    """Runs of equal bands and the far diagonal, from the mask's block map at ``_BAND_Q``."""
+    bq, q_len, k_len = _BAND_Q, call.q_len, call.k_len
+    exact = _exact_diagonal(call)
+    if exact is not None and (call.bias is None or _far_bias(call, exact) is not None):
+        return BandPlan((), exact)  # a plain causal mask is the far part alone: no band, no merge
+    nq, nk = -(-q_len // bq), -(-k_len // bq)
+    if call.mask is None:
+        rows = [[FULL] * nk for _ in range(nq)]
+    else:
+        rows = call.mask.block_states(q_len, k_len, bq, bq, batch=call.batch, heads=call.heads).tolist()
+    spans = []
+    for states in rows:
+        live = [c for c, st in enumerate(states) if st != EMPTY]
+        if not live:
+            spans.append(None)
+            continue
+        lo, hi = live[0], live[-1] + 1
+        f = lo
+        while f < hi and states[f] == FULL:
+            f += 1
+        spans.append((lo, hi, f))
+    far = _far_diagonal(call, spans, nq)
+    plans = [BandPlan(tuple(_pieces(_runs(spans, None, q_len, k_len), call, None)), None)]
+    if far is not None:  # worth it when it leaves fewer runs (causal), not more (dense)
+        plans.append(BandPlan(tuple(_pieces(_runs(spans, far, q_len, k_len), call, far)), far))
+    return min(plans, key=lambda p: len(p.runs))
+
+
+def _exact_diagonal(call) -> int | None:
+    """``s`` if the mask is exactly ``j <= i + s`` (causal in either alignment, shifted), else None."""
+    return None if call.mask is None else call.mask.causal_offset(call.q_len, call.k_len)
+
+
+def _runs(spans, far: int | None, q_len: int, k_len: int) -> list[_Run]:
+    """Consecutive chunks whose near bands have one offset, width and height, as runs."""
+    bq = _BAND_Q
+    runs: list[_Run] = []
+    for n, span in enumerate(spans):
+        if span is None:
+            continue
+        lo, hi, f = span
+        start = lo if far is None else max(lo, min(f, n + far // bq))  # far // bq = c - 1
+        k0, k1 = start * bq, min(hi * bq, k_len)
+        if k1 <= k0:
+            continue
+        q0, q1 = n * bq, min(n * bq + bq, q_len)
+        last = runs[-1] if runs else None
+        if last is not None and last.n0 + last.n == n and last.rows == q1 - q0 and last.width == k1 - k0:
+            stride = (k0 - last.k0) if last.n == 1 else last.stride
+            if stride in (0, bq) and last.k0 + last.n * stride == k0:
+                runs[-1] = _Run(last.n0, last.n + 1, last.rows, last.k0, last.width, stride)
+                continue
+        runs.append(_Run(n, 1, q1 - q0, k0, k1 - k0, 0))
+    return runs
+
+
+def _pieces(runs: list[_Run], call, far: int | None) -> list[_Run]:
+    """Split long runs into at most ``_MAX_PIECES`` calls, to bound each call's mask (if any)."""
+    if call.mask is None and call.bias is None and far is None:
+        return runs
+    out = []
+    for run in runs:
+        elems = run.n * run.rows * call.groups * run.width
+        pieces = min(_MAX_PIECES, run.n, -(-elems // _PIECE_BUDGET))
+        step = -(-run.n // pieces)
+        for a in range(0, run.n, step):
+            out.append(_Run(run.n0 + a, min(step, run.n - a), run.rows, run.k0 + a * run.stride, run.width,
+                            run.stride))
+    return out
+
+
+def _far_diagonal(call, spans, nq) -> int | None:
+    """``s`` such that every pair with ``j <= i + s`` lies in full blocks, if that part is worth a call."""
+    last = nq - 1
+    if spans[last] is None:
+        return None
+    c = spans[last][2] - last  # the last chunk's full prefix ends at block last + c
+    if c + last < 2:
+        return None
+    for n, span in enumerate(spans):
+        if n + c >= 1 and (span is None or span[0] != 0 or span[2] < n + c):
+            return None
+    s = (c - 1) * _BAND_Q
+    if call.bias is not None and _far_bias(call, s) is None:
+        return None
+    return s
+
+
+def _far_bias(call, s):
+    """ALiBi on the far part as (row (B|1, Hkv, R, G), col (B|1, Hkv, 1, G, K)), or None.
+
+    ALiBi is ``row(i) + col(j)`` on each side of its diagonal, so two strips inside the
+    far part (its first key column, its last query row) give it all:
+    ``f(i, j) = f(i, 0) - f(last, 0) + f(last, j)``.
+    """
+    if not call.bias.splits_by_side:
+        return None
+    r0 = max(0, -s)
+    dt = call.compute_dtype
+    sizes = (call.batch, call.kv_heads, call.groups, call.q_len, call.k_len)
+    strip_a = ScoreBlock(*sizes, r0, call.q_len, 0, 1, call.q.device)
+    strip_b = ScoreBlock(*sizes, call.q_len - 1, call.q_len, 0, call.k_len, call.q.device)
+    a, b = call.bias.separable(strip_a, dt), call.bias.separable(strip_b, dt)
+    if a is None or b is None:
+        return None
+    row = a[0] - a[0][:, :, -1:] + b[0]
+    return row.squeeze(-1), b[1]
