@@ -505,13 +505,17 @@ def test_a_row_masked_by_a_bias_gives_finite_gradients_through_the_lse(backend):
     assert dq[..., 0, :].eq(0).all()
 
 
+@pytest.mark.parametrize("length", [9, 300])
 @pytest.mark.parametrize("scale", [0.0, -0.7])
-def test_causal_with_a_non_positive_scale_is_exact_under_auto(scale):
-    q, k, v = (t.detach() for t in _inputs(lq=9, lk=9))
-    case = Case(1, 2, 2, 9, 9, 4, 4, torch.float64, 0, 1.0, scale, None, ("causal", "top_left"))
+def test_causal_with_a_non_positive_scale_is_exact(scale, length):
+    """PyTorch's causal kernels mask before they scale (NaN for scale 0); neither sdpa nor the tiled
+    engine's is_causal part may be used then."""
+    q, k, v = (t.detach() for t in _inputs(lq=length, lk=length))
+    case = Case(1, 2, 2, length, length, 4, 4, torch.float64, 0, 1.0, scale, None, ("causal", "top_left"))
     ref, _ = reference(case, q, k, v, [])
-    out = attnkit.attention(q, k, v, mask=masks.causal(), scale=scale)
-    assert _err(out, ref) < 1e-12
+    for backend in ("auto", "tiled"):
+        out = attnkit.attention(q, k, v, mask=masks.causal(), scale=scale, backend=backend)
+        assert _err(out, ref) < 1e-12, backend
     with pytest.raises(ValueError, match="scale <= 0"):
         attnkit.attention(q, k, v, mask=masks.causal(), scale=scale, backend="sdpa")
 

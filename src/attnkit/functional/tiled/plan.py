@@ -132,7 +132,10 @@ class BandPlan:
 def band_plan(call) -> BandPlan:
     """Runs of equal bands and the far diagonal, from the mask's block map at ``_BAND_Q``."""
     bq, q_len, k_len = _BAND_Q, call.q_len, call.k_len
-    exact = _exact_diagonal(call)
+    # The far part runs on the kernel's is_causal, which masks before it scales: with scale <= 0
+    # that is -inf * 0 = NaN (or +inf), so such calls keep every block in bands.
+    causal_ok = call.scale > 0
+    exact = _exact_diagonal(call) if causal_ok else None
     if exact is not None and (call.bias is None or _far_bias(call, exact) is not None):
         return BandPlan((), exact)  # a plain causal mask is the far part alone: no band, no merge
     nq, nk = -(-q_len // bq), -(-k_len // bq)
@@ -151,7 +154,7 @@ def band_plan(call) -> BandPlan:
         while f < hi and states[f] == FULL:
             f += 1
         spans.append((lo, hi, f))
-    far = _far_diagonal(call, spans, nq)
+    far = _far_diagonal(call, spans, nq) if causal_ok else None
     plans = [BandPlan(tuple(_pieces(_runs(spans, None, q_len, k_len), call, None)), None)]
     if far is not None:  # worth it when it leaves fewer runs (causal), not more (dense)
         plans.append(BandPlan(tuple(_pieces(_runs(spans, far, q_len, k_len), call, far)), far))
