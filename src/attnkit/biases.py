@@ -110,27 +110,28 @@ class _Chain(Bias):
         if len(heads) == 1:
             self.num_heads = heads.pop()
 
-    def parts(self):
+    def parts(self) -> tuple[Bias, ...]:
         return self.items
 
-    def values(self, block, dtype):
+    def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
         out = self.items[0].values(block, dtype)
         for b in self.items[1:]:
             out = out + b.values(block, dtype)
         return out
 
-    def apply(self, scores, block, leaves=None):
+    def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
         for b in self.items:
             scores = b.apply(scores, block, leaves)
         return scores
 
-    def separable(self, block, dtype):
+    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         terms = [b.separable(block, dtype) for b in self.items]
-        if any(t is None for t in terms):
+        rows, cols = [t[0] for t in terms if t is not None], [t[1] for t in terms if t is not None]
+        if len(rows) < len(terms):
             return None
-        return sum(t[0] for t in terms), sum(t[1] for t in terms)  # type: ignore[index]
+        return sum(rows[1:], rows[0]), sum(cols[1:], cols[0])
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         for b in self.items:
             b.check(batch, heads, q_len, k_len, device)
 
@@ -154,16 +155,16 @@ class _Shifted(Bias):
                           block.q_start + self.q_offset, block.q_stop + self.q_offset,
                           block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
 
-    def values(self, block, dtype):
+    def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
         return self.inner.values(self._whole(block), dtype)
 
-    def apply(self, scores, block, leaves=None):
+    def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
         return self.inner.apply(scores, self._whole(block), leaves)
 
-    def separable(self, block, dtype):
+    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         return self.inner.separable(self._whole(block), dtype)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         side = max(self.q_offset + q_len, self.k_offset + k_len)
         self.inner.check(batch, heads, self.q_total or side, self.k_total or side, device)
         if torch.is_grad_enabled() and any(p.tensor.requires_grad for p in tensor_bias_parts(self.inner)):
@@ -224,12 +225,12 @@ class _ALiBi(Bias):
             return self._offset(block)
         return self.lengths.offsets(self.align, block.q_len, block.k_len, block.device).view(-1, 1, 1, 1, 1)
 
-    def values(self, block, dtype):
+    def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
         distance = (block.i + self._offsets(block) - block.j).abs().to(dtype)  # (B|1, 1, bq, 1, bk)
         return -slopes * distance
 
-    def separable(self, block, dtype):
+    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).
         # The reference key r is the block's key nearest the diagonal, so the column
         # term is ~0 on the keys that carry the weight and loses no precision there.
@@ -245,7 +246,7 @@ class _ALiBi(Bias):
             return -slopes * (r - diag).to(dtype), -slopes * (block.j - r).to(dtype)
         return None
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.num_heads != heads:
             raise ValueError(f"alibi has {self.num_heads} slopes but the query has {heads} heads")
         if self.lengths is not None:
@@ -296,15 +297,15 @@ class _TensorBias(Bias):
         """The tensor viewed as 4-D, (B|1, H|1, Lq|1, Lk|1)."""
         return self.tensor.reshape((1,) * (4 - self.tensor.dim()) + tuple(self.tensor.shape))
 
-    def values(self, block, dtype):
+    def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
         return block.take(self.tensor4).to(dtype)
 
-    def apply(self, scores, block, leaves=None):
+    def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
         if leaves is not None and id(self) in leaves:
             return scores + leaves[id(self)]
         return scores + self.values(block, scores.dtype)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         check_broadcast_4d("bias", self.tensor, (batch, heads, q_len, k_len))
         if self.tensor.device != device:
             raise ValueError(f"bias tensor is on {self.tensor.device} but the inputs are on {device}")
@@ -328,7 +329,7 @@ class _ScoreMod(Bias):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
 
-    def apply(self, scores, block, leaves=None):
+    def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
         out = self.fn(scores, block.b, block.h, block.i, block.j)
         if not isinstance(out, Tensor):
             raise TypeError(f"score_mod {self.name} must return a tensor; got {describe(out)}")

@@ -33,8 +33,9 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -48,6 +49,9 @@ from attnkit._checks import (
     require_int,
     require_tensor,
 )
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = [
     "BlockMap",
@@ -374,7 +378,8 @@ class Mask:
         return str(self.blocks(q_len, k_len, size))
 
 
-def _row_chunks(batch: int, heads: int, q_len: int, k_len: int, device: torch.device):
+def _row_chunks(batch: int, heads: int, q_len: int, k_len: int,
+                device: torch.device) -> Iterator[tuple[int, int, ScoreBlock]]:
     """Blocks of whole rows, each about 4M elements, so that evaluating the mask never
     holds more than a chunk at once."""
     rows = max(1, (1 << 22) // max(1, k_len * batch * heads))
@@ -473,32 +478,34 @@ class _And(Mask):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) & self.b.allowed(block)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
         return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
 
-    def _both(self, q_len, k_len, block_q, block_k, batch, heads, device):
-        kw = {"batch": batch, "heads": heads, "device": device}
-        return (self.a.block_states(q_len, k_len, block_q, block_k, **kw),
-                self.b.block_states(q_len, k_len, block_q, block_k, **kw))
+    def _both(self, q_len: int, k_len: int, block_q: int, block_k: int, batch: int | None, heads: int | None,
+              device: torch.device | str) -> tuple[Tensor, Tensor]:
+        return (self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device),
+                self.b.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device))
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) | (sb == EMPTY), (sa == FULL) & (sb == FULL))
 
-    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
         kw = {"q_total": q_total, "k_total": k_total}
         return type(self)(self.a.shifted(q_offset, k_offset, **kw), self.b.shifted(q_offset, k_offset, **kw))
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         self.a.check(batch, heads, q_len, k_len, device)
         self.b.check(batch, heads, q_len, k_len, device)
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         (b1, h1), (b2, h2) = self.a.extent(), self.b.extent()
         return max(b1, b2), max(h1, h2)
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         return self.a.natural_size() or self.b.natural_size()
 
     def __repr__(self) -> str:
@@ -506,14 +513,15 @@ class _And(Mask):
 
 
 class _Or(_And):
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) | self.b.allowed(block)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
         return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) | fb(b, h, q_idx, kv_idx)
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
         return states((sa == EMPTY) & (sb == EMPTY), (sa == FULL) | (sb == FULL))
 
@@ -529,27 +537,29 @@ class _Not(Mask):
     def by_position(self) -> bool:
         return self.a.by_position
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return ~self.a.allowed(block)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fa = self.a.mask_mod(q_len, k_len)
         return lambda b, h, q_idx, kv_idx: ~fa(b, h, q_idx, kv_idx)
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         s = self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device)
         return states(s == FULL, s == EMPTY)
 
-    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
         return _Not(self.a.shifted(q_offset, k_offset, q_total=q_total, k_total=k_total))
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         self.a.check(batch, heads, q_len, k_len, device)
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return self.a.extent()
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         return self.a.natural_size()
 
     def __repr__(self) -> str:
@@ -569,26 +579,26 @@ class _Shifted(Mask):
         side = max(self.q_offset + q_len, self.k_offset + k_len)
         return (self.q_total or side), (self.k_total or side)
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         q_total, k_total = self._totals(block.q_len, block.k_len)
         whole = ScoreBlock(block.batch, block.kv_heads, block.groups, q_total, k_total,
                            block.q_start + self.q_offset, block.q_stop + self.q_offset,
                            block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
         return self.inner.allowed(whole)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fn = self.inner.mask_mod(*self._totals(q_len, k_len))
         qo, ko = self.q_offset, self.k_offset
         return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx + qo, kv_idx + ko)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         q_total, k_total = self._totals(q_len, k_len)
         if self.q_offset + q_len > q_total or self.k_offset + k_len > k_total:
             raise ValueError(f"a piece of Lq={q_len} at query {self.q_offset}, Lk={k_len} at key {self.k_offset} "
                              f"does not fit in the whole (Lq={q_total}, Lk={k_total}) of {self.inner!r}")
         self.inner.check(batch, heads, q_total, k_total, device)
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return self.inner.extent()
 
     def __repr__(self) -> str:
@@ -636,10 +646,10 @@ class _Diagonal(Mask):
             ok = ok & (d <= self.right)
         return ok
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return self._within(block.j - (block.i + self._diagonals(block.q_len, block.k_len, block.device)))
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         if self.lengths is None:
             off = self._diagonal(q_len, k_len)
             return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
@@ -647,7 +657,8 @@ class _Diagonal(Mask):
         many = offs.numel() > 1
         return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + offs.to(q_idx.device)[b if many else 0]))
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         if self.lengths is not None:
             per = [self._states_at(int(o), q_len, k_len, block_q, block_k, device)
@@ -655,14 +666,15 @@ class _Diagonal(Mask):
             return reduce_over_batch(torch.stack(per))
         return self._states_at(self._diagonal(q_len, k_len), q_len, k_len, block_q, block_k, device)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.lengths is not None:
             self.lengths.check(batch, q_len, k_len)
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return (1 if self.lengths is None else self.lengths.batch), 1
 
-    def _states_at(self, off, q_len, k_len, block_q, block_k, device):
+    def _states_at(self, off: int, q_len: int, k_len: int, block_q: int, block_k: int,
+                   device: torch.device) -> Tensor:
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
         dmin = k0[None, :] - (q1[:, None] - 1) - off
@@ -677,7 +689,8 @@ class _Diagonal(Mask):
             full &= dmax <= self.right
         return states(empty, full)
 
-    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
         if self.lengths is not None:  # per-sequence diagonals: the exact, evaluated view
             return super().shifted(q_offset, k_offset, q_total=q_total, k_total=k_total)
         q_offset = require_int("q_offset", q_offset, minimum=0)
@@ -694,7 +707,7 @@ class _Causal(_Diagonal):
     def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
         super().__init__(None, 0, align, shift)
 
-    def sdpa_form(self, q_len, k_len):
+    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
         if self.shift is None and self.lengths is None and (self.align == "top_left" or q_len == k_len):
             return SDPAForm(is_causal=True)
         return None
@@ -708,7 +721,8 @@ class _SlidingWindow(_Diagonal):
         return f"sliding_window(left={self.left}, right={self.right}, {self._where()})"
 
 
-def _aligned(mask: _Diagonal, q_lengths, k_lengths, padding: str) -> _Diagonal:
+def _aligned(mask: _Diagonal, q_lengths: Sequence[int] | Tensor | None, k_lengths: Sequence[int] | Tensor | None,
+             padding: str) -> _Diagonal:
     if q_lengths is not None or k_lengths is not None:
         mask.lengths = Lengths(q_lengths, k_lengths, padding)
     else:
@@ -781,20 +795,21 @@ class _PrefixLM(Mask):
     def _prefix(self, device: torch.device) -> Tensor:
         return self.prefix.to(device)
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         p = self._prefix(block.device).view(-1, 1, 1, 1, 1)
         return self._causal.allowed(block) | (block.j < p)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         causal, prefix, many = self._causal.mask_mod(q_len, k_len), self.prefix, self.prefix.numel() > 1
 
-        def mod(b, h, q_idx, kv_idx):
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             p = prefix.to(kv_idx.device)[b if many else 0]
             return causal(b, h, q_idx, kv_idx) | (kv_idx < p)
 
         return mod
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         c = self._causal.block_states(q_len, k_len, block_q, block_k, device=device)
         k0, k1 = block_bounds(k_len, block_k, device)
@@ -804,13 +819,13 @@ class _PrefixLM(Mask):
         nq = c.shape[0]
         return reduce_over_batch(states(empty.expand(-1, nq, -1), full.expand(-1, nq, -1)))
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.prefix.numel() not in (1, batch):
             raise ValueError(
                 f"prefix_length has {self.prefix.numel()} entries; expected 1 or batch={batch}"
             )
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return self.prefix.numel(), 1
 
     def __repr__(self) -> str:
@@ -844,16 +859,17 @@ class _GlobalTokens(Mask):
         flags[pos[pos < length]] = True
         return flags
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         gq = self._flags(block.q_len, block.device)[block.q_start : block.q_stop]
         gk = self._flags(block.k_len, block.device)[block.k_start : block.k_stop]
         return gq.view(1, 1, -1, 1, 1) | gk.view(1, 1, 1, 1, -1)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         gq, gk = self._flags(q_len, torch.device("cpu")), self._flags(k_len, torch.device("cpu"))
         return lambda b, h, q_idx, kv_idx: gq.to(q_idx.device)[q_idx] | gk.to(kv_idx.device)[kv_idx]
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         def per_block(length: int, size: int) -> tuple[Tensor, Tensor]:
             n = -(-length // size)
@@ -870,7 +886,7 @@ class _GlobalTokens(Mask):
         empty = ~q_any[:, None] & ~k_any[None, :]
         return states(empty, full)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.positions.numel() and int(self.positions.max()) >= max(q_len, k_len):
             raise ValueError(
                 f"global_tokens positions must be < max(Lq, Lk) = {max(q_len, k_len)}; "
@@ -938,24 +954,25 @@ class _Document(Mask):
     def _ids(self, device: torch.device) -> tuple[Tensor, Tensor]:
         return self.q_ids.to(device), self.kv_ids.to(device)
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         q_ids, kv_ids = self._ids(block.device)
         qi = q_ids[:, block.q_start : block.q_stop].view(q_ids.shape[0], 1, -1, 1, 1)
         kj = kv_ids[:, block.k_start : block.k_stop].view(kv_ids.shape[0], 1, 1, 1, -1)
         return qi == kj
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         q_ids, kv_ids = self.q_ids, self.kv_ids
         many_q, many_k = q_ids.shape[0] > 1, kv_ids.shape[0] > 1
 
-        def mod(b, h, q_idx, kv_idx):
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             qi = q_ids.to(q_idx.device)[b if many_q else 0, q_idx]
             kj = kv_ids.to(kv_idx.device)[b if many_k else 0, kv_idx]
             return qi == kj
 
         return mod
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         q_ids, kv_ids = self._ids(device)
         if q_len == 0 or k_len == 0:
@@ -968,14 +985,14 @@ class _Document(Mask):
         full = (qmin == qmax) & (kmin == kmax) & (qmin == kmin)
         return reduce_over_batch(states(empty, full))
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         _check_rows("document q_ids", self.q_ids, batch, q_len, "Lq")
         _check_rows("document kv_ids", self.kv_ids, batch, k_len, "Lk")
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return max(self.q_ids.shape[0], self.kv_ids.shape[0]), 1
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         return self.q_ids.shape[1], self.kv_ids.shape[1]
 
     def __repr__(self) -> str:
@@ -1023,21 +1040,22 @@ class _KeyPadding(Mask):
             return self.valid.to(device)
         return torch.arange(k_len, device=device)[None, :] < self.lengths.to(device)[:, None]  # type: ignore[union-attr]
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         if self.lengths is not None:
             return block.j < self.lengths.to(block.device).view(-1, 1, 1, 1, 1)
         valid = self.valid.to(block.device)[:, block.k_start : block.k_stop]  # type: ignore[union-attr]
         return valid.view(valid.shape[0], 1, 1, 1, -1)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         valid = self._valid_rows(k_len, torch.device("cpu"))
         many = valid.shape[0] > 1
         return lambda b, h, q_idx, kv_idx: valid.to(kv_idx.device)[b if many else 0, kv_idx]
 
-    def sdpa_form(self, q_len, k_len):
+    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
         return SDPAForm(key_valid=self._valid_rows(k_len, torch.device("cpu")))
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         valid = self._valid_rows(k_len, device)  # (B, Lk)
         nq = -(-q_len // block_q)
@@ -1047,7 +1065,7 @@ class _KeyPadding(Mask):
         per_batch = states(hi == 0, lo == 1)[:, None, :].expand(-1, nq, -1)
         return reduce_over_batch(per_batch)
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.lengths is not None:
             if self.lengths.numel() not in (1, batch):
                 raise ValueError(f"key_padding lengths has {self.lengths.numel()} entries; expected batch={batch}")
@@ -1056,11 +1074,11 @@ class _KeyPadding(Mask):
         else:
             _check_rows("key_padding valid", self.valid, batch, k_len, "Lk")  # type: ignore[arg-type]
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         rows = self.lengths if self.lengths is not None else self.valid
         return rows.shape[0], 1  # type: ignore[union-attr]
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         if self.valid is not None:
             return self.valid.shape[1], self.valid.shape[1]
         n = int(self.lengths.max()) if self.lengths.numel() else 0  # type: ignore[union-attr]
@@ -1104,20 +1122,21 @@ class _Dense(Mask):
         self.given = tensor
         self.tensor = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return block.take(self.tensor.to(block.device))
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         t = self.tensor
         b_, h_, q_, k_ = (n > 1 for n in t.shape)
 
-        def mod(b, h, q_idx, kv_idx):
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             z = torch.zeros((), dtype=torch.int64, device=t.device)
             return t[b if b_ else z, h if h_ else z, q_idx if q_ else z, kv_idx if k_ else z]
 
         return mod
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         t = self.tensor.to(device).expand(-1, -1, q_len, k_len).flatten(0, 1)  # (N, Lq, Lk)
         nq, nk = -(-q_len // block_q), -(-k_len // block_k)
@@ -1131,7 +1150,7 @@ class _Dense(Mask):
         full = all_.amin((2, 4)) == 1
         return reduce_over_batch(states(empty, full))
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         check_broadcast_4d("mask", self.given, (batch, heads, q_len, k_len))
         if self.tensor.device != device:
             raise ValueError(
@@ -1139,10 +1158,10 @@ class _Dense(Mask):
                 "move the mask to the inputs' device"
             )
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return self.tensor.shape[0], self.tensor.shape[1]
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         lq, lk = self.tensor.shape[2], self.tensor.shape[3]
         return (lq, lk) if lq > 1 or lk > 1 else None
 
@@ -1173,7 +1192,8 @@ class _Evaluated(Mask):
     _CACHE_SIZE = 16
     _cache: OrderedDict[tuple, Tensor]
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         mb, mh = self.extent()
         batch, heads = batch or mb, heads or mh
@@ -1217,12 +1237,12 @@ class _Function(_Evaluated):
                              "elementwise in b, h, q_idx and kv_idx")
         return out
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         # int32 indices, as in Flex's compiled kernels: half the memory traffic of int64
         i32 = torch.int32
         return self._call(block.b.to(i32), block.h.to(i32), block.i.to(i32), block.j.to(i32), block.shape)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         return self.fn
 
     def __repr__(self) -> str:
@@ -1276,14 +1296,15 @@ class _ByDistance(_Diagonal):
     def _keep(self, d: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return self._keep(block.i + self._diagonal(block.q_len, block.k_len) - block.j)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         off = self._diagonal(q_len, k_len)
         return lambda b, h, q_idx, kv_idx: self._keep(q_idx + off - kv_idx)
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         off = self._diagonal(q_len, k_len)
         q0, q1 = block_bounds(q_len, block_q, device)
@@ -1296,7 +1317,8 @@ class _ByDistance(_Diagonal):
         count = kept[dmax - low + 1] - kept[dmin - low]
         return states(count == 0, count == dmax - dmin + 1)
 
-    def shifted(self, q_offset, k_offset, *, q_total=None, k_total=None):
+    def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
+                k_total: int | None = None) -> Mask:
         q_offset = require_int("q_offset", q_offset, minimum=0)
         k_offset = require_int("k_offset", k_offset, minimum=0)
         base = 0 if q_total is None or k_total is None else self._diagonal(q_total, k_total)
@@ -1310,10 +1332,10 @@ class _Strided(_ByDistance):
         super().__init__(align, shift)
         self.stride = stride
 
-    def _keep(self, d):
+    def _keep(self, d: Tensor) -> Tensor:
         return (d >= 0) & ((d < self.stride) | (d % self.stride == 0))
 
-    def _picture_size(self):
+    def _picture_size(self) -> tuple[int, int]:
         return 4 * self.stride, 4 * self.stride
 
     def __repr__(self) -> str:
@@ -1341,10 +1363,10 @@ class _Dilated(_ByDistance):
         super().__init__(align, shift)
         self.window, self.dilation = window, dilation
 
-    def _keep(self, d):
+    def _keep(self, d: Tensor) -> Tensor:
         return (d >= 0) & (d < self.window) & (d % self.dilation == 0)
 
-    def _picture_size(self):
+    def _picture_size(self) -> tuple[int, int]:
         return 2 * self.window, 2 * self.window
 
     def __repr__(self) -> str:
@@ -1372,13 +1394,14 @@ class _Chunked(Mask):
     def __init__(self, size: int):
         self.size = size
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         return block.i // self.size == block.j // self.size
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         return lambda b, h, q_idx, kv_idx: q_idx // self.size == kv_idx // self.size
 
-    def block_states(self, q_len, k_len, block_q, block_k, *, batch=None, heads=None, device="cpu"):
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
         q0, q1 = block_bounds(q_len, block_q, device)
         k0, k1 = block_bounds(k_len, block_k, device)
@@ -1386,7 +1409,7 @@ class _Chunked(Mask):
         ka, kb = (k0 // self.size)[None, :], ((k1 - 1) // self.size)[None, :]
         return states((qb < ka) | (kb < qa), (qa == qb) & (ka == kb) & (qa == ka))
 
-    def _picture_size(self):
+    def _picture_size(self) -> tuple[int, int]:
         return 4 * self.size, 4 * self.size
 
     def __repr__(self) -> str:
@@ -1422,7 +1445,7 @@ class _FromBlocks(_Evaluated):
         self.blocks_ = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
         self.block_q, self.block_k = block_q, block_k
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         t = self.blocks_.to(block.device)
         rows = torch.arange(block.q_start, block.q_stop, device=block.device) // self.block_q
         cols = torch.arange(block.k_start, block.k_stop, device=block.device) // self.block_k
@@ -1431,27 +1454,27 @@ class _FromBlocks(_Evaluated):
             return sub.unsqueeze(3)
         return sub.unflatten(1, (block.kv_heads, block.groups)).transpose(2, 3)  # (B|1, Hkv, bq, G, bk)
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         t, bq, bk = self.blocks_, self.block_q, self.block_k
         many_b, many_h = t.shape[0] > 1, t.shape[1] > 1
 
-        def mod(b, h, q_idx, kv_idx):
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             z = torch.zeros((), dtype=torch.int64, device=t.device)
             return t[b if many_b else z, h if many_h else z, q_idx // bq, kv_idx // bk]
 
         return mod
 
-    def check(self, batch, heads, q_len, k_len, device):
+    def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         nq, nk = -(-q_len // self.block_q), -(-k_len // self.block_k)
         if tuple(self.blocks_.shape[2:]) != (nq, nk):
             raise ValueError(f"block_mask has {tuple(self.blocks_.shape[2:])} blocks; Lq={q_len}, Lk={k_len} in "
                              f"blocks of {self.block_q} x {self.block_k} need ({nq}, {nk})")
         check_broadcast_4d("block_mask", self.blocks_, (batch, heads, nq, nk))
 
-    def extent(self):
+    def extent(self) -> tuple[int, int]:
         return self.blocks_.shape[0], self.blocks_.shape[1]
 
-    def natural_size(self):
+    def natural_size(self) -> tuple[int, int] | None:
         return self.blocks_.shape[2] * self.block_q, self.blocks_.shape[3] * self.block_k
 
     def __repr__(self) -> str:
@@ -1503,7 +1526,7 @@ class _BigBird(_Evaluated):
             chosen.scatter_(1, picks.indices, picks.values < 2.0)
         return near | chosen
 
-    def allowed(self, block):
+    def allowed(self, block: ScoreBlock) -> Tensor:
         lay = self.layout(block.q_len, block.k_len).to(block.device)
         i = torch.arange(block.q_start, block.q_stop, device=block.device)
         j = torch.arange(block.k_start, block.k_stop, device=block.device)
@@ -1511,15 +1534,15 @@ class _BigBird(_Evaluated):
         a = a | (i < self.global_tokens)[:, None] | (j < self.global_tokens)[None, :]
         return a.view(1, 1, a.shape[0], 1, a.shape[1])
 
-    def mask_mod(self, q_len, k_len):
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         lay, bs, g = self.layout(q_len, k_len), self.block_size, self.global_tokens
 
-        def mod(b, h, q_idx, kv_idx):
+        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             return lay.to(q_idx.device)[q_idx // bs, kv_idx // bs] | (q_idx < g) | (kv_idx < g)
 
         return mod
 
-    def _picture_size(self):
+    def _picture_size(self) -> tuple[int, int]:
         return 12 * self.block_size, 12 * self.block_size
 
     def __repr__(self) -> str:
@@ -1552,7 +1575,8 @@ def bigbird(window: int = 1, global_tokens: int = 0, random_blocks: int = 3, blo
 
 
 def to_flex(mask: Mask, B: int | None, H: int | None, Lq: int, Lk: int, *,
-            block_size: int | tuple[int, int] = 128, device: torch.device | str = "cpu"):
+            block_size: int | tuple[int, int] = 128,
+            device: torch.device | str = "cpu") -> tuple[BlockMask, MaskMod]:
     """``mask`` as FlexAttention's ``(BlockMask, mask_mod)`` for a (B, H, Lq, Lk) call.
 
     The ``mask_mod`` is :meth:`Mask.mask_mod` at these lengths; the ``BlockMask`` is built
