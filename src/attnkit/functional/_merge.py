@@ -11,9 +11,9 @@ _NEG_INF = float("-inf")
 def lse_merge(out: Tensor | None, lse: Tensor | None, o: Tensor, lse_o: Tensor) -> tuple[Tensor, Tensor]:
     """Combine two normalised partial results (out (..., Dv), lse (...)) by their log-sum-exp.
 
-    ``out`` None starts an accumulation. Rows with ``lse = -inf`` on both sides stay zero.
+    ``out`` (or ``lse``) None starts an accumulation. Rows with ``lse = -inf`` on both sides stay zero.
     """
-    if out is None:
+    if out is None or lse is None:
         return o, lse_o
     new = torch.logaddexp(lse, lse_o)
     safe = torch.where(new == _NEG_INF, 0.0, new)

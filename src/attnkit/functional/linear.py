@@ -118,13 +118,15 @@ class _Spec:
         return self._logits(k * math.sqrt(self.scale))
 
     def _logits(self, x: Tensor) -> Tensor:
-        w = self.projection.to(device=x.device, dtype=x.dtype)  # type: ignore[union-attr]
+        assert self.projection is not None  # only FAVOR+ has logits, and it always has a projection
+        w = self.projection.to(device=x.device, dtype=x.dtype)
         return x @ w.t() - 0.5 * (x * x).sum(-1, keepdim=True) - 0.5 * math.log(w.shape[0])
 
     def _apply(self, x: Tensor) -> Tensor:
         if self.kind == "elu":
             return _elu(x)
-        out = self.fn(x)  # type: ignore[misc]
+        assert self.fn is not None  # kind == "callable"
+        out = self.fn(x)
         if not isinstance(out, Tensor) or out.shape[:-1] != x.shape[:-1]:
             raise ValueError(f"feature_map must return (..., F) features for x of shape {tuple(x.shape)}; "
                              f"got {describe(out)}")
@@ -263,7 +265,7 @@ class _State:
                       torch.full((b, h), float("-inf"), dtype=dtype, device=device))
 
 
-def _favor_scan(spec: _Spec, state: _State, pq: Tensor, q_shift: Tensor, k: Tensor, v: Tensor, size: int,
+def _favor_scan(spec: _Spec, state: _State, pq: Tensor, q_shift: Tensor | None, k: Tensor, v: Tensor, size: int,
                 eps: float) -> tuple[Tensor, _State]:
     """Causal FAVOR+ over chunks with a running maximum of the key logits, as online softmax
     keeps one: the state is rescaled whenever a chunk brings a larger key, so no feature
@@ -285,7 +287,8 @@ def _favor_scan(spec: _Spec, state: _State, pq: Tensor, q_shift: Tensor, k: Tens
         scores = torch.einsum("bhgcf,bhef->bhgce", pqc, fk) * tril[:n, :n]
         num = num + torch.einsum("bhgce,bhed->bhgcd", scores, vc)
         den = den + scores.sum(-1)
-        outs.append(_ratio(num, den, eps, q_shift[:, :, :, sl], key_max[:, :, None, None]))
+        shift = None if q_shift is None else q_shift[:, :, :, sl]
+        outs.append(_ratio(num, den, eps, shift, key_max[:, :, None, None]))
         state = _State(kv + torch.einsum("bhcf,bhcd->bhfd", fk, vc), z + fk.sum(2), key_max)
     return torch.cat(outs, dim=3), state
 
@@ -372,7 +375,7 @@ def linear_attention_step(state: LinearAttentionState | None, q: Tensor, k: Tens
     cd = _compute_dtype(q)
     if state is None:
         spec = _spec(feature_map, dim, num_features, seed, False, scale)
-        f = spec.projection.shape[0] if spec.kind == "favor" else spec.queries(q[:1, :1].to(cd))[0].shape[-1]
+        f = spec.projection.shape[0] if spec.projection is not None else spec.queries(q[:1, :1].to(cd))[0].shape[-1]
         inner = _State.empty(batch, kv_heads, f, dv, cd, q.device)
         if spec.kind != "favor":
             inner.key_max.zero_()

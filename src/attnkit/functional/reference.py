@@ -59,7 +59,7 @@ def reference_forward(call: AttentionCall) -> tuple[Tensor, Tensor, Tensor]:
 class ReferenceBackend:
     name = "reference"
     summary = "materialises (Lq x Lk) scores; float64 when given float64; every option"
-    features = ("every mask", "every bias", "softcap", "dropout", "GQA/MQA", "Lq != Lk",
+    features: tuple[str, ...] = ("every mask", "every bias", "softcap", "dropout", "GQA/MQA", "Lq != Lk",
                 "Dv != D", "return_lse", "probabilities", "any device")
 
     def supports(self, call: AttentionCall) -> str | None:

@@ -19,7 +19,7 @@ _HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"  # enabl
 class SDPABackend:
     name = "sdpa"
     summary = "PyTorch's fused kernel; no mask, causal, key padding, GQA"
-    features = ("no mask", "causal (top-left)", "key padding", "GQA/MQA" if _HAS_GQA else "",
+    features: tuple[str, ...] = ("no mask", "causal (top-left)", "key padding", "GQA/MQA" if _HAS_GQA else "",
                 "dropout (torch RNG)", "any device")
 
     def supports(self, call: AttentionCall) -> str | None:

@@ -49,7 +49,7 @@ __all__ = ["KERNELS", "TiledBackend", "kernel", "partial_gradients", "tiled_forw
 class TiledBackend:
     name = "tiled"
     summary = "FlashAttention's algorithm in PyTorch: O(L) memory, skips masked-out blocks"
-    features = ("every mask, block-sparse", "every bias, per block", "softcap", "dropout",
+    features: tuple[str, ...] = ("every mask, block-sparse", "every bias, per block", "softcap", "dropout",
                 "GQA/MQA without copies", "Lq != Lk", "Dv != D", "return_lse",
                 "custom backward", "any device")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -11,13 +13,13 @@ from attnkit.functional._call import AttentionCall
 from attnkit.functional._merge import lse_merge
 from attnkit.functional.tiled import kernels
 from attnkit.functional.tiled.kernels import _fused_backward, _fused_forward, _lse_grad, _math_backward, _math_forward
-from attnkit.functional.tiled.plan import _block_q, _Chunk, _plan, _Segment, band_plan
+from attnkit.functional.tiled.plan import BandPlan, _block_q, _Chunk, _plan, _Segment, band_plan
 from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok, banded
 
 _NEG_INF = float("-inf")
 
 
-def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device) -> ScoreBlock:
+def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device: torch.device) -> ScoreBlock:
     return ScoreBlock(call.batch, call.kv_heads, call.groups, call.q_len, call.k_len,
                       chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
 
@@ -26,7 +28,8 @@ class _Banded(torch.autograd.Function):
     """The batched fused path (:func:`.plan.band_plan`, :func:`.kernels.band_forward`): ops independent of L."""
 
     @staticmethod
-    def forward(ctx, call, plan, q_rows, k, v, *bias_tensors):
+    def forward(ctx: Any, call: AttentionCall, plan: BandPlan, q_rows: Tensor, k: Tensor, v: Tensor,
+                *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
         out, lse = kernels.band_forward(call, plan, q_rows, k, v)
         ctx.call, ctx.plan = call, plan
         ctx.set_materialize_grads(False)
@@ -35,7 +38,7 @@ class _Banded(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q_rows, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
         if dlse is None:
@@ -48,7 +51,8 @@ class _Banded(torch.autograd.Function):
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, call, plan, q_rows, k, v, *bias_tensors):
+    def forward(ctx: Any, call: AttentionCall, plan: list[_Chunk], q_rows: Tensor, k: Tensor, v: Tensor,
+                *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
         # q_rows (B, Hkv, Lq*G, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); compute dtype
         b, hkv, _, _ = q_rows.shape
         g = call.groups
@@ -58,13 +62,14 @@ class _Tiled(torch.autograd.Function):
         for chunk in plan:
             rows = slice(chunk.q_start * g, chunk.q_stop * g)
             q_c = q_rows[:, :, rows]
-            acc_o = acc_l = None
+            acc_o: Tensor | None = None
+            acc_l: Tensor | None = None
             for seg in chunk.segments:
                 block = _chunk_block(call, chunk, seg, q_rows.device)
                 o, l = kernel(call, block, seg, q_c, k[:, :, seg.k_start : seg.k_stop],
                               v[:, :, seg.k_start : seg.k_stop])
                 acc_o, acc_l = lse_merge(acc_o, acc_l, o, l)
-            if acc_o is not None:
+            if acc_o is not None and acc_l is not None:
                 out[:, :, rows] = acc_o
                 lse[:, :, rows] = acc_l
         ctx.call, ctx.plan = call, plan
@@ -74,7 +79,7 @@ class _Tiled(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout, dlse):
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q_rows, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv, bias_grads = _backward_rows(ctx.call, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
         parts = tensor_bias_parts(ctx.call.bias)
@@ -83,7 +88,9 @@ class _Tiled(torch.autograd.Function):
         return None, None, dq, dk, dv, *bias_out
 
 
-def _backward_rows(call, plan, q_rows, k, v, out, lse, dout, dlse):
+def _backward_rows(call: AttentionCall, plan: list[_Chunk], q_rows: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   lse: Tensor, dout: Tensor | None,
+                   dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """FlashAttention-2's backward over the plan, from the rows' final ``out`` and ``lse``.
 
     ``out`` and ``lse`` may come from a larger call whose keys include these (ring
@@ -154,10 +161,11 @@ def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tenso
     cd = call.compute_dtype
     hkv, g = call.kv_heads, call.groups
     q_rows = _fold(call.q.to(cd), hkv, g)
-    fold = [_fold(t.to(cd), hkv, g) for t in (out, lse, dout)]
+    out_rows, lse_rows, dout_rows = (_fold(t.to(cd), hkv, g) for t in (out, lse, dout))
     dlse_rows = None if dlse is None else _fold(dlse.to(cd), hkv, g)
     plan = _plan(call, _block_q(call))
-    dq, dk, dv, _ = _backward_rows(call, plan, q_rows, call.k.to(cd), call.v.to(cd), *fold, dlse_rows)
+    dq, dk, dv, _ = _backward_rows(call, plan, q_rows, call.k.to(cd), call.v.to(cd), out_rows, lse_rows, dout_rows,
+                                   dlse_rows)
     return _unfold(dq, hkv, g), dk, dv
 
 

@@ -7,6 +7,8 @@ any piece can be differentiated given the global statistics.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -14,12 +16,12 @@ from attnkit._blocks import ScoreBlock
 from attnkit.biases import tensor_bias_parts
 from attnkit.functional._call import AttentionCall, dropout_keep, transform_scores
 from attnkit.functional._merge import lse_merge
-from attnkit.functional.tiled.plan import _BAND_Q, BandBlock, BandPlan, _band_safe, _far_bias, _Run
+from attnkit.functional.tiled.plan import _BAND_Q, BandBlock, BandPlan, _band_safe, _far_bias, _Run, _Segment
 
 _NEG_INF = float("-inf")
 
 
-def _ops():
+def _ops() -> tuple[Any, Any]:
     return (torch.ops.aten._scaled_dot_product_flash_attention_for_cpu,
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
 
@@ -27,8 +29,8 @@ def _ops():
 # -- the fused kernel, per segment -------------------------------------------------------
 
 
-def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype: torch.dtype
-                   ) -> tuple[Tensor | None, Tensor | None]:
+def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype: torch.dtype) -> tuple[Tensor | None,
+                   Tensor | None]:
     """The segment's mask and additive biases for the fused kernel.
 
     Returns ``(add, row)``: ``add`` is one float tensor (B|1, Hkv|1, bq*G|1, bk) or None;
@@ -47,8 +49,8 @@ def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype:
             return (col.reshape(col.shape[0], col.shape[1], -1, bk),
                     row.reshape(row.shape[0], row.shape[1], bq * g))
     add = None if call.bias is None else call.bias.values(block, dtype)
-    if partial:
-        allowed = call.mask.allowed(block)  # type: ignore[union-attr]
+    if partial and call.mask is not None:  # a block is partial only under a mask
+        allowed = call.mask.allowed(block)
         base = add if add is not None else torch.zeros((), dtype=dtype, device=block.device)
         add = torch.where(allowed, base, _NEG_INF)
     if add is None:
@@ -57,7 +59,8 @@ def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype:
     return add.reshape(add.shape[0], add.shape[1], bq * g, bk), None
 
 
-def _fused_forward(call, block, seg, q_rows, k_seg, v_seg):
+def _fused_forward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
+                   v_seg: Tensor) -> tuple[Tensor, Tensor]:
     add, row = _additive_mask(call, block, seg.partial, q_rows.dtype)
     op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     out, lse = op(q_rows, k_seg, v_seg, attn_mask=add, scale=call.scale)
@@ -69,7 +72,8 @@ def _fused_forward(call, block, seg, q_rows, k_seg, v_seg):
     return out, lse
 
 
-def _fused_backward(call, block, seg, q_rows, k_seg, v_seg, out_rows, lse_rows, dout_rows):
+def _fused_backward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor, v_seg: Tensor,
+                    out_rows: Tensor, lse_rows: Tensor, dout_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     add, row = _additive_mask(call, block, seg.partial, q_rows.dtype)
     if row is not None:
         lse_rows = lse_rows - row  # the kernel sees scores without the row shift
@@ -81,17 +85,19 @@ def _fused_backward(call, block, seg, q_rows, k_seg, v_seg, out_rows, lse_rows, 
 # -- the math kernel, per segment --------------------------------------------------------
 
 
-def _scores(call, block, seg, q_rows, k_seg, leaves=None, raw=None):
+def _scores(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
+            leaves: dict[int, Tensor] | None = None, raw: Tensor | None = None) -> Tensor:
     """Masked, transformed scores of one segment, (B, Hkv, bq, G, bk)."""
     if raw is None:
         raw = (q_rows @ k_seg.transpose(-1, -2)).mul_(call.scale).view(block.shape)
     s = transform_scores(raw, block, call, leaves)
-    if seg.partial:
+    if seg.partial and call.mask is not None:  # a segment is partial only under a mask
         s = s.masked_fill(~call.mask.allowed(block), _NEG_INF)
     return s
 
 
-def _math_forward(call, block, seg, q_rows, k_seg, v_seg):
+def _math_forward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
+                  v_seg: Tensor) -> tuple[Tensor, Tensor]:
     s = _scores(call, block, seg, q_rows, k_seg)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == _NEG_INF, 0.0, m)
@@ -106,8 +112,9 @@ def _math_forward(call, block, seg, q_rows, k_seg, v_seg):
     return out, lse
 
 
-def _math_backward(call, block, seg, q_rows, k_seg, v_seg, lse_rows, dout_rows, delta_rows,
-                   bias_grads):
+def _math_backward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor, v_seg: Tensor,
+                   lse_rows: Tensor, dout_rows: Tensor, delta_rows: Tensor,
+                   bias_grads: dict[int, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     b, hkv, bq, g, bk = block.shape
     parts = [p for p in tensor_bias_parts(call.bias) if p.tensor.requires_grad]
     needs_chain = call.softcap is not None or (call.bias is not None and not call.bias.additive) or parts
@@ -143,7 +150,8 @@ def _math_backward(call, block, seg, q_rows, k_seg, v_seg, lse_rows, dout_rows, 
     return dq, dk, dv
 
 
-def _lse_grad(call, block, seg, q_rows, k_seg, lse_rows, dlse_rows):
+def _lse_grad(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor, lse_rows: Tensor,
+              dlse_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient of sum(dlse * lse) w.r.t. q and k on one segment: d lse_i / d s_ij = p_ij."""
     b, hkv, bq, g, bk = block.shape
     s = _scores(call, block, seg, q_rows, k_seg)
@@ -155,26 +163,28 @@ def _lse_grad(call, block, seg, q_rows, k_seg, lse_rows, dlse_rows):
 # -- the batched fused kernel, per run ----------------------------------------------------
 
 
-def _band_additive(call, run: _Run, far: int | None, dtype) -> Tensor | None:
+def _band_additive(call: AttentionCall, run: _Run, far: int | None, dtype: torch.dtype) -> Tensor | None:
     """The run's mask, biases and far exclusion as one additive (B|1, Hkv|1, N*bq, G|1, W) tensor."""
     q0 = run.n0 * _BAND_Q
     sizes = (call.batch, call.kv_heads, call.groups, call.q_len, call.k_len)
+    blocks: list[ScoreBlock]
     if _band_safe(call.mask) and _band_safe(call.bias):
         blocks = [BandBlock(*sizes, q0, q0 + (run.n - 1) * _BAND_Q + run.rows, run.k0, run.k0 + run.width,
                             call.q.device, run.rows, run.stride)]
     else:  # one block per chunk, joined: the mask's own definition, more ops
         blocks = [ScoreBlock(*sizes, q0 + c * _BAND_Q, q0 + c * _BAND_Q + run.rows, run.k0 + c * run.stride,
                              run.k0 + c * run.stride + run.width, call.q.device) for c in range(run.n)]
-    parts = [_additive(call, blk, far, dtype) for blk in blocks]
-    if parts[0] is None:
+    # every block gets a tensor (mask, bias or far exclusion present) or none does
+    adds = [a for a in (_additive(call, blk, far, dtype) for blk in blocks) if a is not None]
+    if not adds:
         return None
-    parts = [p.expand(p.shape[0], p.shape[1], blk.shape[2], p.shape[3], blk.shape[4]) for p, blk in zip(parts, blocks)]
+    parts = [p.expand(p.shape[0], p.shape[1], blk.shape[2], p.shape[3], blk.shape[4]) for p, blk in zip(adds, blocks)]
     if len(parts) == 1:
         return parts[0]
     return torch.cat(torch.broadcast_tensors(*parts), 2)
 
 
-def _additive(call, block, far, dtype):
+def _additive(call: AttentionCall, block: ScoreBlock, far: int | None, dtype: torch.dtype) -> Tensor | None:
     add = None if call.bias is None else call.bias.values(block, dtype)
     allowed = None if call.mask is None else call.mask.allowed(block)
     if far is not None:
@@ -186,7 +196,8 @@ def _additive(call, block, far, dtype):
     return add
 
 
-def _kernel_views(call, run: _Run, q_rows, k, v, add):
+def _kernel_views(call: AttentionCall, run: _Run, q_rows: Tensor, k: Tensor, v: Tensor,
+                  add: Tensor | None) -> list[tuple[slice, Tensor, Tensor, Tensor, Tensor | None]]:
     """Per kernel call: (x slice, q (X, N, bq*G, D), k and v strided (X, N, W, D), mask (1|X, N, bq*G, W))."""
     b, hkv, g = call.batch, call.kv_heads, call.groups
     d, dv, lk = k.shape[-1], v.shape[-1], k.shape[2]
@@ -201,7 +212,7 @@ def _kernel_views(call, run: _Run, q_rows, k, v, add):
     add = add.reshape(add.shape[0], add.shape[1], n, -1, run.width)
     if add.shape[0] == 1 and (add.shape[1] == 1 or b == 1):
         return [(slice(None), qx, kx, vx, add[0])]
-    out = []
+    out: list[tuple[slice, Tensor, Tensor, Tensor, Tensor | None]] = []
     for i in range(b):  # the mask depends on the batch element (or on the head, with B > 1)
         x = slice(i * hkv, (i + 1) * hkv)
         out.append((x, qx[x], kx[x], vx[x], add[i if add.shape[0] > 1 else 0]))
@@ -214,14 +225,14 @@ def _calls(run: _Run) -> int:
     return 1 if run.stride == 0 else run.n
 
 
-def _rows(t, run: _Run, g):
+def _rows(t: Tensor, run: _Run, g: int) -> Tensor:
     """The run's rows of a (B*Hkv, Lq*G, ...) tensor, as a (B*Hkv, N|1, rows, ...) view."""
     r0 = run.n0 * _BAND_Q * g
     sub = t[:, r0 : r0 + ((run.n - 1) * _BAND_Q + run.rows) * g]
     return sub.view(t.shape[0], _calls(run), -1, *t.shape[2:])
 
 
-def band_forward(call, plan: BandPlan, q_rows, k, v):
+def band_forward(call: AttentionCall, plan: BandPlan, q_rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """(out (B, Hkv, Lq*G, Dv), lse (B, Hkv, Lq*G)); inputs contiguous, in the compute dtype."""
     fwd, _ = _ops()
     b, hkv, g = call.batch, call.kv_heads, call.groups
@@ -243,7 +254,7 @@ def band_forward(call, plan: BandPlan, q_rows, k, v):
     return out, lse
 
 
-def _far_pieces(call, s):
+def _far_pieces(call: AttentionCall, s: int) -> tuple[list[tuple[slice, slice, bool]], tuple[Tensor, Tensor] | None]:
     """The far part's kernel calls as (rows, keys, is_causal), and its ALiBi terms or None."""
     q_len, k_len = call.q_len, call.k_len
     pieces = []
@@ -258,7 +269,7 @@ def _far_pieces(call, s):
     return pieces, bias
 
 
-def _far_forward(call, s, q_rows, k, v):
+def _far_forward(call: AttentionCall, s: int, q_rows: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     fwd, _ = _ops()
     b, hkv, g = call.batch, call.kv_heads, call.groups
     q5 = q_rows.view(b, hkv, call.q_len, g, -1)
@@ -267,12 +278,14 @@ def _far_forward(call, s, q_rows, k, v):
     pieces, bias = _far_pieces(call, s)
     r0 = pieces[0][0].start
     for gi in range(g):
-        acc_o = acc_l = None
+        acc_o: Tensor | None = None
+        acc_l: Tensor | None = None
         for rows, keys, causal in pieces:
             mask = None if bias is None else bias[1][:, :, :, gi, keys]
             o, lx = fwd(q5[:, :, rows, gi], k[:, :, keys], v[:, :, keys], is_causal=causal, attn_mask=mask,
                         scale=call.scale)
             acc_o, acc_l = lse_merge(acc_o, acc_l, o, lx)
+        assert acc_o is not None and acc_l is not None  # pieces is never empty
         if bias is not None:
             acc_l = acc_l + bias[0][:, :, :, gi]
         out5[:, :, r0:, gi] = acc_o
@@ -280,7 +293,8 @@ def _far_forward(call, s, q_rows, k, v):
     return out5.view(b, hkv, -1, v.shape[-1]), lse4.view(b, hkv, -1)
 
 
-def band_backward(call, plan: BandPlan, q_rows, k, v, out, lse, dout):
+def band_backward(call: AttentionCall, plan: BandPlan, q_rows: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  dout: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """FlashAttention-2's backward over the band plan, from the final ``out`` and ``lse``."""
     _, bwd = _ops()
     b, hkv, g = call.batch, call.kv_heads, call.groups
@@ -309,7 +323,8 @@ def band_backward(call, plan: BandPlan, q_rows, k, v, out, lse, dout):
     return dq, dk, dv
 
 
-def _far_backward(call, s, q_rows, k, v, out, lse_b, dout, dq, dk, dv):
+def _far_backward(call: AttentionCall, s: int, q_rows: Tensor, k: Tensor, v: Tensor, out: Tensor, lse_b: Tensor,
+                  dout: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
     _, bwd = _ops()
     b, hkv, g, q_len = call.batch, call.kv_heads, call.groups, call.q_len
     q5, dq5 = q_rows.view(b, hkv, q_len, g, -1), dq.view(b, hkv, q_len, g, -1)

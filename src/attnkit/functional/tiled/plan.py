@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
+from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall
 from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok
+from attnkit.masks import Mask
 
 _SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in float32
 _BLOCK_K = 128  # key granularity of the block map
@@ -108,9 +110,12 @@ class BandBlock(ScoreBlock):
         return (self.k_start + rows * self.stride).unsqueeze(1).add(width).view(1, 1, -1, 1, width.numel())
 
 
-def _band_safe(obj) -> bool:
+def _band_safe(obj: Mask | Bias | None) -> bool:
     """Whether a mask/bias evaluates from ``b, h, i, j`` alone (so a BandBlock is valid)."""
     return obj is None or obj.by_position
+
+
+_Span = tuple[int, int, int]  # a chunk's live key blocks [lo, hi) and the end f of its full prefix
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ class BandPlan:
     far: int | None  # s: the far part is j <= i + s, or None
 
 
-def band_plan(call) -> BandPlan:
+def band_plan(call: AttentionCall) -> BandPlan:
     """Runs of equal bands and the far diagonal, from the mask's block map at ``_BAND_Q``."""
     bq, q_len, k_len = _BAND_Q, call.q_len, call.k_len
     # The far part runs on the kernel's is_causal, which masks before it scales: with scale <= 0
@@ -143,7 +148,7 @@ def band_plan(call) -> BandPlan:
         rows = [[FULL] * nk for _ in range(nq)]
     else:
         rows = call.mask.block_states(q_len, k_len, bq, bq, batch=call.batch, heads=call.heads).tolist()
-    spans = []
+    spans: list[_Span | None] = []
     for states in rows:
         live = [c for c, st in enumerate(states) if st != EMPTY]
         if not live:
@@ -161,12 +166,12 @@ def band_plan(call) -> BandPlan:
     return min(plans, key=lambda p: len(p.runs))
 
 
-def _exact_diagonal(call) -> int | None:
+def _exact_diagonal(call: AttentionCall) -> int | None:
     """``s`` if the mask is exactly ``j <= i + s`` (causal in either alignment, shifted), else None."""
     return None if call.mask is None else call.mask.causal_offset(call.q_len, call.k_len)
 
 
-def _runs(spans, far: int | None, q_len: int, k_len: int) -> list[_Run]:
+def _runs(spans: list[_Span | None], far: int | None, q_len: int, k_len: int) -> list[_Run]:
     """Consecutive chunks whose near bands have one offset, width and height, as runs."""
     bq = _BAND_Q
     runs: list[_Run] = []
@@ -189,11 +194,11 @@ def _runs(spans, far: int | None, q_len: int, k_len: int) -> list[_Run]:
     return runs
 
 
-def _pieces(runs: list[_Run], call, far: int | None) -> list[_Run]:
+def _pieces(runs: list[_Run], call: AttentionCall, far: int | None) -> list[_Run]:
     """Split long runs into at most ``_MAX_PIECES`` calls, to bound each call's mask (if any)."""
     if call.mask is None and call.bias is None and far is None:
         return runs
-    out = []
+    out: list[_Run] = []
     for run in runs:
         elems = run.n * run.rows * call.groups * run.width
         pieces = min(_MAX_PIECES, run.n, -(-elems // _PIECE_BUDGET))
@@ -204,12 +209,13 @@ def _pieces(runs: list[_Run], call, far: int | None) -> list[_Run]:
     return out
 
 
-def _far_diagonal(call, spans, nq) -> int | None:
+def _far_diagonal(call: AttentionCall, spans: list[_Span | None], nq: int) -> int | None:
     """``s`` such that every pair with ``j <= i + s`` lies in full blocks, if that part is worth a call."""
     last = nq - 1
-    if spans[last] is None:
+    last_span = spans[last]
+    if last_span is None:
         return None
-    c = spans[last][2] - last  # the last chunk's full prefix ends at block last + c
+    c = last_span[2] - last  # the last chunk's full prefix ends at block last + c
     if c + last < 2:
         return None
     for n, span in enumerate(spans):
@@ -221,14 +227,14 @@ def _far_diagonal(call, spans, nq) -> int | None:
     return s
 
 
-def _far_bias(call, s):
+def _far_bias(call: AttentionCall, s: int) -> tuple[Tensor, Tensor] | None:
     """ALiBi on the far part as (row (B|1, Hkv, R, G), col (B|1, Hkv, 1, G, K)), or None.
 
     ALiBi is ``row(i) + col(j)`` on each side of its diagonal, so two strips inside the
     far part (its first key column, its last query row) give it all:
     ``f(i, j) = f(i, 0) - f(last, 0) + f(last, j)``.
     """
-    if not call.bias.splits_by_side:
+    if call.bias is None or not call.bias.splits_by_side:
         return None
     r0 = max(0, -s)
     dt = call.compute_dtype
