@@ -39,9 +39,9 @@ def require_real(name: str, x: object) -> float:
 
 
 def require_choice(name: str, x: object, choices: tuple[str, ...]) -> str:
-    if x not in choices:
+    if not isinstance(x, str) or x not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {x!r}")
-    return x  # type: ignore[return-value]
+    return x
 
 
 def check_broadcast_4d(name: str, t: Tensor, target: tuple[int, int, int, int]) -> Tensor:

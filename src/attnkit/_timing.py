@@ -91,7 +91,7 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str = "cpu"
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
+        base: float = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)

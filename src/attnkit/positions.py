@@ -202,7 +202,7 @@ def rope_inv_freq(dim: int, base: float = 10000.0, scaling: RopeScaling | None =
             return dim * math.log(s.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
         low = max(math.floor(rotations_to_dim(s.beta_fast)), 0)
-        high = min(math.ceil(rotations_to_dim(s.beta_slow)), dim - 1)
+        high: float = min(math.ceil(rotations_to_dim(s.beta_slow)), dim - 1)
         if high == low:
             high += 0.001
         ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)

@@ -18,9 +18,9 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TextIO, TypeAlias
 
 Progress = Callable[[str, int, int], None]
 """``progress(description, done, total)``, as the library's long functions call it."""
@@ -89,6 +89,10 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
 
 
+# What ``parser.add_subparsers()`` returns: each command module's ``add_parser(sub)`` takes it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[Parser]"
+
+
 def csv(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], list]:
     """An argparse type: a comma-separated list of ``kind``, each one of ``choices``."""
 
@@ -100,8 +104,8 @@ def csv(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], lis
             values = [kind(t) for t in items]
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {kind.__name__}s separated by commas; got {text!r}") from None
-        bad = [v for v in values if choices is not None and v not in choices]
-        if bad:
+        bad = [] if choices is None else [v for v in values if v not in choices]
+        if bad and choices is not None:
             hints = "".join(did_you_mean(str(b), choices) for b in bad)
             raise argparse.ArgumentTypeError(
                 f"unknown {', '.join(map(str, bad))}; choose from {', '.join(choices)}{hints}")
@@ -211,8 +215,9 @@ def _render_group(cols: list[Column], cells: list[list[list[str]]], natural: lis
         height = max(len(p) for p in wrapped)
         out = []
         for k in range(height):
-            texts = [(p[k] if k < len(p) else "") for p in wrapped]
-            line = (" " * gap).join(t.rjust(w) if c.right else t.ljust(w) for c, w, t in zip(cols, widths, texts))
+            line_texts = [(p[k] if k < len(p) else "") for p in wrapped]
+            line = (" " * gap).join(t.rjust(w) if c.right else t.ljust(w)
+                                    for c, w, t in zip(cols, widths, line_texts))
             out.append(line.rstrip())
         return out
 
@@ -241,7 +246,7 @@ class Console:
                 self._rich = RichConsole(highlight=False, stderr=stderr)
 
     @property
-    def file(self):
+    def file(self) -> TextIO:
         return sys.stderr if self._stderr else sys.stdout
 
     def rule(self, title: str) -> None:
@@ -273,7 +278,7 @@ class Console:
                 print(line, file=self.file)
         self.file.flush()
 
-    def status(self, text: str):
+    def status(self, text: str) -> AbstractContextManager[object]:
         """A spinner with ``text`` on a terminal; the text as a line otherwise."""
         if self._rich:
             from rich.text import Text
@@ -299,7 +304,8 @@ class Console:
                 yield lambda description, done, total: bar.update(task, description=description, completed=done,
                                                                   total=total)
             return
-        start, last = time.perf_counter(), {"text": None, "bucket": -1}
+        start = time.perf_counter()
+        last: dict[str, object] = {"text": None, "bucket": -1}
 
         def line(description: str, done: int, total: int) -> None:
             bucket = 20 * done // total if total else 0

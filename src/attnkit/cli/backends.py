@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 import attnkit
-from attnkit.cli._common import Console, Parser
+from attnkit.cli._common import Console, Parser, Subparsers
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("backends", help="list the backends and what each supports", description=__doc__)
     p.set_defaults(run=run)
     return p

@@ -8,20 +8,28 @@ time). --quick took 24 s there when idle and 43 s under the same load."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+from typing import TypedDict
 
 import torch
 
-from attnkit.bench import BACKENDS, CASES, DEFAULT_CASES, PEERS
-from attnkit.cli._common import Column, Console, Parser, csv, write_outputs
+from attnkit.bench import BACKENDS, CASES, DEFAULT_CASES, PEERS, BenchResult
+from attnkit.cli._common import Column, Console, Parser, Subparsers, csv, write_outputs
 
 LENGTHS = [1024, 2048, 4096]
 REPEATS = 5
-QUICK = {"lengths": [128, 256], "repeats": 2, "peers": ["sdpa", "naive"]}
+class _Quick(TypedDict):
+    lengths: list[int]
+    repeats: int
+    peers: list[str]
+
+
+QUICK: _Quick = {"lengths": [128, 256], "repeats": 2, "peers": ["sdpa", "naive"]}
 """--quick: short lengths, 2 repeats, no FlexAttention (its compilation alone takes a minute on
 a small CPU), no memory pass. Each option given explicitly wins."""
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("bench", help="attnkit's backends vs SDPA, FlexAttention and eager attention",
                        description=__doc__)
     p.add_argument("--quick", action="store_true",
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"{result.machine}; fp32 matmul {result.matmul_gflops:.0f} GFLOP/s. Rows without 'sdpa', 'flex' "
                   "or 'naive' in the impl column are attnkit backends; %mm: share of that matmul rate; 'vs sdpa': "
                   "that peer's time over ours.")
-        columns = ["case", Column("L", right=True), "impl", Column("ms", right=True),
+        columns: list[str | Column] = ["case", Column("L", right=True), "impl", Column("ms", right=True),
                    Column("peak MiB", right=True), Column("GFLOP/s (%mm)", right=True),
                    *(Column(f"vs {p}", right=True) for p in peers), Column("status", wrap=True)]
         table = rows(result, peers)
@@ -93,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def rows(result, peers) -> list[tuple[str, ...]]:
+def rows(result: BenchResult, peers: Sequence[str]) -> list[tuple[str, ...]]:
     """One row per (case, length, implementation): every figure whole, blank where absent."""
-    out = []
+    out: list[tuple[str, ...]] = []
     for r in result.rows:
         ups = result.speedups(r.case, r.length, r.impl) if r.impl.startswith("attnkit:") else {}
         out.append((r.case, str(r.length), r.impl.removeprefix("attnkit:"),

@@ -4,6 +4,8 @@ and a small speed comparison with PyTorch SDPA."""
 from __future__ import annotations
 
 import argparse
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +13,10 @@ import torch.nn.functional as F
 import attnkit
 from attnkit import biases, masks
 from attnkit._timing import median_seconds
-from attnkit.cli._common import Column, Console, Parser, positive
+from attnkit.cli._common import Column, Console, Parser, Subparsers, positive
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("demo", help="variants vs the reference, mask pictures, speed vs SDPA", description=__doc__)
     p.add_argument("--length", type=positive, default=2048, help="sequence length of the speed table")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     b, h, hkv, n, d = 1, 8, 2, 257, 64
     q, k, v = torch.randn(b, h, n, d), torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
     docs = torch.arange(n) * 3 // n
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "dense": {},
         "causal": {"mask": masks.causal()},
         "sliding window 64": {"mask": masks.sliding_window(64)},
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         "causal + ALiBi": {"mask": masks.causal(), "bias": biases.alibi(h)},
         "softcap 20": {"softcap": 20.0, "mask": masks.causal()},
     }
-    rows = []
+    rows: list[tuple[str, ...]] = []
     with con.status("checking variants against the float64 reference..."):
         for name, kw in variants.items():
             ref = attnkit.attention(q.double(), k.double(), v.double(), backend="reference", **kw)
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     con.rule(f"speed against PyTorch SDPA (fp32, B=1, H=8, D=64, L={length})")
     q, k, v = (torch.randn(1, 8, length, 64) for _ in range(3))
     window = masks.sliding_window(255)
-    cases = {
+    cases: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         "dense": ({}, {}),
         "causal": ({"mask": masks.causal()}, {"is_causal": True}),
         "sliding window 256": ({"mask": window}, {"attn_mask": window.to_dense(length, length)}),
@@ -82,10 +84,9 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     with con.status("timing..."):
         for name, (ours, theirs) in cases.items():
-            t_sdpa = median_seconds(lambda theirs=theirs: F.scaled_dot_product_attention(q, k, v, **theirs), 3)
+            t_sdpa = median_seconds(partial(F.scaled_dot_product_attention, q, k, v, **theirs), 3)
             for backend in ("auto", "tiled"):
-                t = median_seconds(lambda ours=ours, backend=backend: attnkit.attention(
-                    q, k, v, backend=backend, **ours), 3)
+                t = median_seconds(partial(attnkit.attention, q, k, v, backend=backend, **ours), 3)
                 rows.append((name, backend, f"{1e3 * t:.1f}", f"{1e3 * t_sdpa:.1f}", f"{t_sdpa / t:.2f}x"))
     con.table("median ms (SDPA with the dense boolean mask where it has no native option)",
               ("case", "attnkit backend", Column("attnkit ms", right=True), Column("SDPA ms", right=True),

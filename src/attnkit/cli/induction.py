@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.cli._common import Column, Console, Parser, write_outputs
+from attnkit.cli._common import Column, Console, Parser, Subparsers, write_outputs
 
 STEPS, FAST_STEPS = 3000, 1000
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("induction", help="reproduce induction heads: train a 2-layer attention-only model",
                        description=__doc__)
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default: {STEPS}; --fast: {FAST_STEPS})")

@@ -8,14 +8,14 @@ import dataclasses
 
 import torch
 
-from attnkit.cli._common import Column, Console, Parser, UsageError, size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, size
 from attnkit.nn.cache import KV_PRESETS, KVShape, kv_cache_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float8": torch.float8_e4m3fn, "int8": torch.int8}
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("kv-cache", help="the memory of a KV cache: per token, in total, with GQA/MQA or a window",
                        description=__doc__ + "\n\nGive --preset NAME, or all of --layers, --kv-heads and --head-dim "
                        "(options given with --preset override the preset's).")
@@ -39,14 +39,16 @@ def shape_from(args: argparse.Namespace) -> KVShape:
     if args.preset is None and None in (args.layers, args.kv_heads, args.head_dim):
         raise UsageError("kv-cache needs --preset NAME, or all of --layers, --kv-heads and --head-dim")
     base = KV_PRESETS.get(args.preset)
+    if base is None:  # no preset: --layers, --kv-heads and --head-dim are all given (checked above)
+        base = KVShape("custom", args.layers, args.kv_heads, args.kv_heads, args.head_dim)
     kv_heads = args.kv_heads if args.kv_heads is not None else base.kv_heads
     # query heads: given, else the preset's (unless its KV heads were overridden), else MHA
     heads = args.heads if args.heads is not None else (
-        base.heads if base is not None and args.kv_heads is None else kv_heads)
+        base.heads if args.kv_heads is None else kv_heads)
     return KVShape(args.preset or "custom",
                    args.layers if args.layers is not None else base.layers, heads, kv_heads,
                    args.head_dim if args.head_dim is not None else base.head_dim,
-                   args.window if args.window is not None else (base.window if base is not None else None))
+                   args.window if args.window is not None else base.window)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.cli._common import Console, Parser, size
+from attnkit.cli._common import Console, Parser, Subparsers, size
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("lab", help="write the attention lab: sliders for q, k, v, scale, masks; live softmax",
                        description=__doc__)
     p.add_argument("--out", default="lab.html", help="the page to write")

@@ -17,13 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from attnkit.cli._common import Column, Console, Parser, UsageError, csv, positive, quiet_transformers, size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers, size
+
+if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
+    from torch import nn
+
+    from attnkit.profile.core import Profile
 
 IMPLEMENTATIONS = ("eager", "sdpa", "attnkit")
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("profile", help="a model's forward time per component against context length",
                        description=__doc__)
     p.add_argument("model", metavar="MODEL", help="'minilm', a local Hugging Face folder, or a TransformerConfig JSON")
@@ -43,7 +49,7 @@ def add_parser(sub) -> Parser:
     return p
 
 
-def load(spec: str, implementation: str | None = None):
+def load(spec: str, implementation: str | None = None) -> nn.Module:
     """The model MODEL names: a TransformerLM from a JSON config (seeded random weights), else
     ``models.load`` with the attention ``implementation`` (a JSON config has only attnkit's)."""
     if spec.endswith(".json") and Path(spec).is_file():
@@ -116,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(con: Console, result) -> None:
+def _print(con: Console, result: Profile) -> None:
     con.rule(f"profile: {result.model}")
     con.print(f"batch {result.batch}, median of {result.repeats} runs; {result.machine}")
     rows = []

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.cli._common import Parser, quiet_transformers
+from attnkit.cli._common import Parser, Subparsers, quiet_transformers
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("serve", help="a local web app: type text, see the explorer; the lab in a tab",
                        description=__doc__)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)")
