@@ -53,9 +53,9 @@ class LoRALinear(nn.Module):
         self.rslora = bool(rslora)
         self.scaling = self.alpha / (math.sqrt(rank) if rslora else rank)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, **kw))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, **kw))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
         self.merged = False
 
@@ -326,7 +326,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike) -> LoRAReport:
         tensors = {k: file.tensor(k) for n in config for k in (f"{n}.lora_A", f"{n}.lora_B")}
     if not adapted:
         linears = [(n, modules[n]) for n in config]
-        _refuse_unsafe(model, linears)  # type: ignore[arg-type]
+        _refuse_unsafe(model, linears)
         for p in model.parameters():
             p.requires_grad_(False)
         for name, cfg in config.items():

@@ -131,7 +131,7 @@ def make_problem(case: str, length: int, *, batch: int = 1, heads: int = 8, kv_h
         mask, bias = masks.causal(), biases.alibi(heads)
         slopes = biases.alibi_slopes(heads).to(dev)
 
-        def alibi_mod(score, b, h, qi, ki):
+        def alibi_mod(score: Tensor, b: Tensor, h: Tensor, qi: Tensor, ki: Tensor) -> Tensor:
             return score - slopes[h] * (qi - ki).abs()
 
         p.score_mod = alibi_mod

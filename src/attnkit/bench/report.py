@@ -87,10 +87,9 @@ def plot(result: BenchResult, path: str | Path) -> Path:
                 continue
             style = "-o" if impl.startswith("attnkit:") else "--s"
             ax_t.plot([r.length for r in pts], [r.ms for r in pts], style, label=impl, markersize=4)
-            mem = [r for r in pts if r.peak_mib is not None]
+            mem = [(r.length, r.peak_mib) for r in pts if r.peak_mib is not None]
             if mem:
-                ax_m.plot([r.length for r in mem], [max(r.peak_mib, 0.1) for r in mem], style, label=impl,
-                          markersize=4)
+                ax_m.plot([n for n, _ in mem], [max(mib, 0.1) for _, mib in mem], style, label=impl, markersize=4)
         for ax, ylabel in ((ax_t, "time (ms)"), (ax_m, "peak memory (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -98,7 +99,8 @@ def _local_bias(bias: Bias | None, qs: int, ks: int, total: int) -> Bias | None:
 # -- the ring ------------------------------------------------------------------------------
 
 
-def _exchange(tensors: list[Tensor], rank: int, world: int, group) -> tuple[list[Tensor], list, int]:
+def _exchange(tensors: list[Tensor], rank: int, world: int,
+              group: dist.ProcessGroup | None) -> tuple[list[Tensor], list[dist.Work], int]:
     """Start sending ``tensors`` to the next rank and receiving the previous rank's."""
     received = [torch.empty_like(t) for t in tensors]
     ops = []
@@ -113,7 +115,8 @@ def _exchange(tensors: list[Tensor], rank: int, world: int, group) -> tuple[list
 
 class _Ring(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, bias, scale, sharding, group):
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None, bias: Bias | None, scale: float | None,
+                sharding: str, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
         rank, world = _world(group)
         segs = _segments(rank, world, q.shape[2], sharding)
         batch, heads, local_len, _ = q.shape
@@ -149,7 +152,7 @@ class _Ring(torch.autograd.Function):
         return acc_out.to(q.dtype), acc_lse
 
     @staticmethod
-    def backward(ctx, d_out, d_lse):
+    def backward(ctx: Any, d_out: Tensor | None, d_lse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         mask, bias, scale, sharding, group = ctx.args
         rank, world = _world(group)

@@ -122,7 +122,8 @@ def supports(model: Any) -> bool:
     cls = model if isinstance(model, type) else type(model)
     if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         raise TypeError(f"model must be a transformers PreTrainedModel or its class; got {describe(model)}")
-    return bool(cls._supports_attention_backend) or bool(cls._can_set_attn_implementation())
+    checked: type[PreTrainedModel] = cls  # issubclass does not narrow to a class mypy does not follow
+    return bool(checked._supports_attention_backend) or bool(checked._can_set_attn_implementation())
 
 
 def _refuse_undeclared(model: Any) -> None:
@@ -199,7 +200,7 @@ def _attention_modules(module: torch.nn.Module, implementation: str, found: list
     return named or below
 
 
-def _start_check(model: torch.nn.Module, args: Any) -> None:
+def _start_check(model: PreTrainedModel, args: Any) -> None:
     """Forward pre-hook: until a forward on ``"attnkit"`` passed, watch what this one runs."""
     stale = model.__dict__.pop("_attnkit_watch", None)  # left by an interrupted forward (KeyboardInterrupt)
     if stale is not None:
@@ -210,7 +211,7 @@ def _start_check(model: torch.nn.Module, args: Any) -> None:
     _attention_modules(model, NAME, modules)
     watch = _Watch(model, modules)
     _WATCHES.set((*_WATCHES.get(), watch))
-    model._attnkit_watch = watch
+    model.__dict__["_attnkit_watch"] = watch
 
 
 def _finish_check(model: torch.nn.Module, args: Any, output: Any) -> None:
@@ -225,7 +226,7 @@ def _finish_check(model: torch.nn.Module, args: Any, output: Any) -> None:
     problem = watch.problem()
     if problem is None:
         if watch.ran or watch.attention_calls:  # else nothing attended: check the next forward
-            model._attnkit_checked = True
+            model.__dict__["_attnkit_checked"] = True
         return
     if any(m is model for outer in _WATCHES.get() for m in outer.model.modules()):
         return  # the model around this one (a ForCausalLM around its Model) saw the same and reports it
@@ -240,8 +241,8 @@ def _watch_first_forward(model: torch.nn.Module) -> None:
     if not model.__dict__.get("_attnkit_hooked", False):
         model.register_forward_pre_hook(_start_check)
         model.register_forward_hook(_finish_check, always_call=True)
-        model._attnkit_hooked = True
-    model._attnkit_checked = False
+        model.__dict__["_attnkit_hooked"] = True
+    model.__dict__["_attnkit_checked"] = False
 
 
 def to_attnkit_mask(attention_mask: object, query: Tensor, key: Tensor, *, module: object = None,

@@ -155,7 +155,7 @@ def summarize(
         per_layer.append([[(j, names[j], w) for j, w in zip(kr[:k].tolist(), wr[:k].tolist()) if w > 0]
                           for kr, wr in zip(keys, weights)])
     rows = [(i, names[i], [tops[n] for tops in per_layer]) for n, i in enumerate(shown)]
-    heads = []
+    heads: list[tuple[int, int, int, int, float]] = []
     if tokens is not None:
         for i in wanted[:8]:
             grid = attn[:, :, i].float().clone()  # (layers, heads, Lk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,12 +15,15 @@ from attnkit.inspect import rollout as roll_out
 from attnkit.inspect.maps import AttentionMaps
 from attnkit.viz.report import _check_maps, _check_progress, has_whole_model
 
+if TYPE_CHECKING:  # matplotlib is optional (the plot extra)
+    from matplotlib.axes import Axes
+
 __all__ = ["save_pngs"]
 
 _LABELLED = 48  # up to this many tokens, axes carry the tokens
 
 
-def _heatmap(ax, grid: torch.Tensor, tokens: list[str], title: str, *, labels: bool) -> object:
+def _heatmap(ax: Axes, grid: torch.Tensor, tokens: list[str], title: str, *, labels: bool) -> object:
     image = ax.imshow(grid.float().numpy(), cmap="magma_r", vmin=0.0, vmax=1.0, interpolation="nearest",
                       aspect="equal")
     ax.set_title(title, fontsize=9)

@@ -61,7 +61,7 @@ import socket
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -209,7 +209,7 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
-def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> Response:
+def _json(status: int, value: Any, headers: Mapping[str, str] | None = None) -> Response:
     return Response(_json_bytes(value), status_code=status, headers=headers, media_type=_JSON)
 
 
@@ -230,7 +230,7 @@ class _Protocol(H11Protocol):
     header_timeout = 10.0  # set per server by make_server
     _deadline: asyncio.TimerHandle | None = None
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
         self._arm()
 
