@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -161,8 +162,8 @@ class _Flex:
             block_mask = self.create_block_mask(p.mask_mod, None, None, lq, lk, device=str(p.q.device))
         build_s = time.perf_counter() - start
         compiled = torch.compile(self.flex_attention, dynamic=False)
-        kwargs = {"block_mask": block_mask, "score_mod": p.score_mod, "enable_gqa": h != hkv}
-        return lambda: compiled(p.q, p.k, p.v, **kwargs), build_s, "block mask" if block_mask is not None else ""
+        return (lambda: compiled(p.q, p.k, p.v, block_mask=block_mask, score_mod=p.score_mod, enable_gqa=h != hkv),
+                build_s, "block mask" if block_mask is not None else "")
 
 
 def _agrees(got: Tensor, expected: Tensor) -> tuple[bool, float]:
@@ -205,7 +206,7 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
     _check_run_args(cases, lengths, backends, peers, dtype, max_dense_gib, batch=batch, heads=heads,
                     kv_heads=kv_heads, head_dim=head_dim, window=window, repeats=repeats)
     load = require_int("load", load, minimum=0)
-    flex = None
+    flex: _Flex | ImportError | None = None
     settings = {"cases": list(cases), "lengths": list(lengths), "backends": list(backends), "peers": list(peers),
                 "backward": backward, "dtype": str(dtype).replace("torch.", ""), "device": str(device),
                 "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "window": window,
@@ -244,7 +245,8 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
     return result
 
 
-def _check_run_args(cases, lengths, backends, peers, dtype, max_dense_gib, **sizes) -> None:
+def _check_run_args(cases: Sequence[str], lengths: Sequence[int], backends: Sequence[str], peers: Sequence[str],
+                    dtype: torch.dtype, max_dense_gib: float, **sizes: int) -> None:
     for name, given, allowed in (("cases", cases, CASES), ("backends", backends, BACKENDS), ("peers", peers, PEERS)):
         bad = [x for x in given if x not in allowed]
         if bad:
@@ -263,17 +265,21 @@ def _check_run_args(cases, lengths, backends, peers, dtype, max_dense_gib, **siz
         raise TypeError(f"dtype must be a floating point dtype; got {dtype}")
 
 
-def _run_one(case, length, peak_gflops, flex, backends, peers, backward, dtype, device, batch, heads,
-             kv_heads, head_dim, window, repeats, memory, max_dense_gib) -> list[Row]:
+def _run_one(case: str, length: int, peak_gflops: float, flex: _Flex | ImportError | None, backends: Sequence[str],
+             peers: Sequence[str], backward: bool, dtype: torch.dtype, device: torch.device, batch: int, heads: int,
+             kv_heads: int, head_dim: int, window: int, repeats: int, memory: bool,
+             max_dense_gib: float) -> list[Row]:
     p = make_problem(case, length, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                      window=window, dtype=dtype, device=device, requires_grad=backward)
     grad_out = torch.randn((*p.q.shape[:-1], p.v.shape[-1]), generator=torch.Generator().manual_seed(1)).to(
         device=device, dtype=dtype)
     too_big = p.dense_bytes() > max_dense_gib * 2**30
     builders: dict[str, Callable[[], tuple[Callable[[], Tensor], str]]] = {}
+    def ours(backend: str) -> tuple[Callable[[], Tensor], str]:
+        return (lambda: attnkit.attention(p.q, p.k, p.v, mask=p.mask, bias=p.bias, backend=backend)), ""
+
     for b in backends:
-        builders[f"attnkit:{b}"] = lambda b=b: (lambda: attnkit.attention(p.q, p.k, p.v, mask=p.mask, bias=p.bias,
-                                                                            backend=b), "")
+        builders[f"attnkit:{b}"] = partial(ours, b)
     if "sdpa" in peers:
         builders["sdpa"] = lambda: _sdpa(p)
     if "naive" in peers:
@@ -286,11 +292,14 @@ def _run_one(case, length, peak_gflops, flex, backends, peers, backward, dtype, 
     def step(fn: Callable[[], Tensor]) -> Callable[[], tuple[Tensor, ...]]:
         def go() -> tuple[Tensor, ...]:
             out = fn()
+            result: tuple[Tensor, ...]
             if backward:
                 for t in (p.q, p.k, p.v):
                     t.grad = None
                 out.backward(grad_out)
-                result = (out.detach(), p.q.grad, p.k.grad, p.v.grad)
+                dq, dk, dv = p.q.grad, p.k.grad, p.v.grad
+                assert dq is not None and dk is not None and dv is not None  # the problem's inputs require grad
+                result = (out.detach(), dq, dk, dv)
             else:
                 result = (out,)
             _sync(device)
@@ -323,6 +332,7 @@ def _run_one(case, length, peak_gflops, flex, backends, peers, backward, dtype, 
             if impl == "flex":
                 if isinstance(flex, Exception):
                     raise flex
+                assert flex is not None  # run() sets it whenever "flex" is in peers
                 if backward and device.type == "cpu":
                     rows[impl].status = "skipped"
                     rows[impl].note = "FlexAttention has no CPU backward"
