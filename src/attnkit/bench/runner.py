@@ -321,6 +321,7 @@ def _run_one(case: str, length: int, peak_gflops: float, flex: _Flex | ImportErr
             row.status = "wrong"
 
     impls = list(builders) + (["flex"] if "flex" in peers else [])
+    fn: Callable[[], Tensor] | None = None
     for impl in impls:
         rows[impl] = Row(case, length, impl, "ok")
         needs_dense = impl in _MATERIALISING or (impl == "sdpa" and p.dense_bias is not None)
