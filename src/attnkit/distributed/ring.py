@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.distributed as dist
@@ -207,6 +207,24 @@ class _Ring(torch.autograd.Function):
         _STATS.backward_bytes = sent
         dk, dv = held
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup | None = None,
+                   mask: Mask | None = None, bias: Bias | None = None, scale: float | None = None,
+                   sharding: str = "zigzag", return_lse: Literal[False] = False) -> Tensor: ...
+
+
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup | None = None,
+                   mask: Mask | None = None, bias: Bias | None = None, scale: float | None = None,
+                   sharding: str = "zigzag", return_lse: Literal[True]) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup | None = None,
+                   mask: Mask | None = None, bias: Bias | None = None, scale: float | None = None,
+                   sharding: str = "zigzag", return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]: ...
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, group: dist.ProcessGroup | None = None,
