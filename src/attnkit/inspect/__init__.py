@@ -3,6 +3,8 @@
 - :func:`capture` runs a model once and returns the attention probabilities of the
   layers and heads you ask for, as :class:`AttentionMaps`, from attnkit modules and from
   Hugging Face models with any attention implementation (sdpa included).
+  An encoder-decoder model (T5, BART, Marian, Whisper) with a ``target`` gives
+  :class:`Seq2SeqMaps`: encoder, decoder and cross-attention maps.
 - :class:`AttentionMaps` holds them per input with the tokens; it selects layers and
   heads, and saves to and loads from safetensors.
 - :mod:`attnkit.inspect.roles`: per-head scores (previous-token, induction, duplicate,
@@ -13,7 +15,7 @@
 """
 
 from attnkit.inspect.compare import Comparison, compare
-from attnkit.inspect.maps import AttentionMaps
+from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.inspect.recording import capture
 from attnkit.inspect.roles import (
     STOP_WORDS,
@@ -30,6 +32,7 @@ __all__ = [
     "AttentionMaps",
     "Comparison",
     "HeadRoles",
+    "Seq2SeqMaps",
     "capture",
     "compare",
     "head_roles",
