@@ -20,9 +20,10 @@ How it records, without changing what the model computes:
   non-causal ones).
 
 Layers are numbered in the order the model calls attention in one forward pass, which for
-encoders and decoders is the model's layer index. Encoder-decoder models (several attention
-calls per layer; refused by name, with the inputs' shapes) and calls with a KV cache are not
-supported.
+encoders and decoders is the model's layer index. An encoder-decoder model's calls are told
+apart by module (:func:`encoder_decoder_parts`) and numbered per part, giving
+:class:`~attnkit.inspect.Seq2SeqMaps`. Calls with a KV cache are refused here; see
+:func:`attnkit.inspect.capture_generation`.
 
 Memory: only the requested layers and heads are computed and kept. Probabilities are
 computed for a few heads at a time (at most about 64 MiB of float32 scores; all heads of a
