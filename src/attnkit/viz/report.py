@@ -236,3 +236,24 @@ def iframe(maps: AttentionMaps, input_index: int = 0, *, height: int = 900, **kw
     doc = report_html(maps, input_index, **kwargs)
     return (f'<iframe srcdoc="{html.escape(doc, quote=True)}" style="width:100%;height:{int(height)}px;'
             'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>')
+
+
+INLINE_BYTES = 2_500_000  # the most attention data a notebook output shows inline (Jupyter's iopub rate limit)
+
+
+def notebook_html(maps: AttentionMaps) -> str:
+    """What Jupyter shows for ``maps`` (``AttentionMaps._repr_html_`` delegates here): input
+    0's :func:`iframe`, its data capped at :data:`INLINE_BYTES`; for maps too large for that
+    (:class:`~attnkit.viz.encode.BudgetError`), or that the report cannot draw, their repr and
+    why, never an exception."""
+    if not len(maps):
+        return f"<pre>{html.escape(repr(maps))}</pre>"
+    note = "" if len(maps) == 1 else (
+        f"<p>Input 0 of {len(maps)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
+    try:
+        return note + iframe(maps, 0, max_bytes=INLINE_BYTES)
+    except _encode.BudgetError as err:
+        return (f"<pre>{html.escape(repr(maps))}</pre><p>Too large to show inline ({html.escape(str(err))}). "
+                "Write a report instead: <code>attnkit.viz.write_report(maps, 'report.html')</code>.</p>")
+    except (ValueError, TypeError) as err:
+        return f"<pre>{html.escape(repr(maps))}</pre><p>Cannot show these maps: {html.escape(str(err))}</p>"
