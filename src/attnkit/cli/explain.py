@@ -1,6 +1,7 @@
 """``attnkit explain``: run a model on a text and show what it attends to: the tokens, the
 top attended tokens per layer, the heads that stand out, and each head role's best heads;
-write a self-contained HTML report and, on request, PNG heatmaps."""
+write a self-contained HTML report (with what attention costs in the model at this length,
+unless --no-cost) and, on request, PNG heatmaps."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def add_parser(sub) -> Parser:
     p.add_argument("--keep-special", action="store_true",
                    help="list special tokens ([CLS], [SEP], ...) among the attended tokens too")
     p.add_argument("--max-rows", type=int, default=64, help="tokens listed at most")
+    p.add_argument("--no-cost", dest="cost", action="store_false",
+                   help="leave out the report's cost section (a quick profile of the model at this input's length "
+                        "and a few longer ones: a few seconds on a CPU)")
     p.set_defaults(run=run)
     return p
 
@@ -83,9 +87,15 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"skipped {role}: {why}")
     if args.out:
         view = _opening_head(maps, wanted, set(summary.skipped_keys))
+        cost = None
+        if args.cost:
+            from attnkit.viz.cost import cost_data
+
+            with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
+                cost = cost_data(model, len(tokens))
         with con.progress() as progress:
             path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
-                                       view=view, rollout=whole, roles=summary.roles, progress=progress)
+                                       view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
         opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
         con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
     if args.png:
