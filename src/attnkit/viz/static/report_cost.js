@@ -2,7 +2,8 @@
  * from attnkit.viz.cost.cost_data: the split of one forward at the input's length, attention's
  * FLOPs, the KV cache a decoder of this shape holds, and attention's share of the forward
  * against length (an inline SVG). Text reaches the page through textContent only.
- * AttnkitCost.section(cost) returns the section's element. */
+ * AttnkitCost.section(cost) returns the section's element; AttnkitCost.svg(tag, attrs, text) makes
+ * an SVG element (the compare page draws with it too). */
 (function () {
   "use strict";
 
@@ -113,5 +114,5 @@
     return box;
   }
 
-  window.AttnkitCost = { section };
+  window.AttnkitCost = { section, svg };
 })();
