@@ -110,7 +110,10 @@ def run(args: argparse.Namespace) -> int:
             from attnkit.viz.cost import cost_data
 
             with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
-                cost = cost_data(model, len(tokens))
+                try:
+                    cost = cost_data(model, len(tokens))
+                except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
+                    con.print(f"the report has no cost section: {err}")
         with con.progress() as progress:
             path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
                                        view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
