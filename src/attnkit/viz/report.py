@@ -3,7 +3,8 @@
 The page has a head view (lines from each token to the tokens it attends to, one colour
 per head), a model view (every layer x head as a thumbnail; click to enlarge), a matrix
 heatmap with values on hover (windowed, with an overview, for long inputs), and a table
-of head-role scores; controls choose the layer, heads, threshold and aggregation (mean of
+of head-role scores, and (when given) what attention costs in the model at this length
+(:mod:`attnkit.viz.cost`); controls choose the layer, heads, threshold and aggregation (mean of
 the selected heads, or attention rollout up to the layer). It loads nothing from the
 network: its script, style and data are inline, and its Content-Security-Policy forbids
 every request. The maps are stored compactly (:mod:`attnkit.viz.encode`); the page says
@@ -89,6 +90,7 @@ def report_data(
     max_bytes: int = 20_000_000,
     rollout: bool = True,
     roles: HeadRoles | None = None,
+    cost: dict[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The JSON the explorer page reads: tokens, encoded maps, rollout, head roles.
@@ -107,6 +109,8 @@ def report_data(
             and head. The maps cannot tell heads 0..k-1 of a bigger model from a whole
             model: pass False when you captured such a subset.
         roles: this input's :func:`~attnkit.inspect.head_roles`, when already computed.
+        cost: :func:`attnkit.viz.cost.cost_data` for the model at this input's length, drawn as
+            the page's "cost" section; None (default) leaves the section out.
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
@@ -115,6 +119,10 @@ def report_data(
         raise ValueError(f"roles must be head_roles of these maps (layers {list(maps.layers)}, heads "
                          f"{list(maps.heads)}); got {describe(roles)}")
     _check_progress(progress)
+    if cost is not None and not (isinstance(cost, dict) and cost.get("length") == maps.attentions[index].shape[-2]):
+        raise ValueError(f"cost must be attnkit.viz.cost.cost_data(model, length) at this input's length "
+                         f"({maps.attentions[index].shape[-2]} tokens); got {describe(cost)}"
+                         + (f" for {cost.get('length')!r} tokens" if isinstance(cost, dict) else ""))
     if not isinstance(rollout, bool):
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     attn = maps.attentions[index]
@@ -170,6 +178,7 @@ def report_data(
         "view": opening,
         "roles": _scores(roles),
         "encoding": enc.to_json(),
+        "cost": cost,
     }
 
 
@@ -214,7 +223,8 @@ def report_html(maps: AttentionMaps, input_index: int = 0, **kwargs: Any) -> str
     (False, True, False)
     """
     data = report_data(maps, input_index, **kwargs)
-    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js"], body=_BODY, data=data)
+    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["report_cost.js", "explorer.js"], body=_BODY,
+                data=data)
 
 
 def write_report(maps: AttentionMaps, path: str | os.PathLike, input_index: int = 0, **kwargs: Any) -> Path:
