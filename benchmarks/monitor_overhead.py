@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, machine_info, machine_line, save  # noqa: E402
+from _results import RESULTS, machine_info, machine_line, save
 
 TARGET = 0.05
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, save  # noqa: E402
+from _results import RESULTS, save
 
 TEXTS = ("The bank of the river was muddy.", "The bank raised its interest rates.")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "polysemy.png"
@@ -28,7 +28,8 @@ def render(data: dict) -> str:
              f"against \"{anc}\" (in both).", "",
              f"| hidden state | cos {tok} | cos {anc} |", "|---|---:|---:|"]
     names = ["embeddings", *(f"after layer {n}" for n in data["layers"])]
-    lines += [f"| {name} | {t:.3f} | {a:.3f} |" for name, t, a in zip(names, data["token_cosine"], data["anchor_cosine"])]
+    rows = zip(names, data["token_cosine"], data["anchor_cosine"])
+    lines += [f"| {name} | {t:.3f} | {a:.3f} |" for name, t, a in rows]
     return "\n".join([*lines, "", data["summary"]])
 
 
