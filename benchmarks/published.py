@@ -97,12 +97,16 @@ VIEWS: dict[str, Callable[[], str]] = {
     "report": lambda: script("report").render(load("report")),
     "bertviz_size": lambda: script("bertviz_size").render(load("bertviz_size")),
     "profile": lambda: script("profile_models").render(load("profile")),
+    "translate": lambda: script("translate").render(load("translate")),
+    "monitor_overhead": lambda: script("monitor_overhead").render(load("monitor_overhead")),
+    "polysemy": lambda: script("polysemy").render(load("polysemy")),
 }
 
 # results/<name>.md -> how it is rendered from results/<name>.json
 FILES: dict[str, Callable[[], str]] = {
     **{n: (lambda n=n: bench_markdown(load(n))) for n in PEER_FILES},
-    **{n: VIEWS[n] for n in ("core", "decode", "linear", "ring", "capture", "report", "bertviz_size", "profile")},
+    **{n: VIEWS[n] for n in ("core", "decode", "linear", "ring", "capture", "report", "bertviz_size", "profile",
+                                  "translate", "monitor_overhead", "polysemy")},
     "linear-favor": VIEWS["linear-favor"],
 }
 

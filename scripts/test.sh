@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite: lint (ruff), type-check (mypy), then pytest (doctests included), one worker
-# process per core (pytest-xdist; ATTNKIT_TEST_WORKERS=N to change, 0 for one process; extra
+# process per core (pytest-xdist, work stealing; ATTNKIT_TEST_WORKERS=N to change, 0 for one process; extra
 # arguments go to pytest and may override it). The default tier takes a few minutes on 2 cores; slow, exhaustive cases (fuzzing at scale,
 # long sequences, benchmark smoke runs, multi-process runs) run too with `--run-slow` or
 # ATTNKIT_SLOW=1. Installs into the active virtual environment, else ./.venv (see setup.sh).
@@ -23,4 +23,4 @@ fi
 "$PY" -m ruff check .
 "$PY" -m mypy  # settings and the files it checks: [tool.mypy] in pyproject.toml
 WORKERS=${ATTNKIT_TEST_WORKERS:-$("$PY" -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')}
-exec "$PY" -m pytest -n "$WORKERS" --dist loadfile --durations=15 "$@"
+exec "$PY" -m pytest -n "$WORKERS" --dist worksteal --durations=15 "$@"

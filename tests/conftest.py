@@ -16,7 +16,6 @@ import torch
 
 from attnkit.functional import tiled
 
-
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one process per core (scripts/test.sh): one torch thread each
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 

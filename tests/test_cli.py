@@ -144,7 +144,7 @@ def test_unknown_option_shows_the_subcommand_usage(capsys):
 def test_every_option_has_help_and_shows_its_default(capsys):
     parser = build_parser()
     assert set(parser.commands) == {"demo", "backends", "kv-cache", "bench", "explain", "serve", "lab", "induction",
-                                    "profile"}
+                                    "translate-demo", "profile"}
     for name, sub in parser.commands.items():
         text = " ".join(sub.format_help().split())
         for action in sub._actions:

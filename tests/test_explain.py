@@ -65,7 +65,8 @@ def test_find_tokens_and_specials():
 
 def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     out, pngs = tmp_path / "report.html", tmp_path / "png"
-    assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--token", "it", "--top", "2"]) == 0
+    assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--token", "it", "--top", "2",
+                     "--no-cost"]) == 0
     printed = capsys.readouterr().out
     assert "8:it" in printed and "2:cat" in printed
     assert "layer 5" in printed and "previous_token" in printed and "induction" in printed
@@ -97,13 +98,13 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
 def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
     out, pngs = tmp_path / "r.html", tmp_path / "png"
     assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--heads", "0,1", "--layers", "4,5",
-                     "--top", "1"]) == 0
+                     "--top", "1", "--no-cost"]) == 0
     data = json.loads(out.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["rollout"] is False and data["heads"] == [0, 1] and data["layers"] == [4, 5]
     assert sorted(p.name for p in pngs.iterdir()) == ["layer4.png", "layer5.png", "mean.png"]
     # Every head named explicitly is the whole model again: rollout comes back.
     every = ",".join(map(str, range(12)))
-    assert cli.main(["explain", SEED, "--out", str(out), "--heads", every, "--top", "1"]) == 0
+    assert cli.main(["explain", SEED, "--out", str(out), "--heads", every, "--top", "1", "--no-cost"]) == 0
     data = json.loads(out.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["rollout"] is True
 

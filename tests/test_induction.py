@@ -88,8 +88,9 @@ def test_cli_rejects_bad_options(capsys):
 
 def test_cli_runs_and_writes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.chdir(tmp_path)  # the run prints where it wrote: a short path, whatever the temp folder's name
     out = tmp_path / "ind.json"
-    assert main(["induction", "--steps", "20", "--plot", "", "--json", str(out)]) == 0
+    assert main(["induction", "--steps", "20", "--plot", "", "--json", "ind.json"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert max(map(len, lines)) <= 80
     assert any("strongest induction head" in line for line in lines)

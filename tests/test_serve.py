@@ -469,7 +469,8 @@ def test_serve_until_interrupted(stop, tiny_folder):
     process = subprocess.Popen(
         # Ctrl-C's handler set explicitly: a process started from a background job inherits SIGINT ignored.
         [sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                               "from attnkit.viz.server import serve; serve(sys.argv[1], port=0, log=None)",
+                               "from attnkit.viz.server import serve; "
+                               "serve(sys.argv[1], port=0, header_timeout=600, log=None)",
          str(tiny_folder)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
@@ -482,10 +483,10 @@ def test_serve_until_interrupted(stop, tiny_folder):
         port = int(url.group(0).rsplit(":", 1)[1].strip("/"))
         held = socket.create_connection(("127.0.0.1", port), timeout=10)
         held.sendall(b"GET / HTTP/1.1\r\nHost: 127.")
-        start = time.monotonic()
         process.send_signal(stop)
-        out, err = process.communicate(timeout=20)
-        assert time.monotonic() - start < 8  # the held connection does not keep it running
+        # The held connection has 600 s to finish its headers: a server that waited for it would not stop
+        # within the 120 s allowed here (the bound is loose so that a loaded machine cannot fail it).
+        out, err = process.communicate(timeout=120)
         held.close()
     finally:
         if process.poll() is None:

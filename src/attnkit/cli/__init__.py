@@ -11,12 +11,12 @@ import sys
 from collections.abc import Sequence
 
 import attnkit
-from attnkit.cli import backends, bench, demo, explain, induction, kv_cache, lab, profile, serve
+from attnkit.cli import backends, bench, demo, explain, induction, kv_cache, lab, profile, serve, translate_demo
 from attnkit.cli._common import Parser, UsageError
 
 __all__ = ["main"]
 
-COMMANDS = (demo, backends, kv_cache, bench, explain, serve, lab, induction, profile)
+COMMANDS = (demo, backends, kv_cache, bench, explain, serve, lab, induction, translate_demo, profile)
 
 EPILOG = """\
 Layers and heads are numbered from 0 everywhere: options, tables, reports.

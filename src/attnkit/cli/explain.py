@@ -1,13 +1,20 @@
 """``attnkit explain``: run a model on a text and show what it attends to: the tokens, the
 top attended tokens per layer, the heads that stand out, and each head role's best heads;
-write a self-contained HTML report and, on request, PNG heatmaps."""
+write a self-contained HTML report (with what attention costs in the model at this length,
+unless --no-cost) and, on request, PNG heatmaps.
+
+With --compare OTHER and one --token WORD: the word in two contexts. The report shows both
+sentences side by side, where WORD attends in each, per layer and in its best head, and the
+cosine similarity of WORD's hidden state between the sentences, layer by layer, against that of
+a word both share (the most frequent shared word token other than WORD, or --anchor); the
+terminal says from which layer WORD diverges; --png DIR writes the cosines as DIR/cosine.png."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from attnkit.cli._common import Column, Console, Parser, csv, quiet_transformers, size
+from attnkit.cli._common import Column, Console, Parser, UsageError, csv, quiet_transformers, size
 
 
 def add_parser(sub) -> Parser:
@@ -27,6 +34,14 @@ def add_parser(sub) -> Parser:
     p.add_argument("--keep-special", action="store_true",
                    help="list special tokens ([CLS], [SEP], ...) among the attended tokens too")
     p.add_argument("--max-rows", type=int, default=64, help="tokens listed at most")
+    p.add_argument("--compare", metavar="OTHER", default=None,
+                   help="a second text: compare how the model reads --token in the two (one --token needed)")
+    p.add_argument("--anchor", default=None,
+                   help="with --compare: the shared word to compare against (default: the most frequent word token "
+                        "both texts share, other than --token)")
+    p.add_argument("--no-cost", dest="cost", action="store_false",
+                   help="leave out the report's cost section (a quick profile of the model at this input's length "
+                        "and a few longer ones: a few seconds on a CPU)")
     p.set_defaults(run=run)
     return p
 
@@ -42,10 +57,17 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
     if args.out and not Path(args.out).resolve().parent.is_dir():  # the one check the report cannot make early
         raise ValueError(f"--out {args.out!r}: the folder {str(Path(args.out).resolve().parent)!r} does not exist")
+    if args.compare is None and args.anchor is not None:
+        raise UsageError("--anchor only goes with --compare OTHER --token WORD")
+    if args.compare is not None and (not args.token or len(args.token) != 1):
+        raise UsageError(f"--compare needs exactly one --token WORD to compare (e.g. --token bank); got "
+                         f"{len(args.token or [])} --token")
     con = Console()
     quiet_transformers()
     with con.status(f"loading {args.model}..."):
         model, tokenizer = models.load(args.model)
+    if args.compare is not None:
+        return _compare(args, con, (model, tokenizer))
     with con.progress() as progress:
         maps = ex.explain(args.text, (model, tokenizer), layers=args.layers, heads=args.heads,
                           progress=lambda done, total: progress("capturing attention", done, total))
@@ -83,9 +105,18 @@ def run(args: argparse.Namespace) -> int:
         con.print(f"skipped {role}: {why}")
     if args.out:
         view = _opening_head(maps, wanted, set(summary.skipped_keys))
+        cost = None
+        if args.cost:
+            from attnkit.viz.cost import cost_data
+
+            with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
+                try:
+                    cost = cost_data(model, len(tokens))
+                except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
+                    con.print(f"the report has no cost section: {err}")
         with con.progress() as progress:
             path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
-                                       view=view, rollout=whole, roles=summary.roles, progress=progress)
+                                       view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
         opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
         con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
     if args.png:
@@ -125,3 +156,34 @@ def _opening_head(maps, wanted: list[int] | None, skipped_keys: set[int]) -> tup
     pool = row.masked_fill(~far, -1.0) if far.any() and float(row[..., far].max()) > 0 else row
     flat = int(pool.flatten().argmax()) // row.shape[-1]
     return maps.layers[flat // row.shape[1]], [maps.heads[flat % row.shape[1]]]
+
+
+def _compare(args: argparse.Namespace, con: Console, model) -> int:
+    """``explain TEXT --compare OTHER --token WORD``: the word in two contexts."""
+    from attnkit.viz import contexts
+
+    with con.status("running both texts..."):
+        try:
+            found = contexts.compare_contexts(args.text, args.compare, args.token[0], model, anchor=args.anchor)
+        except contexts.TokenNotFound as err:
+            where = "TEXT" if err.sentence == args.text else "--compare"
+            raise UsageError(f"--{err.argument} {err.word!r} is not a token of the {where} text {err.sentence!r}; "
+                             f"its tokens are " + " ".join(err.tokens)) from None
+    tok, anc = found.token, found.anchor
+    con.rule(f"{found.maps[0].model_name}: '{tok}' in two contexts, against '{anc}'")
+    rows = [(str(layer), f"{found.token_cosine[n + 1]:.3f}", f"{found.anchor_cosine[n + 1]:.3f}",
+             *(f"{a[n]['mean'][0][0]} {a[n]['mean'][0][1]:.2f}; H{a[n]['head']}: {a[n]['head_key']} "
+               f"{a[n]['head_weight']:.2f}" for a in found.attends))
+            for n, layer in enumerate(found.maps[0].layers)]
+    con.table(f"cosine of the hidden state between the texts, and where '{tok}' attends (top key of the mean of "
+              "the heads; the best head's key)",
+              ("layer", Column(f"cos {tok}", right=True), Column(f"cos {anc}", right=True), "in TEXT", "in --compare"),
+              [("emb", f"{found.token_cosine[0]:.3f}", f"{found.anchor_cosine[0]:.3f}", "", ""), *rows])
+    con.print(found.summary())
+    if args.out:
+        path = contexts.write_compare_report(found, args.out)
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): both texts side by side; it needs no network")
+    if args.png:
+        Path(args.png).mkdir(parents=True, exist_ok=True)
+        con.print(f"wrote {found.plot(Path(args.png) / 'cosine.png')}")
+    return 0

@@ -3,6 +3,10 @@
 - :func:`capture` runs a model once and returns the attention probabilities of the
   layers and heads you ask for, as :class:`AttentionMaps`, from attnkit modules and from
   Hugging Face models with any attention implementation (sdpa included).
+  An encoder-decoder model (T5, BART, Marian, Whisper) with a ``target`` gives
+  :class:`Seq2SeqMaps`: encoder, decoder and cross-attention maps.
+- :func:`capture_generation` runs ``generate`` (KV cache and all) and records the row of
+  every token the model reads, as :class:`GenerationMaps`.
 - :class:`AttentionMaps` holds them per input with the tokens; it selects layers and
   heads, and saves to and loads from safetensors.
 - :mod:`attnkit.inspect.roles`: per-head scores (previous-token, induction, duplicate,
@@ -13,7 +17,8 @@
 """
 
 from attnkit.inspect.compare import Comparison, compare
-from attnkit.inspect.maps import AttentionMaps
+from attnkit.inspect.generation import GenerationMaps, capture_generation
+from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.inspect.recording import capture
 from attnkit.inspect.roles import (
     STOP_WORDS,
@@ -29,8 +34,11 @@ __all__ = [
     "STOP_WORDS",
     "AttentionMaps",
     "Comparison",
+    "GenerationMaps",
     "HeadRoles",
+    "Seq2SeqMaps",
     "capture",
+    "capture_generation",
     "compare",
     "head_roles",
     "rollout",

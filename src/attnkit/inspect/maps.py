@@ -8,12 +8,16 @@ File format of :meth:`AttentionMaps.save`: one safetensors file (written and rea
     {"format": 1, "model_name": str, "layers": [int], "heads": [int],
      "tokens": [[str]], "token_ids": [[int]] or null}
 
-with one list of tokens (and of ids) per input, one token per key.
+with one list of tokens (and of ids) per input, one token per query. Optional keys (files
+written before they existed load without them): ``"key_tokens"``, ``"key_token_ids"``
+(cross-attention: one list per input, one per key), ``"special"``, ``"key_special"``
+([[bool]]), ``"word_ids"``, ``"key_word_ids"`` ([[int or null]]), ``"model_layers"``,
+``"model_heads"`` (int). Without ``"key_tokens"`` the keys are the query tokens, and
+``"tokens"`` holds one token per key.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import os
 from collections.abc import Iterable
@@ -24,11 +28,12 @@ from torch import Tensor
 from attnkit import _tensorfile
 from attnkit._checks import describe
 
-__all__ = ["AttentionMaps"]
+__all__ = ["AttentionMaps", "Seq2SeqMaps"]
 
 _KEY = "attnkit.maps"
 _FORMAT = 1
-_INLINE_BYTES = 2_500_000  # the most attention data shown inline in a notebook
+_OPTIONAL = ("key_tokens", "key_token_ids", "model_layers", "model_heads", "special", "key_special", "word_ids",
+             "key_word_ids")
 
 
 def _indices(name: str, given: Iterable[int] | int | None, available: tuple[int, ...]) -> list[int]:
@@ -52,12 +57,24 @@ class AttentionMaps:
         attentions: one (layers, heads, Lq, Lk) CPU tensor per input, cut to its real
             (non-padding) tokens; each row sums to 1 over the keys its query may attend to.
             A row whose query sees no key is all zeros.
-        tokens: one list per input of its tokens as strings (the tokenizer's, such as
+        tokens: one list per input of its query tokens as strings (the tokenizer's, such as
             ``'[CLS]'`` or ``'##ing'``; ``str(id)`` without a tokenizer).
         token_ids: one list of ids per input, or None where inputs were not ids.
         model_name: the model's name or path.
         layers, heads: the model's layer and (query) head indices that the first two axes
             hold, in that order.
+        key_tokens, key_token_ids: the key side (Lk tokens per input) where it differs from
+            the query side (cross-attention: queries are target tokens, keys source tokens);
+            None for self-attention, where the keys are ``tokens``. See :attr:`keys`.
+        model_layers, model_heads: how many layers and (query) heads per layer the model
+            has, so a consumer knows whether these maps hold all of them; None = unknown.
+        special, key_special: per input, one bool per token, True for the tokenizer's
+            special tokens (``[CLS]``, ``</s>``, padding...); None = unknown (no tokenizer).
+        word_ids, key_word_ids: per input, the index of the word each token belongs to
+            (the fast tokenizer's ``word_ids()``; None for special tokens); None = unknown.
+
+    With ``key_tokens`` None and a map whose query count differs from ``len(tokens)``,
+    ``tokens`` are the keys (what files and code before cross-attention wrote).
 
     ``len(maps)`` is the number of inputs and ``maps[i]`` is input ``i``'s tensor.
 
@@ -75,22 +92,69 @@ class AttentionMaps:
     model_name: str
     layers: tuple[int, ...]
     heads: tuple[int, ...]
+    key_tokens: list[list[str]] | None = None
+    key_token_ids: list[list[int]] | None = None
+    model_layers: int | None = None
+    model_heads: int | None = None
+    special: list[list[bool]] | None = None
+    key_special: list[list[bool]] | None = None
+    word_ids: list[list[int | None]] | None = None
+    key_word_ids: list[list[int | None]] | None = None
 
     def __post_init__(self) -> None:
         self.layers, self.heads = tuple(self.layers), tuple(self.heads)
+        for name in ("model_layers", "model_heads"):
+            value = getattr(self, name)
+            if value is not None and (type(value) is not int or value < 1):
+                raise TypeError(f"{name} must be None or an int >= 1; got {value!r}")
+        if self.model_layers is not None and self.layers and self.layers[-1] >= self.model_layers:
+            raise ValueError(f"layers {list(self.layers)} do not fit a model of model_layers={self.model_layers}")
+        if self.model_heads is not None and self.heads and max(self.heads) >= self.model_heads:
+            raise ValueError(f"heads {list(self.heads)} do not fit a model of model_heads={self.model_heads}")
         if len(self.tokens) != len(self.attentions):
             raise ValueError(f"tokens has {len(self.tokens)} lists but attentions has {len(self.attentions)} "
                              "tensors; expected one of each per input")
-        if self.token_ids is not None and [len(t) for t in self.token_ids] != [len(t) for t in self.tokens]:
-            raise ValueError("token_ids must hold one id per token of each input (or be None)")
+        if self.key_tokens is not None and len(self.key_tokens) != len(self.tokens):
+            raise ValueError(f"key_tokens has {len(self.key_tokens)} lists; expected one per input "
+                             f"({len(self.tokens)})")
+        for name, side in (("token_ids", self.tokens), ("special", self.tokens), ("word_ids", self.tokens),
+                           ("key_token_ids", self.keys), ("key_special", self.keys), ("key_word_ids", self.keys)):
+            value = getattr(self, name)
+            if value is not None and [len(t) for t in value] != [len(t) for t in side]:
+                raise ValueError(f"{name} must hold one entry per {'key' if name.startswith('key') else 'query'} "
+                                 "token of each input (or be None)")
         for i, (a, toks) in enumerate(zip(self.attentions, self.tokens)):
             if not isinstance(a, Tensor) or a.dim() != 4:
                 raise TypeError(f"attentions[{i}] must be a 4-D tensor (layers, heads, Lq, Lk); got {describe(a)}")
             if a.shape[:2] != (len(self.layers), len(self.heads)):
                 raise ValueError(f"attentions[{i}] has shape {tuple(a.shape)}; expected (layers, heads, Lq, Lk) with "
                                  f"{len(self.layers)} layers and {len(self.heads)} heads")
-            if a.shape[3] != len(toks):
-                raise ValueError(f"attentions[{i}] has {a.shape[3]} keys but tokens[{i}] has {len(toks)} tokens")
+            if self.key_tokens is None:
+                if a.shape[3] != len(toks):
+                    raise ValueError(f"attentions[{i}] has {a.shape[3]} keys but tokens[{i}] has {len(toks)} tokens")
+            elif (a.shape[2], a.shape[3]) != (len(toks), len(self.key_tokens[i])):
+                raise ValueError(f"attentions[{i}] has {a.shape[2]} queries and {a.shape[3]} keys but tokens[{i}] has "
+                                 f"{len(toks)} and key_tokens[{i}] {len(self.key_tokens[i])} tokens")
+
+    @property
+    def keys(self) -> list[list[str]]:
+        """The key tokens per input: ``key_tokens``, or ``tokens`` for self-attention."""
+        return self.tokens if self.key_tokens is None else self.key_tokens
+
+    @property
+    def is_cross(self) -> bool:
+        """True when queries and keys are different sequences (``key_tokens`` is set)."""
+        return self.key_tokens is not None
+
+    def _facts(self) -> dict:
+        """The optional fields, copied (the per-input lists are new lists)."""
+        def copy(value):
+            return None if value is None else [list(v) for v in value]
+
+        return {"key_tokens": copy(self.key_tokens), "key_token_ids": copy(self.key_token_ids),
+                "model_layers": self.model_layers, "model_heads": self.model_heads, "special": copy(self.special),
+                "key_special": copy(self.key_special), "word_ids": copy(self.word_ids),
+                "key_word_ids": copy(self.key_word_ids)}
 
     def __len__(self) -> int:
         return len(self.attentions)
@@ -115,7 +179,7 @@ class AttentionMaps:
             attentions=[a[li][:, hi] for a in self.attentions], tokens=[list(t) for t in self.tokens],
             token_ids=None if self.token_ids is None else [list(t) for t in self.token_ids],
             model_name=self.model_name, layers=tuple(self.layers[i] for i in li),
-            heads=tuple(self.heads[i] for i in hi),
+            heads=tuple(self.heads[i] for i in hi), **self._facts(),
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -126,6 +190,7 @@ class AttentionMaps:
         """
         meta = {"format": _FORMAT, "model_name": self.model_name, "layers": list(self.layers),
                 "heads": list(self.heads), "tokens": self.tokens, "token_ids": self.token_ids}
+        meta.update({k: v for k, v in self._facts().items() if v is not None})
         tensors = {f"attentions.{i}": a for i, a in enumerate(self.attentions)}
         _tensorfile.save(path, tensors, metadata={_KEY: json.dumps(meta, ensure_ascii=False)})
 
@@ -148,25 +213,14 @@ class AttentionMaps:
             meta = _read_metadata(path, file)
             attentions = [file.tensor(f"attentions.{i}") for i in range(len(meta["tokens"]))]
         return cls(attentions=attentions, tokens=meta["tokens"], token_ids=meta["token_ids"],
-                   model_name=meta["model_name"], layers=tuple(meta["layers"]), heads=tuple(meta["heads"]))
+                   model_name=meta["model_name"], layers=tuple(meta["layers"]), heads=tuple(meta["heads"]),
+                   **{k: meta.get(k) for k in _OPTIONAL})
 
     def _repr_html_(self) -> str:
-        """Jupyter shows the explorer inline (input 0; ``attnkit.viz.report`` for others):
-        the self-contained report page inside an ``<iframe srcdoc>``."""
-        from attnkit.viz.encode import BudgetError
-        from attnkit.viz.report import iframe
+        """Jupyter shows the explorer inline: :func:`attnkit.viz.report.notebook_html` (input 0)."""
+        from attnkit.viz.report import notebook_html  # viz depends on inspect, never the other way round
 
-        if not len(self):
-            return f"<pre>{html.escape(repr(self))}</pre>"
-        note = "" if len(self) == 1 else (
-            f"<p>Input 0 of {len(self)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
-        try:  # notebooks refuse outputs of more than a few MB (Jupyter's iopub rate limit)
-            return note + iframe(self, 0, max_bytes=_INLINE_BYTES)
-        except BudgetError as err:
-            return (f"<pre>{html.escape(repr(self))}</pre><p>Too large to show inline ({html.escape(str(err))}). "
-                    "Write a report instead: <code>attnkit.viz.write_report(maps, 'report.html')</code>.</p>")
-        except (ValueError, TypeError) as err:
-            return f"<pre>{html.escape(repr(self))}</pre><p>Cannot show these maps: {html.escape(str(err))}</p>"
+        return notebook_html(self)
 
     def __repr__(self) -> str:
         n = len(self)
@@ -178,8 +232,59 @@ class AttentionMaps:
                 f"{_human(self.nbytes)})")
 
 
+@dataclass
+class Seq2SeqMaps:
+    """The attention maps of one encoder-decoder forward pass (:func:`~attnkit.inspect.capture`).
+
+    Attributes:
+        encoder: the encoder's self-attention, (layers, heads, S, S) per input.
+        decoder: the decoder's (causal) self-attention, (layers, heads, T, T) per input.
+        cross: the decoder's attention to the encoder, (layers, heads, T, S) per input:
+            ``tokens`` are the target tokens (queries), ``key_tokens`` the source tokens.
+        sequences: ``{"source": ids per input, "target": ids per input}``, each cut to its
+            real tokens; ``"source"`` is None where the encoder read no token ids (Whisper's
+            audio features).
+
+    ``len(maps)`` is the number of inputs.
+    """
+
+    encoder: AttentionMaps
+    decoder: AttentionMaps
+    cross: AttentionMaps
+    sequences: dict[str, list[list[int]] | None]
+
+    def __post_init__(self) -> None:
+        for name in ("encoder", "decoder", "cross"):
+            if not isinstance(getattr(self, name), AttentionMaps):
+                raise TypeError(f"{name} must be an AttentionMaps; got {describe(getattr(self, name))}")
+        if not len(self.encoder) == len(self.decoder) == len(self.cross):
+            raise ValueError(f"encoder, decoder and cross hold {len(self.encoder)}, {len(self.decoder)} and "
+                             f"{len(self.cross)} inputs; expected the same number")
+        if [len(t) for t in self.cross.tokens] != [len(t) for t in self.decoder.tokens] or \
+                [len(t) for t in self.cross.keys] != [len(t) for t in self.encoder.tokens]:
+            raise ValueError("cross's query tokens must be the decoder's and its key tokens the encoder's")
+
+    def __len__(self) -> int:
+        return len(self.cross)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the three parts' tensors."""
+        return self.encoder.nbytes + self.decoder.nbytes + self.cross.nbytes
+
+    def __repr__(self) -> str:
+        return (f"Seq2SeqMaps(model={self.cross.model_name!r}, {len(self)} input{'' if len(self) == 1 else 's'}, "
+                f"encoder {_span(self.encoder.layers)} x {_span(self.encoder.heads)}, "
+                f"decoder {_span(self.decoder.layers)} x {_span(self.decoder.heads)}, "
+                f"cross {_span(self.cross.layers)} x {_span(self.cross.heads)}, {_human(self.nbytes)})")
+
+
 def _ints(value: object) -> bool:
     return isinstance(value, list) and all(type(i) is int for i in value)
+
+
+def _word_id(value: object) -> bool:
+    return value is None or (type(value) is int and value >= 0)
 
 
 def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
@@ -210,6 +315,20 @@ def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
     if ids is not None and not (isinstance(ids, list) and len(ids) == len(tokens)
                                 and all(_ints(i) and len(i) == len(t) for i, t in zip(ids, tokens))):
         raise bad("token_ids", "null or a list of lists of ints, one id per token")
+    keys = meta.get("key_tokens")
+    if keys is not None and not (isinstance(keys, list) and len(keys) == len(tokens) and all(
+            isinstance(t, list) and all(isinstance(s, str) for s in t) for t in keys)):
+        raise bad("key_tokens", "null or a list of lists of strings, one per input")
+    for name, side, ok in (("special", tokens, lambda v: type(v) is bool), ("word_ids", tokens, _word_id),
+                           ("key_token_ids", keys, lambda v: type(v) is int),
+                           ("key_special", keys, lambda v: type(v) is bool), ("key_word_ids", keys, _word_id)):
+        value = meta.get(name)
+        if value is not None and not (side is not None and isinstance(value, list) and len(value) == len(side) and all(
+                isinstance(v, list) and len(v) == len(t) and all(ok(x) for x in v) for v, t in zip(value, side))):
+            raise bad(name, f"null or a list per input with one entry per {'key' if name[:3] == 'key' else 'query'}")
+    for name in ("model_layers", "model_heads"):
+        if meta.get(name) is not None and not (type(meta[name]) is int and meta[name] >= 1):
+            raise bad(name, "null or an int >= 1")
     names = [f"attentions.{i}" for i in range(len(tokens))]
     if sorted(file.shapes) != sorted(names):
         lacking = [n for n in names if n not in file.shapes]
@@ -221,11 +340,13 @@ def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
         if dtype not in _tensorfile.FLOATS:
             raise ValueError(f"{path}: tensor {name!r} has dtype {dtype}; expected one of "
                              f"{', '.join(_tensorfile.FLOATS)}")
-        want = (len(meta["layers"]), len(meta["heads"]), len(tokens[i]))
+        want = (len(meta["layers"]), len(meta["heads"]), len(tokens[i] if keys is None else keys[i]))
         if len(shape) != 4 or (shape[0], shape[1], shape[3]) != want:
             raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}; expected (layers, heads, Lq, Lk) "
                              f"with {want[0]} layers, {want[1]} heads and {want[2]} keys, as the metadata's "
-                             f"'layers', 'heads' and 'tokens'[{i}] say")
+                             f"'layers', 'heads' and '{'tokens' if keys is None else 'key_tokens'}'[{i}] say")
+        if keys is not None and shape[2] != len(tokens[i]):
+            raise ValueError(f"{path}: tensor {name!r} has {shape[2]} queries; 'tokens'[{i}] has {len(tokens[i])}")
     return meta
 
 

@@ -3,7 +3,8 @@
 The page has a head view (lines from each token to the tokens it attends to, one colour
 per head), a model view (every layer x head as a thumbnail; click to enlarge), a matrix
 heatmap with values on hover (windowed, with an overview, for long inputs), and a table
-of head-role scores; controls choose the layer, heads, threshold and aggregation (mean of
+of head-role scores, and (when given) what attention costs in the model at this length
+(:mod:`attnkit.viz.cost`); controls choose the layer, heads, threshold and aggregation (mean of
 the selected heads, or attention rollout up to the layer). It loads nothing from the
 network: its script, style and data are inline, and its Content-Security-Policy forbids
 every request. The maps are stored compactly (:mod:`attnkit.viz.encode`); the page says
@@ -89,6 +90,7 @@ def report_data(
     max_bytes: int = 20_000_000,
     rollout: bool = True,
     roles: HeadRoles | None = None,
+    cost: dict[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """The JSON the explorer page reads: tokens, encoded maps, rollout, head roles.
@@ -107,6 +109,8 @@ def report_data(
             and head. The maps cannot tell heads 0..k-1 of a bigger model from a whole
             model: pass False when you captured such a subset.
         roles: this input's :func:`~attnkit.inspect.head_roles`, when already computed.
+        cost: :func:`attnkit.viz.cost.cost_data` for the model at this input's length, drawn as
+            the page's "cost" section; None (default) leaves the section out.
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
@@ -115,6 +119,10 @@ def report_data(
         raise ValueError(f"roles must be head_roles of these maps (layers {list(maps.layers)}, heads "
                          f"{list(maps.heads)}); got {describe(roles)}")
     _check_progress(progress)
+    if cost is not None and not (isinstance(cost, dict) and cost.get("length") == maps.attentions[index].shape[-2]):
+        raise ValueError(f"cost must be attnkit.viz.cost.cost_data(model, length) at this input's length "
+                         f"({maps.attentions[index].shape[-2]} tokens); got {describe(cost)}"
+                         + (f" for {cost.get('length')!r} tokens" if isinstance(cost, dict) else ""))
     if not isinstance(rollout, bool):
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     attn = maps.attentions[index]
@@ -170,6 +178,7 @@ def report_data(
         "view": opening,
         "roles": _scores(roles),
         "encoding": enc.to_json(),
+        "cost": cost,
     }
 
 
@@ -214,7 +223,8 @@ def report_html(maps: AttentionMaps, input_index: int = 0, **kwargs: Any) -> str
     (False, True, False)
     """
     data = report_data(maps, input_index, **kwargs)
-    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js"], body=_BODY, data=data)
+    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["report_cost.js", "explorer.js"], body=_BODY,
+                data=data)
 
 
 def write_report(maps: AttentionMaps, path: str | os.PathLike, input_index: int = 0, **kwargs: Any) -> Path:
@@ -236,3 +246,24 @@ def iframe(maps: AttentionMaps, input_index: int = 0, *, height: int = 900, **kw
     doc = report_html(maps, input_index, **kwargs)
     return (f'<iframe srcdoc="{html.escape(doc, quote=True)}" style="width:100%;height:{int(height)}px;'
             'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>')
+
+
+INLINE_BYTES = 2_500_000  # the most attention data a notebook output shows inline (Jupyter's iopub rate limit)
+
+
+def notebook_html(maps: AttentionMaps) -> str:
+    """What Jupyter shows for ``maps`` (``AttentionMaps._repr_html_`` delegates here): input
+    0's :func:`iframe`, its data capped at :data:`INLINE_BYTES`; for maps too large for that
+    (:class:`~attnkit.viz.encode.BudgetError`), or that the report cannot draw, their repr and
+    why, never an exception."""
+    if not len(maps):
+        return f"<pre>{html.escape(repr(maps))}</pre>"
+    note = "" if len(maps) == 1 else (
+        f"<p>Input 0 of {len(maps)}; <code>attnkit.viz.report.iframe(maps, i)</code> shows input i.</p>")
+    try:
+        return note + iframe(maps, 0, max_bytes=INLINE_BYTES)
+    except _encode.BudgetError as err:
+        return (f"<pre>{html.escape(repr(maps))}</pre><p>Too large to show inline ({html.escape(str(err))}). "
+                "Write a report instead: <code>attnkit.viz.write_report(maps, 'report.html')</code>.</p>")
+    except (ValueError, TypeError) as err:
+        return f"<pre>{html.escape(repr(maps))}</pre><p>Cannot show these maps: {html.escape(str(err))}</p>"

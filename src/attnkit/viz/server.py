@@ -612,24 +612,28 @@ def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: in
 
 
 def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, max_tokens: int | None = None,
-          max_body: int = 65536, log: Callable[[str], None] | None = _stderr) -> None:
+          max_body: int = 65536, header_timeout: float = 10.0, body_timeout: float = 20.0,
+          log: Callable[[str], None] | None = _stderr) -> None:
     """Load ``model`` once, print the app's URL and serve it until Ctrl-C or SIGTERM; then stop gracefully.
 
     Args:
         model: a bundled model's name (``"minilm"``) or a local Hugging Face model folder,
             as for :func:`attnkit.models.load`.
-        host, port, max_tokens, max_body, log: as for :func:`make_server`; the arguments
-            are checked before the model is loaded.
+        host, port, max_tokens, max_body, header_timeout, body_timeout, log: as for
+            :func:`make_server`; the arguments are checked before the model is loaded.
     """
     import os
 
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be 'minilm' or a local model folder (str or path); got {describe(model)}")
     _check_options(host, port, max_tokens, max_body, log)
+    header_timeout = _check_timeout("header_timeout", header_timeout)
+    body_timeout = _check_timeout("body_timeout", body_timeout)
     from attnkit import models
 
     loaded, tokenizer = models.load(model)
-    server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body, log=log)
+    server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body,
+                         header_timeout=header_timeout, body_timeout=body_timeout, log=log)
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
           f"{server.max_tokens} tokens) at {server.url}  (Ctrl-C stops)", flush=True)
     installed, previous = False, None

@@ -229,6 +229,8 @@
 
     /* encoding note: say what the file leaves out */
     root.appendChild(el("p", { class: "akx-note", "data-role": "encoding", text: encodingNote(enc) }));
+    /* what attention costs in this model at this length (report_cost.js, when the report has it) */
+    if (data.cost && window.AttnkitCost) root.appendChild(window.AttnkitCost.section(data.cost));
 
     /* ---------- head view ---------- */
     const hv = el("canvas", { class: "akx-canvas", "data-view": "head" });

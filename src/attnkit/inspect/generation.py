@@ -1,0 +1,181 @@
+"""``capture_generation()``: the attention of every token a model reads while it generates.
+
+The model's own ``generate`` runs unchanged, with its KV cache (dynamic, sliding-window or
+static): the attention functions transformers hands its modules are wrapped for the call
+(:func:`~attnkit.inspect.recording.hf_recording`), so the tokens are those of a plain
+``generate``. Each call's probabilities are computed from the same q, k and mask
+(:func:`~attnkit.inspect.recording.probabilities`) and its rows are placed by absolute
+position: a cache hands the keys in position order, either starting at position 0 (a static
+cache that is not full; its empty slots are masked) or ending at the newest token (a dynamic
+cache, a full sliding window), so key j of a call is position ``max(0, N - Lk) + j`` when N
+tokens have been read.
+
+The last generated token is never read by the model (generation stops after producing it),
+so the maps cover the first T - 1 tokens of ``sequences``: row i is what token i attended to
+when the model read it, the same as row i of one full forward pass over the sequence.
+Storage: the rows of each step (lower-triangular: T**2 / 2 values per layer and head in all)
+in the storage dtype, assembled into square maps at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attnkit._checks import describe
+from attnkit.inspect import recording as rec
+from attnkit.inspect.maps import AttentionMaps
+
+__all__ = ["GenerationMaps", "capture_generation"]
+
+
+@dataclass
+class GenerationMaps:
+    """What a model attended to while it generated (:func:`capture_generation`).
+
+    Attributes:
+        sequences: (B, T) the ids ``generate`` returned: the prompt and the generated tokens
+            (for an encoder-decoder model, the decoder's tokens from its start token on).
+        decoder: the decoder's self-attention over the T - 1 tokens it read, per input
+            (layers, heads, T' , T'), lower-triangular, cut to the real tokens (a left-padded
+            prompt's padding is removed, so T' = T - 1 - padding).
+        cross: for an encoder-decoder model, (layers, heads, T', S) per input: the rows of
+            the decoder's tokens over the source tokens; None for a decoder-only model.
+        encoder: for an encoder-decoder model, the encoder's (layers, heads, S, S) maps; else None.
+    """
+
+    sequences: Tensor
+    decoder: AttentionMaps
+    cross: AttentionMaps | None = None
+    encoder: AttentionMaps | None = None
+
+    def __len__(self) -> int:
+        return len(self.decoder)
+
+
+class _Steps:
+    """The rows of one kind of attention call (decoder self, cross or encoder), step by step."""
+
+    def __init__(self, kind: str, dtype: torch.dtype):
+        self.kind, self.dtype = kind, dtype
+        self.layer_of: dict[int, int] = {}  # id(module) -> layer, in the order of the first forward's calls
+        self.read: list[int] = []  # per layer: tokens read so far (decoder self-attention)
+        self.rows: list[list[Tensor]] = []  # per layer: (B, H, q, N) row blocks
+        self.num_heads = 0
+
+    def recorder(self, module: nn.Module) -> rec.Recording:
+        layer = self.layer_of.setdefault(id(module), len(self.layer_of))
+        if layer == len(self.rows):
+            self.rows.append([])
+            self.read.append(0)
+
+        def record(q: Tensor, k: Tensor, mask: Any, bias: Any, scale: float | None, softcap: float | None) -> None:
+            self.num_heads = q.shape[1]
+            blocks = [p.to(self.dtype) for _, p in rec.probabilities(q, k, mask, bias, scale, softcap,
+                                                                   range(q.shape[1]))]
+            probs = torch.cat(blocks, 1) if len(blocks) > 1 else blocks[0]  # (B, H, q, Lk)
+            if self.kind == "decoder":
+                n = self.read[layer] + q.shape[2]
+                offset = max(0, n - k.shape[2])
+                row = probs.new_zeros(*probs.shape[:3], n)
+                row[..., offset:] = probs[..., : n - offset]  # key j is position offset + j; later slots are empty
+                self.read[layer], probs = n, row
+            self.rows[layer].append(probs)
+
+        return record
+
+    def assemble(self, real_q: list, real_k: list | None) -> list[Tensor]:
+        """Per input, (layers, heads, Lq, Lk) cut to the real tokens; decoder rows padded to a square."""
+        layers = []
+        for blocks in self.rows:
+            width = blocks[-1].shape[-1]
+            layers.append(torch.cat([nn.functional.pad(b, (0, width - b.shape[-1])) for b in blocks], 2))
+        stacked = torch.stack(layers, 1)  # (B, layers, H, Lq, Lk)
+        real_k = real_q if real_k is None else real_k
+        return [stacked[b][:, :, rq][:, :, :, rk].contiguous() for b, (rq, rk) in enumerate(zip(real_q, real_k))]
+
+
+def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, *, dtype: torch.dtype = torch.float32,
+                       **generate_kwargs: Any) -> GenerationMaps:
+    """Run ``model.generate`` on ``inputs`` and record the attention of every token it reads.
+
+    Args:
+        model: a transformers model that generates (decoder-only, or encoder-decoder such
+            as BART or T5) and routes attention through transformers' attention interface,
+            loaded with any implementation (eager, sdpa, attnkit).
+        inputs: a string or list of strings (tokenized with ``tokenizer``; decoder-only
+            batches want ``tokenizer.padding_side = "left"``), token ids ((L,) or (B, L)), or
+            a dict of tensors for ``generate`` (``input_ids``, ``attention_mask``, ...).
+        tokenizer: turns text into ids and ids into tokens; default: the model folder's.
+        dtype: storage dtype: float32 (default), float16, bfloat16 or float64.
+        generate_kwargs: passed to ``generate`` unchanged (``max_new_tokens``, ``do_sample``,
+            ``cache_implementation="static"``, ...); ``return_dict_in_generate`` is set.
+
+    Returns:
+        :class:`GenerationMaps`; its ``sequences`` equal what a plain ``generate`` call with
+        the same arguments (and seed) returns.
+
+    Raises:
+        TypeError: a model that is not a transformers model, or inputs of another kind.
+        ValueError: a model whose attention bypasses transformers' attention interface
+            (no call was seen), or one ``capture`` refuses for the same reasons.
+    """
+    if not rec._is_hf(model):
+        raise TypeError(f"model must be a transformers model with generate(); got {describe(model)}")
+    if dtype not in rec._STORAGE:
+        raise TypeError(f"dtype must be one of {', '.join(str(d) for d in rec._STORAGE)}; got {dtype!r}")
+    if tokenizer is None:
+        tokenizer = rec._find_tokenizer(model)
+    if rec._is_text(inputs) and tokenizer is None:
+        raise ValueError(f"inputs are text, so capture_generation needs a tokenizer; none was found for "
+                         f"{rec._name(model)!r}; pass tokenizer=")
+    _, kwargs, ids, valid, _ = rec._encode(model, inputs, tokenizer)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    parts = rec.encoder_decoder_parts(model) if seq2seq else {id(m): "decoder" for m in model.modules()}
+    steps = {kind: _Steps(kind, dtype) for kind in ("encoder", "decoder", "cross")}
+
+    def route(module: nn.Module) -> rec.Recording | None:
+        part = parts.get(id(module))
+        return None if part is None else steps[part].recorder(module)
+
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), rec.hf_recording(model, route):
+            out = model.generate(**kwargs, **generate_kwargs, return_dict_in_generate=True)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    decoder = steps["decoder"]
+    if not decoder.rows:
+        raise ValueError(f"{rec._name(model)!r} made no attention call through transformers' attention interface "
+                         "while generating, so its attention cannot be recorded")
+    sequences = out.sequences
+    batch, read = sequences.shape[0], decoder.read[0]
+    name = rec._name(model)
+    if seq2seq:
+        real_t = [slice(0, read)] * batch
+    else:
+        prompt = torch.ones_like(ids) if valid is None else valid
+        flags = torch.cat([prompt, prompt.new_ones(batch, sequences.shape[1] - prompt.shape[1])], 1)[:, :read]
+        real_t = rec._real_positions(flags, batch, read)
+    tgt = rec._sides(sequences[:, :read], real_t, read, tokenizer, None)
+
+    def maps(part: _Steps, stored: list[Tensor], side: dict, **keys: Any) -> AttentionMaps:
+        count = len(part.rows)
+        return AttentionMaps(attentions=stored, model_name=name, layers=tuple(range(count)),
+                             heads=tuple(range(part.num_heads)), model_layers=count, model_heads=part.num_heads,
+                             **side, **keys)
+
+    result = GenerationMaps(sequences=sequences, decoder=maps(decoder, decoder.assemble(real_t, None), tgt))
+    if seq2seq:
+        length = ids.shape[1] if ids is not None else steps["encoder"].rows[0][0].shape[-1]
+        real_s = rec._real_positions(valid, batch, length) if ids is not None else [slice(0, length)] * batch
+        src = rec._sides(ids, real_s, length, tokenizer, None, label="frame ")
+        keyed = {"key_tokens": src["tokens"], "key_token_ids": src["token_ids"], "key_special": src["special"]}
+        result.encoder = maps(steps["encoder"], steps["encoder"].assemble(real_s, None), src)
+        result.cross = maps(steps["cross"], steps["cross"].assemble(real_t, real_s), tgt, **keyed)
+    return result

@@ -1,0 +1,99 @@
+/* attnkit compare report: one word in two sentences (attnkit.viz.contexts). The summary, the
+ * per-layer cosine of the word's hidden state between the sentences against a shared word's
+ * (an inline SVG), where the word attends per layer in each sentence, and the two sentences'
+ * explorers side by side. Needs explorer.js and report_cost.js (for its svg helper). Text
+ * reaches the page through textContent only. */
+(function () {
+  "use strict";
+
+  const svg = window.AttnkitCost.svg;
+
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "text") node.textContent = v;
+      else if (k === "class") node.className = v;
+      else node.setAttribute(k, v);
+    }
+    for (const c of children || []) node.appendChild(c);
+    return node;
+  }
+
+  /* Both words' cosines against the hidden state (emb, then each layer). */
+  function cosineChart(data) {
+    const W = 520, H = 230, L = 44, R = 130, T = 12, B = 34;
+    const n = data.token_cosine.length;
+    const all = data.token_cosine.concat(data.anchor_cosine);
+    const lo = Math.min(0, ...all);
+    const X = (i) => L + (W - L - R) * i / Math.max(n - 1, 1);
+    const Y = (c) => T + (H - T - B) * (1 - (c - lo) / (1 - lo));
+    const chart = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, "data-role": "cosine-chart", role: "img",
+      "aria-label": "cosine similarity between the sentences per layer" });
+    chart.appendChild(svg("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#999" }));
+    chart.appendChild(svg("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#999" }));
+    for (const c of [lo, (lo + 1) / 2, 1]) chart.appendChild(svg("text", { x: L - 6, y: Y(c) + 4, "text-anchor": "end", class: "akc-tick" }, c.toFixed(2)));
+    const names = ["emb", ...data.layers.map(String)];
+    names.forEach((name, i) => chart.appendChild(svg("text", { x: X(i), y: H - B + 16, "text-anchor": "middle", class: "akc-tick" }, name)));
+    chart.appendChild(svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "akc-tick" }, "after the embeddings, then each layer"));
+    const series = [["token", data.token_cosine, "#e15759", data.token], ["anchor", data.anchor_cosine, "#4e79a7", data.anchor]];
+    series.forEach(([key, ys, colour, word], s) => {
+      chart.appendChild(svg("polyline", { points: ys.map((c, i) => `${X(i).toFixed(1)},${Y(c).toFixed(1)}`).join(" "),
+        fill: "none", stroke: colour, "stroke-width": 2, "stroke-dasharray": s ? "5 3" : "none", "data-series": key }));
+      ys.forEach((c, i) => {
+        const dot = svg("circle", { cx: X(i).toFixed(1), cy: Y(c).toFixed(1), r: 3, fill: colour, "data-series": key });
+        dot.appendChild(svg("title", {}, `${word} at ${names[i]}: cos ${c.toFixed(3)}`));
+        chart.appendChild(dot);
+      });
+      chart.appendChild(svg("text", { x: W - R + 8, y: Y(ys[n - 1]) + 4, fill: colour, class: "akc-tick" }, word));
+    });
+    return chart;
+  }
+
+  function attendsCell(entry) {
+    const mean = entry.mean.map(([tok, w]) => `${tok} ${w.toFixed(2)}`).join(", ");
+    return el("td", {}, [el("div", { text: mean }),
+      el("div", { class: "akx-hint", text: `best head ${entry.head}: ${entry.head_key} ${entry.head_weight.toFixed(2)}` })]);
+  }
+
+  function table(data) {
+    const t = el("table", { class: "akx-table akp-table", "data-role": "per-layer" });
+    t.appendChild(el("thead", {}, [el("tr", {}, [el("th", { text: "layer" }), el("th", { text: `cos ${data.token}` }),
+      el("th", { text: `cos ${data.anchor}` }), el("th", { text: `${data.token} attends to: sentence 1` }),
+      el("th", { text: "sentence 2" })])]));
+    const body = el("tbody");
+    data.layers.forEach((layer, i) => {
+      body.appendChild(el("tr", { "data-layer": String(layer) }, [el("td", { text: String(layer) }),
+        el("td", { text: data.token_cosine[i + 1].toFixed(3) }), el("td", { text: data.anchor_cosine[i + 1].toFixed(3) }),
+        attendsCell(data.attends[0][i]), attendsCell(data.attends[1][i])]));
+    });
+    t.appendChild(body);
+    return t;
+  }
+
+  function mount(root, data) {
+    root.classList.add("akx-root");
+    root.appendChild(el("div", { class: "akx-head" }, [
+      el("div", { class: "akx-title", text: `"${data.token}" in two contexts` }),
+      el("div", { class: "akx-sub", text: `${data.model} · compared with "${data.anchor}", a word both sentences share` })]));
+    const texts = el("ol", { class: "akp-texts" }, data.texts.map((t) => el("li", { text: t })));
+    root.appendChild(texts);
+    root.appendChild(el("p", { class: "akp-summary", "data-role": "summary", text: data.summary }));
+    root.appendChild(el("div", { class: "akp-row" }, [cosineChart(data), el("p", { class: "akx-hint",
+      text: "Cosine similarity of the word's hidden state in sentence 1 and in sentence 2. Context moves every " +
+        "token; a word read differently moves more than the shared word." })]));
+    root.appendChild(table(data));
+    const sides = el("div", { class: "akp-sides" });
+    const apis = [data.left, data.right].map((payload, i) => {
+      const holder = el("div", { class: "akp-side", "data-side": String(i) });
+      sides.appendChild(el("div", {}, [el("div", { class: "akp-caption", text: `sentence ${i + 1}: ${data.texts[i]}` }), holder]));
+      return holder;
+    });
+    root.appendChild(sides);
+    const explorers = apis.map((holder, i) => window.AttnkitExplorer.mount(holder, i ? data.right : data.left));
+    return { left: explorers[0], right: explorers[1], ready: Promise.all(explorers.map((e) => e.ready)) };
+  }
+
+  const node = document.getElementById("attnkit-compare");
+  const dataNode = document.getElementById("attnkit-data");
+  if (node && dataNode) window.attnkitCompare = mount(node, JSON.parse(dataNode.textContent));
+})();

