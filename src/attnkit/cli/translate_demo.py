@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from attnkit.cli._common import Column, Console, Parser, positive
+from attnkit.cli._common import Column, Console, Parser, Subparsers, positive
+
+if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
+    from attnkit.demos.translate import TranslateResult
 
 STEPS, FAST_STEPS = 400, 120
 _SENSES = {"bank": ("rive", "banque"), "bat": ("chauve-souris", "batte")}
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("translate-demo", help="train a tiny English->French translator, see its cross-attention",
                        description=__doc__)
     p.add_argument("--steps", type=positive, default=None,
@@ -33,7 +37,7 @@ def _percent(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def summary(result) -> list[str]:
+def summary(result: TranslateResult) -> list[str]:
     """The findings in words, one paragraph per line."""
     acc, counts = result.accuracy, result.counts
     layer, head, mass = result.rive_head()

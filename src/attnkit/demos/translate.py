@@ -160,8 +160,10 @@ def build_corpus(seed: int = 0) -> Corpus:
     cells = [(sense, ctx, t) for (_, sense, ctx), t in zip(pairs, templates)]
     held = set(cells)
     fill = dict(adj=sorted(_ADJECTIVES), prep=sorted(_PREPOSITIONS), subj=sorted(_SUBJECTS))
-    train, held_out = [], []
-    nouns = [(amb, sense, ctxs) for amb, senses in AMBIGUOUS.items() for sense, ctxs in senses.items()]
+    train: list[Sentence] = []
+    held_out: list[Sentence] = []
+    nouns: list[tuple[str, str | None, tuple[str, ...]]] = [
+        (amb, sense, ctxs) for amb, senses in AMBIGUOUS.items() for sense, ctxs in senses.items()]
     nouns += [(n, None, tuple(c for c in [*_CONTEXT, *_PLAIN] if c != n)) for n in _PLAIN]
     for template in range(len(TEMPLATES)):
         for noun, sense, ctxs in nouns:
@@ -305,6 +307,7 @@ def _accuracy(model: EncoderDecoder, corpus: Corpus, result: TranslateResult) ->
     out = model.generate(src, tgt_in.shape[1] + 2, bos=BOS, eos=EOS, src_padding_mask=valid)
     hits: dict[str, list[bool]] = {"all": []}
     for s, ids in zip(corpus.held_out, out.tolist()):
+        assert s.ambiguous is not None and s.sense is not None  # every held-out sentence has an ambiguous noun
         words = corpus.words(ids)
         hits["all"].append(tuple(words) == s.french)
         others = {w for w in AMBIGUOUS[s.ambiguous] if w != s.sense}

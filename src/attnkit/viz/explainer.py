@@ -77,7 +77,11 @@ def explain(
         from attnkit import models
 
         net, tokenizer = models.load(model)
-    return capture(net, text, layers, heads, tokenizer=tokenizer, progress=progress)
+    maps = capture(net, text, layers, heads, tokenizer=tokenizer, progress=progress)
+    if not isinstance(maps, AttentionMaps):  # an encoder-decoder records Seq2SeqMaps
+        raise TypeError(f"explain takes an encoder or a decoder model; {type(net).__name__} is an encoder-decoder: "
+                        "use attnkit.inspect.capture(model, text, target=...) for its maps")
+    return maps
 
 
 _SPECIAL = re.compile(r"^(\[[A-Z]+\]|<\|?[A-Za-z_/]+\|?>)$")
