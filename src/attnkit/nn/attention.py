@@ -188,10 +188,10 @@ class MultiHeadAttention(nn.Module):
                                     "or DynamicKVCache"))
             cache.role = role
         valid = self._padding("padding_mask", padding_mask, batch,
-                              context.shape[1] if cross and context.dim() == 3 else length)
+                              context.shape[1] if context is not None and context.dim() == 3 else length)
 
         q = self._heads(self.q_proj(x), c.num_heads)  # (B, H, L, D)
-        if cross:
+        if context is not None:
             k, v, key_valid = self._cross_kv(context, valid, cache)
         else:
             k = self._heads(self.k_proj(x), c.kv_heads)  # (B, Hkv, L, D)
@@ -244,7 +244,8 @@ class MultiHeadAttention(nn.Module):
                 raise ValueError(f"the cache holds {cache.length} context tokens but context has "
                                  f"{context.shape[1]}; reset the cache for a new context")
             held = cache.valid
-            if (valid is None) != (held is None) or (valid is not None and not torch.equal(valid, held)):
+            if (valid is None) != (held is None) or (valid is not None and held is not None
+                                                      and not torch.equal(valid, held)):
                 raise ValueError("padding_mask differs from the one the cached context was computed with; "
                                  "pass the same padding_mask on every step, or reset the cache")
             k, v = cache.keys_values()

@@ -32,12 +32,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
 
 from attnkit._checks import describe, require_choice, require_int, require_real, require_tensor
+from attnkit.biases import Bias
 from attnkit.functional import attention_probs
+from attnkit.masks import Mask
 from attnkit.nn.attention import AttentionConfig, MultiHeadAttention
 from attnkit.nn.cache import DynamicKVCache, KVCache, StaticKVCache
 from attnkit.nn.transformer import TransformerBlock
@@ -174,18 +177,18 @@ class EncoderDecoder(nn.Module):
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _ids(self, name: str, ids: object, vocab: int) -> Tensor:
-        require_tensor(name, ids)
+    def _ids(self, name: str, given: object, vocab: int) -> Tensor:
+        ids = require_tensor(name, given)
         if ids.dim() != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape[1] == 0:
             raise ValueError(f"{name} must be (B, L) integer token ids with L >= 1; got {describe(ids)}")
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"{name} must lie in [0, {vocab}); got {int(ids.min())}..{int(ids.max())}")
         return ids
 
-    def _padding(self, name: str, mask: object, ids: Tensor) -> Tensor | None:
-        if mask is None:
+    def _padding(self, name: str, given: object, ids: Tensor) -> Tensor | None:
+        if given is None:
             return None
-        require_tensor(name, mask)
+        mask = require_tensor(name, given)
         if mask.shape != ids.shape:
             raise ValueError(f"{name} must be (B, L) = {tuple(ids.shape)} like the ids; got {describe(mask)}")
         if mask.dtype.is_floating_point:
@@ -258,9 +261,9 @@ class EncoderDecoder(nn.Module):
         if kind == "static":
             if max_length is None:
                 raise ValueError("kind='static' needs max_length, the most target tokens the cache will hold")
-            require_int("max_length", max_length, minimum=1)
-        return [(StaticKVCache(max_length) if kind == "static" else DynamicKVCache(), DynamicKVCache())
-                for _ in self.decoder]
+            max_length = require_int("max_length", max_length, minimum=1)
+        return [(StaticKVCache(max_length) if max_length is not None and kind == "static" else DynamicKVCache(),
+                 DynamicKVCache()) for _ in self.decoder]
 
     # -- forward, with attention on request ---------------------------------------------------
 
@@ -268,11 +271,14 @@ class EncoderDecoder(nn.Module):
     def _recording(self) -> Iterator[dict[str, list[Tensor]]]:
         """Collect the probabilities of every attention call, by kind, for the duration."""
         record: dict[str, list[Tensor]] = {"encoder": [], "decoder": [], "cross": []}
-        modules = ([(b.attn, "encoder") for b in self.encoder] + [(b.self_attn, "decoder") for b in self.decoder]
-                   + [(b.cross_attn, "cross") for b in self.decoder])
+        modules: list[tuple[MultiHeadAttention, str]] = (
+            [(cast(TransformerBlock, b).attn, "encoder") for b in self.encoder]
+            + [(cast(DecoderBlock, b).self_attn, "decoder") for b in self.decoder]
+            + [(cast(DecoderBlock, b).cross_attn, "cross") for b in self.decoder])
         handles = []
         for module, kind in modules:
-            def hook(mod, q, k, v, mask, bias, kind=kind):
+            def hook(mod: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, mask: Mask | None,
+                     bias: Bias | None, kind: str = kind) -> None:
                 record[kind].append(attention_probs(q, k, v, mask=mask, bias=bias).detach())
             handles.append(module.register_attention_hook(hook))
         try:

@@ -124,7 +124,8 @@ class TransformerBlock(nn.Module):
         self.attn_norm = _norm(norm, dim)
         self.attn = MultiHeadAttention(attention)
         self.drop = nn.Dropout(dropout)
-        self.mlp_norm = self.mlp = None
+        self.mlp_norm: nn.Module | None = None
+        self.mlp: nn.Sequential | None = None
         if not attention_only:
             hidden = max(1, round(dim * mlp_ratio))
             self.mlp_norm = _norm(norm, dim)
@@ -134,7 +135,7 @@ class TransformerBlock(nn.Module):
     def forward(self, x: Tensor, *, padding_mask: Tensor | None = None, positions: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), padding_mask=padding_mask, positions=positions, cache=cache))
-        if self.mlp is not None:
+        if self.mlp is not None and self.mlp_norm is not None:
             x = x + self.drop(self.mlp(self.mlp_norm(x)))
         return x
 

@@ -55,7 +55,7 @@ def parts(model: nn.Module) -> dict[str, list[nn.Module]]:
             attention.append(module)
         elif last in _FFN_NAMES or (last == "output" and f"{parent}.intermediate".lstrip(".") in named):
             ffn.append(module)
-    projections = [m for a in attention for m in a.modules() if isinstance(m, nn.Linear)]
+    projections: list[nn.Module] = [m for a in attention for m in a.modules() if isinstance(m, nn.Linear)]
     if not projections:
         raise ValueError(f"cannot find the attention projections of {type(model).__name__} (no nn.Linear inside "
                          "modules named *Attention or attnkit MultiHeadAttention); it cannot be profiled")
@@ -109,9 +109,9 @@ def timed(model: nn.Module, clock: Clock) -> Iterator[None]:
         return hook
 
     # attnkit: attention runs from its attention hook to o_proj's pre-hook, registered before o_proj's own timer
-    for m in (m for m in model.modules() if isinstance(m, MultiHeadAttention)):
-        handles += [m.register_attention_hook(_attnkit_start(clock)),
-                    m.o_proj.register_forward_pre_hook(_attnkit_stop(clock, m))]
+    for mha in (m for m in model.modules() if isinstance(m, MultiHeadAttention)):
+        handles += [mha.register_attention_hook(_attnkit_start(clock)),
+                    mha.o_proj.register_forward_pre_hook(_attnkit_stop(clock, mha))]
     for component, modules in parts(model).items():
         for m in modules:
             handles += [m.register_forward_pre_hook(start), m.register_forward_hook(stop(component))]

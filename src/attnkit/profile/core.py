@@ -231,17 +231,21 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
+def text_config(model: nn.Module) -> Any:
+    """The model's config (a Hugging Face model's text config, or a TransformerConfig)."""
+    config: Any = getattr(model, "config")  # noqa: B009 (nn.Module types unknown attributes as Tensor | Module)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def max_length(model: nn.Module) -> int:
     """The most positions ``model`` takes: ``max_position_embeddings`` or ``TransformerConfig.max_length``."""
     if is_hf(model):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return int(getattr(config, "max_position_embeddings", None) or 2048)
-    return int(model.config.max_length)
+        return int(getattr(text_config(model), "max_position_embeddings", None) or 2048)
+    return int(text_config(model).max_length)
 
 
 def vocab_size(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.vocab_size)
+    return int(text_config(model).vocab_size)
 
 
 def check_lengths(lengths: Sequence[int] | None, limit: int) -> list[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from attnkit._checks import require_int
 from attnkit.nn.cache import kv_cache_bytes
 from attnkit.nn.transformer import TransformerLM
 from attnkit.profile._hooks import is_hf, synchronizer
-from attnkit.profile.core import check_lengths, inputs, max_length
+from attnkit.profile.core import check_lengths, inputs, max_length, text_config
 
 
 def is_decoder(model: nn.Module) -> bool:
@@ -42,7 +42,7 @@ def cache_shape(model: nn.Module) -> tuple[int, int, int]:
     if isinstance(model, TransformerLM):
         c = model.config.attention()
         return model.config.depth, c.kv_heads, c.dim_per_head
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
@@ -91,12 +91,14 @@ def generation(model: nn.Module, prompt_lengths: Sequence[int], new_tokens: int 
     return {"new_tokens": new_tokens, "rows": rows}
 
 
-def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int, sync) -> tuple[float, list[float], int]:
+def _generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int,
+              sync: Callable[[], None]) -> tuple[float, list[float], int]:
     """(seconds to the first token, seconds of each later token, cache bytes at the end). The
     cache ends holding the prompt and every new token but the last (never fed back)."""
     hf = is_hf(model)
     cache_name = "cache" if hf and "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache: Any = None if hf else model.new_caches("static", prompt.shape[1] + new_tokens - 1)
+    lm: Any = model  # a Hugging Face model or a TransformerLM: attributes nn.Module does not declare
+    cache: Any = None if hf else lm.new_caches("static", prompt.shape[1] + new_tokens - 1)
     steps: list[float] = []
     ids = prompt
     for i in range(new_tokens):

@@ -169,7 +169,7 @@ class Monitor:
         with contextlib.ExitStack() as stack:
             f = path_or_file if hasattr(path_or_file, "write") else stack.enter_context(open(path_or_file, "w"))
             for c in list(self.calls):
-                f.write(json.dumps(asdict(c)) + "\n")  # type: ignore[union-attr]
+                f.write(json.dumps(asdict(c)) + "\n")
 
     def plot(self, path: str | Path) -> str:
         """A PNG: attention call latency, and step latency, against context length."""
