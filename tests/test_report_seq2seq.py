@@ -191,3 +191,23 @@ def test_generation_page_of_a_decoder_only_model(open_page):
     with pytest.raises(Exception, match="token must be null or a generated token index"):
         page.evaluate("attnkitGeneration.set({token: 2})")
     watch.assert_clean()
+
+
+def test_alignment_png_draws_the_cross_maps_mean(tmp_path):
+    pytest.importorskip("matplotlib")
+    from attnkit.viz.png import save_alignment_png
+
+    from conftest import assert_drawn, png_rgb
+
+    maps = toy_seq2seq()
+    path = save_alignment_png(maps, tmp_path / "align.png", layer=1, heads=[0, 2])
+    assert_drawn(path)
+    # One-hot maps: each target row is dark in exactly its own column, so the picture changes with them.
+    hot = torch.zeros(2, 3, len(TARGET), len(SOURCE))
+    hot[..., torch.arange(len(TARGET)), torch.arange(len(TARGET))] = 1.0
+    one = AttentionMaps([hot], [TARGET], None, "toy", (0, 1), (0, 1, 2), key_tokens=[SOURCE])
+    other = AttentionMaps([hot.flip(-1)], [TARGET], None, "toy", (0, 1), (0, 1, 2), key_tokens=[SOURCE])
+    a, b = png_rgb(save_alignment_png(one, tmp_path / "a.png")), png_rgb(save_alignment_png(other, tmp_path / "b.png"))
+    assert a.shape == b.shape and (a != b).any()
+    with pytest.raises(ValueError, match="layers \\[7\\] were not captured"):
+        save_alignment_png(maps, tmp_path / "c.png", layer=7)
