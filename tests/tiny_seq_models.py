@@ -48,6 +48,7 @@ def gpt2(folder: Path | None = None):
     config = t.GPT2Config(vocab_size=len(WORDS), n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
                           eos_token_id=2, pad_token_id=0)
     model = t.GPT2LMHeadModel(config).eval()
+    model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     tokenizer = word_tokenizer()
     if folder is not None:
         model.save_pretrained(folder, safe_serialization=True)
