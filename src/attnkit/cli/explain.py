@@ -7,14 +7,22 @@ With --compare OTHER and one --token WORD: the word in two contexts. The report 
 sentences side by side, where WORD attends in each, per layer and in its best head, and the
 cosine similarity of WORD's hidden state between the sentences, layer by layer, against that of
 a word both share (the most frequent shared word token other than WORD, or --anchor); the
-terminal says from which layer WORD diverges; --png DIR writes the cosines as DIR/cosine.png."""
+terminal says from which layer WORD diverges; --png DIR writes the cosines as DIR/cosine.png.
+
+With --target "..." (an encoder-decoder model folder, e.g. BART or Marian): TEXT is the source,
+the target is read teacher-forced, and the report shows the cross-attention (each target token's
+lines to the source tokens, and the alignment heatmap: rows target, columns source) beside the
+encoder's and decoder's self-attention; --png DIR writes DIR/alignment.png.
+
+With --generate N (a model that generates): greedy generation of N tokens from TEXT; the report
+shows the text growing token by token, and where each generated token looked."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from attnkit.cli._common import Column, Console, Parser, UsageError, csv, quiet_transformers, size
+from attnkit.cli._common import Column, Console, Parser, UsageError, csv, positive, quiet_transformers, size
 
 
 def add_parser(sub) -> Parser:
@@ -42,6 +50,11 @@ def add_parser(sub) -> Parser:
     p.add_argument("--no-cost", dest="cost", action="store_false",
                    help="leave out the report's cost section (a quick profile of the model at this input's length "
                         "and a few longer ones: a few seconds on a CPU)")
+    p.add_argument("--target", default=None,
+                   help="encoder-decoder models: the target text (TEXT is the source); the report shows "
+                        "cross-attention")
+    p.add_argument("--generate", type=positive, default=None, metavar="N",
+                   help="generate N tokens greedily from TEXT and show where each one looked")
     p.set_defaults(run=run)
     return p
 
@@ -57,6 +70,15 @@ def run(args: argparse.Namespace) -> int:
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
     if args.out and not Path(args.out).resolve().parent.is_dir():  # the one check the report cannot make early
         raise ValueError(f"--out {args.out!r}: the folder {str(Path(args.out).resolve().parent)!r} does not exist")
+    mode = "--target" if args.target is not None else "--generate" if args.generate is not None else None
+    if mode is not None:
+        if args.target is not None and args.generate is not None:
+            raise UsageError("--target and --generate do not go together: --target reads a given target, "
+                             "--generate makes one")
+        others = [name for name, value in (("--compare", args.compare), ("--layers", args.layers),
+                                           ("--heads", args.heads), ("--token", args.token)) if value is not None]
+        if others:
+            raise UsageError(f"{others[0]} does not go with {mode}")
     if args.compare is None and args.anchor is not None:
         raise UsageError("--anchor only goes with --compare OTHER --token WORD")
     if args.compare is not None and (not args.token or len(args.token) != 1):
@@ -66,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     with con.status(f"loading {args.model}..."):
         model, tokenizer = models.load(args.model)
+    if args.target is not None:
+        return _seq2seq(args, con, model, tokenizer)
+    if args.generate is not None:
+        return _generate(args, con, model, tokenizer)
     if args.compare is not None:
         return _compare(args, con, (model, tokenizer))
     with con.progress() as progress:
@@ -186,4 +212,87 @@ def _compare(args: argparse.Namespace, con: Console, model) -> int:
     if args.png:
         Path(args.png).mkdir(parents=True, exist_ok=True)
         con.print(f"wrote {found.plot(Path(args.png) / 'cosine.png')}")
+    return 0
+
+
+def _kind(model) -> str:
+    """'encoder-decoder', 'decoder' (generates alone) or 'encoder' (generates nothing)."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "encoder-decoder"
+    can = getattr(model, "can_generate", None)
+    return "decoder" if callable(can) and can() else "encoder"
+
+
+def _top(row, names: list[str], k: int) -> str:
+    order = row.double().argsort(descending=True)[:k].tolist()
+    return "  ".join(f"{names[j]} {float(row[j]):.2f}".replace(" 0.", " .") for j in order)
+
+
+def _seq2seq(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
+    """``explain SOURCE --target TARGET``: cross-attention of an encoder-decoder model."""
+    from attnkit.inspect import capture
+    from attnkit.viz import report
+
+    kind = _kind(model)
+    if kind != "encoder-decoder":
+        raise UsageError(f"--target needs an encoder-decoder model (BART, T5, Marian...); {args.model!r} is "
+                         f"{'a' if kind == 'decoder' else 'an'} {kind}-only model"
+                         + (": try --generate N" if kind == "decoder" else ""))
+    with con.status("capturing attention..."):
+        maps = capture(model, args.text, target=args.target, tokenizer=tokenizer)
+    cross = maps.cross
+    target, source = cross.tokens[0], cross.keys[0]
+    con.rule(f"{cross.model_name}: {len(source)} source tokens -> {len(target)} target tokens, "
+             f"{len(cross.layers)} layers x {len(cross.heads)} heads")
+    rows = [(f"{i} {tok}", *(_top(cross.attentions[0][li, :, i].float().mean(0), source, args.top)
+                             for li in range(len(cross.layers))))
+            for i, tok in enumerate(target[: args.max_rows])]
+    con.table(f"top {args.top} source tokens each target token attends to (cross-attention, mean of heads)",
+              ("target token", *(f"layer {layer}" for layer in cross.layers)), rows)
+    if args.out:
+        with con.progress() as progress:
+            path = report.write_report(maps, args.out, title=f"{args.text} → {args.target}", progress=progress)
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): cross-attention, encoder and decoder; "
+                  "open it in a browser; it needs no network")
+    if args.png:
+        from attnkit.viz.png import save_alignment_png
+
+        Path(args.png).mkdir(parents=True, exist_ok=True)
+        con.print(f"wrote {save_alignment_png(maps, Path(args.png) / 'alignment.png')}")
+    return 0
+
+
+def _generate(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
+    """``explain PROMPT --generate N``: greedy generation, and where each new token looked."""
+    from attnkit.inspect import capture_generation
+    from attnkit.viz import report
+
+    kind = _kind(model)
+    if kind == "encoder":
+        raise UsageError(f"--generate needs a model that generates (a decoder such as GPT-2, or an encoder-decoder); "
+                         f"{args.model!r} is an encoder-only model")
+    if args.png:
+        raise UsageError("--png does not go with --generate (the report shows the generation)")
+    prompt = tokenizer(args.text, return_tensors="pt")
+    with con.status(f"generating {args.generate} tokens..."):
+        gen = capture_generation(model, dict(prompt), tokenizer, max_new_tokens=args.generate, do_sample=False)
+    new = gen.sequences.shape[1] - (1 if kind == "encoder-decoder" else prompt["input_ids"].shape[1])
+    tokens = [*gen.decoder.tokens[0], tokenizer.convert_ids_to_tokens(int(gen.sequences[0, -1]))]
+    first = len(tokens) - new
+    con.rule(f"{gen.decoder.model_name}: {first} prompt tokens + {new} generated, greedy")
+    con.print(tokenizer.decode(gen.sequences[0], skip_special_tokens=True))
+    last = len(gen.decoder.layers) - 1
+    rows = []
+    for p in range(first, min(len(tokens), first + args.max_rows)):
+        row = gen.decoder.attentions[0][last, :, p - 1, :p].float().mean(0)
+        looks = [_top(row, tokens[:p], args.top)]
+        if gen.cross is not None:
+            looks.append(_top(gen.cross.attentions[0][last, :, p - 1].float().mean(0), gen.cross.keys[0], args.top))
+        rows.append((f"{p} {tokens[p]}", *looks))
+    con.table(f"where each generated token looked (layer {gen.decoder.layers[last]}, mean of heads)",
+              ("generated", "earlier tokens", *(["source"] if gen.cross is not None else [])), rows)
+    if args.out:
+        path = report.write_report(gen, args.out, new_tokens=new, tokenizer=tokenizer, title=args.text)
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): step through the generation; "
+                  "open it in a browser; it needs no network")
     return 0

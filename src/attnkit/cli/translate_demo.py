@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
               Column("producing 'banque'", right=True)], rows)
     for line in summary(result):
         con.print(line)
-    con.print("HTML report: skipped; attnkit.viz reports do not take cross-attention maps yet.")
+    from attnkit.demos.translate import example_maps
+    from attnkit.viz import write_report
+
+    html = write_report(example_maps(result), out / "translate.html", tolerance=0.0)
+    con.print(f"wrote {html}: the cross-attention of 'the bank of the river' and its translation; no network")
     path = out / "translate.json"
     path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     con.print(f"wrote {path}")

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from attnkit._checks import require_int, require_real
 from attnkit._plot import pyplot
+from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.nn import EncoderDecoder, EncoderDecoderConfig
 
 __all__ = ["AMBIGUOUS", "Corpus", "Sentence", "TranslateConfig", "TranslateResult", "build_corpus",
@@ -407,3 +408,44 @@ def train_translation(config: TranslateConfig | None = None,
     result.seconds = time.perf_counter() - start
     result.model, result.corpus = model, corpus
     return result
+
+
+def example_maps(result: TranslateResult, english: str = "the bank of the river") -> Seq2SeqMaps:
+    """The attention maps of the trained model translating ``english`` (greedy), for the
+    HTML report (:func:`attnkit.viz.write_report`).
+
+    Built from the model's ``return_attention=True`` output (teacher-forced on its own
+    greedy translation) with :class:`~attnkit.inspect.AttentionMaps`' constructor: the
+    encoder's (layers, H, S, S), the decoder's (layers, H, T, T) and the cross (layers, H,
+    T, S) maps; the decoder reads ``<s>`` and the translation without its last token.
+
+    Raises:
+        ValueError: ``result`` holds no model (it was not made by :func:`train_translation`),
+            or ``english`` has a word outside the corpus's vocabulary.
+    """
+    if result.model is None or result.corpus is None:
+        raise ValueError("result must come from train_translation (it holds the trained model and corpus); "
+                         "this one has none")
+    model, corpus = result.model, result.corpus
+    src_ids = {w: i for i, w in enumerate(corpus.src_vocab)}
+    words = english.split()
+    unknown = [w for w in words if w not in src_ids]
+    if unknown:
+        raise ValueError(f"english has words outside the corpus vocabulary: {unknown}; got {english!r}")
+    src = torch.tensor([[src_ids[w] for w in words]])
+    out = model.generate(src, 14, bos=BOS, eos=EOS)
+    with torch.no_grad():
+        attn = model(src, out[:, :-1], return_attention=True)
+    target = [corpus.tgt_vocab[i] for i in out[0, :-1].tolist()]
+
+    def stack(parts: tuple[Tensor, ...]) -> Tensor:
+        return torch.stack([p[0] for p in parts]).float()  # (layers, H, Lq, Lk)
+
+    part = dict(model_name="attnkit translate-demo", layers=tuple(range(model.config.decoder_depth)),
+                heads=tuple(range(model.config.num_heads)))
+    encoder = AttentionMaps([stack(attn.encoder_attentions)], [words], [src[0].tolist()],
+                            "attnkit translate-demo", tuple(range(model.config.encoder_depth)), part["heads"])
+    decoder = AttentionMaps([stack(attn.decoder_attentions)], [target], [out[0, :-1].tolist()], **part)
+    cross = AttentionMaps([stack(attn.cross_attentions)], [target], [out[0, :-1].tolist()], **part,
+                          key_tokens=[words], key_token_ids=[src[0].tolist()])
+    return Seq2SeqMaps(encoder, decoder, cross, {"source": [src[0].tolist()], "target": [out[0, :-1].tolist()]})

@@ -12,28 +12,29 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit._plot import pyplot
 from attnkit.inspect import rollout as roll_out
-from attnkit.inspect.maps import AttentionMaps
-from attnkit.viz.report import _check_maps, _check_progress, has_whole_model
+from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
+from attnkit.viz.report import _check_maps, _check_progress, _sides, has_whole_model
 
 if TYPE_CHECKING:  # matplotlib is optional (the plot extra)
     from matplotlib.axes import Axes
 
-__all__ = ["save_pngs"]
+__all__ = ["save_alignment_png", "save_pngs"]
 
 _LABELLED = 48  # up to this many tokens, axes carry the tokens
 
 
-def _heatmap(ax: Axes, grid: torch.Tensor, tokens: list[str], title: str, *, labels: bool) -> object:
+def _heatmap(ax: Axes, grid: torch.Tensor, tokens: list[str], title: str, *, labels: bool,
+             keys: list[str] | None = None) -> object:
+    """Rows are ``tokens`` (queries), columns ``keys`` (default: the same tokens)."""
     image = ax.imshow(grid.float().numpy(), cmap="magma_r", vmin=0.0, vmax=1.0, interpolation="nearest",
                       aspect="equal")
     ax.set_title(title, fontsize=9)
     if labels:
-        n = len(tokens)
-        ax.set_xticks(range(n))
-        ax.set_yticks(range(n))
-        shown = [t.replace("$", r"\$") for t in tokens]  # not mathtext
-        ax.set_xticklabels(shown, rotation=90, fontsize=6)
-        ax.set_yticklabels(shown, fontsize=6)
+        keys = tokens if keys is None else keys
+        ax.set_xticks(range(len(keys)))
+        ax.set_yticks(range(len(tokens)))
+        ax.set_xticklabels([t.replace("$", r"\$") for t in keys], rotation=90, fontsize=6)  # not mathtext
+        ax.set_yticklabels([t.replace("$", r"\$") for t in tokens], fontsize=6)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -75,7 +76,7 @@ def save_pngs(
     plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     attn = maps.attentions[index]
-    tokens = [str(t) for t in maps.tokens[index]]
+    tokens, keys = _sides(maps, index)
     n_layers, n_heads, lq, lk = attn.shape
     labels = max(lq, lk) <= _LABELLED
     written: list[Path] = []
@@ -85,7 +86,8 @@ def save_pngs(
     for li, layer in enumerate(maps.layers):
         fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
         for hi, head in enumerate(maps.heads):
-            image = _heatmap(axes[hi // cols][hi % cols], attn[li, hi], tokens, f"L{layer} H{head}", labels=labels)
+            image = _heatmap(axes[hi // cols][hi % cols], attn[li, hi], tokens, f"L{layer} H{head}", labels=labels,
+                             keys=keys)
         for extra in range(n_heads, rows * cols):
             axes[extra // cols][extra % cols].axis("off")
         fig.suptitle(f"{maps.model_name} · layer {layer} · {lq} tokens", fontsize=11)
@@ -101,7 +103,7 @@ def save_pngs(
     fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
     for li, layer in enumerate(maps.layers):
         image = _heatmap(axes[li // cols][li % cols], attn[li].float().mean(0), tokens, f"layer {layer}, mean of heads",
-                         labels=labels)
+                         labels=labels, keys=keys)
     for extra in range(n_layers, rows * cols):
         axes[extra // cols][extra % cols].axis("off")
     fig.suptitle(f"{maps.model_name} · mean over heads · {lq} tokens", fontsize=11)
@@ -110,7 +112,7 @@ def save_pngs(
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     written.append(path)
-    if rollout and has_whole_model(maps):
+    if rollout and keys is None and has_whole_model(maps):
         fig, ax = plt.subplots(figsize=(6, 6))
         image = _heatmap(ax, roll_out(maps, input_index=index, dtype=torch.float32), tokens,
                          f"{maps.model_name} · attention rollout over {n_layers} layers", labels=labels)
@@ -122,3 +124,50 @@ def save_pngs(
     if progress:
         progress("PNG heatmaps", n_layers + 1, n_layers + 1)
     return written
+
+
+def save_alignment_png(
+    maps: Seq2SeqMaps | AttentionMaps,
+    path: str | os.PathLike,
+    input_index: int = 0,
+    *,
+    layer: int | None = None,
+    heads: list[int] | None = None,
+    dpi: int = 150,
+) -> Path:
+    """Write the alignment heatmap of one input's cross-attention to ``path`` (a PNG).
+
+    Rows are the target tokens (queries), columns the source tokens (keys); each cell is the
+    mean over ``heads`` of ``layer``'s weights, on a 0..1 colour scale. Axes carry the tokens
+    up to 48 of them.
+
+    Args:
+        maps: a :class:`~attnkit.inspect.Seq2SeqMaps` (its ``cross`` maps are drawn) or
+            cross-attention :class:`~attnkit.inspect.AttentionMaps`.
+        layer: model index of the layer (default: the last captured).
+        heads: model indices of the heads to average (default: all captured).
+
+    Returns:
+        The path written.
+    """
+    cross = maps.cross if isinstance(maps, Seq2SeqMaps) else maps
+    index = _check_maps(cross, input_index)
+    dpi = require_int("dpi", dpi, minimum=10)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike; got {describe(path)}")
+    chosen = cross.select(layers=cross.layers[-1] if layer is None else layer, heads=heads)
+    grid = chosen.attentions[index][0].double().mean(0)  # (T, S)
+    tokens, keys = _sides(cross, index)
+    plt = pyplot()
+    labels = max(grid.shape) <= _LABELLED
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.28 * grid.shape[1] + 1.6), max(3.0, 0.28 * grid.shape[0] + 1.2)))
+    named = "all heads" if heads is None else "heads " + ",".join(map(str, chosen.heads))
+    image = _heatmap(ax, grid, tokens, f"{cross.model_name} · layer {chosen.layers[0]}, mean of {named}",
+                     labels=labels, keys=keys)
+    ax.set_xlabel("source (keys)", fontsize=8)
+    ax.set_ylabel("target (queries)", fontsize=8)
+    fig.colorbar(image, ax=ax, shrink=0.7, label="attention weight")
+    out = Path(path)
+    fig.savefig(out, dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -25,7 +25,8 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, head_roles
 from attnkit.inspect import rollout as roll_out
-from attnkit.inspect.maps import AttentionMaps
+from attnkit.inspect.generation import GenerationMaps
+from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.viz import encode as _encode
 from attnkit.viz._html import page
 
@@ -35,22 +36,35 @@ _BODY = '<div id="attnkit-explorer"></div>'
 
 
 def _check_maps(maps: object, input_index: object) -> int:
-    """The input's index, after checking that it holds self-attention maps the pages can draw."""
+    """The input's index, after checking that it holds maps with tokens the pages can show."""
     if not isinstance(maps, AttentionMaps):
         raise TypeError(f"maps must be an AttentionMaps (from attnkit.inspect.capture); got {describe(maps)}")
     index = require_int("input_index", input_index, minimum=0)
     if index >= len(maps):
         raise ValueError(f"input_index must be in [0, {len(maps)}) for maps of {len(maps)} inputs; got {index}")
-    lq, lk = maps.attentions[index].shape[-2:]
-    if lq != lk:
-        raise ValueError(f"maps must hold self-attention (as many queries as keys) to be drawn; input {index} has "
-                         f"{lq} queries and {lk} keys")
-    for i, token in enumerate(maps.tokens[index]):
-        try:
-            str(token).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"maps.tokens[{index}][{i}] is not valid text (a lone surrogate): {token!r}") from None
+    for name, side in (("tokens", maps.tokens), ("key_tokens", maps.key_tokens or [[]] * len(maps))):
+        for i, token in enumerate(side[index]):
+            try:
+                str(token).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"maps.{name}[{index}][{i}] is not valid text (a lone surrogate): "
+                                 f"{token!r}") from None
     return index
+
+
+def _sides(maps: AttentionMaps, index: int) -> tuple[list[str], list[str] | None]:
+    """Input ``index``'s query tokens, and its key tokens where they differ (cross-attention).
+
+    Maps without ``key_tokens`` whose query count differs from their tokens (files written
+    before cross-attention) name their queries ``#0``, ``#1``, ...
+    """
+    lq, lk = maps.attentions[index].shape[-2:]
+    if maps.key_tokens is not None:
+        return [str(t) for t in maps.tokens[index]], [str(t) for t in maps.key_tokens[index]]
+    tokens = [str(t) for t in maps.tokens[index]]
+    if lq == lk:
+        return tokens, None
+    return [f"#{i}" for i in range(lq)], tokens
 
 
 def _check_progress(progress: object) -> None:
@@ -126,7 +140,7 @@ def report_data(
     if not isinstance(rollout, bool):
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     attn = maps.attentions[index]
-    tokens = [str(t) for t in maps.tokens[index]]
+    tokens, key_tokens = _sides(maps, index)
     n_layers, n_heads, lq, _ = attn.shape
     if focus is not None:
         focus = require_int("focus", focus, minimum=0)
@@ -139,7 +153,9 @@ def report_data(
     matrices = [attn[li, hi] for li in range(n_layers) for hi in range(n_heads)]
     rolled = None
     why_not = None
-    if not rollout:
+    if key_tokens is not None:
+        why_not = "rollout composes self-attention layers; these maps are cross-attention (queries and keys differ)"
+    elif not rollout:
         why_not = "rollout was turned off for these maps (they hold a subset of the model's heads)"
     elif not has_whole_model(maps):
         why_not = ("rollout needs every layer and head of the model; these maps hold layers "
@@ -170,6 +186,7 @@ def report_data(
         "title": _text(tokens) if title is None else title if len(title) <= 160 else title[:159] + "…",
         "model": maps.model_name,
         "tokens": tokens,
+        "key_tokens": key_tokens,
         "layers": list(maps.layers),
         "heads": list(maps.heads),
         "rollout": why_not is None,
@@ -211,8 +228,14 @@ def _text(tokens: list[str], limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def report_html(maps: AttentionMaps, input_index: int = 0, **kwargs: Any) -> str:
-    """The explorer page as one HTML string; arguments as for :func:`report_data`.
+def report_html(maps: AttentionMaps | Seq2SeqMaps | GenerationMaps, input_index: int = 0, **kwargs: Any) -> str:
+    """The explorer page as one HTML string.
+
+    ``maps`` may be an :class:`~attnkit.inspect.AttentionMaps` (arguments as for
+    :func:`report_data`; self- or cross-attention), a :class:`~attnkit.inspect.Seq2SeqMaps`
+    (the cross-attention, encoder and decoder explorers on one page; arguments as for
+    :func:`attnkit.viz.seq2seq.seq2seq_data`) or a :class:`~attnkit.inspect.GenerationMaps`
+    (the text growing token by token; :func:`attnkit.viz.seq2seq.generation_data`).
 
     >>> import torch
     >>> from attnkit.inspect import AttentionMaps
@@ -222,13 +245,24 @@ def report_html(maps: AttentionMaps, input_index: int = 0, **kwargs: Any) -> str
     >>> "<b>" in text, text.count("</script>") == text.count("<script"), "://" in text
     (False, True, False)
     """
+    from attnkit.viz import seq2seq
+
+    if isinstance(maps, Seq2SeqMaps):
+        data = seq2seq.seq2seq_data(maps, input_index, **kwargs)
+        return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js", "seq2seq.js"],
+                    body='<div id="attnkit-seq2seq"></div>', data=data)
+    if isinstance(maps, GenerationMaps):
+        data = seq2seq.generation_data(maps, input_index, **kwargs)
+        return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js", "generation.js"],
+                    body='<div id="attnkit-generation"></div>', data=data)
     data = report_data(maps, input_index, **kwargs)
     return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["report_cost.js", "explorer.js"], body=_BODY,
                 data=data)
 
 
-def write_report(maps: AttentionMaps, path: str | os.PathLike, input_index: int = 0, **kwargs: Any) -> Path:
-    """Write :func:`report_html` to ``path`` (UTF-8) and return the path."""
+def write_report(maps: AttentionMaps | Seq2SeqMaps | GenerationMaps, path: str | os.PathLike, input_index: int = 0,
+                 **kwargs: Any) -> Path:
+    """Write :func:`report_html` of ``maps`` (any of its kinds) to ``path`` (UTF-8) and return the path."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike; got {describe(path)}")
     out = Path(path)

@@ -1,5 +1,6 @@
 /* attnkit explorer: head view, model view, matrix heatmap and head-role table for one
- * input's attention maps. No libraries, no network: the maps arrive as the compact
+ * input's attention maps: self-attention, or cross-attention (data.key_tokens: queries on
+ * the left of the head view and down the matrix, keys on the right and across). No libraries, no network: the maps arrive as the compact
  * encoding of attnkit/viz/encode.py. Text reaches the page through textContent or
  * canvas fillText only. Mount with AttnkitExplorer.mount(element, payload). */
 (function () {
@@ -125,6 +126,7 @@
 
   function build(root, data, sp, api) {
     const L = data.layers.length, H = data.heads.length, tokens = data.tokens;
+    const cross = !!data.key_tokens, keyTokens = data.key_tokens || tokens;
     const Lq = sp.Lq, Lk = sp.Lk;
     const hasRollout = !!data.rollout;
     const state = {
@@ -155,7 +157,7 @@
     const enc = data.encoding;
     root.appendChild(el("div", { class: "akx-head" }, [
       el("div", { class: "akx-title", text: data.title || "attention" }),
-      el("div", { class: "akx-sub", text: `${data.model || "model"} · ${Lq} tokens · ${L} layers × ${H} heads` }),
+      el("div", { class: "akx-sub", text: `${data.model || "model"} · ${cross ? `${Lq} queries × ${Lk} keys` : `${Lq} tokens`} · ${L} layers × ${H} heads` }),
     ]));
 
     /* controls */
@@ -215,7 +217,7 @@
     /* tabs */
     const tabs = el("div", { class: "akx-tabs", role: "tablist" });
     const panes = {};
-    const TABS = [["head", "Head view"], ["model", "Model view"], ["matrix", "Matrix"], ["roles", "Head roles"]];
+    const TABS = [["head", "Head view"], ["model", "Model view"], ["matrix", cross ? "Alignment" : "Matrix"], ["roles", "Head roles"]];
     for (const [id, name] of TABS) {
       tabs.appendChild(el("button", { class: "akx-tab", "data-tab": id, role: "tab", text: name, onclick: () => { state.tab = id; redraw(); } }));
       panes[id] = el("div", { class: "akx-pane", "data-pane": id });
@@ -240,14 +242,16 @@
     panes.head.appendChild(el("div", { class: "akx-row" }, Lq > WIN ? [el("span", { text: "Tokens" }), winCtl, winLbl] : []));
     panes.head.appendChild(hv);
     const ROW = 20, LX = 200, RX = 560, W_HV = 760;
+    // The key side's window: the query window's, kept inside the keys (they may be fewer or more).
+    const keyStart = () => Math.max(0, Math.min(state.win, Lk - WIN));
 
     function hvTokenAt(ev) {
       const r = hv.getBoundingClientRect();
       const x = ev.clientX - r.left, y = ev.clientY - r.top;
-      const i = Math.floor((y - 10) / ROW);
-      if (i < 0 || i >= Math.min(WIN, Lq - state.win)) return null;
-      if (x < LX + 10) return { side: "q", i: state.win + i };
-      if (x > RX - 10) return { side: "k", i: state.win + i };
+      const i = Math.floor((y - 10) / ROW), k0 = keyStart();
+      if (i < 0) return null;
+      if (x < LX + 10 && i < Math.min(WIN, Lq - state.win)) return { side: "q", i: state.win + i };
+      if (x > RX - 10 && i < Math.min(WIN, Lk - k0)) return { side: "k", i: k0 + i };
       return null;
     }
     hv.addEventListener("mousemove", (ev) => { const t = hvTokenAt(ev); if (JSON.stringify(t) !== JSON.stringify(state.hover)) { state.hover = t; drawHead(); showInfo(); } });
@@ -260,7 +264,7 @@
     }, { passive: false });
 
     function drawHead() {
-      const n = Math.min(WIN, Lq - state.win), nk = Math.min(WIN, Lk - state.win);
+      const k0 = keyStart(), n = Math.min(WIN, Lq - state.win), nk = Math.min(WIN, Lk - k0);
       const h = Math.max(n, nk) * ROW + 20;
       const ctx = sized(hv, W_HV, h);
       ctx.clearRect(0, 0, W_HV, h);
@@ -277,12 +281,12 @@
           const r = m * Lq + i;
           for (let e = sp.ptr[r]; e < sp.ptr[r + 1]; e++) {
             const j = sp.cols[e], v = sp.vals[e];
-            if (j < w0 || j >= w0 + nk || v < state.threshold) continue;
+            if (j < k0 || j >= k0 + nk || v < state.threshold) continue;
             if (focusK != null && j !== focusK) continue;
             ctx.globalAlpha = Math.min(1, v * (list.length > 1 ? 1 : 1.2));
             ctx.beginPath();
             ctx.moveTo(LX + 8, 10 + (i - w0 + 0.5) * ROW);
-            ctx.bezierCurveTo((LX + RX) / 2, 10 + (i - w0 + 0.5) * ROW, (LX + RX) / 2, 10 + (j - w0 + 0.5) * ROW, RX - 8, 10 + (j - w0 + 0.5) * ROW);
+            ctx.bezierCurveTo((LX + RX) / 2, 10 + (i - w0 + 0.5) * ROW, (LX + RX) / 2, 10 + (j - k0 + 0.5) * ROW, RX - 8, 10 + (j - k0 + 0.5) * ROW);
             ctx.stroke();
           }
         }
@@ -304,12 +308,12 @@
         ctx.font = "13px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace";
       }
       for (let i = 0; i < nk; i++) {
-        const kj = w0 + i, y = 10 + (i + 0.5) * ROW;
+        const kj = k0 + i, y = 10 + (i + 0.5) * ROW;
         if (weights) { ctx.fillStyle = heatCss(weights[kj]); ctx.fillRect(RX - 4, y - ROW / 2 + 1, 160, ROW - 2); }
         if (kj === focusK) { ctx.strokeStyle = "#000"; ctx.lineWidth = 1; ctx.strokeRect(RX - 4, y - ROW / 2 + 1, 160, ROW - 2); }
         ctx.textAlign = "left";
         ctx.fillStyle = weights && weights[kj] > 0.35 ? "#fff" : "#333";
-        ctx.fillText(short(tokens[kj], 18), RX, y);
+        ctx.fillText(short(keyTokens[kj], 18), RX, y);
       }
       winLbl.textContent = `${w0}–${w0 + n - 1} of ${Lq}`;
     }
@@ -414,7 +418,7 @@
         for (let i = 0; i < nr; i++) ctx.fillText(short(tokens[r0 + i], 16), off - 4, off + (i + 0.5) * cell);
         for (let j = 0; j < nc; j++) {
           ctx.save(); ctx.translate(off + (j + 0.5) * cell, off - 4); ctx.rotate(-Math.PI / 3);
-          ctx.textAlign = "left"; ctx.fillText(short(tokens[c0 + j], 16), 0, 0); ctx.restore();
+          ctx.textAlign = "left"; ctx.fillText(short(keyTokens[c0 + j], 16), 0, 0); ctx.restore();
         }
       } else {
         ctx.textAlign = "left"; ctx.fillText(`rows ${r0}–${r0 + nr - 1}, keys ${c0}–${c0 + nc - 1}`, 4, 14);
@@ -455,7 +459,7 @@
       const [r0, c0] = state.detail;
       if (i < 0 || j < 0 || i >= Math.min(DET, Lq - r0) || j >= Math.min(DET, Lk - c0)) { tip.style.display = "none"; return; }
       const q = r0 + i, k = c0 + j, v = aggregateRow(sp, mats(), q, rowBuf)[k];
-      tip.textContent = `#${q} ${tokens[q]} → #${k} ${tokens[k]}\n${fmt(v)}  (${label()})`;
+      tip.textContent = `#${q} ${tokens[q]} → #${k} ${keyTokens[k]}\n${fmt(v)}  (${label()})`;
       tip.style.display = "block";
       tip.style.left = `${ev.clientX + 14}px`; tip.style.top = `${ev.clientY + 14}px`;
     });
@@ -535,12 +539,12 @@
       for (const j of order) {
         const bar = el("span", { class: "akx-bar" });
         bar.style.width = `${(row[j] * 100).toFixed(1)}%`;
-        list.appendChild(el("li", {}, [el("span", { class: "akx-tok", text: tokens[j] }), el("span", { class: "akx-idx", text: `#${j}` }), el("span", { class: "akx-val", text: fmt(row[j]) }), bar]));
+        list.appendChild(el("li", {}, [el("span", { class: "akx-tok", text: keyTokens[j] }), el("span", { class: "akx-idx", text: `#${j}` }), el("span", { class: "akx-val", text: fmt(row[j]) }), bar]));
       }
       info.appendChild(list);
-      if (Lq > WIN) {
-        let inside = 0; const w0 = state.win;
-        for (let j = w0; j < Math.min(Lk, w0 + WIN); j++) inside += row[j];
+      if (Lk > WIN) {
+        let inside = 0; const k0 = keyStart();
+        for (let j = k0; j < Math.min(Lk, k0 + WIN); j++) inside += row[j];
         info.appendChild(el("p", { class: "akx-hint", text: `${(100 * (1 - inside)).toFixed(1)}% of this row's weight goes to keys outside the head view's window.` }));
       }
     }
@@ -642,7 +646,8 @@
     return ctx;
   }
 
-  window.AttnkitExplorer = { mount, decode };
+  // The pieces generation.js and seq2seq.js build on.
+  window.AttnkitExplorer = { mount, decode, addRow, aggregateRow, el, heat, heatCss, headColor, fmt, short };
   const node = document.getElementById("attnkit-explorer");
   const dataNode = document.getElementById("attnkit-data");
   if (node && dataNode) window.attnkitExplorer = mount(node, JSON.parse(dataNode.textContent));

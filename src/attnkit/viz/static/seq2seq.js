@@ -1,0 +1,43 @@
+/* attnkit encoder-decoder page: three explorers (explorer.js) on one page, one per part of
+ * the model: cross-attention (target tokens on the left, the source tokens they attend to
+ * on the right; its "Alignment" tab is the heatmap, rows = target, columns = source), the
+ * encoder's self-attention and the decoder's. Text reaches the page through textContent
+ * only. Mount with AttnkitSeq2Seq.mount(element, payload). */
+(function () {
+  "use strict";
+  const X = window.AttnkitExplorer, el = X.el;
+  const NAMES = { cross: "Cross-attention (target → source)", encoder: "Encoder self-attention", decoder: "Decoder self-attention" };
+
+  function mount(root, data) {
+    root.textContent = "";
+    root.appendChild(el("div", { class: "akx-head" }, [
+      el("div", { class: "akx-title", text: data.title || "encoder-decoder attention" }),
+      el("div", { class: "akx-sub", text: `${data.model || "model"} · source ${data.source.length} tokens · target ${data.target.length} tokens` }),
+    ]));
+    const bar = el("div", { class: "akx-tabs akx-parts", role: "tablist" });
+    root.appendChild(bar);
+    const api = { part: "cross", parts: {} };
+    const holders = {};
+    for (const name of ["cross", "encoder", "decoder"]) {
+      bar.appendChild(el("button", { class: "akx-tab", "data-part": name, role: "tab", text: NAMES[name], onclick: () => show(name) }));
+      holders[name] = el("div", { class: "akx-part", "data-part-pane": name });
+      root.appendChild(holders[name]);
+      api.parts[name] = X.mount(holders[name], data.parts[name]);
+    }
+    function show(name) {
+      api.part = name;
+      for (const b of bar.children) b.classList.toggle("akx-active", b.dataset.part === name);
+      for (const [n, h] of Object.entries(holders)) h.style.display = n === name ? "" : "none";
+      root.dataset.part = name;
+    }
+    api.show = show;
+    api.ready = Promise.all(Object.values(api.parts).map((p) => p.ready)).then(() => api);
+    show("cross");
+    return api;
+  }
+
+  window.AttnkitSeq2Seq = { mount };
+  const node = document.getElementById("attnkit-seq2seq");
+  const dataNode = document.getElementById("attnkit-data");
+  if (node && dataNode) window.attnkitSeq2Seq = mount(node, JSON.parse(dataNode.textContent));
+})();

@@ -1,0 +1,33 @@
+"""translate-demo's HTML report: the Seq2SeqMaps it builds from EncoderDecoder's return_attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.demos.translate import TranslateConfig, TranslateResult, example_maps, train_translation
+from attnkit.viz import report_html
+
+
+@pytest.fixture(scope="module")
+def brief():
+    return train_translation(TranslateConfig(steps=2, dim=16, heads=2, encoder_depth=1, decoder_depth=1,
+                                             eval_every=2, probes=2))
+
+
+@pytest.mark.slow  # training, even 2 steps, evaluates every held-out sentence (about 10 s)
+def test_example_maps_are_the_models_attention(brief):
+    maps = example_maps(brief)
+    assert maps.encoder.tokens == [["the", "bank", "of", "the", "river"]]
+    assert maps.cross.key_tokens == maps.encoder.tokens and maps.cross.tokens[0][0] == "<s>"
+    src = torch.tensor([maps.sequences["source"][0]])
+    tgt = torch.tensor([maps.sequences["target"][0]])
+    with torch.no_grad():
+        out = brief.model(src, tgt, return_attention=True)
+    assert torch.equal(maps.cross.attentions[0][0], out.cross_attentions[0][0].float())
+    assert torch.allclose(maps.cross.attentions[0].sum(-1), torch.ones(1, 2, tgt.shape[1]), atol=1e-5)
+    assert "attnkit-seq2seq" in report_html(maps)
+    with pytest.raises(ValueError, match="outside the corpus vocabulary: \\['zebra'\\]"):
+        example_maps(brief, "the zebra")
+    with pytest.raises(ValueError, match="result must come from train_translation"):
+        example_maps(TranslateResult(TranslateConfig()))
