@@ -441,11 +441,11 @@ def example_maps(result: TranslateResult, english: str = "the bank of the river"
     def stack(parts: tuple[Tensor, ...]) -> Tensor:
         return torch.stack([p[0] for p in parts]).float()  # (layers, H, Lq, Lk)
 
-    part = dict(model_name="attnkit translate-demo", layers=tuple(range(model.config.decoder_depth)),
-                heads=tuple(range(model.config.num_heads)))
+    name, heads = "attnkit translate-demo", tuple(range(model.config.num_heads))
+    layers = tuple(range(model.config.decoder_depth))
     encoder = AttentionMaps([stack(attn.encoder_attentions)], [words], [src[0].tolist()],
-                            "attnkit translate-demo", tuple(range(model.config.encoder_depth)), part["heads"])
-    decoder = AttentionMaps([stack(attn.decoder_attentions)], [target], [out[0, :-1].tolist()], **part)
-    cross = AttentionMaps([stack(attn.cross_attentions)], [target], [out[0, :-1].tolist()], **part,
+                            name, tuple(range(model.config.encoder_depth)), heads)
+    decoder = AttentionMaps([stack(attn.decoder_attentions)], [target], [out[0, :-1].tolist()], name, layers, heads)
+    cross = AttentionMaps([stack(attn.cross_attentions)], [target], [out[0, :-1].tolist()], name, layers, heads,
                           key_tokens=[words], key_token_ids=[src[0].tolist()])
     return Seq2SeqMaps(encoder, decoder, cross, {"source": [src[0].tolist()], "target": [out[0, :-1].tolist()]})

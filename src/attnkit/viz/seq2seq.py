@@ -27,7 +27,7 @@ __all__ = ["PARTS", "generation_data", "seq2seq_data"]
 PARTS = ("cross", "encoder", "decoder")
 
 
-def _input(maps: Any, input_index: object, kind: type) -> int:
+def _input(maps: Any, input_index: object, kind: type[Any]) -> int:
     if not isinstance(maps, kind):
         raise TypeError(f"maps must be a {kind.__name__}; got {describe(maps)}")
     index = require_int("input_index", input_index, minimum=0)
