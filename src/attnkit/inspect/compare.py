@@ -136,12 +136,18 @@ def _check_same(a: _Input, b: _Input, input_index: int) -> None:
             raise ValueError(
                 f"maps_a and maps_b must hold the same {what}; got {have_a} and {have_b}. Capture or select the same"
             )
+    for what, have_a, have_b in (("model_layers", a.model_layers, b.model_layers),
+                                 ("model_heads", a.model_heads, b.model_heads)):
+        if have_a is not None and have_b is not None and have_a != have_b:
+            raise ValueError(f"maps_a and maps_b must come from models of the same shape; {what} is {have_a} and "
+                             f"{have_b}")
     if a.attn.shape != b.attn.shape:
         raise ValueError(
             "maps_a and maps_b must have the same shape (layers, heads, Lq, Lk); got "
             f"{tuple(a.attn.shape)} and {tuple(b.attn.shape)}"
         )
-    for what, seq_a, seq_b in (("tokens", a.tokens, b.tokens), ("token ids", a.token_ids, b.token_ids)):
+    for what, seq_a, seq_b in (("tokens", a.tokens, b.tokens), ("token ids", a.token_ids, b.token_ids),
+                               ("key tokens", a.key_tokens, b.key_tokens)):
         if seq_a is None or seq_b is None:
             continue
         seq_a, seq_b = _as_list(seq_a), _as_list(seq_b)

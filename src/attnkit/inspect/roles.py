@@ -27,8 +27,7 @@ tensor(1., dtype=torch.float64)
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,15 +35,19 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import describe, int_vector, require_int, require_tensor
+from attnkit.inspect.tokens import special_mask
 
 if TYPE_CHECKING:
     from attnkit.inspect.maps import AttentionMaps
 
 __all__ = [
+    "CROSS_ROLES",
     "ROLES",
     "STOP_WORDS",
     "HeadRoles",
+    "alignment_monotonicity",
     "attention_entropy",
+    "diagonal_score",
     "duplicate_token_score",
     "first_token_score",
     "head_roles",
@@ -56,16 +59,8 @@ __all__ = [
     "token_set",
     "token_set_mass",
     "top_attended",
+    "top_key_share",
 ]
-
-ROLES = (
-    "previous_token",
-    "duplicate_token",
-    "induction",
-    "first_token",
-    "mean_distance",
-    "normalized_entropy",
-)
 
 # Common English function words (pronouns, articles, auxiliaries, prepositions, conjunctions).
 STOP_WORDS: frozenset[str] = frozenset(
@@ -95,6 +90,27 @@ class _Input:
     layers: tuple[int, ...] | None
     heads: tuple[int, ...] | None
     model_name: str | None
+    key_tokens: list[str] | None = None  # cross-attention maps: the key side's tokens
+    special: list[bool] | None = None  # per query token: one of the tokenizer's special tokens
+    key_special: list[bool] | None = None  # per key token, for cross-attention maps
+    model_layers: int | None = None  # how many layers and heads the model has (None: unknown)
+    model_heads: int | None = None
+
+    @property
+    def keys(self) -> list[str] | None:
+        """The key tokens: ``key_tokens`` for cross-attention maps, else ``tokens``."""
+        return self.tokens if self.key_tokens is None else self.key_tokens
+
+    @property
+    def keys_special(self) -> list[bool] | None:
+        """Per key token, whether it is special: ``key_special`` for cross maps, else ``special``."""
+        return self.special if self.key_tokens is None else self.key_special
+
+
+def _entry(maps: object, field: str, index: int) -> list | None:
+    """``maps.<field>[index]`` as a list, or None where the maps (or a stand-in) lack the field."""
+    value = getattr(maps, field, None)
+    return None if value is None or value[index] is None else list(value[index])
 
 
 def _resolve(name: str, attn: object, input_index: object, *, dims: int | None = None, cast: bool = True) -> _Input:
@@ -108,6 +124,7 @@ def _resolve(name: str, attn: object, input_index: object, *, dims: int | None =
                 f"(one input), so leave input_index at 0; got {index}"
             )
         t, tokens, ids, layers, heads, model_name = attn, None, None, None, None, None
+        facts: dict = {}
     elif hasattr(attn, "attentions"):
         n = len(attn.attentions)
         if index >= n:
@@ -117,6 +134,9 @@ def _resolve(name: str, attn: object, input_index: object, *, dims: int | None =
         ids = attn.token_ids[index] if attn.token_ids is not None else None
         layers, heads = tuple(attn.layers), tuple(attn.heads)
         model_name = getattr(attn, "model_name", None)
+        facts = {"key_tokens": _entry(attn, "key_tokens", index), "special": _entry(attn, "special", index),
+                 "key_special": _entry(attn, "key_special", index),
+                 "model_layers": getattr(attn, "model_layers", None), "model_heads": getattr(attn, "model_heads", None)}
         if t.dim() != 4 or tuple(t.shape[:2]) != (len(layers), len(heads)):
             raise ValueError(
                 f"{name}.attentions[{index}] must be (layers, heads, Lq, Lk) with {len(layers)} layers and "
@@ -134,7 +154,7 @@ def _resolve(name: str, attn: object, input_index: object, *, dims: int | None =
         raise ValueError(f"{name} must be {dims}-D, {shape}; got {describe(t)}")
     if t.dim() < 2:
         raise ValueError(f"{name} must be at least 2-D, (..., Lq, Lk); got {describe(t)}")
-    return _Input(_probabilities(name, t) if cast else t, tokens, ids, layers, heads, model_name)
+    return _Input(_probabilities(name, t) if cast else t, tokens, ids, layers, heads, model_name, **facts)
 
 
 def _probabilities(name: str, t: Tensor, where: str = "") -> Tensor:
@@ -440,6 +460,104 @@ def attention_entropy(
     return _entropy(view.attn, allowed)
 
 
+def _diagonal_pattern(q_len: int, k_len: int) -> Tensor:
+    """(Lq, Lk) bool: the keys the diagonal gives row i when the Lq rows are spread evenly over
+    the Lk keys: row i covers ``[i * Lk / Lq, (i + 1) * Lk / Lq)`` and key j covers ``[j, j + 1)``;
+    the keys that overlap it, ``floor(i * Lk / Lq) <= j <= max(floor(i * Lk / Lq), ceil((i + 1) * Lk / Lq) - 1)``.
+    ``j == i`` when Lq == Lk, a run of about Lk / Lq keys when the keys are more, one or two when fewer."""
+    i = torch.arange(q_len)
+    low = i * k_len // q_len
+    high = torch.maximum(low, -(-(i + 1) * k_len // q_len) - 1)
+    j = torch.arange(k_len)
+    return (j[None, :] >= low[:, None]) & (j[None, :] <= high[:, None])
+
+
+def _top_key(t: Tensor) -> Tensor:
+    """Share of all the attention on the single most attended key; (..., Lq, Lk) -> (...)."""
+    per_key = t.sum(-2)  # (..., Lk)
+    return per_key.amax(-1) / per_key.sum(-1)
+
+
+def _monotonicity(t: Tensor, rows: Tensor) -> Tensor:
+    """Share of successive counted rows whose argmax key does not move back; (..., Lq, Lk) -> (...)."""
+    top = t[..., rows.to(t.device), :].argmax(-1)  # (..., counted rows); ties: the earliest key
+    return (top[..., 1:] >= top[..., :-1]).to(torch.float64).mean(-1)  # NaN with fewer than two rows
+
+
+def diagonal_score(attn: Tensor | AttentionMaps, *, input_index: int = 0) -> Tensor:
+    """Share of each head's attention on the source position a straight diagonal alignment
+    predicts, ``j ~ i * Lk / Lq``: a cross-attention head that reads the source in order.
+
+    Row i's predicted keys are ``floor(i * Lk / Lq)`` up to ``ceil((i + 1) * Lk / Lq) - 1``
+    (at least one): spread the Lq rows evenly over the Lk keys, and take the keys that
+    overlap row i's stretch ``[i * Lk / Lq, (i + 1) * Lk / Lq)``. ``j == i`` when Lq == Lk.
+    Counted rows: all queries (a fully masked row drops out). Start and end tokens on either
+    side shift a real alignment off this line a little.
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        float64 (...), in [0, 1]: 1 for a perfect diagonal; uniform attention gives the mean
+        span over Lk (1 / Lk when Lq == Lk).
+
+    >>> import torch
+    >>> A = torch.zeros(2, 4)
+    >>> A[0, 0] = A[1, 3] = 1.0     # row 0's span is keys 0-1, row 1's keys 2-3
+    >>> diagonal_score(A)
+    tensor(1., dtype=torch.float64)
+    """
+    view = _resolve("attn", attn, input_index)
+    return _share(view.attn, _diagonal_pattern(*view.attn.shape[-2:]))
+
+
+def alignment_monotonicity(attn: Tensor | AttentionMaps, *, input_index: int = 0) -> Tensor:
+    """How much each head's alignment moves forward: the share of successive query rows whose
+    most attended key (argmax) is not before the previous row's.
+
+    Counted rows: those that may see any key (in any head); the steps between successive
+    counted rows are scored. Ties go to the earliest key, so a row split evenly counts as its
+    first key, and a uniform head, which never moves, scores 1: read it with
+    :func:`diagonal_score`.
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        float64 (...), in [0, 1]: 1 for a monotone alignment, 0 for a reversed one; NaN with
+        fewer than two counted rows.
+
+    >>> import torch
+    >>> alignment_monotonicity(torch.eye(4).flip(-1))  # a reversed alignment
+    tensor(0., dtype=torch.float64)
+    """
+    view = _resolve("attn", attn, input_index)
+    return _monotonicity(view.attn, _visible(view.attn).any(-1))
+
+
+def top_key_share(attn: Tensor | AttentionMaps, *, input_index: int = 0) -> Tensor:
+    """Share of each head's attention on its single most attended key (summed over the rows):
+    1 for a head that reads one key from every row (a sink, or one source word).
+
+    Counted rows: all queries (a fully masked row drops out). Works for Lq != Lk.
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        float64 (...), in [1 / Lk, 1]; 1 / Lk for uniform attention.
+
+    >>> import torch
+    >>> top_key_share(torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]))  # key 1 gets 1.5 of 2
+    tensor(0.7500, dtype=torch.float64)
+    """
+    view = _resolve("attn", attn, input_index)
+    return _top_key(view.attn)
+
+
 def _key_mask(key_set: object, k_len: int) -> Tensor:
     """A bool (Lk,) mask from a bool tensor or a sequence of key indices."""
     if isinstance(key_set, Tensor) and key_set.dtype == torch.bool:
@@ -491,12 +609,12 @@ def token_set_mass(
     return _set_mass(view.attn, _key_mask(key_set, view.attn.shape[-1]))
 
 
-_SPECIAL_TOKEN = re.compile(r"\[[A-Za-z0-9_]+\]|<[^<>\s]+>")
 # Word-start markers: GPT-2 byte-level space, newline and tab, and SentencePiece's space.
 _WORD_START = "Ġ▁Ċĉ"
 
 
-def token_set(tokens: Sequence[str], words: Iterable[str], *, case_sensitive: bool = False) -> Tensor:
+def token_set(tokens: Sequence[str], words: Iterable[str], *, case_sensitive: bool = False,
+              special: Sequence[bool] | None = None) -> Tensor:
     """Which tokens belong to a word in ``words``: a bool (L,) mask for :func:`token_set_mass`.
 
     Tokens are joined back into words first, and every piece of a matching word is marked:
@@ -507,13 +625,16 @@ def token_set(tokens: Sequence[str], words: Iterable[str], *, case_sensitive: bo
       both are letters or digits (``Ġun`` ``believ`` ``able`` is one word, ``cat`` ``,``
       is two). Seen only when some token in ``tokens`` has such a marker.
     - Anything else (plain words, ``str(id)``) is one word per token.
-    - Punctuation is its own word. Special tokens (``[CLS]``, ``[SEP]``, ``<s>``,
-      ``</s>``, ``<|endoftext|>``, any ``[NAME]`` or ``<name>``) never match and end a word.
+    - Punctuation is its own word. Special tokens never match and end a word: those
+      ``special`` flags (the maps' ``special`` or ``key_special``, the tokenizer's answer),
+      else those spelled like one (``[CLS]``, ``<s>``, ``<|endoftext|>``, any ``[NAME]`` or
+      ``<name>``; :func:`attnkit.inspect.tokens.special_mask`).
 
     Args:
         tokens: (L,) token strings, as an ``AttentionMaps`` holds them.
         words: the word set, e.g. :data:`STOP_WORDS`; not a single string.
         case_sensitive: compare case too (default False: ``The`` matches ``the``).
+        special: (L,) bools, True for special tokens; default: guessed from the spelling.
 
     Returns:
         bool (L,).
@@ -538,14 +659,16 @@ def token_set(tokens: Sequence[str], words: Iterable[str], *, case_sensitive: bo
     if bad is not None:
         raise TypeError(f"words must hold strings; got {describe(bad)} among them")
     targets = {fold(w) for w in words}
+    position = next((i for i, t in enumerate(tokens) if not isinstance(t, str)), None)
+    if position is not None:
+        raise TypeError(f"tokens must hold strings; tokens[{position}] is {describe(tokens[position])}")
+    flags = special_mask(tokens, special)
     space_marked = any(isinstance(t, str) and t[:1] in _WORD_START for t in tokens)
     word_of: list[int | None] = []  # word index of each token; None for special tokens and bare spaces
     spelled: list[str] = []  # each word's text
     for position, token in enumerate(tokens):
-        if not isinstance(token, str):
-            raise TypeError(f"tokens must hold strings; tokens[{position}] is {describe(token)}")
         last = spelled[-1] if word_of and word_of[-1] is not None else None
-        if _SPECIAL_TOKEN.fullmatch(token):
+        if flags[position]:
             word_of.append(None)
             continue
         if token.startswith("##") and len(token) > 2:
@@ -589,7 +712,8 @@ def top_attended(
     Args:
         attn: probabilities (layers, heads, Lq, Lk) or one map (Lq, Lk) (e.g. from
             :func:`rollout`), or an ``AttentionMaps``.
-        tokens: (Lk,) key tokens; default: the maps' tokens, else ``str(j)``.
+        tokens: (Lk,) key tokens; default: the maps' key tokens (``key_tokens`` of
+            cross-attention maps, else ``tokens``), else ``str(j)``.
         layer: which layer; the model's layer index for ``AttentionMaps``, the position on
             the first axis for a tensor. Required for 4-D input, left None for (Lq, Lk).
         head: a head index (like ``layer``), or ``"mean"`` (default) to average the heads.
@@ -628,7 +752,7 @@ def top_attended(
     else:
         raise ValueError(f"attn must be (Lq, Lk) or (layers, heads, Lq, Lk); got {describe(t)}")
     if tokens is None:
-        tokens = view.tokens or [str(j) for j in range(grid.shape[-1])]
+        tokens = view.keys or [str(j) for j in range(grid.shape[-1])]
     if len(tokens) != grid.shape[-1]:
         raise ValueError(f"tokens must have one entry per key, Lk = {grid.shape[-1]}; got {len(tokens)}")
     weights, keys = torch.sort(grid, dim=-1, descending=True, stable=True)
@@ -650,10 +774,11 @@ def rollout(
 
     Rollout is defined over the whole model: every layer from 0, in order, and every
     head. An ``AttentionMaps`` must hold ``layers == (0, ..., n-1)`` and
-    ``heads == (0, ..., h-1)``, or this raises: capture every layer and head, and don't
-    ``select`` a subset. A tensor is taken to hold all of them. (The maps can't tell a
-    leading subset of heads, such as ``select(heads=[0, 1])``, from all heads; don't roll
-    one out.)
+    ``heads == (0, ..., h-1)``, and, where the maps know the model's counts
+    (``model_layers``, ``model_heads``), all of them, or this raises: capture every layer
+    and head, and don't ``select`` a subset. A tensor is taken to hold all of them. (Maps
+    without ``model_heads``, such as files saved before it existed, can't tell a leading
+    subset of heads, such as ``select(heads=[0, 1])``, from all heads; don't roll one out.)
 
     Args:
         attn: probabilities (layers, heads, L, L), or an ``AttentionMaps``; Lq == Lk.
@@ -685,6 +810,10 @@ def rollout(
             f"rollout needs every head of the model, from 0 in order; attn holds heads {view.heads}. "
             "Capture all heads, and don't select a subset"
         )
+    for what, held, model in (("layers", n_layers, view.model_layers), ("heads", n_heads, view.model_heads)):
+        if model is not None and held != model:
+            raise ValueError(f"rollout needs every {what[:-1]} of the model; attn holds {held} of its {model} {what} "
+                             f"(model_{what}). Capture all {what}, and don't select a subset")
     if n_layers == 0:
         raise ValueError(f"rollout needs at least one layer; got {describe(t)}")
     length = _require_square("attn", t, "rollout")
@@ -702,14 +831,52 @@ def rollout(
     return torch.stack(steps) if every_layer else result
 
 
-_WHY_UNDEFINED = {
-    "previous_token": "a single token has no previous token",
-    "duplicate_token": "no token repeats an earlier one",
-    "induction": "no token repeats an earlier one (feed a repeated sequence)",
-    "first_token": "no keys",
-    "mean_distance": "no row has any mass",
-    "normalized_entropy": "no row may see two or more keys",
+@dataclass(frozen=True)
+class _Context:
+    """What a role's score may read besides one layer's probabilities."""
+
+    ids: Tensor | None  # (L,) token ids, for the token-built patterns
+    visible: Tensor  # (Lq, Lk) bool: keys some head of some layer gives weight to
+    key_set: Tensor | None  # (Lk,) bool, for token_set_mass
+
+
+@dataclass(frozen=True)
+class _Role:
+    """One head role: its score of a (1, heads, Lq, Lk) float64 layer, the maps it is for
+    (``"self"``, ``"cross"``), what it needs (``"token_ids"``, ``"key_set"``) and why it can be
+    undefined for every head."""
+
+    score: Callable[[Tensor, _Context], Tensor]
+    kinds: tuple[str, ...]
+    needs: str | None
+    undefined: str
+
+
+_SELF, _BOTH, _CROSS = ("self",), ("self", "cross"), ("cross",)
+# The registry: every role's score, requirements and "why undefined" together, in display order.
+_REGISTRY: dict[str, _Role] = {
+    "previous_token": _Role(lambda t, c: _share(t, _previous_pattern(t.shape[-1])), _SELF, None,
+                            "a single token has no previous token"),
+    "duplicate_token": _Role(lambda t, c: _share(t, _earlier_same(c.ids)), _SELF, "token_ids",
+                             "no token repeats an earlier one"),
+    "induction": _Role(lambda t, c: _share(t, _induction_pattern(c.ids)), _SELF, "token_ids",
+                       "no token repeats an earlier one (feed a repeated sequence)"),
+    "first_token": _Role(lambda t, c: _share(t, _first_pattern(*t.shape[-2:])), _BOTH, None, "no keys"),
+    "mean_distance": _Role(lambda t, c: _distance(t), _SELF, None, "no row has any mass"),
+    "normalized_entropy": _Role(lambda t, c: _entropy(t, c.visible), _BOTH, None,
+                                "no row may see two or more keys"),
+    "top_key": _Role(lambda t, c: _top_key(t), _CROSS, None, "no row has any mass"),
+    "monotonicity": _Role(lambda t, c: _monotonicity(t, c.visible.any(-1)), _CROSS, None,
+                          "fewer than two query rows"),
+    "diagonal": _Role(lambda t, c: _share(t, _diagonal_pattern(*t.shape[-2:])), _CROSS, None,
+                      "no row has any mass"),
+    "token_set_mass": _Role(lambda t, c: _set_mass(t, c.key_set), _BOTH, "key_set", "no row has any mass"),
 }
+
+# The roles head_roles scores by default on self-attention maps (Lq == Lk) ...
+ROLES = tuple(name for name, role in _REGISTRY.items() if "self" in role.kinds and role.needs != "key_set")
+# ... and on cross-attention maps (queries: target tokens; keys: source tokens).
+CROSS_ROLES = tuple(name for name, role in _REGISTRY.items() if "cross" in role.kinds and role.needs != "key_set")
 
 
 @dataclass(frozen=True, eq=False)
@@ -736,7 +903,7 @@ class HeadRoles:
             return self.scores[role]
         if role in self.skipped:
             raise KeyError(f"role {role!r} was skipped: {self.skipped[role]}")
-        raise KeyError(f"role must be one of {', '.join(map(repr, ROLES))}; got {role!r}")
+        raise KeyError(f"role must be one of {', '.join(map(repr, _REGISTRY))}; got {role!r}")
 
     def top(self, role: str, n: int = 5, *, largest: bool = True) -> list[tuple[int, int, float]]:
         """The ``n`` heads with the highest (or, ``largest=False``, lowest) score for ``role``.
@@ -771,22 +938,42 @@ def _top(
 
 
 def head_roles(
-    maps_or_tensor: Tensor | AttentionMaps, token_ids: Sequence[int] | Tensor | None = None, *, input_index: int = 0
+    maps_or_tensor: Tensor | AttentionMaps,
+    token_ids: Sequence[int] | Tensor | None = None,
+    *,
+    roles: Iterable[str] | str | None = None,
+    key_set: Tensor | Sequence[int] | None = None,
+    cross: bool | None = None,
+    input_index: int = 0,
 ) -> HeadRoles:
-    """Score every head for every role in :data:`ROLES` that applies to this input.
+    """Score every head for every role that applies to this input.
 
-    ``previous_token``, ``duplicate_token``, ``induction``, ``first_token`` and
-    ``mean_distance`` are :func:`previous_token_score`, :func:`duplicate_token_score`,
-    :func:`induction_score`, :func:`first_token_score` and :func:`mean_attention_distance`;
-    ``normalized_entropy`` is :func:`attention_entropy` with ``normalized=True``.
+    Self-attention maps get :data:`ROLES`: ``previous_token``, ``duplicate_token``,
+    ``induction``, ``first_token`` and ``mean_distance`` are :func:`previous_token_score`,
+    :func:`duplicate_token_score`, :func:`induction_score`, :func:`first_token_score` and
+    :func:`mean_attention_distance`; ``normalized_entropy`` is :func:`attention_entropy`
+    with ``normalized=True``. Cross-attention maps (rows: target tokens, keys: source
+    tokens) get :data:`CROSS_ROLES`: ``first_token``, ``normalized_entropy``, ``top_key``
+    (:func:`top_key_share`), ``monotonicity`` (:func:`alignment_monotonicity`) and
+    ``diagonal`` (:func:`diagonal_score`). With ``key_set``, ``token_set_mass``
+    (:func:`token_set_mass`) is added for either kind.
 
-    Skipped, with the reason in ``.skipped`` and in the printed table: ``duplicate_token``
-    and ``induction`` without token ids or when no token repeats; the position-based roles
-    when Lq != Lk; any role undefined for every head (one token, no keys).
+    A map is cross-attention when the maps say so (``key_tokens`` is set), when Lq != Lk,
+    or when ``cross=True`` (a square tensor is self-attention otherwise).
+
+    Skipped by default, with the reason in ``.skipped`` and in the printed table:
+    ``duplicate_token`` and ``induction`` without token ids; the self-attention-only roles on
+    a cross map; any role undefined for every head (one token, no repeats, no keys).
+    Asked for by name in ``roles``, a role that does not fit the map's kind, or
+    ``token_set_mass`` without a ``key_set``, raises ValueError instead.
 
     Args:
         maps_or_tensor: probabilities (layers, heads, Lq, Lk), or an ``AttentionMaps``.
         token_ids: (L,) ints; default: the maps' ``token_ids``.
+        roles: role names to score (default: all that apply, as above).
+        key_set: bool (Lk,) mask (see :func:`token_set`) or key indices, for ``token_set_mass``.
+        cross: True or False to say whether a tensor is cross-attention; None (default) decides
+            as above.
         input_index: which input of an ``AttentionMaps`` to read (default 0).
 
     Returns:
@@ -810,44 +997,67 @@ def head_roles(
     normalized_entropy    0.500  L0.H0 1.000  L1.H1 1.000  L0.H1 0.000
     skipped duplicate_token: no token ids (pass token_ids=)
     skipped induction: no token ids (pass token_ids=)
+    >>> diagonal = torch.eye(4)[None, None]           # a cross map that reads the source in order
+    >>> head_roles(diagonal, cross=True).scores["monotonicity"]
+    tensor([[1.]], dtype=torch.float64)
     """
     view = _resolve("maps_or_tensor", maps_or_tensor, input_index, dims=4, cast=False)
     t = view.attn
-    square = t.shape[-2] == t.shape[-1]
-    ids = None
-    if square and (token_ids is not None or view.token_ids is not None):
-        ids = _ids(view, token_ids, t.shape[-1], "head_roles")
-    wanted: list[str] = []
+    q_len, k_len = t.shape[-2:]
+    if cross is not None and not isinstance(cross, bool):
+        raise TypeError(f"cross must be None, True or False; got {describe(cross)}")
+    if cross is False and (q_len != k_len or view.key_tokens is not None):
+        raise ValueError(f"cross=False says self-attention, but the map has Lq = {q_len} queries and Lk = {k_len} "
+                         "keys" + (" and key_tokens of its own" if view.key_tokens is not None else ""))
+    kind = "cross" if cross or q_len != k_len or view.key_tokens is not None else "self"
+    where = (f"this is a cross-attention map (Lq != Lk ({q_len} vs {k_len}), or key_tokens set): queries and keys "
+             "are not the same tokens")
     skipped: dict[str, str] = {}
-    for role in ROLES:
-        if role in ("previous_token", "duplicate_token", "induction", "mean_distance") and not square:
-            skipped[role] = f"Lq != Lk ({t.shape[-2]} vs {t.shape[-1]}): queries and keys are not the same tokens"
-        elif role in ("duplicate_token", "induction") and ids is None:
-            skipped[role] = "no token ids (pass token_ids=)"
+    if roles is None:
+        names = list(ROLES if kind == "self" else CROSS_ROLES) + (["token_set_mass"] if key_set is not None else [])
+        skipped.update({r: f"self-attention only; {where}" for r in ROLES if kind == "cross" and r not in names})
+    else:
+        names = [roles] if isinstance(roles, str) else list(roles)
+        for name in names:
+            if name not in _REGISTRY:
+                raise ValueError(f"roles must name roles among {', '.join(map(repr, _REGISTRY))}; got {name!r}")
+            if kind not in _REGISTRY[name].kinds:
+                raise ValueError(f"role {name!r} is defined for {' and '.join(_REGISTRY[name].kinds)}-attention maps "
+                                 f"only, and {where if kind == 'cross' else 'this is a self-attention map'}; "
+                                 f"roles for this map: {', '.join(r for r, x in _REGISTRY.items() if kind in x.kinds)}")
+            if _REGISTRY[name].needs == "key_set" and key_set is None:
+                raise ValueError(f"role {name!r} needs key_set= (a bool (Lk,) mask or key indices); got None")
+    ids = None
+    if any(_REGISTRY[n].needs == "token_ids" for n in names) and (token_ids is not None or view.token_ids is not None):
+        ids = _ids(view, token_ids, k_len, "head_roles")
+    wanted = []
+    for name in names:
+        if _REGISTRY[name].needs == "token_ids" and ids is None:
+            skipped[name] = "no token ids (pass token_ids=)"
         else:
-            wanted.append(role)
+            wanted.append(name)
+    context = _Context(ids=ids, visible=_visible_all(t),
+                       key_set=None if key_set is None else _key_mask(key_set, k_len))
     # One layer at a time in float64: a 2,000-token input's 72 heads would be 2.3 GB at once.
-    visible = _visible_all(t)
-    per_layer: dict[str, list[Tensor]] = {role: [] for role in wanted}
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in wanted}
     for n, layer in enumerate(t):
-        name = view.layers[n] if view.layers else n
-        layer = _probabilities("maps_or_tensor", layer[None], f"layer {name} (of {describe(t)})")
-        for role in wanted:
-            per_layer[role].append(_role(role, layer, ids, visible))
-    computed = {role: torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)
-                for role, parts in per_layer.items()}
+        label = view.layers[n] if view.layers else n
+        layer = _probabilities("maps_or_tensor", layer[None], f"layer {label} (of {describe(t)})")
+        for name in wanted:
+            per_layer[name].append(_REGISTRY[name].score(layer, context))
     scores: dict[str, Tensor] = {}
-    for role, value in computed.items():
+    for name, parts in per_layer.items():
+        value = torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)
         if bool(value.isnan().all()):
-            skipped[role] = _WHY_UNDEFINED[role]
+            skipped[name] = _REGISTRY[name].undefined
         else:
-            scores[role] = value
+            scores[name] = value
     return HeadRoles(
         scores=scores,
-        skipped={role: skipped[role] for role in ROLES if role in skipped},
+        skipped={name: skipped[name] for name in _REGISTRY if name in skipped},
         layers=view.layers or tuple(range(t.shape[0])),
         heads=view.heads or tuple(range(t.shape[1])),
-        n_tokens=t.shape[-2],
+        n_tokens=q_len,
         model_name=view.model_name,
     )
 
@@ -858,18 +1068,3 @@ def _visible_all(t: Tensor) -> Tensor:
     for layer in t:
         seen |= _visible(layer)
     return seen
-
-
-def _role(role: str, t: Tensor, ids: Tensor | None, visible: Tensor) -> Tensor:
-    if role == "previous_token":
-        return _share(t, _previous_pattern(t.shape[-1]))
-    if role == "duplicate_token":
-        return _share(t, _earlier_same(ids))
-    if role == "induction":
-        return _share(t, _induction_pattern(ids))
-    if role == "first_token":
-        return _share(t, _first_pattern(*t.shape[-2:]))
-    if role == "mean_distance":
-        return _distance(t)
-    return _entropy(t, visible)
-
