@@ -593,7 +593,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         model: a Hugging Face transformers model loaded with any attention implementation
             (eager, sdpa, attnkit; flex_attention masks cannot be read back), or an attnkit
             module holding :class:`~attnkit.nn.MultiHeadAttention` layers (e.g.
-            :class:`~attnkit.nn.TransformerLM`).
+            :class:`~attnkit.nn.TransformerLM`), or attnkit's
+            :class:`~attnkit.nn.EncoderDecoder` (with ``target``; gives Seq2SeqMaps).
         inputs: a string or a list of strings (tokenized with ``tokenizer`` into a padded
             batch), token ids ((L,) or (B, L) integer tensor, or a list of ints), or a dict
             of tensors passed to the model (``input_ids``, ``attention_mask``, ...; for
@@ -605,6 +606,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             is not added if every target begins with it), so row i+1 is the step that
             produces target token i. Or pass ``decoder_input_ids`` (and
             ``decoder_attention_mask``) in ``inputs``; then these are read as given.
+            For attnkit's EncoderDecoder, the decoder's input ids as its ``forward``
+            takes them (BOS first), read as given; or ``tgt_ids`` (and
+            ``tgt_padding_mask``) in an inputs dict beside ``src_ids``.
         layers, heads: model indices to keep (an int or a sequence); None = all. Layers
             are counted in the order the model calls attention (for an encoder-decoder,
             separately in its encoder, decoder and cross-attention; the selection applies
