@@ -1,8 +1,8 @@
 """attnkit.inspect.capture_generation: maps recorded during ``generate`` with a KV cache.
 
 The tokens are compared with a plain ``generate`` (same arguments); the maps with transformers'
-eager ``output_attentions`` of one full forward pass over the generated sequence (the tokens
-the model read: all but the last), cut to the real tokens.
+eager ``output_attentions`` of one full forward pass over the whole generated sequence (every
+row, the last generated token's included), cut to the real tokens.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_generation_maps_equal_one_full_eager_forward(name, impl, cache):
         plain = model.generate(**prompt, **settings)
     got = capture_generation(model, prompt, **settings)
     assert isinstance(got, GenerationMaps) and torch.equal(got.sequences, plain)
-    read = plain.shape[1] - 1  # the last token is produced, never read
+    read = plain.shape[1]  # every token has its row, the last generated one included
     mask = torch.cat([prompt["attention_mask"], torch.ones(2, read - 6, dtype=torch.long)], 1)
     want = _eager_maps(model, plain[:, :read], mask)
     for b, start in enumerate((2, 0)):
@@ -119,7 +119,7 @@ def test_encoder_decoder_generation_equals_a_teacher_forced_eager_forward(cache)
         plain = model.generate(input_ids=ids, attention_mask=mask, **settings)
     got = capture_generation(model, {"input_ids": ids, "attention_mask": mask}, **settings)
     assert torch.equal(got.sequences, plain)
-    read = plain[:, :-1]
+    read = plain  # all of it: the last token's row too
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
     with torch.no_grad():
@@ -137,6 +137,8 @@ def test_encoder_decoder_generation_equals_a_teacher_forced_eager_forward(cache)
 def test_capture_generation_argument_errors():
     with pytest.raises(TypeError, match="must be a transformers model"):
         capture_generation(torch.nn.Linear(2, 2), [1, 2])
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        capture_generation(torch.nn.Linear(2, 2), [1, 2], dtype=torch.int8)
     model = _decoder("llama", "sdpa")
     with pytest.raises(TypeError, match="dtype must be one of"):
         capture_generation(model, [1, 2], dtype=torch.int8)

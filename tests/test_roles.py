@@ -469,7 +469,7 @@ def test_head_roles_skips_what_does_not_apply():
     assert "no token repeats" in str(no_repeats)
 
     cross = head_roles(random_attn(1, 2, length=3, k_len=5, causal=False), [1, 2, 1, 2, 1])
-    assert set(cross.scores) == {"first_token", "normalized_entropy"}
+    assert set(cross.scores) == {"first_token", "normalized_entropy", "top_key", "monotonicity", "diagonal"}
     assert set(cross.skipped) == {"previous_token", "duplicate_token", "induction", "mean_distance"}
     assert str(cross).count("Lq != Lk (3 vs 5)") == 4
 

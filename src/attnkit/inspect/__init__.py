@@ -6,12 +6,15 @@
   An encoder-decoder model (T5, BART, Marian, Whisper) with a ``target`` gives
   :class:`Seq2SeqMaps`: encoder, decoder and cross-attention maps.
 - :func:`capture_generation` runs ``generate`` (KV cache and all) and records the row of
-  every token the model reads, as :class:`GenerationMaps`.
+  every token of the result, as :class:`GenerationMaps`.
+- Both take attnkit's own :class:`~attnkit.nn.EncoderDecoder` too.
 - :class:`AttentionMaps` holds them per input with the tokens; it selects layers and
   heads, and saves to and loads from safetensors.
 - :mod:`attnkit.inspect.roles`: per-head scores (previous-token, induction, duplicate,
-  first-token, distance, entropy), attention mass on a token set, top attended tokens,
+  first-token, distance, entropy; for cross-attention maps top key, alignment
+  monotonicity and diagonal share), attention mass on a token set, top attended tokens,
   and attention rollout; :func:`head_roles` gathers the scores.
+- :mod:`attnkit.inspect.tokens`: the one rule for which tokens are special.
 - :func:`compare`: two models or checkpoints on the same input, per head.
 - :mod:`attnkit.inspect.induction`: the induction-head phase change, reproduced.
 """

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from attnkit._checks import describe, require_int, require_tensor
-from attnkit.inspect.roles import _Input, _key_mask, _resolve, _set_mass, _top
+from attnkit.inspect._patterns import set_mass
+from attnkit.inspect._views import View, key_mask, resolve, top_heads
 
 if TYPE_CHECKING:
     from attnkit.inspect.maps import AttentionMaps
@@ -103,7 +104,7 @@ class Comparison:
     def most_changed(self, n: int = 5) -> list[tuple[int, int, float]]:
         """The ``n`` heads with the largest divergence: ``(layer, head, js)``, model indices, largest first."""
         n = require_int("n", n, minimum=1)
-        return _top(self.js, self.layers, self.heads, n, largest=True)
+        return top_heads(self.js, self.layers, self.heads, n, largest=True)
 
     def __str__(self) -> str:
         shift = self.mass_shift
@@ -118,7 +119,7 @@ class Comparison:
             header,
         ]
         for row, layer in enumerate(self.layers):
-            worst = _top(self.js[row], (layer,), self.heads, 1, largest=True)
+            worst = top_heads(self.js[row], (layer,), self.heads, 1, largest=True)
             line = f"{layer:>5}  {self.js[row].nanmean().item():>7.3f}  "
             line += f"{worst[0][2]:>6.3f} ({worst[0][1]})".rjust(13) if worst else f"{'nan':>13}"
             if shift is not None:
@@ -130,18 +131,24 @@ class Comparison:
         return "\n".join(lines)
 
 
-def _check_same(a: _Input, b: _Input, input_index: int) -> None:
+def _check_same(a: View, b: View, input_index: int) -> None:
     for what, have_a, have_b in (("layers", a.layers, b.layers), ("heads", a.heads, b.heads)):
         if have_a is not None and have_b is not None and have_a != have_b:
             raise ValueError(
                 f"maps_a and maps_b must hold the same {what}; got {have_a} and {have_b}. Capture or select the same"
             )
+    for what, have_a, have_b in (("model_layers", a.model_layers, b.model_layers),
+                                 ("model_heads", a.model_heads, b.model_heads)):
+        if have_a is not None and have_b is not None and have_a != have_b:
+            raise ValueError(f"maps_a and maps_b must come from models of the same shape; {what} is {have_a} and "
+                             f"{have_b}")
     if a.attn.shape != b.attn.shape:
         raise ValueError(
             "maps_a and maps_b must have the same shape (layers, heads, Lq, Lk); got "
             f"{tuple(a.attn.shape)} and {tuple(b.attn.shape)}"
         )
-    for what, seq_a, seq_b in (("tokens", a.tokens, b.tokens), ("token ids", a.token_ids, b.token_ids)):
+    for what, seq_a, seq_b in (("tokens", a.tokens, b.tokens), ("token ids", a.token_ids, b.token_ids),
+                               ("key tokens", a.key_tokens, b.key_tokens)):
         if seq_a is None or seq_b is None:
             continue
         seq_a, seq_b = _as_list(seq_a), _as_list(seq_b)
@@ -194,14 +201,14 @@ def compare(
         1    1.000      1.000 (0)   0.333   0.333  +0.000
     most changed: L1.H0 1.000  L0.H0 0.000
     """
-    a = _resolve("maps_a", maps_a, input_index, dims=4)
-    b = _resolve("maps_b", maps_b, input_index, dims=4)
+    a = resolve("maps_a", maps_a, input_index, dims=4)
+    b = resolve("maps_b", maps_b, input_index, dims=4)
     _check_same(a, b, input_index)
     js = jensen_shannon(a.attn, b.attn).nanmean(-1)  # (layers, heads, Lq) -> (layers, heads)
     mass_a = mass_b = None
     if key_set is not None:
-        mask = _key_mask(key_set, a.attn.shape[-1])
-        mass_a, mass_b = _set_mass(a.attn, mask), _set_mass(b.attn, mask)
+        mask = key_mask(key_set, a.attn.shape[-1])
+        mass_a, mass_b = set_mass(a.attn, mask), set_mass(b.attn, mask)
     return Comparison(
         js=js,
         layers=a.layers or b.layers or tuple(range(js.shape[0])),

@@ -52,6 +52,7 @@ from attnkit._checks import describe
 from attnkit.functional import attention_probs
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.nn.attention import MultiHeadAttention
+from attnkit.nn.encoder_decoder import EncoderDecoder
 from attnkit.nn.transformer import TransformerLM
 
 __all__ = ["capture", "hf_recording", "probabilities", "wrapped_attention_functions"]
@@ -214,9 +215,18 @@ def _real_positions(valid: Tensor | None, batch: int, length: int) -> list[slice
 
 
 @contextlib.contextmanager
-def _attnkit_recording(modules: list[MultiHeadAttention], recorder: _Recorder) -> Iterator[None]:
+def attnkit_recording(modules: list[MultiHeadAttention],
+                      route: Callable[[nn.Module], Recording | None]) -> Iterator[None]:
+    """Hook ``modules`` (attnkit :class:`~attnkit.nn.MultiHeadAttention`) for this block only.
+
+    After each attention call of a module, ``route(module)`` says who records it (None: nobody);
+    that recorder gets ``(q, k, mask, bias, None, None)`` (attnkit modules use the default scale
+    and no softcap): q (B, H, Lq, D), k (B, Hkv, Lk, D) after positions and the cache.
+    """
     def hook(module, q, k, v, mask, bias):
-        recorder(q, k, mask, bias, None, None)
+        recorder = route(module)
+        if recorder is not None:
+            recorder(q, k, mask, bias, None, None)
 
     handles = [m.register_attention_hook(hook) for m in modules]
     try:
@@ -224,6 +234,15 @@ def _attnkit_recording(modules: list[MultiHeadAttention], recorder: _Recorder) -
     finally:
         for h in handles:
             h.remove()
+
+
+def attnkit_parts(model: EncoderDecoder) -> dict[int, str]:
+    """For an attnkit :class:`~attnkit.nn.EncoderDecoder`: ``id(module) -> "encoder" | "decoder" | "cross"``
+    for its attention modules ``encoder[i].attn``, ``decoder[i].self_attn`` and ``decoder[i].cross_attn``."""
+    parts = {id(block.attn): "encoder" for block in model.encoder}
+    for block in model.decoder:
+        parts[id(block.self_attn)], parts[id(block.cross_attn)] = "decoder", "cross"
+    return parts
 
 
 # -- Hugging Face models -------------------------------------------------------------------------
@@ -574,7 +593,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         model: a Hugging Face transformers model loaded with any attention implementation
             (eager, sdpa, attnkit; flex_attention masks cannot be read back), or an attnkit
             module holding :class:`~attnkit.nn.MultiHeadAttention` layers (e.g.
-            :class:`~attnkit.nn.TransformerLM`).
+            :class:`~attnkit.nn.TransformerLM`), or attnkit's
+            :class:`~attnkit.nn.EncoderDecoder` (with ``target``; gives Seq2SeqMaps).
         inputs: a string or a list of strings (tokenized with ``tokenizer`` into a padded
             batch), token ids ((L,) or (B, L) integer tensor, or a list of ints), or a dict
             of tensors passed to the model (``input_ids``, ``attention_mask``, ...; for
@@ -586,6 +606,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             is not added if every target begins with it), so row i+1 is the step that
             produces target token i. Or pass ``decoder_input_ids`` (and
             ``decoder_attention_mask``) in ``inputs``; then these are read as given.
+            For attnkit's EncoderDecoder, the decoder's input ids as its ``forward``
+            takes them (BOS first), read as given; or ``tgt_ids`` (and
+            ``tgt_padding_mask``) in an inputs dict beside ``src_ids``.
         layers, heads: model indices to keep (an int or a sequence); None = all. Layers
             are counted in the order the model calls attention (for an encoder-decoder,
             separately in its encoder, decoder and cross-attention; the selection applies
@@ -636,6 +659,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _STORAGE)}; got {dtype!r}")
     wanted_layers, wanted_heads = _index_list("layers", layers), _index_list("heads", heads)
     report = _progress(progress)
+    if isinstance(model, EncoderDecoder):
+        return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer)
     hf = _is_hf(model)
     if tokenizer is None and (_is_text(inputs) or _is_text(target) or hf):
         tokenizer = _find_tokenizer(model)
@@ -675,7 +700,7 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         targets = {id(m) for m in model.modules()}
         recording = hf_recording(model, lambda module: recorder if id(module) in targets else None)
     else:
-        recording = _attnkit_recording(attnkit_modules, recorder)
+        recording = attnkit_recording(attnkit_modules, lambda module: recorder)
     _run(model, recording, args, kwargs)
     if hf and recorder.calls == 0:
         # Its attention bypasses transformers' AttentionInterface (BERT before transformers 5): use the
@@ -789,3 +814,104 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
 
     return Seq2SeqMaps(encoder=maps("encoder", src), decoder=maps("decoder", tgt), cross=maps("cross", tgt, **keyed),
                        sequences={"source": src["token_ids"], "target": tgt["token_ids"]})
+
+
+# -- attnkit's EncoderDecoder ---------------------------------------------------------------------
+
+
+def _int_ids(name: str, value: object) -> Tensor:
+    """(B, L) integer ids from a (L,) or (B, L) integer tensor or a list of ints."""
+    if isinstance(value, Sequence) and not isinstance(value, str) and value and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value):
+        value = torch.tensor([list(value)])
+    if not isinstance(value, Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
+            or value.dim() not in (1, 2):
+        raise TypeError(f"{name} must be token ids for attnkit's EncoderDecoder: a list of ints or an integer (L,) "
+                        f"or (B, L) tensor; got {_summary(value)}")
+    return value[None] if value.dim() == 1 else value
+
+
+def source_inputs(inputs: object) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """An :class:`~attnkit.nn.EncoderDecoder`'s source from ``inputs``: ids (B, S), the padding mask
+    (B, S) bool or None, and what else the dict held (``tgt_ids``, ``tgt_padding_mask``).
+
+    ``inputs`` is ids, or a dict with ``src_ids`` (or ``input_ids``) and optionally
+    ``src_padding_mask`` (or ``attention_mask``), ``tgt_ids``, ``tgt_padding_mask``.
+    """
+    rest: dict[str, Any] = {}
+    if isinstance(inputs, Mapping):
+        given = dict(inputs)
+        aliases = {"input_ids": "src_ids", "attention_mask": "src_padding_mask"}
+        for old, new in aliases.items():
+            if old in given:
+                if new in given:
+                    raise ValueError(f"inputs hold both {old!r} and {new!r}; pass one")
+                given[new] = given.pop(old)
+        unknown = sorted(set(given) - {"src_ids", "src_padding_mask", "tgt_ids", "tgt_padding_mask"})
+        if unknown or "src_ids" not in given:
+            raise ValueError(f"a dict of inputs for attnkit's EncoderDecoder takes 'src_ids' (or 'input_ids'), "
+                             f"'src_padding_mask' (or 'attention_mask'), 'tgt_ids' and 'tgt_padding_mask'; got keys "
+                             f"{sorted(inputs)}")
+        src, valid = _int_ids("inputs['src_ids']", given.pop("src_ids")), given.pop("src_padding_mask", None)
+        rest = given
+    elif _is_text(inputs):
+        raise TypeError("attnkit's EncoderDecoder reads token ids, not text; map your words to ids (its vocabulary "
+                        "is yours) and pass them")
+    else:
+        src, valid = _int_ids("inputs", inputs), None
+    if valid is not None:
+        valid = valid[None] if isinstance(valid, Tensor) and valid.dim() == 1 else valid
+        if not isinstance(valid, Tensor) or valid.shape != src.shape or valid.dtype.is_floating_point:
+            raise ValueError(f"src_padding_mask must be a bool (B, S) = {tuple(src.shape)} tensor, True for real "
+                             f"tokens; got {_summary(valid)}")
+        valid = valid.bool()
+    return src, valid, rest
+
+
+def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: object,
+                             wanted_layers: tuple[int, ...] | None, wanted_heads: tuple[int, ...] | None,
+                             dtype: torch.dtype, tokenizer: Any) -> Seq2SeqMaps:
+    """:func:`capture` of attnkit's :class:`~attnkit.nn.EncoderDecoder`, teacher-forced on ``target``:
+    the decoder's input ids (B, T) as ``forward`` takes them (BOS, then the target shifted right)."""
+    src, src_valid, rest = source_inputs(inputs)
+    if "tgt_ids" in rest and target is not None:
+        raise ValueError("pass the decoder's tokens once: inputs hold tgt_ids and target is given too")
+    if "tgt_ids" not in rest and target is None:
+        raise ValueError(f"attnkit's EncoderDecoder needs the decoder's side too: pass target= (the decoder's input "
+                         f"ids (B, T), BOS first, teacher-forced) or tgt_ids in inputs; got inputs {_summary(inputs)}")
+    tgt = _int_ids("target", rest["tgt_ids"] if target is None else target)
+    tgt_valid = rest.get("tgt_padding_mask")
+    if tgt.shape[0] != src.shape[0]:
+        raise ValueError(f"inputs hold {src.shape[0]} sequences but the target {tgt.shape[0]}; expected one target "
+                         "each")
+    c = model.config
+    for part, depth in (("encoder", c.encoder_depth), ("decoder", c.decoder_depth)):
+        if wanted_layers is not None and wanted_layers[-1] >= depth:
+            raise ValueError(f"layers must be < {depth}, the {part}'s layer count; got {list(wanted_layers)}")
+    if wanted_heads is not None and wanted_heads[-1] >= c.num_heads:
+        raise ValueError(f"heads must be < {c.num_heads}, the model's heads per layer; got {list(wanted_heads)}")
+    batch, (src_len, tgt_len) = src.shape[0], (src.shape[1], tgt.shape[1])
+    real_src = _real_positions(src_valid, batch, src_len)
+    real_tgt = _real_positions(tgt_valid, batch, tgt_len)
+    recorders = {
+        "encoder": _Recorder(wanted_layers, wanted_heads, dtype, real_src, real_src, (src_len, src_len), None),
+        "decoder": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None),
+        "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
+    }
+    parts = attnkit_parts(model)
+    modules = [m for m in model.modules() if id(m) in parts]
+    recording = attnkit_recording(modules, lambda module: recorders[parts[id(module)]])
+    _run(model, recording, (src, tgt), {"src_padding_mask": src_valid, "tgt_padding_mask": tgt_valid})
+    src_side = _sides(src, real_src, src_len, tokenizer, None)
+    tgt_side = _sides(tgt, real_tgt, tgt_len, tokenizer, None)
+    keyed = {"key_tokens": src_side["tokens"], "key_token_ids": src_side["token_ids"],
+             "key_special": src_side["special"]}
+
+    def maps(part: str, side: dict, **keys: Any) -> AttentionMaps:
+        r = recorders[part]
+        return AttentionMaps(attentions=r.store, model_name=_name(model), layers=r.layers or tuple(range(r.calls)),
+                             heads=r.heads or (), model_layers=r.calls, model_heads=c.num_heads, **side, **keys)
+
+    return Seq2SeqMaps(encoder=maps("encoder", src_side), decoder=maps("decoder", tgt_side),
+                       cross=maps("cross", tgt_side, **keyed),
+                       sequences={"source": src_side["token_ids"], "target": tgt_side["token_ids"]})
