@@ -324,6 +324,7 @@ def test_minilm_errors(minilm):
 @pytest.fixture(scope="module")
 def decoders():
     transformers = _transformers()
+    import attnkit.integrations.transformers  # noqa: F401  (registers attn_implementation="attnkit")
     small = dict(vocab_size=53, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
                  num_key_value_heads=2, max_position_embeddings=64)
     out = {}
