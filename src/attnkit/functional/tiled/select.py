@@ -13,7 +13,7 @@ from attnkit._checks import require_choice
 from attnkit.biases import tensor_bias_parts
 from attnkit.functional._call import AttentionCall
 
-KERNELS = ("auto", "math", "fused")
+KERNELS = ("auto", "math", "fused", "native")
 _NEG_INF = float("-inf")
 _KERNEL: ContextVar[str] = ContextVar("attnkit_tiled_kernel", default="auto")
 
@@ -26,7 +26,9 @@ def kernel(name: str) -> Iterator[str]:
     (:mod:`attnkit.functional.tiled.plan`'s band plan: a bounded number of ops), else the
     per-chunk math kernel. ``"math"``: the per-chunk math kernel only. ``"fused"``: the
     per-chunk loop with the fused kernel on each segment (the v1 engine, kept for
-    comparison and for gradients of the log-sum-exp).
+    comparison and for gradients of the log-sum-exp). ``"native"``: the optional C++
+    forward (:mod:`.native`), built here on first use, for the calls it supports (else as
+    ``"auto"``); ``"auto"`` also takes it for those calls once it is built in this process.
     """
     token = _KERNEL.set(require_choice("kernel", name, KERNELS))
     try:
@@ -87,3 +89,22 @@ def _fused_backward_ok(call: AttentionCall) -> bool:
 def banded(call: AttentionCall) -> bool:
     """Whether the call runs on the batched fused path."""
     return current() == "auto" and _fused_forward_ok(call) and (not call.requires_grad or _fused_backward_ok(call))
+
+
+def native_ok(call: AttentionCall) -> bool:
+    """Whether the call runs on the native forward: pinned (built on demand) or under ``auto`` once built.
+
+    Supported: CPU, no softcap or dropout, a mask and bias :func:`.plan.native_params` can
+    describe. The backward is the pure-PyTorch one, from the native ``out`` and ``lse``.
+    """
+    from attnkit.functional.tiled import native
+
+    choice = current()
+    if choice not in ("auto", "native") or call.q.device.type != "cpu" or call.softcap is not None \
+            or call.dropout_p != 0.0:
+        return False
+    if not (native.available() or (choice == "native" and native.load() is not None)):
+        return False
+    from attnkit.functional.tiled.plan import native_params
+
+    return native_params(call) is not None
