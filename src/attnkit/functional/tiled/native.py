@@ -23,9 +23,7 @@ from types import ModuleType
 
 _LOG = logging.getLogger("attnkit.native")
 _SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-_CFLAGS = ["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only", "-std=c++17"]
-# -ffast-math at compile time only (it lets loops over exp vectorise); linking with it would
-# set flush-to-zero for the whole process.
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17"]
 
 BLOCK_Q = 64  # query rows per work item
 BLOCK_K = 64  # keys per block GEMM

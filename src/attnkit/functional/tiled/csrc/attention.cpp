@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -25,6 +26,53 @@ struct Vec {
   static inline void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
   static inline type splat(T x) { type v = {}; return v + x; }
 };
+
+// exp(x) for 8 floats: Cephes' degree-5 polynomial on x - n ln2, times 2^n; 0 below -87 (and for -inf).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8f vexp(v8f x) {
+  const v8f lo = Vec<float>::splat(-87.0f), hi = Vec<float>::splat(88.0f);
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v8f t = xc * 1.44269504088896341f + 0.5f;
+  v8i ni = __builtin_convertvector(t, v8i);  // truncation; then floor
+  ni += (v8i)(__builtin_convertvector(ni, v8f) > t);
+  const v8f n = __builtin_convertvector(ni, v8f);
+  const v8f r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f p = Vec<float>::splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  v8f y = p * r * r + r + 1.0f;
+  v8f scale;
+  const v8i bits = (ni + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y = y * scale;
+  return x < lo ? Vec<float>::splat(0.0f) : y;
+}
+
+// row[c] = exp(row[c] - mx) for c < n; returns their sum.
+template <typename T>
+T exp_row(T* row, int64_t n, T mx) {
+  T sum = 0;
+  int64_t c = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    v8f acc = {};
+    for (; c + 8 <= n; c += 8) {
+      v8f e = vexp(Vec<float>::load(row + c) - mx);
+      Vec<float>::store(row + c, e);
+      acc += e;
+    }
+    for (int x = 0; x < 8; ++x) sum += acc[x];
+  }
+  for (; c < n; ++c) {
+    row[c] = std::exp(row[c] - mx);
+    sum += row[c];
+  }
+  return sum;
+}
 
 // S[r, c] = sum_d q[r, d] * kt[d, c] for r < nr, c < ncp (ncp a multiple of 2W; kt has row stride ldk).
 template <typename T>
@@ -202,11 +250,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             continue;
           }
           const T alpha = std::exp(m[r] - mnew);
-          T sum = 0;
-          for (int64_t c = 0; c < nc; ++c) {
-            row[c] = std::exp(row[c] - mnew);
-            sum += row[c];
-          }
+          const T sum = exp_row<T>(row, nc, mnew);
           l[r] = l[r] * alpha + sum;
           m[r] = mnew;
           if (alpha != T(1))
