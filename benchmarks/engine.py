@@ -1,55 +1,93 @@
-"""The tiled engine against SDPA and compiled FlexAttention, idle and under background load.
+"""The tiled engine against SDPA and compiled FlexAttention: the pure-PyTorch kernels and the native one.
 
-    python benchmarks/engine.py                # window 512 and causal at L=4096, 8192, load 2
-    python benchmarks/engine.py --quick        # tiny lengths, a smoke test; writes nothing
+    python benchmarks/engine.py                  # window at L=8192,16384; causal, dense at 4096,8192
+    python benchmarks/engine.py --load 2         # also timed under 2 background loads
+    python benchmarks/engine.py --quick          # tiny lengths, a smoke test; writes nothing
 
-Uses ``attnkit.bench.run(..., load=N)``: every implementation is timed idle, then again
-with N background loads (a Python spin loop and a 2-thread torch matmul loop, alternating);
-the slowdown is loaded / idle time. Writes benchmarks/results/engine.json and engine.md.
+Each kernel is one ``attnkit.bench.run`` (implementations interleaved, peers timed in the
+same run): ``pure`` is ``tiled.kernel("auto")`` with ``ATTNKIT_NATIVE=0`` (the batched
+pure-PyTorch engine), ``native`` is ``tiled.kernel("native")`` (the C++ forward, built
+first). With ``--load N`` every implementation is also timed under N background loads (a
+Python spin loop and a 2-thread torch matmul loop, alternating); slowdown = loaded / idle.
+Writes benchmarks/results/engine.json and engine.md with the load averages before and after.
 The machine this ran on is shared with other users, so "idle" is as idle as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from attnkit import bench
+from attnkit.functional import tiled
+from attnkit.functional.tiled import native
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_info, machine_line, save
 
 
+def _run(kernel: str, cases, lengths, args):
+    if kernel == "pure":
+        os.environ["ATTNKIT_NATIVE"] = "0"
+    try:
+        with tiled.kernel("auto" if kernel == "pure" else "native"):
+            return bench.run(cases, lengths, backends=["tiled"], peers=["sdpa", "flex"], heads=8, head_dim=64,
+                             window=512, repeats=args.repeats, memory=False, load=args.load)
+    finally:
+        os.environ.pop("ATTNKIT_NATIVE", None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--load", type=int, default=2)
-    ap.add_argument("--lengths", default="4096,8192")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--load", type=int, default=0)
+    ap.add_argument("--window-lengths", default="8192,16384")
+    ap.add_argument("--lengths", default="4096,8192", help="for causal and dense")
+    ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    lengths = [256, 512] if args.quick else [int(x) for x in args.lengths.split(",")]
-    result = bench.run(["window", "causal"], lengths, backends=["tiled"], peers=["sdpa", "flex"], heads=8,
-                       head_dim=64, window=512, repeats=1 if args.quick else args.repeats, memory=False,
-                       load=args.load)
-    table = bench.markdown(result)
-    lines = [table, "", "Ratios (this run): speed of tiled vs each peer, and tiled's slowdown / SDPA's slowdown.", "",
-             "| case | L | vs SDPA idle | vs Flex idle | tiled slowdown | SDPA slowdown | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for case in ("window", "causal"):
-        for length in lengths:
-            t, s = (result.row(case, length, i) for i in ("attnkit:tiled", "sdpa"))
-            ups = result.speedups(case, length, "attnkit:tiled")
-            ratio = t.slowdown / s.slowdown if t and s and t.slowdown and s.slowdown else None
-            cells = [f"{ups['sdpa']:.2f}x" if "sdpa" in ups else "", f"{ups['flex']:.2f}x" if "flex" in ups else "",
-                     f"{t.slowdown:.2f}" if t and t.slowdown else "", f"{s.slowdown:.2f}" if s and s.slowdown else "",
-                     f"{ratio:.2f}" if ratio else ""]
-            lines.append(f"| {case} | {length} | " + " | ".join(cells) + " |")
+    if native.load() is None:
+        sys.exit(f"native kernel unavailable: {native.native_status()}")
+    groups = [(["window"], [256] if args.quick else [int(x) for x in args.window_lengths.split(",")]),
+              (["causal", "dense"], [256] if args.quick else [int(x) for x in args.lengths.split(",")])]
+    if args.quick:
+        args.repeats = 1
+    load_before = os.getloadavg()
+    results = {kernel: [_run(kernel, cases, lengths, args) for cases, lengths in groups]
+               for kernel in ("pure", "native")}
+    load_after = os.getloadavg()
+    lines = [f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
+             f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}.", "",
+             "Speed of the tiled backend vs each peer, taken within one run (ms: tiled / SDPA / Flex).", "",
+             "| case | L | kernel | tiled ms | SDPA ms | Flex ms | vs SDPA | vs Flex | tiled slowdown "
+             "| SDPA slowdown |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for g, (cases, lengths) in enumerate(groups):
+        for case in cases:
+            for length in lengths:
+                for kernel in ("pure", "native"):
+                    res = results[kernel][g]
+                    t, s, f = (res.row(case, length, i) for i in ("attnkit:tiled", "sdpa", "flex"))
+                    ups = res.speedups(case, length, "attnkit:tiled")
+
+                    def ms(r):
+                        return f"{r.ms:.0f}" if r and r.ms else ""
+
+                    def slow(r):
+                        return f"{r.slowdown:.2f}" if r and r.slowdown else ""
+
+                    cells = [ms(t), ms(s), ms(f), f"{ups['sdpa']:.2f}x" if "sdpa" in ups else "",
+                             f"{ups['flex']:.2f}x" if "flex" in ups else "", slow(t), slow(s)]
+                    lines.append(f"| {case} | {length} | {kernel} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
     if not args.quick:
         info = machine_info("shared: other users' jobs ran meanwhile, so 'idle' is as idle as it was")
-        save("engine", {"machine": info, **result.to_dict()}, machine_line(info) + "\n\n" + text)
+        data = {"machine": info, "loadavg_before": load_before, "loadavg_after": load_after,
+                "native": {"block_q": native.BLOCK_Q, "block_k": native.BLOCK_K, "blas": native.BLAS},
+                "runs": {kernel: [r.to_dict() for r in rs] for kernel, rs in results.items()}}
+        save("engine", data, machine_line(info) + "\n\n" + text)
 
 
 if __name__ == "__main__":

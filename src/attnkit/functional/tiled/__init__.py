@@ -29,6 +29,10 @@ the same band of keys are one fused call, and the full part below a causal diago
 the kernel's own ``is_causal`` (see :func:`.plan.band_plan`); the op count is then
 independent of L.
 
+An optional C++ forward (:mod:`.native`, ``kernel("native")``) runs one parallel loop
+over (batch, head, query block) with block GEMMs and arithmetic edge masks, for the masks
+:func:`.plan.native_params` describes; it is built on first use and never required.
+
 Modules: :mod:`.plan` (the per-chunk and the batched plans), :mod:`.kernels`,
 :mod:`.autograd` (the autograd functions), :mod:`.select` (the :func:`kernel` switch);
 the log-sum-exp merge is :func:`attnkit.functional._merge.lse_merge`, shared with ring
@@ -41,9 +45,10 @@ from torch import Tensor
 
 from attnkit.functional._call import AttentionCall
 from attnkit.functional.tiled.autograd import partial_gradients, tiled_forward
+from attnkit.functional.tiled.native import native_status
 from attnkit.functional.tiled.select import KERNELS, kernel
 
-__all__ = ["KERNELS", "TiledBackend", "kernel", "partial_gradients", "tiled_forward"]
+__all__ = ["KERNELS", "TiledBackend", "kernel", "native_status", "partial_gradients", "tiled_forward"]
 
 
 class TiledBackend:

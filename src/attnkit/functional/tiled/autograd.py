@@ -13,8 +13,17 @@ from attnkit.functional._call import AttentionCall
 from attnkit.functional._merge import lse_merge
 from attnkit.functional.tiled import kernels
 from attnkit.functional.tiled.kernels import _fused_backward, _fused_forward, _lse_grad, _math_backward, _math_forward
-from attnkit.functional.tiled.plan import BandPlan, _block_q, _Chunk, _plan, _Segment, band_plan
-from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok, banded
+from attnkit.functional.tiled.plan import (
+    BandPlan,
+    NativeParams,
+    _block_q,
+    _Chunk,
+    _plan,
+    _Segment,
+    band_plan,
+    native_params,
+)
+from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok, banded, native_ok
 
 _NEG_INF = float("-inf")
 
@@ -47,6 +56,42 @@ class _Banded(torch.autograd.Function):
         else:  # a gradient on lse: the per-chunk backward adds its term
             dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
         return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(call.bias)))
+
+
+class _Native(torch.autograd.Function):
+    """The native forward (:mod:`.native`); the backward is the batched fused one (or the per-chunk one)."""
+
+    @staticmethod
+    def forward(ctx: Any, call: AttentionCall, params: NativeParams, q: Tensor, k: Tensor,
+                v: Tensor) -> tuple[Tensor, Tensor]:
+        # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype
+        from attnkit.functional.tiled import native
+
+        module: Any = native.load()
+        if module is None:  # native_ok() built it before this call was routed here
+            raise RuntimeError(f"the native kernel is not available: {native.native_status()}")
+        p = params
+        out, lse = module.forward(q, k, v, call.scale, p.dlo, p.dhi, p.klen, p.q_ids, p.kv_ids, p.slopes,
+                                         p.aoff, native.BLOCK_Q, native.BLOCK_K, native.BLAS)
+        hkv, g = call.kv_heads, call.groups
+        ctx.call = call
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(_fold(q, hkv, g), k, v, _fold(out, hkv, g), _fold(lse, hkv, g))
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q_rows, k, v, out, lse = ctx.saved_tensors
+        call = ctx.call
+        hkv, g = call.kv_heads, call.groups
+        dout = torch.zeros_like(out) if dout is None else _fold(dout, hkv, g).contiguous()
+        if dlse is None and _fused_backward_ok(call):
+            dq, dk, dv = kernels.band_backward(call, band_plan(call), q_rows, k, v, out, lse, dout)
+        else:
+            dlse = None if dlse is None else _fold(dlse, hkv, g)
+            dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+        return None, None, _unfold(dq, hkv, g), dk, dv
 
 
 class _Tiled(torch.autograd.Function):
@@ -176,6 +221,10 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     q_rows = _fold(call.q.to(cd), hkv, g)
     k, v = call.k.to(cd), call.v.to(cd)
     bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
+    if native_ok(call):
+        q, k, v = call.q.to(cd).contiguous(), k.contiguous(), v.contiguous()
+        out, lse = _Native.apply(call, native_params(call), q, k, v)
+        return out.to(call.q.dtype), lse
     if banded(call):
         q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
         out_rows, lse_rows = _Banded.apply(call, band_plan(call), q_rows, k, v, *bias_tensors)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -246,3 +247,76 @@ def _far_bias(call: AttentionCall, s: int) -> tuple[Tensor, Tensor] | None:
         return None
     row = a[0] - a[0][:, :, -1:] + b[0]
     return row.squeeze(-1), b[1]
+
+
+# -- the native kernel's plan --------------------------------------------------------------
+
+_FAR = 1 << 62  # an unbounded diagonal side
+
+
+@dataclass(frozen=True)
+class NativeParams:
+    """A mask and bias in the native kernel's arithmetic form, per batch element ``b``.
+
+    Allowed pairs: ``dlo[b] <= j - i <= dhi[b]``, ``j < klen[b]`` and, with document ids,
+    ``q_ids[b|0, i] == kv_ids[b|0, j]``. Bias: ALiBi ``-slopes[h] * |i + aoff[b] - j|``.
+    All int64 (B,) except the ids, (1|B, Lq) and (1|B, Lk), and ``slopes`` (H,) in the
+    compute dtype; empty tensors stand for "none".
+    """
+
+    dlo: Tensor
+    dhi: Tensor
+    klen: Tensor
+    q_ids: Tensor
+    kv_ids: Tensor
+    slopes: Tensor
+    aoff: Tensor
+
+
+def native_params(call: AttentionCall) -> NativeParams | None:
+    """The call's mask and bias for the native kernel, or None if it cannot describe them.
+
+    Understood: intersections (``&``) of causal and sliding-window masks (either alignment,
+    per-sequence lengths too), :func:`~attnkit.masks.document` (one), key padding by
+    lengths; ALiBi as the only bias. Anything else (prefix-LM, global tokens, dense or
+    function masks, tensor biases, ``|``, ``~``) is left to the other kernels.
+    """
+    from attnkit import biases, masks
+
+    b, q_len, k_len = call.batch, call.q_len, call.k_len
+    i64 = torch.int64
+    dlo, dhi = torch.full((b,), -_FAR, dtype=i64), torch.full((b,), _FAR, dtype=i64)
+    klen = torch.full((b,), k_len, dtype=i64)
+    docs: list[Any] = []
+    stack: list[Any] = [] if call.mask is None else [call.mask]
+    while stack:
+        m = stack.pop()
+        if type(m) is masks._And:
+            stack += [m.a, m.b]
+        elif type(m) in (masks._Causal, masks._SlidingWindow):
+            off = m._diagonals(q_len, k_len, torch.device("cpu"))
+            off = off.view(-1).to(i64) if isinstance(off, Tensor) else torch.tensor([off], dtype=i64)
+            if m.left is not None:
+                dlo = torch.maximum(dlo, off - m.left)
+            if m.right is not None:
+                dhi = torch.minimum(dhi, off + m.right)
+        elif type(m) is masks._KeyPadding and m.lengths is not None:
+            klen = torch.minimum(klen, m.lengths.to(i64))
+        elif type(m) is masks._Document and not docs:
+            docs.append(m)
+        else:
+            return None
+    slopes = torch.empty(0, dtype=call.compute_dtype)
+    aoff = torch.zeros(b, dtype=i64)
+    if call.bias is not None:
+        if type(call.bias) is not biases._ALiBi:
+            return None
+        slopes = call.bias.slopes.to(call.compute_dtype)
+        if call.bias.lengths is None:
+            aoff = aoff + (0 if call.bias.align == "top_left" else k_len - q_len)
+        else:
+            aoff = call.bias.lengths.offsets(call.bias.align, q_len, k_len, torch.device("cpu")).to(i64).expand(b)
+    empty = torch.empty(0, 0, dtype=i64)
+    q_ids, kv_ids = (docs[0].q_ids.contiguous(), docs[0].kv_ids.contiguous()) if docs else (empty, empty)
+    return NativeParams(dlo.expand(b).contiguous(), dhi.expand(b).contiguous(), klen.expand(b).contiguous(),
+                        q_ids, kv_ids, slopes.contiguous(), aoff.contiguous())

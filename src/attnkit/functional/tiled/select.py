@@ -13,7 +13,7 @@ from attnkit._checks import require_choice
 from attnkit.biases import tensor_bias_parts
 from attnkit.functional._call import AttentionCall
 
-KERNELS = ("auto", "math", "fused")
+KERNELS = ("auto", "math", "fused", "native")
 _NEG_INF = float("-inf")
 _KERNEL: ContextVar[str] = ContextVar("attnkit_tiled_kernel", default="auto")
 
@@ -26,7 +26,10 @@ def kernel(name: str) -> Iterator[str]:
     (:mod:`attnkit.functional.tiled.plan`'s band plan: a bounded number of ops), else the
     per-chunk math kernel. ``"math"``: the per-chunk math kernel only. ``"fused"``: the
     per-chunk loop with the fused kernel on each segment (the v1 engine, kept for
-    comparison and for gradients of the log-sum-exp).
+    comparison and for gradients of the log-sum-exp). ``"native"``: the optional C++
+    forward (:mod:`.native`), built here on first use, for the calls it supports (else as
+    ``"auto"``). ``"auto"`` never takes it: it measured no faster than the batched kernel
+    (docs/core.md), and ``auto`` must not pick a slower path.
     """
     token = _KERNEL.set(require_choice("kernel", name, KERNELS))
     try:
@@ -87,3 +90,20 @@ def _fused_backward_ok(call: AttentionCall) -> bool:
 def banded(call: AttentionCall) -> bool:
     """Whether the call runs on the batched fused path."""
     return current() == "auto" and _fused_forward_ok(call) and (not call.requires_grad or _fused_backward_ok(call))
+
+
+def native_ok(call: AttentionCall) -> bool:
+    """Whether the call runs on the native forward: only when pinned with ``kernel("native")`` (built on demand).
+
+    Supported: CPU, no softcap or dropout, a mask and bias :func:`.plan.native_params` can
+    describe. The backward is the pure-PyTorch one, from the native ``out`` and ``lse``.
+    """
+    from attnkit.functional.tiled import native
+
+    if current() != "native" or call.q.device.type != "cpu" or call.softcap is not None or call.dropout_p != 0.0:
+        return False
+    if native.load() is None:
+        return False
+    from attnkit.functional.tiled.plan import native_params
+
+    return native_params(call) is not None

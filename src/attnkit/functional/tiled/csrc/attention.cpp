@@ -1,0 +1,301 @@
+// attnkit's native tiled attention forward: one parallel loop over (batch, head, query block)
+// work items, block GEMMs, online softmax, masks evaluated arithmetically on edge blocks only.
+//
+// The mask is what attnkit.functional.tiled.plan.native_params describes, per batch element b:
+//   allowed(b, i, j) = dlo[b] <= j - i <= dhi[b]  and  j < klen[b]  and  (no ids or qids[b, i] == kids[b, j])
+// and the bias is ALiBi: -slopes[h] * |i + aoff[b] - j| (none when slopes is empty).
+// Returns out (B, H, Lq, Dv) and lse (B, H, Lq); a row with no allowed key has out 0, lse -inf.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int W = 32 / sizeof(T);
+  static inline type load(const T* p) { type v; std::memcpy(&v, p, sizeof(v)); return v; }
+  static inline void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  static inline type splat(T x) { type v = {}; return v + x; }
+};
+
+// exp(x) for 8 floats: Cephes' degree-5 polynomial on x - n ln2, times 2^n; 0 below -87 (and for -inf).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8f vexp(v8f x) {
+  const v8f lo = Vec<float>::splat(-87.0f), hi = Vec<float>::splat(88.0f);
+  v8f xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const v8f t = xc * 1.44269504088896341f + 0.5f;
+  v8i ni = __builtin_convertvector(t, v8i);  // truncation; then floor
+  ni += (v8i)(__builtin_convertvector(ni, v8f) > t);
+  const v8f n = __builtin_convertvector(ni, v8f);
+  const v8f r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  v8f p = Vec<float>::splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  v8f y = p * r * r + r + 1.0f;
+  v8f scale;
+  const v8i bits = (ni + 127) << 23;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  y = y * scale;
+  return x < lo ? Vec<float>::splat(0.0f) : y;
+}
+
+// row[c] = exp(row[c] - mx) for c < n; returns their sum.
+template <typename T>
+T exp_row(T* row, int64_t n, T mx) {
+  T sum = 0;
+  int64_t c = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    v8f acc = {};
+    for (; c + 8 <= n; c += 8) {
+      v8f e = vexp(Vec<float>::load(row + c) - mx);
+      Vec<float>::store(row + c, e);
+      acc += e;
+    }
+    for (int x = 0; x < 8; ++x) sum += acc[x];
+  }
+  for (; c < n; ++c) {
+    row[c] = std::exp(row[c] - mx);
+    sum += row[c];
+  }
+  return sum;
+}
+
+// S[r, c] = sum_d q[r, d] * kt[d, c] for r < nr, c < ncp (ncp a multiple of 2W; kt has row stride ldk).
+template <typename T>
+void qk_block(const T* q, int64_t D, const T* kt, int64_t ldk, T* s, int64_t lds, int64_t nr, int64_t ncp) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    for (int64_t c = 0; c < ncp; c += 2 * W) {
+      typename V::type a[4][2] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        auto k0 = V::load(kt + d * ldk + c), k1 = V::load(kt + d * ldk + c + W);
+        for (int x = 0; x < 4; ++x) {
+          auto qq = V::splat(q[(r + x) * D + d]);
+          a[x][0] += qq * k0;
+          a[x][1] += qq * k1;
+        }
+      }
+      for (int x = 0; x < 4; ++x) {
+        V::store(s + (r + x) * lds + c, a[x][0]);
+        V::store(s + (r + x) * lds + c + W, a[x][1]);
+      }
+    }
+  }
+  for (; r < nr; ++r) {
+    for (int64_t c = 0; c < ncp; c += 2 * W) {
+      typename V::type a0 = {}, a1 = {};
+      for (int64_t d = 0; d < D; ++d) {
+        auto qq = V::splat(q[r * D + d]);
+        a0 += qq * V::load(kt + d * ldk + c);
+        a1 += qq * V::load(kt + d * ldk + c + W);
+      }
+      V::store(s + r * lds + c, a0);
+      V::store(s + r * lds + c + W, a1);
+    }
+  }
+}
+
+// acc[r, :] += sum_c p[r, c] * v[c, :] for r < nr, c < nc.
+template <typename T>
+void pv_block(const T* p, int64_t ldp, const T* v, int64_t Dv, T* acc, int64_t nr, int64_t nc) {
+  using V = Vec<T>;
+  constexpr int W = V::W;
+  const int64_t vec_cols = Dv / (2 * W) * (2 * W);
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) {
+    for (int64_t e = 0; e < vec_cols; e += 2 * W) {
+      typename V::type a[4][2];
+      for (int x = 0; x < 4; ++x) {
+        a[x][0] = V::load(acc + (r + x) * Dv + e);
+        a[x][1] = V::load(acc + (r + x) * Dv + e + W);
+      }
+      for (int64_t c = 0; c < nc; ++c) {
+        auto v0 = V::load(v + c * Dv + e), v1 = V::load(v + c * Dv + e + W);
+        for (int x = 0; x < 4; ++x) {
+          auto pp = V::splat(p[(r + x) * ldp + c]);
+          a[x][0] += pp * v0;
+          a[x][1] += pp * v1;
+        }
+      }
+      for (int x = 0; x < 4; ++x) {
+        V::store(acc + (r + x) * Dv + e, a[x][0]);
+        V::store(acc + (r + x) * Dv + e + W, a[x][1]);
+      }
+    }
+  }
+  for (; r < nr; ++r) {
+    for (int64_t e = 0; e < vec_cols; e += 2 * W) {
+      auto a0 = V::load(acc + r * Dv + e), a1 = V::load(acc + r * Dv + e + W);
+      for (int64_t c = 0; c < nc; ++c) {
+        auto pp = V::splat(p[r * ldp + c]);
+        a0 += pp * V::load(v + c * Dv + e);
+        a1 += pp * V::load(v + c * Dv + e + W);
+      }
+      V::store(acc + r * Dv + e, a0);
+      V::store(acc + r * Dv + e + W, a1);
+    }
+  }
+  for (r = 0; r < nr; ++r)  // columns left over when Dv is not a multiple of 2W
+    for (int64_t e = vec_cols; e < Dv; ++e) {
+      T a = acc[r * Dv + e];
+      for (int64_t c = 0; c < nc; ++c) a += p[r * ldp + c] * v[c * Dv + e];
+      acc[r * Dv + e] = a;
+    }
+}
+
+template <typename T>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                  const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids,
+                  const at::Tensor& kids, const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK,
+                  bool blas, at::Tensor& out, at::Tensor& lse) {
+  using V = Vec<T>;
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
+  const int64_t nq = (Lq + BQ - 1) / BQ;
+  const int64_t bkp = (BK + 2 * V::W - 1) / (2 * V::W) * (2 * V::W);  // padded key block
+  const int64_t ldk = Lk + bkp;  // kt rows padded so a padded block never reads past the end
+  // K transposed once per call, (B, Hkv, D, Lk + pad), for the hand-written block GEMM.
+  at::Tensor kt = blas ? at::Tensor() : at::zeros({B, Hkv, D, ldk}, k.options());
+  if (!blas && Lk > 0) kt.narrow(3, 0, Lk).copy_(k.transpose(2, 3));
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T* ktp = blas ? nullptr : kt.data_ptr<T>();
+  T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
+  const int64_t *dlop = dlo.data_ptr<int64_t>(), *dhip = dhi.data_ptr<int64_t>(), *klp = klen.data_ptr<int64_t>();
+  const int64_t *aop = aoff.data_ptr<int64_t>();
+  const bool docs = qids.numel() > 0, alibi = slopes.numel() > 0;
+  const int64_t *qip = docs ? qids.data_ptr<int64_t>() : nullptr, *kip = docs ? kids.data_ptr<int64_t>() : nullptr;
+  const int64_t qis = docs && qids.size(0) > 1 ? Lq : 0, kis = docs && kids.size(0) > 1 ? Lk : 0;
+  const T* slp = alibi ? slopes.data_ptr<T>() : nullptr;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const int64_t total = B * H * nq;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  // One task per thread; each takes work items from a shared counter (dynamic scheduling: a
+  // descheduled thread takes fewer items), last query blocks first (they have the most keys under causal).
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ);
+    for (int64_t w = next++; w < total; w = next++) {
+      const int64_t qb = nq - 1 - w / (B * H), bh = w % (B * H), b = bh / H, h = bh % H, kh = h / G;
+      const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
+      const T* qblk = qp + (bh * Lq + i0) * D;
+      const T* kbase = kp + (b * Hkv + kh) * Lk * D;
+      const T* ktbase = blas ? nullptr : ktp + (b * Hkv + kh) * D * ldk;
+      const T* vbase = vp + (b * Hkv + kh) * Lk * Dv;
+      const int64_t lo = dlop[b], hi = dhip[b];
+      const int64_t jlo = std::max<int64_t>(0, i0 + lo);
+      const int64_t jhi = std::min<int64_t>({Lk, klp[b], i1 - 1 + hi + 1});
+      std::fill(acc.begin(), acc.begin() + nr * Dv, T(0));
+      std::fill(m.begin(), m.begin() + nr, ninf);
+      std::fill(l.begin(), l.begin() + nr, T(0));
+      int64_t qmin = 0, qmax = 0;
+      if (docs) {
+        const int64_t* ids = qip + b * qis + i0;
+        qmin = *std::min_element(ids, ids + nr);
+        qmax = *std::max_element(ids, ids + nr);
+      }
+      const T slope = alibi ? slp[h] : T(0);
+      const int64_t off = aop[b];
+      for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
+        const int64_t j1 = std::min(j0 + BK, jhi), nc = j1 - j0;
+        bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
+        if (docs) {
+          const int64_t* ids = kip + b * kis + j0;
+          const int64_t kmin = *std::min_element(ids, ids + nc), kmax = *std::max_element(ids, ids + nc);
+          if (kmax < qmin || kmin > qmax) continue;  // no document in common: an empty block
+          full = full && qmin == qmax && kmin == kmax && qmin == kmin;
+        }
+        if (blas) {
+          at::Tensor st = at::from_blob(s.data(), {nr, nc}, {bkp, 1}, q.options());
+          at::mm_out(st, at::from_blob(const_cast<T*>(qblk), {nr, D}, q.options()),
+                     at::from_blob(const_cast<T*>(kbase + j0 * D), {nc, D}, q.options()).t());
+        } else {
+          qk_block<T>(qblk, D, ktbase + j0, ldk, s.data(), bkp, nr, (nc + 2 * V::W - 1) / (2 * V::W) * (2 * V::W));
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          T* row = s.data() + r * bkp;
+          const int64_t i = i0 + r;
+          for (int64_t c = 0; c < nc; ++c) row[c] *= T(scale);
+          if (alibi)
+            for (int64_t c = 0; c < nc; ++c) row[c] -= slope * T(std::abs(i + off - (j0 + c)));
+          if (!full) {
+            const int64_t* qid = docs ? qip + b * qis + i : nullptr;
+            const int64_t* kid = docs ? kip + b * kis + j0 : nullptr;
+            for (int64_t c = 0; c < nc; ++c) {
+              const int64_t d = j0 + c - i;
+              bool ok = d >= lo && d <= hi && (!docs || *qid == kid[c]);
+              row[c] = ok ? row[c] : ninf;
+            }
+          }
+          T mx = ninf;
+          for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, row[c]);
+          const T mnew = std::max(m[r], mx);
+          if (mnew == ninf) {  // nothing allowed so far in this row: the block adds nothing
+            std::fill(row, row + nc, T(0));
+            continue;
+          }
+          const T alpha = std::exp(m[r] - mnew);
+          const T sum = exp_row<T>(row, nc, mnew);
+          l[r] = l[r] * alpha + sum;
+          m[r] = mnew;
+          if (alpha != T(1))
+            for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
+        }
+        if (blas) {
+          at::Tensor at_acc = at::from_blob(acc.data(), {nr, Dv}, q.options());
+          at_acc.addmm_(at::from_blob(s.data(), {nr, nc}, {bkp, 1}, q.options()),
+                        at::from_blob(const_cast<T*>(vbase + j0 * Dv), {nc, Dv}, v.options()));
+        } else {
+          pv_block<T>(s.data(), bkp, vbase + j0 * Dv, Dv, acc.data(), nr, nc);
+        }
+      }
+      T* oblk = op + (bh * Lq + i0) * Dv;
+      T* lblk = lp + bh * Lq + i0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const bool any = l[r] > T(0);
+        const T inv = any ? T(1) / l[r] : T(0);
+        for (int64_t e = 0; e < Dv; ++e) oblk[r * Dv + e] = acc[r * Dv + e] * inv;
+        lblk[r] = any ? m[r] + std::log(l[r]) : ninf;
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
+                                const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
+                                const at::Tensor& aoff, int64_t block_q, int64_t block_k, bool blas) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
+    forward_impl<scalar_t>(q, k, v, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q, block_k, blas,
+                           out, lse);
+  });
+  return {out, lse};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "attnkit native tiled attention forward: (out, lse)");
+}

@@ -1,0 +1,145 @@
+"""The optional native forward (attnkit.functional.tiled.native): exactness, gradients, fallback.
+
+The extension's cold build takes minutes on a busy 2-core machine, so every test that
+needs it is slow-marked and shares one session-scoped build. Without a compiler the
+tests skip, except under CI=true with g++ present, where the build must succeed. The
+fallback logic (ATTNKIT_NATIVE=0, a failed build remembered, unsupported calls) is
+tested in the default tier without building anything.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import attnkit
+from attnkit import biases, masks
+from attnkit.functional import tiled
+from attnkit.functional._call import make_call
+from attnkit.functional.tiled import native
+from attnkit.functional.tiled.plan import native_params
+from attnkit.functional.tiled.select import native_ok
+
+
+@pytest.fixture(scope="session")
+def ext():
+    module = native.load()
+    if module is None:
+        if os.environ.get("CI") == "true" and shutil.which("g++") and not native._disabled():
+            pytest.fail(f"the native kernel must build on CI with g++: {native.native_status()}")
+        pytest.skip(f"native kernel unavailable: {native.native_status()}")
+    return module
+
+
+def _call(q, k, v, mask=None, bias=None):
+    return make_call(q, k, v, mask=mask, bias=bias, scale=None, softcap=None, dropout_p=0.0, return_lse=True)
+
+
+def _qkv(b, h, hkv, lq, lk, d, dv, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, h, lq, d, generator=g, dtype=dtype), torch.randn(b, hkv, lk, d, generator=g, dtype=dtype),
+            torch.randn(b, hkv, lk, dv, generator=g, dtype=dtype))
+
+
+_IDS = torch.tensor([0] * 70 + [1] * 100 + [2] * 130)
+MASKS = {
+    "none": lambda: (None, None),
+    "causal": lambda: (masks.causal(), None),
+    "causal-bottom-right": lambda: (masks.causal("bottom_right"), None),
+    "window-left-right": lambda: (masks.sliding_window(30, 5), None),
+    "window-bottom-right": lambda: (masks.sliding_window(64, align="bottom_right"), None),
+    "document": lambda: (masks.document(_IDS[:200], _IDS), None),
+    "document-causal-batch": lambda: (masks.document(torch.stack([_IDS[:200], _IDS[100:]]), torch.stack(
+        [_IDS, _IDS.flip(0)])) & masks.causal(), None),
+    "key-padding-empty-rows": lambda: (masks.key_padding([0, 150]), None),
+    "causal-per-sequence": lambda: (masks.causal("bottom_right", q_lengths=[150, 200], k_lengths=[300, 120]), None),
+    "alibi": lambda: (None, biases.alibi(4)),
+    "causal+padding+alibi": lambda: (masks.causal() & masks.key_padding([250, 17]), biases.alibi(4)),
+    "window+alibi-bottom-right": lambda: (masks.sliding_window(40, align="bottom_right"),
+                                          biases.alibi(4, align="bottom_right")),
+}
+
+
+def test_unsupported_calls_stay_on_the_pure_pytorch_path():
+    q, k, v = _qkv(1, 2, 2, 8, 8, 4, 4)
+    for mask, bias in ((masks.prefix_lm(3), None), (masks.causal() | masks.global_tokens([0]), None),
+                       (None, biases.from_tensor(torch.zeros(8, 8)))):
+        assert native_params(_call(q, k, v, mask, bias)) is None
+    assert native_params(_call(q, k, v, masks.causal(), biases.alibi(2))) is not None
+
+
+def test_disabled_by_environment_falls_back(monkeypatch):
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+    q, k, v = _qkv(1, 4, 2, 40, 50, 8, 8)
+    with tiled.kernel("native"):
+        assert not native_ok(_call(q, k, v, masks.causal()))
+        out, lse = attnkit.attention(q, k, v, mask=masks.causal(), backend="tiled", return_lse=True)
+    assert "ATTNKIT_NATIVE=0" in tiled.native_status()
+    ref, ref_lse = attnkit.attention(q, k, v, mask=masks.causal(), backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+
+
+def test_a_failed_build_is_remembered_and_not_retried(monkeypatch):
+    tries = []
+
+    def failing_build():
+        tries.append(1)
+        return None, "build failed: no compiler"
+
+    monkeypatch.delenv("ATTNKIT_NATIVE", raising=False)
+    monkeypatch.setattr(native, "_build", failing_build)
+    monkeypatch.setattr(native, "_state", {"module": None, "reason": "not built yet", "tried": False})
+    assert native.load() is None and native.load() is None
+    assert tries == [1]
+    assert tiled.native_status() == "build failed: no compiler"
+    q, k, v = _qkv(1, 2, 2, 16, 16, 4, 4)
+    with tiled.kernel("native"):  # pinned but unavailable: the other kernels run
+        out = attnkit.attention(q, k, v, mask=masks.sliding_window(3), backend="tiled")
+    torch.testing.assert_close(out, attnkit.attention(q, k, v, mask=masks.sliding_window(3), backend="reference"),
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MASKS))
+def test_float64_matches_reference(ext, name):
+    mask, bias = MASKS[name]()
+    q, k, v = _qkv(2, 4, 2, 200, 300, 16, 24)  # GQA (2 groups), Lq != Lk, Dv != D
+    with tiled.kernel("native"):
+        assert native_ok(_call(q, k, v, mask, bias))
+        out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference", return_lse=True)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # rows with no key: lse -inf, output 0
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], rtol=0, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_float32_error_within_sdpa_error(ext):
+    q, k, v = _qkv(1, 4, 4, 300, 300, 64, 64, dtype=torch.float32)
+    with tiled.kernel("native"):
+        out = attnkit.attention(q, k, v, mask=masks.sliding_window(100), backend="tiled")
+    ref = attnkit.attention(q.double(), k.double(), v.double(), mask=masks.sliding_window(100), backend="reference")
+    plain = attnkit.attention(q, k, v, mask=masks.sliding_window(100), backend="reference")
+    assert (out.double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max() + 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["causal+padding+alibi", "document"])
+def test_gradcheck_through_native_forward(ext, name):
+    mask, bias = {"causal+padding+alibi": (masks.causal() & masks.key_padding([9, 4]), biases.alibi(4)),
+                  "document": (masks.document(torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])), None)}[name]
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 9, 9, 4, 3))
+
+    def f(q, k, v):
+        with tiled.kernel("native"):
+            out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
+        return out, torch.where(torch.isinf(lse), 0.0, lse)
+
+    with tiled.kernel("native"):
+        assert native_ok(_call(q, k, v, mask, bias))
+    assert torch.autograd.gradcheck(f, (q, k, v))
