@@ -108,17 +108,6 @@ class ExplainRequest:
     generate: int | None = None
 
 
-class _KnownTokens:
-    """Names ids with a table made beforehand, so that building a payload outside the model
-    lock never calls the (not thread-safe) tokenizer."""
-
-    def __init__(self, names: dict[int, str]) -> None:
-        self.names = names
-
-    def convert_ids_to_tokens(self, token_id: int) -> str:
-        return self.names[token_id]
-
-
 def _encoded_bytes(payload: dict[str, Any]) -> int:
     """The bytes of encoded maps a payload (explorer, encoder-decoder or generation) holds."""
     kind = payload.get("kind")
@@ -413,10 +402,10 @@ class ExplainService:
             prompt = self.tokenizer(text, return_tensors="pt")
             maps = self._capture_generation(self.model, dict(prompt), self.tokenizer, max_new_tokens=generate,
                                             do_sample=False, num_beams=1)
-            last = int(maps.sequences[0, -1])
-            names = _KnownTokens({last: str(self.tokenizer.convert_ids_to_tokens(last))})
         new = int(maps.sequences.shape[1]) - int(prompt["input_ids"].shape[1])
-        return generation_data(maps, new_tokens=new, tokenizer=names, title=_title(text))
+        # No tokenizer: the maps name every token (capture_generation gives each one its row), and
+        # the tokenizer is not safe to call outside the model lock.
+        return generation_data(maps, new_tokens=new, title=_title(text))
 
     def _remember(self, key: tuple[str, str | None, int | None], payload: dict[str, Any]) -> None:
         """Cache ``payload``: at most ``cache_size`` entries and ``_CACHE_BYTES`` of encoded maps."""
