@@ -201,16 +201,15 @@ def test_http_seq2seq_answers_and_refusals(bart_served):
 
 
 def test_page_types_source_and_target_and_shows_the_alignment(bart_served, watched_page):
-    from playwright.sync_api import expect
-
     origin = bart_served.url.rstrip("/")
     watch = watched_page(allowed=(origin,))
     page = watch.page
     page.goto(bart_served.url)
     assert page.is_visible("#aks-target") and page.is_hidden("#aks-generate")
     assert page.text_content("#aks-text-label") == "Source"
+    target = f"la rive {XSS}"  # hostile words: the word tokenizer reads them as <unk>; the title holds them as text
     page.fill("#aks-text", SOURCE)
-    page.fill("#aks-target", TARGET)
+    page.fill("#aks-target", target)
     page.press("#aks-target", "Enter")
     page.wait_for_selector("#aks-app[data-status=ready]", timeout=30_000)
     assert page.get_attribute("#aks-app", "data-view") == "seq2seq"
@@ -219,29 +218,27 @@ def test_page_types_source_and_target_and_shows_the_alignment(bart_served, watch
     assert page.locator('[data-part-pane="cross"] [data-tab="matrix"]').text_content() == "Alignment"
     assert page.is_visible('[data-part-pane="cross"] canvas[data-view="matrix"]')
     # The alignment the page holds is the cross-attention capture computes (layer 1, mean of the heads).
-    maps = capture(bart_served.service.model, SOURCE, target=TARGET, tokenizer=bart_served.service.tokenizer)
+    maps = capture(bart_served.service.model, SOURCE, target=target, tokenizer=bart_served.service.tokenizer)
     want = maps.cross.attentions[0].double()[1].mean(0)  # (T, S)
     page.evaluate("attnkitApp.explorer.parts.cross.set({layer: 1, heads: [0, 1, 2, 3]})")
     for i in range(want.shape[0]):
         got = torch.tensor(page.evaluate(f"attnkitApp.explorer.parts.cross.aggregate({i})"), dtype=torch.float64)
         assert float((got - want[i]).abs().max()) <= QUANTUM + 1e-6
-    assert "6 → 6 tokens" in page.text_content("#aks-busy")
-    watch.shot("serve-seq2seq")
-
-    # Hostile text in both fields shows as text and runs nothing.
-    page.fill("#aks-text", f"the bank {XSS}")
-    page.fill("#aks-target", f"la rive {XSS}")
-    page.press("#aks-text", "Enter")
-    expect(page.locator("#akx-app-explorer .akx-title").first).to_contain_text("onerror", timeout=30_000)
-    page.wait_for_selector("#aks-app[data-status=ready]")
-    full = f"the bank {XSS} → la rive {XSS}"  # as text, cut to the title's 160 characters
+    assert f"6 → {want.shape[0]} tokens" in page.text_content("#aks-busy")
+    full = f"{SOURCE} → {target}"  # as text, cut to the title's 160 characters
     assert page.text_content("#akx-app-explorer .akx-title") == (full if len(full) <= 160 else full[:159] + "…")
     assert page.evaluate("window.__pwned") is None
     assert page.evaluate("document.querySelectorAll('img, #akx-app-explorer script').length") == 0
+    watch.assert_clean()
+    watch.shot("serve-seq2seq")
 
-    # A blank target: the model writes one; the server's refusal shows as the page's error.
-    page.fill("#aks-target", "")
-    page.fill("#aks-text", SOURCE)
+
+@pytest.mark.slow
+def test_page_blank_target_and_refused_target(bart_served, watched_page):
+    watch = watched_page(allowed=(bart_served.url.rstrip("/"),))
+    page = watch.page
+    page.goto(bart_served.url)
+    page.fill("#aks-text", SOURCE)  # a blank target: the model writes one
     page.press("#aks-text", "Enter")
     page.wait_for_selector("#aks-app[data-status=ready]", timeout=30_000)
     assert page.evaluate("attnkitApp.view") == "seq2seq"
