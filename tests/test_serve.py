@@ -40,7 +40,7 @@ from attnkit.viz import server as server_module
 from attnkit.viz.encode import QUANTUM, decode
 from attnkit.viz.lab import DEFAULT_TOKENS
 from attnkit.viz.server import DEFAULT_EXAMPLE, make_server, serve
-from attnkit.viz.service import ExplainService, RequestError
+from attnkit.viz.service import ExplainRequest, ExplainService, RequestError
 
 XSS_TEXT = "Hi <img src=x onerror=window.__pwned=1> and </script><script>window.__pwned=2</script> & bye"
 SECURITY_HEADERS = {
@@ -260,8 +260,8 @@ def test_routes_status_and_headers(served):
 
     status, headers, body = call(served, "/api/info")
     assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
-    assert json.loads(body) == {"model": "sentence-transformers/all-MiniLM-L6-v2", "max_tokens": 512,
-                                "max_body": 65536, "layers": 6, "heads": 12}
+    assert json.loads(body) == {"model": "sentence-transformers/all-MiniLM-L6-v2", "kind": "encoder",
+                                "max_tokens": 512, "max_generate": 0, "max_body": 65536, "layers": 6, "heads": 12}
 
     status, headers, body = call(served, "/healthz")
     assert (status, body) == (200, b"ok")
@@ -501,7 +501,7 @@ def test_serve_until_interrupted(stop, tiny_folder):
 
 def test_service_parse_rules(served):
     service = served.server.service
-    assert service.parse(b'{"text": "a b", "focus": 2}', "application/json; charset=utf-8") == ("a b", 2)
+    assert service.parse(b'{"text": "a b", "focus": 2}', "application/json; charset=utf-8") == ExplainRequest("a b", 2)
     for body, content_type, status, words in [
         (b"x" * 65537, "application/json", 413, "65,536"),
         (b'{"text": "a"}', "text/plain", 415, "application/json"),
@@ -509,6 +509,8 @@ def test_service_parse_rules(served):
         (b'{"text": true}', "application/json", 400, "got a JSON boolean"),
         (b'{"text": "a", "focus": false}', "application/json", 400, "focus"),
         (b'{"text": "a", "focus": 1.5}', "application/json", 400, "got a JSON number"),
+        (b'{"text": "a", "target": "b"}', "application/json", 400, '"target" needs an encoder-decoder'),
+        (b'{"text": "a", "generate": 3}', "application/json", 400, '"generate" needs a model that generates'),
     ]:
         with pytest.raises(RequestError) as refused:
             service.parse(body, content_type)

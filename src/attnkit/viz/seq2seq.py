@@ -84,8 +84,9 @@ def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: i
                     max_bytes: int = 20_000_000) -> dict[str, Any]:
     """The JSON of the generation page: the tokens, where generation began, the encoded maps.
 
-    ``maps.decoder`` covers the tokens the model read: every token but the last generated
-    one (it is never read). Generated token ``p`` was produced by the step that read token
+    ``maps.decoder`` covers every token of ``maps.sequences`` (as :func:`capture_generation`
+    records them), or every token but the last generated one (which generation never reads;
+    its name is then appended). Generated token ``p`` was produced by the step that read token
     ``p - 1``, so the page shows row ``p - 1`` (over tokens ``0..p-1``, every earlier token)
     of the decoder's maps and, for an encoder-decoder, of the cross maps (over the source).
 
@@ -96,7 +97,7 @@ def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: i
             decoder-only model: ``sequences.shape[1] - prompt_ids.shape[1]``). Default for an
             encoder-decoder: every decoder token after the start token; a decoder-only
             model needs it (the maps cannot tell the prompt from the generated tokens).
-        tokenizer: names the last generated token (which the maps hold no token for);
+        tokenizer: names the last generated token when the maps hold no row for it;
             without one it shows as its id.
         title: shown at the top (default: the text rebuilt from the tokens).
         tolerance, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`).
@@ -104,8 +105,8 @@ def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: i
     Returns:
         ``{"format": 1, "kind": "generation", "title", "model", "tokens" (T), "prompt" (the
         tokens before the first generated one), "layers", "heads", "decoder" (encoded
-        (layers * heads, T - 1, T - 1), layer-major), "cross" (encoded (layers * heads,
-        T - 1, S)) or None, "source" (S tokens) or None}``.
+        (layers * heads, R, R), layer-major, R = T or T - 1 rows as the maps hold them),
+        "cross" (encoded (layers * heads, R, S)) or None, "source" (S tokens) or None}``.
     """
     from attnkit.viz.report import _text
 
@@ -113,9 +114,16 @@ def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: i
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None; got {describe(title)}")
     read = [str(t) for t in maps.decoder.tokens[index]]
-    last_id = int(maps.sequences[index, -1])
-    last = str(tokenizer.convert_ids_to_tokens(last_id)) if tokenizer is not None else str(last_id)
-    tokens = [*read, last]
+    ids = maps.decoder.token_ids[index] if maps.decoder.token_ids is not None else None
+    sequence = [int(i) for i in maps.sequences[index]]
+    # capture_generation gives every token of sequences a row (the last one too); maps without
+    # the last token's row (T - 1 rows) get its name appended.
+    covered = len(read) == len(sequence) or (ids is not None and [int(i) for i in ids] == sequence[-len(ids):])
+    if covered:
+        tokens = read
+    else:
+        last_id = sequence[-1]
+        tokens = [*read, str(tokenizer.convert_ids_to_tokens(last_id)) if tokenizer is not None else str(last_id)]
     if new_tokens is None:
         if maps.cross is None:
             raise ValueError("new_tokens must be given for a decoder-only model's maps (how many tokens at the end "

@@ -1,30 +1,39 @@
 """``attnkit serve``: a local web app over the attention explorer and the attention lab.
 
 Type text in the page, press Enter, and the explorer draws that text's attention maps as
-the model computes them; a second tab holds the lab. The work (the model behind one lock,
-the token limit, the cache, reading a request body) is :class:`attnkit.viz.service.ExplainService`;
-this module is the HTTP layer over it: a Starlette app run by uvicorn (the ``serve`` extra).
+the model computes them; a second tab holds the lab. An encoder-decoder model's page has a
+target field too (empty: the model writes the target, greedily) and shows the
+cross-attention alignment and the encoder's and decoder's self-attention; a model that
+generates alone has a "generate N tokens" field that shows the text growing token by token.
+The work (the model behind one lock, the token limit, the cache, reading a request body)
+is :class:`attnkit.viz.service.ExplainService`; this module is the HTTP layer over it: a
+Starlette app run by uvicorn (the ``serve`` extra).
 
 Routes (every answer but the page and ``/healthz`` is JSON; errors are ``{"error": str}``):
 
 ======================  ================================================================
 ``GET /``               the app: one self-contained page (its CSS, JS and settings inline)
-``POST /api/explain``   ``{"text": str, "focus"?: str | int}`` -> 200 the explorer payload
-``GET /api/info``       ``{"model", "max_tokens", "max_body", "layers", "heads"}``
+``POST /api/explain``   ``{"text": str, "focus"?: str | int, "target"?: str, "generate"?: int}``
+                        -> 200 the explorer, encoder-decoder or generation payload
+                        (:meth:`attnkit.viz.service.ExplainService.explain`)
+``GET /api/info``       ``{"model", "kind", "max_tokens", "max_generate", "max_body", "layers",
+                        "heads"}``
 ``GET /healthz``        ``ok`` (text/plain)
 ======================  ================================================================
 
 Status codes: 400 a body that is not a JSON object with a non-empty string ``text``, an
-unknown field or focus, a ``Host`` header that does not name this server (DNS rebinding;
-starlette's ``TrustedHostMiddleware``), or a malformed request (uvicorn's refusal, e.g.
-a ``Content-Length`` that is not digits); 403 an ``Origin`` that is not this server's;
-404 an unknown path; 405 a known path with the wrong method (with ``Allow``); 408 a body
-not received within ``body_timeout`` seconds; 411 a POST without ``Content-Length``
-(chunked bodies are refused); 413 a body over ``max_body`` bytes or a text over
-``max_tokens`` tokens (the answer names the limit); 415 a POST whose ``Content-Type`` is
-not ``application/json``; 500 an internal error (``{"error": ...}``; the traceback goes
-to the log, never to the client); 503 more than ``max_connections`` connections open
-(uvicorn's ``limit_concurrency``; plain text). Every other error is JSON.
+unknown field or focus, a ``target`` or ``generate`` the model does not take (or of the
+wrong type, or ``generate`` outside [1, ``max_generate``]), a ``Host`` header that does
+not name this server (DNS rebinding; starlette's ``TrustedHostMiddleware``), or a
+malformed request (uvicorn's refusal, e.g. a ``Content-Length`` that is not digits); 403
+an ``Origin`` that is not this server's; 404 an unknown path; 405 a known path with the
+wrong method (with ``Allow``); 408 a body not received within ``body_timeout`` seconds;
+411 a POST without ``Content-Length`` (chunked bodies are refused); 413 a body over
+``max_body`` bytes, or a text, a target, or a text and its generated tokens over
+``max_tokens`` tokens (the answer names the field and the limit); 415 a POST whose
+``Content-Type`` is not ``application/json``; 500 an internal error (``{"error": ...}``;
+the traceback goes to the log, never to the client); 503 more than ``max_connections``
+connections open (uvicorn's ``limit_concurrency``; plain text). Every other error is JSON.
 
 Limits. At most ``max_connections`` connections at once; a client has ``header_timeout``
 seconds (from connecting, or from the end of its previous answer) to send a request's
@@ -104,13 +113,22 @@ _BODY = """\
     <p class="aks-meta" id="aks-meta"></p>
   </header>
   <form class="aks-ask" id="aks-form" autocomplete="off">
-    <label class="aks-label" for="aks-text">Text to explain</label>
+    <label class="aks-label" for="aks-text" id="aks-text-label">Text to explain</label>
     <div class="aks-row">
       <textarea id="aks-text" rows="2" spellcheck="false" placeholder="Type a sentence, then press Enter"></textarea>
       <div class="aks-actions">
         <button type="submit" id="aks-submit" class="aks-submit">Explain</button>
         <span class="aks-busy" id="aks-busy" role="status" aria-live="polite"></span>
       </div>
+    </div>
+    <div class="aks-more" id="aks-target-row" hidden>
+      <label class="aks-label" for="aks-target">Target</label>
+      <input id="aks-target" type="text" spellcheck="false" maxlength="4000"
+             placeholder="What the decoder reads; empty: the model writes it (greedy)">
+    </div>
+    <div class="aks-more" id="aks-generate-row" hidden>
+      <label class="aks-label" for="aks-generate">Generate tokens</label>
+      <input id="aks-generate" type="number" min="0" step="1" value="0" inputmode="numeric">
     </div>
     <p class="aks-hint" id="aks-hint"></p>
     <p class="aks-error" id="aks-error" role="alert" hidden></p>
@@ -438,7 +456,8 @@ def build_app(service: ExplainService, *, page_html: str, url: str, allowed_host
         content_type = request.headers.get("content-type", "")
 
         def work() -> tuple[bytes, bool]:  # in a worker thread: the event loop keeps answering meanwhile
-            payload, hit = service.explain(*service.parse(body, content_type))
+            asked = service.parse(body, content_type)
+            payload, hit = service.explain(asked.text, asked.focus, target=asked.target, generate=asked.generate)
             return _json_bytes(payload), hit
 
         answer, hit = await run_in_threadpool(work)
@@ -515,7 +534,7 @@ class ExplainServer:
             for line in self.warnings:
                 print(line, file=sys.stderr, flush=True)
         html = page(f"attnkit · {self.model_name}", css=["explorer.css", "lab.css", "app.css"],
-                    js=["explorer.js", *LAB_SCRIPTS, "app.js"], body=_BODY, connect=True,
+                    js=["explorer.js", "seq2seq.js", "generation.js", *LAB_SCRIPTS, "app.js"], body=_BODY, connect=True,
                     data={**service.info(), "example": example})
         app = build_app(service, page_html=html, url=self.url, allowed_hosts=self.allowed_hosts,
                         body_timeout=body_timeout, log=log)

@@ -1,15 +1,21 @@
 /* attnkit serve: the app around the explorer and the lab.
  *
  * Type text, press Enter (Shift+Enter: a new line): the page POSTs {"text"} to
- * /api/explain on its own origin and mounts the answer with AttnkitExplorer.mount. The
- * lab is mounted with AttnkitLab.mount the first time its tab opens. Settings (model,
- * limits, the example text) come from the JSON in #attnkit-data. Every message, the
- * server's included, reaches the screen through textContent only.
+ * /api/explain on its own origin and mounts the answer. The model's kind (config.kind)
+ * adds a field: an encoder-decoder's target (sent as "target"; empty: the model writes
+ * one) or, for a model that generates alone, how many tokens to generate (sent as
+ * "generate" when above 0, at most config.max_generate). The answer is mounted by the
+ * report's own scripts: AttnkitExplorer.mount (self-attention), AttnkitSeq2Seq.mount
+ * (kind "seq2seq": cross-attention, encoder, decoder) or AttnkitGeneration.mount (kind
+ * "generation"). The lab is mounted with AttnkitLab.mount the first time its tab opens.
+ * Settings (model, kind, limits, the example text) come from the JSON in #attnkit-data.
+ * Every message, the server's included, reaches the screen through textContent only.
  *
  * window.attnkitApp, for tests and scripting:
  *   status          "idle" | "busy" | "ready" | "error" (also #aks-app[data-status])
  *   explorer, lab   the mounted APIs, or null
- *   explain(text)   a promise, settled once the explorer has drawn or the error shows
+ *   view            "explorer" | "seq2seq" | "generation": what the explorer pane shows
+ *   explain(text)   a promise, settled once the answer has drawn or the error shows
  *   showTab(name)   "explorer" | "lab"
  */
 (function () {
@@ -22,12 +28,15 @@
   const ui = {
     form: $("aks-form"), text: $("aks-text"), submit: $("aks-submit"), busy: $("aks-busy"),
     error: $("aks-error"), hint: $("aks-hint"), meta: $("aks-meta"), empty: $("aks-empty"),
+    label: $("aks-text-label"), target: $("aks-target"), targetRow: $("aks-target-row"),
+    generate: $("aks-generate"), generateRow: $("aks-generate-row"),
     explorer: $("akx-app-explorer"), lab: $("akl-app-lab"),
     tabs: Array.from(document.querySelectorAll("[data-app-tab]")),
     panes: Array.from(document.querySelectorAll("[data-app-pane]")),
   };
 
-  const app = { status: "idle", explorer: null, lab: null, tab: "explorer", explain, showTab };
+  const app = { status: "idle", explorer: null, lab: null, view: null, tab: "explorer", explain, showTab };
+  const seq2seq = config.kind === "encoder-decoder", generates = config.kind === "decoder";
   window.attnkitApp = app;
 
   ui.meta.replaceChildren(
@@ -35,6 +44,16 @@
     chip("shape", `${config.layers} layers × ${config.heads} heads`),
     chip("limit", `up to ${config.max_tokens.toLocaleString("en-US")} tokens`));
   ui.hint.textContent = "Enter explains · Shift+Enter starts a new line";
+  if (seq2seq) {
+    ui.targetRow.hidden = false;
+    ui.label.textContent = "Source";
+    ui.meta.appendChild(chip("kind", "encoder-decoder"));
+  } else if (generates) {
+    ui.generateRow.hidden = false;
+    ui.generate.max = String(config.max_generate);
+    ui.label.textContent = "Text (the prompt, when generating)";
+    ui.generate.title = `0: the text's own attention; 1 to ${config.max_generate}: generate that many tokens (greedy)`;
+  }
 
   function chip(kind, text) {
     const span = document.createElement("span");
@@ -61,11 +80,30 @@
     ui.error.hidden = true;
   }
 
-  async function request(text) {
+  /* The request body: the text, and the model kind's own field. Throws on a bad count. */
+  function body(text) {
+    if (seq2seq) return { text, target: ui.target.value };
+    const raw = generates ? ui.generate.value.trim() : "";
+    if (raw === "" || raw === "0") return { text };
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < 0 || n > config.max_generate) {
+      throw new Error(`Generate tokens must be a whole number from 0 to ${config.max_generate}; got ${raw}.`);
+    }
+    return { text, generate: n };
+  }
+
+  function isPayload(data) {
+    if (!data) return false;
+    if (data.kind === "seq2seq") return !!data.parts && ["cross", "encoder", "decoder"].every((p) => data.parts[p] && data.parts[p].encoding);
+    if (data.kind === "generation") return Array.isArray(data.tokens) && !!data.decoder;
+    return Array.isArray(data.tokens) && !!data.encoding;
+  }
+
+  async function request(sent) {
     let response;
     try {
       response = await fetch("/api/explain", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ text }),
+        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(sent),
         cache: "no-store", credentials: "same-origin",
       });
     } catch (err) {
@@ -77,7 +115,7 @@
       const said = data && typeof data.error === "string" ? data.error : `${response.status} ${response.statusText}`;
       throw new Error(`The server could not explain this text (${response.status}): ${said}`);
     }
-    if (!data || !Array.isArray(data.tokens) || !data.encoding) throw new Error("The server's answer is not an explorer payload.");
+    if (!isPayload(data)) throw new Error("The server's answer is not an explorer payload.");
     return data;
   }
 
@@ -89,18 +127,24 @@
     setStatus("busy", "Running the model…");
     const started = performance.now();
     try {
-      const data = await request(text);
+      const data = await request(body(text));
       setStatus("busy", "Drawing…");
       // A fresh holder per text: the explorer keeps its listeners on the nodes it builds.
       const holder = document.createElement("div");
       ui.explorer.replaceChildren(holder);
       ui.empty.hidden = true;
-      const api = window.AttnkitExplorer.mount(holder, data);
+      const view = data.kind === "seq2seq" ? "seq2seq" : data.kind === "generation" ? "generation" : "explorer";
+      const mount = { explorer: window.AttnkitExplorer, seq2seq: window.AttnkitSeq2Seq, generation: window.AttnkitGeneration }[view].mount;
+      const api = mount(holder, data);
       await api.ready;
       app.explorer = api;
+      app.view = view;
+      root.dataset.view = view;
       showTab("explorer");
       const seconds = ((performance.now() - started) / 1000).toFixed(1);
-      setStatus("ready", `${data.tokens.length} tokens · ${seconds} s`);
+      const size = view === "seq2seq" ? `${data.source.length} → ${data.target.length} tokens`
+        : view === "generation" ? `${data.prompt} + ${data.tokens.length - data.prompt} tokens` : `${data.tokens.length} tokens`;
+      setStatus("ready", `${size} · ${seconds} s`);
     } catch (err) {
       showError(err && err.message ? err.message : String(err));
       setStatus("error");
