@@ -60,7 +60,27 @@ def test_find_tokens_and_specials():
         find_tokens(["a"], "#3")
     with pytest.raises(TypeError, match="query must be a str"):
         find_tokens(["a"], 3)
-    assert special_positions(["<s>", "hi", "</s>", "<|endoftext|>", "[PAD]", "[x]"]) == [0, 2, 3, 4]
+    # attnkit.inspect.tokens' documented rule: ``[NAME]`` or ``<name>`` with no space inside.
+    tokens = ["<s>", "hi", "</s>", "<|endoftext|>", "[PAD]", "[x]", "< b >", "[two words]", "a<b"]
+    assert special_positions(tokens) == [0, 2, 3, 4, 5]
+    # The tokenizer's flags, when given, decide alone: "</s>" spelled special but flagged not.
+    assert special_positions(["<s>", "hi", "</s>"], [True, False, False]) == [0]
+    with pytest.raises(ValueError, match="one flag per token"):
+        special_positions(["<s>", "hi"], [True])
+
+
+def test_summary_skips_the_keys_the_maps_flag_special_over_their_spelling():
+    # 4 tokens, uniform causal rows: every visible key gets weight, so only skipping removes one from the lists.
+    p = torch.ones(4, 4).tril()
+    p = (p / p.sum(-1, keepdim=True))[None, None]  # (1 layer, 1 head, 4, 4)
+    tokens = [["<s>", "cat", "[MASK]", "</s>"]]
+    by_spelling = AttentionMaps([p], tokens, None, "toy", (0,), (0,))
+    assert summarize(by_spelling, k=4).skipped_keys == [0, 2, 3]
+    flagged = AttentionMaps([p], tokens, None, "toy", (0,), (0,), special=[[True, False, False, False]])
+    summary = summarize(flagged, tokens=[3], k=4)
+    assert summary.skipped_keys == [0]
+    # Row "</s>" lists every key but <s>, weights 1/4 each, in key order (ties kept stable).
+    assert summary.rows[0][2][0] == [(1, "cat", 0.25), (2, "[MASK]", 0.25), (3, "</s>", 0.25)]
 
 
 def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):

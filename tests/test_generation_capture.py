@@ -134,6 +134,33 @@ def test_encoder_decoder_generation_equals_a_teacher_forced_eager_forward(cache)
     assert got.cross.key_token_ids[1] == [10, 11, 12] and got.cross.tokens[0][0] == "2"
 
 
+def test_whisper_generation_from_features_equals_a_teacher_forced_eager_forward():
+    # Features in, no prompt ids: the encoder's keys are frames, and the maps still match eager's.
+    t = _transformers()
+    torch.manual_seed(0)
+    model = t.WhisperForConditionalGeneration(t.WhisperConfig(
+        vocab_size=60, num_mel_bins=8, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, d_model=16, encoder_ffn_dim=32, decoder_ffn_dim=32, max_source_positions=8,
+        max_target_positions=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=[], begin_suppress_tokens=[])).eval()
+    model.set_attn_implementation("sdpa")
+    features = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(1))  # (B, mel bins, 2 x positions)
+    settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        plain = model.generate(features, **settings)
+    got = capture_generation(model, features, **settings)
+    assert torch.equal(got.sequences[:, 1:], plain)  # a plain Whisper generate leaves out the start token
+    assert int(got.sequences[0, 0]) == 1
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        out = eager(input_features=features, decoder_input_ids=got.sequences, output_attentions=True)
+    for part, reference in (("decoder", out.decoder_attentions), ("cross", out.cross_attentions),
+                            ("encoder", out.encoder_attentions)):
+        torch.testing.assert_close(getattr(got, part)[0], torch.stack(reference, 1)[0], atol=TOL, rtol=0)
+    assert got.cross.keys[0] == [f"frame {i}" for i in range(8)]
+
+
 def test_capture_generation_argument_errors():
     with pytest.raises(TypeError, match="must be a transformers model"):
         capture_generation(torch.nn.Linear(2, 2), [1, 2])
@@ -142,3 +169,5 @@ def test_capture_generation_argument_errors():
     model = _decoder("llama", "sdpa")
     with pytest.raises(TypeError, match="dtype must be one of"):
         capture_generation(model, [1, 2], dtype=torch.int8)
+    with pytest.raises(ValueError, match="needs the prompt's token ids"):  # which rows are real is unknown
+        capture_generation(model, {"inputs_embeds": torch.randn(1, 3, 48)}, max_new_tokens=1)

@@ -21,11 +21,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from attnkit.cli._common import Column, Console, Parser, UsageError, csv, positive, quiet_transformers, size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers, size
+
+if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
+    from torch import Tensor, nn
+
+    from attnkit.inspect import AttentionMaps
 
 
-def add_parser(sub) -> Parser:
+def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("explain", help="what a model attends to in a text: terminal summary, HTML report, PNGs",
                        description=__doc__)
     p.add_argument("text", help="the input text")
@@ -101,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     model_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
     whole = args.heads is None or (model_heads is not None and sorted(set(args.heads)) == list(range(model_heads)))
     tokens = maps.tokens[0]
-    wanted = _wanted(ex, tokens, args.token)
+    wanted = _wanted(tokens, args.token)
     summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
 
     con.rule(f"{maps.model_name}: {len(tokens)} tokens, {len(maps.layers)} layers x {len(maps.heads)} heads")
@@ -154,13 +160,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wanted(ex, tokens: list[str], queries: list[str] | None) -> list[int] | None:
+def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
     """Positions of the tokens that ``--token`` names, in order, each once; None for all."""
     if not queries:
         return None
+    from attnkit.viz.explainer import find_tokens
+
     wanted: list[int] = []
     for query in queries:
-        found = ex.find_tokens(tokens, query)
+        found = find_tokens(tokens, query)
         if not found:
             raise ValueError(f"--token {query!r} matches no token; the tokens are "
                              + " ".join(tokens[:80]) + (" ..." if len(tokens) > 80 else ""))
@@ -168,7 +176,8 @@ def _wanted(ex, tokens: list[str], queries: list[str] | None) -> list[int] | Non
     return wanted
 
 
-def _opening_head(maps, wanted: list[int] | None, skipped_keys: set[int]) -> tuple[int, list[int]] | None:
+def _opening_head(maps: AttentionMaps, wanted: list[int] | None,
+                  skipped_keys: set[int]) -> tuple[int, list[int]] | None:
     """(layer, [head]) to open the report on for the first chosen token: the single head that gives the
     most weight to one key more than 2 tokens away (local heads, such as previous-token heads, say little
     about that token), special tokens left out; the strongest head of all if none looks that far."""
@@ -184,7 +193,7 @@ def _opening_head(maps, wanted: list[int] | None, skipped_keys: set[int]) -> tup
     return maps.layers[flat // row.shape[1]], [maps.heads[flat % row.shape[1]]]
 
 
-def _compare(args: argparse.Namespace, con: Console, model) -> int:
+def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any]) -> int:
     """``explain TEXT --compare OTHER --token WORD``: the word in two contexts."""
     from attnkit.viz import contexts
 
@@ -215,7 +224,7 @@ def _compare(args: argparse.Namespace, con: Console, model) -> int:
     return 0
 
 
-def _kind(model) -> str:
+def _kind(model: nn.Module) -> str:
     """'encoder-decoder', 'decoder' (generates alone) or 'encoder' (generates nothing)."""
     if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
         return "encoder-decoder"
@@ -223,14 +232,14 @@ def _kind(model) -> str:
     return "decoder" if callable(can) and can() else "encoder"
 
 
-def _top(row, names: list[str], k: int) -> str:
+def _top(row: Tensor, names: list[str], k: int) -> str:
     order = row.double().argsort(descending=True)[:k].tolist()
     return "  ".join(f"{names[j]} {float(row[j]):.2f}".replace(" 0.", " .") for j in order)
 
 
-def _seq2seq(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
+def _seq2seq(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer: Any) -> int:
     """``explain SOURCE --target TARGET``: cross-attention of an encoder-decoder model."""
-    from attnkit.inspect import capture
+    from attnkit.inspect import Seq2SeqMaps, capture
     from attnkit.viz import report
 
     kind = _kind(model)
@@ -240,6 +249,7 @@ def _seq2seq(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
                          + (": try --generate N" if kind == "decoder" else ""))
     with con.status("capturing attention..."):
         maps = capture(model, args.text, target=args.target, tokenizer=tokenizer)
+    assert isinstance(maps, Seq2SeqMaps), "capture gives Seq2SeqMaps for a model whose config is_encoder_decoder"
     cross = maps.cross
     target, source = cross.tokens[0], cross.keys[0]
     con.rule(f"{cross.model_name}: {len(source)} source tokens -> {len(target)} target tokens, "
@@ -262,7 +272,7 @@ def _seq2seq(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace, con: Console, model, tokenizer) -> int:
+def _generate(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer: Any) -> int:
     """``explain PROMPT --generate N``: greedy generation, and where each new token looked."""
     from attnkit.inspect import capture_generation
     from attnkit.viz import report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -64,17 +65,18 @@ def resolve(name: str, attn: object, input_index: object, *, dims: int | None = 
         t, tokens, ids, layers, heads, model_name = attn, None, None, None, None, None
         facts: dict = {}
     elif hasattr(attn, "attentions"):
-        n = len(attn.attentions)
+        maps: Any = attn  # an AttentionMaps, or a stand-in with its fields (duck-typed)
+        n = len(maps.attentions)
         if index >= n:
             raise ValueError(f"input_index must be in [0, {n}) for {name} holding {n} inputs; got {index}")
-        t = require_tensor(f"{name}.attentions[{index}]", attn.attentions[index])
-        tokens = list(attn.tokens[index]) if attn.tokens else None
-        ids = attn.token_ids[index] if attn.token_ids is not None else None
-        layers, heads = tuple(attn.layers), tuple(attn.heads)
-        model_name = getattr(attn, "model_name", None)
-        facts = {"key_tokens": _entry(attn, "key_tokens", index), "special": _entry(attn, "special", index),
-                 "key_special": _entry(attn, "key_special", index),
-                 "model_layers": getattr(attn, "model_layers", None), "model_heads": getattr(attn, "model_heads", None)}
+        t = require_tensor(f"{name}.attentions[{index}]", maps.attentions[index])
+        tokens = list(maps.tokens[index]) if maps.tokens else None
+        ids = maps.token_ids[index] if maps.token_ids is not None else None
+        layers, heads = tuple(maps.layers), tuple(maps.heads)
+        model_name = getattr(maps, "model_name", None)
+        facts = {"key_tokens": _entry(maps, "key_tokens", index), "special": _entry(maps, "special", index),
+                 "key_special": _entry(maps, "key_special", index),
+                 "model_layers": getattr(maps, "model_layers", None), "model_heads": getattr(maps, "model_heads", None)}
         if t.dim() != 4 or tuple(t.shape[:2]) != (len(layers), len(heads)):
             raise ValueError(
                 f"{name}.attentions[{index}] must be (layers, heads, Lq, Lk) with {len(layers)} layers and "

@@ -107,24 +107,25 @@ class Comparison:
         return top_heads(self.js, self.layers, self.heads, n, largest=True)
 
     def __str__(self) -> str:
-        shift = self.mass_shift
+        masses = None if self.mass_a is None or self.mass_b is None else (self.mass_a, self.mass_b)
         a, b = self.names
         header = f"{'layer':>5}  {'mean js':>7}  {'max js (head)':>13}"
-        if shift is not None:
+        if masses is not None:
             header += f"  {'mass a':>6}  {'mass b':>6}  {'shift':>6}"
         lines = [
             f"Comparison({a} vs {b}: {len(self.layers)} layers x {len(self.heads)} heads, {self.n_rows} query rows)",
             "Jensen-Shannon divergence in bits (0 = same rows, 1 = disjoint)"
-            + ("; key-set mass averaged over heads" if shift is not None else ""),
+            + ("; key-set mass averaged over heads" if masses is not None else ""),
             header,
         ]
         for row, layer in enumerate(self.layers):
             worst = top_heads(self.js[row], (layer,), self.heads, 1, largest=True)
             line = f"{layer:>5}  {self.js[row].nanmean().item():>7.3f}  "
             line += f"{worst[0][2]:>6.3f} ({worst[0][1]})".rjust(13) if worst else f"{'nan':>13}"
-            if shift is not None:
-                line += f"  {self.mass_a[row].nanmean().item():>6.3f}  {self.mass_b[row].nanmean().item():>6.3f}"
-                line += f"  {shift[row].nanmean().item():>+6.3f}"
+            if masses is not None:
+                mass_a, mass_b = masses[0][row], masses[1][row]
+                line += f"  {mass_a.nanmean().item():>6.3f}  {mass_b.nanmean().item():>6.3f}"
+                line += f"  {(mass_b - mass_a).nanmean().item():>+6.3f}"
             lines.append(line)
         top = "  ".join(f"L{layer}.H{head} {js:.3f}" for layer, head, js in self.most_changed(3))
         lines.append(f"most changed: {top}")
@@ -137,11 +138,11 @@ def _check_same(a: View, b: View, input_index: int) -> None:
             raise ValueError(
                 f"maps_a and maps_b must hold the same {what}; got {have_a} and {have_b}. Capture or select the same"
             )
-    for what, have_a, have_b in (("model_layers", a.model_layers, b.model_layers),
-                                 ("model_heads", a.model_heads, b.model_heads)):
-        if have_a is not None and have_b is not None and have_a != have_b:
-            raise ValueError(f"maps_a and maps_b must come from models of the same shape; {what} is {have_a} and "
-                             f"{have_b}")
+    for what, count_a, count_b in (("model_layers", a.model_layers, b.model_layers),
+                                   ("model_heads", a.model_heads, b.model_heads)):
+        if count_a is not None and count_b is not None and count_a != count_b:
+            raise ValueError(f"maps_a and maps_b must come from models of the same shape; {what} is {count_a} and "
+                             f"{count_b}")
     if a.attn.shape != b.attn.shape:
         raise ValueError(
             "maps_a and maps_b must have the same shape (layers, heads, Lq, Lk); got "

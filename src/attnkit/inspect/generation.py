@@ -28,6 +28,7 @@ read it).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from attnkit._checks import describe
 from attnkit.inspect import recording as rec
 from attnkit.inspect.maps import AttentionMaps
+from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.encoder_decoder import EncoderDecoder
 
 __all__ = ["GenerationMaps", "capture_generation"]
@@ -104,7 +106,7 @@ class _Steps:
 
         return record
 
-    def assemble(self, real_q: list, real_k: list | None) -> list[Tensor]:
+    def assemble(self, real_q: Sequence[slice | Tensor], real_k: Sequence[slice | Tensor] | None) -> list[Tensor]:
         """Per input, (layers, heads, Lq, Lk) cut to the real tokens; decoder rows padded to a square."""
         layers = []
         for blocks in self.rows:
@@ -160,7 +162,9 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
         raise ValueError(f"inputs are text, so capture_generation needs a tokenizer; none was found for "
                          f"{rec._name(model)!r}; pass tokenizer=")
     _, kwargs, ids, valid, _ = rec._encode(model, inputs, tokenizer)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    lm = rec._pretrained(model)
+    seq2seq = bool(getattr(lm.config, "is_encoder_decoder", False))
+    prompt = None if seq2seq else _prompt_flags(ids, valid)
     parts = rec.encoder_decoder_parts(model) if seq2seq else {id(m): "decoder" for m in model.modules()}
     steps = {kind: _Steps(kind, dtype) for kind in ("encoder", "decoder", "cross")}
     final = [False]  # True for the forward pass that adds the last token's rows
@@ -175,18 +179,17 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
     try:
         model.eval()
         with torch.no_grad(), rec.hf_recording(model, route):
-            out = model.generate(**kwargs, **generate_kwargs, return_dict_in_generate=True)
+            out = lm.generate(**kwargs, **generate_kwargs, return_dict_in_generate=True)
             if not steps["decoder"].rows:
                 raise ValueError(f"{rec._name(model)!r} made no attention call through transformers' attention "
                                  "interface while generating, so its attention cannot be recorded")
             sequences = out.sequences
             batch = sequences.shape[0]
-            prompt = torch.ones_like(ids) if valid is None else valid
-            flags = torch.cat([prompt, prompt.new_ones(batch, sequences.shape[1] - prompt.shape[1])], 1)
             final[0] = True
-            if seq2seq:
+            if prompt is None:
                 model(**kwargs, decoder_input_ids=sequences, use_cache=False)
             else:
+                flags = torch.cat([prompt, prompt.new_ones(batch, sequences.shape[1] - prompt.shape[1])], 1)
                 extra = {} if valid is None else {"attention_mask": flags,
                                                   "position_ids": (flags.long().cumsum(-1) - 1).clamp(min=0)}
                 model(**{**kwargs, "input_ids": sequences, **extra}, use_cache=False)
@@ -207,6 +210,16 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
     return result
 
 
+def _prompt_flags(ids: Tensor | None, valid: Tensor | None) -> Tensor:
+    """A decoder-only model's prompt flags (B, P), 1 for real tokens: its attention mask, else all ones."""
+    if valid is not None:
+        return valid
+    if ids is not None:
+        return torch.ones_like(ids)
+    raise ValueError("capture_generation of a decoder-only model needs the prompt's token ids (input_ids) or its "
+                     "attention_mask; the inputs held neither")
+
+
 def _maps(name: str, part: _Steps, stored: list[Tensor], side: dict, **keys: Any) -> AttentionMaps:
     count = len(part.rows)
     return AttentionMaps(attentions=stored, model_name=name, layers=tuple(range(count)),
@@ -214,7 +227,8 @@ def _maps(name: str, part: _Steps, stored: list[Tensor], side: dict, **keys: Any
                          **side, **keys)
 
 
-def _add_source(result: GenerationMaps, name: str, steps: dict[str, _Steps], real_t: list, real_s: list,
+def _add_source(result: GenerationMaps, name: str, steps: dict[str, _Steps], real_t: Sequence[slice | Tensor],
+                real_s: Sequence[slice | Tensor],
                 tgt: dict, src: dict) -> None:
     """Fill ``result.encoder`` and ``result.cross`` of an encoder-decoder model from the two sides' facts."""
     keyed = {"key_tokens": src["tokens"], "key_token_ids": src["token_ids"], "key_special": src["special"]}
@@ -233,7 +247,7 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
                          f"hold {sorted(rest)}")
     refeed = generate_kwargs.get("cache", "dynamic") == "none"
     parts = rec.attnkit_parts(model)
-    modules = [m for m in model.modules() if id(m) in parts]
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and id(m) in parts]
     steps = {kind: _Steps(kind, dtype) for kind in ("encoder", "decoder", "cross")}
     final = [False]
 

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from attnkit._checks import require_int, require_real
 from attnkit._plot import pyplot
+from attnkit.inspect.maps import AttentionMaps
 from attnkit.inspect.recording import capture
 from attnkit.inspect.roles import induction_score, previous_token_score
 from attnkit.nn import TransformerConfig, TransformerLM
@@ -202,6 +203,7 @@ def train_induction(config: InductionConfig | None = None,
         with torch.no_grad():
             first, second = _half_losses(model, held_out, first_half, second_half)
             maps = capture(model, held_out[:, :-1])
+        assert isinstance(maps, AttentionMaps), "a TransformerLM (decoder-only) gives AttentionMaps"
         model.train()
         result.steps.append(step)
         result.first_half_loss.append(first)

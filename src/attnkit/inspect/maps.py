@@ -22,6 +22,7 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -148,7 +149,7 @@ class AttentionMaps:
 
     def _facts(self) -> dict:
         """The optional fields, copied (the per-input lists are new lists)."""
-        def copy(value):
+        def copy(value: list[list[Any]] | None) -> list[list[Any]] | None:
             return None if value is None else [list(v) for v in value]
 
         return {"key_tokens": copy(self.key_tokens), "key_token_ids": copy(self.key_token_ids),
@@ -357,9 +358,9 @@ def _span(indices: tuple[int, ...]) -> str:
     return str(list(indices))
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "KiB", "MiB"):
         if n < 1024:
             return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
+        n /= 1024
     return f"{n:.2f} GiB"

@@ -42,12 +42,12 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor, nn
 
-from attnkit import masks
+from attnkit import biases, masks
 from attnkit._checks import describe
 from attnkit.functional import attention_probs
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
@@ -68,7 +68,7 @@ Recording = Callable[[Tensor, Tensor, "masks.Mask | Tensor | None", Any, "float 
 def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...] | None:
     if given is None:
         return None
-    values = [given] if isinstance(given, int) else list(given)  # type: ignore[arg-type]
+    values = [given] if isinstance(given, int) else list(given)
     if not values or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
         raise ValueError(f"{name} must be None, an int >= 0 or a non-empty sequence of them; got {given!r}")
     return tuple(sorted(set(values)))
@@ -77,6 +77,18 @@ def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...]
 def _is_hf(model: nn.Module) -> bool:
     transformers = sys.modules.get("transformers")
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _pretrained(model: nn.Module) -> Any:
+    """``model`` as the transformers ``PreTrainedModel`` it is, for what nn.Module does not declare
+    (``config``, ``name_or_path``, ``get_encoder()``, ``generate()``...); mypy skips transformers."""
+    return model
+
+
+def _text_config(model: nn.Module) -> Any:
+    """A transformers model's text config (a multimodal model's language side), or its config."""
+    config = _pretrained(model).config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _heads_slice(t: Tensor, heads: list[int]) -> Tensor:
@@ -108,7 +120,7 @@ def probabilities(q: Tensor, k: Tensor, mask: masks.Mask | Tensor | None, bias: 
             yield start, attention_probs(
                 q[:, chosen], kv, kv, scale=scale, softcap=softcap,
                 mask=_heads_slice(mask, chosen) if isinstance(mask, Tensor) else mask,
-                bias=[_heads_slice(b, chosen) for b in bias_parts] or None,
+                bias=[biases.from_tensor(_heads_slice(b, chosen)) for b in bias_parts] or None,
             )  # (B, c, Lq, Lk)
         else:
             yield start, attention_probs(q, k, k, mask=mask, bias=bias, scale=scale, softcap=softcap)[:, chosen]
@@ -124,7 +136,7 @@ class _Recorder:
     """
 
     def __init__(self, layers: tuple[int, ...] | None, heads: tuple[int, ...] | None, dtype: torch.dtype,
-                 real_q: list[slice | Tensor], real_k: list[slice | Tensor],
+                 real_q: Sequence[slice | Tensor], real_k: Sequence[slice | Tensor],
                  lengths: tuple[int | None, int | None], progress: Callable[[int, int], None] | None):
         self.layers, self.heads, self.dtype, self.progress = layers, heads, dtype, progress
         self.real_q, self.real_k, self.lengths = real_q, real_k, lengths
@@ -215,7 +227,7 @@ def _real_positions(valid: Tensor | None, batch: int, length: int) -> list[slice
 
 
 @contextlib.contextmanager
-def attnkit_recording(modules: list[MultiHeadAttention],
+def attnkit_recording(modules: Iterable[MultiHeadAttention],
                       route: Callable[[nn.Module], Recording | None]) -> Iterator[None]:
     """Hook ``modules`` (attnkit :class:`~attnkit.nn.MultiHeadAttention`) for this block only.
 
@@ -223,7 +235,8 @@ def attnkit_recording(modules: list[MultiHeadAttention],
     that recorder gets ``(q, k, mask, bias, None, None)`` (attnkit modules use the default scale
     and no softcap): q (B, H, Lq, D), k (B, Hkv, Lk, D) after positions and the cache.
     """
-    def hook(module, q, k, v, mask, bias):
+    def hook(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: masks.Mask | Tensor | None,
+             bias: Any) -> None:
         recorder = route(module)
         if recorder is not None:
             recorder(q, k, mask, bias, None, None)
@@ -278,7 +291,7 @@ def hf_recording(model: nn.Module, route: Callable[[nn.Module], Recording | None
     from attnkit.integrations.transformers import _UNSUPPORTED, to_attnkit_mask  # needs transformers >= 4.57
 
     # eager gets None where it wants no mask; sdpa, flash and attnkit read None as "causal if is_causal"
-    none_is_causal = "eager" not in str(model.config._attn_implementation)
+    none_is_causal = "eager" not in str(_pretrained(model).config._attn_implementation)
 
     def wrap(fn: Any) -> Any:
         @functools.wraps(fn)
@@ -368,19 +381,20 @@ def wrapped_attention_functions(model: nn.Module, wrap: Callable[[Callable[..., 
 
 def _find_tokenizer(model: nn.Module) -> Any:
     """The tokenizer in a transformers model's local folder (or bundled model), or None."""
-    if not (_is_hf(model) and getattr(model, "name_or_path", "")):
+    name = getattr(model, "name_or_path", "") if _is_hf(model) else ""
+    if not name:
         return None
     from transformers import AutoTokenizer
 
     from attnkit.models import path
 
     try:
-        return AutoTokenizer.from_pretrained(path(model.name_or_path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(path(name), local_files_only=True)
     except (OSError, ValueError, ImportError):
         return None
 
 
-def _is_text(inputs: object) -> bool:
+def _is_text(inputs: object) -> TypeGuard[str | Sequence[str]]:
     return isinstance(inputs, str) or (isinstance(inputs, Sequence) and len(inputs) > 0
                                        and all(isinstance(s, str) for s in inputs))
 
@@ -408,17 +422,16 @@ def _name(model: nn.Module) -> str:
 
 def _max_positions(model: nn.Module) -> int | None:
     if _is_hf(model):
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        return getattr(config, "max_position_embeddings", None)
+        return getattr(_text_config(model), "max_position_embeddings", None)
     if isinstance(model, TransformerLM) and model.config.positions == "learned":
         return model.config.max_length
     return None
 
 
-def _text_batch(tokenizer: Any, texts: object, *, target: bool = False) -> dict[str, Any]:
+def _text_batch(tokenizer: Any, texts: str | Sequence[str], *, target: bool = False) -> dict[str, Any]:
     """A padded batch of ``texts`` (tokenized as targets when ``target``), with ``"word_ids"``:
     one list per text from a fast tokenizer, else None."""
-    texts = [texts] if isinstance(texts, str) else list(texts)  # type: ignore[call-overload]
+    texts = [texts] if isinstance(texts, str) else list(texts)
     encoding = (tokenizer(text_target=texts, padding=len(texts) > 1, return_tensors="pt") if target
                 else tokenizer(texts, padding=len(texts) > 1, return_tensors="pt"))
     try:
@@ -464,9 +477,9 @@ def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, di
         kwargs.pop("token_type_ids", None)
         if kwargs.get("padding_mask") is not None:
             kwargs["padding_mask"] = kwargs["padding_mask"].bool()
-        ids = kwargs.get("tokens")
-        if ids is not None:
-            return (kwargs.pop("tokens"),), kwargs, ids, kwargs.get("padding_mask"), word_ids
+        tokens = kwargs.get("tokens")
+        if tokens is not None:
+            return (kwargs.pop("tokens"),), kwargs, tokens, kwargs.get("padding_mask"), word_ids
         x = kwargs.pop("x", None)
         if x is None:
             raise ValueError(f"a dict of inputs needs 'input_ids' (or 'tokens', or 'x' for embeddings); "
@@ -495,7 +508,7 @@ def _target(model: nn.Module, target: object, tokenizer: Any) -> dict[str, Any]:
     else:
         raise TypeError(f"target must be text (a string or a list of strings) or token ids (a list of ints or an "
                         f"integer (T,) or (B, T) tensor); got {_summary(target)}")
-    start = getattr(model.config, "decoder_start_token_id", None)
+    start = getattr(_pretrained(model).config, "decoder_start_token_id", None)
     if start is None:
         raise ValueError(f"{_name(model)!r} has no config.decoder_start_token_id, so capture cannot tell what its "
                          "decoder reads first; pass decoder_input_ids in inputs instead of target=")
@@ -518,7 +531,7 @@ def _special(tokenizer: Any, ids: list[int]) -> list[bool] | None:
         return None
 
 
-def _sides(ids: Tensor | None, real: list[slice | Tensor], length: int, tokenizer: Any,
+def _sides(ids: Tensor | None, real: Sequence[slice | Tensor], length: int, tokenizer: Any,
            word_ids: list[list[int | None]] | None, label: str = "") -> dict[str, Any]:
     """One side's facts per input, cut to its real tokens: ``tokens``, ``token_ids``, ``special``,
     ``word_ids``. Without ids, tokens are the positions (``label`` + index: ``"frame 3"``)."""
@@ -565,7 +578,8 @@ def encoder_decoder_parts(model: nn.Module) -> dict[int, str]:
     in the decoder, an attention module named like cross-attention (``encoder_attn`` in BART,
     Marian and Whisper, ``EncDecAttention`` in T5, ``crossattention``) is ``"cross"``.
     """
-    encoder, decoder = model.get_encoder(), model.get_decoder()
+    lm = _pretrained(model)
+    encoder, decoder = lm.get_encoder(), lm.get_decoder()
     parts = {id(m): "encoder" for m in encoder.modules()}
     for name, m in decoder.named_modules():
         parts[id(m)] = "cross" if _CROSS_NAME.search(name.rsplit(".", 1)[-1]) else "decoder"
@@ -667,25 +681,27 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         if tokenizer is None and _is_text(inputs):
             raise ValueError(f"inputs are text, so capture needs a tokenizer, and none was found for "
                              f"{_name(model)!r}; pass tokenizer= (e.g. the one attnkit.models.load returns)")
-    if hf and getattr(model.config, "is_encoder_decoder", False):
+    if hf and getattr(_pretrained(model).config, "is_encoder_decoder", False):
         return _capture_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, report)
     if target is not None:
         raise ValueError(f"target is for encoder-decoder models; {_name(model)!r} is not one (its decoder reads "
                          f"inputs alone); got target {_summary(target)}")
     attnkit_modules = [] if hf else [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     if hf:
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        count = getattr(config, "num_hidden_layers", None)
+        count = getattr(_text_config(model), "num_hidden_layers", None)
     elif attnkit_modules:
         count = len(attnkit_modules)
     else:
         raise TypeError(f"model must be a transformers model or hold attnkit MultiHeadAttention modules; "
                         f"got {type(model).__name__}, which holds none")
-    if count is None and wanted_layers is None:
-        raise ValueError(f"cannot tell how many attention layers {_name(model)!r} has; pass layers= explicitly")
     if count is not None and wanted_layers is not None and wanted_layers[-1] >= count:
         raise ValueError(f"layers must be < {count}, the model's layer count; got {list(wanted_layers)}")
-    selected = wanted_layers if wanted_layers is not None else tuple(range(count))  # type: ignore[arg-type]
+    if wanted_layers is not None:
+        selected = wanted_layers
+    elif count is not None:
+        selected = tuple(range(count))
+    else:
+        raise ValueError(f"cannot tell how many attention layers {_name(model)!r} has; pass layers= explicitly")
 
     args, kwargs, ids, valid, word_ids = _encode(model, inputs, tokenizer)
     first = args[0] if args else ids
@@ -707,7 +723,7 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once. Only
         # the eager path's maps are the ones the model used: other paths of such models compute them
         # separately, and some leave the mask out (Falcon under sdpa gives non-causal maps).
-        implementation = getattr(model.config, "_attn_implementation", None)
+        implementation = getattr(_pretrained(model).config, "_attn_implementation", None)
         if implementation != "eager":
             raise ValueError(
                 f"{_name(model)!r} computes attention in its own code, not through transformers' "
@@ -776,7 +792,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
         "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
     }
     parts = encoder_decoder_parts(model)
-    config = model.config
+    config = _pretrained(model).config
     encoder_layers = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
     decoder_layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) \
         or encoder_layers
@@ -899,7 +915,7 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
         "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
     }
     parts = attnkit_parts(model)
-    modules = [m for m in model.modules() if id(m) in parts]
+    modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and id(m) in parts]
     recording = attnkit_recording(modules, lambda module: recorders[parts[id(module)]])
     _run(model, recording, (src, tgt), {"src_padding_mask": src_valid, "tgt_padding_mask": tgt_valid})
     src_side = _sides(src, real_src, src_len, tokenizer, None)

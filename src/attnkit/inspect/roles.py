@@ -453,6 +453,16 @@ class _Context:
     visible: Tensor  # (Lq, Lk) bool: keys some head of some layer gives weight to
     key_set: Tensor | None  # (Lk,) bool, for token_set_mass
 
+    def token_ids(self) -> Tensor:
+        """``ids``, for a role that needs ``"token_ids"``: head_roles skips those roles when it has none."""
+        assert self.ids is not None, "a role that needs token ids was scored without them"
+        return self.ids
+
+    def keys_in_set(self) -> Tensor:
+        """``key_set``, for a role that needs ``"key_set"``: head_roles refuses those roles without one."""
+        assert self.key_set is not None, "a role that needs a key set was scored without one"
+        return self.key_set
+
 
 @dataclass(frozen=True)
 class _Role:
@@ -471,9 +481,9 @@ _SELF, _BOTH, _CROSS = ("self",), ("self", "cross"), ("cross",)
 _REGISTRY: dict[str, _Role] = {
     "previous_token": _Role(lambda t, c: share(t, previous_pattern(t.shape[-1])), _SELF, None,
                             "a single token has no previous token"),
-    "duplicate_token": _Role(lambda t, c: share(t, earlier_same(c.ids)), _SELF, "token_ids",
+    "duplicate_token": _Role(lambda t, c: share(t, earlier_same(c.token_ids())), _SELF, "token_ids",
                              "no token repeats an earlier one"),
-    "induction": _Role(lambda t, c: share(t, induction_pattern(c.ids)), _SELF, "token_ids",
+    "induction": _Role(lambda t, c: share(t, induction_pattern(c.token_ids())), _SELF, "token_ids",
                        "no token repeats an earlier one (feed a repeated sequence)"),
     "first_token": _Role(lambda t, c: share(t, first_pattern(*t.shape[-2:])), _BOTH, None, "no keys"),
     "mean_distance": _Role(lambda t, c: distance(t), _SELF, None, "no row has any mass"),
@@ -484,7 +494,7 @@ _REGISTRY: dict[str, _Role] = {
                           "fewer than two query rows"),
     "diagonal": _Role(lambda t, c: share(t, diagonal_pattern(*t.shape[-2:])), _CROSS, None,
                       "no row has any mass"),
-    "token_set_mass": _Role(lambda t, c: set_mass(t, c.key_set), _BOTH, "key_set", "no row has any mass"),
+    "token_set_mass": _Role(lambda t, c: set_mass(t, c.keys_in_set()), _BOTH, "key_set", "no row has any mass"),
 }
 
 # The roles head_roles scores by default on self-attention maps (Lq == Lk) ...

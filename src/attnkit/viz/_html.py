@@ -23,7 +23,7 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
 
 def asset(name: str) -> str:
     """The text of ``static/<name>`` shipped inside the package."""
-    return resources.files("attnkit.viz").joinpath("static", name).read_text(encoding="utf-8")
+    return resources.files("attnkit.viz").joinpath("static").joinpath(name).read_text(encoding="utf-8")
 
 
 def embed_json(value: Any) -> str:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
 from attnkit.inspect.maps import AttentionMaps
+from attnkit.inspect.tokens import special_mask
 from attnkit.viz.report import _check_maps
 
 __all__ = ["Summary", "explain", "find_tokens", "special_positions", "summarize"]
@@ -84,16 +84,24 @@ def explain(
     return maps
 
 
-_SPECIAL = re.compile(r"^(\[[A-Z]+\]|<\|?[A-Za-z_/]+\|?>)$")
+def special_positions(tokens: Sequence[str], special: Sequence[bool] | None = None) -> list[int]:
+    """Positions of the special tokens (``[CLS]``, ``[SEP]``, ``<s>``, ``<|endoftext|>``...).
 
+    ``special``: the tokenizer's answer, one bool per token (the maps' ``special`` flags),
+    used when given; else the spelling decides (:func:`attnkit.inspect.tokens.special_mask`).
 
-def special_positions(tokens: Sequence[str]) -> list[int]:
-    """Positions of special tokens such as ``[CLS]``, ``[SEP]``, ``<s>`` or ``<|endoftext|>``.
-
-    >>> special_positions(["[CLS]", "the", "<b>", "[SEP]", "</s>"])
-    [0, 3, 4]
+    >>> special_positions(["[CLS]", "the", "[SEP]", "</s>"])
+    [0, 2, 3]
+    >>> special_positions(["<s>", "the", "</s>"], [True, False, False])  # the tokenizer's flags win
+    [0]
     """
-    return [i for i, t in enumerate(tokens) if _SPECIAL.match(t) and t not in ("<b>", "<i>", "<p>")]
+    return [i for i, flag in enumerate(special_mask(tokens, special)) if flag]
+
+
+def _special_keys(maps: AttentionMaps, input_index: int) -> list[int]:
+    """The key positions of one input's special tokens: the maps' flags where they have them."""
+    flags = maps.key_special if maps.is_cross else maps.special
+    return special_positions(maps.keys[input_index], None if flags is None else flags[input_index])
 
 
 @dataclass(frozen=True)
@@ -129,8 +137,9 @@ def summarize(
     """Top ``k`` keys per layer (mean over the captured heads) for each token of interest
     (``tokens``; default all, listing at most ``max_rows``), and the head roles.
 
-    With ``skip_special`` (default), special tokens (``[CLS]``, ``[SEP]``, ...) are left
-    out of the key lists: many heads park most of their weight there, which says little
+    With ``skip_special`` (default), special tokens (``[CLS]``, ``[SEP]``, ...: the maps'
+    ``special`` flags, else :func:`special_positions`'s spelling rule) are left out of the
+    key lists: many heads park most of their weight there, which says little
     about the text. The weights listed are the model's, not renormalised.
     """
     input_index = _check_maps(maps, input_index)
@@ -150,7 +159,7 @@ def summarize(
             raise ValueError(f"tokens must be positions in [0, {len(names)}); got {bad}")
     shown = wanted[:max_rows]
     attn = maps.attentions[input_index]
-    skipped = special_positions(names) if skip_special else []
+    skipped = _special_keys(maps, input_index) if skip_special else []
     per_layer = []
     for li in range(attn.shape[0]):
         grid = attn[li][:, shown].float().mean(0)  # (rows, Lk)
