@@ -287,7 +287,7 @@ def _generate(args: argparse.Namespace, con: Console, model: nn.Module, tokenize
     with con.status(f"generating {args.generate} tokens..."):
         gen = capture_generation(model, dict(prompt), tokenizer, max_new_tokens=args.generate, do_sample=False)
     new = gen.sequences.shape[1] - (1 if kind == "encoder-decoder" else prompt["input_ids"].shape[1])
-    tokens = [*gen.decoder.tokens[0], tokenizer.convert_ids_to_tokens(int(gen.sequences[0, -1]))]
+    tokens = list(gen.decoder.tokens[0])  # every token of the sequence, the last one included
     first = len(tokens) - new
     con.rule(f"{gen.decoder.model_name}: {first} prompt tokens + {new} generated, greedy")
     con.print(tokenizer.decode(gen.sequences[0], skip_special_tokens=True))
