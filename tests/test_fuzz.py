@@ -516,8 +516,24 @@ def test_causal_with_a_non_positive_scale_is_exact(scale, length):
     for backend in ("auto", "tiled"):
         out = attnkit.attention(q, k, v, mask=masks.causal(), scale=scale, backend=backend)
         assert _err(out, ref) < 1e-12, backend
-    with pytest.raises(ValueError, match="scale <= 0"):
+    with pytest.raises(ValueError, match="scale is <= 0"):
         attnkit.attention(q, k, v, mask=masks.causal(), scale=scale, backend="sdpa")
+
+
+@pytest.mark.parametrize("length", [2, 300])
+def test_causal_with_a_scale_that_is_zero_in_float32_is_exact(length):
+    """Found by the fuzz suite: scale=2.7e-263 is > 0 in Python but 0.0 in float32, the dtype the
+    kernels compute in, and the causal kernels then gave NaN. Causal attention with a vanishing
+    scale is uniform over each row's allowed keys."""
+    scale = 2.744993521758066e-263
+    q, k, v = (t.detach() for t in _inputs(lq=length, lk=length))
+    case = Case(1, 2, 2, length, length, 4, 4, torch.float64, 0, 1.0, scale, None, ("causal", "top_left"))
+    ref, _ = reference(case, q, k, v, [])
+    for backend in ("auto", "tiled"):
+        out = attnkit.attention(q.float(), k.float(), v.float(), mask=masks.causal(), scale=scale, backend=backend)
+        assert _err(out, ref) < 1e-5, backend
+    with pytest.raises(ValueError, match=r"scale is <= 0 in torch\.float32"):
+        attnkit.attention(q.float(), k.float(), v.float(), mask=masks.causal(), scale=scale, backend="sdpa")
 
 
 def test_float64_alibi_slopes_stay_float64():

@@ -62,6 +62,12 @@ class AttentionCall:
         """float64 for float64 inputs, float32 for everything else."""
         return torch.float64 if self.q.dtype == torch.float64 else torch.float32
 
+    def scale_positive_in(self, dtype: torch.dtype) -> bool:
+        """Whether the scale is still > 0 once cast to ``dtype``, as a kernel computing in that
+        dtype sees it (2.7e-263 is 0.0 in float32). PyTorch's causal kernels mask before they
+        scale, so a scale of 0 or below turns the masked -inf into NaN (or +inf)."""
+        return float(torch.tensor(self.scale, dtype=dtype)) > 0
+
     @property
     def requires_grad(self) -> bool:
         from attnkit.biases import tensor_bias_parts

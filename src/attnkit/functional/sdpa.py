@@ -40,9 +40,11 @@ class SDPABackend:
         if form is None:
             return (f"it takes the {mask!r} mask at Lq={call.q_len}, Lk={call.k_len} only as a dense (Lq x Lk) "
                     "tensor (it has top-left causal and key padding natively)")
-        if form.is_causal and call.scale <= 0:
+        run_dtype = call.compute_dtype if call.q.device.type == "cpu" else call.q.dtype
+        if form.is_causal and not call.scale_positive_in(run_dtype):
             # PyTorch's kernels mask before scaling: -inf * 0 is NaN, -inf * -s is +inf.
-            return f"its causal kernels give NaN when scale <= 0 (scale={call.scale:g})"
+            return (f"its causal kernels give NaN when the scale is <= 0 in {run_dtype} "
+                    f"(scale={call.scale:g})")
         if form.key_valid is not None and not form.key_valid.any(1).all():
             return "a batch element has no valid key, and SDPA returns NaN for such rows"
         return None

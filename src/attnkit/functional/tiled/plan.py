@@ -138,9 +138,9 @@ class BandPlan:
 def band_plan(call: AttentionCall) -> BandPlan:
     """Runs of equal bands and the far diagonal, from the mask's block map at ``_BAND_Q``."""
     bq, q_len, k_len = _BAND_Q, call.q_len, call.k_len
-    # The far part runs on the kernel's is_causal, which masks before it scales: with scale <= 0
-    # that is -inf * 0 = NaN (or +inf), so such calls keep every block in bands.
-    causal_ok = call.scale > 0
+    # The far part runs on the kernel's is_causal, which masks before it scales: with a scale that is
+    # <= 0 in the compute dtype that is -inf * 0 = NaN (or +inf), so such calls keep every block in bands.
+    causal_ok = call.scale_positive_in(call.compute_dtype)
     exact = _exact_diagonal(call) if causal_ok else None
     if exact is not None and (call.bias is None or _far_bias(call, exact) is not None):
         return BandPlan((), exact)  # a plain causal mask is the far part alone: no band, no merge
