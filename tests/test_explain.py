@@ -83,10 +83,19 @@ def test_summary_skips_the_keys_the_maps_flag_special_over_their_spelling():
     assert summary.rows[0][2][0] == [(1, "cat", 0.25), (2, "[MASK]", 0.25), (3, "</s>", 0.25)]
 
 
-def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
-    out, pngs = tmp_path / "report.html", tmp_path / "png"
-    assert cli.main(["explain", SEED, "--out", str(out), "--png", str(pngs), "--token", "it", "--top", "2",
-                     "--no-cost"]) == 0
+@pytest.mark.slow  # eight MiniLM figures take 20-60 s on 2 cores; test_save_pngs_files_and_errors stays by default
+def test_cli_explain_png_writes_every_layer_mean_and_rollout(minilm, tmp_path):
+    pngs = tmp_path / "png"
+    assert cli.main(["explain", SEED, "--out", "", "--png", str(pngs), "--no-cost"]) == 0
+    names = sorted(p.name for p in pngs.iterdir())
+    assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])
+    for n in names:
+        assert_drawn(pngs / n)
+
+
+def test_cli_explain_writes_the_report(minilm, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    assert cli.main(["explain", SEED, "--out", str(out), "--token", "it", "--top", "2", "--no-cost"]) == 0
     printed = capsys.readouterr().out
     assert "8:it" in printed and "2:cat" in printed
     assert "layer 5" in printed and "previous_token" in printed and "induction" in printed
@@ -109,10 +118,6 @@ def test_cli_explain_writes_report_and_pngs(minilm, tmp_path, capsys):
     assert data["view"] == {"layer": 5, "heads": [11]}
     assert "opening on layer 5 head 11" in printed
     assert decode(data["encoding"]).shape == (6 * 12 + 6, 13, 13)
-    names = sorted(p.name for p in pngs.iterdir())
-    assert names == sorted([f"layer{i}.png" for i in range(6)] + ["mean.png", "rollout.png"])
-    for n in names:
-        assert_drawn(pngs / n)
 
 
 def test_cli_explain_heads_subset_has_no_rollout(minilm, tmp_path):
