@@ -462,7 +462,7 @@ def test_cache_is_bounded(served):
     assert hits == [False, False, True, False, False]  # "two fish" was the least recently used
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_serve_until_interrupted(stop, tiny_folder):
     """``serve`` as the CLI runs it: loads the model, prints the URL, stops cleanly on Ctrl-C or kill,
     while a client holds a connection with half its headers sent."""
