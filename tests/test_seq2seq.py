@@ -11,11 +11,9 @@ import pytest
 import torch
 
 from attnkit.inspect import AttentionMaps, Seq2SeqMaps, capture
+from tiny_seq_models import WORDS, word_tokenizer
 
 TOL = 1e-5
-WORDS = ["<pad>", "<s>", "</s>", "<unk>", "the", "bank", "of", "river", "la", "rive", "du", "fleuve", "money",
-         "banque", "red", "car", "voiture", "rouge"]
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -28,15 +26,8 @@ def _transformers():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A word-level fast tokenizer built offline: </s> after every text, <pad> = 0."""
-    transformers = _transformers()
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {w: i for i, w in enumerate(WORDS)}
-    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    core.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                                unk_token="<unk>", bos_token="<s>")
+    _transformers()
+    return word_tokenizer()
 
 
 def _small(name: str):

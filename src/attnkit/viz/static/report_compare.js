@@ -6,18 +6,7 @@
 (function () {
   "use strict";
 
-  const svg = window.AttnkitCost.svg;
-
-  function el(tag, attrs, children) {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (k === "text") node.textContent = v;
-      else if (k === "class") node.className = v;
-      else node.setAttribute(k, v);
-    }
-    for (const c of children || []) node.appendChild(c);
-    return node;
-  }
+  const { svg, el } = window.AttnkitCost;  // report_cost.js: the page's two element builders
 
   /* Both words' cosines against the hidden state (emb, then each layer). */
   function cosineChart(data) {

@@ -114,5 +114,5 @@
     return box;
   }
 
-  window.AttnkitCost = { section, svg };
+  window.AttnkitCost = { section, svg, el };
 })();
