@@ -57,37 +57,52 @@ def main() -> None:
     results = {kernel: [_run(kernel, cases, lengths, args) for cases, lengths in groups]
                for kernel in ("pure", "native")}
     load_after = os.getloadavg()
-    lines = [f"Load average (1, 5, 15 min) before: {load_before[0]:.2f}, {load_before[1]:.2f}, {load_before[2]:.2f}; "
-             f"after: {load_after[0]:.2f}, {load_after[1]:.2f}, {load_after[2]:.2f}.", "",
-             "Speed of the tiled backend vs each peer, taken within one run (ms: tiled / SDPA / Flex).", "",
-             "| case | L | kernel | tiled ms | SDPA ms | Flex ms | vs SDPA | vs Flex | tiled slowdown "
-             "| SDPA slowdown |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for g, (cases, lengths) in enumerate(groups):
-        for case in cases:
-            for length in lengths:
-                for kernel in ("pure", "native"):
-                    res = results[kernel][g]
-                    t, s, f = (res.row(case, length, i) for i in ("attnkit:tiled", "sdpa", "flex"))
-                    ups = res.speedups(case, length, "attnkit:tiled")
-
-                    def ms(r):
-                        return f"{r.ms:.0f}" if r and r.ms else ""
-
-                    def slow(r):
-                        return f"{r.slowdown:.2f}" if r and r.slowdown else ""
-
-                    cells = [ms(t), ms(s), ms(f), f"{ups['sdpa']:.2f}x" if "sdpa" in ups else "",
-                             f"{ups['flex']:.2f}x" if "flex" in ups else "", slow(t), slow(s)]
-                    lines.append(f"| {case} | {length} | {kernel} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines)
+    data = {"loadavg_before": load_before, "loadavg_after": load_after,
+            "native": {"block_q": native.BLOCK_Q, "block_k": native.BLOCK_K, "blas": native.BLAS},
+            "runs": {kernel: [r.to_dict() for r in rs] for kernel, rs in results.items()}}
+    text = render(data)
     print(text)
     if not args.quick:
         info = machine_info("shared: other users' jobs ran meanwhile, so 'idle' is as idle as it was")
-        data = {"machine": info, "loadavg_before": load_before, "loadavg_after": load_after,
-                "native": {"block_q": native.BLOCK_Q, "block_k": native.BLOCK_K, "blas": native.BLAS},
-                "runs": {kernel: [r.to_dict() for r in rs] for kernel, rs in results.items()}}
-        save("engine", data, machine_line(info) + "\n\n" + text)
+        save("engine", {"machine": info, **data}, machine_line(info) + "\n\n" + text)
+
+
+def render(data: dict) -> str:
+    """The markdown table of results/engine.md, from the run's data (as saved in engine.json)."""
+    before, after = data["loadavg_before"], data["loadavg_after"]
+    first = data["runs"]["pure"][0]
+    settings = first["settings"]
+    lines = [f"Load average (1, 5, 15 min) before: {before[0]:.2f}, {before[1]:.2f}, {before[2]:.2f}; "
+             f"after: {after[0]:.2f}, {after[1]:.2f}, {after[2]:.2f}. fp32 matmul (2048x2048): "
+             f"{first['matmul_gflops']:.0f} GFLOP/s.", "",
+             f"B={settings['batch']}, H={settings['heads']}, Hkv={settings['kv_heads']}, D={settings['head_dim']}, "
+             f"window {settings['window']}, {settings['dtype']}, forward, median of {settings['repeats']} interleaved "
+             "runs. Speed of the tiled backend vs each peer, taken within one run; % of matmul counts only the "
+             "(query, key) pairs the mask allows.", "",
+             "| case | L | kernel | tiled ms | % of matmul | SDPA ms | Flex ms | vs SDPA | vs Flex | tiled slowdown "
+             "| SDPA slowdown |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    kernels = list(data["runs"])
+    for g, run in enumerate(data["runs"]["pure"]):
+        for case in run["settings"]["cases"]:
+            for length in run["settings"]["lengths"]:
+                for kernel in kernels:
+                    res = data["runs"][kernel][g]
+                    rows = {r["impl"]: r for r in res["rows"] if r["case"] == case and r["length"] == length}
+                    ups = next((u for u in res["speedups"] if u["case"] == case and u["length"] == length), {})
+                    t, s, f = (rows.get(i) for i in ("attnkit:tiled", "sdpa", "flex"))
+
+                    def ms(r: dict | None) -> str:
+                        return f"{r['ms']:.0f}" if r and r["ms"] else ""
+
+                    def slow(r: dict | None) -> str:
+                        return f"{r['slowdown']:.2f}" if r and r["slowdown"] else ""
+
+                    pct = f"{t['pct_of_matmul']:.0f}%" if t and t["pct_of_matmul"] else ""
+                    cells = [ms(t), pct, ms(s), ms(f), f"{ups['sdpa']:.2f}x" if ups.get("sdpa") else "",
+                             f"{ups['flex']:.2f}x" if ups.get("flex") else "", slow(t), slow(s)]
+                    lines.append(f"| {case} | {length} | {kernel} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
