@@ -562,3 +562,55 @@ def test_per_sequence_lengths_are_checked():
     with pytest.raises(ValueError, match="padding must be one of"):
         masks.causal(k_lengths=[1], padding="middle")
     assert masks.causal("bottom_right", k_lengths=[3]).sdpa_form(2, 5) is None
+
+
+def _band_dense(form: masks.BandForm, batch: int, q_len: int, k_len: int) -> torch.Tensor:
+    """The band form's predicate, pair by pair (B, Lq, Lk)."""
+    out = torch.zeros(batch, q_len, k_len, dtype=torch.bool)
+    for b in range(batch):
+        lo, hi, kl = (int(t[b if t.numel() > 1 else 0]) for t in (form.lo, form.hi, form.key_lengths))
+        for i in range(q_len):
+            for j in range(k_len):
+                ok = lo <= j - i <= hi and j < kl
+                if form.q_ids is not None:
+                    qb, kb = (b if t.shape[0] > 1 else 0 for t in (form.q_ids, form.kv_ids))
+                    ok = ok and int(form.q_ids[qb, i]) == int(form.kv_ids[kb, j])
+                out[b, i, j] = ok
+    return out
+
+
+@pytest.mark.parametrize("make", [
+    lambda: masks.causal(),
+    lambda: masks.causal("bottom_right"),
+    lambda: masks.sliding_window(3, align="bottom_right") & masks.key_padding(lengths=[9, 5]),
+    lambda: masks.causal(q_lengths=[4, 7], k_lengths=[6, 9], padding="left"),
+    lambda: masks.document(torch.tensor([[0, 0, 0, 1, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2, 2]]))
+    & masks.causal("bottom_right"),
+])
+def test_band_form_allows_exactly_the_masks_pairs(make):
+    mask, batch, q_len, k_len = make(), 2, 7, 9
+    form = mask.band_form(q_len, k_len)
+    assert form is not None
+    dense = mask.to_dense(q_len, k_len, batch=batch).reshape(-1, q_len, k_len).expand(batch, -1, -1)
+    assert torch.equal(_band_dense(form, batch, q_len, k_len), dense)
+
+
+def test_band_form_is_none_for_masks_it_cannot_describe():
+    valid = torch.tensor([[True, False, True, True]])
+    for mask in (masks.prefix_lm(2), masks.key_padding(valid=valid), ~masks.causal(), masks.causal() | masks.causal(),
+                 masks.strided(2), masks.dilated(2, 4),
+                 masks.document(torch.tensor([[0, 1, 1, 1]])) & masks.document(torch.tensor([[0, 0, 1, 1]]))):
+        assert mask.band_form(4, 4) is None, mask
+
+
+def test_alibi_distance_form_gives_the_bias_values():
+    from attnkit import biases
+
+    for bias in (biases.alibi(4), biases.alibi(4, align="bottom_right"),
+                 biases.alibi(4, align="bottom_right", q_lengths=[3, 5], k_lengths=[6, 7], padding="left")):
+        slopes, offsets = bias.distance_form(5, 7)
+        i, j = torch.arange(5)[:, None], torch.arange(7)[None, :]
+        built = torch.stack([-slopes.double()[:, None, None] * (i + int(o) - j).abs() for o in offsets])
+        dense = bias.to_dense(5, 7, batch=2).double()
+        assert torch.allclose(built.expand_as(dense), dense, atol=1e-6)
+    assert biases.from_tensor(torch.zeros(1, 1, 5, 7)).distance_form(5, 7) is None

@@ -64,6 +64,12 @@ class Bias:
         """
         return None
 
+    def distance_form(self, q_len: int, k_len: int) -> tuple[Tensor, Tensor] | None:
+        """``(slopes, offsets)`` if this bias is exactly ``-slopes[h] * |i + offsets[b] - j|``
+        at these lengths (ALiBi), else None. ``slopes`` (H,) float, ``offsets`` int64 (B|1,).
+        Kernels that add the bias by arithmetic on positions (the native tiled kernel) ask this."""
+        return None
+
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         """Raise ValueError if this bias cannot apply to a call of these sizes."""
 
@@ -229,6 +235,11 @@ class _ALiBi(Bias):
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
         distance = (block.i + self._offsets(block) - block.j).abs().to(dtype)  # (B|1, 1, bq, 1, bk)
         return -slopes * distance
+
+    def distance_form(self, q_len: int, k_len: int) -> tuple[Tensor, Tensor] | None:
+        if self.lengths is None:
+            return self.slopes, torch.tensor([0 if self.align == "top_left" else k_len - q_len])
+        return self.slopes, self.lengths.offsets(self.align, q_len, k_len, torch.device("cpu")).to(torch.int64)
 
     def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 __all__ = [
+    "BandForm",
     "BlockMap",
     "Mask",
     "MaskMod",
@@ -198,6 +199,38 @@ class SDPAForm:
     key_valid: Tensor | None = None
 
 
+@dataclass(frozen=True)
+class BandForm:
+    """A mask as arithmetic on positions, per batch element ``b`` (see :meth:`Mask.band_form`).
+
+    Allowed: ``lo[b] <= j - i <= hi[b]`` and ``j < key_lengths[b]`` and, when ``q_ids`` is
+    set, ``q_ids[b|0, i] == kv_ids[b|0, j]``. ``lo``, ``hi``, ``key_lengths``: int64 (B,)
+    (B = 1 for a mask that is the same for every sequence); ``UNBOUNDED`` stands for no bound.
+    ``q_ids`` (1|B, Lq), ``kv_ids`` (1|B, Lk): int64 document ids, or None.
+    """
+
+    UNBOUNDED = 1 << 62
+
+    lo: Tensor
+    hi: Tensor
+    key_lengths: Tensor
+    q_ids: Tensor | None = None
+    kv_ids: Tensor | None = None
+
+    def __and__(self, other: BandForm) -> BandForm | None:
+        """Both at once, or None when both carry document ids (not one band form)."""
+        if self.q_ids is not None and other.q_ids is not None:
+            return None
+        ids = self if self.q_ids is not None else other
+        return BandForm(torch.maximum(self.lo, other.lo), torch.minimum(self.hi, other.hi),
+                        torch.minimum(self.key_lengths, other.key_lengths), ids.q_ids, ids.kv_ids)
+
+    @classmethod
+    def unbounded(cls, k_len: int) -> BandForm:
+        far = torch.full((1,), cls.UNBOUNDED, dtype=torch.int64)
+        return cls(-far, far, torch.full((1,), k_len, dtype=torch.int64))
+
+
 class Mask:
     """Base class of all masks.
 
@@ -282,6 +315,12 @@ class Mask:
     def causal_offset(self, q_len: int, k_len: int) -> int | None:
         """``s`` if this mask is exactly ``j <= i + s`` at these lengths (causal in either
         alignment, or shifted), else None."""
+        return None
+
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        """This mask as a :class:`BandForm` at these lengths (a band of diagonals, key
+        lengths and document ids), or None if it is not one. Kernels that mask by
+        arithmetic on positions (the native tiled kernel) ask this."""
         return None
 
     # -- pieces of a longer sequence ------------------------------------------------------
@@ -482,6 +521,10 @@ class _And(Mask):
         fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
         return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
 
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        a, b = self.a.band_form(q_len, k_len), self.b.band_form(q_len, k_len)
+        return None if a is None or b is None else a & b
+
     def _both(self, q_len: int, k_len: int, block_q: int, block_k: int, batch: int | None, heads: int | None,
               device: torch.device | str) -> tuple[Tensor, Tensor]:
         return (self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device),
@@ -515,6 +558,9 @@ class _And(Mask):
 class _Or(_And):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) | self.b.allowed(block)
+
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        return None  # a union of bands is not one band
 
     def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
@@ -631,6 +677,14 @@ class _Diagonal(Mask):
         if self.left is not None or self.right is None or self.lengths is not None:
             return None
         return self._diagonal(q_len, k_len) + self.right
+
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        off = self._diagonals(q_len, k_len, torch.device("cpu"))
+        off = off.view(-1).to(torch.int64) if isinstance(off, Tensor) else torch.tensor([off])
+        form = BandForm.unbounded(k_len)
+        lo = form.lo if self.left is None else off - self.left
+        hi = form.hi if self.right is None else off + self.right
+        return BandForm(lo, hi, form.key_lengths)
 
     def _diagonals(self, q_len: int, k_len: int, device: torch.device) -> Tensor | int:
         """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
@@ -954,6 +1008,10 @@ class _Document(Mask):
     def _ids(self, device: torch.device) -> tuple[Tensor, Tensor]:
         return self.q_ids.to(device), self.kv_ids.to(device)
 
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        form = BandForm.unbounded(k_len)
+        return BandForm(form.lo, form.hi, form.key_lengths, self.q_ids.contiguous(), self.kv_ids.contiguous())
+
     def allowed(self, block: ScoreBlock) -> Tensor:
         q_ids, kv_ids = self._ids(block.device)
         qi = q_ids[:, block.q_start : block.q_stop].view(q_ids.shape[0], 1, -1, 1, 1)
@@ -1034,6 +1092,12 @@ class _KeyPadding(Mask):
             if valid.dtype != torch.bool:  # type: ignore[union-attr]
                 raise TypeError(f"valid must be a bool tensor (True = real token); got {describe(valid)}")
             self.valid = _rows("valid", valid)  # type: ignore[arg-type]
+
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        if self.lengths is None:  # given as valid= rows: not necessarily a prefix of the keys
+            return None
+        form = BandForm.unbounded(k_len)
+        return BandForm(form.lo, form.hi, torch.minimum(form.key_lengths, self.lengths.to(torch.int64)))
 
     def _valid_rows(self, k_len: int, device: torch.device) -> Tensor:
         if self.valid is not None:
@@ -1295,6 +1359,9 @@ class _ByDistance(_Diagonal):
 
     def _keep(self, d: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
+        return None  # kept distances need not be one interval
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self._keep(block.i + self._diagonal(block.q_len, block.k_len) - block.j)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -20,7 +19,7 @@ from attnkit._blocks import EMPTY, FULL, ScoreBlock
 from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall
 from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok
-from attnkit.masks import Mask
+from attnkit.masks import BandForm, Mask
 
 _SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in float32
 _BLOCK_K = 128  # key granularity of the block map
@@ -251,8 +250,6 @@ def _far_bias(call: AttentionCall, s: int) -> tuple[Tensor, Tensor] | None:
 
 # -- the native kernel's plan --------------------------------------------------------------
 
-_FAR = 1 << 62  # an unbounded diagonal side
-
 
 @dataclass(frozen=True)
 class NativeParams:
@@ -276,47 +273,26 @@ class NativeParams:
 def native_params(call: AttentionCall) -> NativeParams | None:
     """The call's mask and bias for the native kernel, or None if it cannot describe them.
 
-    Understood: intersections (``&``) of causal and sliding-window masks (either alignment,
-    per-sequence lengths too), :func:`~attnkit.masks.document` (one), key padding by
-    lengths; ALiBi as the only bias. Anything else (prefix-LM, global tokens, dense or
-    function masks, tensor biases, ``|``, ``~``) is left to the other kernels.
+    The mask must have a :meth:`~attnkit.masks.Mask.band_form` (intersections of causal and
+    sliding-window masks in either alignment, per-sequence lengths too, key padding by
+    lengths, one document mask) and the bias a :meth:`~attnkit.biases.Bias.distance_form`
+    (ALiBi); anything else (prefix-LM, global tokens, dense or function masks, tensor
+    biases, ``|``, ``~``) is left to the other kernels.
     """
-    from attnkit import biases, masks
-
     b, q_len, k_len = call.batch, call.q_len, call.k_len
-    i64 = torch.int64
-    dlo, dhi = torch.full((b,), -_FAR, dtype=i64), torch.full((b,), _FAR, dtype=i64)
-    klen = torch.full((b,), k_len, dtype=i64)
-    docs: list[Any] = []
-    stack: list[Any] = [] if call.mask is None else [call.mask]
-    while stack:
-        m = stack.pop()
-        if type(m) is masks._And:
-            stack += [m.a, m.b]
-        elif type(m) in (masks._Causal, masks._SlidingWindow):
-            off = m._diagonals(q_len, k_len, torch.device("cpu"))
-            off = off.view(-1).to(i64) if isinstance(off, Tensor) else torch.tensor([off], dtype=i64)
-            if m.left is not None:
-                dlo = torch.maximum(dlo, off - m.left)
-            if m.right is not None:
-                dhi = torch.minimum(dhi, off + m.right)
-        elif type(m) is masks._KeyPadding and m.lengths is not None:
-            klen = torch.minimum(klen, m.lengths.to(i64))
-        elif type(m) is masks._Document and not docs:
-            docs.append(m)
-        else:
-            return None
+    form = BandForm.unbounded(k_len) if call.mask is None else call.mask.band_form(q_len, k_len)
+    if form is None:
+        return None
     slopes = torch.empty(0, dtype=call.compute_dtype)
-    aoff = torch.zeros(b, dtype=i64)
+    aoff = torch.zeros(b, dtype=torch.int64)
     if call.bias is not None:
-        if type(call.bias) is not biases._ALiBi:
+        distance = call.bias.distance_form(q_len, k_len)
+        if distance is None:
             return None
-        slopes = call.bias.slopes.to(call.compute_dtype)
-        if call.bias.lengths is None:
-            aoff = aoff + (0 if call.bias.align == "top_left" else k_len - q_len)
-        else:
-            aoff = call.bias.lengths.offsets(call.bias.align, q_len, k_len, torch.device("cpu")).to(i64).expand(b)
-    empty = torch.empty(0, 0, dtype=i64)
-    q_ids, kv_ids = (docs[0].q_ids.contiguous(), docs[0].kv_ids.contiguous()) if docs else (empty, empty)
-    return NativeParams(dlo.expand(b).contiguous(), dhi.expand(b).contiguous(), klen.expand(b).contiguous(),
-                        q_ids, kv_ids, slopes.contiguous(), aoff.contiguous())
+        slopes, aoff = distance[0].to(call.compute_dtype), distance[1].expand(b)
+    empty = torch.empty(0, 0, dtype=torch.int64)
+    q_ids = empty if form.q_ids is None else form.q_ids.contiguous()
+    kv_ids = empty if form.kv_ids is None else form.kv_ids.contiguous()
+    return NativeParams(form.lo.expand(b).contiguous(), form.hi.expand(b).contiguous(),
+                        form.key_lengths.expand(b).contiguous(), q_ids, kv_ids, slopes.contiguous(),
+                        aoff.contiguous())
