@@ -33,6 +33,19 @@ def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device: torc
                       chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
 
 
+def _recompute_backward(call: AttentionCall, plan: BandPlan | None, q_rows: Tensor, k: Tensor, v: Tensor,
+                        out: Tensor, lse: Tensor, dout: Tensor | None,
+                        dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv from the forward's ``out`` and ``lse`` (rows folded by KV head): the batched
+    fused backward on ``plan`` when there is one and no gradient on the lse, else the
+    per-chunk backward (which adds the lse term)."""
+    if dlse is None and plan is not None:
+        dout = torch.zeros_like(out) if dout is None else dout
+        return kernels.band_backward(call, plan, q_rows, k, v, out, lse, dout)
+    dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+    return dq, dk, dv
+
+
 class _Banded(torch.autograd.Function):
     """The batched fused path (:func:`.plan.band_plan`, :func:`.kernels.band_forward`): ops independent of L."""
 
@@ -49,13 +62,8 @@ class _Banded(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q_rows, k, v, out, lse = ctx.saved_tensors
-        call = ctx.call
-        if dlse is None:
-            dout = torch.zeros_like(out) if dout is None else dout
-            dq, dk, dv = kernels.band_backward(call, ctx.plan, q_rows, k, v, out, lse, dout)
-        else:  # a gradient on lse: the per-chunk backward adds its term
-            dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
-        return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(call.bias)))
+        dq, dk, dv = _recompute_backward(ctx.call, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
+        return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(ctx.call.bias)))
 
 
 class _Native(torch.autograd.Function):
@@ -85,12 +93,10 @@ class _Native(torch.autograd.Function):
         q_rows, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
         hkv, g = call.kv_heads, call.groups
-        dout = torch.zeros_like(out) if dout is None else _fold(dout, hkv, g).contiguous()
-        if dlse is None and _fused_backward_ok(call):
-            dq, dk, dv = kernels.band_backward(call, band_plan(call), q_rows, k, v, out, lse, dout)
-        else:
-            dlse = None if dlse is None else _fold(dlse, hkv, g)
-            dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+        plan = band_plan(call) if _fused_backward_ok(call) else None
+        dq, dk, dv = _recompute_backward(call, plan, q_rows, k, v, out, lse,
+                                         None if dout is None else _fold(dout, hkv, g).contiguous(),
+                                         None if dlse is None else _fold(dlse, hkv, g))
         return None, None, _unfold(dq, hkv, g), dk, dv
 
 
