@@ -29,6 +29,25 @@ def test_backends_command(capsys):
     assert "tiled" in capsys.readouterr().out
 
 
+def test_backends_says_whether_the_native_kernel_is_built(capsys, monkeypatch):
+    from attnkit.functional.tiled import native
+
+    monkeypatch.delenv("ATTNKIT_NATIVE", raising=False)
+    monkeypatch.setattr(native, "cached", lambda: False)
+    def out() -> str:  # the console wraps long lines
+        return " ".join(capsys.readouterr().out.split())
+
+    assert main(["backends"]) == 0
+    assert "--build-native` builds it" in out()
+    monkeypatch.setattr(native, "cached", lambda: True)
+    assert main(["backends"]) == 0
+    assert "native kernel: built and cached" in out()
+    monkeypatch.setattr(native, "_build", lambda: (None, "build failed: no compiler"))
+    monkeypatch.setattr(native, "_state", {"module": None, "reason": "not built yet", "tried": False})
+    assert main(["backends", "--build-native"]) == 1  # a failed build is a failed command, with the reason
+    assert "native kernel: build failed: no compiler" in out()
+
+
 @pytest.mark.slow
 def test_benchmark_script_runs_quick():
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "core.py"), "--quick"],

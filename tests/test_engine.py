@@ -22,6 +22,13 @@ from attnkit.functional.tiled.plan import _BAND_Q, band_plan
 from conftest import max_err, qkv
 
 
+@pytest.fixture(autouse=True)
+def _pure_pytorch_engine(monkeypatch):
+    """These tests are about the batched pure-PyTorch engine: keep a cached native build out
+    (tests/test_native.py counts the native kernel's ops)."""
+    monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+
+
 class _Count(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -80,21 +80,21 @@ class _Native(torch.autograd.Function):
             raise RuntimeError(f"the native kernel is not available: {native.native_status()}")
         p = params
         out, lse = module.forward(q, k, v, call.scale, p.dlo, p.dhi, p.klen, p.q_ids, p.kv_ids, p.slopes,
-                                         p.aoff, native.BLOCK_Q, native.BLOCK_K, native.BLAS)
-        hkv, g = call.kv_heads, call.groups
+                                         p.aoff, native.BLOCK_Q, native.BLOCK_K)
         ctx.call = call
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(_fold(q, hkv, g), k, v, _fold(out, hkv, g), _fold(lse, hkv, g))
+        if any(ctx.needs_input_grad[2:]):  # folded for the backward there, not copied here for nothing
+            ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q_rows, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         call = ctx.call
         hkv, g = call.kv_heads, call.groups
         plan = band_plan(call) if _fused_backward_ok(call) else None
-        dq, dk, dv = _recompute_backward(call, plan, q_rows, k, v, out, lse,
+        dq, dk, dv = _recompute_backward(call, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g), _fold(lse, hkv, g),
                                          None if dout is None else _fold(dout, hkv, g).contiguous(),
                                          None if dlse is None else _fold(dlse, hkv, g))
         return None, None, _unfold(dq, hkv, g), dk, dv
@@ -223,14 +223,13 @@ def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tenso
 def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     cd = call.compute_dtype
     hkv, g = call.kv_heads, call.groups
+    k, v = call.k.to(cd), call.v.to(cd)
+    if native_ok(call):  # GQA by index in the kernel: no folded copy of q
+        out, lse = _Native.apply(call, native_params(call), call.q.to(cd).contiguous(), k.contiguous(), v.contiguous())
+        return out.to(call.q.dtype), lse
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
     q_rows = _fold(call.q.to(cd), hkv, g)
-    k, v = call.k.to(cd), call.v.to(cd)
     bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
-    if native_ok(call):
-        q, k, v = call.q.to(cd).contiguous(), k.contiguous(), v.contiguous()
-        out, lse = _Native.apply(call, native_params(call), q, k, v)
-        return out.to(call.q.dtype), lse
     if banded(call):
         q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
         out_rows, lse_rows = _Banded.apply(call, band_plan(call), q_rows, k, v, *bias_tensors)

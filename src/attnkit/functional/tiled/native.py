@@ -1,10 +1,19 @@
-"""The optional native kernel: a C++ forward built on first use, never required.
+"""The optional native kernel: a C++ forward built once, cached, never required.
 
 ``csrc/attention.cpp`` runs one parallel loop over (batch, head, query block) work items
-with block GEMMs and an online softmax, masking only the blocks on a mask's edge,
-arithmetically (see :func:`.plan.native_params` for the masks it understands). It is
-compiled with :func:`torch.utils.cpp_extension.load` the first time it is wanted and
-cached in torch's extension folder (``TORCH_EXTENSIONS_DIR``); later processes reuse it.
+with block GEMMs (oneDNN's micro-kernels for float32) and an online softmax, masking only
+the blocks on a mask's edge, arithmetically (see :func:`.plan.native_params` for the masks
+it understands). It is compiled with :func:`torch.utils.cpp_extension.load` and cached in
+torch's extension folder (``TORCH_EXTENSIONS_DIR``) under a name that carries a hash of
+the source, the flags and the torch version, so a stale build is never loaded.
+
+When it is used:
+
+* ``tiled.kernel("native")``, :func:`load`, or ``attnkit backends --build-native`` build
+  it if needed (about a minute on 2 cores) and use it;
+* ``kernel("auto")`` (the default) uses it for the calls where it measured fastest
+  (:func:`.select.native_ok`) once a build is cached, loading it in well under a second,
+  and never starts a compile by itself unless ``ATTNKIT_NATIVE=1`` asks it to.
 
 It is never required. Without a compiler or ninja, or if the build fails, or with
 ``ATTNKIT_NATIVE=0`` in the environment, the pure-PyTorch paths run; the reason is logged
@@ -16,9 +25,11 @@ native forward's ``out`` and ``lse``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,29 +40,63 @@ _SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17"]
 
 BLOCK_Q = 64  # query rows per work item
-BLOCK_K = 64  # keys per block GEMM
-BLAS = False  # block GEMMs by hand-written vector loops (False) or ATen's mm (True); see docs/core.md
+BLOCK_K = 64  # keys per block GEMM (key blocks start at multiples of it); see docs/core.md for the sweep
 
 _lock = threading.Lock()
-_state: dict[str, object] = {"module": None, "reason": "not built yet (built on first use)", "tried": False}
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+_state: dict[str, object] = {"module": None, "reason": "not built yet", "tried": False}
+
+
+def _setting() -> str:
+    return os.environ.get("ATTNKIT_NATIVE", "").strip().lower()
 
 
 def _disabled() -> str | None:
-    if os.environ.get("ATTNKIT_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+    if _setting() in _OFF:
         return "disabled by ATTNKIT_NATIVE=0"
     return None
 
 
-def load() -> ModuleType | None:
-    """The compiled extension, building it on the first call; None if unavailable (see :func:`native_status`).
+def build_wanted() -> bool:
+    """Whether ``kernel("auto")`` may start a build by itself (``ATTNKIT_NATIVE=1``)."""
+    return _setting() in _ON
 
-    Thread-safe: concurrent first calls wait for one build. Across processes torch's own
-    file lock in the extension folder serialises builds.
+
+def _name() -> str:
+    """The extension's name: a hash of the source, the flags, torch and Python, so an edit or an upgrade rebuilds."""
+    import torch
+
+    key = b"\0".join([_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(),
+                      sys.version.encode()])
+    return "attnkit_native_" + hashlib.sha256(key).hexdigest()[:16]
+
+
+def cached() -> bool:
+    """Whether a finished build for this source, these flags and this torch is in the extension folder."""
+    try:
+        from torch.utils import cpp_extension
+
+        folder = Path(cpp_extension._get_build_directory(_name(), verbose=False))
+    except Exception:  # a private helper of torch's: if it moves, say no and let the caller build
+        return False
+    return (folder / f"{_name()}.so").is_file() and not (folder / "lock").exists()
+
+
+def load(build: bool = True) -> ModuleType | None:
+    """The compiled extension; None if unavailable (see :func:`native_status`).
+
+    With ``build=False`` it is only loaded from a cached build (:func:`cached`), never
+    compiled; a missing cache is not remembered as a failure. Thread-safe: concurrent
+    first calls wait for one build. Across processes torch's own file lock in the
+    extension folder serialises builds.
     """
     if _disabled():
         return None
     if _state["tried"]:
         return _state["module"]  # type: ignore[return-value]
+    if not build and not cached():
+        return None
     with _lock:
         if not _state["tried"]:
             _state["module"], _state["reason"] = _build()
@@ -66,8 +111,7 @@ def _build() -> tuple[ModuleType | None, str]:
         from torch.utils import cpp_extension
 
         with _ninja_on_path():
-            module = cpp_extension.load(name="attnkit_native_attention", sources=[str(_SOURCE)],
-                                        extra_cflags=_CFLAGS, verbose=False)
+            module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: the pure-PyTorch path runs
         first = str(exc).strip().splitlines()
         return None, f"build failed: {type(exc).__name__}: {first[0] if first else ''}"[:300]

@@ -6,12 +6,16 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
 import torch
 
 from attnkit._checks import require_choice
 from attnkit.biases import tensor_bias_parts
 from attnkit.functional._call import AttentionCall
+
+if TYPE_CHECKING:
+    from attnkit.functional.tiled.plan import NativeParams
 
 KERNELS = ("auto", "math", "fused", "native")
 _NEG_INF = float("-inf")
@@ -22,14 +26,15 @@ _KERNEL: ContextVar[str] = ContextVar("attnkit_tiled_kernel", default="auto")
 def kernel(name: str) -> Iterator[str]:
     """Pin the tiled backend's kernel inside a ``with`` block (this thread/task only).
 
-    ``"auto"`` (default): the batched fused CPU kernel where the call allows it
+    ``"auto"`` (default): the native forward for the float32 CPU calls where it measured
+    fastest (sliding windows and causal documents; see :func:`native_ok`) once its build is
+    cached, else the batched fused CPU kernel where the call allows it
     (:mod:`attnkit.functional.tiled.plan`'s band plan: a bounded number of ops), else the
     per-chunk math kernel. ``"math"``: the per-chunk math kernel only. ``"fused"``: the
     per-chunk loop with the fused kernel on each segment (the v1 engine, kept for
     comparison and for gradients of the log-sum-exp). ``"native"``: the optional C++
-    forward (:mod:`.native`), built here on first use, for the calls it supports (else as
-    ``"auto"``). ``"auto"`` never takes it: it measured no faster than the batched kernel
-    (docs/core.md), and ``auto`` must not pick a slower path.
+    forward (:mod:`.native`), built here on first use, for every call it supports (else as
+    ``"auto"``).
     """
     token = _KERNEL.set(require_choice("kernel", name, KERNELS))
     try:
@@ -93,17 +98,35 @@ def banded(call: AttentionCall) -> bool:
 
 
 def native_ok(call: AttentionCall) -> bool:
-    """Whether the call runs on the native forward: only when pinned with ``kernel("native")`` (built on demand).
+    """Whether the call runs on the native forward (:mod:`.native`).
 
     Supported: CPU, no softcap or dropout, a mask and bias :func:`.plan.native_params` can
     describe. The backward is the pure-PyTorch one, from the native ``out`` and ``lse``.
+
+    Pinned with ``kernel("native")``: every supported call, building the kernel on demand.
+    Under ``kernel("auto")``: float32 calls whose mask cuts keys off on the left (a sliding
+    window: ``lo`` binds) or is causal within documents, where the native kernel measured
+    1.1-1.7x the batched one at L=1024-8192; causal, dense, padded and causal-ALiBi calls
+    stay on PyTorch's fused kernel, which measured faster there (docs/core.md). ``auto``
+    loads a cached build but compiles only when ``ATTNKIT_NATIVE=1``.
     """
     from attnkit.functional.tiled import native
-
-    if current() != "native" or call.q.device.type != "cpu" or call.softcap is not None or call.dropout_p != 0.0:
-        return False
-    if native.load() is None:
-        return False
     from attnkit.functional.tiled.plan import native_params
 
-    return native_params(call) is not None
+    pinned = current()
+    if pinned not in ("native", "auto") or call.q.device.type != "cpu" or call.softcap is not None \
+            or call.dropout_p != 0.0:
+        return False
+    if pinned == "auto" and (call.compute_dtype != torch.float32 or native._disabled()):
+        return False
+    params = native_params(call)
+    if params is None or (pinned == "auto" and not _native_faster(call, params)):
+        return False
+    return native.load(build=pinned == "native" or native.build_wanted()) is not None
+
+
+def _native_faster(call: AttentionCall, params: NativeParams) -> bool:
+    """The band shapes where the native forward measured faster than the batched fused kernel."""
+    window = bool((params.dlo > -(call.q_len - 1)).any())  # some row loses keys on its left
+    causal_documents = params.q_ids.numel() > 0 and bool((params.dhi < call.k_len - 1).all())
+    return window or causal_documents

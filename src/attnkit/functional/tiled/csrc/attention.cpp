@@ -7,6 +7,7 @@
 // Returns out (B, H, Lq, Dv) and lse (B, H, Lq); a row with no allowed key has out 0, lse -inf.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -159,22 +160,60 @@ void pv_block(const T* p, int64_t ldp, const T* v, int64_t Dv, T* acc, int64_t n
     }
 }
 
+// Largest element of row[0, n).
+template <typename T>
+T max_row(const T* row, int64_t n) {
+  T mx = -std::numeric_limits<T>::infinity();
+  int64_t c = 0;
+  if constexpr (std::is_same<T, float>::value) {
+    v8f a = Vec<float>::splat(mx);
+    for (; c + 8 <= n; c += 8) {
+      const v8f x = Vec<float>::load(row + c);
+      a = a > x ? a : x;
+    }
+    for (int x = 0; x < 8; ++x) mx = std::max(mx, a[x]);
+  }
+  for (; c < n; ++c) mx = std::max(mx, row[c]);
+  return mx;
+}
+
+// The two block GEMMs. float: oneDNN's JIT micro-kernels through ATen's brgemm (ATen falls
+// back to its own GEMM on CPUs oneDNN has none for); double: the hand-written loops above.
+// scores: s[r, c] = sum_d q[r, d] * kt[d, c], r < nr, c < nc (s has row stride lds, kt ldk).
+inline void scores(const float* q, int64_t D, const float* kt, int64_t ldk, float* s, int64_t lds, int64_t nr,
+                   int64_t nc) {
+  at::native::cpublas::brgemm(nr, nc, D, D, ldk, lds, false, q, kt, s, false);
+}
+inline void scores(const double* q, int64_t D, const double* kt, int64_t ldk, double* s, int64_t lds, int64_t nr,
+                   int64_t nc) {
+  constexpr int64_t w = 2 * Vec<double>::W;
+  qk_block<double>(q, D, kt, ldk, s, lds, nr, (nc + w - 1) / w * w);
+}
+// accumulate: acc[r, :] += sum_c p[r, c] * v[c, :], r < nr, c < nc (p has row stride ldp).
+inline void accumulate(const float* p, int64_t ldp, const float* v, int64_t Dv, float* acc, int64_t nr, int64_t nc) {
+  at::native::cpublas::brgemm(nr, Dv, nc, ldp, Dv, Dv, true, p, v, acc, false);
+}
+inline void accumulate(const double* p, int64_t ldp, const double* v, int64_t Dv, double* acc, int64_t nr,
+                       int64_t nc) {
+  pv_block<double>(p, ldp, v, Dv, acc, nr, nc);
+}
+
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                   const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids,
                   const at::Tensor& kids, const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK,
-                  bool blas, at::Tensor& out, at::Tensor& lse) {
+                  at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
   const int64_t nq = (Lq + BQ - 1) / BQ;
   const int64_t bkp = (BK + 2 * V::W - 1) / (2 * V::W) * (2 * V::W);  // padded key block
   const int64_t ldk = Lk + bkp;  // kt rows padded so a padded block never reads past the end
-  // K transposed once per call, (B, Hkv, D, Lk + pad), for the hand-written block GEMM.
-  at::Tensor kt = blas ? at::Tensor() : at::zeros({B, Hkv, D, ldk}, k.options());
-  if (!blas && Lk > 0) kt.narrow(3, 0, Lk).copy_(k.transpose(2, 3));
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  const T* ktp = blas ? nullptr : kt.data_ptr<T>();
+  // K transposed once per call, (B, Hkv, D, Lk + pad): the right operand of every score block.
+  at::Tensor kt = at::zeros({B, Hkv, D, ldk}, k.options());
+  if (Lk > 0) kt.narrow(3, 0, Lk).copy_(k.transpose(2, 3));
+  const T *qp = q.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T* ktp = kt.data_ptr<T>();
   T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
   const int64_t *dlop = dlo.data_ptr<int64_t>(), *dhip = dhi.data_ptr<int64_t>(), *klp = klen.data_ptr<int64_t>();
   const int64_t *aop = aoff.data_ptr<int64_t>();
@@ -189,16 +228,16 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // One task per thread; each takes work items from a shared counter (dynamic scheduling: a
   // descheduled thread takes fewer items), last query blocks first (they have the most keys under causal).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ);
+    std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ), qs(BQ * D);
     for (int64_t w = next++; w < total; w = next++) {
       const int64_t qb = nq - 1 - w / (B * H), bh = w % (B * H), b = bh / H, h = bh % H, kh = h / G;
       const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
       const T* qblk = qp + (bh * Lq + i0) * D;
-      const T* kbase = kp + (b * Hkv + kh) * Lk * D;
-      const T* ktbase = blas ? nullptr : ktp + (b * Hkv + kh) * D * ldk;
+      for (int64_t x = 0; x < nr * D; ++x) qs[x] = qblk[x] * T(scale);  // scores come out scaled
+      const T* ktbase = ktp + (b * Hkv + kh) * D * ldk;
       const T* vbase = vp + (b * Hkv + kh) * Lk * Dv;
       const int64_t lo = dlop[b], hi = dhip[b];
-      const int64_t jlo = std::max<int64_t>(0, i0 + lo);
+      const int64_t jlo = std::max<int64_t>(0, i0 + lo) / BK * BK;  // key blocks aligned to BK
       const int64_t jhi = std::min<int64_t>({Lk, klp[b], i1 - 1 + hi + 1});
       std::fill(acc.begin(), acc.begin() + nr * Dv, T(0));
       std::fill(m.begin(), m.begin() + nr, ninf);
@@ -220,31 +259,23 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (kmax < qmin || kmin > qmax) continue;  // no document in common: an empty block
           full = full && qmin == qmax && kmin == kmax && qmin == kmin;
         }
-        if (blas) {
-          at::Tensor st = at::from_blob(s.data(), {nr, nc}, {bkp, 1}, q.options());
-          at::mm_out(st, at::from_blob(const_cast<T*>(qblk), {nr, D}, q.options()),
-                     at::from_blob(const_cast<T*>(kbase + j0 * D), {nc, D}, q.options()).t());
-        } else {
-          qk_block<T>(qblk, D, ktbase + j0, ldk, s.data(), bkp, nr, (nc + 2 * V::W - 1) / (2 * V::W) * (2 * V::W));
-        }
+        scores(qs.data(), D, ktbase + j0, ldk, s.data(), bkp, nr, nc);
         for (int64_t r = 0; r < nr; ++r) {
           T* row = s.data() + r * bkp;
           const int64_t i = i0 + r;
-          for (int64_t c = 0; c < nc; ++c) row[c] *= T(scale);
           if (alibi)
             for (int64_t c = 0; c < nc; ++c) row[c] -= slope * T(std::abs(i + off - (j0 + c)));
-          if (!full) {
-            const int64_t* qid = docs ? qip + b * qis + i : nullptr;
-            const int64_t* kid = docs ? kip + b * kis + j0 : nullptr;
-            for (int64_t c = 0; c < nc; ++c) {
-              const int64_t d = j0 + c - i;
-              bool ok = d >= lo && d <= hi && (!docs || *qid == kid[c]);
-              row[c] = ok ? row[c] : ninf;
+          if (!full) {  // keys j0 + c with lo <= j - i <= hi: the columns [cl, ch)
+            const int64_t cl = std::clamp<int64_t>(i + lo - j0, 0, nc), ch = std::clamp<int64_t>(i + hi - j0 + 1, cl, nc);
+            std::fill(row, row + cl, ninf);
+            std::fill(row + ch, row + nc, ninf);
+            if (docs) {
+              const int64_t qid = qip[b * qis + i];
+              const int64_t* kid = kip + b * kis + j0;
+              for (int64_t c = cl; c < ch; ++c) row[c] = kid[c] == qid ? row[c] : ninf;
             }
           }
-          T mx = ninf;
-          for (int64_t c = 0; c < nc; ++c) mx = std::max(mx, row[c]);
-          const T mnew = std::max(m[r], mx);
+          const T mnew = std::max(m[r], max_row<T>(row, nc));
           if (mnew == ninf) {  // nothing allowed so far in this row: the block adds nothing
             std::fill(row, row + nc, T(0));
             continue;
@@ -256,13 +287,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           if (alpha != T(1))
             for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
         }
-        if (blas) {
-          at::Tensor at_acc = at::from_blob(acc.data(), {nr, Dv}, q.options());
-          at_acc.addmm_(at::from_blob(s.data(), {nr, nc}, {bkp, 1}, q.options()),
-                        at::from_blob(const_cast<T*>(vbase + j0 * Dv), {nc, Dv}, v.options()));
-        } else {
-          pv_block<T>(s.data(), bkp, vbase + j0 * Dv, Dv, acc.data(), nr, nc);
-        }
+        accumulate(s.data(), bkp, vbase + j0 * Dv, Dv, acc.data(), nr, nc);
       }
       T* oblk = op + (bh * Lq + i0) * Dv;
       T* lblk = lp + bh * Lq + i0;
@@ -273,13 +298,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         lblk[r] = any ? m[r] + std::log(l[r]) : ninf;
       }
     }
+    if constexpr (std::is_same<T, float>::value) at::native::cpublas::brgemm_release(false);
   });
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                 const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
                                 const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
-                                const at::Tensor& aoff, int64_t block_q, int64_t block_k, bool blas) {
+                                const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
   TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
@@ -288,7 +314,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q, block_k, blas,
+    forward_impl<scalar_t>(q, k, v, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q, block_k,
                            out, lse);
   });
   return {out, lse};
