@@ -17,7 +17,7 @@ import attnkit
 from attnkit import biases, masks
 from attnkit.functional import tiled
 from attnkit.functional._call import make_call
-from attnkit.functional.tiled.plan import _BAND_Q, band_plan
+from attnkit.functional.tiled.plan import _FAR_GAP, band_plan
 
 from conftest import max_err, qkv
 
@@ -101,6 +101,19 @@ def test_band_plan_matches_reference_with_gqa_and_odd_lengths(mask_name):
     assert max(max_err(a, b) for a, b in zip(grads, ref_grads)) < 1e-12
 
 
+def test_causal_alibi_keeps_float32_precision_at_long_length():
+    # Regression: the far part adds ALiBi as a per-key column spanning slope * L; with the
+    # diagonal inside it a slope of 1/2 at L = 2048 kept only 5e-5 of float32's precision.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 8, 2048, 16, generator=g) for _ in range(3))
+    mask, bias = masks.causal(), biases.alibi(8)  # slopes 1/2 ... 1/256
+    ref = attnkit.attention(q.double(), k.double(), v.double(), mask=mask, bias=bias, backend="reference")
+    out = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled")
+    dense = bias.to_dense(2048, 2048, heads=8) + torch.full((2048, 2048), float("-inf")).triu(1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert (out.double() - ref).abs().max() <= 3 * (sdpa.double() - ref).abs().max()
+
+
 def test_causal_plans_use_the_far_part_and_few_runs():
     q, k, v = qkv(q_len=2048, dtype=torch.float32)
 
@@ -108,8 +121,11 @@ def test_causal_plans_use_the_far_part_and_few_runs():
         return band_plan(make_call(q, k, v, mask=mask, bias=biases.alibi(2), scale=None, softcap=None,
                                    dropout_p=0.0, return_lse=False))
 
-    exact = plan(masks.causal())  # exactly j <= i: the kernel's is_causal alone
-    assert exact.far == 0 and exact.runs == ()
+    bare = band_plan(make_call(q, k, v, mask=masks.causal(), bias=None, scale=None, softcap=None, dropout_p=0.0,
+                               return_lse=False))
+    assert bare.far == 0 and bare.runs == ()  # exactly j <= i, no bias: the kernel's is_causal alone
+    exact = plan(masks.causal())  # with ALiBi the pairs nearest the diagonal stay in the band (exact bias)
+    assert exact.far == -_FAR_GAP and 1 <= len(exact.runs) <= 3
     both = plan(masks.causal() & masks.prefix_lm(0))  # not a bare diagonal: band + far
-    assert both.far == -_BAND_Q  # j <= i - 128: whole blocks below the diagonal block
-    assert 1 <= len(both.runs) <= 2
+    assert both.far == -_FAR_GAP
+    assert 1 <= len(both.runs) <= 3

@@ -25,8 +25,9 @@ _SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in
 _BLOCK_K = 128  # key granularity of the block map
 _MIN_SEGMENT = 512  # keys a materialising segment may span, at least, when the budget allows
 _BAND_Q = 128  # batched engine: queries per chunk, and keys per block of the block map
+_FAR_GAP = 2 * _BAND_Q  # with a bias, the far part starts this far below the diagonal (see _far_diagonal)
 _MAX_PIECES = 4  # a long run splits into at most this many calls to bound its mask
-_PIECE_BUDGET = 1 << 23  # mask elements per call before a run splits
+_PIECE_BUDGET = 1 << 22  # mask elements per call (a bias is per head) before a run splits
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def band_plan(call: AttentionCall) -> BandPlan:
     # <= 0 in the compute dtype that is -inf * 0 = NaN (or +inf), so such calls keep every block in bands.
     causal_ok = call.scale_positive_in(call.compute_dtype)
     exact = _exact_diagonal(call) if causal_ok else None
-    if exact is not None and (call.bias is None or _far_bias(call, exact) is not None):
+    if exact is not None and call.bias is None:
         return BandPlan((), exact)  # a plain causal mask is the far part alone: no band, no merge
     nq, nk = -(-q_len // bq), -(-k_len // bq)
     if call.mask is None:
@@ -200,7 +201,7 @@ def _pieces(runs: list[_Run], call: AttentionCall, far: int | None) -> list[_Run
         return runs
     out: list[_Run] = []
     for run in runs:
-        elems = run.n * run.rows * call.groups * run.width
+        elems = run.n * run.rows * call.groups * run.width * (call.kv_heads if call.bias is not None else 1)
         pieces = min(_MAX_PIECES, run.n, -(-elems // _PIECE_BUDGET))
         step = -(-run.n // pieces)
         for a in range(0, run.n, step):
@@ -222,8 +223,16 @@ def _far_diagonal(call: AttentionCall, spans: list[_Span | None], nq: int) -> in
         if n + c >= 1 and (span is None or span[0] != 0 or span[2] < n + c):
             return None
     s = (c - 1) * _BAND_Q
-    if call.bias is not None and _far_bias(call, s) is None:
-        return None
+    if call.bias is not None:
+        # The far part adds the bias as a per-key column (plus a per-row lse shift), whose
+        # values span the whole key range: a score near the diagonal, added to a column of
+        # magnitude slope * L, would keep only float32's absolute precision at that
+        # magnitude (1e-4 at L = 4096 with slope 1/2). So the pairs nearest the diagonal
+        # stay in the band, with the bias's exact values; the far part only has pairs whose
+        # weight the bias has already cut down.
+        s = min(s, -_FAR_GAP)
+        if -s >= call.q_len or _far_bias(call, s) is None:  # no row reaches that far
+            return None
     return s
 
 
