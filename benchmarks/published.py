@@ -100,6 +100,7 @@ VIEWS: dict[str, Callable[[], str]] = {
     "translate": lambda: script("translate").render(load("translate")),
     "monitor_overhead": lambda: script("monitor_overhead").render(load("monitor_overhead")),
     "polysemy": lambda: script("polysemy").render(load("polysemy")),
+    "engine": lambda: script("engine").render(load("engine")),
 }
 
 # results/<name>.md -> how it is rendered from results/<name>.json
@@ -107,6 +108,7 @@ FILES: dict[str, Callable[[], str]] = {
     **{n: (lambda n=n: bench_markdown(load(n))) for n in PEER_FILES},
     **{n: VIEWS[n] for n in ("core", "decode", "linear", "ring", "capture", "report", "bertviz_size", "profile",
                                   "translate", "monitor_overhead", "polysemy")},
+    "engine": lambda: script("_results").machine_line(load("engine")["machine"]) + "\n\n" + VIEWS["engine"](),
     "linear-favor": VIEWS["linear-favor"],
 }
 

@@ -84,6 +84,48 @@ def test_cli_rejects_bad_options(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["induction", "--step", "x"])
     assert exc.value.code == 2 and "usage: attnkit induction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["induction", "--threads", "0"])
+    assert exc.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
+def test_cli_trains_on_the_threads_asked_and_restores_them(monkeypatch):
+    import attnkit.inspect.induction as induction
+
+    seen = []
+    real = induction.train_induction
+
+    def spy(config, progress=None):
+        seen.append(torch.get_num_threads())
+        return real(config, progress=progress)
+
+    monkeypatch.setattr(induction, "train_induction", spy)
+    before = torch.get_num_threads()
+    assert main(["induction", "--steps", "2", "--plot", "", "--threads", "2"]) == 0
+    assert main(["induction", "--steps", "2", "--plot", ""]) == 0
+    assert seen == [2, 1]  # auto starts by timing one thread
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("cost, best", [({1: 1.0, 2: 3.0}, 1), ({1: 2.0, 2: 1.0}, 2)])
+def test_thread_tuner_keeps_the_faster_count(cost, best):
+    from attnkit.cli.induction import ThreadTuner
+
+    now = [0.0]
+    current = [0]
+    log = []
+
+    def set_threads(n):
+        current[0] = n
+
+    tuner = ThreadTuner((1, 2), every=50, probe=5, set_threads=set_threads, clock=lambda: now[0])
+    for done in range(1, 121):
+        now[0] += cost[current[0]] + (100.0 if done % 25 == 1 else 0.0)  # an evaluation step now and then
+        log.append(current[0])
+        tuner.step(done)
+    assert log[:5] == [1] * 5 and log[5:10] == [2] * 5  # probes: 5 steps on each count
+    assert set(log[10:50]) == {best} and tuner.chosen == best  # then the faster one
+    assert log[50:55] == [1] * 5 and log[55:60] == [2] * 5  # probed again after `every` steps
 
 
 def test_cli_runs_and_writes(tmp_path, monkeypatch, capsys):
