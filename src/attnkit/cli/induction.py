@@ -27,7 +27,7 @@ def add_parser(sub: Subparsers) -> Parser:
     p.add_argument("--json", help="write the recorded losses and scores to this file")
     p.add_argument("--threads", type=_threads, default="auto",
                    help="torch threads while training, or 'auto': every 250 steps, time a few steps on one thread "
-                        "and on torch's default count and keep the faster (on a busy machine one thread can be 3x "
+                        "and on torch's own thread count and keep the faster (on a busy machine one thread can be 3x "
                         "faster: each of the tiny model's many ops otherwise waits for a descheduled thread)")
     p.set_defaults(run=run)
     return p
