@@ -25,6 +25,7 @@ native forward's ``out`` and ``lse``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -63,6 +64,7 @@ def build_wanted() -> bool:
     return _setting() in _ON
 
 
+@functools.cache
 def _name() -> str:
     """The extension's name: a hash of the source, the flags, torch and Python, so an edit or an upgrade rebuilds."""
     import torch
@@ -72,15 +74,21 @@ def _name() -> str:
     return "attnkit_native_" + hashlib.sha256(key).hexdigest()[:16]
 
 
-def cached() -> bool:
-    """Whether a finished build for this source, these flags and this torch is in the extension folder."""
+@functools.cache
+def _folder() -> Path | None:
+    """The build's folder in torch's extension folder (torch creates it), looked up once per process."""
     try:
         from torch.utils import cpp_extension
 
-        folder = Path(cpp_extension._get_build_directory(_name(), verbose=False))
+        return Path(cpp_extension._get_build_directory(_name(), verbose=False))
     except Exception:  # a private helper of torch's: if it moves, say no and let the caller build
-        return False
-    return (folder / f"{_name()}.so").is_file() and not (folder / "lock").exists()
+        return None
+
+
+def cached() -> bool:
+    """Whether a finished build for this source, these flags and this torch is in the extension folder."""
+    folder = _folder()
+    return folder is not None and (folder / f"{_name()}.so").is_file() and not (folder / "lock").exists()
 
 
 def load(build: bool = True) -> ModuleType | None:
