@@ -31,7 +31,9 @@ independent of L.
 
 An optional C++ forward (:mod:`.native`, ``kernel("native")``) runs one parallel loop
 over (batch, head, query block) with block GEMMs and arithmetic edge masks, for the masks
-:func:`.plan.native_params` describes; it is built on first use and never required.
+:func:`.plan.native_params` describes. ``kernel("auto")`` uses it for float32 sliding
+windows and causal documents once a build is cached (see :func:`.select.native_ok`); it
+is never required.
 
 Modules: :mod:`.plan` (the per-chunk and the batched plans), :mod:`.kernels`,
 :mod:`.autograd` (the autograd functions), :mod:`.select` (the :func:`kernel` switch);
