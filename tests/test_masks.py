@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -12,7 +13,7 @@ import attnkit
 from attnkit import masks
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
 
-from conftest import qkv
+from conftest import max_err, qkv
 
 
 def loops(q_len, k_len, allowed, batch=1):
@@ -388,7 +389,10 @@ def test_from_function_accepts_a_flex_mask_mod_unchanged():
     (lambda b, h, q_idx, kv_idx: 1 / 0, ValueError, "'bad' raised ZeroDivisionError"),
     (lambda b, h, q_idx, kv_idx: True, TypeError, "'bad' must return a bool tensor; got bool"),
     (lambda b, h, q_idx, kv_idx: q_idx - kv_idx, TypeError, "'bad' must return a bool tensor .* torch.int32"),
-    (lambda b, h, q_idx, kv_idx: torch.ones(3, 3, dtype=torch.bool), ValueError, "'bad' returned shape \\(3, 3\\)"),
+    (lambda b, h, q_idx, kv_idx: torch.ones(3, 3, dtype=torch.bool), ValueError,
+     "'bad' must return one value per position; called with 0-d indices it returned shape \\(3, 3\\)"),
+    (lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) if q_idx > 2 else q_idx < 0, ValueError,
+     "'bad' raised RuntimeError.*per position through torch.vmap.*use torch.where instead of if"),
 ])
 def test_from_function_bad_functions_get_clear_errors(fn, error, match):
     m = masks.from_function(fn, name="bad")
@@ -398,6 +402,80 @@ def test_from_function_bad_functions_get_clear_errors(fn, error, match):
         attnkit.attention(*qkv(q_len=8), mask=m, backend="reference")
     with pytest.raises(TypeError, match="callable"):
         masks.from_function("q >= k")
+
+
+# -- Flex functions of both styles: broadcast index tensors, or 0-d indices as Flex's vmap gives them --------------
+
+_FLEX_L = 45
+_gen = torch.Generator().manual_seed(3)
+_DOC = torch.randint(0, 3, (_FLEX_L,), generator=_gen).sort().values
+_TABLE = torch.randn(3, _FLEX_L, _FLEX_L, generator=_gen)  # (H, L, L)
+_VEC = torch.randn(_FLEX_L, 4, generator=_gen)
+_INTERVAL = torch.tensor([0, 9])
+
+FLEX_MASKS = {  # name: (mask_mod, style)
+    "noop (0-d result)": (lambda b, h, q_idx, kv_idx: b.new_ones((), dtype=torch.bool), "broadcast"),
+    "document": (lambda b, h, q_idx, kv_idx: _DOC[q_idx] == _DOC[kv_idx], "broadcast"),
+    "interval[0]": (lambda b, h, q_idx, kv_idx: (q_idx - kv_idx >= _INTERVAL[0]) & (q_idx - kv_idx <= _INTERVAL[1]),
+                    "broadcast"),
+    "table[h][q][kv]": (lambda b, h, q_idx, kv_idx: _TABLE[h][q_idx][kv_idx] > -0.5, "per position"),
+    "torch.dot": (lambda b, h, q_idx, kv_idx: torch.dot(_VEC[q_idx], _VEC[kv_idx]) > -1.0, "per position"),
+    # broadcast runs, but .sum() reduces the whole block: the check against per-position calls catches it
+    "sum as dot": (lambda b, h, q_idx, kv_idx: (_VEC[q_idx] * _VEC[kv_idx]).sum() > 0, "per position"),
+}
+FLEX_SCORES = {
+    "relative": (lambda s, b, h, q_idx, kv_idx: s - 0.1 * (q_idx - kv_idx).abs(), "broadcast"),
+    "table[h][q][kv]": (lambda s, b, h, q_idx, kv_idx: s + _TABLE[h][q_idx][kv_idx], "per position"),
+    "torch.dot": (lambda s, b, h, q_idx, kv_idx: s + 0.3 * torch.dot(_VEC[q_idx], _VEC[kv_idx]), "per position"),
+}
+
+
+@functools.cache
+def _one_call_per_pair(name: str, with_score: bool) -> torch.Tensor:
+    """The function called once for each (b, h, i, j) of (2, 3, L, L) with 0-d tensors (a score of 0): (B, H, L, L)."""
+    fn = FLEX_SCORES[name][0] if with_score else FLEX_MASKS[name][0]
+    head = (torch.tensor(0.0),) if with_score else ()
+    return torch.tensor([[[[float(fn(*head, *map(torch.tensor, (b, h, i, j)))) for j in range(_FLEX_L)]
+                           for i in range(_FLEX_L)] for h in range(3)] for b in range(2)])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+@pytest.mark.parametrize("name", sorted(FLEX_MASKS))
+def test_flex_mask_mods_of_both_styles_give_flex_answer(name, backend, tiled_kernel):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    fn, style = FLEX_MASKS[name]
+    q, k, v = qkv(batch=2, heads=3, q_len=_FLEX_L, dtype=torch.float32)
+    bm = flex.create_block_mask(fn, 2, 3, _FLEX_L, _FLEX_L, device="cpu", _compile=False)
+    want = flex.flex_attention(q, k, v, block_mask=bm)
+    m = masks.from_function(fn)
+    out = attnkit.attention(q, k, v, mask=m, backend=backend)
+    assert max_err(out, want) < 2e-6
+    assert m.evaluator.per_position == (style == "per position")
+    dense = _one_call_per_pair(name, with_score=False).bool()
+    block = ScoreBlock(2, 3, 1, _FLEX_L, _FLEX_L, 0, _FLEX_L, 0, _FLEX_L, torch.device("cpu"))
+    assert torch.equal(m.allowed(block).expand(block.shape).squeeze(3), dense)  # against one call per pair
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("backend", ["reference", "tiled", "auto"])
+@pytest.mark.parametrize("name", sorted(FLEX_SCORES))
+def test_flex_score_mods_of_both_styles_give_flex_answer(name, backend, tiled_kernel):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    fn, style = FLEX_SCORES[name]
+    q, k, v = qkv(batch=2, heads=3, q_len=_FLEX_L, dtype=torch.float32)
+    want = flex.flex_attention(q, k, v, score_mod=fn)
+    bias = attnkit.biases.score_mod(fn)
+    assert max_err(attnkit.attention(q, k, v, bias=bias, backend=backend), want) < 2e-6
+    assert bias.evaluator.per_position == (style == "per position")
+    # gradients (Flex has no CPU backward): against the float64 reference with the bias as a dense tensor
+    q, k, v = qkv(batch=2, heads=3, q_len=_FLEX_L, requires_grad=True)
+    table = _one_call_per_pair(name, with_score=True).double()
+    out = attnkit.attention(q, k, v, bias=attnkit.biases.score_mod(fn), backend=backend)
+    ref = attnkit.attention(q, k, v, bias=table, backend="reference")
+    assert max_err(out, ref) < 1e-6
+    for got, expected in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(ref.sum(), (q, k, v))):
+        assert max_err(got, expected) < 1e-6
 
 
 # -- the sparse patterns of the literature ------------------------------------------------------

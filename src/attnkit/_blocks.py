@@ -87,6 +87,11 @@ class ScoreBlock:
             t = t[:, :, self.q_start : self.q_stop]
         if t.shape[3] != 1:
             t = t[:, :, :, self.k_start : self.k_stop]
+        return self.to_layout(t)
+
+    def to_layout(self, t: Tensor) -> Tensor:
+        """A block-local (B|1, H|1, bq|1, bk|1) tensor as a view in this block's layout,
+        (B|1, Hkv|1, bq|1, G|1, bk|1)."""
         if t.shape[1] == 1:
             return t.unsqueeze(3)  # (B|1, 1, bq|1, 1, bk|1)
         t = t.unflatten(1, (self.kv_heads, self.groups))  # (B|1, Hkv, G, bq|1, bk|1)

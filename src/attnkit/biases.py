@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnkit._blocks import ScoreBlock
 from attnkit._checks import check_broadcast_4d, describe, require_choice, require_int, require_tensor
+from attnkit._index_fn import IndexFunction
 from attnkit.masks import Lengths
 
 __all__ = ["Bias", "alibi", "alibi_slopes", "from_tensor", "score_mod"]
@@ -339,14 +340,10 @@ class _ScoreMod(Bias):
             raise TypeError(f"score_mod needs a callable fn(score, b, h, i, j); got {describe(fn)}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "fn")
+        self.evaluator = IndexFunction(fn, f"score_mod {self.name!r}", with_score=True, index_dtype=torch.int64)
 
     def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
-        out = self.fn(scores, block.b, block.h, block.i, block.j)
-        if not isinstance(out, Tensor):
-            raise TypeError(f"score_mod {self.name} must return a tensor; got {describe(out)}")
-        if out.shape != scores.shape:
-            out = out.expand(scores.shape)
-        return out.to(scores.dtype)
+        return self.evaluator.on_block(block, scores).expand(scores.shape).to(scores.dtype).contiguous()
 
     def __repr__(self) -> str:
         return f"score_mod({self.name})"
@@ -355,8 +352,12 @@ class _ScoreMod(Bias):
 def score_mod(fn: ScoreMod, name: str | None = None) -> Bias:
     """Any elementwise score modification, as in FlexAttention.
 
-    ``fn(score, b, h, i, j) -> score`` receives the scores and broadcastable int64
-    index tensors of batch, query head, query position and key position. It must be
+    ``fn(score, b, h, i, j) -> score`` is FlexAttention's ``score_mod``, under the contract of
+    :func:`attnkit.masks.from_function` with int64 indices: called on a block with ``score``
+    (B, H, bq, bk) and index tensors ``b`` (B, 1, 1, 1), ``h`` (1, H, 1, 1), ``i`` (1, 1, bq, 1)
+    and ``j`` (1, 1, 1, bk), it returns scores that broadcast to (B, H, bq, bk). A function
+    written for Flex's per-position calls (``score + table[h][i][j]``) is called through
+    ``torch.vmap`` with 0-d arguments instead, exactly and about 20x slower. It must be
     elementwise: the result at a position may depend only on that position's inputs.
     The tiled backend differentiates it with respect to the score; tensors captured
     inside ``fn`` get gradients only on the reference backend.

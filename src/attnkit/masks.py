@@ -49,6 +49,7 @@ from attnkit._checks import (
     require_int,
     require_tensor,
 )
+from attnkit._index_fn import IndexFunction
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -1282,29 +1283,11 @@ class _Function(_Evaluated):
             raise TypeError(f"name must be a str or None; got {describe(name)}")
         self.fn = fn
         self.name = name or getattr(fn, "__name__", type(fn).__name__)
-
-    def _call(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, shape: tuple[int, ...]) -> Tensor:
-        shapes = f"b {tuple(b.shape)}, h {tuple(h.shape)}, q_idx {tuple(q_idx.shape)}, kv_idx {tuple(kv_idx.shape)}"
-        try:
-            out = self.fn(b, h, q_idx, kv_idx)
-        except Exception as e:
-            raise ValueError(f"mask function {self.name!r} raised {type(e).__name__}: {e} "
-                             f"(called with int32 index tensors of shapes {shapes})") from e
-        if not isinstance(out, Tensor):
-            raise TypeError(f"mask function {self.name!r} must return a bool tensor; got {describe(out)}")
-        if out.dtype != torch.bool:
-            raise TypeError(f"mask function {self.name!r} must return a bool tensor (True = may attend); "
-                            f"got dtype {out.dtype}. Compare instead of computing, e.g. (q_idx >= kv_idx)")
-        if out.dim() > len(shape) or any(n not in (1, m) for n, m in zip(reversed(out.shape), reversed(shape))):
-            raise ValueError(f"mask function {self.name!r} returned shape {tuple(out.shape)}, which does not "
-                             f"broadcast to {shape}: the broadcast of its inputs ({shapes}). It must be "
-                             "elementwise in b, h, q_idx and kv_idx")
-        return out
+        # int32 indices, as in Flex's compiled kernels: half the memory traffic of int64
+        self.evaluator = IndexFunction(fn, f"mask function {self.name!r}", with_score=False, index_dtype=torch.int32)
 
     def allowed(self, block: ScoreBlock) -> Tensor:
-        # int32 indices, as in Flex's compiled kernels: half the memory traffic of int64
-        i32 = torch.int32
-        return self._call(block.b.to(i32), block.h.to(i32), block.i.to(i32), block.j.to(i32), block.shape)
+        return self.evaluator.on_block(block)
 
     def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         return self.fn
@@ -1316,12 +1299,19 @@ class _Function(_Evaluated):
 def from_function(fn: MaskMod, name: str | None = None) -> Mask:
     """Any mask, given as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
-    ``fn`` receives int32 index tensors (as in Flex's compiled kernels) of batch, query
-    head, query position and key position that broadcast together (each has its own axis; under FlexAttention they may
-    be 0-d) and returns a bool tensor of their broadcast shape: True = may attend. A Flex
-    ``mask_mod`` works unchanged, including one that indexes captured tensors
-    (``doc[q_idx] == doc[kv_idx]``). ``fn`` must be pure: the same inputs give the same
-    answer, whenever and however often it is called, or cached block states go stale.
+    The contract, the same on every backend: ``fn`` is first called on a whole block with
+    int32 index tensors (as in Flex's compiled kernels) of one fixed layout, ``b`` (B, 1, 1, 1),
+    ``h`` (1, H, 1, 1), ``q_idx`` (1, 1, bq, 1) and ``kv_idx`` (1, 1, 1, bk), and returns a
+    bool tensor (True = may attend) that broadcasts to (B, H, bq, bk); a result with fewer
+    dimensions has them as leading ones (Flex's ``noop_mask`` returns a 0-d True). A function
+    written for FlexAttention's per-position calls (0-d indices), which fails on index
+    tensors or returns another shape (``bias[q_idx][kv_idx]``, ``torch.dot(a[q_idx],
+    a[kv_idx])``), is then called as Flex calls it: through ``torch.vmap``, once per position,
+    exact but about 20x slower. On the first block the broadcast answer is also checked
+    against per-position calls at up to 81 positions, and a function that disagrees there
+    is evaluated per position from then on (see ``attnkit/_index_fn.py``). ``fn`` must be
+    pure: the same inputs give the same answer, whenever and however often it is called, or
+    cached block states go stale.
 
     Block states are exact: :meth:`Mask.block_states` evaluates ``fn`` on every pair, in
     chunks of about 8M pairs, and reduces each block (a block is empty or full only if
@@ -1330,8 +1320,9 @@ def from_function(fn: MaskMod, name: str | None = None) -> Mask:
     pay nothing. ``fn`` is evaluated over the call's batch and heads; a function that
     ignores ``b`` and ``h`` returns a tensor without those axes and costs nothing extra.
 
-    Errors name the function: an exception inside it, a non-tensor, a dtype other than
-    bool, or a shape that does not broadcast to its inputs' raise ValueError/TypeError.
+    Errors name the function: an exception in both kinds of call (with both reasons), a
+    non-tensor, a dtype other than bool, or more than one value per position raise
+    ValueError/TypeError.
 
     >>> m = from_function(lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 3 == 0, name="every_third")
     >>> m.to_dense(4, 4).int()
