@@ -30,9 +30,12 @@ def _transformers():
     return transformers
 
 
-def _old_transformers() -> bool:
-    """transformers 4.x, whose BERT does not use AttentionInterface."""
-    return int(_transformers().__version__.split(".")[0]) < 5
+def _bert_bypasses_the_registry() -> bool:
+    """Whether the installed transformers' BERT computes attention in its own code (it did before 5), as
+    attnkit's integration reads it from transformers' flags."""
+    from attnkit.integrations import transformers as integration
+
+    return not integration.supports(_transformers().BertModel)
 
 
 TOL = 1e-5
@@ -217,8 +220,9 @@ def minilm():
     from attnkit import models
 
     loaded = {impl: models.load("minilm", attn_implementation=impl)[0] for impl in ("eager", "sdpa")}
+    loaded["default"] = models.load("minilm")[0]  # sdpa, or eager where this BERT bypasses the registry
     _, tokenizer = models.load("minilm", attn_implementation="eager")
-    if not _old_transformers():  # BERT on AttentionInterface
+    if not _bert_bypasses_the_registry():  # BERT on AttentionInterface
         loaded["attnkit"] = models.load("minilm", attn_implementation="attnkit")[0]
     enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -232,6 +236,10 @@ def test_minilm_maps_equal_eager_output_attentions(minilm, impl):
     if impl not in loaded:
         pytest.skip("BERT uses AttentionInterface from transformers 5")
     model = loaded[impl]
+    if impl == "sdpa" and _bert_bypasses_the_registry():  # its output_attentions are computed apart from sdpa
+        with pytest.raises(ValueError, match=r"computes attention in its own code.*Load it with attn_implementation"):
+            capture(model, TEXTS)
+        return
     maps = capture(model, TEXTS)  # the tokenizer is found from the bundled model's name
     assert maps.model_name == "sentence-transformers/all-MiniLM-L6-v2" and maps.layers == tuple(range(6))
     for b in range(len(TEXTS)):
@@ -246,7 +254,7 @@ def test_minilm_maps_equal_eager_output_attentions(minilm, impl):
 
 def test_model_outputs_are_unchanged_during_capture(minilm):
     loaded, _, enc, _ = minilm
-    model = loaded["sdpa"]
+    model = loaded["default"]
     with torch.no_grad():
         want = model(**enc).last_hidden_state
     seen = []
@@ -264,8 +272,8 @@ def test_an_error_mid_forward_restores_everything(request, which, monkeypatch):
     if which == "minilm-sdpa":
         loaded, _, enc, _ = request.getfixturevalue("minilm")
         model, inputs = loaded["sdpa"], dict(enc)
-        if _old_transformers():
-            pytest.skip("BERT before transformers 5 is captured through output_attentions, without patching")
+        if _bert_bypasses_the_registry():
+            pytest.skip("this BERT is captured through output_attentions, without patching")
     else:
         model, inputs = request.getfixturevalue("decoders")["llama"][0], {"input_ids": torch.arange(3, 12)[None]}
     implementation = model.config._attn_implementation
@@ -296,7 +304,7 @@ def test_an_error_mid_forward_restores_everything(request, which, monkeypatch):
 
 def test_training_mode_is_restored_and_dropout_is_off(minilm):
     loaded, _, enc, want = minilm
-    model = copy.deepcopy(loaded["sdpa"]).train()
+    model = copy.deepcopy(loaded["default"]).train()
     maps = capture(model, {k: v[:1] for k, v in enc.items()}, layers=[5])
     assert model.training
     torch.testing.assert_close(maps[0], want[0, 5:6], atol=TOL, rtol=0)
@@ -304,15 +312,15 @@ def test_training_mode_is_restored_and_dropout_is_off(minilm):
 
 def test_float16_storage(minilm):
     loaded, tokenizer, _, _ = minilm
-    full = capture(loaded["sdpa"], TEXTS[0], tokenizer=tokenizer)
-    half = capture(loaded["sdpa"], TEXTS[0], tokenizer=tokenizer, dtype=torch.float16)
+    full = capture(loaded["default"], TEXTS[0], tokenizer=tokenizer)
+    half = capture(loaded["default"], TEXTS[0], tokenizer=tokenizer, dtype=torch.float16)
     assert half[0].dtype == torch.float16 and half.nbytes * 2 == full.nbytes
     torch.testing.assert_close(half[0].float(), full[0], atol=1e-3, rtol=0)
 
 
 def test_minilm_errors(minilm):
     loaded, tokenizer, _, _ = minilm
-    model = loaded["sdpa"]
+    model = loaded["default"]
     with pytest.raises(ValueError, match=r"has 513 tokens, but .* accepts at most 512 positions"):
         capture(model, torch.ones(1, 513, dtype=torch.long))
     with pytest.raises(ValueError, match=r"layers must be < 6"):
@@ -369,8 +377,8 @@ def test_long_capture_stores_only_the_selection_in_float16(monkeypatch):
     """2,000 tokens through a BERT-shaped model: storage is exactly layers * heads * L * L * 2 bytes,
     and no probability tensor computed on the way survives the capture."""
     transformers = _transformers()
-    if _old_transformers():
-        pytest.skip("BERT before transformers 5 is captured through output_attentions (all layers at once)")
+    if _bert_bypasses_the_registry():
+        pytest.skip("this BERT is captured through output_attentions (all layers at once)")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=500, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                      intermediate_size=1536, max_position_embeddings=2048)

@@ -66,7 +66,7 @@ def test_bad_options(kwargs, error, message):
 
 
 def test_score_mod_must_return_a_tensor():
-    with pytest.raises(TypeError, match="score_mod bad must return a tensor; got float"):
+    with pytest.raises(TypeError, match="score_mod 'bad' must return a score tensor; got float"):
         attnkit.attention(*good(), bias=biases.score_mod(lambda s, b, h, i, j: 1.0, name="bad"),
                           backend="reference")
 

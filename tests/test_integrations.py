@@ -24,16 +24,17 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 
 from attnkit import masks, models  # noqa: E402
 from attnkit.integrations import transformers as integration  # noqa: E402
+from own_attention_model import OwnAttentionConfig, OwnAttentionForCausalLM  # noqa: E402
 
 TOL = 1e-5
-# BERT routes its attention through AttentionInterface from transformers 5 on; decoders already in 4.5x.
-V4 = int(transformers.__version__.split(".")[0]) < 5
+# BERT routes its attention through AttentionInterface from transformers 5 on (asked of the installed library).
+BERT_SERVED = integration.supports(transformers.BertModel)
 TEXTS = ["Attention maps show where each token looks.", "A short one."]
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    if V4:
+    if not BERT_SERVED:
         pytest.skip("this transformers' BERT does not use AttentionInterface (it does from transformers 5)")
     eager, tokenizer = models.load("minilm", attn_implementation="eager")
     ours, _ = models.load("minilm", attn_implementation="attnkit")
@@ -280,7 +281,7 @@ def test_load_minilm_is_offline_and_in_eval_mode(monkeypatch):
     assert tokenizer.tokenize("attention") == ["attention"]
 
 
-@pytest.mark.skipif(V4, reason="this transformers' BERT does not use AttentionInterface")
+@pytest.mark.skipif(not BERT_SERVED, reason="this transformers' BERT does not use AttentionInterface")
 def test_load_a_local_folder(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -324,17 +325,26 @@ def test_load_bundled_model_without_its_package(monkeypatch):
 
 # -- models attnkit cannot serve ----------------------------------------------------------------------
 
-# Models whose attention is computed in their own code, not through AttentionInterface: under "attnkit" they
-# would take only attnkit's mask function (Bloom: never causal; MPT: inverted) or fail (Falcon: KeyError).
-OWN_ATTENTION = {
+# Upstream classes whose attention has computed in their own code in some supported release (BERT before
+# transformers 5, Falcon before 5.25, Bloom and MPT so far). Which side each falls on is asked of the installed
+# transformers (integration.supports reads its flags), never written here: a refused class must be refused, and
+# a served one must match eager. OwnAttentionForCausalLM (tests/own_attention_model.py) is refused on every
+# version, so the refusal is always tested.
+UPSTREAM = {
     "bloom": (transformers.BloomForCausalLM, transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2,
                                                                       n_head=6)),
     "mpt": (transformers.MptForCausalLM, transformers.MptConfig(vocab_size=97, d_model=48, n_layers=2, n_heads=6,
                                                                 max_seq_len=64)),
     "falcon": (transformers.FalconForCausalLM, transformers.FalconConfig(vocab_size=97, hidden_size=48,
                                                                          num_hidden_layers=2, num_attention_heads=6)),
+    "bert": (transformers.BertModel, transformers.BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2,
+                                                             num_attention_heads=6, intermediate_size=96)),
 }
-REFUSED = r"(Bloom|Mpt|Falcon)(ForCausalLM|Model) cannot use attn_implementation='attnkit'.*attn_implementation='eager'"
+OWN_ATTENTION = {"own": (OwnAttentionForCausalLM, OwnAttentionConfig()),
+                 **{name: pair for name, pair in UPSTREAM.items() if not integration.supports(pair[0])}}
+SERVED_UPSTREAM = sorted(name for name, (cls, _) in UPSTREAM.items() if integration.supports(cls))
+REFUSED = r"(Bloom|Mpt|Falcon|Bert|OwnAttention)(ForCausalLM|Model) cannot use attn_implementation='attnkit'.*" \
+          r"attn_implementation='eager'"
 
 
 def _with_implementation(config, implementation):
@@ -345,10 +355,21 @@ def _with_implementation(config, implementation):
 
 def test_declared_support_follows_the_model_class():
     assert integration.supports(transformers.LlamaForCausalLM) and integration.supports(transformers.GPT2Model)
-    for cls, _ in OWN_ATTENTION.values():
-        assert not integration.supports(cls)
+    assert not integration.supports(OwnAttentionForCausalLM)
     with pytest.raises(TypeError, match="model must be a transformers PreTrainedModel"):
         integration.supports(torch.nn.Linear)
+
+
+@pytest.mark.parametrize("name", SERVED_UPSTREAM)
+def test_upstream_models_that_declare_support_run_on_attnkit_and_match_eager(name):
+    """A class this transformers routes through AttentionInterface is served, and its output is eager's."""
+    cls, config = UPSTREAM[name]
+    eager, ours = _pair(cls, config)
+    ids = torch.randint(3, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = eager(ids), ours(ids)
+    field = "logits" if hasattr(want, "logits") else "last_hidden_state"
+    torch.testing.assert_close(getattr(got, field), getattr(want, field), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", sorted(OWN_ATTENTION))
@@ -368,22 +389,34 @@ def test_switching_a_model_with_its_own_attention_to_attnkit_is_refused(name):
     assert model.config._attn_implementation == "eager"
 
 
-def test_from_pretrained_and_models_load_refuse_bloom(tmp_path):
-    cls, config = OWN_ATTENTION["bloom"]
+def test_from_pretrained_and_models_load_refuse_a_model_with_its_own_attention(tmp_path, monkeypatch):
+    cls, config = OWN_ATTENTION["own"]
     cls(_with_implementation(config, "eager")).save_pretrained(tmp_path, safe_serialization=True)
     with pytest.raises(integration.UnsupportedModelError, match=REFUSED):
         cls.from_pretrained(tmp_path, attn_implementation="attnkit")
-    with pytest.raises(integration.UnsupportedModelError, match="BloomForCausalLM cannot use"):
+    # models.load reads the class named in config.json's architectures from transformers' namespace (the module
+    # now in sys.modules: importing some models replaces transformers' lazy module object)
+    monkeypatch.setitem(transformers.models.auto.configuration_auto.CONFIG_MAPPING._extra_content,
+                        OwnAttentionConfig.model_type, OwnAttentionConfig)
+    monkeypatch.setattr(sys.modules["transformers"], cls.__name__, cls, raising=False)
+    with pytest.raises(integration.UnsupportedModelError, match="OwnAttentionForCausalLM cannot use"):
         models.load(tmp_path, attn_implementation="attnkit")
 
 
-@pytest.mark.parametrize("name", ["bloom", "mpt"])
+@pytest.mark.parametrize("name", sorted(OWN_ATTENTION))
 def test_a_false_declaration_is_caught_on_the_first_forward(monkeypatch, name):
-    """Were such a class to declare support, its first forward (which would run only attnkit's mask) raises,
-    and so does every later one: no result of it is ever returned."""
+    """Were a class with its own attention to declare support, its first forward (which would run its own
+    attention, or only attnkit's mask function as Bloom's and MPT's do) raises, and so does every later one:
+    no result of it is ever returned. A class that picks an attention class per implementation (BERT and Falcon
+    in transformers 4.57) fails at construction instead, in transformers' own lookup."""
     cls, config = OWN_ATTENTION[name]
-    monkeypatch.setattr(cls.__mro__[1], "_supports_attention_backend", True)  # Bloom/MptPreTrainedModel
-    model = cls(_with_implementation(config, "attnkit")).eval()
+    for klass in cls.__mro__[:cls.__mro__.index(transformers.PreTrainedModel)]:  # e.g. Bloom's PreTrainedModel too
+        monkeypatch.setattr(klass, "_supports_attention_backend", True)
+    try:
+        model = cls(_with_implementation(config, "attnkit")).eval()
+    except KeyError as e:
+        assert e.args == ("attnkit",) and name != "own"
+        return
     assert model.config._attn_implementation == "attnkit"
     ids, attention_mask = _batch()
     refused = rf"{cls.__name__} cannot use .*2 of its 2 attention modules that ran .*did not call"
@@ -432,11 +465,12 @@ def test_a_forward_that_uses_only_the_mask_function_is_refused():
 
 
 def test_capture_reads_own_attention_models_only_on_their_eager_path():
-    """Falcon computes attention in its own code. Under sdpa its output_attentions are not the maps it used
-    (they leave the causal mask out), so capture refuses; under eager they are, and they are causal."""
+    """A model that computes attention in its own code may compute its output_attentions apart from the kernel
+    it runs under sdpa (Falcon's left the causal mask out), so capture refuses; under eager they are the maps
+    it used, and they are causal."""
     from attnkit.inspect import capture
 
-    cls, config = OWN_ATTENTION["falcon"]
+    cls, config = OWN_ATTENTION["own"]
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match=r"loaded with attn_implementation='sdpa'.*'eager'"):
         capture(cls(_with_implementation(config, "sdpa")).eval(), ids)

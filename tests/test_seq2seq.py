@@ -101,6 +101,12 @@ def test_encoder_decoder_and_cross_maps_equal_eager_output_attentions(name, impl
     model = _small(name)
     inputs = _padded_batch()
     want = _want(model, inputs)
+    from attnkit.integrations.transformers import supports
+
+    if not supports(model):  # T5 in transformers 4.57 computes attention in its own code
+        with pytest.raises(ValueError, match="made 0 encoder, 0 decoder and 0 cross-attention calls through"):
+            capture(_eager(model, impl), inputs)
+        return
     maps = capture(_eager(model, impl), inputs)
     assert isinstance(maps, Seq2SeqMaps) and len(maps) == 2
     _check(maps, want, inputs["attention_mask"], inputs["decoder_attention_mask"])
@@ -133,7 +139,7 @@ def test_text_target_is_teacher_forced_behind_the_start_token(tokenizer):
     model = _eager(_small("bart"), "eager")
     texts, targets = ["the bank of the river", "red car"], ["la rive du fleuve", "la voiture rouge"]
     maps = capture(model, texts, target=targets, tokenizer=tokenizer, layers=[1], heads=[0, 3])
-    src = tokenizer(texts, padding=True, return_tensors="pt")
+    src = tokenizer(texts, padding=True, return_tensors="pt", return_token_type_ids=False)  # BART takes none
     labels = tokenizer(text_target=targets, padding=True, return_tensors="pt")
     start = torch.full((2, 1), model.config.decoder_start_token_id)
     inputs = {**src, "decoder_input_ids": torch.cat([start, labels.input_ids], 1),

@@ -83,7 +83,8 @@ def test_seq2seq_without_a_target_reads_the_models_greedy_output(bart_service):
     payload, _ = request(service, text=SOURCE, target="  ")  # blank: the model writes the target
     tok, model = service.tokenizer, service.model
     with torch.no_grad():
-        ids = model.generate(**tok(SOURCE, return_tensors="pt"), max_new_tokens=63, do_sample=False, num_beams=1)[0]
+        source = tok(SOURCE, return_tensors="pt", return_token_type_ids=False)  # BART takes none
+        ids = model.generate(**source, max_new_tokens=63, do_sample=False, num_beams=1)[0]
     assert len(ids) <= service.max_tokens
     assert payload["target"] == tok.convert_ids_to_tokens(ids.tolist())
     maps = capture(model, SOURCE, target=ids, tokenizer=tok)
@@ -148,7 +149,8 @@ def test_self_attention_models_take_neither_field():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=len(WORDS), hidden_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=32,
+                                     attn_implementation="eager")  # capture reads every BERT release there
     service = ExplainService(transformers.BertModel(config).eval(), word_tokenizer())
     assert (service.kind, service.max_generate) == ("encoder", 0)
     for body, field in [(b'{"text": "the", "target": "la"}', '"target"'), (b'{"text": "the", "generate": 2}',

@@ -76,7 +76,9 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
             hub id, or a folder with ``config.json``, safetensors weights and a tokenizer.
         attn_implementation: ``"eager"``, ``"sdpa"``, ``"attnkit"`` (registered with
             transformers on the way) or any other that transformers knows; default
-            transformers' choice (sdpa).
+            transformers' choice (sdpa), except ``"eager"`` for a class whose attention does
+            not go through transformers' AttentionInterface (BERT before transformers 5):
+            :func:`attnkit.inspect.capture` can read such a model's maps only there.
 
     The model class is the one named in the config's ``architectures`` (e.g. ``BertModel``),
     else ``AutoModel``. A bundled model's ``name_or_path`` is its hub id.
@@ -113,6 +115,8 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     architectures = getattr(config, "architectures", None) or []
     cls = getattr(transformers, architectures[0], None) if architectures else None
+    if attn_implementation is None and cls is not None and not _routes_attention(cls):
+        attn_implementation = "eager"  # the only path whose output_attentions are the maps the model uses
     kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
     cls = cls or transformers.AutoModel
     model = cls.from_pretrained(folder, config=config, use_safetensors=True, local_files_only=True, **kwargs)
@@ -121,3 +125,10 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
     if bundled is not None:
         model.name_or_path = BUNDLED[bundled][2]
     return model.eval(), tokenizer
+
+
+def _routes_attention(cls: type) -> bool:
+    """Whether a transformers model class runs its attention through AttentionInterface."""
+    from attnkit.integrations.transformers import supports
+
+    return supports(cls)

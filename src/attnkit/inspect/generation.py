@@ -192,7 +192,8 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
                 flags = torch.cat([prompt, prompt.new_ones(batch, sequences.shape[1] - prompt.shape[1])], 1)
                 extra = {} if valid is None else {"attention_mask": flags,
                                                   "position_ids": (flags.long().cumsum(-1) - 1).clamp(min=0)}
-                model(**{**kwargs, "input_ids": sequences, **extra}, use_cache=False)
+                model(**{**_extended(kwargs, prompt.shape, sequences.shape[1]), "input_ids": sequences, **extra},
+                      use_cache=False)
     finally:
         for m, mode in modes:
             m.training = mode
@@ -208,6 +209,14 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
         src = rec._sides(ids, real_s, length, tokenizer, None, label="frame ")
         _add_source(result, rec._name(model), steps, real_t, real_s, tgt, src)
     return result
+
+
+def _extended(kwargs: dict[str, Any], prompt: torch.Size, length: int) -> dict[str, Any]:
+    """The prompt's other per-token inputs (``token_type_ids``) grown to ``length`` tokens by repeating their
+    last column, as decoders extend them while generating."""
+    return {name: torch.cat([v, v[:, -1:].expand(-1, length - v.shape[1])], 1)
+            if isinstance(v, Tensor) and v.shape == prompt and name != "input_ids" else v
+            for name, v in kwargs.items()}
 
 
 def _prompt_flags(ids: Tensor | None, valid: Tensor | None) -> Tensor:

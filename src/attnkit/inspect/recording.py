@@ -441,6 +441,15 @@ def _text_batch(tokenizer: Any, texts: str | Sequence[str], *, target: bool = Fa
     return {**dict(encoding), "word_ids": word_ids}
 
 
+def _accepted(model: nn.Module, encoding: dict[str, Any]) -> dict[str, Any]:
+    """The tokenizer outputs that the model's forward takes: a tokenizer may add ``token_type_ids``,
+    which some models (BART in transformers 4.57) refuse."""
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return encoding
+    return {name: value for name, value in encoding.items() if name in params}
+
+
 def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, dict, Tensor | None, Tensor | None,
                                                                       list[list[int | None]] | None]:
     """``(args, kwargs)`` for the model, the ids (B, L) or None, the real-token flags (B, L) or
@@ -450,6 +459,8 @@ def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, di
     if _is_text(inputs):
         inputs = _text_batch(tokenizer, inputs)
         word_ids = inputs.pop("word_ids")
+        if hf:
+            inputs = _accepted(model, inputs)
     if isinstance(inputs, Sequence) and inputs and all(isinstance(i, int) for i in inputs):
         inputs = torch.tensor([inputs])
     if isinstance(inputs, Tensor):
@@ -586,13 +597,14 @@ def encoder_decoder_parts(model: nn.Module) -> dict[int, str]:
     return parts
 
 
-def _run(model: nn.Module, recording: contextlib.AbstractContextManager, args: tuple, kwargs: dict) -> None:
-    """One forward pass of ``model`` in eval mode without gradients, recorded; its modes restored after."""
+def _run(model: nn.Module, recording: contextlib.AbstractContextManager, args: tuple, kwargs: dict) -> Any:
+    """One forward pass of ``model`` in eval mode without gradients, recorded; its modes restored after.
+    Returns the model's output."""
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with torch.no_grad(), recording:
-            model(*args, **kwargs)
+            return model(*args, **kwargs)
     finally:
         for m, mode in modes:
             m.training = mode
@@ -730,9 +742,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
                 f"attention interface, so capture can only read its eager path's output_attentions; it "
                 f"was loaded with attn_implementation={implementation!r}. Load it with "
                 f"attn_implementation='eager' to capture its maps")
-        with torch.no_grad():
-            for probs in getattr(model(*args, **kwargs, output_attentions=True), "attentions", None) or ():
-                recorder.given(probs)
+        out = _run(model, contextlib.nullcontext(), args, {**kwargs, "output_attentions": True})
+        for probs in getattr(out, "attentions", None) or ():
+            recorder.given(probs)
     if count is not None and recorder.calls != count:
         raise ValueError(f"{_name(model)!r} called attention {recorder.calls} times in one forward pass but has "
                          f"{count} layers; capture supports models that attend once per layer (encoders, decoders) "

@@ -384,9 +384,9 @@ class ExplainService:
 
         if target is None:  # the model writes the target: greedy, then read teacher-forced like a given one
             with self._model_lock, torch.no_grad():
-                source = self.tokenizer(text, return_tensors="pt")
-                ids = self.model.generate(**source, max_new_tokens=self.max_generate, do_sample=False,
-                                          num_beams=1)[0]
+                source = self.tokenizer(text, return_tensors="pt")  # may hold token_type_ids, which generate refuses
+                ids = self.model.generate(input_ids=source["input_ids"], attention_mask=source.get("attention_mask"),
+                                          max_new_tokens=self.max_generate, do_sample=False, num_beams=1)[0]
                 written = self.tokenizer.decode(ids, skip_special_tokens=True)
             maps = self._run(text, ids)
             title = _title(f"{text} → {written}")
