@@ -46,12 +46,13 @@ def tiny_llama():
 
 @pytest.mark.parametrize("make", [tiny_lm, lambda: tiny_bert("sdpa"), tiny_llama], ids=["attnkit", "bert", "llama"])
 def test_components_fit_inside_the_forward_and_attention_is_timed(make, one_thread):
-    p = profile(make(), [16, 32], repeats=3)
+    p = profile(make(), [16, 32], repeats=1)
     for row in p.lengths:
         assert row.attention_s > 0 and row.projections_s > 0 and row.feed_forward_s > 0
         timed = row.attention_s + row.projections_s + row.feed_forward_s
-        # no part is counted twice: medians of disjoint parts fit in the instrumented forward
-        assert timed <= row.instrumented_s * 1.05
+        # no part is counted twice: with one repeat every figure comes from the same instrumented forward, whose
+        # disjoint parts fit inside it exactly (medians of several runs need not add up)
+        assert timed <= row.instrumented_s * (1 + 1e-9)
     jsonschema.validate(p.to_dict(), SCHEMA)
 
 
@@ -186,10 +187,16 @@ def test_monitor_is_thread_safe():
     lm = tiny_lm(depth=2)
     ids = torch.randint(0, 64, (1, 8))
 
+    # The four threads are alive together from the first barrier to the second, so their idents differ (an ident
+    # is reused only after its thread ends), and their calls interleave.
+    together = threading.Barrier(4, timeout=60)
+
     def work():
+        together.wait()
         with torch.no_grad():
             for _ in range(5):
                 lm(ids)
+        together.wait()
 
     with monitor() as m:
         threads = [threading.Thread(target=work) for _ in range(4)]

@@ -45,8 +45,10 @@ def test_cost_figures_follow_the_models_config(bert_and_cost):
     assert cost["kv_cache"]["bytes"] == 2 * LAYERS * HEADS * head_dim * length * 4
     assert cost["kv_cache"]["decoder"] is False and cost["kv_cache"]["dtype"] == "float32"
     split = cost["split"]
-    parts = split["attention_s"] + split["projections_s"] + split["feed_forward_s"] + split["rest_s"]
-    assert split["attention_s"] > 0 and parts == pytest.approx(split["total_s"])
+    # one repeat: every figure comes from one instrumented forward, whose disjoint parts fit inside it
+    assert min(split["attention_s"], split["projections_s"], split["feed_forward_s"]) > 0
+    assert split["attention_s"] + split["projections_s"] + split["feed_forward_s"] <= split["total_s"] * (1 + 1e-9)
+    assert cost["repeats"] == 1 and split["rest_s"] >= 0
     # The default lengths: this input's, then 64 up to the model's maximum (96).
     assert [g["length"] for g in cost["growth"]] == [11, 64, 96]
     assert all(0 < g["attention_share"] < 1 for g in cost["growth"])
