@@ -9,6 +9,7 @@ outputs that are exact in that dtype.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +32,62 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _missing_dependency(report) -> str | None:
+    """The message of a skip that ``pytest.importorskip`` raised, if this report is one."""
+    if not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    message = str(report.longrepr[2])
+    return message if "could not import" in message else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI (``CI=true``) a test dependency that is missing fails the test instead of skipping it:
+    ``.ci/run`` installs every one (the test extra), so a skip there would hide a broken install."""
+    outcome = yield
+    report = outcome.get_result()
+    missing = _missing_dependency(report)
+    if missing and os.environ.get("CI"):
+        report.outcome, report.longrepr = "failed", f"under CI every test dependency is installed: {missing}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped at import (a module-level ``importorskip``)."""
+    outcome = yield
+    report = outcome.get_result()
+    missing = _missing_dependency(report)
+    if missing and os.environ.get("CI"):
+        report.outcome, report.longrepr = "failed", f"under CI every test dependency is installed: {missing}"
+
+
+@pytest.fixture(autouse=True)
+def _native_off_unless_marked(request, monkeypatch):
+    """``kernel("auto")`` takes the native kernel for some calls once a build is cached in the user's folder,
+    so which kernel a test ran would depend on that cache. Every test runs with ``ATTNKIT_NATIVE=0`` (the
+    native kernel off) unless marked ``native``; those pin their kernels themselves."""
+    if request.node.get_closest_marker("native") is None:
+        monkeypatch.setenv("ATTNKIT_NATIVE", "0")
+
+
+@contextmanager
+def native_only_if(allowed: bool):
+    """``ATTNKIT_NATIVE`` unset (the native kernel may run, and build) inside the block if ``allowed``,
+    else ``0``; restored after."""
+    before = os.environ.get("ATTNKIT_NATIVE")
+    if allowed:
+        os.environ.pop("ATTNKIT_NATIVE", None)
+    else:
+        os.environ["ATTNKIT_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("ATTNKIT_NATIVE", None)
+        else:
+            os.environ["ATTNKIT_NATIVE"] = before
 
 
 @pytest.fixture(params=["auto", "math"])

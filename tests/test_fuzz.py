@@ -30,6 +30,8 @@ import attnkit
 from attnkit import biases, masks
 from attnkit.functional import tiled
 
+from conftest import native_only_if
+
 # Under CI the draws are derandomised, so a run is reproducible; locally they vary.
 _CI = bool(os.environ.get("CI"))
 
@@ -135,11 +137,15 @@ def build_mask(spec):
     raise AssertionError(kind)
 
 
+LEAF_KINDS = ["causal", "window", "prefix", "global", "document", "padding", "dense", "chunked", "strided", "dilated",
+              "function", "causal_seq"]
+NATIVE_KINDS = ["causal", "window", "document", "padding", "causal_seq"]  # what the native kernel's band form holds
+
+
 @st.composite
-def leaf_masks(draw, batch: int, lq: int, lk: int):
+def leaf_masks(draw, batch: int, lq: int, lk: int, kinds: tuple[str, ...] = tuple(LEAF_KINDS)):
     align = st.sampled_from(["top_left", "bottom_right"])
-    kind = draw(st.sampled_from(["causal", "window", "prefix", "global", "document", "padding", "dense",
-                                 "chunked", "strided", "dilated", "function", "causal_seq"]))
+    kind = draw(st.sampled_from(kinds))
     if kind in ("chunked", "strided"):
         return (kind, draw(st.integers(1, max(lq, lk) + 1)))
     if kind == "dilated":
@@ -185,14 +191,16 @@ def leaf_masks(draw, batch: int, lq: int, lk: int):
 
 
 @st.composite
-def mask_specs(draw, batch: int, lq: int, lk: int, depth: int = 2):
+def mask_specs(draw, batch: int, lq: int, lk: int, depth: int = 2, native: bool = False):
+    """A mask: leaves combined by &, | and ~; for the native kernel, its leaves and & only."""
+    kinds, ops = (tuple(NATIVE_KINDS), ["and"]) if native else (tuple(LEAF_KINDS), ["and", "or", "not"])
     if depth == 0 or draw(st.integers(0, 2)) > 0:
-        return draw(leaf_masks(batch, lq, lk))
-    op = draw(st.sampled_from(["and", "or", "not"]))
-    a = draw(mask_specs(batch, lq, lk, depth - 1))
+        return draw(leaf_masks(batch, lq, lk, kinds))
+    op = draw(st.sampled_from(ops))
+    a = draw(mask_specs(batch, lq, lk, depth - 1, native))
     if op == "not":
         return ("not", a)
-    return (op, a, draw(mask_specs(batch, lq, lk, depth - 1)))
+    return (op, a, draw(mask_specs(batch, lq, lk, depth - 1, native)))
 
 
 # -- biases from their definitions -------------------------------------------------------
@@ -237,11 +245,12 @@ class Case:
 
 
 @st.composite
-def bias_specs(draw, batch: int, heads: int, lq: int, lk: int):
-    n = draw(st.integers(0, 2))
+def bias_specs(draw, batch: int, heads: int, lq: int, lk: int, native: bool = False):
+    """Biases in order; for the native kernel, at most one ALiBi."""
+    n = draw(st.integers(0, 1 if native else 2))
     specs = []
     for _ in range(n):
-        kind = draw(st.sampled_from(["tensor", "alibi", "score_mod", "repeat"]))
+        kind = draw(st.sampled_from(["alibi"] if native else ["tensor", "alibi", "score_mod", "repeat"]))
         if kind == "repeat" and specs:
             specs.append(("repeat", draw(st.integers(0, len(specs) - 1))))
         elif kind == "alibi":
@@ -262,11 +271,14 @@ def bias_specs(draw, batch: int, heads: int, lq: int, lk: int):
 
 # Mostly short; about one length in eight crosses the tiled backend's block boundaries.
 LENGTHS = st.one_of(*[st.integers(1, 24)] * 7, st.sampled_from([127, 128, 129, 255, 256, 257]))
-BACKENDS = ["reference", "tiled", "tiled-math", "sdpa", "auto"]
+# tiled's kernels pinned: auto (the batched engine where it applies), math, fused (per chunk), native (C++,
+# built on first use; calls it does not support run as under auto)
+BACKENDS = ["reference", "tiled", "tiled-math", "tiled-fused", "tiled-native", "sdpa", "auto"]
 
 
 @st.composite
-def cases(draw):
+def cases(draw, native: bool = False):
+    """A call; ``native``: one the native kernel can run (its masks, ALiBi, no softcap), pinned to it."""
     kv_heads = draw(st.integers(1, 2))
     heads = kv_heads * draw(st.integers(1, 3))
     lq, lk = draw(LENGTHS), draw(LENGTHS)
@@ -279,12 +291,12 @@ def cases(draw):
     # Logits near 1e4 in low precision: q and k large enough that scale * q.k reaches it.
     magnitude = draw(st.sampled_from([1.0, 1.0, 1.0, 4.0, 12.0]))
     scale = draw(st.one_of(st.none(), st.floats(-1.0, 2.0, allow_nan=False), st.just(0.0)))
-    softcap = draw(st.one_of(st.none(), st.none(), st.floats(0.5, 30.0)))
-    mask = draw(st.one_of(st.none(), mask_specs(batch, lq, lk)))
-    specs = draw(bias_specs(batch, heads, lq, lk))
-    backend = draw(st.sampled_from(BACKENDS))
+    softcap = None if native else draw(st.one_of(st.none(), st.none(), st.floats(0.5, 30.0)))
+    mask = draw(st.one_of(st.none(), mask_specs(batch, lq, lk, native=native)))
+    specs = draw(bias_specs(batch, heads, lq, lk, native))
+    backend = "tiled-native" if native else draw(st.sampled_from(BACKENDS))
     return Case(batch, heads, kv_heads, lq, lk, d, dv, dtype, draw(st.integers(0, 2**31 - 1)), magnitude,
-                scale, softcap, mask, specs, backend.split("-")[0], "math" if backend.endswith("math") else "auto",
+                scale, softcap, mask, specs, backend.split("-")[0], [*backend.split("-"), "auto"][1],
                 draw(st.integers(0, 3)) > 0)
 
 
@@ -411,6 +423,7 @@ def check(case: Case) -> None:
     want_lse = case.backend != "sdpa"
     pinned = contextlib.ExitStack()
     pinned.enter_context(tiled.kernel(case.kernel))
+    pinned.enter_context(native_only_if(case.kernel == "native"))
     try:
         try:
             result = attnkit.attention(q, k, v, mask=mask, bias=bias, scale=case.scale, softcap=case.softcap,
@@ -455,6 +468,7 @@ def check(case: Case) -> None:
 
 
 # Small calls: one thread is faster, and immune to a busy machine's descheduled threads.
+@pytest.mark.native
 @_settings(2_000)
 @given(case=cases())
 def test_every_backend_matches_the_float64_definition(one_thread, case):
@@ -462,9 +476,28 @@ def test_every_backend_matches_the_float64_definition(one_thread, case):
 
 
 @pytest.mark.slow
+@pytest.mark.native
 @_settings(20_000)
 @given(case=cases())
 def test_every_backend_matches_the_float64_definition_at_scale(one_thread, case):
+    check(case)
+
+
+# The native kernel on the calls it runs (the draws above reach it only now and then): its masks and their
+# intersections, ALiBi, every dtype, scales of 0, negative and tiny, lengths across its 64-row blocks, and
+# gradients (its backward recomputes from the native out and lse). It builds on first use (about 20 s).
+@pytest.mark.native
+@_settings(300)
+@given(case=cases(native=True))
+def test_the_native_kernel_matches_the_float64_definition(one_thread, case):
+    check(case)
+
+
+@pytest.mark.slow
+@pytest.mark.native
+@_settings(5_000)
+@given(case=cases(native=True))
+def test_the_native_kernel_matches_the_float64_definition_at_scale(one_thread, case):
     check(case)
 
 
