@@ -241,6 +241,28 @@ def png_rgb(path):
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
+def canvas_rgb(page, selector):
+    """The (height, width, 3) int16 RGB pixels a page's canvas holds (its backing store, via toDataURL)."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    url = page.eval_on_selector(selector, "c => c.toDataURL('image/png')")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def assert_canvas_drawn(page, selector, min_colours=8, min_ink=0.01):
+    """The canvas shows a figure, not a blank: as :func:`assert_drawn` for a PNG file."""
+    import numpy as np
+
+    rgb = canvas_rgb(page, selector)
+    assert len(np.unique(rgb.reshape(-1, 3), axis=0)) >= min_colours, f"{selector}: too few colours"
+    assert (rgb.min(-1) < 200).mean() > min_ink, f"{selector}: almost blank"
+
+
 def assert_drawn(path, min_colours=8, min_ink=0.01):
     """The PNG is a real figure: at least ``min_colours`` distinct colours, and more than
     ``min_ink`` of its pixels darker than near-white (a blank figure has neither)."""

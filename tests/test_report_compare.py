@@ -13,7 +13,7 @@ from attnkit import cli, models
 from attnkit.inspect import AttentionMaps
 from attnkit.viz.contexts import ContextComparison, compare_contexts, pick_anchor, write_compare_report
 
-from conftest import assert_drawn
+from conftest import assert_canvas_drawn, assert_drawn
 
 RIVER = "The bank of the river was muddy."
 MONEY = "The bank raised its interest rates."
@@ -130,7 +130,11 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert page.locator('[data-role="cosine-chart"] circle[data-series="token"]').count() == 3
     assert page.locator('[data-role="cosine-chart"] circle[data-series="anchor"]').count() == 3
     assert page.locator('[data-role="per-layer"] tbody tr').count() == 2
-    assert page.locator(".akp-side canvas[data-view='head']").count() == 2  # both explorers drawn
+    assert page.locator(".akp-side canvas[data-view='head']").count() == 2
+    for side in (0, 1):  # both explorers drawn, and the chart: pixels, not only elements
+        assert_canvas_drawn(page, f".akp-side[data-side='{side}'] canvas[data-view='head']")
+    page.locator('[data-role="cosine-chart"]').screenshot(path=tmp_path / "chart.png")
+    assert_drawn(tmp_path / "chart.png", min_colours=4)
     assert page.evaluate("window.attnkitCompare.left.state().focus") == 1
     assert "diverge from layer 0" in page.text_content('[data-role="summary"]')
     assert XSS_IMG in page.text_content(".akp-texts")

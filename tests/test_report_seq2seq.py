@@ -127,6 +127,19 @@ def test_seq2seq_page_draws_cross_attention_whose_values_are_the_maps(open_page)
     page.mouse.move(box["x"] + origin + 4.5 * cell, box["y"] + origin + 3.5 * cell)
     tip = page.text_content('[data-part-pane="cross"] .akx-tip')
     assert tip.startswith("#3 du → #4 river")
+    # the pixels say the same: in each target row, a clearly heavier cell is drawn darker
+    from conftest import canvas_rgb
+
+    rgb = canvas_rgb(page, '[data-part-pane="cross"] [data-view="matrix"]')
+    ratio = rgb.shape[1] / box["width"]  # backing-store pixels per CSS pixel
+
+    def ink(i, j):  # 255 - the mean of the cell's centre pixels: 0 for white
+        y, x = int((origin + (i + 0.5) * cell) * ratio), int((origin + 4 + (j + 0.5) * cell) * ratio)
+        return 255 - float(rgb[y - 1:y + 2, x - 1:x + 2].mean())
+
+    pairs = [(i, j, k) for i in range(len(TARGET)) for j in range(len(SOURCE)) for k in range(len(SOURCE))
+             if want[i, j] > want[i, k] + 0.05]
+    assert len(pairs) > 20 and all(ink(i, j) > ink(i, k) + 5 for i, j, k in pairs)
     assert float(re.search(r"\n(\S+)", tip).group(1)) == pytest.approx(float(want[3, 4]), abs=6e-4)
     assert page.locator('[data-part-pane="cross"] [data-tab="matrix"]').text_content() == "Alignment"
     # The head view: target tokens on the left, source on the right.

@@ -42,6 +42,8 @@ from attnkit.viz.lab import DEFAULT_TOKENS
 from attnkit.viz.server import DEFAULT_EXAMPLE, make_server, serve
 from attnkit.viz.service import ExplainRequest, ExplainService, RequestError
 
+from conftest import assert_canvas_drawn
+
 XSS_TEXT = "Hi <img src=x onerror=window.__pwned=1> and </script><script>window.__pwned=2</script> & bye"
 SECURITY_HEADERS = {
     "Content-Security-Policy": server_module.CSP,
@@ -795,6 +797,7 @@ def test_page_in_browser(served, watched_page, monkeypatch):
     assert page.evaluate("document.querySelectorAll('img, #akx-app-explorer script').length") == 0
     assert page.evaluate("attnkitApp.explorer.matrices") == 6 * 12 + 6
     assert page.is_visible("#akx-app-explorer canvas[data-view=head]")
+    assert_canvas_drawn(page, "#akx-app-explorer canvas[data-view=head]")  # drawn, not a blank canvas
     assert "tokens" in page.text_content("#aks-busy")
     watch.assert_clean()
     watch.shot("serve-explorer")
