@@ -89,7 +89,7 @@ def load(name_or_path: str | os.PathLike = "minilm", *, attn_implementation: str
             config.json or no ``*.safetensors`` weights.
         attnkit.integrations.transformers.UnsupportedModelError: (a ValueError)
             ``attn_implementation="attnkit"`` for a model whose attention does not go through
-            transformers' AttentionInterface (Bloom, MPT, Falcon; BERT before transformers 5).
+            transformers' AttentionInterface (Bloom, MPT; Falcon before transformers 5.25; BERT before 5).
 
     >>> model, tokenizer = load("minilm", attn_implementation="attnkit")
     >>> model.config._attn_implementation, model.training, model.name_or_path

@@ -13,10 +13,10 @@ How it records, without changing what the model computes:
   softcap, sliding window and position bias. With sdpa (where ``output_attentions`` gives
   nothing) this is the only way to see them. The lookup is restored afterwards, also on
   error; the model itself (its config, its attention implementation) is never modified.
-  A model whose attention bypasses that lookup (BERT before transformers 5, Falcon, Bloom,
+  A model whose attention bypasses that lookup (BERT before transformers 5, Falcon before 5.25, Bloom,
   MPT) is run a second time with its own ``output_attentions=True``, which holds all layers
   at once; only when it was loaded with ``attn_implementation="eager"``, since other paths
-  of such models may compute their maps apart from what they use (Falcon under sdpa gives
+  of such models may compute their maps apart from what they use (Falcon 5.24 under sdpa gave
   non-causal ones).
 
 Layers are numbered in the order the model calls attention in one forward pass, which for

@@ -6,8 +6,8 @@ mask function named ``"attnkit"`` to transformers' registries, so that
     model = AutoModel.from_pretrained(path, attn_implementation="attnkit")
     model.set_attn_implementation("attnkit")  # or switch a loaded model
 
-runs every attention layer on attnkit. Needs transformers >= 4.57. Tested with transformers
-5.24 and 4.57.1 (BERT, GPT-2, Llama with GQA, Mistral with a sliding window, Gemma 2 with
+runs every attention layer on attnkit. Needs transformers >= 4.57.1. Tested with transformers
+5.25 and 4.57.1 (BERT, GPT-2, Llama with GQA, Mistral with a sliding window, Gemma 2 with
 softcap: same outputs as ``"eager"`` to 1e-5 in float32, same greedy generations, with
 dynamic and static caches; in 4.57 BERT has per-implementation attention classes and is
 refused, see below).
@@ -34,8 +34,8 @@ that flag down to it: GPT-2, OPT and StableLM in transformers 5.24 do not, and r
 the result and that attnkit cannot apply (attention sinks ``s_aux``, head masks, paged
 caches) raise ValueError rather than being ignored.
 
-Models attnkit cannot serve are refused, never run half on attnkit. Some models (Bloom,
-MPT, Falcon in transformers 5.24) compute attention in their own code: they would take
+Models attnkit cannot serve are refused, never run half on attnkit. Some models (Bloom and
+MPT in transformers 5.25, Falcon before it, BERT and T5 in 4.57) compute attention in their own code: they would take
 attnkit's mask function and not its attention function (Bloom's mask then is never
 causal, MPT's is inverted), or fail with ``KeyError: 'attnkit'`` (Falcon). Two checks
 raise :class:`UnsupportedModelError` (a ValueError) for them:
@@ -71,10 +71,11 @@ from attnkit import masks
 from attnkit._checks import describe
 from attnkit.functional import attention, attention_probs
 
-_MIN_VERSION = (4, 57)  # AttentionInterface, AttentionMaskInterface, and decoders that use them
+# AttentionInterface, AttentionMaskInterface, and decoders that use them (4.57.1 declared: 4.57.0 was yanked)
+_MIN_VERSION = (4, 57)
 if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _MIN_VERSION:
     raise ImportError(f"attnkit.integrations.transformers needs transformers >= 4.57; found "
-                      f"{transformers.__version__}: pip install -U 'transformers>=4.57'")
+                      f"{transformers.__version__}: pip install -U 'transformers>=4.57.1'")
 
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402

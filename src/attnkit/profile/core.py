@@ -355,7 +355,8 @@ def _measure(model: nn.Module, clock: Clock, ids: torch.Tensor, repeats: int, wa
                 split.append(s)
     if not clock.attention_calls:
         raise ValueError(f"{_name(model)!r} made no attention call that could be timed: its attention bypasses "
-                         "transformers' attention interface (BERT before transformers 5, Falcon, Bloom, MPT)")
+                         "transformers' attention interface (Bloom, MPT; Falcon before transformers 5.25; BERT "
+                         "before 5)")
     med = {c: statistics.median(s[c] for s in split) for c in COMPONENTS}
     total, instrumented_total = statistics.median(totals), statistics.median(instr)
     length = ids.shape[1]
