@@ -25,7 +25,7 @@ from attnkit.functional import tiled
 from attnkit.functional._call import make_call
 from attnkit.functional.tiled import native
 from attnkit.functional.tiled.plan import native_params
-from attnkit.functional.tiled.select import _native_faster, native_ok
+from attnkit.functional.tiled.strategy import _native_faster, native_ok
 
 from conftest import assert_within
 

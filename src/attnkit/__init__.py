@@ -10,9 +10,11 @@ torch.Size([2, 4, 16, 32])
 from attnkit import biases, masks, positions
 from attnkit.functional import (
     BackendInfo,
+    CallPlan,
     attention,
     attention_probs,
     backends,
+    explain_call,
     linear_attention,
     linear_attention_step,
 )
@@ -24,11 +26,13 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "KV_PRESETS",
     "BackendInfo",
+    "CallPlan",
     "__version__",
     "attention",
     "attention_probs",
     "backends",
     "biases",
+    "explain_call",
     "kv_cache_bytes",
     "linear_attention",
     "linear_attention_step",

@@ -1,12 +1,18 @@
-"""``attnkit backends``: list the backends and what each supports, and the native kernel's state."""
+"""``attnkit backends``: list the backends and what each supports, and the native kernel's state.
+
+``--explain-call CASE`` says which backend and kernel a benchmark case would run on, and why (see
+:func:`attnkit.explain_call`)."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+import torch
+
 import attnkit
-from attnkit.cli._common import Console, Parser, Subparsers
+from attnkit.cli._common import Console, Parser, Subparsers, positive
+from attnkit.functional import tiled
 from attnkit.functional.tiled import native
 
 
@@ -15,12 +21,45 @@ def add_parser(sub: Subparsers) -> Parser:
     p.add_argument("--build-native", action="store_true",
                    help="build the tiled backend's optional C++ kernel now (about a minute on 2 cores; cached "
                         "afterwards, and then used by default for sliding windows and causal documents)")
+    from attnkit.bench.cases import CASES
+
+    call = p.add_argument_group("explain a call", "which backend and kernel a call runs on, and why")
+    call.add_argument("--explain-call", metavar="CASE", choices=sorted(CASES),
+                      help=f"a benchmark case: {', '.join(sorted(CASES))}")
+    call.add_argument("--length", type=positive, default=4096, help="its sequence length")
+    call.add_argument("--dtype", choices=["bfloat16", "float16", "float32", "float64"], default="float32",
+                      help="its inputs' dtype")
+    call.add_argument("--grad", action="store_true", help="with gradients (a training step)")
+    call.add_argument("--kernel", choices=list(tiled.KERNELS), default="auto", help="the tiled kernel pinned")
+    call.add_argument("--backend", choices=["auto", "tiled", "sdpa", "reference"], default="auto",
+                      help="the backend asked for")
     p.set_defaults(run=run)
     return p
 
 
+def explain(args: argparse.Namespace, con: Console) -> int:
+    from attnkit.bench.cases import make_problem
+
+    problem = make_problem(args.explain_call, args.length, dtype=getattr(torch, args.dtype),
+                           requires_grad=args.grad)
+    b, h, hkv, lq, lk, d = problem.shape
+    con.print(f"{args.explain_call}: B={b}, H={h}, Hkv={hkv}, Lq={lq}, Lk={lk}, D={d}, {args.dtype}"
+              f"{', with gradients' if args.grad else ''}")
+    with tiled.kernel(args.kernel):
+        try:
+            plan = attnkit.explain_call(problem.q, problem.k, problem.v, mask=problem.mask, bias=problem.bias,
+                                        backend=args.backend)
+        except ValueError as e:
+            con.print(f"refused: {e}")
+            return 1
+    con.print(str(plan))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     con = Console()
+    if args.explain_call:
+        return explain(args, con)
     for info in attnkit.backends().values():
         con.print(str(info))
     if args.build_native:

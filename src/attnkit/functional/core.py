@@ -12,7 +12,7 @@ from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall, make_call
 from attnkit.functional.reference import ReferenceBackend, reference_forward
 from attnkit.functional.sdpa import SDPABackend
-from attnkit.functional.tiled import TiledBackend
+from attnkit.functional.tiled import Strategy, TiledBackend, choose
 from attnkit.masks import Mask
 
 
@@ -53,12 +53,21 @@ def backends() -> dict[str, BackendInfo]:
 
 def select_backend(call: AttentionCall, backend: str) -> Backend:
     """The backend that will run ``call``: the one named, or the fastest that supports it."""
+    return _select(call, backend)[0]
+
+
+def _select(call: AttentionCall, backend: str) -> tuple[Backend, tuple[str, ...]]:
+    """:func:`select_backend`, with the reasons for its choice."""
     if backend == "auto":
-        if _BACKENDS["sdpa"].supports(call) is None:
-            return _BACKENDS["sdpa"]
-        if call.batch * call.heads * call.q_len * call.k_len <= _SMALL:
-            return _BACKENDS["reference"]
-        return _BACKENDS["tiled"]
+        declined = _BACKENDS["sdpa"].supports(call)
+        if declined is None:
+            return _BACKENDS["sdpa"], ("auto: PyTorch's fused SDPA kernel runs this call without a dense mask",)
+        scores = call.batch * call.heads * call.q_len * call.k_len
+        why = f"auto: sdpa declined ({declined})"
+        if scores <= _SMALL:
+            return _BACKENDS["reference"], (why, f"auto: {scores:,} scores, at most {_SMALL:,}: materialising is "
+                                                 "cheaper than tiling")
+        return _BACKENDS["tiled"], (why, f"auto: {scores:,} scores, more than {_SMALL:,}: the tiled backend")
     if backend not in _BACKENDS:
         raise ValueError(
             f"backend must be 'auto' or one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}"
@@ -70,7 +79,60 @@ def select_backend(call: AttentionCall, backend: str) -> Backend:
             f"backend={backend!r} cannot run this call: {reason}. "
             "Use backend='tiled' (exact, O(L) memory, every option) or backend='auto'"
         )
-    return chosen
+    return chosen, (f"backend pinned: {backend!r}",)
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """Which backend (and, for ``tiled``, which kernel) runs a call, and why: :func:`explain_call`."""
+
+    backend: str
+    reasons: tuple[str, ...]
+    tiled: Strategy | None = None
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}", *(f"  - {r}" for r in self.reasons)]
+        return "\n".join(lines + ([str(self.tiled)] if self.tiled is not None else []))
+
+
+def explain_call(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | list[Bias] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_lse: bool = False,
+) -> CallPlan:
+    """Why :func:`attention` with these arguments runs where it runs, without running it.
+
+    Takes :func:`attention`'s arguments and checks them the same way. Returns the backend
+    ``backend`` resolves to, each decision's reason, and for the tiled backend its
+    :class:`~attnkit.functional.tiled.Strategy` (forward kernel, backward kernel, reasons),
+    decided as the call itself would decide it: under the tiled backend's default kernel,
+    that loads a cached native build, as the call would.
+
+    Raises ValueError as :func:`attention` does, e.g. for a backend that cannot run the call.
+
+    >>> import torch, attnkit
+    >>> q = k = v = torch.randn(1, 4, 2048, 64)
+    >>> plan = attnkit.explain_call(q, k, v, mask=attnkit.masks.sliding_window(255), backend="auto")
+    >>> plan.backend, plan.tiled.forward in ("banded", "native")
+    ('tiled', True)
+    >>> print(attnkit.explain_call(q, k, v, mask=attnkit.masks.causal()))
+    backend: sdpa
+      - auto: PyTorch's fused SDPA kernel runs this call without a dense mask
+    """
+    call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap,
+                     dropout_p=dropout_p, return_lse=return_lse)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str; got {type(backend).__name__}")
+    chosen, reasons = _select(call, backend)
+    return CallPlan(chosen.name, reasons, choose(call) if chosen.name == "tiled" else None)
 
 
 def _empty(call: AttentionCall) -> tuple[Tensor, Tensor]:

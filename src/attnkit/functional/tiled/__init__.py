@@ -32,11 +32,12 @@ independent of L.
 An optional C++ forward (:mod:`.native`, ``kernel("native")``) runs one parallel loop
 over (batch, head, query block) with block GEMMs and arithmetic edge masks, for the masks
 :func:`.plan.native_params` describes. ``kernel("auto")`` uses it for float32 sliding
-windows and causal documents once a build is cached (see :func:`.select.native_ok`); it
+windows and causal documents once a build is cached (see :func:`.strategy.choose`); it
 is never required.
 
 Modules: :mod:`.plan` (the per-chunk and the batched plans), :mod:`.kernels`,
-:mod:`.autograd` (the autograd functions), :mod:`.select` (the :func:`kernel` switch);
+:mod:`.autograd` (the autograd functions), :mod:`.strategy` (the :func:`kernel` switch and
+:func:`choose`, which decides each call's kernel once);
 the log-sum-exp merge is :func:`attnkit.functional._merge.lse_merge`, shared with ring
 attention.
 """
@@ -48,9 +49,10 @@ from torch import Tensor
 from attnkit.functional._call import AttentionCall
 from attnkit.functional.tiled.autograd import partial_gradients, tiled_forward
 from attnkit.functional.tiled.native import native_status
-from attnkit.functional.tiled.select import KERNELS, kernel
+from attnkit.functional.tiled.strategy import KERNELS, Strategy, choose, kernel
 
-__all__ = ["KERNELS", "TiledBackend", "kernel", "native_status", "partial_gradients", "tiled_forward"]
+__all__ = ["KERNELS", "Strategy", "TiledBackend", "choose", "kernel", "native_status", "partial_gradients",
+           "tiled_forward"]
 
 
 class TiledBackend:

@@ -21,9 +21,8 @@ from attnkit.functional.tiled.plan import (
     _plan,
     _Segment,
     band_plan,
-    native_params,
 )
-from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok, banded, native_ok
+from attnkit.functional.tiled.strategy import Strategy, choose
 
 _NEG_INF = float("-inf")
 
@@ -33,8 +32,8 @@ def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device: torc
                       chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
 
 
-def _recompute_backward(call: AttentionCall, plan: BandPlan | None, q_rows: Tensor, k: Tensor, v: Tensor,
-                        out: Tensor, lse: Tensor, dout: Tensor | None,
+def _recompute_backward(call: AttentionCall, strategy: Strategy, plan: BandPlan | None, q_rows: Tensor, k: Tensor,
+                        v: Tensor, out: Tensor, lse: Tensor, dout: Tensor | None,
                         dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv from the forward's ``out`` and ``lse`` (rows folded by KV head): the batched
     fused backward on ``plan`` when there is one and no gradient on the lse, else the
@@ -42,7 +41,8 @@ def _recompute_backward(call: AttentionCall, plan: BandPlan | None, q_rows: Tens
     if dlse is None and plan is not None:
         dout = torch.zeros_like(out) if dout is None else dout
         return kernels.band_backward(call, plan, q_rows, k, v, out, lse, dout)
-    dq, dk, dv, _ = _backward_rows(call, _plan(call, _block_q(call)), q_rows, k, v, out, lse, dout, dlse)
+    dq, dk, dv, _ = _backward_rows(call, strategy, _plan(call, _block_q(call), strategy), q_rows, k, v, out, lse,
+                                   dout, dlse)
     return dq, dk, dv
 
 
@@ -50,10 +50,10 @@ class _Banded(torch.autograd.Function):
     """The batched fused path (:func:`.plan.band_plan`, :func:`.kernels.band_forward`): ops independent of L."""
 
     @staticmethod
-    def forward(ctx: Any, call: AttentionCall, plan: BandPlan, q_rows: Tensor, k: Tensor, v: Tensor,
-                *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, call: AttentionCall, strategy: Strategy, plan: BandPlan, q_rows: Tensor, k: Tensor,
+                v: Tensor, *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
         out, lse = kernels.band_forward(call, plan, q_rows, k, v)
-        ctx.call, ctx.plan = call, plan
+        ctx.call, ctx.strategy, ctx.plan = call, strategy, plan
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q_rows, k, v, out, lse)
         return out, lse
@@ -62,28 +62,28 @@ class _Banded(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q_rows, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _recompute_backward(ctx.call, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
-        return (None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(ctx.call.bias)))
+        dq, dk, dv = _recompute_backward(ctx.call, ctx.strategy, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
+        return (None, None, None, dq, dk, dv, *[None] * len(tensor_bias_parts(ctx.call.bias)))
 
 
 class _Native(torch.autograd.Function):
     """The native forward (:mod:`.native`); the backward is the batched fused one (or the per-chunk one)."""
 
     @staticmethod
-    def forward(ctx: Any, call: AttentionCall, params: NativeParams, q: Tensor, k: Tensor,
+    def forward(ctx: Any, call: AttentionCall, strategy: Strategy, params: NativeParams, q: Tensor, k: Tensor,
                 v: Tensor) -> tuple[Tensor, Tensor]:
         # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype
         from attnkit.functional.tiled import native
 
         module: Any = native.load()
-        if module is None:  # native_ok() built it before this call was routed here
+        if module is None:  # choose() loaded it before this call was routed here
             raise RuntimeError(f"the native kernel is not available: {native.native_status()}")
         p = params
         out, lse = module.forward(q, k, v, call.scale, p.dlo, p.dhi, p.klen, p.q_ids, p.kv_ids, p.slopes,
                                          p.aoff, native.BLOCK_Q, native.BLOCK_K)
-        ctx.call = call
+        ctx.call, ctx.strategy = call, strategy
         ctx.set_materialize_grads(False)
-        if any(ctx.needs_input_grad[2:]):  # folded for the backward there, not copied here for nothing
+        if any(ctx.needs_input_grad[3:]):  # folded for the backward there, not copied here for nothing
             ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
 
@@ -91,25 +91,25 @@ class _Native(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        call = ctx.call
+        call, strategy = ctx.call, ctx.strategy
         hkv, g = call.kv_heads, call.groups
-        plan = band_plan(call) if _fused_backward_ok(call) else None
-        dq, dk, dv = _recompute_backward(call, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g), _fold(lse, hkv, g),
-                                         None if dout is None else _fold(dout, hkv, g).contiguous(),
+        plan = band_plan(call) if strategy.fused_backward else None
+        dq, dk, dv = _recompute_backward(call, strategy, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g),
+                                         _fold(lse, hkv, g), None if dout is None else _fold(dout, hkv, g).contiguous(),
                                          None if dlse is None else _fold(dlse, hkv, g))
-        return None, None, _unfold(dq, hkv, g), dk, dv
+        return None, None, None, _unfold(dq, hkv, g), dk, dv
 
 
 class _Tiled(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, call: AttentionCall, plan: list[_Chunk], q_rows: Tensor, k: Tensor, v: Tensor,
-                *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, call: AttentionCall, strategy: Strategy, plan: list[_Chunk], q_rows: Tensor, k: Tensor,
+                v: Tensor, *bias_tensors: Tensor) -> tuple[Tensor, Tensor]:
         # q_rows (B, Hkv, Lq*G, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv); compute dtype
         b, hkv, _, _ = q_rows.shape
         g = call.groups
         out = q_rows.new_zeros(b, hkv, q_rows.shape[2], v.shape[-1])
         lse = q_rows.new_full((b, hkv, q_rows.shape[2]), _NEG_INF)
-        kernel = _fused_forward if _fused_forward_ok(call) else _math_forward
+        kernel = _fused_forward if strategy.fused_forward else _math_forward
         for chunk in plan:
             rows = slice(chunk.q_start * g, chunk.q_stop * g)
             q_c = q_rows[:, :, rows]
@@ -123,7 +123,7 @@ class _Tiled(torch.autograd.Function):
             if acc_o is not None and acc_l is not None:
                 out[:, :, rows] = acc_o
                 lse[:, :, rows] = acc_l
-        ctx.call, ctx.plan = call, plan
+        ctx.call, ctx.strategy, ctx.plan = call, strategy, plan
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q_rows, k, v, out, lse)
         return out, lse
@@ -132,15 +132,16 @@ class _Tiled(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         q_rows, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv, bias_grads = _backward_rows(ctx.call, ctx.plan, q_rows, k, v, out, lse, dout, dlse)
+        dq, dk, dv, bias_grads = _backward_rows(ctx.call, ctx.strategy, ctx.plan, q_rows, k, v, out, lse, dout,
+                                                dlse)
         parts = tensor_bias_parts(ctx.call.bias)
         bias_out = [bias_grads[id(p)].reshape(p.tensor.shape).to(p.tensor.dtype)
                     if id(p) in bias_grads else None for p in parts]
-        return None, None, dq, dk, dv, *bias_out
+        return None, None, None, dq, dk, dv, *bias_out
 
 
-def _backward_rows(call: AttentionCall, plan: list[_Chunk], q_rows: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                   lse: Tensor, dout: Tensor | None,
+def _backward_rows(call: AttentionCall, strategy: Strategy, plan: list[_Chunk], q_rows: Tensor, k: Tensor,
+                   v: Tensor, out: Tensor, lse: Tensor, dout: Tensor | None,
                    dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor, dict[int, Tensor]]:
     """FlashAttention-2's backward over the plan, from the rows' final ``out`` and ``lse``.
 
@@ -161,7 +162,7 @@ def _backward_rows(call: AttentionCall, plan: list[_Chunk], q_rows: Tensor, k: T
     parts = tensor_bias_parts(call.bias)
     bias_grads = {id(p): torch.zeros_like(p.tensor4, dtype=q_rows.dtype) for p in parts
                   if p.tensor.requires_grad}
-    fused = _fused_backward_ok(call)
+    fused = strategy.fused_backward
     for chunk in plan:
         rows = slice(chunk.q_start * g, chunk.q_stop * g)
         q_c, o_c, l_c, do_c, d_c = (t[:, :, rows] for t in (q_rows, out, lse_b, dout, delta))
@@ -214,9 +215,10 @@ def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tenso
     q_rows = _fold(call.q.to(cd), hkv, g)
     out_rows, lse_rows, dout_rows = (_fold(t.to(cd), hkv, g) for t in (out, lse, dout))
     dlse_rows = None if dlse is None else _fold(dlse.to(cd), hkv, g)
-    plan = _plan(call, _block_q(call))
-    dq, dk, dv, _ = _backward_rows(call, plan, q_rows, call.k.to(cd), call.v.to(cd), out_rows, lse_rows, dout_rows,
-                                   dlse_rows)
+    strategy = choose(call)
+    plan = _plan(call, _block_q(call), strategy)
+    dq, dk, dv, _ = _backward_rows(call, strategy, plan, q_rows, call.k.to(cd), call.v.to(cd), out_rows, lse_rows,
+                                   dout_rows, dlse_rows)
     return _unfold(dq, hkv, g), dk, dv
 
 
@@ -224,15 +226,18 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     cd = call.compute_dtype
     hkv, g = call.kv_heads, call.groups
     k, v = call.k.to(cd), call.v.to(cd)
-    if native_ok(call):  # GQA by index in the kernel: no folded copy of q
-        out, lse = _Native.apply(call, native_params(call), call.q.to(cd).contiguous(), k.contiguous(), v.contiguous())
+    strategy = choose(call)  # once per call; it travels into autograd's context
+    if strategy.native is not None:  # GQA by index in the kernel: no folded copy of q
+        out, lse = _Native.apply(call, strategy, strategy.native, call.q.to(cd).contiguous(), k.contiguous(),
+                                 v.contiguous())
         return out.to(call.q.dtype), lse
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
     q_rows = _fold(call.q.to(cd), hkv, g)
     bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
-    if banded(call):
+    if strategy.forward == "banded":
         q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
-        out_rows, lse_rows = _Banded.apply(call, band_plan(call), q_rows, k, v, *bias_tensors)
+        out_rows, lse_rows = _Banded.apply(call, strategy, band_plan(call), q_rows, k, v, *bias_tensors)
     else:
-        out_rows, lse_rows = _Tiled.apply(call, _plan(call, _block_q(call)), q_rows, k, v, *bias_tensors)
+        out_rows, lse_rows = _Tiled.apply(call, strategy, _plan(call, _block_q(call), strategy), q_rows, k, v,
+                                          *bias_tensors)
     return _unfold(out_rows, hkv, g).to(call.q.dtype), _unfold(lse_rows, hkv, g)

@@ -12,7 +12,7 @@ When it is used:
 * ``tiled.kernel("native")``, :func:`load`, or ``attnkit backends --build-native`` build
   it if needed (about a minute on 2 cores) and use it;
 * ``kernel("auto")`` (the default) uses it for the calls where it measured fastest
-  (:func:`.select.native_ok`) once a build is cached, loading it in well under a second,
+  (:func:`.strategy.choose`) once a build is cached, loading it in well under a second,
   and never starts a compile by itself unless ``ATTNKIT_NATIVE=1`` asks it to.
 
 It is never required. Without a compiler or ninja, or if the build fails, or with

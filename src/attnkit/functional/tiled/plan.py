@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -18,8 +19,10 @@ from torch import Tensor
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
 from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall
-from attnkit.functional.tiled.select import _fused_backward_ok, _fused_forward_ok
 from attnkit.masks import BandForm, Mask
+
+if TYPE_CHECKING:
+    from attnkit.functional.tiled.strategy import Strategy
 
 _SCORE_BUDGET = 1 << 22  # elements of one math segment's score block: 16 MiB in float32
 _BLOCK_K = 128  # key granularity of the block map
@@ -44,7 +47,7 @@ class _Chunk:
     segments: tuple[_Segment, ...]
 
 
-def _plan(call: AttentionCall, block_q: int) -> list[_Chunk]:
+def _plan(call: AttentionCall, block_q: int, strategy: Strategy) -> list[_Chunk]:
     """Split the call into query chunks, each with the key segments it must visit."""
     q_len, k_len = call.q_len, call.k_len
     nq = -(-q_len // block_q)
@@ -58,7 +61,7 @@ def _plan(call: AttentionCall, block_q: int) -> list[_Chunk]:
     # its (B, H, bq, cap) tensors stay within the budget. Full segments on the fused
     # kernel without a bias materialise nothing and span any length.
     cap = max(_BLOCK_K, _SCORE_BUDGET // (call.batch * call.heads * block_q) // _BLOCK_K * _BLOCK_K)
-    fused = _fused_forward_ok(call) and (not call.requires_grad or _fused_backward_ok(call))
+    fused = strategy.fused_forward and (not call.requires_grad or strategy.fused_backward)
     full_cap = k_len if fused and call.bias is None else cap
     chunks = []
     for row, states in enumerate(state_rows):
