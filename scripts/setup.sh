@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install attnkit (editable) with the given extras, default cli,hf,plot,serve (what `attnkit explain`
-# and `attnkit serve` need), e.g. `bash scripts/setup.sh cli,test`.
+# and `attnkit serve` need), e.g. `bash scripts/setup.sh cli,test`. Further arguments are requirements
+# resolved together with it, e.g. `bash scripts/setup.sh hf,test "transformers==4.57.1"` (the compat tier).
 #
 # Where it installs: the active virtual environment. Outside one, it creates (or reuses) ./.venv
 # and installs there, since stock Debian/Ubuntu Pythons refuse system-wide pip installs
@@ -16,6 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-cli,hf,plot,serve}
+shift $(( $# > 0 ? 1 : 0 ))
 PY=${PYTHON:-python3}
 if ! "$PY" -c 'import sys; sys.exit(sys.prefix == sys.base_prefix)'; then
   if [ ! -x .venv/bin/python ]; then
@@ -46,6 +48,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     *) echo "setup: ATTNKIT_TORCH must be cpu, pypi or a wheel-index URL; got '$choice'" >&2; exit 2 ;;
   esac
 fi
-pip_install -e ".[${extras}]"
+pip_install -e ".[${extras}]" "$@"
 # pyenv puts console scripts behind shims that exist only after a rehash.
 if [ "$PY" = "${PYTHON:-python3}" ] && command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi

@@ -13,8 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "test-compat: creating $VENV" >&2
   python3 -m venv "$VENV"
 fi
-PYTHON="$VENV/bin/python" bash scripts/setup.sh hf,serve,test
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "transformers==$floor"
+PYTHON="$VENV/bin/python" bash scripts/setup.sh hf,serve,test "transformers==$floor"
 "$VENV/bin/python" scripts/versions.py
 WORKERS=${ATTNKIT_TEST_WORKERS:-$("$VENV/bin/python" -c 'import os; print(min(len(os.sched_getaffinity(0)), 4))')}
 exec "$VENV/bin/python" -m pytest -n "$WORKERS" --dist worksteal -p no:cacheprovider \

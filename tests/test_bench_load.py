@@ -54,7 +54,8 @@ def _cpu_seconds(pid: int) -> float:
 
 def test_run_with_load_times_a_second_pass_while_the_load_burns_cpu(monkeypatch):
     """The loaded figures come from a pass timed inside the load's block, while the load really ran: its
-    process used at least a quarter of a core over the block (a spin loop asks for a whole one)."""
+    process used at least a tenth of a core over the block (a spin loop asks for a whole one; on a busy
+    2-core machine it still gets a third or more, and a missing load gets nothing)."""
     import attnkit.bench.runner as runner
 
     blocks = []
@@ -67,11 +68,11 @@ def test_run_with_load_times_a_second_pass_while_the_load_burns_cpu(monkeypatch)
             blocks.append((n, time.monotonic() - start, sum(_cpu_seconds(p.pid) for p in procs) - cpu))
 
     monkeypatch.setattr(runner, "background_load", watched)
-    result = bench.run(["causal"], [512], backends=["tiled"], peers=["sdpa"], repeats=3, memory=False, load=1)
+    result = bench.run(["causal"], [1024], backends=["tiled"], peers=["sdpa"], repeats=5, memory=False, load=1)
     ok = [r for r in result.rows if r.status == "ok"]
     assert {r.impl for r in ok} == {"attnkit:tiled", "sdpa"}
     (n, wall, cpu), = blocks
-    assert n == 1 and cpu >= 0.25 * wall, f"the load used {cpu:.2f} CPU-seconds in {wall:.2f} s"
+    assert n == 1 and cpu >= 0.1 * wall, f"the load used {cpu:.2f} CPU-seconds in {wall:.2f} s"
     for r in ok:
         assert r.loaded_ms is not None and r.loaded_ms != r.ms and r.slowdown == pytest.approx(r.loaded_ms / r.ms)
     assert "slowdown" in bench.markdown(result)

@@ -16,6 +16,7 @@ import torch
 
 import attnkit
 from attnkit import masks
+from attnkit._format import size
 from attnkit.viz._html import page as html_page
 from attnkit.viz.lab import LAB_SCRIPTS, lab_html, write_lab
 
@@ -548,7 +549,7 @@ def test_cost_of_length_follows_its_controls(tmp_path, watched_page):
     cost = "attnkitLab.panels.cost"
     assert page.evaluate(f"{cost}.state()") == {"length": 4096, "preset": "gpt-2", "window": 4096}
     table = page.text_content('[data-akl="cost-table"]')
-    assert "16,777,216 (16.8 million)" in table and "64.0 MiB" in table  # 4096² scores, 4 bytes each
+    assert "16,777,216 (16.8 million)" in table and "64 MiB" in table  # 4096² scores, 4 bytes each
     measured = page.text_content('[data-akl="cost-measured"]')
     assert measured == "Measured at n = 4096 on <s id=evil>test box</s>: dense attnkit:auto 12.5 ms"
     assert page.locator("#evil").count() == 0
@@ -632,8 +633,11 @@ def test_heads_controls_and_kv_saving(watched_page):
     saving = page.text_content('[data-akl="kv-saving"]')
     assert "holds 1 of 4 heads" in saving and "4× smaller" in saving
     llama = KV_PRESETS["llama-3-8b"]
-    own, mha = llama.bytes(4096) / 2**30, kv_cache_bytes(llama.layers, llama.heads, llama.head_dim, 4096) / 2**30
-    assert f"llama-3-8b {own:#.3g} GiB instead of {mha:#.3g} GiB" in saving
+    own, mha = llama.bytes(4096), kv_cache_bytes(llama.layers, llama.heads, llama.head_dim, 4096)
+    assert f"llama-3-8b {size(own)} instead of {size(mha)}" in saving  # 512 MiB instead of 2 GiB
+    # the page's formatter (static/units.js) writes what attnkit's Python one does
+    sizes = [0, 1, 1023, 1024, 1536, 27_955, 327_680, 1_048_000, 123_456_789, 1_342_177_280, 10 * 2**30, 2**50]
+    assert page.evaluate(f"{sizes}.map(window.AttnkitUnits.bytes)") == [size(n) for n in sizes]
     move(page, '[data-akl="heads-seed"]', "5")
     assert page.evaluate("attnkitLab.panels.heads.result()")["out"] != before["out"]
     assert XSS_IMG in page.text_content('[data-akl="head-patterns"]')

@@ -11,6 +11,7 @@ from attnkit import biases, masks
 from attnkit.cli import main
 from attnkit.functional import tiled
 from attnkit.functional._call import make_call
+
 from conftest import native_only_if, qkv
 
 

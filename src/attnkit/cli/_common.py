@@ -114,15 +114,6 @@ def csv(kind: type, choices: Sequence[str] | None = None) -> Callable[[str], lis
     return parse
 
 
-def size(n: float) -> str:
-    """Bytes in binary units: ``'512 B'``, ``'1.25 GiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024:
-            return f"{n:.0f} B" if unit == "B" else f"{n:.3g} {unit}"
-        n /= 1024
-    return f"{n:.3g} TiB"
-
-
 def width() -> int:
     """Columns to fill: ``COLUMNS`` if set, else the terminal's, else 80."""
     return max(20, shutil.get_terminal_size((80, 24)).columns)

@@ -23,7 +23,9 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers, size
+from attnkit import _model_facts as facts
+from attnkit._format import size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers
 
 if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
     from torch import Tensor, nn
@@ -224,14 +226,6 @@ def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any
     return 0
 
 
-def _kind(model: nn.Module) -> str:
-    """'encoder-decoder', 'decoder' (generates alone) or 'encoder' (generates nothing)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "encoder-decoder"
-    can = getattr(model, "can_generate", None)
-    return "decoder" if callable(can) and can() else "encoder"
-
-
 def _top(row: Tensor, names: list[str], k: int) -> str:
     order = row.double().argsort(descending=True)[:k].tolist()
     return "  ".join(f"{names[j]} {float(row[j]):.2f}".replace(" 0.", " .") for j in order)
@@ -242,7 +236,7 @@ def _seq2seq(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer
     from attnkit.inspect import Seq2SeqMaps, capture
     from attnkit.viz import report
 
-    kind = _kind(model)
+    kind = facts.kind(model)
     if kind != "encoder-decoder":
         raise UsageError(f"--target needs an encoder-decoder model (BART, T5, Marian...); {args.model!r} is "
                          f"{'a' if kind == 'decoder' else 'an'} {kind}-only model"
@@ -277,7 +271,7 @@ def _generate(args: argparse.Namespace, con: Console, model: nn.Module, tokenize
     from attnkit.inspect import capture_generation
     from attnkit.viz import report
 
-    kind = _kind(model)
+    kind = facts.kind(model)
     if kind == "encoder":
         raise UsageError(f"--generate needs a model that generates (a decoder such as GPT-2, or an encoder-decoder); "
                          f"{args.model!r} is an encoder-only model")

@@ -8,7 +8,8 @@ import dataclasses
 
 import torch
 
-from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, size
+from attnkit._format import size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError
 from attnkit.nn.cache import KV_PRESETS, KVShape, kv_cache_bytes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.cli._common import Console, Parser, Subparsers, size
+from attnkit._format import size
+from attnkit.cli._common import Console, Parser, Subparsers
 
 
 def add_parser(sub: Subparsers) -> Parser:

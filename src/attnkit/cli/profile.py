@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers, size
+from attnkit._format import size
+from attnkit.cli._common import Column, Console, Parser, Subparsers, UsageError, csv, positive, quiet_transformers
 
 if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
     from torch import nn

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit import _model_facts as facts
 from attnkit._checks import describe
 from attnkit.inspect import recording as rec
 from attnkit.inspect.maps import AttentionMaps
@@ -153,16 +154,16 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in rec._STORAGE)}; got {dtype!r}")
     if isinstance(model, EncoderDecoder):
         return _attnkit_generation(model, inputs, tokenizer, dtype, generate_kwargs)
-    if not rec._is_hf(model):
+    if not facts.is_hf(model):
         raise TypeError(f"model must be a transformers model with generate() or an attnkit EncoderDecoder; got "
                         f"{describe(model)}")
     if tokenizer is None:
         tokenizer = rec._find_tokenizer(model)
     if rec._is_text(inputs) and tokenizer is None:
         raise ValueError(f"inputs are text, so capture_generation needs a tokenizer; none was found for "
-                         f"{rec._name(model)!r}; pass tokenizer=")
+                         f"{facts.name(model)!r}; pass tokenizer=")
     _, kwargs, ids, valid, _ = rec._encode(model, inputs, tokenizer)
-    lm = rec._pretrained(model)
+    lm = facts.pretrained(model)
     seq2seq = bool(getattr(lm.config, "is_encoder_decoder", False))
     prompt = None if seq2seq else _prompt_flags(ids, valid)
     parts = rec.encoder_decoder_parts(model) if seq2seq else {id(m): "decoder" for m in model.modules()}
@@ -181,7 +182,7 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
         with torch.no_grad(), rec.hf_recording(model, route):
             out = lm.generate(**kwargs, **generate_kwargs, return_dict_in_generate=True)
             if not steps["decoder"].rows:
-                raise ValueError(f"{rec._name(model)!r} made no attention call through transformers' attention "
+                raise ValueError(f"{facts.name(model)!r} made no attention call through transformers' attention "
                                  "interface while generating, so its attention cannot be recorded")
             sequences = out.sequences
             batch = sequences.shape[0]
@@ -202,12 +203,12 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
     real_t = [slice(0, length)] * batch if seq2seq else rec._real_positions(flags, batch, length)
     tgt = rec._sides(sequences, real_t, length, tokenizer, None)
     result = GenerationMaps(sequences=sequences,
-                            decoder=_maps(rec._name(model), decoder, decoder.assemble(real_t, None), tgt))
+                            decoder=_maps(facts.name(model), decoder, decoder.assemble(real_t, None), tgt))
     if seq2seq:
         length = ids.shape[1] if ids is not None else steps["encoder"].rows[0][0].shape[-1]
         real_s = rec._real_positions(valid, batch, length) if ids is not None else [slice(0, length)] * batch
         src = rec._sides(ids, real_s, length, tokenizer, None, label="frame ")
-        _add_source(result, rec._name(model), steps, real_t, real_s, tgt, src)
+        _add_source(result, facts.name(model), steps, real_t, real_s, tgt, src)
     return result
 
 
@@ -278,7 +279,7 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
             m.training = mode
     batch, length = sequences.shape
     real_t = [slice(0, length)] * batch
-    name = rec._name(model)
+    name = facts.name(model)
     tgt = rec._sides(sequences, real_t, length, tokenizer, None)
     result = GenerationMaps(sequences=sequences,
                             decoder=_maps(name, steps["decoder"], steps["decoder"].assemble(real_t, None), tgt))

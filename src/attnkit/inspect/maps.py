@@ -28,6 +28,7 @@ from torch import Tensor
 
 from attnkit import _tensorfile
 from attnkit._checks import describe
+from attnkit._format import size
 
 __all__ = ["AttentionMaps", "Seq2SeqMaps"]
 
@@ -226,11 +227,11 @@ class AttentionMaps:
     def __repr__(self) -> str:
         n = len(self)
         lengths = sorted({len(t) for t in self.tokens})
-        size = (f"{lengths[0]} tokens" if len(lengths) == 1 else f"{lengths[0]}..{lengths[-1]} tokens") if n else ""
+        spread = (f"{lengths[0]} tokens" if len(lengths) == 1 else f"{lengths[0]}..{lengths[-1]} tokens") if n else ""
         dtype = str(self.attentions[0].dtype).removeprefix("torch.") if n else "empty"
         return (f"AttentionMaps(model={self.model_name!r}, {n} input{'' if n == 1 else 's'}"
-                f"{' of ' + size if size else ''}, layers {_span(self.layers)}, heads {_span(self.heads)}, {dtype}, "
-                f"{_human(self.nbytes)})")
+                f"{' of ' + spread if spread else ''}, layers {_span(self.layers)}, heads {_span(self.heads)}, "
+                f"{dtype}, {size(self.nbytes)})")
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Seq2SeqMaps:
         return (f"Seq2SeqMaps(model={self.cross.model_name!r}, {len(self)} input{'' if len(self) == 1 else 's'}, "
                 f"encoder {_span(self.encoder.layers)} x {_span(self.encoder.heads)}, "
                 f"decoder {_span(self.decoder.layers)} x {_span(self.decoder.heads)}, "
-                f"cross {_span(self.cross.layers)} x {_span(self.cross.heads)}, {_human(self.nbytes)})")
+                f"cross {_span(self.cross.layers)} x {_span(self.cross.heads)}, {size(self.nbytes)})")
 
 
 def _ints(value: object) -> bool:
@@ -358,9 +359,3 @@ def _span(indices: tuple[int, ...]) -> str:
     return str(list(indices))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"

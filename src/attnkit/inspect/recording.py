@@ -47,13 +47,13 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor, nn
 
+from attnkit import _model_facts as facts
 from attnkit import biases, masks
 from attnkit._checks import describe
 from attnkit.functional import attention_probs
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.encoder_decoder import EncoderDecoder
-from attnkit.nn.transformer import TransformerLM
 
 __all__ = ["capture", "hf_recording", "probabilities", "wrapped_attention_functions"]
 
@@ -72,23 +72,6 @@ def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...]
     if not values or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
         raise ValueError(f"{name} must be None, an int >= 0 or a non-empty sequence of them; got {given!r}")
     return tuple(sorted(set(values)))
-
-
-def _is_hf(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
-
-
-def _pretrained(model: nn.Module) -> Any:
-    """``model`` as the transformers ``PreTrainedModel`` it is, for what nn.Module does not declare
-    (``config``, ``name_or_path``, ``get_encoder()``, ``generate()``...); mypy skips transformers."""
-    return model
-
-
-def _text_config(model: nn.Module) -> Any:
-    """A transformers model's text config (a multimodal model's language side), or its config."""
-    config = _pretrained(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _heads_slice(t: Tensor, heads: list[int]) -> Tensor:
@@ -291,7 +274,7 @@ def hf_recording(model: nn.Module, route: Callable[[nn.Module], Recording | None
     from attnkit.integrations.transformers import _UNSUPPORTED, to_attnkit_mask  # needs transformers >= 4.57
 
     # eager gets None where it wants no mask; sdpa, flash and attnkit read None as "causal if is_causal"
-    none_is_causal = "eager" not in str(_pretrained(model).config._attn_implementation)
+    none_is_causal = "eager" not in str(facts.pretrained(model).config._attn_implementation)
 
     def wrap(fn: Any) -> Any:
         @functools.wraps(fn)
@@ -381,7 +364,7 @@ def wrapped_attention_functions(model: nn.Module, wrap: Callable[[Callable[..., 
 
 def _find_tokenizer(model: nn.Module) -> Any:
     """The tokenizer in a transformers model's local folder (or bundled model), or None."""
-    name = getattr(model, "name_or_path", "") if _is_hf(model) else ""
+    name = getattr(model, "name_or_path", "") if facts.is_hf(model) else ""
     if not name:
         return None
     from transformers import AutoTokenizer
@@ -416,18 +399,6 @@ def _summary(inputs: object) -> str:
     return f"a {type(inputs).__name__}"
 
 
-def _name(model: nn.Module) -> str:
-    return str(getattr(model, "name_or_path", "") or type(model).__name__)
-
-
-def _max_positions(model: nn.Module) -> int | None:
-    if _is_hf(model):
-        return getattr(_text_config(model), "max_position_embeddings", None)
-    if isinstance(model, TransformerLM) and model.config.positions == "learned":
-        return model.config.max_length
-    return None
-
-
 def _text_batch(tokenizer: Any, texts: str | Sequence[str], *, target: bool = False) -> dict[str, Any]:
     """A padded batch of ``texts`` (tokenized as targets when ``target``), with ``"word_ids"``:
     one list per text from a fast tokenizer, else None."""
@@ -454,7 +425,7 @@ def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, di
                                                                       list[list[int | None]] | None]:
     """``(args, kwargs)`` for the model, the ids (B, L) or None, the real-token flags (B, L) or
     None, and the word ids of text inputs (one list per input, or None)."""
-    hf = _is_hf(model)
+    hf = facts.is_hf(model)
     word_ids = None
     if _is_text(inputs):
         inputs = _text_batch(tokenizer, inputs)
@@ -507,8 +478,8 @@ def _target(model: nn.Module, target: object, tokenizer: Any) -> dict[str, Any]:
     word_ids = None
     if _is_text(target):
         if tokenizer is None:
-            raise ValueError(f"target is text, so capture needs a tokenizer, and none was found for {_name(model)!r}; "
-                             "pass tokenizer=")
+            raise ValueError(f"target is text, so capture needs a tokenizer, and none was found for "
+                             f"{facts.name(model)!r}; pass tokenizer=")
         batch = _text_batch(tokenizer, target, target=True)
         labels, valid, word_ids = batch["input_ids"], batch.get("attention_mask"), batch["word_ids"]
     elif isinstance(target, Tensor) and not target.dtype.is_floating_point and target.dim() in (1, 2):
@@ -519,9 +490,9 @@ def _target(model: nn.Module, target: object, tokenizer: Any) -> dict[str, Any]:
     else:
         raise TypeError(f"target must be text (a string or a list of strings) or token ids (a list of ints or an "
                         f"integer (T,) or (B, T) tensor); got {_summary(target)}")
-    start = getattr(_pretrained(model).config, "decoder_start_token_id", None)
+    start = getattr(facts.pretrained(model).config, "decoder_start_token_id", None)
     if start is None:
-        raise ValueError(f"{_name(model)!r} has no config.decoder_start_token_id, so capture cannot tell what its "
+        raise ValueError(f"{facts.name(model)!r} has no config.decoder_start_token_id, so capture cannot tell what its "
                          "decoder reads first; pass decoder_input_ids in inputs instead of target=")
     if labels.shape[1] and bool((labels[:, 0] == start).all()):
         return {"decoder_input_ids": labels, "decoder_attention_mask": valid, "word_ids": word_ids}
@@ -589,7 +560,7 @@ def encoder_decoder_parts(model: nn.Module) -> dict[int, str]:
     in the decoder, an attention module named like cross-attention (``encoder_attn`` in BART,
     Marian and Whisper, ``EncDecAttention`` in T5, ``crossattention``) is ``"cross"``.
     """
-    lm = _pretrained(model)
+    lm = facts.pretrained(model)
     encoder, decoder = lm.get_encoder(), lm.get_decoder()
     parts = {id(m): "encoder" for m in encoder.modules()}
     for name, m in decoder.named_modules():
@@ -687,20 +658,20 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     report = _progress(progress)
     if isinstance(model, EncoderDecoder):
         return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer)
-    hf = _is_hf(model)
+    hf = facts.is_hf(model)
     if tokenizer is None and (_is_text(inputs) or _is_text(target) or hf):
         tokenizer = _find_tokenizer(model)
         if tokenizer is None and _is_text(inputs):
             raise ValueError(f"inputs are text, so capture needs a tokenizer, and none was found for "
-                             f"{_name(model)!r}; pass tokenizer= (e.g. the one attnkit.models.load returns)")
-    if hf and getattr(_pretrained(model).config, "is_encoder_decoder", False):
+                             f"{facts.name(model)!r}; pass tokenizer= (e.g. the one attnkit.models.load returns)")
+    if hf and getattr(facts.pretrained(model).config, "is_encoder_decoder", False):
         return _capture_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, report)
     if target is not None:
-        raise ValueError(f"target is for encoder-decoder models; {_name(model)!r} is not one (its decoder reads "
+        raise ValueError(f"target is for encoder-decoder models; {facts.name(model)!r} is not one (its decoder reads "
                          f"inputs alone); got target {_summary(target)}")
     attnkit_modules = [] if hf else [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
     if hf:
-        count = getattr(_text_config(model), "num_hidden_layers", None)
+        count = getattr(facts.text_config(model), "num_hidden_layers", None)
     elif attnkit_modules:
         count = len(attnkit_modules)
     else:
@@ -713,7 +684,7 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     elif count is not None:
         selected = tuple(range(count))
     else:
-        raise ValueError(f"cannot tell how many attention layers {_name(model)!r} has; pass layers= explicitly")
+        raise ValueError(f"cannot tell how many attention layers {facts.name(model)!r} has; pass layers= explicitly")
 
     args, kwargs, ids, valid, word_ids = _encode(model, inputs, tokenizer)
     first = args[0] if args else ids
@@ -735,10 +706,10 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once. Only
         # the eager path's maps are the ones the model used: other paths of such models compute them
         # separately, and some leave the mask out (Falcon under sdpa gives non-causal maps).
-        implementation = getattr(_pretrained(model).config, "_attn_implementation", None)
+        implementation = getattr(facts.pretrained(model).config, "_attn_implementation", None)
         if implementation != "eager":
             raise ValueError(
-                f"{_name(model)!r} computes attention in its own code, not through transformers' "
+                f"{facts.name(model)!r} computes attention in its own code, not through transformers' "
                 f"attention interface, so capture can only read its eager path's output_attentions; it "
                 f"was loaded with attn_implementation={implementation!r}. Load it with "
                 f"attn_implementation='eager' to capture its maps")
@@ -746,21 +717,21 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         for probs in getattr(out, "attentions", None) or ():
             recorder.given(probs)
     if count is not None and recorder.calls != count:
-        raise ValueError(f"{_name(model)!r} called attention {recorder.calls} times in one forward pass but has "
+        raise ValueError(f"{facts.name(model)!r} called attention {recorder.calls} times in one forward pass but has "
                          f"{count} layers; capture supports models that attend once per layer (encoders, decoders) "
                          "and encoder-decoder models")
     if recorder.recorded != len(selected):
-        raise ValueError(f"{_name(model)!r} called attention only {recorder.calls} times (0 through the attention "
+        raise ValueError(f"{facts.name(model)!r} called attention only {recorder.calls} times (0 through the attention "
                          f"interface means its attention cannot be recorded); layers {list(selected)} were requested")
     side = _sides(ids, real, length, tokenizer, word_ids)
-    return AttentionMaps(attentions=recorder.store, model_name=_name(model), layers=selected,
+    return AttentionMaps(attentions=recorder.store, model_name=facts.name(model), layers=selected,
                          heads=recorder.heads or (), model_layers=count, model_heads=recorder.num_heads, **side)
 
 
 def _check_length(model: nn.Module, length: int) -> None:
-    limit = _max_positions(model)
+    limit = facts.max_positions(model, unstated=None)
     if limit is not None and length > limit:
-        raise ValueError(f"the input has {length} tokens, but {_name(model)!r} accepts at most {limit} positions "
+        raise ValueError(f"the input has {length} tokens, but {facts.name(model)!r} accepts at most {limit} positions "
                          "(max_position_embeddings); shorten the input")
 
 
@@ -774,8 +745,8 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     if "decoder_input_ids" in kwargs:
         tgt_ids, tgt_valid, tgt_words = kwargs["decoder_input_ids"], kwargs.get("decoder_attention_mask"), None
     elif target is None:
-        raise ValueError(f"{_name(model)!r} is an encoder-decoder model: capture needs the decoder's side too; pass "
-                         f"target= (text or ids, teacher-forced) or decoder_input_ids in inputs; got inputs "
+        raise ValueError(f"{facts.name(model)!r} is an encoder-decoder model: capture needs the decoder's side too; "
+                         f"pass target= (text or ids, teacher-forced) or decoder_input_ids in inputs; got inputs "
                          f"{_summary(inputs)}")
     else:
         decoded = _target(model, target, tokenizer)
@@ -804,7 +775,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
         "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
     }
     parts = encoder_decoder_parts(model)
-    config = _pretrained(model).config
+    config = facts.pretrained(model).config
     encoder_layers = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
     decoder_layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) \
         or encoder_layers
@@ -823,7 +794,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     _run(model, hf_recording(model, route), args, kwargs)
     counts = {part: r.calls for part, r in recorders.items()}
     if counts["encoder"] == 0 or counts["decoder"] == 0 or counts["cross"] != counts["decoder"]:
-        raise ValueError(f"{_name(model)!r} made {counts['encoder']} encoder, {counts['decoder']} decoder and "
+        raise ValueError(f"{facts.name(model)!r} made {counts['encoder']} encoder, {counts['decoder']} decoder and "
                          f"{counts['cross']} cross-attention calls through transformers' attention interface; "
                          "capture needs each layer's calls there, one cross call per decoder layer")
     for part, r in recorders.items():
@@ -837,7 +808,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
 
     def maps(part: str, side: dict, **keys: Any) -> AttentionMaps:
         r = recorders[part]
-        return AttentionMaps(attentions=r.store, model_name=_name(model), layers=r.layers or tuple(range(r.calls)),
+        return AttentionMaps(attentions=r.store, model_name=facts.name(model), layers=r.layers or tuple(range(r.calls)),
                              heads=r.heads or (), model_layers=r.calls, model_heads=r.num_heads, **side, **keys)
 
     return Seq2SeqMaps(encoder=maps("encoder", src), decoder=maps("decoder", tgt), cross=maps("cross", tgt, **keyed),
@@ -937,7 +908,7 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
 
     def maps(part: str, side: dict, **keys: Any) -> AttentionMaps:
         r = recorders[part]
-        return AttentionMaps(attentions=r.store, model_name=_name(model), layers=r.layers or tuple(range(r.calls)),
+        return AttentionMaps(attentions=r.store, model_name=facts.name(model), layers=r.layers or tuple(range(r.calls)),
                              heads=r.heads or (), model_layers=r.calls, model_heads=c.num_heads, **side, **keys)
 
     return Seq2SeqMaps(encoder=maps("encoder", src_side), decoder=maps("decoder", tgt_side),

@@ -18,7 +18,6 @@ How each part is found:
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,15 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attnkit._model_facts import is_hf
 from attnkit.nn.attention import MultiHeadAttention
 
 COMPONENTS = ("attention", "projections", "feed_forward")
 _FFN_NAMES = ("mlp", "feed_forward", "ffn", "intermediate")
-
-
-def is_hf(model: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.PreTrainedModel)
 
 
 def parts(model: nn.Module) -> dict[str, list[nn.Module]]:

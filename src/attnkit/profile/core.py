@@ -30,9 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnkit import _model_facts as facts
 from attnkit._checks import describe
+from attnkit._model_facts import is_hf, text_config
 from attnkit._timing import machine, peak_memory_mib
-from attnkit.profile._hooks import COMPONENTS, Clock, is_hf, linear_macs, parts, synchronizer, timed
+from attnkit.profile._hooks import COMPONENTS, Clock, linear_macs, parts, synchronizer, timed
 
 NOISY = 0.20  # relative spread of the plain totals above which a length is flagged
 IMPLEMENTATIONS = ("eager", "sdpa", "attnkit")
@@ -231,16 +233,15 @@ def _slope(xs: Sequence[float], ys: Sequence[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def text_config(model: nn.Module) -> Any:
-    """The model's config (a Hugging Face model's text config, or a TransformerConfig)."""
-    config: Any = getattr(model, "config")  # noqa: B009 (nn.Module types unknown attributes as Tensor | Module)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+UNSTATED_LIMIT = 2048
+"""The most positions profiled for a Hugging Face model that states no ``max_position_embeddings``."""
 
 
 def max_length(model: nn.Module) -> int:
-    """The most positions ``model`` takes: ``max_position_embeddings`` or ``TransformerConfig.max_length``."""
-    if is_hf(model):
-        return int(getattr(text_config(model), "max_position_embeddings", None) or 2048)
+    """The most positions profiled: a Hugging Face model's ``max_position_embeddings`` (else
+    :data:`UNSTATED_LIMIT`), an attnkit ``TransformerLM``'s configured ``max_length``."""
+    if facts.is_hf(model):
+        return int(facts.max_positions(model, unstated=UNSTATED_LIMIT) or UNSTATED_LIMIT)
     return int(text_config(model).max_length)
 
 
@@ -320,11 +321,7 @@ def profile(model: nn.Module, lengths: Sequence[int] | None = None, *, batch: in
                     progress(f"L={length}", i + 1, len(wanted))
     finally:
         model.train(was_training)
-    return Profile(model=name or _name(model), machine=machine(), batch=batch, repeats=repeats, lengths=rows)
-
-
-def _name(model: nn.Module) -> str:
-    return str(getattr(model, "name_or_path", "") or type(model).__name__)
+    return Profile(model=name or facts.name(model), machine=machine(), batch=batch, repeats=repeats, lengths=rows)
 
 
 def _measure(model: nn.Module, clock: Clock, ids: torch.Tensor, repeats: int, warmup: int) -> Length:
@@ -354,7 +351,7 @@ def _measure(model: nn.Module, clock: Clock, ids: torch.Tensor, repeats: int, wa
                 instr.append(t)
                 split.append(s)
     if not clock.attention_calls:
-        raise ValueError(f"{_name(model)!r} made no attention call that could be timed: its attention bypasses "
+        raise ValueError(f"{facts.name(model)!r} made no attention call that could be timed: its attention bypasses "
                          "transformers' attention interface (Bloom, MPT; Falcon before transformers 5.25; BERT "
                          "before 5)")
     med = {c: statistics.median(s[c] for s in split) for c in COMPONENTS}

@@ -20,10 +20,11 @@ import torch
 from torch import nn
 
 from attnkit._checks import require_int
+from attnkit._model_facts import is_hf, text_config
 from attnkit.nn.cache import kv_cache_bytes
 from attnkit.nn.transformer import TransformerLM
-from attnkit.profile._hooks import is_hf, synchronizer
-from attnkit.profile.core import check_lengths, inputs, max_length, text_config
+from attnkit.profile._hooks import synchronizer
+from attnkit.profile.core import check_lengths, inputs, max_length
 
 
 def is_decoder(model: nn.Module) -> bool:

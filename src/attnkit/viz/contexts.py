@@ -283,8 +283,8 @@ def compare_html(comparison: ContextComparison) -> str:
                                                comparison.attends)]
     data = {**comparison.to_dict(), "left": sides[0], "right": sides[1]}
     return page(f"attnkit · '{comparison.token}' in two contexts", css=["explorer.css"],
-                js=["report_cost.js", "explorer.js", "report_compare.js"], body='<div id="attnkit-compare"></div>',
-                data=data)
+                js=["units.js", "report_cost.js", "explorer.js", "report_compare.js"],
+                body='<div id="attnkit-compare"></div>', data=data)
 
 
 def write_compare_report(comparison: ContextComparison, path: str | Path) -> Path:

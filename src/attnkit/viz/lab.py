@@ -50,7 +50,7 @@ _MAX_SEED = 2**32 - 1  # the page's generator mixes 32-bit words
 _MAX_LABEL = 64
 # the lab's scripts in load order: the panels below the lab (optional: lab.js alone works) register
 # themselves on window before lab.js mounts
-LAB_SCRIPTS = ("lab_heads.js", "lab_flash.js", "lab_cost.js", "lab.js")
+LAB_SCRIPTS = ("units.js", "lab_heads.js", "lab_flash.js", "lab_cost.js", "lab.js")
 COST_LENGTHS = tuple(2**p for p in range(4, 18))  # the cost panel's length slider: 16 to 128K tokens
 
 

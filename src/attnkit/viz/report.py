@@ -256,8 +256,8 @@ def report_html(maps: AttentionMaps | Seq2SeqMaps | GenerationMaps, input_index:
         return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["explorer.js", "generation.js"],
                     body='<div id="attnkit-generation"></div>', data=data)
     data = report_data(maps, input_index, **kwargs)
-    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["report_cost.js", "explorer.js"], body=_BODY,
-                data=data)
+    return page(f"attnkit · {data['title']}", css=["explorer.css"], js=["units.js", "report_cost.js", "explorer.js"],
+                body=_BODY, data=data)
 
 
 def write_report(maps: AttentionMaps | Seq2SeqMaps | GenerationMaps, path: str | os.PathLike, input_index: int = 0,

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnkit._checks import require_int
+from attnkit._model_facts import kind as model_kind
+from attnkit._model_facts import max_positions
 from attnkit.viz.explainer import find_tokens
 
 __all__ = ["MAX_GENERATE", "ExplainRequest", "ExplainService", "RequestError", "model_kind"]
@@ -71,23 +73,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
-
-
-def _max_positions(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    value = getattr(config, "max_position_embeddings", None)
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def model_kind(model: Any) -> str:
-    """``"encoder-decoder"`` (``config.is_encoder_decoder``), ``"decoder"`` (a model that
-    generates alone: ``can_generate()``) or ``"encoder"`` (self-attention only)."""
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "encoder-decoder"
-    can = getattr(model, "can_generate", None)
-    return "decoder" if callable(can) and can() else "encoder"
 
 
 @dataclass(frozen=True)
@@ -174,7 +159,7 @@ class ExplainService:
         workers = require_int("workers", workers, minimum=1)
         self.model_name = str(getattr(model, "name_or_path", "") or type(model).__name__)
         self.kind = model_kind(model)
-        positions = _max_positions(model)
+        positions = max_positions(model, unstated=None)
         if max_tokens is None:
             max_tokens = positions or min(_FALLBACK_MAX_TOKENS, getattr(tokenizer, "model_max_length", 10**9))
         else:

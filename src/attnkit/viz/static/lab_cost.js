@@ -25,12 +25,7 @@
     return word ? `${whole} (${(x / word[0]).toPrecision(3)} ${word[1]})` : whole;
   }
 
-  function bytes(x) {
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let u = 0;
-    while (x >= 1024 && u < units.length - 1) { x /= 1024; u++; }
-    return `${u === 0 ? x : x.toPrecision(3)} ${units[u]}`;
-  }
+  const { bytes } = window.AttnkitUnits;  // units.js
 
   const lengthName = (n) => (n >= 1024 ? `${n / 1024}K` : String(n));
 

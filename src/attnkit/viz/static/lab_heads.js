@@ -106,7 +106,7 @@
       return gqa.length ? `${own} At 4096 tokens (float16, kv_cache_bytes): ${gqa.join("; ")}.` : own;
     }
 
-    function bytesText(x) { return `${(x / 2 ** 30).toPrecision(3)} GiB`; }
+    const bytesText = window.AttnkitUnits.bytes;  // units.js
 
     function update(state) {
       lab = state;

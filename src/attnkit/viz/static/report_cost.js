@@ -31,12 +31,7 @@
   const pct = (x) => `${(100 * x).toFixed(x < 0.1 ? 1 : 0)}%`;
   const ms = (s) => `${(s * 1e3).toFixed(s < 0.01 ? 2 : 1)} ms`;
   const int = (n) => n.toLocaleString("en-US");
-  function bytes(n) {
-    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let i = 0, v = n;
-    while (v >= 1024 && i < units.length - 1) { v /= 1024; i++; }
-    return `${i ? v.toFixed(1) : v} ${units[i]}`;
-  }
+  const { bytes } = window.AttnkitUnits;  // units.js
 
   /* One stacked bar of the forward's time at the input's length, with a legend. */
   function splitBar(split) {
