@@ -12,6 +12,8 @@ import torch
 import attnkit
 from attnkit import masks
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
+from attnkit.functional.sdpa import sdpa_form
+from attnkit.functional.tiled.translate import band_form
 
 from conftest import max_err, qkv
 
@@ -242,14 +244,36 @@ def test_a_user_mask_runs_on_every_backend(backend, user_mask, tiled_kernel):
 
 
 def test_sdpa_is_asked_in_its_own_terms():
-    form = masks.causal().sdpa_form(3, 5)
+    form = sdpa_form(masks.causal(), 3, 5)
     assert form is not None and form.is_causal and form.key_valid is None
-    assert masks.causal("bottom_right").sdpa_form(3, 5) is None
-    assert masks.causal("bottom_right").sdpa_form(4, 4).is_causal
-    assert masks.causal().shifted(4, 0).sdpa_form(4, 4) is None
-    pad = masks.key_padding([1, 3]).sdpa_form(2, 3)
+    assert sdpa_form(masks.causal("bottom_right"), 3, 5) is None
+    assert sdpa_form(masks.causal("bottom_right"), 4, 4).is_causal
+    assert sdpa_form(masks.causal().shifted(4, 0), 4, 4) is None
+    pad = sdpa_form(masks.key_padding([1, 3]), 2, 3)
     assert torch.equal(pad.key_valid, torch.tensor([[True, False, False], [True, True, True]]))
-    assert masks.sliding_window(2).sdpa_form(3, 3) is None and EvenDistance().sdpa_form(3, 3) is None
+    assert sdpa_form(masks.sliding_window(2), 3, 3) is None and sdpa_form(EvenDistance(), 3, 3) is None
+
+
+def test_the_kernels_translations_on_mask_are_deprecated_and_agree():
+    """``Mask.sdpa_form`` and friends moved to the kernels; for one release they warn and give the same."""
+    from attnkit.functional.tiled import translate
+
+    window, pad = masks.sliding_window(3) & masks.causal(), masks.key_padding([2, 4])
+    with pytest.deprecated_call(match=r"Mask.sdpa_form\(\) is deprecated.*functional.sdpa.sdpa_form"):
+        assert torch.equal(pad.sdpa_form(3, 4).key_valid, sdpa_form(pad, 3, 4).key_valid)
+    with pytest.deprecated_call(match="Mask.band_form"):
+        assert torch.equal(window.band_form(5, 5).lo, translate.band_form(window, 5, 5).lo)
+    with pytest.deprecated_call(match="Mask.causal_offset"):
+        assert masks.causal("bottom_right").causal_offset(3, 5) == translate.causal_offset(masks.causal("bottom_right"),
+                                                                                          3, 5) == 2
+    with pytest.deprecated_call(match="Mask.by_position"):
+        assert window.by_position and not masks.global_tokens([0]).by_position
+    with pytest.deprecated_call(match=r"attnkit.masks.BandForm is deprecated.*translate.BandForm"):
+        assert masks.BandForm is translate.BandForm
+    with pytest.deprecated_call(match="attnkit.masks.SDPAForm"):
+        assert masks.SDPAForm is type(sdpa_form(masks.causal(), 2, 2))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        masks.Nope
 
 
 def test_a_mask_without_a_definition_says_so():
@@ -640,7 +664,7 @@ def test_per_sequence_lengths_are_checked():
         attnkit.attention(*qkv(batch=2, q_len=4), mask=masks.causal(k_lengths=[1, 2, 3]))
     with pytest.raises(ValueError, match="padding must be one of"):
         masks.causal(k_lengths=[1], padding="middle")
-    assert masks.causal("bottom_right", k_lengths=[3]).sdpa_form(2, 5) is None
+    assert sdpa_form(masks.causal("bottom_right", k_lengths=[3]), 2, 5) is None
 
 
 def _band_dense(form: masks.BandForm, batch: int, q_len: int, k_len: int) -> torch.Tensor:
@@ -668,7 +692,7 @@ def _band_dense(form: masks.BandForm, batch: int, q_len: int, k_len: int) -> tor
 ])
 def test_band_form_allows_exactly_the_masks_pairs(make):
     mask, batch, q_len, k_len = make(), 2, 7, 9
-    form = mask.band_form(q_len, k_len)
+    form = band_form(mask, q_len, k_len)
     assert form is not None
     dense = mask.to_dense(q_len, k_len, batch=batch).reshape(-1, q_len, k_len).expand(batch, -1, -1)
     assert torch.equal(_band_dense(form, batch, q_len, k_len), dense)
@@ -679,7 +703,7 @@ def test_band_form_is_none_for_masks_it_cannot_describe():
     for mask in (masks.prefix_lm(2), masks.key_padding(valid=valid), ~masks.causal(), masks.causal() | masks.causal(),
                  masks.strided(2), masks.dilated(2, 4),
                  masks.document(torch.tensor([[0, 1, 1, 1]])) & masks.document(torch.tensor([[0, 0, 1, 1]]))):
-        assert mask.band_form(4, 4) is None, mask
+        assert band_form(mask, 4, 4) is None, mask
 
 
 def test_alibi_distance_form_gives_the_bias_values():

@@ -7,13 +7,40 @@ grouped-query attention. On CPU, float16/bfloat16 inputs are computed in float32
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from attnkit.functional._call import AttentionCall
+from attnkit.masks import Causal, KeyPadding, Mask
 
 _HAS_GQA = torch.torch_version.TorchVersion(torch.__version__) >= "2.5"  # enable_gqa arrived in 2.5
+
+
+@dataclass(frozen=True)
+class SDPAForm:
+    """A mask in the terms of PyTorch's ``scaled_dot_product_attention``.
+
+    ``is_causal``: pass ``is_causal=True`` (top-left causal). ``key_valid``: a (B|1, Lk)
+    bool tensor of real keys, to pass as a (B|1, 1, 1, Lk) ``attn_mask``; None if there
+    is none. At most one of the two is set (SDPA takes one or the other).
+    """
+
+    is_causal: bool = False
+    key_valid: Tensor | None = None
+
+
+def sdpa_form(mask: Mask, q_len: int, k_len: int) -> SDPAForm | None:
+    """``mask`` as SDPA's native arguments at these lengths, or None if SDPA would need it dense:
+    causal (top-left, or bottom-right when Lq == Lk; not shifted, not per sequence) and key padding."""
+    if isinstance(mask, Causal):
+        plain = mask.shift is None and mask.lengths is None
+        return SDPAForm(is_causal=True) if plain and (mask.align == "top_left" or q_len == k_len) else None
+    if isinstance(mask, KeyPadding):
+        return SDPAForm(key_valid=mask.valid_rows(k_len, torch.device("cpu")))
+    return None
 
 
 class SDPABackend:
@@ -36,7 +63,7 @@ class SDPABackend:
         mask = call.mask
         if mask is None:
             return None
-        form = mask.sdpa_form(call.q_len, call.k_len)
+        form = sdpa_form(mask, call.q_len, call.k_len)
         if form is None:
             return (f"it takes the {mask!r} mask at Lq={call.q_len}, Lk={call.k_len} only as a dense (Lq x Lk) "
                     "tensor (it has top-left causal and key padding natively)")
@@ -52,7 +79,7 @@ class SDPABackend:
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         cd = call.compute_dtype if call.q.device.type == "cpu" else call.q.dtype
         q, k, v = call.q.to(cd), call.k.to(cd), call.v.to(cd)
-        form = call.mask.sdpa_form(call.q_len, call.k_len) if call.mask is not None else None
+        form = sdpa_form(call.mask, call.q_len, call.k_len) if call.mask is not None else None
         attn_mask, is_causal = None, False
         if form is not None:
             is_causal = form.is_causal

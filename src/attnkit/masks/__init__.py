@@ -48,7 +48,7 @@ from attnkit.masks._analytic import (
     prefix_lm,
     sliding_window,
 )
-from attnkit.masks._core import And, BandForm, BlockMap, Mask, MaskMod, Not, Or, SDPAForm, Shifted, as_mask
+from attnkit.masks._core import And, BlockMap, Mask, MaskMod, Not, Or, Shifted, as_mask
 from attnkit.masks._lengths import Lengths
 from attnkit.masks._literature import (
     BigBird,
@@ -67,7 +67,6 @@ from attnkit.masks.flex import to_flex
 
 __all__ = [
     "And",
-    "BandForm",
     "BigBird",
     "BlockMap",
     "ByDistance",
@@ -88,7 +87,6 @@ __all__ = [
     "Not",
     "Or",
     "PrefixLM",
-    "SDPAForm",
     "Shifted",
     "SlidingWindow",
     "Strided",
@@ -108,3 +106,20 @@ __all__ = [
     "strided",
     "to_flex",
 ]
+
+
+_MOVED = {"BandForm": ("attnkit.functional.tiled.translate", "BandForm"),
+          "SDPAForm": ("attnkit.functional.sdpa", "SDPAForm")}
+
+
+def __getattr__(name: str) -> object:
+    """``masks.BandForm`` and ``masks.SDPAForm`` moved to the kernels that use them (deprecated here)."""
+    if name in _MOVED:
+        import importlib
+        import warnings
+
+        module, attr = _MOVED[name]
+        warnings.warn(f"attnkit.masks.{name} is deprecated and will be removed in the next release; use "
+                      f"{module}.{attr}", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'attnkit.masks' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from torch import Tensor
 from attnkit._blocks import EMPTY, FULL, ScoreBlock, block_bounds, reduce_over_batch, states
 from attnkit._checks import check_broadcast_4d, describe, int_vector, require_choice, require_int, require_tensor
 from attnkit._index_fn import IndexFunction
-from attnkit.masks._core import BandForm, Mask, MaskMod, SDPAForm, _evaluate_states
+from attnkit.masks._core import Mask, MaskMod, _evaluate_states
 from attnkit.masks._lengths import _ALIGNS, _PADDINGS, Lengths, _offset
 
 # -- analytic masks ---------------------------------------------------------------------
@@ -32,23 +32,9 @@ class Diagonal(Mask):
         self.align = require_choice("align", align, _ALIGNS)
         self.shift = shift
 
-    by_position = True
 
     def diagonal(self, q_len: int, k_len: int) -> int:
         return _offset(self.align, q_len, k_len) if self.shift is None else self.shift
-
-    def causal_offset(self, q_len: int, k_len: int) -> int | None:
-        if self.left is not None or self.right is None or self.lengths is not None:
-            return None
-        return self.diagonal(q_len, k_len) + self.right
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        off = self.diagonals(q_len, k_len, torch.device("cpu"))
-        off = off.view(-1).to(torch.int64) if isinstance(off, Tensor) else torch.tensor([off])
-        form = BandForm.unbounded(k_len)
-        lo = form.lo if self.left is None else off - self.left
-        hi = form.hi if self.right is None else off + self.right
-        return BandForm(lo, hi, form.key_lengths)
 
     def diagonals(self, q_len: int, k_len: int, device: torch.device) -> Tensor | int:
         """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
@@ -122,19 +108,18 @@ class Diagonal(Mask):
 
 
 class Causal(Diagonal):
+    """``j <= i + offset`` (:func:`causal`): a :class:`Diagonal` with ``left=None``, ``right=0``."""
+
     def __init__(self, left: int | None, right: int | None, align: str, shift: int | None = None):
         super().__init__(None, 0, align, shift)
-
-    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
-        if self.shift is None and self.lengths is None and (self.align == "top_left" or q_len == k_len):
-            return SDPAForm(is_causal=True)
-        return None
 
     def __repr__(self) -> str:
         return f"causal({self._where()})"
 
 
 class SlidingWindow(Diagonal):
+    """``-left <= j - (i + offset) <= right`` (:func:`sliding_window`): a :class:`Diagonal`."""
+
     def __repr__(self) -> str:
         return f"sliding_window(left={self.left}, right={self.right}, {self._where()})"
 
@@ -198,7 +183,9 @@ def sliding_window(left: int, right: int = 0, align: str = "top_left", *,
 
 
 class PrefixLM(Mask):
-    by_position = True
+    """Causal, and every query sees keys ``j < prefix[b]`` (:func:`prefix_lm`). Fields: ``prefix`` (int64
+    (1|B,)), ``align``."""
+
 
     def __init__(self, prefix_length: int | Tensor, align: str):
         self.align = require_choice("align", align, _ALIGNS)
@@ -266,6 +253,8 @@ def prefix_lm(prefix_length: int | Tensor, align: str = "top_left") -> Mask:
 
 
 class GlobalTokens(Mask):
+    """Rows and columns of ``positions`` (int64) allowed throughout (:func:`global_tokens`)."""
+
     def __init__(self, positions: Sequence[int] | Tensor):
         self.positions = int_vector("positions", positions)
         if (self.positions < 0).any():
@@ -359,6 +348,9 @@ def _block_min_max(rows: Tensor, size: int) -> tuple[Tensor, Tensor]:
 
 
 class Document(Mask):
+    """``q_ids[b, i] == kv_ids[b, j]`` (:func:`document`). Fields: ``q_ids`` (1|B, Lq), ``kv_ids`` (1|B, Lk),
+    int64."""
+
     def __init__(self, q_ids: Tensor, kv_ids: Tensor | None):
         for name, t in (("q_ids", q_ids), ("kv_ids", kv_ids)):
             if t is None:
@@ -371,10 +363,6 @@ class Document(Mask):
 
     def _ids(self, device: torch.device) -> tuple[Tensor, Tensor]:
         return self.q_ids.to(device), self.kv_ids.to(device)
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        form = BandForm.unbounded(k_len)
-        return BandForm(form.lo, form.hi, form.key_lengths, self.q_ids.contiguous(), self.kv_ids.contiguous())
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         q_ids, kv_ids = self._ids(block.device)
@@ -442,6 +430,9 @@ def document(q_ids: Tensor, kv_ids: Tensor | None = None) -> Mask:
 
 
 class KeyPadding(Mask):
+    """Real keys only (:func:`key_padding`). Fields: ``lengths`` (int64 (B,): the first ``lengths[b]``
+    keys are real) or ``valid`` (bool (B, Lk)); one of them is None."""
+
     def __init__(self, lengths: Sequence[int] | Tensor | None, valid: Tensor | None):
         if (lengths is None) == (valid is None):
             raise TypeError("key_padding needs exactly one of lengths= or valid=")
@@ -456,12 +447,6 @@ class KeyPadding(Mask):
             if valid.dtype != torch.bool:  # type: ignore[union-attr]
                 raise TypeError(f"valid must be a bool tensor (True = real token); got {describe(valid)}")
             self.valid = _rows("valid", valid)  # type: ignore[arg-type]
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        if self.lengths is None:  # given as valid= rows: not necessarily a prefix of the keys
-            return None
-        form = BandForm.unbounded(k_len)
-        return BandForm(form.lo, form.hi, torch.minimum(form.key_lengths, self.lengths.to(torch.int64)))
 
     def valid_rows(self, k_len: int, device: torch.device) -> Tensor:
         if self.valid is not None:
@@ -478,9 +463,6 @@ class KeyPadding(Mask):
         valid = self.valid_rows(k_len, torch.device("cpu"))
         many = valid.shape[0] > 1
         return lambda b, h, q_idx, kv_idx: valid.to(kv_idx.device)[b if many else 0, kv_idx]
-
-    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
-        return SDPAForm(key_valid=self.valid_rows(k_len, torch.device("cpu")))
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -535,6 +517,8 @@ def key_padding(lengths: Sequence[int] | Tensor | None = None, *, valid: Tensor 
 
 
 class Dense(Mask):
+    """A bool tensor (:func:`from_tensor`). Field: ``tensor``, (B|1, H|1, Lq|1, Lk|1)."""
+
     def __init__(self, tensor: Tensor):
         require_tensor("mask", tensor)
         if tensor.dtype != torch.bool:
@@ -638,6 +622,8 @@ class Evaluated(Mask):
 
 
 class Function(Evaluated):
+    """Any elementwise ``fn(b, h, q_idx, kv_idx)`` (:func:`from_function`). Fields: ``fn``, ``name``."""
+
     def __init__(self, fn: MaskMod, name: str | None):
         if not callable(fn):
             raise TypeError(f"from_function needs a callable fn(b, h, q_idx, kv_idx) -> bool tensor; "

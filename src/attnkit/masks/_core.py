@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,49 +63,9 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``."""
 
 
-@dataclass(frozen=True)
-class SDPAForm:
-    """A mask in the terms of PyTorch's ``scaled_dot_product_attention``.
-
-    ``is_causal``: pass ``is_causal=True`` (top-left causal). ``key_valid``: a (B|1, Lk)
-    bool tensor of real keys, to pass as a (B|1, 1, 1, Lk) ``attn_mask``; None if there
-    is none. At most one of the two is set (SDPA takes one or the other).
-    """
-
-    is_causal: bool = False
-    key_valid: Tensor | None = None
-
-
-@dataclass(frozen=True)
-class BandForm:
-    """A mask as arithmetic on positions, per batch element ``b`` (see :meth:`Mask.band_form`).
-
-    Allowed: ``lo[b] <= j - i <= hi[b]`` and ``j < key_lengths[b]`` and, when ``q_ids`` is
-    set, ``q_ids[b|0, i] == kv_ids[b|0, j]``. ``lo``, ``hi``, ``key_lengths``: int64 (B,)
-    (B = 1 for a mask that is the same for every sequence); ``UNBOUNDED`` stands for no bound.
-    ``q_ids`` (1|B, Lq), ``kv_ids`` (1|B, Lk): int64 document ids, or None.
-    """
-
-    UNBOUNDED = 1 << 62
-
-    lo: Tensor
-    hi: Tensor
-    key_lengths: Tensor
-    q_ids: Tensor | None = None
-    kv_ids: Tensor | None = None
-
-    def __and__(self, other: BandForm) -> BandForm | None:
-        """Both at once, or None when both carry document ids (not one band form)."""
-        if self.q_ids is not None and other.q_ids is not None:
-            return None
-        ids = self if self.q_ids is not None else other
-        return BandForm(torch.maximum(self.lo, other.lo), torch.minimum(self.hi, other.hi),
-                        torch.minimum(self.key_lengths, other.key_lengths), ids.q_ids, ids.kv_ids)
-
-    @classmethod
-    def unbounded(cls, k_len: int) -> BandForm:
-        far = torch.full((1,), cls.UNBOUNDED, dtype=torch.int64)
-        return cls(-far, far, torch.full((1,), k_len, dtype=torch.int64))
+def _moved(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release: a mask says what is allowed, "
+                  f"and each kernel translates it itself; use {new}", DeprecationWarning, stacklevel=3)
 
 
 class Mask:
@@ -116,6 +77,12 @@ class Mask:
     evaluates the mask block by block in bounded memory, :meth:`shifted` translates the
     coordinates. Built-in masks override them with analytic versions. A subclass that
     varies by batch or head reports it in :meth:`extent`, and checks sizes in :meth:`check`.
+
+    A mask knows nothing of kernels. Each kernel translates the built-in masks into its own
+    terms from their public fields (SDPA's arguments: :func:`attnkit.functional.sdpa.sdpa_form`;
+    the tiled engines' band form, causal diagonal and positional evaluation:
+    :mod:`attnkit.functional.tiled.translate`) and answers None where it has no exact form, so
+    a user's own subclass runs on every backend through :meth:`allowed` and :meth:`block_states`.
     """
 
     # -- the elementwise definition ---------------------------------------------------
@@ -177,27 +144,36 @@ class Mask:
         s = self.block_states(q_len, k_len, max(q_len, 1), max(k_len, 1), batch=batch, heads=heads)
         return bool((s == EMPTY).all())
 
-    def sdpa_form(self, q_len: int, k_len: int) -> SDPAForm | None:
-        """This mask as SDPA's native arguments at these lengths, or None if it needs a dense mask."""
-        return None
+    # -- kernels' translations, moved to the kernels (deprecated here, for one release) ---------
+
+    def sdpa_form(self, q_len: int, k_len: int) -> Any:
+        """Deprecated: :func:`attnkit.functional.sdpa.sdpa_form` (``mask``, ``q_len``, ``k_len``)."""
+        from attnkit.functional.sdpa import sdpa_form
+
+        _moved("Mask.sdpa_form()", "attnkit.functional.sdpa.sdpa_form(mask, q_len, k_len)")
+        return sdpa_form(self, q_len, k_len)
+
+    def band_form(self, q_len: int, k_len: int) -> Any:
+        """Deprecated: :func:`attnkit.functional.tiled.translate.band_form` (``mask``, ``q_len``, ``k_len``)."""
+        from attnkit.functional.tiled.translate import band_form
+
+        _moved("Mask.band_form()", "attnkit.functional.tiled.translate.band_form(mask, q_len, k_len)")
+        return band_form(self, q_len, k_len)
+
+    def causal_offset(self, q_len: int, k_len: int) -> int | None:
+        """Deprecated: :func:`attnkit.functional.tiled.translate.causal_offset` (``mask``, ``q_len``, ``k_len``)."""
+        from attnkit.functional.tiled.translate import causal_offset
+
+        _moved("Mask.causal_offset()", "attnkit.functional.tiled.translate.causal_offset(mask, q_len, k_len)")
+        return causal_offset(self, q_len, k_len)
 
     @property
     def by_position(self) -> bool:
-        """Whether :meth:`allowed` reads only the block's ``b, h, i, j`` index tensors (never its
-        ranges), so it can be evaluated on any layout of indices, such as the tiled backend's
-        band of keys that moves with each query row. False unless a mask says so."""
-        return False
+        """Deprecated: :func:`attnkit.functional.tiled.translate.by_position` (``mask``)."""
+        from attnkit.functional.tiled.translate import by_position
 
-    def causal_offset(self, q_len: int, k_len: int) -> int | None:
-        """``s`` if this mask is exactly ``j <= i + s`` at these lengths (causal in either
-        alignment, or shifted), else None."""
-        return None
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        """This mask as a :class:`BandForm` at these lengths (a band of diagonals, key
-        lengths and document ids), or None if it is not one. Kernels that mask by
-        arithmetic on positions (the native tiled kernel) ask this."""
-        return None
+        _moved("Mask.by_position", "attnkit.functional.tiled.translate.by_position(mask)")
+        return by_position(self)
 
     # -- pieces of a longer sequence ------------------------------------------------------
 
@@ -384,34 +360,16 @@ def as_mask(name: str, m: object) -> Mask:
 # -- composition ----------------------------------------------------------------------
 
 
-class And(Mask):
+class _Binary(Mask):
+    """Two masks combined (:class:`And`, :class:`Or`): ``a`` and ``b``."""
+
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
-
-    @property
-    def by_position(self) -> bool:
-        return self.a.by_position and self.b.by_position
-
-    def allowed(self, block: ScoreBlock) -> Tensor:
-        return self.a.allowed(block) & self.b.allowed(block)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        a, b = self.a.band_form(q_len, k_len), self.b.band_form(q_len, k_len)
-        return None if a is None or b is None else a & b
 
     def _both(self, q_len: int, k_len: int, block_q: int, block_k: int, batch: int | None, heads: int | None,
               device: torch.device | str) -> tuple[Tensor, Tensor]:
         return (self.a.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device),
                 self.b.block_states(q_len, k_len, block_q, block_k, batch=batch, heads=heads, device=device))
-
-    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
-                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
-        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
-        return states((sa == EMPTY) | (sb == EMPTY), (sa == FULL) & (sb == FULL))
 
     def shifted(self, q_offset: int, k_offset: int, *, q_total: int | None = None,
                 k_total: int | None = None) -> Mask:
@@ -429,16 +387,31 @@ class And(Mask):
     def natural_size(self) -> tuple[int, int] | None:
         return self.a.natural_size() or self.b.natural_size()
 
+
+class And(_Binary):
+    """Allowed where both ``a`` and ``b`` allow: ``a & b``."""
+
+    def allowed(self, block: ScoreBlock) -> Tensor:
+        return self.a.allowed(block) & self.b.allowed(block)
+
+    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
+        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
+        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
+
+    def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
+                     heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+        sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
+        return states((sa == EMPTY) | (sb == EMPTY), (sa == FULL) & (sb == FULL))
+
     def __repr__(self) -> str:
         return f"({self.a!r} & {self.b!r})"
 
 
-class Or(And):
+class Or(_Binary):
+    """Allowed where either ``a`` or ``b`` allows: ``a | b``."""
+
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) | self.b.allowed(block)
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        return None  # a union of bands is not one band
 
     def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
         fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
@@ -454,12 +427,10 @@ class Or(And):
 
 
 class Not(Mask):
+    """Allowed where ``a`` forbids: ``~a``."""
+
     def __init__(self, a: Mask):
         self.a = a
-
-    @property
-    def by_position(self) -> bool:
-        return self.a.by_position
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return ~self.a.allowed(block)

@@ -11,7 +11,7 @@ from torch import Tensor
 from attnkit._blocks import ScoreBlock, block_bounds, states
 from attnkit._checks import check_broadcast_4d, describe, require_int, require_tensor
 from attnkit.masks._analytic import Diagonal, Evaluated
-from attnkit.masks._core import BandForm, Mask, MaskMod
+from attnkit.masks._core import Mask, MaskMod
 
 # -- sparse patterns of the literature -------------------------------------------------------
 
@@ -29,9 +29,6 @@ class ByDistance(Diagonal):
 
     def _keep(self, d: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def band_form(self, q_len: int, k_len: int) -> BandForm | None:
-        return None  # kept distances need not be one interval
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self._keep(block.i + self.diagonal(block.q_len, block.k_len) - block.j)
@@ -65,6 +62,8 @@ class ByDistance(Diagonal):
 
 
 class Strided(ByDistance):
+    """Sparse Transformer's strided pattern (:func:`strided`). Fields: ``stride``, ``align``."""
+
     def __init__(self, stride: int, align: str, shift: int | None = None):
         super().__init__(align, shift)
         self.stride = stride
@@ -96,6 +95,8 @@ def strided(stride: int, align: str = "top_left") -> Mask:
 
 
 class Dilated(ByDistance):
+    """A dilated causal window (:func:`dilated`). Fields: ``window``, ``dilation``, ``align``."""
+
     def __init__(self, window: int, dilation: int, align: str, shift: int | None = None):
         super().__init__(align, shift)
         self.window, self.dilation = window, dilation
@@ -128,6 +129,8 @@ def dilated(window: int, dilation: int, align: str = "top_left") -> Mask:
 
 
 class Chunked(Mask):
+    """``i // size == j // size`` (:func:`chunked`). Field: ``size``."""
+
     def __init__(self, size: int):
         self.size = size
 
@@ -171,6 +174,9 @@ def chunked(size: int) -> Mask:
 
 
 class FromBlocks(Evaluated):
+    """A user's block map (:func:`from_blocks`). Fields: ``blocks_`` (B|1, H|1, nq, nk) bool, ``block_q``,
+    ``block_k``."""
+
     def __init__(self, block_mask: Tensor, block_q: int, block_k: int):
         require_tensor("block_mask", block_mask)
         if block_mask.dtype != torch.bool:
@@ -244,6 +250,8 @@ def from_blocks(block_mask: Tensor, block_q: int, block_k: int | None = None) ->
 
 
 class BigBird(Evaluated):
+    """BigBird's window, global and random blocks (:func:`bigbird`). Fields as the constructor's arguments."""
+
     def __init__(self, window: int, global_tokens: int, random_blocks: int, block_size: int, seed: int):
         self.window, self.global_tokens, self.random_blocks = window, global_tokens, random_blocks
         self.block_size, self.seed = block_size, seed

@@ -19,7 +19,8 @@ from torch import Tensor
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
 from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall
-from attnkit.masks import BandForm, Mask
+from attnkit.functional.tiled.translate import BandForm, band_form, by_position, causal_offset
+from attnkit.masks import Mask
 
 if TYPE_CHECKING:
     from attnkit.functional.tiled.strategy import Strategy
@@ -116,7 +117,9 @@ class BandBlock(ScoreBlock):
 
 def _band_safe(obj: Mask | Bias | None) -> bool:
     """Whether a mask/bias evaluates from ``b, h, i, j`` alone (so a BandBlock is valid)."""
-    return obj is None or obj.by_position
+    if obj is None:
+        return True
+    return by_position(obj) if isinstance(obj, Mask) else obj.by_position
 
 
 _Span = tuple[int, int, int]  # a chunk's live key blocks [lo, hi) and the end f of its full prefix
@@ -172,7 +175,7 @@ def band_plan(call: AttentionCall) -> BandPlan:
 
 def _exact_diagonal(call: AttentionCall) -> int | None:
     """``s`` if the mask is exactly ``j <= i + s`` (causal in either alignment, shifted), else None."""
-    return None if call.mask is None else call.mask.causal_offset(call.q_len, call.k_len)
+    return None if call.mask is None else causal_offset(call.mask, call.q_len, call.k_len)
 
 
 def _runs(spans: list[_Span | None], far: int | None, q_len: int, k_len: int) -> list[_Run]:
@@ -285,14 +288,14 @@ class NativeParams:
 def native_params(call: AttentionCall) -> NativeParams | None:
     """The call's mask and bias for the native kernel, or None if it cannot describe them.
 
-    The mask must have a :meth:`~attnkit.masks.Mask.band_form` (intersections of causal and
+    The mask must have a :func:`.translate.band_form` (intersections of causal and
     sliding-window masks in either alignment, per-sequence lengths too, key padding by
     lengths, one document mask) and the bias a :meth:`~attnkit.biases.Bias.distance_form`
     (ALiBi); anything else (prefix-LM, global tokens, dense or function masks, tensor
     biases, ``|``, ``~``) is left to the other kernels.
     """
     b, q_len, k_len = call.batch, call.q_len, call.k_len
-    form = BandForm.unbounded(k_len) if call.mask is None else call.mask.band_form(q_len, k_len)
+    form = BandForm.unbounded(k_len) if call.mask is None else band_form(call.mask, q_len, k_len)
     if form is None:
         return None
     slopes = torch.empty(0, dtype=call.compute_dtype)
