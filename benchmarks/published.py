@@ -1,4 +1,4 @@
-"""The README's and docs' figures, from the committed results files.
+"""The README's and docs' figures, from the committed results files (wherever in them the figures move).
 
     python benchmarks/published.py           # report every marked block or quoted figure that disagrees
     python benchmarks/published.py --write   # rewrite the marked blocks from benchmarks/results/
@@ -140,29 +140,29 @@ def quoted() -> list[tuple[str, str]]:
     gained = re.search(r"(\d+) heads gained more than 0.05", shift_text)[1]
     induction = load("induction")
     return [
-        ("README.md", f"layer 3 head 1, {heads[(3, 1)][0]:.3f} vs {heads[(3, 1)][1]:.3f}"),
-        ("README.md", f"heads 10 and 8 move {shift[(5, 10)]:+.2f} and {shift[(5, 8)]:+.2f} of their attention onto "
-                      f"the domain terms, and {gained} heads gain more than 0.05"),
+        ("docs/benchmarks.md", f"layer 3 head 1, {heads[(3, 1)][0]:.3f} vs {heads[(3, 1)][1]:.3f}"),
+        ("docs/benchmarks.md", f"heads 10 and 8 move {shift[(5, 10)]:+.2f} and {shift[(5, 8)]:+.2f} of their "
+                               f"attention onto the domain terms, and {gained} heads gain more than 0.05"),
         ("docs/inspect.md", f"{gained} heads gained more than 0.05 of their attention"),
         ("README.md", f"layer 5, head 11 sends {cat:.3f} of `it`'s attention"),
-        ("README.md", f"layer 5 head 11 sends {cat:.3f} of `it`'s attention to `cat` and {mat:.3f} to"),
-        ("README.md", f"{prefer} of the 72 heads prefer `cat`"),
+        ("docs/benchmarks.md", f"layer 5 head 11 sends {cat:.3f} of `it`'s attention to `cat` and {mat:.3f} to"),
+        ("docs/benchmarks.md", f"{prefer} of the 72 heads prefer `cat`"),
         ("docs/inspect.md", f"{prefer} of the 72 heads give `cat` more weight"),
-        ("README.md", f"to {induction['second_half_loss'][-1]:.2f} nats while the random half stays at "
+        ("docs/benchmarks.md", f"to {induction['second_half_loss'][-1]:.2f} nats while the random half stays at "
                       f"{induction['first_half_loss'][-1]:.2f}"),
-        ("README.md", f"`attnkit induction` ({induction['seconds']:.0f} s in the committed run"),
+        ("docs/benchmarks.md", f"`attnkit induction` ({induction['seconds']:.0f} s in the committed run"),
         ("docs/inspect.md", f"3000 steps, {induction['seconds']:.0f} s on 2 cores in the committed run"),
-        ("README.md", f"each with its own matmul yardstick, {_span([d['matmul_gflops'] for d in peers], '.0f')} "
+        ("docs/benchmarks.md", "each with its own matmul yardstick, "
+                               f"{_span([d['matmul_gflops'] for d in peers], '.0f')} GFLOP/s"),
+        ("docs/benchmarks.md", f"Flex took {_span(compile_s, '.2g')} s"),
+        ("docs/limits.md", f"the matmul yardstick itself by more ({_span([d['matmul_gflops'] for d in every], '.0f')} "
                       "GFLOP/s"),
-        ("README.md", f"Flex took {_span(compile_s, '.2g')} s"),
-        ("README.md", f"the matmul yardstick itself by more ({_span([d['matmul_gflops'] for d in every], '.0f')} "
-                      "GFLOP/s"),
-        ("README.md", f"about {bytes_per_value:.0f} bytes per value"),
-        ("README.md", f"{script('bertviz_size').extrapolated_gb(viz):.0f} GB for the 2,000-token maps"),
+        ("docs/explorer.md", f"about {bytes_per_value:.0f} bytes per value"),
+        ("docs/explorer.md", f"{script('bertviz_size').extrapolated_gb(viz):.0f} GB for the 2,000-token maps"),
         ("docs/explorer.md", f"about {bytes_per_value:.0f} bytes a value"),
         ("README.md", f"2,000 tokens in {long['bytes'] / 1e6:.1f} MB"),
         ("docs/distributed.md", f"from {peak['1']:.0f} MiB with one process to {peak['4']:.0f} MiB with four"),
-        ("README.md", f"tiled path runs at {_span(flex_vs_tiled, '.2f')}x Flex's speed"),
+        ("docs/benchmarks.md", f"tiled path runs at {_span(flex_vs_tiled, '.2f')}x Flex's speed"),
     ]
 
 
