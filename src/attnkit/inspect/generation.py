@@ -2,7 +2,7 @@
 
 The model's own ``generate`` runs unchanged, with its KV cache (dynamic, sliding-window or
 static): the attention functions transformers hands its modules are wrapped for the call
-(:func:`~attnkit.inspect.recording.hf_recording`), so the tokens are those of a plain
+(:func:`~attnkit.integrations.tap.transformers_tap`), so the tokens are those of a plain
 ``generate``. Each call's probabilities are computed from the same q, k and mask
 (:func:`~attnkit.inspect.recording.probabilities`) and its rows are placed by absolute
 position: a cache hands the keys in position order, either starting at position 0 (a static
@@ -37,8 +37,10 @@ from torch import Tensor, nn
 
 from attnkit import _model_facts as facts
 from attnkit._checks import describe
+from attnkit.inspect import encoding as enc
 from attnkit.inspect import recording as rec
 from attnkit.inspect.maps import AttentionMaps
+from attnkit.integrations.tap import Observer, attnkit_tap, transformers_tap
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.encoder_decoder import EncoderDecoder
 
@@ -79,7 +81,7 @@ class _Steps:
         self.rows: list[list[Tensor]] = []  # per layer: (B, H, q, N) row blocks
         self.num_heads = 0
 
-    def recorder(self, module: nn.Module, *, refeed: bool = False) -> rec.Recording:
+    def recorder(self, module: nn.Module, *, refeed: bool = False) -> Observer:
         """Who records ``module``'s call. ``refeed``: the call reads the whole sequence again from
         position 0 without a cache (queries are positions 0..Lq-1, keys 0..Lk-1), and only the rows
         of tokens not read before are kept."""
@@ -158,11 +160,11 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
         raise TypeError(f"model must be a transformers model with generate() or an attnkit EncoderDecoder; got "
                         f"{describe(model)}")
     if tokenizer is None:
-        tokenizer = rec._find_tokenizer(model)
-    if rec._is_text(inputs) and tokenizer is None:
+        tokenizer = enc.find_tokenizer(model)
+    if enc.is_text(inputs) and tokenizer is None:
         raise ValueError(f"inputs are text, so capture_generation needs a tokenizer; none was found for "
                          f"{facts.name(model)!r}; pass tokenizer=")
-    _, kwargs, ids, valid, _ = rec._encode(model, inputs, tokenizer)
+    _, kwargs, ids, valid, _ = enc.encode(model, inputs, tokenizer)
     lm = facts.pretrained(model)
     seq2seq = bool(getattr(lm.config, "is_encoder_decoder", False))
     prompt = None if seq2seq else _prompt_flags(ids, valid)
@@ -170,7 +172,7 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
     steps = {kind: _Steps(kind, dtype) for kind in ("encoder", "decoder", "cross")}
     final = [False]  # True for the forward pass that adds the last token's rows
 
-    def route(module: nn.Module) -> rec.Recording | None:
+    def route(module: nn.Module) -> Observer | None:
         part = parts.get(id(module))
         if part is None or (final[0] and part == "encoder"):
             return None
@@ -179,7 +181,7 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad(), rec.hf_recording(model, route):
+        with torch.no_grad(), transformers_tap(model, route):
             out = lm.generate(**kwargs, **generate_kwargs, return_dict_in_generate=True)
             if not steps["decoder"].rows:
                 raise ValueError(f"{facts.name(model)!r} made no attention call through transformers' attention "
@@ -200,14 +202,14 @@ def capture_generation(model: nn.Module, inputs: object, tokenizer: Any = None, 
             m.training = mode
     decoder = steps["decoder"]
     length = sequences.shape[1]
-    real_t = [slice(0, length)] * batch if seq2seq else rec._real_positions(flags, batch, length)
-    tgt = rec._sides(sequences, real_t, length, tokenizer, None)
+    real_t = [slice(0, length)] * batch if seq2seq else enc.real_positions(flags, batch, length)
+    tgt = enc.sides(sequences, real_t, length, tokenizer, None)
     result = GenerationMaps(sequences=sequences,
                             decoder=_maps(facts.name(model), decoder, decoder.assemble(real_t, None), tgt))
     if seq2seq:
         length = ids.shape[1] if ids is not None else steps["encoder"].rows[0][0].shape[-1]
-        real_s = rec._real_positions(valid, batch, length) if ids is not None else [slice(0, length)] * batch
-        src = rec._sides(ids, real_s, length, tokenizer, None, label="frame ")
+        real_s = enc.real_positions(valid, batch, length) if ids is not None else [slice(0, length)] * batch
+        src = enc.sides(ids, real_s, length, tokenizer, None, label="frame ")
         _add_source(result, facts.name(model), steps, real_t, real_s, tgt, src)
     return result
 
@@ -251,7 +253,7 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
     """:func:`capture_generation` of attnkit's :class:`~attnkit.nn.EncoderDecoder`: its own greedy
     ``generate`` with any ``cache`` (``"none"`` re-reads the whole target at each step: its
     rows are kept once, from the step that first read each token)."""
-    src, valid, rest = rec.source_inputs(inputs)
+    src, valid, rest = enc.source_inputs(inputs)
     if rest:
         raise ValueError(f"capture_generation reads the source only (the decoder's tokens are generated); inputs "
                          f"hold {sorted(rest)}")
@@ -261,7 +263,7 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
     steps = {kind: _Steps(kind, dtype) for kind in ("encoder", "decoder", "cross")}
     final = [False]
 
-    def route(module: nn.Module) -> rec.Recording | None:
+    def route(module: nn.Module) -> Observer | None:
         part = parts[id(module)]
         if part == "encoder":
             return None if final[0] else steps[part].recorder(module)
@@ -269,7 +271,7 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
 
     modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.no_grad(), rec.attnkit_recording(modules, route):
+        with torch.no_grad(), attnkit_tap(modules, route):
             sequences = model.generate(src, src_padding_mask=valid, **generate_kwargs)
             final[0] = True
             model.eval()
@@ -280,9 +282,9 @@ def _attnkit_generation(model: EncoderDecoder, inputs: object, tokenizer: Any, d
     batch, length = sequences.shape
     real_t = [slice(0, length)] * batch
     name = facts.name(model)
-    tgt = rec._sides(sequences, real_t, length, tokenizer, None)
+    tgt = enc.sides(sequences, real_t, length, tokenizer, None)
     result = GenerationMaps(sequences=sequences,
                             decoder=_maps(name, steps["decoder"], steps["decoder"].assemble(real_t, None), tgt))
-    real_s = rec._real_positions(valid, batch, src.shape[1])
-    _add_source(result, name, steps, real_t, real_s, tgt, rec._sides(src, real_s, src.shape[1], tokenizer, None))
+    real_s = enc.real_positions(valid, batch, src.shape[1])
+    _add_source(result, name, steps, real_t, real_s, tgt, enc.sides(src, real_s, src.shape[1], tokenizer, None))
     return result

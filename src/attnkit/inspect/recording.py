@@ -36,13 +36,10 @@ BERT-sized model stores 6 * 12 * 2000**2 * 2 bytes = 576 MB in float16.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import re
 import sys
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeGuard
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -51,18 +48,16 @@ from attnkit import _model_facts as facts
 from attnkit import biases, masks
 from attnkit._checks import describe
 from attnkit.functional import attention_probs
+from attnkit.inspect import encoding as enc
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
+from attnkit.integrations.tap import Observer, attnkit_tap, tap, transformers_tap
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.encoder_decoder import EncoderDecoder
 
-__all__ = ["capture", "hf_recording", "probabilities", "wrapped_attention_functions"]
+__all__ = ["capture", "probabilities"]
 
 _STORAGE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 26  # float32 scores computed at once, at most (when heads can be split)
-_PATCH_LOCK = threading.RLock()  # one capture at a time patches transformers' lookup
-_PATCHING: list[str] = []  # the kinds the lock's holder patches now (to refuse a nested one of the same kind)
-# a recorder of attention calls: (q, k, mask, bias, scale, softcap) -> None
-Recording = Callable[[Tensor, Tensor, "masks.Mask | Tensor | None", Any, "float | None", "float | None"], None]
 
 
 def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...] | None:
@@ -145,8 +140,9 @@ class _Recorder:
             raise ValueError(f"heads must be < {num_heads}, the model's heads per layer; got {list(self.heads)}")
         if not self.store:
             count = len(self.layers) if self.layers is not None else None
-            self.store = [torch.empty(count or 0, len(self.heads), _length(rq, q_len), _length(rk, k_len),
-                                      dtype=self.dtype) for rq, rk in zip(self.real_q, self.real_k)]
+            self.store = [torch.empty(count or 0, len(self.heads), enc.real_length(rq, q_len),
+                                      enc.real_length(rk, k_len), dtype=self.dtype)
+                          for rq, rk in zip(self.real_q, self.real_k)]
         if self.layers is None:  # all layers, however many: grow by one
             self.store = [torch.cat([s, s.new_empty(1, *s.shape[1:])]) for s in self.store]
             return layer
@@ -181,55 +177,7 @@ class _Recorder:
             self._done()
 
 
-def _length(real: slice | Tensor, length: int) -> int:
-    return len(range(length)[real]) if isinstance(real, slice) else int(real.numel())
-
-
-def _cut(values: list, real: slice | Tensor) -> list:
-    """The entries of one input's per-token list at its real positions."""
-    return values[real] if isinstance(real, slice) else [values[int(i)] for i in real]
-
-
-def _real_positions(valid: Tensor | None, batch: int, length: int) -> list[slice | Tensor]:
-    """Per input, its real tokens: a slice when they are contiguous, else their indices."""
-    if valid is None:
-        return [slice(0, length)] * batch
-    out: list[slice | Tensor] = []
-    for row in valid.bool().cpu():
-        idx = row.nonzero().flatten()
-        if idx.numel() == 0:
-            out.append(slice(0, 0))
-        elif int(idx[-1] - idx[0]) + 1 == idx.numel():  # left or right padding
-            out.append(slice(int(idx[0]), int(idx[-1]) + 1))
-        else:
-            out.append(idx)
-    return out
-
-
-# -- attnkit modules -----------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def attnkit_recording(modules: Iterable[MultiHeadAttention],
-                      route: Callable[[nn.Module], Recording | None]) -> Iterator[None]:
-    """Hook ``modules`` (attnkit :class:`~attnkit.nn.MultiHeadAttention`) for this block only.
-
-    After each attention call of a module, ``route(module)`` says who records it (None: nobody);
-    that recorder gets ``(q, k, mask, bias, None, None)`` (attnkit modules use the default scale
-    and no softcap): q (B, H, Lq, D), k (B, Hkv, Lk, D) after positions and the cache.
-    """
-    def hook(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: masks.Mask | Tensor | None,
-             bias: Any) -> None:
-        recorder = route(module)
-        if recorder is not None:
-            recorder(q, k, mask, bias, None, None)
-
-    handles = [m.register_attention_hook(hook) for m in modules]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+# -- which attention module is which ------------------------------------------------------------
 
 
 def attnkit_parts(model: EncoderDecoder) -> dict[int, str]:
@@ -239,298 +187,6 @@ def attnkit_parts(model: EncoderDecoder) -> dict[int, str]:
     for block in model.decoder:
         parts[id(block.self_attn)], parts[id(block.cross_attn)] = "decoder", "cross"
     return parts
-
-
-# -- Hugging Face models -------------------------------------------------------------------------
-
-
-def _arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[Any], dict[str, Any]]:
-    """The five leading arguments (module, query, key, value, attention_mask) and every keyword one."""
-    sig = inspect.signature(fn)
-    bound = sig.bind(*args, **kwargs)
-    bound.apply_defaults()
-    named: dict[str, Any] = {}
-    leading: list[Any] = []
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_KEYWORD:
-            named.update(bound.arguments.get(p.name, {}))
-        elif p.kind is p.VAR_POSITIONAL:
-            leading.extend(bound.arguments.get(p.name, ()))
-        elif len(leading) < 5:
-            leading.append(bound.arguments.get(p.name))
-        else:
-            named[p.name] = bound.arguments.get(p.name)
-    return leading[:5], named
-
-
-@contextlib.contextmanager
-def hf_recording(model: nn.Module, route: Callable[[nn.Module], Recording | None]) -> Iterator[None]:
-    """Wrap the attention functions transformers hands to ``model``'s modules, for this block only.
-
-    After each attention call of a module, ``route(module)`` says who records it (None: nobody);
-    that recorder gets ``(q, k, mask, bias, scaling, softcap)``: q (B, H, Lq, D), k (B, Hkv, Lk, D)
-    and the attnkit mask and bias the call means (:func:`~attnkit.integrations.transformers.to_attnkit_mask`).
-    """
-    from attnkit.integrations.transformers import _UNSUPPORTED, to_attnkit_mask  # needs transformers >= 4.57
-
-    # eager gets None where it wants no mask; sdpa, flash and attnkit read None as "causal if is_causal"
-    none_is_causal = "eager" not in str(facts.pretrained(model).config._attn_implementation)
-
-    def wrap(fn: Any) -> Any:
-        @functools.wraps(fn)
-        def recording(*args: Any, **kwargs: Any) -> Any:
-            (module, query, key, _, attention_mask), named = _arguments(fn, args, kwargs)
-            for name, what in _UNSUPPORTED.items():
-                if name != "cache" and named.get(name) is not None:
-                    raise ValueError(f"capture cannot record attention with {what} ({type(module).__name__} passed "
-                                     f"{name}=...): the probabilities would differ from what the model computes")
-            result = fn(*args, **kwargs)
-            recorder = route(module)
-            if recorder is not None:
-                mask, bias = to_attnkit_mask(attention_mask, query, key, module=module,
-                                             is_causal=named.get("is_causal"),
-                                             sliding_window=named.get("sliding_window"),
-                                             position_bias=named.get("position_bias"), none_is_causal=none_is_causal)
-                recorder(query, key, mask, bias, named.get("scaling"), named.get("softcap"))
-            return result
-
-        return recording
-
-    with wrapped_attention_functions(model, wrap, kind="capture"):
-        yield
-
-
-@contextlib.contextmanager
-def wrapped_attention_functions(model: nn.Module, wrap: Callable[[Callable[..., Any]], Callable[..., Any]], *,
-                                kind: str) -> Iterator[None]:
-    """For this block, transformers hands ``model``'s attention modules ``wrap(fn)`` in place of
-    each attention function ``fn`` (eager, sdpa, attnkit, ...), whatever the model was loaded with.
-
-    Used by :func:`capture` and by :mod:`attnkit.profile` (timing). ``wrap(fn)`` must call
-    ``fn`` with the same arguments and return its result; ``fn``'s leading arguments are
-    ``(module, query, key, value, attention_mask)``. The lookup is restored on exit, also on
-    error. Wrappers of different ``kind`` nest (each wraps the other's); the same ``kind``
-    nested in one thread is refused (RuntimeError). One thread at a time patches: another
-    thread entering waits until the first leaves.
-    """
-    from attnkit.integrations.transformers import AttentionInterface  # needs transformers >= 4.57
-
-    marker = f"_attnkit_wrapped_{kind}"
-
-    def wrapped(fn: Any) -> Any:
-        if not callable(fn) or getattr(fn, marker, False):
-            return fn
-        out = wrap(fn)
-        setattr(out, marker, True)
-        return out
-
-    undo: list[Callable[[], None]] = []
-
-    def patch(owner: Any, name: str, value: Any) -> None:
-        own = owner.__dict__ if isinstance(owner, type) else vars(owner)
-        if name in own:
-            old = own[name]
-            undo.append(lambda: setattr(owner, name, old))
-        else:
-            undo.append(lambda: delattr(owner, name))
-        setattr(owner, name, value)
-
-    with _PATCH_LOCK:
-        if kind in _PATCHING:
-            raise RuntimeError(f"a {kind} of a transformers model was started while another {kind} runs in this "
-                               "thread (from a hook?); run one at a time")
-        _PATCHING.append(kind)
-        try:
-            getitem = AttentionInterface.__getitem__
-            patch(AttentionInterface, "__getitem__", lambda self, key: wrapped(getitem(self, key)))
-            if hasattr(AttentionInterface, "get_interface"):  # transformers 5: also hands out eager
-                get_interface = AttentionInterface.get_interface
-                patch(AttentionInterface, "get_interface",
-                      lambda self, name, default: wrapped(get_interface(self, name, default)))
-            for module_name in sorted({type(m).__module__ for m in model.modules()}):
-                source = sys.modules.get(module_name)
-                eager = getattr(source, "eager_attention_forward", None)
-                if callable(eager):  # transformers 4 calls the modeling file's eager function directly
-                    patch(source, "eager_attention_forward", wrapped(eager))
-            yield
-        finally:
-            for restore in reversed(undo):
-                restore()
-            _PATCHING.remove(kind)
-
-
-# -- inputs --------------------------------------------------------------------------------------
-
-
-def _find_tokenizer(model: nn.Module) -> Any:
-    """The tokenizer in a transformers model's local folder (or bundled model), or None."""
-    name = getattr(model, "name_or_path", "") if facts.is_hf(model) else ""
-    if not name:
-        return None
-    from transformers import AutoTokenizer
-
-    from attnkit.models import path
-
-    try:
-        return AutoTokenizer.from_pretrained(path(name), local_files_only=True)
-    except (OSError, ValueError, ImportError):
-        return None
-
-
-def _is_text(inputs: object) -> TypeGuard[str | Sequence[str]]:
-    return isinstance(inputs, str) or (isinstance(inputs, Sequence) and len(inputs) > 0
-                                       and all(isinstance(s, str) for s in inputs))
-
-
-def _summary(inputs: object) -> str:
-    """``inputs`` by kind and shape, never by value (a tensor's or an array's repr prints its values)."""
-    if isinstance(inputs, Tensor):
-        return describe(inputs)
-    if isinstance(inputs, Mapping):
-        items = ", ".join(f"{key!r}: {_summary(value)}" for key, value in inputs.items())
-        return f"a dict {{{items}}}" if inputs else "an empty dict"
-    if isinstance(inputs, str):
-        return f"a string of {len(inputs)} characters"
-    shape = getattr(inputs, "shape", None)
-    if shape is not None:
-        return f"a {type(inputs).__name__} of shape {tuple(shape)}"
-    if isinstance(inputs, Sequence):
-        return f"a {type(inputs).__name__} of {len(inputs)} items"
-    return f"a {type(inputs).__name__}"
-
-
-def _text_batch(tokenizer: Any, texts: str | Sequence[str], *, target: bool = False) -> dict[str, Any]:
-    """A padded batch of ``texts`` (tokenized as targets when ``target``), with ``"word_ids"``:
-    one list per text from a fast tokenizer, else None."""
-    texts = [texts] if isinstance(texts, str) else list(texts)
-    encoding = (tokenizer(text_target=texts, padding=len(texts) > 1, return_tensors="pt") if target
-                else tokenizer(texts, padding=len(texts) > 1, return_tensors="pt"))
-    try:
-        word_ids = [list(encoding.word_ids(b)) for b in range(len(texts))]
-    except (AttributeError, ValueError):  # a slow tokenizer keeps no word ids
-        word_ids = None
-    return {**dict(encoding), "word_ids": word_ids}
-
-
-def _accepted(model: nn.Module, encoding: dict[str, Any]) -> dict[str, Any]:
-    """The tokenizer outputs that the model's forward takes: a tokenizer may add ``token_type_ids``,
-    which some models (BART in transformers 4.57) refuse."""
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return encoding
-    return {name: value for name, value in encoding.items() if name in params}
-
-
-def _encode(model: nn.Module, inputs: object, tokenizer: Any) -> tuple[tuple, dict, Tensor | None, Tensor | None,
-                                                                      list[list[int | None]] | None]:
-    """``(args, kwargs)`` for the model, the ids (B, L) or None, the real-token flags (B, L) or
-    None, and the word ids of text inputs (one list per input, or None)."""
-    hf = facts.is_hf(model)
-    word_ids = None
-    if _is_text(inputs):
-        inputs = _text_batch(tokenizer, inputs)
-        word_ids = inputs.pop("word_ids")
-        if hf:
-            inputs = _accepted(model, inputs)
-    if isinstance(inputs, Sequence) and inputs and all(isinstance(i, int) for i in inputs):
-        inputs = torch.tensor([inputs])
-    if isinstance(inputs, Tensor):
-        if inputs.dtype.is_floating_point:
-            if hf and getattr(model, "main_input_name", "input_ids") != "input_ids":  # Whisper's input_features
-                return (), {model.main_input_name: inputs}, None, None, None
-            if hf:
-                raise TypeError(f"inputs for a transformers model must be text, token ids or a dict of tensors; "
-                                f"got {describe(inputs)}")
-            if inputs.dim() != 3:
-                raise ValueError(f"float inputs must be (B, L, E) embeddings; got {describe(inputs)}")
-            return (inputs,), {}, None, None, None
-        ids = inputs[None] if inputs.dim() == 1 else inputs
-        if ids.dim() != 2:
-            raise ValueError(f"token ids must be (L,) or (B, L); got {describe(inputs)}")
-        return ((), {"input_ids": ids}, ids, None, None) if hf else ((ids,), {}, ids, None, None)
-    if isinstance(inputs, Mapping):
-        kwargs = dict(inputs)
-        if hf:
-            return (), kwargs, kwargs.get("input_ids"), kwargs.get("attention_mask"), word_ids
-        if "input_ids" in kwargs:
-            kwargs["tokens"] = kwargs.pop("input_ids")
-        if "attention_mask" in kwargs:
-            kwargs["padding_mask"] = kwargs.pop("attention_mask")
-        kwargs.pop("token_type_ids", None)
-        if kwargs.get("padding_mask") is not None:
-            kwargs["padding_mask"] = kwargs["padding_mask"].bool()
-        tokens = kwargs.get("tokens")
-        if tokens is not None:
-            return (kwargs.pop("tokens"),), kwargs, tokens, kwargs.get("padding_mask"), word_ids
-        x = kwargs.pop("x", None)
-        if x is None:
-            raise ValueError(f"a dict of inputs needs 'input_ids' (or 'tokens', or 'x' for embeddings); "
-                             f"got keys {sorted(inputs)}")
-        return (x,), kwargs, None, kwargs.get("padding_mask"), None
-    raise TypeError(f"inputs must be a string, a list of strings, token ids (a list of ints or an integer tensor) "
-                    f"or a dict of tensors; got {_summary(inputs)}")
-
-
-def _target(model: nn.Module, target: object, tokenizer: Any) -> dict[str, Any]:
-    """``decoder_input_ids`` (B, T), ``decoder_attention_mask`` (B, T) or None, and ``word_ids``
-    for an encoder-decoder model's ``target``: what its decoder reads is the decoder start token
-    followed by the target (the start token is not added twice)."""
-    word_ids = None
-    if _is_text(target):
-        if tokenizer is None:
-            raise ValueError(f"target is text, so capture needs a tokenizer, and none was found for "
-                             f"{facts.name(model)!r}; pass tokenizer=")
-        batch = _text_batch(tokenizer, target, target=True)
-        labels, valid, word_ids = batch["input_ids"], batch.get("attention_mask"), batch["word_ids"]
-    elif isinstance(target, Tensor) and not target.dtype.is_floating_point and target.dim() in (1, 2):
-        labels, valid = (target[None] if target.dim() == 1 else target), None
-    elif (isinstance(target, Sequence) and target and all(isinstance(i, int) and not isinstance(i, bool)
-                                                          for i in target)):
-        labels, valid = torch.tensor([list(target)]), None
-    else:
-        raise TypeError(f"target must be text (a string or a list of strings) or token ids (a list of ints or an "
-                        f"integer (T,) or (B, T) tensor); got {_summary(target)}")
-    start = getattr(facts.pretrained(model).config, "decoder_start_token_id", None)
-    if start is None:
-        raise ValueError(f"{facts.name(model)!r} has no config.decoder_start_token_id, so capture cannot tell what its "
-                         "decoder reads first; pass decoder_input_ids in inputs instead of target=")
-    if labels.shape[1] and bool((labels[:, 0] == start).all()):
-        return {"decoder_input_ids": labels, "decoder_attention_mask": valid, "word_ids": word_ids}
-    ids = torch.cat([torch.full_like(labels[:, :1], start), labels], 1)
-    if valid is not None:
-        valid = torch.cat([torch.ones_like(valid[:, :1]), valid], 1)
-    word_ids = None if word_ids is None else [[None, *w] for w in word_ids]
-    return {"decoder_input_ids": ids, "decoder_attention_mask": valid, "word_ids": word_ids}
-
-
-def _special(tokenizer: Any, ids: list[int]) -> list[bool] | None:
-    """Per id, whether it is one of ``tokenizer``'s special tokens; None without a tokenizer that says."""
-    if tokenizer is None or not hasattr(tokenizer, "get_special_tokens_mask"):
-        return None
-    try:
-        return [bool(f) for f in tokenizer.get_special_tokens_mask(ids, already_has_special_tokens=True)]
-    except (ValueError, NotImplementedError, TypeError):
-        return None
-
-
-def _sides(ids: Tensor | None, real: Sequence[slice | Tensor], length: int, tokenizer: Any,
-           word_ids: list[list[int | None]] | None, label: str = "") -> dict[str, Any]:
-    """One side's facts per input, cut to its real tokens: ``tokens``, ``token_ids``, ``special``,
-    ``word_ids``. Without ids, tokens are the positions (``label`` + index: ``"frame 3"``)."""
-    tokens: list[list[str]] = []
-    token_ids: list[list[int]] = []
-    special: list[list[bool] | None] = []
-    for b, r in enumerate(real):
-        if ids is None:
-            tokens.append([f"{label}{i}" for i in _cut(list(range(length)), r)])
-            continue
-        row = ids[b].cpu()[r].tolist()
-        token_ids.append(row)
-        tokens.append(list(tokenizer.convert_ids_to_tokens(row)) if tokenizer is not None else [str(i) for i in row])
-        special.append(_special(tokenizer, row))
-    return {"tokens": tokens, "token_ids": None if ids is None else token_ids,
-            "special": special if special and all(s is not None for s in special) else None,
-            "word_ids": None if word_ids is None else [_cut(w, r) for w, r in zip(word_ids, real)]}
 
 
 def _progress(progress: bool | Callable[[int, int], None]) -> Callable[[int, int], None] | None:
@@ -659,63 +315,28 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     if isinstance(model, EncoderDecoder):
         return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer)
     hf = facts.is_hf(model)
-    if tokenizer is None and (_is_text(inputs) or _is_text(target) or hf):
-        tokenizer = _find_tokenizer(model)
-        if tokenizer is None and _is_text(inputs):
+    if tokenizer is None and (enc.is_text(inputs) or enc.is_text(target) or hf):
+        tokenizer = enc.find_tokenizer(model)
+        if tokenizer is None and enc.is_text(inputs):
             raise ValueError(f"inputs are text, so capture needs a tokenizer, and none was found for "
                              f"{facts.name(model)!r}; pass tokenizer= (e.g. the one attnkit.models.load returns)")
     if hf and getattr(facts.pretrained(model).config, "is_encoder_decoder", False):
         return _capture_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, report)
     if target is not None:
         raise ValueError(f"target is for encoder-decoder models; {facts.name(model)!r} is not one (its decoder reads "
-                         f"inputs alone); got target {_summary(target)}")
-    attnkit_modules = [] if hf else [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    if hf:
-        count = getattr(facts.text_config(model), "num_hidden_layers", None)
-    elif attnkit_modules:
-        count = len(attnkit_modules)
-    else:
-        raise TypeError(f"model must be a transformers model or hold attnkit MultiHeadAttention modules; "
-                        f"got {type(model).__name__}, which holds none")
-    if count is not None and wanted_layers is not None and wanted_layers[-1] >= count:
-        raise ValueError(f"layers must be < {count}, the model's layer count; got {list(wanted_layers)}")
-    if wanted_layers is not None:
-        selected = wanted_layers
-    elif count is not None:
-        selected = tuple(range(count))
-    else:
-        raise ValueError(f"cannot tell how many attention layers {facts.name(model)!r} has; pass layers= explicitly")
-
-    args, kwargs, ids, valid, word_ids = _encode(model, inputs, tokenizer)
+                         f"inputs alone); got target {enc.summary(target)}")
+    count, selected = _layers(model, hf, wanted_layers)
+    # encode
+    args, kwargs, ids, valid, word_ids = enc.encode(model, inputs, tokenizer)
     first = args[0] if args else ids
     if not isinstance(first, Tensor):
-        raise TypeError(f"inputs must include token ids ('input_ids') or embeddings; got {_summary(inputs)}")
+        raise TypeError(f"inputs must include token ids ('input_ids') or embeddings; got {enc.summary(inputs)}")
     batch, length = first.shape[:2]
     _check_length(model, length)
-    real = _real_positions(valid, batch, length)
+    real = enc.real_positions(valid, batch, length)
+    # tap
     recorder = _Recorder(selected, wanted_heads, dtype, real, real, (length, length), report)
-
-    if hf:
-        targets = {id(m) for m in model.modules()}
-        recording = hf_recording(model, lambda module: recorder if id(module) in targets else None)
-    else:
-        recording = attnkit_recording(attnkit_modules, lambda module: recorder)
-    _run(model, recording, args, kwargs)
-    if hf and recorder.calls == 0:
-        # Its attention bypasses transformers' AttentionInterface (BERT before transformers 5): use the
-        # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once. Only
-        # the eager path's maps are the ones the model used: other paths of such models compute them
-        # separately, and some leave the mask out (Falcon under sdpa gives non-causal maps).
-        implementation = getattr(facts.pretrained(model).config, "_attn_implementation", None)
-        if implementation != "eager":
-            raise ValueError(
-                f"{facts.name(model)!r} computes attention in its own code, not through transformers' "
-                f"attention interface, so capture can only read its eager path's output_attentions; it "
-                f"was loaded with attn_implementation={implementation!r}. Load it with "
-                f"attn_implementation='eager' to capture its maps")
-        out = _run(model, contextlib.nullcontext(), args, {**kwargs, "output_attentions": True})
-        for probs in getattr(out, "attentions", None) or ():
-            recorder.given(probs)
+    _record_self_attention(model, recorder, args, kwargs)
     if count is not None and recorder.calls != count:
         raise ValueError(f"{facts.name(model)!r} called attention {recorder.calls} times in one forward pass but has "
                          f"{count} layers; capture supports models that attend once per layer (encoders, decoders) "
@@ -723,9 +344,51 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     if recorder.recorded != len(selected):
         raise ValueError(f"{facts.name(model)!r} called attention only {recorder.calls} times (0 through the attention "
                          f"interface means its attention cannot be recorded); layers {list(selected)} were requested")
-    side = _sides(ids, real, length, tokenizer, word_ids)
+    # assemble
+    side = enc.sides(ids, real, length, tokenizer, word_ids)
     return AttentionMaps(attentions=recorder.store, model_name=facts.name(model), layers=selected,
                          heads=recorder.heads or (), model_layers=count, model_heads=recorder.num_heads, **side)
+
+
+def _layers(model: nn.Module, hf: bool, wanted: tuple[int, ...] | None) -> tuple[int | None, tuple[int, ...]]:
+    """The model's attention layer count (None where a transformers config does not say) and the layers to keep."""
+    if hf:
+        count = getattr(facts.text_config(model), "num_hidden_layers", None)
+    else:
+        count = sum(isinstance(m, MultiHeadAttention) for m in model.modules())
+        if not count:
+            raise TypeError(f"model must be a transformers model or hold attnkit MultiHeadAttention modules; "
+                            f"got {type(model).__name__}, which holds none")
+    if count is not None and wanted is not None and wanted[-1] >= count:
+        raise ValueError(f"layers must be < {count}, the model's layer count; got {list(wanted)}")
+    if wanted is not None:
+        return count, wanted
+    if count is None:
+        raise ValueError(f"cannot tell how many attention layers {facts.name(model)!r} has; pass layers= explicitly")
+    return count, tuple(range(count))
+
+
+def _record_self_attention(model: nn.Module, recorder: _Recorder, args: tuple, kwargs: dict) -> None:
+    """One forward of ``model`` with ``recorder`` on the tap of its own attention calls; for a transformers model
+    whose attention bypasses the tap, its eager path's ``output_attentions`` instead."""
+    ours = {id(m) for m in model.modules()}  # calls of other models meanwhile are not this capture's
+    _run(model, tap(model, lambda module: recorder if id(module) in ours else None), args, kwargs)
+    if not facts.is_hf(model) or recorder.calls:
+        return
+    # Its attention bypasses transformers' AttentionInterface (BERT before transformers 5): use the
+    # model's own output_attentions, which holds every layer's (B, H, L, L) float maps at once. Only
+    # the eager path's maps are the ones the model used: other paths of such models compute them
+    # separately, and some leave the mask out (Falcon under sdpa gave non-causal maps).
+    implementation = getattr(facts.pretrained(model).config, "_attn_implementation", None)
+    if implementation != "eager":
+        raise ValueError(
+            f"{facts.name(model)!r} computes attention in its own code, not through transformers' "
+            f"attention interface, so capture can only read its eager path's output_attentions; it "
+            f"was loaded with attn_implementation={implementation!r}. Load it with "
+            f"attn_implementation='eager' to capture its maps")
+    out = _run(model, contextlib.nullcontext(), args, {**kwargs, "output_attentions": True})
+    for probs in getattr(out, "attentions", None) or ():
+        recorder.given(probs)
 
 
 def _check_length(model: nn.Module, length: int) -> None:
@@ -739,7 +402,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
                      wanted_heads: tuple[int, ...] | None, dtype: torch.dtype, tokenizer: Any,
                      report: Callable[[int, int], None] | None) -> Seq2SeqMaps:
     """:func:`capture` of an encoder-decoder transformers model: its encoder, decoder and cross calls apart."""
-    args, kwargs, src_ids, src_valid, src_words = _encode(model, inputs, tokenizer)
+    args, kwargs, src_ids, src_valid, src_words = enc.encode(model, inputs, tokenizer)
     if "decoder_input_ids" in kwargs and target is not None:
         raise ValueError("pass the decoder's tokens once: inputs hold decoder_input_ids and target is given too")
     if "decoder_input_ids" in kwargs:
@@ -747,28 +410,28 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     elif target is None:
         raise ValueError(f"{facts.name(model)!r} is an encoder-decoder model: capture needs the decoder's side too; "
                          f"pass target= (text or ids, teacher-forced) or decoder_input_ids in inputs; got inputs "
-                         f"{_summary(inputs)}")
+                         f"{enc.summary(inputs)}")
     else:
-        decoded = _target(model, target, tokenizer)
+        decoded = enc.target_inputs(model, target, tokenizer)
         tgt_ids, tgt_valid, tgt_words = decoded["decoder_input_ids"], decoded["decoder_attention_mask"], \
             decoded["word_ids"]
         kwargs["decoder_input_ids"] = tgt_ids
         if tgt_valid is not None:
             kwargs["decoder_attention_mask"] = tgt_valid
     if not isinstance(tgt_ids, Tensor) or tgt_ids.dim() != 2 or tgt_ids.dtype.is_floating_point:
-        raise TypeError(f"decoder_input_ids must be a (B, T) integer tensor; got {_summary(tgt_ids)}")
+        raise TypeError(f"decoder_input_ids must be a (B, T) integer tensor; got {enc.summary(tgt_ids)}")
     source = src_ids if src_ids is not None else kwargs.get(getattr(model, "main_input_name", "input_ids"))
     if not isinstance(source, Tensor):
         raise TypeError(f"inputs must include the encoder's input ('input_ids', or "
-                        f"{getattr(model, 'main_input_name', 'input_ids')!r}); got {_summary(inputs)}")
+                        f"{getattr(model, 'main_input_name', 'input_ids')!r}); got {enc.summary(inputs)}")
     batch, tgt_len = tgt_ids.shape
     if source.shape[0] != batch:
         raise ValueError(f"inputs hold {source.shape[0]} sequences but the target {batch}; expected one target each")
     src_len = source.shape[1] if src_ids is not None else None  # Whisper: encoder positions come from its features
     if src_len is not None:
         _check_length(model, src_len)
-    real_src = _real_positions(src_valid, batch, src_len) if src_len is not None else [slice(0, None)] * batch
-    real_tgt = _real_positions(tgt_valid, batch, tgt_len)
+    real_src = enc.real_positions(src_valid, batch, src_len) if src_len is not None else [slice(0, None)] * batch
+    real_tgt = enc.real_positions(tgt_valid, batch, tgt_len)
     recorders = {
         "encoder": _Recorder(wanted_layers, wanted_heads, dtype, real_src, real_src, (src_len, src_len), None),
         "decoder": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None),
@@ -782,7 +445,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     total = encoder_layers + 2 * decoder_layers if encoder_layers and decoder_layers else None
     done = [0]
 
-    def route(module: nn.Module) -> Recording | None:
+    def route(module: nn.Module) -> Observer | None:
         part = parts.get(id(module))
         if part is None:
             return None
@@ -791,7 +454,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
             report(min(done[0], total), total)  # called before this call's maps are computed
         return recorders[part]
 
-    _run(model, hf_recording(model, route), args, kwargs)
+    _run(model, transformers_tap(model, route), args, kwargs)
     counts = {part: r.calls for part, r in recorders.items()}
     if counts["encoder"] == 0 or counts["decoder"] == 0 or counts["cross"] != counts["decoder"]:
         raise ValueError(f"{facts.name(model)!r} made {counts['encoder']} encoder, {counts['decoder']} decoder and "
@@ -801,8 +464,8 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
         if wanted_layers is not None and wanted_layers[-1] >= r.calls:
             raise ValueError(f"layers must be < {r.calls}, the {part}'s layer count; got {list(wanted_layers)}")
     src_real_len = source.shape[1] if src_len is not None else recorders["encoder"].store[0].shape[-1]
-    src = _sides(src_ids, real_src, src_real_len, tokenizer, src_words, label="frame ")
-    tgt = _sides(tgt_ids, real_tgt, tgt_len, tokenizer, tgt_words)
+    src = enc.sides(src_ids, real_src, src_real_len, tokenizer, src_words, label="frame ")
+    tgt = enc.sides(tgt_ids, real_tgt, tgt_len, tokenizer, tgt_words)
     keyed = {"key_tokens": src["tokens"], "key_token_ids": src["token_ids"], "key_special": src["special"],
              "key_word_ids": src["word_ids"]}
 
@@ -818,67 +481,19 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
 # -- attnkit's EncoderDecoder ---------------------------------------------------------------------
 
 
-def _int_ids(name: str, value: object) -> Tensor:
-    """(B, L) integer ids from a (L,) or (B, L) integer tensor or a list of ints."""
-    if isinstance(value, Sequence) and not isinstance(value, str) and value and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in value):
-        value = torch.tensor([list(value)])
-    if not isinstance(value, Tensor) or value.dtype.is_floating_point or value.dtype == torch.bool \
-            or value.dim() not in (1, 2):
-        raise TypeError(f"{name} must be token ids for attnkit's EncoderDecoder: a list of ints or an integer (L,) "
-                        f"or (B, L) tensor; got {_summary(value)}")
-    return value[None] if value.dim() == 1 else value
-
-
-def source_inputs(inputs: object) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """An :class:`~attnkit.nn.EncoderDecoder`'s source from ``inputs``: ids (B, S), the padding mask
-    (B, S) bool or None, and what else the dict held (``tgt_ids``, ``tgt_padding_mask``).
-
-    ``inputs`` is ids, or a dict with ``src_ids`` (or ``input_ids``) and optionally
-    ``src_padding_mask`` (or ``attention_mask``), ``tgt_ids``, ``tgt_padding_mask``.
-    """
-    rest: dict[str, Any] = {}
-    if isinstance(inputs, Mapping):
-        given = dict(inputs)
-        aliases = {"input_ids": "src_ids", "attention_mask": "src_padding_mask"}
-        for old, new in aliases.items():
-            if old in given:
-                if new in given:
-                    raise ValueError(f"inputs hold both {old!r} and {new!r}; pass one")
-                given[new] = given.pop(old)
-        unknown = sorted(set(given) - {"src_ids", "src_padding_mask", "tgt_ids", "tgt_padding_mask"})
-        if unknown or "src_ids" not in given:
-            raise ValueError(f"a dict of inputs for attnkit's EncoderDecoder takes 'src_ids' (or 'input_ids'), "
-                             f"'src_padding_mask' (or 'attention_mask'), 'tgt_ids' and 'tgt_padding_mask'; got keys "
-                             f"{sorted(inputs)}")
-        src, valid = _int_ids("inputs['src_ids']", given.pop("src_ids")), given.pop("src_padding_mask", None)
-        rest = given
-    elif _is_text(inputs):
-        raise TypeError("attnkit's EncoderDecoder reads token ids, not text; map your words to ids (its vocabulary "
-                        "is yours) and pass them")
-    else:
-        src, valid = _int_ids("inputs", inputs), None
-    if valid is not None:
-        valid = valid[None] if isinstance(valid, Tensor) and valid.dim() == 1 else valid
-        if not isinstance(valid, Tensor) or valid.shape != src.shape or valid.dtype.is_floating_point:
-            raise ValueError(f"src_padding_mask must be a bool (B, S) = {tuple(src.shape)} tensor, True for real "
-                             f"tokens; got {_summary(valid)}")
-        valid = valid.bool()
-    return src, valid, rest
-
-
 def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: object,
                              wanted_layers: tuple[int, ...] | None, wanted_heads: tuple[int, ...] | None,
                              dtype: torch.dtype, tokenizer: Any) -> Seq2SeqMaps:
     """:func:`capture` of attnkit's :class:`~attnkit.nn.EncoderDecoder`, teacher-forced on ``target``:
     the decoder's input ids (B, T) as ``forward`` takes them (BOS, then the target shifted right)."""
-    src, src_valid, rest = source_inputs(inputs)
+    src, src_valid, rest = enc.source_inputs(inputs)
     if "tgt_ids" in rest and target is not None:
         raise ValueError("pass the decoder's tokens once: inputs hold tgt_ids and target is given too")
     if "tgt_ids" not in rest and target is None:
         raise ValueError(f"attnkit's EncoderDecoder needs the decoder's side too: pass target= (the decoder's input "
-                         f"ids (B, T), BOS first, teacher-forced) or tgt_ids in inputs; got inputs {_summary(inputs)}")
-    tgt = _int_ids("target", rest["tgt_ids"] if target is None else target)
+                         "ids (B, T), BOS first, teacher-forced) or tgt_ids in inputs; got inputs "
+                         f"{enc.summary(inputs)}")
+    tgt = enc.int_ids("target", rest["tgt_ids"] if target is None else target)
     tgt_valid = rest.get("tgt_padding_mask")
     if tgt.shape[0] != src.shape[0]:
         raise ValueError(f"inputs hold {src.shape[0]} sequences but the target {tgt.shape[0]}; expected one target "
@@ -890,8 +505,8 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     if wanted_heads is not None and wanted_heads[-1] >= c.num_heads:
         raise ValueError(f"heads must be < {c.num_heads}, the model's heads per layer; got {list(wanted_heads)}")
     batch, (src_len, tgt_len) = src.shape[0], (src.shape[1], tgt.shape[1])
-    real_src = _real_positions(src_valid, batch, src_len)
-    real_tgt = _real_positions(tgt_valid, batch, tgt_len)
+    real_src = enc.real_positions(src_valid, batch, src_len)
+    real_tgt = enc.real_positions(tgt_valid, batch, tgt_len)
     recorders = {
         "encoder": _Recorder(wanted_layers, wanted_heads, dtype, real_src, real_src, (src_len, src_len), None),
         "decoder": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None),
@@ -899,10 +514,10 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     }
     parts = attnkit_parts(model)
     modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and id(m) in parts]
-    recording = attnkit_recording(modules, lambda module: recorders[parts[id(module)]])
+    recording = attnkit_tap(modules, lambda module: recorders[parts[id(module)]])
     _run(model, recording, (src, tgt), {"src_padding_mask": src_valid, "tgt_padding_mask": tgt_valid})
-    src_side = _sides(src, real_src, src_len, tokenizer, None)
-    tgt_side = _sides(tgt, real_tgt, tgt_len, tokenizer, None)
+    src_side = enc.sides(src, real_src, src_len, tokenizer, None)
+    tgt_side = enc.sides(tgt, real_tgt, tgt_len, tokenizer, None)
     keyed = {"key_tokens": src_side["tokens"], "key_token_ids": src_side["token_ids"],
              "key_special": src_side["special"]}
 
@@ -914,3 +529,19 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     return Seq2SeqMaps(encoder=maps("encoder", src_side), decoder=maps("decoder", tgt_side),
                        cross=maps("cross", tgt_side, **keyed),
                        sequences={"source": src_side["token_ids"], "target": tgt_side["token_ids"]})
+
+
+_MOVED = {"hf_recording": "transformers_tap", "wrapped_attention_functions": "wrap_attention_functions"}
+
+
+def __getattr__(name: str) -> object:
+    """The hooks moved to :mod:`attnkit.integrations.tap` (their old names here are deprecated)."""
+    if name in _MOVED:
+        import warnings
+
+        from attnkit.integrations import tap
+
+        warnings.warn(f"attnkit.inspect.recording.{name} is deprecated and will be removed in the next release; use "
+                      f"attnkit.integrations.tap.{_MOVED[name]}", DeprecationWarning, stacklevel=2)
+        return getattr(tap, _MOVED[name])
+    raise AttributeError(f"module 'attnkit.inspect.recording' has no attribute {name!r}")

@@ -80,13 +80,13 @@ if tuple(int(part) for part in transformers.__version__.split(".")[:2]) < _MIN_V
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 from transformers.modeling_utils import AttentionInterface, PreTrainedModel  # noqa: E402
 
-__all__ = ["NAME", "UnsupportedModelError", "attention_forward", "mask_forward", "register", "supports",
+__all__ = ["NAME", "UNSUPPORTED", "UnsupportedModelError", "attention_forward", "mask_forward", "register", "supports",
            "to_attnkit_mask"]
 
 NAME = "attnkit"
 
-# Keyword arguments that change the result and that attnkit does not implement.
-_UNSUPPORTED = {
+UNSUPPORTED = {
+    # keyword arguments that change the result and that attnkit does not implement: name -> what it is
     "s_aux": "attention sinks (s_aux)",
     "sinks": "attention sinks",
     "head_mask": "a head mask",
@@ -333,7 +333,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     >>> out.shape
     torch.Size([1, 5, 4, 8])
     """
-    for name, what in _UNSUPPORTED.items():
+    for name, what in UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(
                 f"attn_implementation={NAME!r} does not support {what}, which {type(module).__name__} passed as "

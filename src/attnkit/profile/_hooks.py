@@ -8,7 +8,7 @@ How each part is found:
   (just after); its ``q/k/v/o_proj`` are the projections; each ``TransformerBlock.mlp`` is
   a feed-forward layer (found by its name, ``mlp``).
 - Hugging Face models: the attention function (eager, sdpa, attnkit, ...) is wrapped where
-  transformers hands it out (:func:`attnkit.inspect.recording.wrapped_attention_functions`);
+  transformers hands it out (:func:`attnkit.integrations.tap.wrap_attention_functions`);
   the outermost modules whose class name ends in ``Attention`` hold the projections (every
   ``nn.Linear`` inside them); the feed-forward layers are the modules named ``mlp``,
   ``feed_forward``, ``ffn`` or ``intermediate``, and an ``output`` beside an ``intermediate``
@@ -112,9 +112,9 @@ def timed(model: nn.Module, clock: Clock) -> Iterator[None]:
             handles += [m.register_forward_pre_hook(start), m.register_forward_hook(stop(component))]
     try:
         if is_hf(model):
-            from attnkit.inspect.recording import wrapped_attention_functions
+            from attnkit.integrations.tap import wrap_attention_functions
 
-            with wrapped_attention_functions(model, lambda fn: _timed_function(fn, clock), kind="profile"):
+            with wrap_attention_functions(model, lambda fn: _timed_function(fn, clock), kind="profile"):
                 yield
         else:
             yield

@@ -6,7 +6,7 @@ While the block runs (and only then; nothing is installed outside it):
 - attnkit: :class:`~attnkit.nn.MultiHeadAttention.forward` and the :func:`attnkit.attention`
   it calls are wrapped, so that each call is timed and knows its module and KV cache.
 - Hugging Face: the attention functions transformers hands out are wrapped
-  (:func:`attnkit.inspect.recording.wrapped_attention_functions`), for models loaded with any
+  (:func:`attnkit.integrations.tap.wrap_attention_functions`), for models loaded with any
   implementation that goes through its attention interface (eager, sdpa, attnkit, ...).
   Only when transformers was imported before the block starts.
 - Every outermost module call that makes attention calls is a *step* (a forward; one per
@@ -221,9 +221,9 @@ def monitor(*, synchronize: bool = False) -> Iterator[Monitor]:
     with contextlib.ExitStack() as stack:
         stack.callback(_patch_attnkit(m))
         if "transformers" in sys.modules:
-            from attnkit.inspect.recording import wrapped_attention_functions
+            from attnkit.integrations.tap import wrap_attention_functions
 
-            stack.enter_context(wrapped_attention_functions(nn.Module(), lambda fn: _hf_wrapper(m, fn),
+            stack.enter_context(wrap_attention_functions(nn.Module(), lambda fn: _hf_wrapper(m, fn),
                                                             kind="monitor"))
         stack.enter_context(torch.nn.modules.module.register_module_forward_pre_hook(m._enter_module))
         stack.enter_context(torch.nn.modules.module.register_module_forward_hook(m._leave_module, always_call=True))
