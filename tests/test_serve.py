@@ -728,6 +728,17 @@ def test_memory_is_flat_at_scale(minilm_process, request):
     assert after - warm < 40, f"RSS grew from {warm:.1f} MiB to {after:.1f} MiB over 150 distinct texts"
 
 
+def test_a_uvicorn_without_the_members_the_header_deadline_needs_still_serves(monkeypatch):
+    """uvicorn has no public header deadline; where its h11 protocol changes, serve says so and uses uvicorn's own."""
+    import attnkit.viz.server as server_module
+
+    said = []
+    assert issubclass(server_module._protocol(3.0, said.append), server_module._Protocol) and not said
+    monkeypatch.delattr(server_module.H11Protocol, "on_response_complete")
+    assert server_module._protocol(3.0, said.append) == "h11"
+    assert "has no on_response_complete: serving without a header deadline" in said[0]
+
+
 def test_connection_cap(tiny_folder):
     """Past ``max_connections`` uvicorn answers 503 at once (with the security headers), and serves again after."""
     model, tokenizer = models.load(tiny_folder)

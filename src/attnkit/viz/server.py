@@ -232,6 +232,14 @@ def _json(status: int, value: Any, headers: Mapping[str, str] | None = None) -> 
 
 
 # -- the HTTP protocol: uvicorn's h11 one, with a deadline for the request's headers -----------------
+#
+# uvicorn (0.55) has no public option for how long a client may take to send a request's headers: its
+# timeout_keep_alive bounds only the idle wait between requests. So this subclasses its h11 protocol, which is
+# not a public interface. _protocol() checks that the members it relies on are there and otherwise serves with
+# uvicorn's own protocol and says so in the log (no header deadline); the tests check the behaviour (slow
+# clients cut off, malformed requests refused in JSON), not these members.
+
+_RELIED_ON = ("connection_made", "on_response_complete", "connection_lost", "send_400_response")
 
 
 class _Protocol(H11Protocol):
@@ -288,6 +296,18 @@ class _Protocol(H11Protocol):
                       h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
         self.transport.close()
+
+
+def _protocol(header_timeout: float, log: Callable[[str], None] | None) -> Any:
+    """The h11 protocol class for one server: :class:`_Protocol` with its header deadline, or uvicorn's own
+    (``"h11"``) where this uvicorn's protocol lacks a member :class:`_Protocol` relies on."""
+    missing = [name for name in _RELIED_ON if not callable(getattr(H11Protocol, name, None))]
+    if missing:
+        if log is not None:
+            log(f"attnkit serve: uvicorn {uvicorn.__version__}'s h11 protocol has no {', '.join(missing)}: serving "
+                "without a header deadline (a client may trickle its headers)")
+        return "h11"
+    return type("_ServerProtocol", (_Protocol,), {"header_timeout": header_timeout})
 
 
 # -- the app --------------------------------------------------------------------------------------
@@ -538,7 +558,7 @@ class ExplainServer:
                     data={**service.info(), "example": example})
         app = build_app(service, page_html=html, url=self.url, allowed_hosts=self.allowed_hosts,
                         body_timeout=body_timeout, log=log)
-        protocol = type("_ServerProtocol", (_Protocol,), {"header_timeout": header_timeout})
+        protocol = _protocol(header_timeout, log)
         config = uvicorn.Config(
             app, http=protocol, ws="none", lifespan="off", loop="asyncio", log_config=None, access_log=False,
             server_header=False, headers=list(SECURITY_HEADERS.items()), limit_concurrency=max_connections,
