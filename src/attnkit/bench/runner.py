@@ -217,6 +217,8 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
             flex = _Flex()
         except ImportError as err:  # torch < 2.5
             flex = err
+    shared = _Settings(tuple(backends), tuple(peers), backward, dtype, device, batch, heads, kv_heads, head_dim,
+                       window, repeats, max_dense_gib, result.matmul_gflops, flex)
     total, done = len(cases) * len(lengths) * (2 if load else 1), 0
 
     def one_pass(label: str, with_memory: bool) -> list[Row]:
@@ -226,9 +228,7 @@ def run(cases: Sequence[str] = DEFAULT_CASES, lengths: Sequence[int] = (1024, 20
             for length in lengths:
                 if progress:
                     progress(f"{case} L={length}{label}", done, total)
-                rows.extend(_run_one(case, length, result.matmul_gflops, flex, backends, peers, backward,
-                                     dtype, device, batch, heads, kv_heads, head_dim, window, repeats,
-                                     with_memory, max_dense_gib))
+                rows.extend(_run_one(case, length, shared, with_memory))
                 done += 1
         return rows
 
@@ -265,38 +265,75 @@ def _check_run_args(cases: Sequence[str], lengths: Sequence[int], backends: Sequ
         raise TypeError(f"dtype must be a floating point dtype; got {dtype}")
 
 
-def _run_one(case: str, length: int, peak_gflops: float, flex: _Flex | ImportError | None, backends: Sequence[str],
-             peers: Sequence[str], backward: bool, dtype: torch.dtype, device: torch.device, batch: int, heads: int,
-             kv_heads: int, head_dim: int, window: int, repeats: int, memory: bool,
-             max_dense_gib: float) -> list[Row]:
-    p = make_problem(case, length, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                     window=window, dtype=dtype, device=device, requires_grad=backward)
-    grad_out = torch.randn((*p.q.shape[:-1], p.v.shape[-1]), generator=torch.Generator().manual_seed(1)).to(
-        device=device, dtype=dtype)
-    too_big = p.dense_bytes() > max_dense_gib * 2**30
-    builders: dict[str, Callable[[], tuple[Callable[[], Tensor], str]]] = {}
-    def ours(backend: str) -> tuple[Callable[[], Tensor], str]:
+@dataclass(frozen=True)
+class _Settings:
+    """What every case of one :func:`run` shares."""
+
+    backends: Sequence[str]
+    peers: Sequence[str]
+    backward: bool
+    dtype: torch.dtype
+    device: torch.device
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int
+    repeats: int
+    max_dense_gib: float
+    peak_gflops: float  # the matmul yardstick, for % of matmul
+    flex: _Flex | ImportError | None
+
+
+def _run_one(case: str, length: int, settings: _Settings, memory: bool) -> list[Row]:
+    """One case at one length: every implementation built and run once, checked against attnkit's first output,
+    then timed interleaved, then (``memory``) its peak memory measured. A peer that cannot run is reported."""
+    one = _Case(case, length, settings)
+    impls = list(one.builders) + (["flex"] if "flex" in settings.peers else [])
+    for impl in impls:
+        one.first_run(impl)
+    one.time()
+    if memory:
+        one.measure_memory()
+    return [one.rows[i] for i in impls]
+
+
+class _Case:
+    """The state of :func:`_run_one`: the problem, each implementation's row, and the calls to time."""
+
+    def __init__(self, case: str, length: int, settings: _Settings):
+        s = self.settings = settings
+        self.p = p = make_problem(case, length, batch=s.batch, heads=s.heads, kv_heads=s.kv_heads,
+                                  head_dim=s.head_dim, window=s.window, dtype=s.dtype, device=s.device,
+                                  requires_grad=s.backward)
+        self.grad_out = torch.randn((*p.q.shape[:-1], p.v.shape[-1]), generator=torch.Generator().manual_seed(1)).to(
+            device=s.device, dtype=s.dtype)
+        self.builders: dict[str, Callable[[], tuple[Callable[[], Tensor], str]]] = {}
+        for b in s.backends:
+            self.builders[f"attnkit:{b}"] = partial(self._ours, b)
+        if "sdpa" in s.peers:
+            self.builders["sdpa"] = lambda: _sdpa(p)
+        if "naive" in s.peers:
+            self.builders["naive"] = lambda: (_naive(p), "dense additive mask" if p.mask or p.bias else "")
+        self.rows: dict[str, Row] = {}
+        self.calls: dict[str, Callable[[], object]] = {}
+        self.expected: tuple[Tensor, ...] | None = None
+
+    def _ours(self, backend: str) -> tuple[Callable[[], Tensor], str]:
+        p = self.p
         return (lambda: attnkit.attention(p.q, p.k, p.v, mask=p.mask, bias=p.bias, backend=backend)), ""
 
-    for b in backends:
-        builders[f"attnkit:{b}"] = partial(ours, b)
-    if "sdpa" in peers:
-        builders["sdpa"] = lambda: _sdpa(p)
-    if "naive" in peers:
-        builders["naive"] = lambda: (_naive(p), "dense additive mask" if p.mask or p.bias else "")
+    def step(self, fn: Callable[[], Tensor]) -> Callable[[], tuple[Tensor, ...]]:
+        """One timed call: ``fn``'s output, and with ``backward`` the gradients of q, k and v."""
+        p, device = self.p, self.settings.device
 
-    rows: dict[str, Row] = {}
-    calls: dict[str, Callable[[], object]] = {}
-    expected: tuple[Tensor, ...] | None = None
-
-    def step(fn: Callable[[], Tensor]) -> Callable[[], tuple[Tensor, ...]]:
         def go() -> tuple[Tensor, ...]:
             out = fn()
             result: tuple[Tensor, ...]
-            if backward:
+            if self.settings.backward:
                 for t in (p.q, p.k, p.v):
                     t.grad = None
-                out.backward(grad_out)
+                out.backward(self.grad_out)
                 dq, dk, dv = p.q.grad, p.k.grad, p.v.grad
                 assert dq is not None and dk is not None and dv is not None  # the problem's inputs require grad
                 result = (out.detach(), dq, dk, dv)
@@ -306,79 +343,88 @@ def _run_one(case: str, length: int, peak_gflops: float, flex: _Flex | ImportErr
             return result
         return go
 
-    def check(impl: str, outs: tuple[Tensor, ...]) -> None:
-        nonlocal expected
-        row = rows[impl]
-        if expected is None:
-            if impl.startswith("attnkit:"):  # only attnkit's output is the yardstick
-                expected = tuple(t.detach().clone() for t in outs)
+    def first_run(self, impl: str) -> None:
+        """Build ``impl``, run it once and check it; a checked one joins the calls to time."""
+        row = self.rows[impl] = Row(self.p.case, self.p.length, impl, "ok")
+        needs_dense = impl in _MATERIALISING or (impl == "sdpa" and self.p.dense_bias is not None)
+        if needs_dense and self.p.dense_bytes() > self.settings.max_dense_gib * 2**30:
+            row.status = "skipped"
+            row.note = f"needs {self.p.dense_bytes() / 2**30:.1f} GiB of dense scores/bias > max_dense_gib"
+            return
+        try:
+            fn, outs = self._flex(row) if impl == "flex" else self._built(impl, row)
+        except _Skip as skip:
+            row.status, row.note = "skipped", str(skip)
+            return
+        except Exception as err:  # a peer that cannot run this case is reported, not timed
+            row.status = "failed"
+            row.note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            return
+        self._check(row, outs)
+        if row.status == "ok":
+            self.calls[impl] = self.step(fn)
+
+    def _built(self, impl: str, row: Row) -> tuple[Callable[[], Tensor], tuple[Tensor, ...]]:
+        fn, row.note = self.builders[impl]()
+        return fn, self.step(fn)()
+
+    def _flex(self, row: Row) -> tuple[Callable[[], Tensor], tuple[Tensor, ...]]:
+        flex = self.settings.flex
+        if isinstance(flex, Exception):
+            raise flex
+        assert flex is not None  # run() sets it whenever "flex" is in peers
+        if self.settings.backward and self.settings.device.type == "cpu":
+            raise _Skip("FlexAttention has no CPU backward")
+        fn, build_s, note = flex.prepare(self.p)
+        start = time.perf_counter()
+        outs = self.step(fn)()
+        row.compile_s = time.perf_counter() - start  # the first call; less one steady call in time()
+        row.note = f"{note}, built in {build_s * 1e3:.0f} ms".lstrip(", ")
+        return fn, outs
+
+    def _check(self, row: Row, outs: tuple[Tensor, ...]) -> None:
+        """Against the first attnkit output (the yardstick): max error, and "wrong" where it disagrees."""
+        if self.expected is None:
+            if row.impl.startswith("attnkit:"):  # only attnkit's output is the yardstick
+                self.expected = tuple(t.detach().clone() for t in outs)
             else:
                 row.status, row.note = "unchecked", "no attnkit backend ran to check it against"
             return
-        checks = [_agrees(a, e) for a, e in zip(outs, expected)]
+        checks = [_agrees(a, e) for a, e in zip(outs, self.expected)]
         row.max_err = max(err for _, err in checks)
         if not all(ok for ok, _ in checks):
             row.status = "wrong"
 
-    impls = list(builders) + (["flex"] if "flex" in peers else [])
-    fn: Callable[[], Tensor] | None = None
-    for impl in impls:
-        rows[impl] = Row(case, length, impl, "ok")
-        needs_dense = impl in _MATERIALISING or (impl == "sdpa" and p.dense_bias is not None)
-        if needs_dense and too_big:
-            rows[impl].status = "skipped"
-            rows[impl].note = f"needs {p.dense_bytes() / 2**30:.1f} GiB of dense scores/bias > max_dense_gib"
-            continue
-        try:
-            if impl == "flex":
-                if isinstance(flex, Exception):
-                    raise flex
-                assert flex is not None  # run() sets it whenever "flex" is in peers
-                if backward and device.type == "cpu":
-                    rows[impl].status = "skipped"
-                    rows[impl].note = "FlexAttention has no CPU backward"
-                    continue
-                fn, build_s, note = flex.prepare(p)
-                start = time.perf_counter()
-                outs = step(fn)()
-                first = time.perf_counter() - start
-                rows[impl].compile_s = first  # corrected to first - steady below
-                rows[impl].note = f"{note}, built in {build_s * 1e3:.0f} ms".lstrip(", ")
-            else:
-                fn, rows[impl].note = builders[impl]()
-                outs = step(fn)()
-        except Exception as err:  # a peer that cannot run this case is reported, not timed
-            rows[impl].status = "failed"
-            rows[impl].note = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-            continue
-        check(impl, outs)
-        if rows[impl].status == "ok":
-            calls[impl] = step(fn)
-        del outs
+    def time(self) -> None:
+        """Interleaved medians of the checked calls; FLOP/s and % of the matmul yardstick."""
+        times = interleaved_median_seconds(self.calls, self.settings.repeats, warmup=1) if self.calls else {}
+        work = 4 * self.p.pairs * self.p.q.shape[-1] * (3.5 if self.settings.backward else 1.0)  # bwd ~ 2.5x fwd
+        for impl, seconds in times.items():
+            row = self.rows[impl]
+            row.ms = 1e3 * seconds
+            row.gflops = work / seconds / 1e9
+            row.pct_of_matmul = 100 * row.gflops / self.settings.peak_gflops
+            if row.compile_s is not None:
+                row.compile_s = max(0.0, row.compile_s - seconds)
 
-    times = interleaved_median_seconds(calls, repeats, warmup=1) if calls else {}
-    work = 4 * p.pairs * p.q.shape[-1] * (3.5 if backward else 1.0)  # backward ~ 2.5x forward
-    for impl, seconds in times.items():
-        row = rows[impl]
-        row.ms = 1e3 * seconds
-        row.gflops = work / seconds / 1e9
-        row.pct_of_matmul = 100 * row.gflops / peak_gflops
-        if row.compile_s is not None:
-            row.compile_s = max(0.0, row.compile_s - seconds)
-    fn = None  # drops the last implementation's call, and any mask it holds
-    if memory:
-        for impl in list(calls):
+    def measure_memory(self) -> None:
+        """Each timed call's peak memory growth; SDPA's and eager's dense masks are built inside the call."""
+        device = self.settings.device
+        for impl in list(self.calls):
             if impl in ("sdpa", "naive"):
                 # their dense mask is built inside the measured call: they need it, attnkit does not
-                del calls[impl]  # and the copy built for the timing is freed first
+                del self.calls[impl]  # and the copy built for the timing is freed first
 
                 def call(impl: str = impl) -> object:
-                    return step(builders[impl]()[0])()
+                    return self.step(self.builders[impl]()[0])()
 
-                rows[impl].peak_mib = peak_memory_mib(call, device)
+                self.rows[impl].peak_mib = peak_memory_mib(call, device)
             else:
-                rows[impl].peak_mib = peak_memory_mib(calls[impl], device)
-    return [rows[i] for i in impls]
+                self.rows[impl].peak_mib = peak_memory_mib(self.calls[impl], device)
+
+
+class _Skip(Exception):
+    """An implementation that does not run this case, with the reason (reported as "skipped")."""
 
 
 def print_progress(description: str, done: int, total: int) -> None:

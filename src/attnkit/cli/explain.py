@@ -50,18 +50,19 @@ def add_parser(sub: Subparsers) -> Parser:
     p.add_argument("--keep-special", action="store_true",
                    help="list special tokens ([CLS], [SEP], ...) among the attended tokens too")
     p.add_argument("--max-rows", type=int, default=64, help="tokens listed at most")
-    p.add_argument("--compare", metavar="OTHER", default=None,
+    modes = p.add_argument_group("other modes", "instead of one text's self-attention (they exclude each other)")
+    modes.add_argument("--compare", metavar="OTHER", default=None,
                    help="a second text: compare how the model reads --token in the two (one --token needed)")
-    p.add_argument("--anchor", default=None,
+    modes.add_argument("--anchor", default=None,
                    help="with --compare: the shared word to compare against (default: the most frequent word token "
                         "both texts share, other than --token)")
     p.add_argument("--no-cost", dest="cost", action="store_false",
                    help="leave out the report's cost section (a quick profile of the model at this input's length "
                         "and a few longer ones: a few seconds on a CPU)")
-    p.add_argument("--target", default=None,
+    modes.add_argument("--target", default=None,
                    help="encoder-decoder models: the target text (TEXT is the source); the report shows "
                         "cross-attention")
-    p.add_argument("--generate", type=positive, default=None, metavar="N",
+    modes.add_argument("--generate", type=positive, default=None, metavar="N",
                    help="generate N tokens greedily from TEXT and show where each one looked")
     p.set_defaults(run=run)
     return p
@@ -69,9 +70,23 @@ def add_parser(sub: Subparsers) -> Parser:
 
 def run(args: argparse.Namespace) -> int:
     from attnkit import models
-    from attnkit.viz import explainer as ex
-    from attnkit.viz import report
 
+    _check_options(args)
+    con = Console()
+    quiet_transformers()
+    with con.status(f"loading {args.model}..."):
+        model, tokenizer = models.load(args.model)
+    if args.target is not None:
+        return _seq2seq(args, con, model, tokenizer)
+    if args.generate is not None:
+        return _generate(args, con, model, tokenizer)
+    if args.compare is not None:
+        return _compare(args, con, (model, tokenizer))
+    return _self_attention(args, con, model, tokenizer)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """Options that do not go together, and outputs that cannot be written, refused before the model loads."""
     if args.png:
         from attnkit._plot import pyplot
 
@@ -92,16 +107,12 @@ def run(args: argparse.Namespace) -> int:
     if args.compare is not None and (not args.token or len(args.token) != 1):
         raise UsageError(f"--compare needs exactly one --token WORD to compare (e.g. --token bank); got "
                          f"{len(args.token or [])} --token")
-    con = Console()
-    quiet_transformers()
-    with con.status(f"loading {args.model}..."):
-        model, tokenizer = models.load(args.model)
-    if args.target is not None:
-        return _seq2seq(args, con, model, tokenizer)
-    if args.generate is not None:
-        return _generate(args, con, model, tokenizer)
-    if args.compare is not None:
-        return _compare(args, con, (model, tokenizer))
+
+
+def _self_attention(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer: Any) -> int:
+    """``explain TEXT``: the terminal summary, the report and the PNGs of a self-attention model."""
+    from attnkit.viz import explainer as ex
+
     with con.progress() as progress:
         maps = ex.explain(args.text, (model, tokenizer), layers=args.layers, heads=args.heads,
                           progress=lambda done, total: progress("capturing attention", done, total))
@@ -111,15 +122,26 @@ def run(args: argparse.Namespace) -> int:
     tokens = maps.tokens[0]
     wanted = _wanted(tokens, args.token)
     summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
+    _print_summary(con, args, maps, summary)
+    if args.out:
+        _write_report(con, args, model, maps, summary, wanted, whole)
+    if args.png:
+        from attnkit.viz.png import save_pngs
 
+        with con.progress() as progress:
+            paths = save_pngs(maps, args.png, rollout=whole, progress=progress)
+        con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
+    return 0
+
+
+def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, summary: Any) -> None:
+    tokens = maps.tokens[0]
     con.rule(f"{maps.model_name}: {len(tokens)} tokens, {len(maps.layers)} layers x {len(maps.heads)} heads")
     con.print("  ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
-    rows = [(f"{i} {tok}", *("\n".join(f"{key} {w:.2f}".replace(" 0.", " .") for _, key, w in tops)
-                              for tops in per_layer)) for i, tok, per_layer in summary.rows]
     more = "" if summary.shown == summary.total else f" (first {summary.shown} of {summary.total}; pick with --token)"
     heads_note = "all heads" if args.heads is None else "heads " + ",".join(map(str, maps.heads))
     con.table(f"top {args.top} attended tokens per layer, mean of {heads_note}{more}",
-              ("token", *(f"layer {layer}" for layer in maps.layers)), rows)
+              ("token", *(f"layer {layer}" for layer in maps.layers)), _layer_rows(summary))
     if summary.skipped_keys:
         con.print("special tokens left out of the lists (heads park weight there): "
                   + " ".join(sorted({tokens[j] for j in summary.skipped_keys})) + "; --keep-special lists them")
@@ -128,38 +150,47 @@ def run(args: argparse.Namespace) -> int:
                   ("token", "layer.head", "looks at", Column("weight", right=True)),
                   [(f"{i} {tokens[i]}", f"L{lay}.H{hd}", f"{j} {tokens[j]}", f"{w:.3f}")
                    for i, lay, hd, j, w in summary.heads])
-    roles = summary.roles
-    lowest = {"mean_distance", "normalized_entropy"}  # for these, the telling heads are the lowest
-    role_rows = [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
-                  "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
-                 for role, scores in roles.scores.items()]
     con.table("heads that score highest in each role",
-              ("role", Column("mean", right=True), "top heads (layer.head score)"), role_rows)
-    for role, why in roles.skipped.items():
+              ("role", Column("mean", right=True), "top heads (layer.head score)"), _role_rows(summary.roles))
+    for role, why in summary.roles.skipped.items():
         con.print(f"skipped {role}: {why}")
-    if args.out:
-        view = _opening_head(maps, wanted, set(summary.skipped_keys))
-        cost = None
-        if args.cost:
-            from attnkit.viz.cost import cost_data
 
-            with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
-                try:
-                    cost = cost_data(model, len(tokens))
-                except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
-                    con.print(f"the report has no cost section: {err}")
-        with con.progress() as progress:
-            path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
-                                       view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
-        opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
-        con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
-    if args.png:
-        from attnkit.viz.png import save_pngs
 
-        with con.progress() as progress:
-            paths = save_pngs(maps, args.png, rollout=whole, progress=progress)
-        con.print(f"wrote {len(paths)} heatmaps to {args.png}: " + ", ".join(p.name for p in paths))
-    return 0
+def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
+    """One row per listed token: its top attended tokens in each layer, ``key .42`` a line."""
+    return [(f"{i} {tok}", *("\n".join(f"{key} {w:.2f}".replace(" 0.", " .") for _, key, w in tops)
+                              for tops in per_layer)) for i, tok, per_layer in summary.rows]
+
+
+def _role_rows(roles: Any) -> list[tuple[str, str, str]]:
+    """One row per head role: its mean score over heads and its top three heads (the lowest, for distance and
+    entropy, where the telling heads are the lowest)."""
+    lowest = {"mean_distance", "normalized_entropy"}
+    return [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
+             "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
+            for role, scores in roles.scores.items()]
+
+
+def _write_report(con: Console, args: argparse.Namespace, model: nn.Module, maps: AttentionMaps, summary: Any,
+                  wanted: list[int] | None, whole: bool) -> None:
+    from attnkit.viz import report
+
+    tokens = maps.tokens[0]
+    view = _opening_head(maps, wanted, set(summary.skipped_keys))
+    cost = None
+    if args.cost:
+        from attnkit.viz.cost import cost_data
+
+        with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
+            try:
+                cost = cost_data(model, len(tokens))
+            except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
+                con.print(f"the report has no cost section: {err}")
+    with con.progress() as progress:
+        path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
+                                   view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
+    opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
+    con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
 
 
 def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
