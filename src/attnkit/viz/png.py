@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 
 from attnkit._checks import describe, require_int
 from attnkit._plot import pyplot
@@ -68,62 +70,70 @@ def save_pngs(
     dpi = require_int("dpi", dpi, minimum=10)
     if not isinstance(rollout, bool):
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
+    out = _folder(directory)
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    attn = maps.attentions[index]
+    tokens, keys = _sides(maps, index)
+    n_layers, _, lq, lk = attn.shape
+    grid = _Grid(plt, tokens, keys, labels=max(lq, lk) <= _LABELLED, dpi=dpi)
+    written: list[Path] = []
+    for li, layer in enumerate(maps.layers):
+        panels = [(attn[li, hi], f"L{layer} H{head}") for hi, head in enumerate(maps.heads)]
+        written.append(grid.save(panels, f"{maps.model_name} · layer {layer} · {lq} tokens", out / f"layer{layer}.png"))
+        if progress:
+            progress("PNG heatmaps", li + 1, n_layers + 1)
+    panels = [(attn[li].float().mean(0), f"layer {layer}, mean of heads") for li, layer in enumerate(maps.layers)]
+    written.append(grid.save(panels, f"{maps.model_name} · mean over heads · {lq} tokens", out / "mean.png"))
+    if rollout and keys is None and has_whole_model(maps):
+        fig, ax = plt.subplots(figsize=(6, 6))
+        image = _heatmap(ax, roll_out(maps, input_index=index, dtype=torch.float32), tokens,
+                         f"{maps.model_name} · attention rollout over {n_layers} layers", labels=grid.labels)
+        fig.colorbar(image, ax=ax, shrink=0.7, label="share of input token")
+        written.append(_saved(plt, fig, out / "rollout.png", dpi))
+    if progress:
+        progress("PNG heatmaps", n_layers + 1, n_layers + 1)
+    return written
+
+
+def _folder(directory: object) -> Path:
+    """``directory`` as a Path to a folder (which may not exist yet); TypeError/ValueError otherwise."""
     if not isinstance(directory, (str, os.PathLike)):
         raise TypeError(f"directory must be a str or os.PathLike; got {describe(directory)}")
     out = Path(directory)
     if out.exists() and not out.is_dir():
         raise ValueError(f"directory must be a folder; {str(out)!r} is a file")
-    plt = pyplot()
-    out.mkdir(parents=True, exist_ok=True)
-    attn = maps.attentions[index]
-    tokens, keys = _sides(maps, index)
-    n_layers, n_heads, lq, lk = attn.shape
-    labels = max(lq, lk) <= _LABELLED
-    written: list[Path] = []
-    cols = min(n_heads, 6)
-    rows = -(-n_heads // cols)
-    size = 3.2 if labels else 2.4
-    for li, layer in enumerate(maps.layers):
-        fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
-        for hi, head in enumerate(maps.heads):
-            image = _heatmap(axes[hi // cols][hi % cols], attn[li, hi], tokens, f"L{layer} H{head}", labels=labels,
-                             keys=keys)
-        for extra in range(n_heads, rows * cols):
-            axes[extra // cols][extra % cols].axis("off")
-        fig.suptitle(f"{maps.model_name} · layer {layer} · {lq} tokens", fontsize=11)
-        fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-        path = out / f"layer{layer}.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-        if progress:
-            progress("PNG heatmaps", li + 1, n_layers + 1)
-    cols = min(n_layers, 6)
-    rows = -(-n_layers // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
-    for li, layer in enumerate(maps.layers):
-        image = _heatmap(axes[li // cols][li % cols], attn[li].float().mean(0), tokens, f"layer {layer}, mean of heads",
-                         labels=labels, keys=keys)
-    for extra in range(n_layers, rows * cols):
-        axes[extra // cols][extra % cols].axis("off")
-    fig.suptitle(f"{maps.model_name} · mean over heads · {lq} tokens", fontsize=11)
-    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
-    path = out / "mean.png"
+    return out
+
+
+def _saved(plt: Any, fig: Any, path: Path, dpi: int) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    written.append(path)
-    if rollout and keys is None and has_whole_model(maps):
-        fig, ax = plt.subplots(figsize=(6, 6))
-        image = _heatmap(ax, roll_out(maps, input_index=index, dtype=torch.float32), tokens,
-                         f"{maps.model_name} · attention rollout over {n_layers} layers", labels=labels)
-        fig.colorbar(image, ax=ax, shrink=0.7, label="share of input token")
-        path = out / "rollout.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    if progress:
-        progress("PNG heatmaps", n_layers + 1, n_layers + 1)
-    return written
+    return path
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Figures of heatmap panels, up to 6 a row, one colour scale 0..1 for all."""
+
+    plt: Any
+    tokens: list[str]
+    keys: list[str] | None
+    labels: bool
+    dpi: int
+
+    def save(self, panels: list[tuple[Tensor, str]], title: str, path: Path) -> Path:
+        cols = min(len(panels), 6)
+        rows = -(-len(panels) // cols)
+        size = 3.2 if self.labels else 2.4
+        fig, axes = self.plt.subplots(rows, cols, figsize=(size * cols, size * rows + 0.6), squeeze=False)
+        for n, (values, name) in enumerate(panels):
+            image = _heatmap(axes[n // cols][n % cols], values, self.tokens, name, labels=self.labels, keys=self.keys)
+        for extra in range(len(panels), rows * cols):
+            axes[extra // cols][extra % cols].axis("off")
+        fig.suptitle(title, fontsize=11)
+        fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+        return _saved(self.plt, fig, path, self.dpi)
 
 
 def save_alignment_png(
