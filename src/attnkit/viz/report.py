@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -30,6 +30,7 @@ from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
 from attnkit.viz import encode as _encode
 from attnkit.viz._html import page
 
+_T = TypeVar("_T")
 __all__ = ["report_data", "report_html", "write_report"]
 
 _BODY = '<div id="attnkit-explorer"></div>'
@@ -128,59 +129,25 @@ def report_data(
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
-    if roles is not None and (not isinstance(roles, HeadRoles) or (roles.layers, roles.heads, roles.n_tokens) != (
-            maps.layers, maps.heads, maps.attentions[index].shape[-2])):
-        raise ValueError(f"roles must be head_roles of these maps (layers {list(maps.layers)}, heads "
-                         f"{list(maps.heads)}); got {describe(roles)}")
-    _check_progress(progress)
-    if cost is not None and not (isinstance(cost, dict) and cost.get("length") == maps.attentions[index].shape[-2]):
-        raise ValueError(f"cost must be attnkit.viz.cost.cost_data(model, length) at this input's length "
-                         f"({maps.attentions[index].shape[-2]} tokens); got {describe(cost)}"
-                         + (f" for {cost.get('length')!r} tokens" if isinstance(cost, dict) else ""))
-    if not isinstance(rollout, bool):
-        raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
+    focus = _check_report_args(maps, index, title, focus, rollout, roles, cost, progress)
     attn = maps.attentions[index]
     tokens, key_tokens = _sides(maps, index)
-    n_layers, n_heads, lq, _ = attn.shape
-    if focus is not None:
-        focus = require_int("focus", focus, minimum=0)
-        if focus >= lq:
-            raise ValueError(f"focus must be a query token index in [0, {lq}); got {focus}")
-    if title is not None and not isinstance(title, str):
-        raise TypeError(f"title must be a str or None; got {describe(title)}")
+    n_layers, n_heads = attn.shape[:2]
     opening = None if view is None else _view(maps, view)
-
     matrices = [attn[li, hi] for li in range(n_layers) for hi in range(n_heads)]
-    rolled = None
-    why_not = None
-    if key_tokens is not None:
-        why_not = "rollout composes self-attention layers; these maps are cross-attention (queries and keys differ)"
-    elif not rollout:
-        why_not = "rollout was turned off for these maps (they hold a subset of the model's heads)"
-    elif not has_whole_model(maps):
-        why_not = ("rollout needs every layer and head of the model; these maps hold layers "
-                   f"{list(maps.layers)}, heads {list(maps.heads)}")
-    else:
-        if progress:
-            progress("rollout", 0, 1)
-        rolled = roll_out(maps, input_index=index, every_layer=True, dtype=torch.float32)
-        matrices.extend(rolled)
-        if progress:
-            progress("rollout", 1, 1)
-
+    why_not = _why_no_rollout(maps, key_tokens, rollout)
+    if why_not is None:
+        matrices.extend(_step(progress, "rollout",
+                              lambda: roll_out(maps, input_index=index, every_layer=True, dtype=torch.float32)))
     if roles is None:
-        if progress:
-            progress("head roles", 0, 1)
-        roles = head_roles(maps, input_index=index)
-        if progress:
-            progress("head roles", 1, 1)
+        roles = _step(progress, "head roles", lambda: head_roles(maps, input_index=index))
 
     def step(done: int, total: int) -> None:
         if progress:
             progress("encoding", done, total)
 
     enc = _encode.encode(matrices, tolerance=tolerance, plan=plan, max_bytes=max_bytes, progress=step)
-    del matrices, rolled
+    del matrices
     return {
         "format": 1,
         "title": _text(tokens) if title is None else title if len(title) <= 160 else title[:159] + "…",
@@ -197,6 +164,53 @@ def report_data(
         "encoding": enc.to_json(),
         "cost": cost,
     }
+
+
+def _check_report_args(maps: AttentionMaps, index: int, title: object, focus: object, rollout: object,
+                       roles: object, cost: object, progress: object) -> int | None:
+    """:func:`report_data`'s arguments checked against the maps; the focus as an int or None."""
+    lq = maps.attentions[index].shape[-2]
+    if roles is not None and (not isinstance(roles, HeadRoles) or (roles.layers, roles.heads, roles.n_tokens) != (
+            maps.layers, maps.heads, lq)):
+        raise ValueError(f"roles must be head_roles of these maps (layers {list(maps.layers)}, heads "
+                         f"{list(maps.heads)}); got {describe(roles)}")
+    _check_progress(progress)
+    if cost is not None and not (isinstance(cost, dict) and cost.get("length") == lq):
+        raise ValueError(f"cost must be attnkit.viz.cost.cost_data(model, length) at this input's length "
+                         f"({lq} tokens); got {describe(cost)}"
+                         + (f" for {cost.get('length')!r} tokens" if isinstance(cost, dict) else ""))
+    if not isinstance(rollout, bool):
+        raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
+    if title is not None and not isinstance(title, str):
+        raise TypeError(f"title must be a str or None; got {describe(title)}")
+    if focus is None:
+        return None
+    focus = require_int("focus", focus, minimum=0)
+    if focus >= lq:
+        raise ValueError(f"focus must be a query token index in [0, {lq}); got {focus}")
+    return focus
+
+
+def _why_no_rollout(maps: AttentionMaps, key_tokens: list[str] | None, rollout: bool) -> str | None:
+    """Why the page has no rollout, or None when it has one."""
+    if key_tokens is not None:
+        return "rollout composes self-attention layers; these maps are cross-attention (queries and keys differ)"
+    if not rollout:
+        return "rollout was turned off for these maps (they hold a subset of the model's heads)"
+    if not has_whole_model(maps):
+        return ("rollout needs every layer and head of the model; these maps hold layers "
+                f"{list(maps.layers)}, heads {list(maps.heads)}")
+    return None
+
+
+def _step(progress: Callable[[str, int, int], None] | None, what: str, work: Callable[[], _T]) -> _T:
+    """``work()``, reported to ``progress`` as one step named ``what``."""
+    if progress:
+        progress(what, 0, 1)
+    result = work()
+    if progress:
+        progress(what, 1, 1)
+    return result
 
 
 def _view(maps: AttentionMaps, view: object) -> dict[str, Any]:
