@@ -551,6 +551,63 @@ class HeadRoles:
         return "\n".join(lines)
 
 
+def _cross_note(q_len: int, k_len: int) -> str:
+    return (f"this is a cross-attention map (Lq != Lk ({q_len} vs {k_len}), or key_tokens set): queries and keys "
+            "are not the same tokens")
+
+
+def _map_kind(cross: object, q_len: int, k_len: int, own_keys: bool) -> str:
+    """``"self"`` or ``"cross"``: what ``cross`` says, else Lq != Lk or keys of their own make a cross map."""
+    if cross is not None and not isinstance(cross, bool):
+        raise TypeError(f"cross must be None, True or False; got {describe(cross)}")
+    if cross is False and (q_len != k_len or own_keys):
+        raise ValueError(f"cross=False says self-attention, but the map has Lq = {q_len} queries and Lk = {k_len} "
+                         "keys" + (" and key_tokens of its own" if own_keys else ""))
+    return "cross" if cross or q_len != k_len or own_keys else "self"
+
+
+def _role_names(roles: Iterable[str] | str | None, kind: str, has_key_set: bool, q_len: int,
+                k_len: int) -> tuple[list[str], dict[str, str]]:
+    """The roles to score (all that apply by default, else those named, checked) and those skipped, with why."""
+    where = _cross_note(q_len, k_len)
+    skipped: dict[str, str] = {}
+    if roles is None:
+        names = list(ROLES if kind == "self" else CROSS_ROLES) + (["token_set_mass"] if has_key_set else [])
+        skipped.update({r: f"self-attention only; {where}" for r in ROLES if kind == "cross" and r not in names})
+        return names, skipped
+    names = [roles] if isinstance(roles, str) else list(roles)
+    for name in names:
+        if name not in _REGISTRY:
+            raise ValueError(f"roles must name roles among {', '.join(map(repr, _REGISTRY))}; got {name!r}")
+        if kind not in _REGISTRY[name].kinds:
+            raise ValueError(f"role {name!r} is defined for {' and '.join(_REGISTRY[name].kinds)}-attention maps "
+                             f"only, and {where if kind == 'cross' else 'this is a self-attention map'}; "
+                             f"roles for this map: {', '.join(r for r, x in _REGISTRY.items() if kind in x.kinds)}")
+        if _REGISTRY[name].needs == "key_set" and not has_key_set:
+            raise ValueError(f"role {name!r} needs key_set= (a bool (Lk,) mask or key indices); got None")
+    return names, skipped
+
+
+def _score_layers(t: Tensor, layers: Sequence[int] | None, wanted: list[str], context: _Context,
+                  skipped: dict[str, str]) -> dict[str, Tensor]:
+    """Each wanted role's (layers, heads) float64 scores, one layer at a time (a 2,000-token input's 72 heads
+    would be 2.3 GB at once); a role undefined for every head goes to ``skipped`` instead."""
+    per_layer: dict[str, list[Tensor]] = {name: [] for name in wanted}
+    for n, layer in enumerate(t):
+        label = layers[n] if layers else n
+        layer = probabilities("maps_or_tensor", layer[None], f"layer {label} (of {describe(t)})")
+        for name in wanted:
+            per_layer[name].append(_REGISTRY[name].score(layer, context))
+    scores: dict[str, Tensor] = {}
+    for name, parts in per_layer.items():
+        value = torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)
+        if bool(value.isnan().all()):
+            skipped[name] = _REGISTRY[name].undefined
+        else:
+            scores[name] = value
+    return scores
+
+
 def head_roles(
     maps_or_tensor: Tensor | AttentionMaps,
     token_ids: Sequence[int] | Tensor | None = None,
@@ -618,29 +675,8 @@ def head_roles(
     view = resolve("maps_or_tensor", maps_or_tensor, input_index, dims=4, cast=False)
     t = view.attn
     q_len, k_len = t.shape[-2:]
-    if cross is not None and not isinstance(cross, bool):
-        raise TypeError(f"cross must be None, True or False; got {describe(cross)}")
-    if cross is False and (q_len != k_len or view.key_tokens is not None):
-        raise ValueError(f"cross=False says self-attention, but the map has Lq = {q_len} queries and Lk = {k_len} "
-                         "keys" + (" and key_tokens of its own" if view.key_tokens is not None else ""))
-    kind = "cross" if cross or q_len != k_len or view.key_tokens is not None else "self"
-    where = (f"this is a cross-attention map (Lq != Lk ({q_len} vs {k_len}), or key_tokens set): queries and keys "
-             "are not the same tokens")
-    skipped: dict[str, str] = {}
-    if roles is None:
-        names = list(ROLES if kind == "self" else CROSS_ROLES) + (["token_set_mass"] if key_set is not None else [])
-        skipped.update({r: f"self-attention only; {where}" for r in ROLES if kind == "cross" and r not in names})
-    else:
-        names = [roles] if isinstance(roles, str) else list(roles)
-        for name in names:
-            if name not in _REGISTRY:
-                raise ValueError(f"roles must name roles among {', '.join(map(repr, _REGISTRY))}; got {name!r}")
-            if kind not in _REGISTRY[name].kinds:
-                raise ValueError(f"role {name!r} is defined for {' and '.join(_REGISTRY[name].kinds)}-attention maps "
-                                 f"only, and {where if kind == 'cross' else 'this is a self-attention map'}; "
-                                 f"roles for this map: {', '.join(r for r, x in _REGISTRY.items() if kind in x.kinds)}")
-            if _REGISTRY[name].needs == "key_set" and key_set is None:
-                raise ValueError(f"role {name!r} needs key_set= (a bool (Lk,) mask or key indices); got None")
+    kind = _map_kind(cross, q_len, k_len, view.key_tokens is not None)
+    names, skipped = _role_names(roles, kind, key_set is not None, q_len, k_len)
     ids = None
     if any(_REGISTRY[n].needs == "token_ids" for n in names) and (token_ids is not None or view.token_ids is not None):
         ids = token_ids_of(view, token_ids, k_len, "head_roles")
@@ -652,20 +688,7 @@ def head_roles(
             wanted.append(name)
     context = _Context(ids=ids, visible=visible_all(t),
                        key_set=None if key_set is None else key_mask(key_set, k_len))
-    # One layer at a time in float64: a 2,000-token input's 72 heads would be 2.3 GB at once.
-    per_layer: dict[str, list[Tensor]] = {name: [] for name in wanted}
-    for n, layer in enumerate(t):
-        label = view.layers[n] if view.layers else n
-        layer = probabilities("maps_or_tensor", layer[None], f"layer {label} (of {describe(t)})")
-        for name in wanted:
-            per_layer[name].append(_REGISTRY[name].score(layer, context))
-    scores: dict[str, Tensor] = {}
-    for name, parts in per_layer.items():
-        value = torch.cat(parts) if parts else torch.zeros(0, t.shape[1], dtype=torch.float64)
-        if bool(value.isnan().all()):
-            skipped[name] = _REGISTRY[name].undefined
-        else:
-            scores[name] = value
+    scores = _score_layers(t, view.layers, wanted, context, skipped)
     return HeadRoles(
         scores=scores,
         skipped={name: skipped[name] for name in _REGISTRY if name in skipped},
