@@ -708,12 +708,17 @@ def test_band_form_is_none_for_masks_it_cannot_describe():
 
 def test_alibi_distance_form_gives_the_bias_values():
     from attnkit import biases
+    from attnkit.functional.tiled import translate
 
     for bias in (biases.alibi(4), biases.alibi(4, align="bottom_right"),
                  biases.alibi(4, align="bottom_right", q_lengths=[3, 5], k_lengths=[6, 7], padding="left")):
-        slopes, offsets = bias.distance_form(5, 7)
+        slopes, offsets = translate.distance_form(bias, 5, 7)
         i, j = torch.arange(5)[:, None], torch.arange(7)[None, :]
         built = torch.stack([-slopes.double()[:, None, None] * (i + int(o) - j).abs() for o in offsets])
         dense = bias.to_dense(5, 7, batch=2).double()
         assert torch.allclose(built.expand_as(dense), dense, atol=1e-6)
-    assert biases.from_tensor(torch.zeros(1, 1, 5, 7)).distance_form(5, 7) is None
+    assert translate.distance_form(biases.from_tensor(torch.zeros(1, 1, 5, 7)), 5, 7) is None
+    with pytest.deprecated_call(match=r"Bias.distance_form\(\) is deprecated"):
+        assert torch.equal(biases.alibi(4).distance_form(5, 7)[0], translate.distance_form(biases.alibi(4), 5, 7)[0])
+    with pytest.deprecated_call(match="Bias.splits_by_side"):
+        assert biases.alibi(4).splits_by_side and not biases.from_tensor(torch.zeros(5, 7)).splits_by_side

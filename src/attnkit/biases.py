@@ -18,6 +18,7 @@ tensor([[ 0.0000, -0.5000, -1.0000],
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,13 +29,25 @@ from attnkit._checks import check_broadcast_4d, describe, require_choice, requir
 from attnkit._index_fn import IndexFunction
 from attnkit.masks import Lengths
 
-__all__ = ["Bias", "alibi", "alibi_slopes", "from_tensor", "score_mod"]
+__all__ = ["ALiBi", "Bias", "Chain", "ScoreModBias", "Shifted", "TensorBias", "alibi", "alibi_slopes", "from_tensor",
+           "score_mod"]
 
 ScoreMod = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+def _moved(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated and will be removed in the next release: a bias says how scores shift, "
+                  f"and each kernel translates it itself; use attnkit.functional.tiled.translate.{new}",
+                  DeprecationWarning, stacklevel=3)
+
+
 class Bias:
-    """Base class. ``additive`` biases add a term that does not depend on the score."""
+    """Base class. ``additive`` biases add a term that does not depend on the score.
+
+    A bias knows nothing of kernels: the tiled engines' views of the built-in biases (whether one reads only
+    positions, splits into row and column terms, or is a distance times a slope) are
+    :mod:`attnkit.functional.tiled.translate`'s, from the biases' public fields.
+    """
 
     additive = True
 
@@ -47,29 +60,37 @@ class Bias:
         block slices of tensor biases, so the tiled backward can differentiate them."""
         return scores + self.values(block, scores.dtype)
 
-    by_position = False
-    """Whether the bias reads only the block's ``b, h, i, j`` index tensors (never its ranges),
-    so it can be evaluated on any layout of indices (the tiled backend's moving key band)."""
+    # -- the tiled engines' translations, moved to attnkit.functional.tiled.translate (deprecated here) ---
 
-    splits_by_side = False
-    """Whether, on each side of its diagonal, the bias is ``row(i) + col(j)`` everywhere, so
-    :meth:`separable` answers for any block wholly on one side (ALiBi)."""
+    @property
+    def by_position(self) -> bool:
+        """Deprecated: :func:`attnkit.functional.tiled.translate.bias_by_position` (``bias``)."""
+        from attnkit.functional.tiled import translate
+
+        _moved("Bias.by_position", "bias_by_position(bias)")
+        return translate.bias_by_position(self)
+
+    @property
+    def splits_by_side(self) -> bool:
+        """Deprecated: :func:`attnkit.functional.tiled.translate.splits_by_side` (``bias``)."""
+        from attnkit.functional.tiled import translate
+
+        _moved("Bias.splits_by_side", "splits_by_side(bias)")
+        return translate.splits_by_side(self)
 
     def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        """On this block, the bias as ``row + col``, if it splits so.
+        """Deprecated: :func:`attnkit.functional.tiled.translate.separable` (``bias``, ``block``, ``dtype``)."""
+        from attnkit.functional.tiled import translate
 
-        ``row`` is broadcastable to (B, Hkv, bq, G, 1) and ``col`` to (B, Hkv, 1, G, bk).
-        A row term only shifts a row's log-sum-exp, so the tiled backend can pass
-        ``col`` to a kernel as a small broadcast tensor instead of materialising the
-        block. ``None`` if the bias does not split on this block.
-        """
-        return None
+        _moved("Bias.separable()", "separable(bias, block, dtype)")
+        return translate.separable(self, block, dtype)
 
     def distance_form(self, q_len: int, k_len: int) -> tuple[Tensor, Tensor] | None:
-        """``(slopes, offsets)`` if this bias is exactly ``-slopes[h] * |i + offsets[b] - j|``
-        at these lengths (ALiBi), else None. ``slopes`` (H,) float, ``offsets`` int64 (B|1,).
-        Kernels that add the bias by arithmetic on positions (the native tiled kernel) ask this."""
-        return None
+        """Deprecated: :func:`attnkit.functional.tiled.translate.distance_form` (``bias``, ``q_len``, ``k_len``)."""
+        from attnkit.functional.tiled import translate
+
+        _moved("Bias.distance_form()", "distance_form(bias, q_len, k_len)")
+        return translate.distance_form(self, q_len, k_len)
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         """Raise ValueError if this bias cannot apply to a call of these sizes."""
@@ -91,7 +112,7 @@ class Bias:
         k_offset = require_int("k_offset", k_offset, minimum=0)
         if q_offset == k_offset == 0 and q_total is None and k_total is None:
             return self
-        return _Shifted(self, q_offset, k_offset, q_total, k_total)
+        return Shifted(self, q_offset, k_offset, q_total, k_total)
 
     def to_dense(self, q_len: int, k_len: int, *, batch: int = 1, heads: int | None = None,
                  device: torch.device | str = "cpu") -> Tensor:
@@ -104,15 +125,13 @@ class Bias:
         return self.apply(zeros, block).squeeze(3)
 
     def __add__(self, other: Bias) -> Bias:
-        return _Chain((*self.parts(), *as_bias("other", other).parts()))
+        return Chain((*self.parts(), *as_bias("other", other).parts()))
 
 
-class _Chain(Bias):
+class Chain(Bias):
     def __init__(self, items: tuple[Bias, ...]):
         self.items = items
         self.additive = all(b.additive for b in items)
-        self.by_position = all(b.by_position for b in items)
-        self.splits_by_side = all(b.splits_by_side for b in items)
         heads = {getattr(b, "num_heads", None) for b in items} - {None}
         if len(heads) == 1:
             self.num_heads = heads.pop()
@@ -131,13 +150,6 @@ class _Chain(Bias):
             scores = b.apply(scores, block, leaves)
         return scores
 
-    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        terms = [b.separable(block, dtype) for b in self.items]
-        rows, cols = [t[0] for t in terms if t is not None], [t[1] for t in terms if t is not None]
-        if len(rows) < len(terms):
-            return None
-        return sum(rows[1:], rows[0]), sum(cols[1:], cols[0])
-
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         for b in self.items:
             b.check(batch, heads, q_len, k_len, device)
@@ -146,7 +158,7 @@ class _Chain(Bias):
         return " + ".join(map(repr, self.items))
 
 
-class _Shifted(Bias):
+class Shifted(Bias):
     """``inner`` on queries [q_offset, ...) and keys [k_offset, ...) of a longer sequence."""
 
     def __init__(self, inner: Bias, q_offset: int, k_offset: int, q_total: int | None, k_total: int | None):
@@ -156,20 +168,18 @@ class _Shifted(Bias):
         if hasattr(inner, "num_heads"):
             self.num_heads = inner.num_heads
 
-    def _whole(self, block: ScoreBlock) -> ScoreBlock:
+    def whole(self, block: ScoreBlock) -> ScoreBlock:
+        """``block`` in the whole sequence's coordinates."""
         side = max(self.q_offset + block.q_len, self.k_offset + block.k_len)
         return ScoreBlock(block.batch, block.kv_heads, block.groups, self.q_total or side, self.k_total or side,
                           block.q_start + self.q_offset, block.q_stop + self.q_offset,
                           block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
 
     def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
-        return self.inner.values(self._whole(block), dtype)
+        return self.inner.values(self.whole(block), dtype)
 
     def apply(self, scores: Tensor, block: ScoreBlock, leaves: dict[int, Tensor] | None = None) -> Tensor:
-        return self.inner.apply(scores, self._whole(block), leaves)
-
-    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        return self.inner.separable(self._whole(block), dtype)
+        return self.inner.apply(scores, self.whole(block), leaves)
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         side = max(self.q_offset + q_len, self.k_offset + k_len)
@@ -210,10 +220,8 @@ def alibi_slopes(num_heads: int, dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.tensor(slopes, dtype=dtype)
 
 
-class _ALiBi(Bias):
+class ALiBi(Bias):
     lengths: Lengths | None = None  # per-sequence alignment, if given
-    by_position = True
-    splits_by_side = True
 
     def __init__(self, slopes: Tensor, align: str):
         # float64 slopes stay float64, so a float64 call computes ALiBi in float64;
@@ -223,40 +231,20 @@ class _ALiBi(Bias):
         self.num_heads = slopes.numel()
         self.align = require_choice("align", align, ("top_left", "bottom_right"))
 
-    def _offset(self, block: ScoreBlock) -> int:
+    def offset(self, block: ScoreBlock) -> int:
+        """The diagonal's offset at the block's lengths (``align``; per-sequence lengths aside)."""
         return 0 if self.align == "top_left" else block.k_len - block.q_len
 
     def _offsets(self, block: ScoreBlock) -> Tensor | int:
         """The offset, or (B, 1, 1, 1, 1) offsets with per-sequence lengths."""
         if self.lengths is None:
-            return self._offset(block)
+            return self.offset(block)
         return self.lengths.offsets(self.align, block.q_len, block.k_len, block.device).view(-1, 1, 1, 1, 1)
 
     def values(self, block: ScoreBlock, dtype: torch.dtype) -> Tensor:
         slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]  # (1, Hkv, 1, G, 1)
         distance = (block.i + self._offsets(block) - block.j).abs().to(dtype)  # (B|1, 1, bq, 1, bk)
         return -slopes * distance
-
-    def distance_form(self, q_len: int, k_len: int) -> tuple[Tensor, Tensor] | None:
-        if self.lengths is None:
-            return self.slopes, torch.tensor([0 if self.align == "top_left" else k_len - q_len])
-        return self.slopes, self.lengths.offsets(self.align, q_len, k_len, torch.device("cpu")).to(torch.int64)
-
-    def separable(self, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-        # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r).
-        # The reference key r is the block's key nearest the diagonal, so the column
-        # term is ~0 on the keys that carry the weight and loses no precision there.
-        if self.lengths is not None:
-            return None
-        diag = block.i + self._offset(block)  # (1, 1, bq, 1, 1)
-        slopes = self.slopes.to(device=block.device, dtype=dtype)[block.h]
-        if block.k_stop - 1 <= block.q_start + self._offset(block):  # every j <= i'
-            r = block.k_stop - 1
-            return -slopes * (diag - r).to(dtype), slopes * (block.j - r).to(dtype)
-        if block.k_start >= block.q_stop - 1 + self._offset(block):  # every j >= i'
-            r = block.k_start
-            return -slopes * (r - diag).to(dtype), -slopes * (block.j - r).to(dtype)
-        return None
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         if self.num_heads != heads:
@@ -287,7 +275,7 @@ def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: 
     require_tensor("slopes", slopes)
     if slopes.dim() != 1 or not slopes.dtype.is_floating_point:
         raise ValueError(f"slopes must be a 1-D float tensor (one per head); got {describe(slopes)}")
-    out = _ALiBi(slopes, align)
+    out = ALiBi(slopes, align)
     if q_lengths is not None or k_lengths is not None:
         out.lengths = Lengths(q_lengths, k_lengths, padding)
     else:
@@ -295,7 +283,7 @@ def alibi(num_heads: int | None = None, *, slopes: Tensor | None = None, align: 
     return out
 
 
-class _TensorBias(Bias):
+class TensorBias(Bias):
     def __init__(self, tensor: Tensor):
         require_tensor("bias", tensor)
         if not tensor.dtype.is_floating_point:
@@ -329,10 +317,10 @@ class _TensorBias(Bias):
 def from_tensor(bias: Tensor) -> Bias:
     """An additive float bias, broadcastable to (B, H, Lq, Lk). It may require grad:
     every backend returns its gradient. ``-inf`` entries act as a mask."""
-    return _TensorBias(bias)
+    return TensorBias(bias)
 
 
-class _ScoreMod(Bias):
+class ScoreModBias(Bias):
     additive = False
 
     def __init__(self, fn: ScoreMod, name: str | None):
@@ -370,25 +358,25 @@ def score_mod(fn: ScoreMod, name: str | None = None) -> Bias:
     >>> torch.allclose(out, ref, atol=1e-6)
     True
     """
-    return _ScoreMod(fn, name)
+    return ScoreModBias(fn, name)
 
 
 def as_bias(name: str, bias: object) -> Bias:
     if isinstance(bias, Bias):
         return bias
     if isinstance(bias, Tensor):
-        return _TensorBias(bias)
+        return TensorBias(bias)
     if isinstance(bias, Sequence) and not isinstance(bias, str) and bias:
         items = [as_bias(f"{name}[{n}]", b) for n, b in enumerate(bias)]
-        return items[0] if len(items) == 1 else _Chain(tuple(p for b in items for p in b.parts()))
+        return items[0] if len(items) == 1 else Chain(tuple(p for b in items for p in b.parts()))
     raise TypeError(f"{name} must be an attnkit bias, a float tensor or a list of them; got {describe(bias)}")
 
 
-def tensor_bias_parts(bias: Bias | None) -> list[_TensorBias]:
+def tensor_bias_parts(bias: Bias | None) -> list[TensorBias]:
     """The distinct ``from_tensor`` biases in ``bias``, in order of first use."""
     if bias is None:
         return []
-    parts = {id(b): b for b in bias.parts() if isinstance(b, _TensorBias)}
+    parts = {id(b): b for b in bias.parts() if isinstance(b, TensorBias)}
     # One entry per object: a bias given twice (``[b, b]``, ``b + b``) is one input whose
     # gradient is the sum over its uses, not one input per use.
     return list(parts.values())

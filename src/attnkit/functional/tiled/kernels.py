@@ -17,6 +17,7 @@ from attnkit.biases import tensor_bias_parts
 from attnkit.functional._call import AttentionCall, dropout_keep, transform_scores
 from attnkit.functional._merge import lse_merge
 from attnkit.functional.tiled.plan import _BAND_Q, BandBlock, BandPlan, _band_safe, _far_bias, _Run, _Segment
+from attnkit.functional.tiled.translate import separable
 
 _NEG_INF = float("-inf")
 
@@ -39,7 +40,7 @@ def _additive_mask(call: AttentionCall, block: ScoreBlock, partial: bool, dtype:
     """
     _, _, bq, g, bk = block.shape
     if not partial and call.bias is not None:
-        split = call.bias.separable(block, dtype)
+        split = separable(call.bias, block, dtype)
         if split is not None:
             row, col = split
             row = row.expand(row.shape[0], row.shape[1], bq, g, 1)

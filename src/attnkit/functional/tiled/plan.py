@@ -19,7 +19,16 @@ from torch import Tensor
 from attnkit._blocks import EMPTY, FULL, ScoreBlock
 from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall
-from attnkit.functional.tiled.translate import BandForm, band_form, by_position, causal_offset
+from attnkit.functional.tiled.translate import (
+    BandForm,
+    band_form,
+    bias_by_position,
+    by_position,
+    causal_offset,
+    distance_form,
+    separable,
+    splits_by_side,
+)
 from attnkit.masks import Mask
 
 if TYPE_CHECKING:
@@ -119,7 +128,7 @@ def _band_safe(obj: Mask | Bias | None) -> bool:
     """Whether a mask/bias evaluates from ``b, h, i, j`` alone (so a BandBlock is valid)."""
     if obj is None:
         return True
-    return by_position(obj) if isinstance(obj, Mask) else obj.by_position
+    return by_position(obj) if isinstance(obj, Mask) else bias_by_position(obj)
 
 
 _Span = tuple[int, int, int]  # a chunk's live key blocks [lo, hi) and the end f of its full prefix
@@ -249,14 +258,14 @@ def _far_bias(call: AttentionCall, s: int) -> tuple[Tensor, Tensor] | None:
     far part (its first key column, its last query row) give it all:
     ``f(i, j) = f(i, 0) - f(last, 0) + f(last, j)``.
     """
-    if call.bias is None or not call.bias.splits_by_side:
+    if call.bias is None or not splits_by_side(call.bias):
         return None
     r0 = max(0, -s)
     dt = call.compute_dtype
     sizes = (call.batch, call.kv_heads, call.groups, call.q_len, call.k_len)
     strip_a = ScoreBlock(*sizes, r0, call.q_len, 0, 1, call.q.device)
     strip_b = ScoreBlock(*sizes, call.q_len - 1, call.q_len, 0, call.k_len, call.q.device)
-    a, b = call.bias.separable(strip_a, dt), call.bias.separable(strip_b, dt)
+    a, b = separable(call.bias, strip_a, dt), separable(call.bias, strip_b, dt)
     if a is None or b is None:
         return None
     row = a[0] - a[0][:, :, -1:] + b[0]
@@ -301,7 +310,7 @@ def native_params(call: AttentionCall) -> NativeParams | None:
     slopes = torch.empty(0, dtype=call.compute_dtype)
     aoff = torch.zeros(b, dtype=torch.int64)
     if call.bias is not None:
-        distance = call.bias.distance_form(q_len, k_len)
+        distance = distance_form(call.bias, q_len, k_len)
         if distance is None:
             return None
         slopes, aoff = distance[0].to(call.compute_dtype), distance[1].expand(b)

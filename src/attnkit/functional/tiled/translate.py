@@ -9,6 +9,10 @@ general path:
 * :func:`causal_offset`: the batched engine's far part, run by PyTorch's ``is_causal`` below a diagonal;
 * :func:`by_position`: whether the mask reads only ``b, h, i, j``, so the batched engine may evaluate it on its
   moving band of keys.
+
+Biases alike: :func:`distance_form` (ALiBi as slopes and offsets, for the native kernel), :func:`bias_by_position`,
+:func:`splits_by_side` and :func:`separable` (a bias as row plus column terms on a block wholly on one side of its
+diagonal, so the fused kernel gets a small column instead of a materialised block).
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnkit._blocks import ScoreBlock
+from attnkit.biases import ALiBi, Bias, Chain, Shifted
 from attnkit.masks import And, ByDistance, Diagonal, Document, KeyPadding, Mask, Not, Or, PrefixLM
 
-__all__ = ["BandForm", "band_form", "by_position", "causal_offset"]
+__all__ = ["BandForm", "band_form", "bias_by_position", "by_position", "causal_offset", "distance_form", "separable",
+           "splits_by_side"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +100,65 @@ def by_position(mask: Mask) -> bool:
     if isinstance(mask, Not):
         return by_position(mask.a)
     return isinstance(mask, (Diagonal, PrefixLM))
+
+
+# -- biases ------------------------------------------------------------------------------------------------------------
+
+
+def distance_form(bias: Bias, q_len: int, k_len: int) -> tuple[Tensor, Tensor] | None:
+    """``(slopes, offsets)`` if ``bias`` is exactly ``-slopes[h] * |i + offsets[b] - j|`` at these lengths (ALiBi),
+    else None. ``slopes`` (H,) float, ``offsets`` int64 (B|1,)."""
+    if not isinstance(bias, ALiBi):
+        return None
+    if bias.lengths is None:
+        return bias.slopes, torch.tensor([0 if bias.align == "top_left" else k_len - q_len])
+    return bias.slopes, bias.lengths.offsets(bias.align, q_len, k_len, torch.device("cpu")).to(torch.int64)
+
+
+def bias_by_position(bias: Bias) -> bool:
+    """Whether the bias reads only a block's ``b, h, i, j`` index tensors (so it can be evaluated on any layout of
+    indices, such as the batched engine's moving band of keys)."""
+    if isinstance(bias, Chain):
+        return all(bias_by_position(b) for b in bias.items)
+    return isinstance(bias, ALiBi)
+
+
+def splits_by_side(bias: Bias) -> bool:
+    """Whether, on each side of its diagonal, the bias is ``row(i) + col(j)`` everywhere (ALiBi), so
+    :func:`separable` answers for any block wholly on one side."""
+    if isinstance(bias, Chain):
+        return all(splits_by_side(b) for b in bias.items)
+    return isinstance(bias, ALiBi)
+
+
+def separable(bias: Bias, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """On this block, the bias as ``row + col``, if it splits so: ``row`` broadcastable to (B, Hkv, bq, G, 1) and
+    ``col`` to (B, Hkv, 1, G, bk). A row term only shifts a row's log-sum-exp, so the tiled backend can pass
+    ``col`` to a kernel as a small broadcast tensor instead of materialising the block. None otherwise."""
+    if isinstance(bias, Chain):
+        terms = [separable(b, block, dtype) for b in bias.items]
+        if any(t is None for t in terms):
+            return None
+        rows, cols = [t[0] for t in terms if t is not None], [t[1] for t in terms if t is not None]
+        return sum(rows[1:], rows[0]), sum(cols[1:], cols[0])
+    if isinstance(bias, Shifted):
+        return separable(bias.inner, bias.whole(block), dtype)
+    if isinstance(bias, ALiBi) and bias.lengths is None:
+        return _alibi_sides(bias, block, dtype)
+    return None
+
+
+def _alibi_sides(bias: ALiBi, block: ScoreBlock, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    # On a block wholly on one side of the diagonal, |i' - j| = +-(i' - r) -+ (j - r). The reference key r is the
+    # block's key nearest the diagonal, so the column term is ~0 on the keys that carry the weight and loses no
+    # precision there.
+    offset = bias.offset(block)
+    diag = block.i + offset  # (1, 1, bq, 1, 1)
+    slopes = bias.slopes.to(device=block.device, dtype=dtype)[block.h]
+    if block.k_stop - 1 <= block.q_start + offset:  # every j <= i'
+        r = block.k_stop - 1
+        return -slopes * (diag - r).to(dtype), slopes * (block.j - r).to(dtype)
+    if block.k_start >= block.q_stop - 1 + offset:  # every j >= i'
+        r = block.k_start
+        return -slopes * (r - diag).to(dtype), -slopes * (block.j - r).to(dtype)
+    return None
