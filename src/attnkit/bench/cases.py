@@ -16,6 +16,7 @@ from torch import Tensor
 from attnkit import biases, masks
 from attnkit.biases import Bias
 from attnkit.masks import Mask
+from attnkit.masks.flex import mask_mod as to_flex_mod
 
 __all__ = ["CASES", "DEFAULT_CASES", "Problem", "make_problem"]
 
@@ -153,7 +154,7 @@ def make_problem(case: str, length: int, *, batch: int = 1, heads: int = 8, kv_h
         block_map = (torch.rand(n, n, generator=g) < 0.25) | torch.eye(n, dtype=torch.bool)
         mask = masks.from_blocks(block_map.to(dev), 128)
     if mask is not None:  # Flex's mask_mod and the dense mask come from the mask itself
-        p.mask_mod = mask.mask_mod(q_len, k_len)
+        p.mask_mod = to_flex_mod(mask, q_len, k_len)
         per_batch = batch if mask.extent()[0] > 1 else None
         p.dense_mask = lambda: mask.to_dense(q_len, k_len, batch=per_batch, device=dev)
     p.mask, p.bias = mask, bias

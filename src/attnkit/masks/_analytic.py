@@ -53,14 +53,6 @@ class Diagonal(Mask):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self._within(block.j - (block.i + self.diagonals(block.q_len, block.k_len, block.device)))
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        if self.lengths is None:
-            off = self.diagonal(q_len, k_len)
-            return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + off))
-        offs = self.lengths.offsets(self.align, q_len, k_len, torch.device("cpu"))
-        many = offs.numel() > 1
-        return lambda b, h, q_idx, kv_idx: self._within(kv_idx - (q_idx + offs.to(q_idx.device)[b if many else 0]))
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
@@ -204,15 +196,6 @@ class PrefixLM(Mask):
         p = self._prefix(block.device).view(-1, 1, 1, 1, 1)
         return self._causal.allowed(block) | (block.j < p)
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        causal, prefix, many = self._causal.mask_mod(q_len, k_len), self.prefix, self.prefix.numel() > 1
-
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            p = prefix.to(kv_idx.device)[b if many else 0]
-            return causal(b, h, q_idx, kv_idx) | (kv_idx < p)
-
-        return mod
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
@@ -270,10 +253,6 @@ class GlobalTokens(Mask):
         gq = self._flags(block.q_len, block.device)[block.q_start : block.q_stop]
         gk = self._flags(block.k_len, block.device)[block.k_start : block.k_stop]
         return gq.view(1, 1, -1, 1, 1) | gk.view(1, 1, 1, 1, -1)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        gq, gk = self._flags(q_len, torch.device("cpu")), self._flags(k_len, torch.device("cpu"))
-        return lambda b, h, q_idx, kv_idx: gq.to(q_idx.device)[q_idx] | gk.to(kv_idx.device)[kv_idx]
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -370,17 +349,6 @@ class Document(Mask):
         kj = kv_ids[:, block.k_start : block.k_stop].view(kv_ids.shape[0], 1, 1, 1, -1)
         return qi == kj
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        q_ids, kv_ids = self.q_ids, self.kv_ids
-        many_q, many_k = q_ids.shape[0] > 1, kv_ids.shape[0] > 1
-
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            qi = q_ids.to(q_idx.device)[b if many_q else 0, q_idx]
-            kj = kv_ids.to(kv_idx.device)[b if many_k else 0, kv_idx]
-            return qi == kj
-
-        return mod
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
@@ -459,11 +427,6 @@ class KeyPadding(Mask):
         valid = self.valid.to(block.device)[:, block.k_start : block.k_stop]  # type: ignore[union-attr]
         return valid.view(valid.shape[0], 1, 1, 1, -1)
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        valid = self.valid_rows(k_len, torch.device("cpu"))
-        many = valid.shape[0] > 1
-        return lambda b, h, q_idx, kv_idx: valid.to(kv_idx.device)[b if many else 0, kv_idx]
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
@@ -536,16 +499,6 @@ class Dense(Mask):
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return block.take(self.tensor.to(block.device))
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        t = self.tensor
-        b_, h_, q_, k_ = (n > 1 for n in t.shape)
-
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            z = torch.zeros((), dtype=torch.int64, device=t.device)
-            return t[b if b_ else z, h if h_ else z, q_idx if q_ else z, kv_idx if k_ else z]
-
-        return mod
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -637,9 +590,6 @@ class Function(Evaluated):
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.evaluator.on_block(block)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        return self.fn
 
     def __repr__(self) -> str:
         return f"from_function({self.name})"

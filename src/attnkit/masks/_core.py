@@ -97,22 +97,18 @@ class Mask:
         return self.mask_mod(block.q_len, block.k_len)(block.b, block.h, block.i, block.j)
 
     def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        """This mask at lengths (Lq, Lk) as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``.
+        """This mask at lengths (Lq, Lk) as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx)``:
+        :func:`attnkit.masks.flex.mask_mod`, Flex's translation of the mask.
 
         The function takes int index tensors that broadcast together (or 0-d tensors, as
-        under Flex's ``vmap``) and returns a bool tensor of their broadcast shape. The
-        default materialises the mask once, (B, H, Lq, Lk), and indexes it; built-in masks
-        compute it from the indices.
+        under Flex's ``vmap``) and returns a bool tensor of their broadcast shape. Built-in
+        masks compute it from the indices; a subclass may define the mask by overriding this
+        method instead of :meth:`allowed`; otherwise the mask is materialised once,
+        (B, H, Lq, Lk), and indexed.
         """
-        if type(self).allowed is Mask.allowed:
-            raise NotImplementedError(f"{type(self).__name__} must implement allowed() or mask_mod()")
-        mb, mh = self.extent()
-        dense = self.to_dense(q_len, k_len, batch=mb).reshape(mb, mh, q_len, k_len)
+        from attnkit.masks.flex import mask_mod
 
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return dense[b if mb > 1 else 0, h if mh > 1 else 0, q_idx, kv_idx]
-
-        return mod
+        return mask_mod(self, q_len, k_len)
 
     # -- block structure ----------------------------------------------------------------
 
@@ -394,10 +390,6 @@ class And(_Binary):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) & self.b.allowed(block)
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) & fb(b, h, q_idx, kv_idx)
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         sa, sb = self._both(q_len, k_len, block_q, block_k, batch, heads, device)
@@ -412,10 +404,6 @@ class Or(_Binary):
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self.a.allowed(block) | self.b.allowed(block)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        fa, fb = self.a.mask_mod(q_len, k_len), self.b.mask_mod(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: fa(b, h, q_idx, kv_idx) | fb(b, h, q_idx, kv_idx)
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -434,10 +422,6 @@ class Not(Mask):
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return ~self.a.allowed(block)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        fa = self.a.mask_mod(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: ~fa(b, h, q_idx, kv_idx)
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -480,11 +464,6 @@ class Shifted(Mask):
                            block.q_start + self.q_offset, block.q_stop + self.q_offset,
                            block.k_start + self.k_offset, block.k_stop + self.k_offset, block.device)
         return self.inner.allowed(whole)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        fn = self.inner.mask_mod(*self._totals(q_len, k_len))
-        qo, ko = self.q_offset, self.k_offset
-        return lambda b, h, q_idx, kv_idx: fn(b, h, q_idx + qo, kv_idx + ko)
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         q_total, k_total = self._totals(q_len, k_len)

@@ -11,7 +11,7 @@ from torch import Tensor
 from attnkit._blocks import ScoreBlock, block_bounds, states
 from attnkit._checks import check_broadcast_4d, describe, require_int, require_tensor
 from attnkit.masks._analytic import Diagonal, Evaluated
-from attnkit.masks._core import Mask, MaskMod
+from attnkit.masks._core import Mask
 
 # -- sparse patterns of the literature -------------------------------------------------------
 
@@ -32,10 +32,6 @@ class ByDistance(Diagonal):
 
     def allowed(self, block: ScoreBlock) -> Tensor:
         return self._keep(block.i + self.diagonal(block.q_len, block.k_len) - block.j)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        off = self.diagonal(q_len, k_len)
-        return lambda b, h, q_idx, kv_idx: self._keep(q_idx + off - kv_idx)
 
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
@@ -137,9 +133,6 @@ class Chunked(Mask):
     def allowed(self, block: ScoreBlock) -> Tensor:
         return block.i // self.size == block.j // self.size
 
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        return lambda b, h, q_idx, kv_idx: q_idx // self.size == kv_idx // self.size
-
     def block_states(self, q_len: int, k_len: int, block_q: int, block_k: int, *, batch: int | None = None,
                      heads: int | None = None, device: torch.device | str = "cpu") -> Tensor:
         device = torch.device(device)
@@ -196,16 +189,6 @@ class FromBlocks(Evaluated):
         if sub.shape[1] == 1:
             return sub.unsqueeze(3)
         return sub.unflatten(1, (block.kv_heads, block.groups)).transpose(2, 3)  # (B|1, Hkv, bq, G, bk)
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        t, bq, bk = self.blocks_, self.block_q, self.block_k
-        many_b, many_h = t.shape[0] > 1, t.shape[1] > 1
-
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            z = torch.zeros((), dtype=torch.int64, device=t.device)
-            return t[b if many_b else z, h if many_h else z, q_idx // bq, kv_idx // bk]
-
-        return mod
 
     def check(self, batch: int, heads: int, q_len: int, k_len: int, device: torch.device) -> None:
         nq, nk = -(-q_len // self.block_q), -(-k_len // self.block_k)
@@ -278,14 +261,6 @@ class BigBird(Evaluated):
         a = lay[i // self.block_size][:, j // self.block_size]
         a = a | (i < self.global_tokens)[:, None] | (j < self.global_tokens)[None, :]
         return a.view(1, 1, a.shape[0], 1, a.shape[1])
-
-    def mask_mod(self, q_len: int, k_len: int) -> MaskMod:
-        lay, bs, g = self.layout(q_len, k_len), self.block_size, self.global_tokens
-
-        def mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return lay.to(q_idx.device)[q_idx // bs, kv_idx // bs] | (q_idx < g) | (kv_idx < g)
-
-        return mod
 
     def _picture_size(self) -> tuple[int, int]:
         return 12 * self.block_size, 12 * self.block_size
