@@ -42,25 +42,23 @@ def _missing_dependency(report) -> str | None:
     return message if "could not import" in message else None
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    """Under CI (``CI=true``) a test dependency that is missing fails the test instead of skipping it:
-    ``.ci/run`` installs every one (the test extra), so a skip there would hide a broken install."""
-    outcome = yield
-    report = outcome.get_result()
+def _fail_missing_under_ci(report) -> None:
+    """Under CI (``CI=true``) a test dependency that is missing fails instead of skipping: ``.ci/run`` installs
+    every one (the test extra), so a skip there would hide a broken install."""
     missing = _missing_dependency(report)
     if missing and os.environ.get("CI"):
         report.outcome, report.longrepr = "failed", f"under CI every test dependency is installed: {missing}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    _fail_missing_under_ci((yield).get_result())
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector):
     """The same for a whole module skipped at import (a module-level ``importorskip``)."""
-    outcome = yield
-    report = outcome.get_result()
-    missing = _missing_dependency(report)
-    if missing and os.environ.get("CI"):
-        report.outcome, report.longrepr = "failed", f"under CI every test dependency is installed: {missing}"
+    _fail_missing_under_ci((yield).get_result())
 
 
 @pytest.fixture(autouse=True)
