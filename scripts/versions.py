@@ -1,20 +1,12 @@
-"""Print what a test run runs against: Python, the CPU, and the resolved versions of attnkit's dependencies."""
+"""Print what a test run runs against: the machine (attnkit's own description of it) and the resolved versions of
+attnkit's dependencies."""
 
 from __future__ import annotations
 
 import platform
 from importlib import metadata
 
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from attnkit._timing import machine
 
 
 def main() -> None:
@@ -25,7 +17,7 @@ def main() -> None:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
-    print(f"versions: Python {platform.python_version()}, {_cpu()}; " + ", ".join(found), flush=True)
+    print(f"versions: Python {platform.python_version()}, {machine()}; " + ", ".join(found), flush=True)
 
 
 if __name__ == "__main__":

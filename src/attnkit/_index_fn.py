@@ -14,8 +14,9 @@ return a wrong shape; they are then evaluated as Flex does, with ``torch.vmap`` 
 Which style a function has is decided on its first block, once per function object: the broadcast answer is
 also compared with the per-position one at up to 81 positions (every combination of first, middle and last
 b, h, q_idx, kv_idx), and a function whose broadcast answer differs there is evaluated per position from then
-on. Per-position evaluation is exact and costs about 20x a broadcast call (it materialises four index tensors
-of the block's size), in chunks of 1M positions.
+on. Per-position evaluation is exact and one to two orders of magnitude slower than a broadcast call (it
+materialises four index tensors of the block's size, in chunks of 1M positions; docs/core.md has the measured
+table, from benchmarks/flex_functions.py).
 """
 
 from __future__ import annotations

@@ -345,7 +345,7 @@ def score_mod(fn: ScoreMod, name: str | None = None) -> Bias:
     (B, H, bq, bk) and index tensors ``b`` (B, 1, 1, 1), ``h`` (1, H, 1, 1), ``i`` (1, 1, bq, 1)
     and ``j`` (1, 1, 1, bk), it returns scores that broadcast to (B, H, bq, bk). A function
     written for Flex's per-position calls (``score + table[h][i][j]``) is called through
-    ``torch.vmap`` with 0-d arguments instead, exactly and about 20x slower. It must be
+    ``torch.vmap`` with 0-d arguments instead, exactly and one to two orders of magnitude slower. It must be
     elementwise: the result at a position may depend only on that position's inputs.
     The tiled backend differentiates it with respect to the score; tensors captured
     inside ``fn`` get gradients only on the reference backend.

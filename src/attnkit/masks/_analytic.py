@@ -606,8 +606,9 @@ def from_function(fn: MaskMod, name: str | None = None) -> Mask:
     written for FlexAttention's per-position calls (0-d indices), which fails on index
     tensors or returns another shape (``bias[q_idx][kv_idx]``, ``torch.dot(a[q_idx],
     a[kv_idx])``), is then called as Flex calls it: through ``torch.vmap``, once per position,
-    exact but about 20x slower. On the first block the broadcast answer is also checked
-    against per-position calls at up to 81 positions, and a function that disagrees there
+    exact but one to two orders of magnitude slower (docs/core.md has the measured table). On
+    the first block the broadcast answer is also checked against per-position calls at up to
+    81 positions, and a function that disagrees there
     is evaluated per position from then on (see ``attnkit/_index_fn.py``). ``fn`` must be
     pure: the same inputs give the same answer, whenever and however often it is called, or
     cached block states go stale.
