@@ -34,6 +34,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def under_ci() -> bool:
+    """Whether this run is CI's (``CI=true``, as CI services set it; ``CI=false`` or ``0`` is not)."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
 def _missing_dependency(report) -> str | None:
     """The message of a skip that ``pytest.importorskip`` raised, if this report is one."""
     if not report.skipped or not isinstance(report.longrepr, tuple):
@@ -46,7 +51,7 @@ def _fail_missing_under_ci(report) -> None:
     """Under CI (``CI=true``) a test dependency that is missing fails instead of skipping: ``.ci/run`` installs
     every one (the test extra), so a skip there would hide a broken install."""
     missing = _missing_dependency(report)
-    if missing and os.environ.get("CI"):
+    if missing and under_ci():
         report.outcome, report.longrepr = "failed", f"under CI every test dependency is installed: {missing}"
 
 
@@ -166,7 +171,7 @@ def browser():
     if reason is None and not os.path.exists(CHROMIUM):
         reason = f"no chromium at {CHROMIUM} (apt-get install chromium)"
     if reason is not None:
-        if os.environ.get("CI"):
+        if under_ci():
             pytest.fail(reason)
         pytest.skip(reason)
     with sync_playwright() as pw:

@@ -30,10 +30,10 @@ import attnkit
 from attnkit import biases, masks
 from attnkit.functional import tiled
 
-from conftest import native_only_if
+from conftest import native_only_if, under_ci
 
 # Under CI the draws are derandomised, so a run is reproducible; locally they vary.
-_CI = bool(os.environ.get("CI"))
+_CI = under_ci()
 
 
 def _settings(n: int) -> settings:

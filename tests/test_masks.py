@@ -276,6 +276,40 @@ def test_the_kernels_translations_on_mask_are_deprecated_and_agree():
         masks.Nope
 
 
+def test_an_empty_block_decides_nothing_about_a_functions_style():
+    """A block without positions is answered empty, and the style check waits for a block with some."""
+    m = masks.from_function(lambda b, h, q_idx, kv_idx: (_VEC[q_idx] * _VEC[kv_idx]).sum() > 0)
+    empty = ScoreBlock(1, 2, 1, 4, 4, 0, 0, 0, 4, torch.device("cpu"))
+    assert m.allowed(empty).expand(empty.shape).shape == (1, 2, 0, 1, 4) and m.evaluator.per_position is None
+    m.allowed(ScoreBlock(1, 2, 1, 9, 9, 0, 9, 0, 9, torch.device("cpu")))
+    assert m.evaluator.per_position  # the broadcast .sum() disagrees with Flex's per-position calls
+
+
+def test_flex_mask_mod_of_a_users_own_masks():
+    """Flex's form of a user's masks: materialised from ``allowed``; a subclass's own ``mask_mod`` (also of a
+    built-in class) wins; ``super().mask_mod()`` gives the built-in or materialised form, without recursing."""
+    from attnkit.masks.flex import mask_mod
+
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    zero = torch.tensor(0)
+    even = mask_mod(EvenDistance(), 9, 9)(zero, zero, i, j)
+    assert torch.equal(even, ((i - j) % 2 == 0) & ((i - j).abs() <= 4))
+
+    class EvenCausal(masks.Causal):
+        def mask_mod(self, q_len, k_len):
+            return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (kv_idx % 2 == 0)
+
+    assert torch.equal(mask_mod(EvenCausal(None, 0, "top_left"), 9, 9)(zero, zero, i, j), (j <= i) & (j % 2 == 0))
+
+    class Narrowed(EvenDistance):
+        def mask_mod(self, q_len, k_len):
+            wider = super().mask_mod(q_len, k_len)
+            return lambda b, h, q_idx, kv_idx: wider(b, h, q_idx, kv_idx) & (kv_idx != 0)
+
+    assert torch.equal(mask_mod(Narrowed(), 9, 9)(zero, zero, i, j), even & (j != 0))
+    assert torch.equal(masks.causal().mask_mod(9, 9)(zero, zero, i, j), j <= i)  # the method: the built-in form
+
+
 def test_a_mask_without_a_definition_says_so():
     class Nothing(masks.Mask):
         pass

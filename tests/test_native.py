@@ -11,7 +11,6 @@ without building anything.
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
 import time
@@ -27,7 +26,7 @@ from attnkit.functional.tiled import native
 from attnkit.functional.tiled.plan import native_params
 from attnkit.functional.tiled.strategy import _native_faster, native_ok
 
-from conftest import assert_within
+from conftest import assert_within, under_ci
 
 pytestmark = pytest.mark.native  # these tests choose when the native kernel may run
 
@@ -40,7 +39,7 @@ def _compiler() -> str | None:
 def ext():
     module = native.load()
     if module is None:
-        if (_compiler() or os.environ.get("CI")) and not native._disabled():
+        if (_compiler() or under_ci()) and not native._disabled():
             pytest.fail(f"the native kernel must build where a compiler exists ({_compiler()}): "
                         f"{native.native_status()}")
         pytest.skip(f"native kernel unavailable: {native.native_status()}")

@@ -52,6 +52,9 @@ class IndexFunction:
         ``score`` (``with_score`` only) is the block's scores, broadcastable to ``block.shape``.
         """
         shape = (block.batch, block.heads, block.q_stop - block.q_start, block.k_stop - block.k_start)
+        if 0 in shape:  # nothing to evaluate, and nothing to decide the function's style from
+            dtype = torch.bool if score is None else score.dtype
+            return block.to_layout(torch.zeros(shape, dtype=dtype, device=block.device))
         dt = self.index_dtype
         idx = (block.b.to(dt).reshape(-1, 1, 1, 1), block.h.to(dt).reshape(1, -1, 1, 1),
                block.i.to(dt).reshape(1, 1, -1, 1), block.j.to(dt).reshape(1, 1, 1, -1))
@@ -82,10 +85,8 @@ class IndexFunction:
         return out
 
     def _per_position(self, args: tuple[Tensor, ...], shape: tuple[int, ...], failure: str = "") -> Tensor:
-        """``fn`` on 0-d arguments at every position of ``shape``, as FlexAttention calls it."""
+        """``fn`` on 0-d arguments at every position of ``shape`` (none of them 0), as FlexAttention calls it."""
         total = shape[0] * shape[1] * shape[2] * shape[3]
-        if total == 0:
-            return args[0].new_empty(shape) if self.with_score else torch.zeros(shape, dtype=torch.bool)
         device = args[-1].device
         parts = [self._vmapped(_at(args, shape, torch.arange(start, min(total, start + _CHUNK), device=device)),
                                failure) for start in range(0, total, _CHUNK)]

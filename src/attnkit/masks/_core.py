@@ -106,9 +106,9 @@ class Mask:
         method instead of :meth:`allowed`; otherwise the mask is materialised once,
         (B, H, Lq, Lk), and indexed.
         """
-        from attnkit.masks.flex import mask_mod
+        from attnkit.masks.flex import builtin_mask_mod
 
-        return mask_mod(self, q_len, k_len)
+        return builtin_mask_mod(self, q_len, k_len)
 
     # -- block structure ----------------------------------------------------------------
 

@@ -68,9 +68,9 @@ def to_flex(mask: Mask, B: int | None, H: int | None, Lq: int, Lk: int, *,
 def mask_mod(mask: Mask, q_len: int, k_len: int) -> MaskMod:
     """``mask`` at lengths (Lq, Lk) as FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
 
-    Built-in masks compute it from the indices (broadcast tensors or Flex's 0-d ones). A subclass of your own that
-    overrides :meth:`Mask.mask_mod` gives its own; any other mask is materialised once, (B|1, H|1, Lq, Lk), and
-    indexed.
+    Built-in masks compute it from the indices (broadcast tensors or Flex's 0-d ones). A subclass that defines
+    :meth:`Mask.mask_mod` itself gives its own (a subclass of a built-in mask too); any other mask is
+    materialised once, (B|1, H|1, Lq, Lk), and indexed.
 
     >>> import torch
     >>> from attnkit import masks
@@ -79,10 +79,26 @@ def mask_mod(mask: Mask, q_len: int, k_len: int) -> MaskMod:
     tensor([False, False,  True,  True])
     """
     for cls in type(mask).__mro__:
+        if cls is Mask:
+            break
+        if "mask_mod" in vars(cls):  # the mask defines itself by its mask_mod
+            return mask.mask_mod(q_len, k_len)
         if cls in _MODS:
             return _MODS[cls](mask, q_len, k_len)
-    if type(mask).mask_mod is not Mask.mask_mod:  # a subclass that defines itself by its mask_mod
-        return mask.mask_mod(q_len, k_len)
+    return _materialised_mod(mask, q_len, k_len)
+
+
+def builtin_mask_mod(mask: Mask, q_len: int, k_len: int) -> MaskMod:
+    """:func:`mask_mod` without asking the mask's own ``mask_mod`` (what :meth:`Mask.mask_mod` gives, so that a
+    subclass's ``super().mask_mod()`` does not come back to it): the built-in translation, else materialised."""
+    for cls in type(mask).__mro__:
+        if cls in _MODS:
+            return _MODS[cls](mask, q_len, k_len)
+    return _materialised_mod(mask, q_len, k_len)
+
+
+def _materialised_mod(mask: Mask, q_len: int, k_len: int) -> MaskMod:
+    """The mask materialised once, (B|1, H|1, Lq, Lk), and indexed."""
     if type(mask).allowed is Mask.allowed:
         raise NotImplementedError(f"{type(mask).__name__} must implement allowed() or mask_mod()")
     mb, mh = mask.extent()

@@ -215,7 +215,7 @@ def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tenso
     q_rows = _fold(call.q.to(cd), hkv, g)
     out_rows, lse_rows, dout_rows = (_fold(t.to(cd), hkv, g) for t in (out, lse, dout))
     dlse_rows = None if dlse is None else _fold(dlse.to(cd), hkv, g)
-    strategy = choose(call)
+    strategy = choose(call, native=False)  # the backward needs only whether the fused kernel may run
     plan = _plan(call, _block_q(call), strategy)
     dq, dk, dv, _ = _backward_rows(call, strategy, plan, q_rows, call.k.to(cd), call.v.to(cd), out_rows, lse_rows,
                                    dout_rows, dlse_rows)

@@ -40,8 +40,8 @@ def kernel(name: str) -> Iterator[str]:
     per-chunk math kernel. ``"math"``: the per-chunk math kernel only. ``"fused"``: the
     per-chunk loop with the fused kernel on each segment (the v1 engine, kept for
     comparison and for gradients of the log-sum-exp). ``"native"``: the optional C++
-    forward (:mod:`.native`), built here on first use, for every call it supports (else as
-    ``"auto"``).
+    forward (:mod:`.native`), built here on first use, for every call it supports (else the
+    per-chunk loop, as ``"fused"``).
     """
     token = _KERNEL.set(require_choice("kernel", name, KERNELS))
     try:
@@ -106,12 +106,13 @@ class Strategy:
                           *(f"  - {r}" for r in self.reasons)])
 
 
-def choose(call: AttentionCall) -> Strategy:
+def choose(call: AttentionCall, *, native: bool = True) -> Strategy:
     """The tiled kernel for ``call``, with the reasons: the one place this is decided.
 
     Loading the native kernel is the one step with an effect: under ``kernel("native")`` it builds on first use;
     under ``kernel("auto")`` it loads a cached build (or builds with ``ATTNKIT_NATIVE=1``) for the calls where
-    the native kernel measured faster (:func:`_native_faster`).
+    the native kernel measured faster (:func:`_native_faster`). ``native=False`` leaves it out (and loads
+    nothing): for a backward of another forward's results (ring attention's :func:`partial_gradients`).
     """
     pinned = current()
     reasons = [f"kernel pinned: {pinned!r}" + (" (the default)" if pinned == "auto" else "")]
@@ -123,7 +124,7 @@ def choose(call: AttentionCall) -> Strategy:
     fused_backward = fused_forward and not grad_bias
     if fused_forward and grad_bias:
         reasons.append("backward: the math kernel (a tensor bias needs its gradient)")
-    params, why_native = _native_choice(call, pinned)
+    params, why_native = _native_choice(call, pinned) if native else (None, "native kernel: not asked")
     reasons.append(why_native)
     if params is not None:
         return Strategy("native", fused_forward, fused_backward, tuple(reasons), params)
