@@ -63,14 +63,16 @@ class IndexFunction:
             assert score is not None
             s = score.expand(block.shape).transpose(2, 3).reshape(shape)  # (B, H, bq, bk)
             args = (s, *idx)
-        out = None if self.per_position else self._broadcast(args, shape)
-        if isinstance(out, str):  # the broadcast call failed: this function is written for 0-d indices
-            self.per_position = True
-            out = self._per_position(args, shape, out)
-        elif out is None or (self.per_position is None and not self._agrees(out, args, shape)):
-            self.per_position = True
+        if self.per_position:
             out = self._per_position(args, shape)
-        self.per_position = bool(self.per_position)
+        else:
+            broadcast = self._broadcast(args, shape)
+            if isinstance(broadcast, str):  # the broadcast call failed: this function is written for 0-d indices
+                self.per_position, out = True, self._per_position(args, shape, broadcast)
+            elif self.per_position is None and not self._agrees(broadcast, args, shape):
+                self.per_position, out = True, self._per_position(args, shape)
+            else:
+                self.per_position, out = False, broadcast
         return block.to_layout(out.reshape((1,) * (4 - out.dim()) + tuple(out.shape)))
 
     def _broadcast(self, args: tuple[Tensor, ...], shape: tuple[int, ...]) -> Tensor | str:
@@ -105,7 +107,7 @@ class IndexFunction:
         if out.shape != flat_args[-1].shape:
             raise ValueError(f"{self.what} must return one value per position; called with 0-d indices it "
                              f"returned shape {tuple(out.shape[1:])}")
-        return self._check(out)
+        return out
 
     def _agrees(self, out: Tensor, args: tuple[Tensor, ...], shape: tuple[int, ...]) -> bool:
         """Whether the broadcast answer equals the per-position one at a few positions (True if the
