@@ -283,7 +283,13 @@ def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, dtype
 
 @dataclass(frozen=True)
 class KVShape:
-    """The cache-relevant shape of a model: layers, KV heads, head dim, and its window."""
+    """The cache-relevant shape of a model: layers, KV heads, head dim, and its window.
+
+    ``context`` is the most positions the model was trained for (its config's
+    ``max_position_embeddings``), None where unstated. ``encoder`` marks a model that reads
+    its whole text at once and keeps no KV cache (BERT-style); :meth:`bytes` still gives what
+    a cache of its shape would hold.
+    """
 
     name: str
     layers: int
@@ -291,9 +297,12 @@ class KVShape:
     kv_heads: int
     head_dim: int
     window: int | None = None
+    context: int | None = None
+    encoder: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("layers", "heads", "kv_heads", "head_dim") + (("window",) if self.window is not None else ()):
+        optional = tuple(name for name in ("window", "context") if getattr(self, name) is not None)
+        for name in ("layers", "heads", "kv_heads", "head_dim", *optional):
             require_int(name, getattr(self, name), minimum=1)
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
@@ -303,15 +312,15 @@ class KVShape:
 
 
 KV_PRESETS: dict[str, KVShape] = {p.name: p for p in (
-    KVShape("gpt-2", 12, 12, 12, 64),
-    KVShape("gpt-2-xl", 48, 25, 25, 64),
-    KVShape("llama-2-7b", 32, 32, 32, 128),
-    KVShape("llama-2-13b", 40, 40, 40, 128),
-    KVShape("llama-2-70b", 80, 64, 8, 128),
-    KVShape("llama-3-8b", 32, 32, 8, 128),
-    KVShape("llama-3-70b", 80, 64, 8, 128),
-    KVShape("mistral-7b", 32, 32, 8, 128, window=4096),
-    KVShape("falcon-7b", 32, 71, 1, 64),
-    KVShape("minilm-l6", 6, 12, 12, 32),
+    KVShape("gpt-2", 12, 12, 12, 64, context=1024),
+    KVShape("gpt-2-xl", 48, 25, 25, 64, context=1024),
+    KVShape("llama-2-7b", 32, 32, 32, 128, context=4096),
+    KVShape("llama-2-13b", 40, 40, 40, 128, context=4096),
+    KVShape("llama-2-70b", 80, 64, 8, 128, context=4096),
+    KVShape("llama-3-8b", 32, 32, 8, 128, context=8192),
+    KVShape("llama-3-70b", 80, 64, 8, 128, context=8192),
+    KVShape("mistral-7b", 32, 32, 8, 128, window=4096, context=32768),
+    KVShape("falcon-7b", 32, 71, 1, 64, context=2048),
+    KVShape("minilm-l6", 6, 12, 12, 32, context=512, encoder=True),
 )}
 """Published shapes of well-known models (from their configs), by name."""

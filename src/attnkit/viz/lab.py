@@ -89,7 +89,8 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
         css=["lab.css"],
         js=list(LAB_SCRIPTS),
         body='<div id="attnkit-lab"></div>',
-        data={"tokens": labels, "head_dim": d, "seed": seed, "cost": _cost_data(bench)},
+        data={"tokens": labels, "head_dim": d, "seed": seed, "cost": _cost_data(bench),
+              "tokens_from": None if tokens is None else "given to attnkit lab"},
     )
 
 
@@ -114,9 +115,11 @@ def write_lab(path: str | os.PathLike[str], **kwargs: object) -> pathlib.Path:
 
 def _cost_data(bench: str | os.PathLike[str] | None) -> dict:
     """The cost and heads panels' figures: every preset's KV cache at every length, from
-    kv_cache_bytes, with its KV heads and (``kv_bytes_mha``) as if every head kept its own."""
+    kv_cache_bytes, with its KV heads and (``kv_bytes_mha``) as if every head kept its own;
+    its context window and whether it is an encoder (no KV cache), from KV_PRESETS."""
     presets = [{"name": p.name, "layers": p.layers, "heads": p.heads, "kv_heads": p.kv_heads,
-                "head_dim": p.head_dim, "window": p.window, "kv_bytes": [p.bytes(n) for n in COST_LENGTHS],
+                "head_dim": p.head_dim, "window": p.window, "context": p.context, "encoder": p.encoder,
+                "kv_bytes": [p.bytes(n) for n in COST_LENGTHS],
                 "kv_bytes_mha": [kv_cache_bytes(p.layers, p.heads, p.head_dim, n, window=p.window)
                                  for n in COST_LENGTHS]}
                for p in KV_PRESETS.values()]

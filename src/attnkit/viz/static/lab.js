@@ -19,9 +19,10 @@
  *                  offset: the position of token 0 (see lab_positions.js)
  *   set(partial)   validates and merges any of those keys, redraws, moves the controls,
  *                  returns state(); throws TypeError/RangeError on a bad value
- *   result()       {scores, probs, out, entropy, entropyMax, q, k, bias}: n x n, n x n, n x d,
- *                  n, n, then q and k after positions (n x d) and ALiBi's n x n bias or null;
- *                  scores are null where masked; entropies in bits
+ *   result()       {scores, probs, out, entropy, entropyMax, q, k, pe, bias}: n x n, n x n, n x d,
+ *                  n, n, then q and k after positions (n x d), the sinusoidal PE(p_i) added to
+ *                  them (n x d) or null, and ALiBi's n x n bias or null; scores are null where
+ *                  masked; entropies in bits
  *   panels         {name: api} of the panels below the lab (lab_flash.js and the others):
  *                  each panel file pushes a factory onto window.AttnkitLabPanels before this
  *                  file runs; mount calls factory(kit) -> {name, node, update(state, result), api}
@@ -43,6 +44,7 @@
   const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding",
     "position", "slope", "offset"];
   const MAX_SLOPE = 4, MAX_OFFSET = 100000;
+  const EVEN = 1.5;           // a focused row whose top weight is under EVEN / N is called near-uniform
 
   const MINUS = "\u2212";
 
@@ -88,7 +90,7 @@
   //               transformers); <R_a q, R_b k> depends only on a - b, so the offset changes nothing
   //   alibi       q, k as edited; bias_ij = -slope * |i - j| joins the scaled scores
   //               (attnkit.biases.alibi(slopes=[slope]))
-  // sinusoidal and rope need an even d. place(state) -> {q, k, bias}, bias n x n or null.
+  // sinusoidal and rope need an even d. place(state) -> {q, k, pe, bias}, pe and bias n x n or null.
   const KINDS = ["none", "sinusoidal", "rope", "alibi"];
   const BASE = 10000;
 
@@ -117,15 +119,16 @@
   function place(s) {
     const n = s.tokens.length, d = s.q[0].length, pos = (i) => s.offset + i;
     if (s.position === "sinusoidal") {
-      const add = (m) => m.map((row, i) => { const pe = sinusoidal(pos(i), d); return row.map((x, c) => x + pe[c]); });
-      return { q: add(s.q), k: add(s.k), bias: null };
+      const pe = s.q.map((_, i) => sinusoidal(pos(i), d));
+      const add = (m) => m.map((row, i) => row.map((x, c) => x + pe[i][c]));
+      return { q: add(s.q), k: add(s.k), pe, bias: null };
     }
-    if (s.position === "rope") return { q: s.q.map((row, i) => rotate(row, pos(i))), k: s.k.map((row, i) => rotate(row, pos(i))), bias: null };
+    if (s.position === "rope") return { q: s.q.map((row, i) => rotate(row, pos(i))), k: s.k.map((row, i) => rotate(row, pos(i))), pe: null, bias: null };
     if (s.position === "alibi") {
       const bias = Array.from({ length: n }, (_, i) => Array.from({ length: n }, (_, j) => -s.slope * Math.abs(i - j)));
-      return { q: s.q, k: s.k, bias };
+      return { q: s.q, k: s.k, pe: null, bias };
     }
-    return { q: s.q, k: s.k, bias: null };
+    return { q: s.q, k: s.k, pe: null, bias: null };
   }
 
   const POSITIONS = { KINDS, needsEven, place };
@@ -139,7 +142,7 @@
 
   function compute(s) {
     const n = s.tokens.length, d = s.q[0].length;
-    const { q, k, bias } = POSITIONS.place(s);
+    const { q, k, pe, bias } = POSITIONS.place(s);
     const scores = [], probs = [], out = [], entropy = [], entropyMax = [];
     for (let i = 0; i < n; i++) {
       const row = new Array(n).fill(null);
@@ -169,7 +172,7 @@
       entropy.push(Math.max(0, h));
       entropyMax.push(count > 0 ? Math.log2(count) : 0);
     }
-    return { scores, probs, out, entropy, entropyMax, q, k, bias };
+    return { scores, probs, out, entropy, entropyMax, q, k, pe, bias };
   }
 
   // -- validating set() ---------------------------------------------------------------
@@ -292,6 +295,12 @@
     return Number(t) === 0 ? t.replace("-", "") : t.replace("-", MINUS);
   }
 
+  function small(x) {  // a difference that may be rounding noise: 3.6e−15, or 5.20 (never 5.2e+0)
+    if (x === 0 || Math.abs(x) >= 0.01) return fmt(x);
+    const [mantissa, exponent] = x.toExponential(1).split("e");
+    return `${mantissa.replace("-", MINUS)}e${exponent.replace("+", "").replace("-", MINUS)}`;
+  }
+
   function shortNumber(x) {  // for number fields: two decimals on the slider grid, else up to four
     const r = Math.round(x * 1e4) / 1e4;
     return Math.round(x * 100) / 100 === x ? x.toFixed(2) : String(r);
@@ -362,13 +371,21 @@
       ui.positionNote);
   }
 
-  function buildEditor(ui) {
+  // what the vectors are: the labels are names only; `from` says where the labels came from, if not the default
+  function vectorsNote(seed, from) {
+    const what = `random draws (seed ${seed}), not a trained model's: the labels only name them, so what the words mean `
+      + "plays no part. attnkit explain shows a real model's attention.";
+    return typeof from === "string" && from ? `Your tokens (${from}) label vectors that are ${what}` : `The vectors are ${what}`;
+  }
+
+  function buildEditor(ui, note) {
     ui.editorBody = el("tbody");
     ui.add = el("button", { type: "button", class: "akl-button", "data-akl": "add", text: "+ Add token" });
     const headRow = el("tr", {}, el("th", { text: "" }), el("th", { text: "token" }));
     for (const r of ROLES) headRow.append(el("th", { class: `akl-role akl-role-${r}` }, el("b", { text: r }), el("span", { text: ` ${ROLE_NAMES[r]}` })));
     return el("section", { class: "akl-panel akl-editor" },
       el("h2", { text: "Tokens and their vectors" }),
+      el("p", { class: "akl-vectors-note", "data-akl": "vectors-note", text: note }),
       el("table", { class: "akl-vectors" }, el("thead", {}, headRow), ui.editorBody),
       el("div", { class: "akl-editor-foot" }, ui.add,
         el("span", { class: "akl-hint", text: `${MIN_TOKENS} to ${MAX_TOKENS} tokens; "pad" masks a key out for every query.` })));
@@ -383,6 +400,9 @@
     ui.probs = el("table", { class: "akl-matrix", "data-akl": "probs" });
     ui.out = el("table", { class: "akl-matrix", "data-akl": "out" });
     ui.bias = el("table", { class: "akl-matrix", "data-akl": "bias" });
+    ui.pe = el("table", { class: "akl-matrix", "data-akl": "pe" });
+    ui.qRot = el("table", { class: "akl-matrix", "data-akl": "q-rotated" });
+    ui.kRot = el("table", { class: "akl-matrix", "data-akl": "k-rotated" });
     const box = (title, formulaText, table) => el("div", { class: "akl-box" },
       el("h3", {}, el("span", { text: title }), el("code", { text: formulaText })), table);
     return el("section", { class: "akl-panel akl-view" },
@@ -393,6 +413,9 @@
         ui.flow,
         el("div", { class: "akl-axis akl-axis-k", text: "keys" }), ui.keys),
       el("div", { class: "akl-matrices" },
+        ui.peBox = box("sinusoidal positions", "PE(p): sin, cos pairs added to q and k", ui.pe),
+        ui.qRotBox = box("RoPE: rotated queries", "q\u2032 = R(p)\u00b7q", ui.qRot),
+        ui.kRotBox = box("RoPE: rotated keys", "k\u2032 = R(p)\u00b7k", ui.kRot),
         box("scores", "s = scale\u00b7q\u00b7k / T (+ bias)", ui.scores),
         ui.biasBox = box("ALiBi penalty", "bias = \u2212slope\u00b7|i \u2212 j|", ui.bias),
         box("weights and entropy", "p = softmax(s)", ui.probs),
@@ -412,7 +435,7 @@
     root.replaceChildren(lab);
 
     lab.append(buildHeader(), buildControls(ui));
-    lab.append(el("div", { class: "akl-main" }, buildEditor(ui), buildView(ui)));
+    lab.append(el("div", { class: "akl-main" }, buildEditor(ui, vectorsNote(seed, initial?.tokens_from)), buildView(ui)));
 
     // panels from the other lab_*.js files, which register before this one runs
     const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
@@ -565,7 +588,29 @@
         }
         ui.bias.replaceChildren(el("thead", {}, headerRow(state.tokens)), body);
       }
+      ui.peBox.hidden = res.pe === null;
+      if (res.pe !== null) ui.pe.replaceChildren(...vectorTable(res.pe, "PE", null));
+      const rope = state.position === "rope";
+      ui.qRotBox.hidden = ui.kRotBox.hidden = !rope;
+      if (rope) {
+        ui.qRot.replaceChildren(...vectorTable(res.q, "q\u2032", state.q));
+        ui.kRot.replaceChildren(...vectorTable(res.k, "k\u2032", state.k));
+      }
       ui.positionNote.textContent = positionNote(res);
+    }
+
+    // n x d vectors, one row per token with its position p; a cell's title gives its value before (if any)
+    function vectorTable(m, name, before) {
+      const d = m[0].length, top = Math.max(...m.flat().map(Math.abs), 1e-12);
+      const head = el("tr", {}, el("th", { class: "akl-corner", text: "token" }), el("th", { text: "p" }),
+        ...Array.from({ length: d }, (_, c) => el("th", { text: `${name}${c}` })));
+      const body = el("tbody", {}, ...m.map((row, i) => el("tr", {}, rowHeader(i),
+        el("td", { class: "akl-position", text: String(state.offset + i) }),
+        ...row.map((x, c) => {
+          const colour = diverging(x / top);
+          return el("td", { style: `background:${rgb(colour)};color:${ink(colour)}`, title: before ? `${x} (before: ${before[i][c]})` : String(x), text: fmt(x) });
+        }))));
+      return [el("thead", {}, head), body];
     }
 
     function positionNote(res) {
@@ -577,11 +622,12 @@
       let shift = 0;
       for (let i = 0; i < res.scores.length; i++) for (let j = 0; j < res.scores.length; j++)
         if (res.scores[i][j] !== null) shift = Math.max(shift, Math.abs(res.scores[i][j] - home.scores[i][j]));
-      const moved = `Moving every token by ${state.offset} changes the scores by at most ${shift.toExponential(1)}`;
-      if (state.position === "rope") return "RoPE rotates q and k by their positions, so a score depends only on the "
+      const moved = `Moving every token by ${state.offset} changes the scores by at most ${small(shift)}`;
+      if (state.position === "rope") return "RoPE rotates q and k by their positions (the rotated vectors are drawn "
+        + "beside the scores), so a score depends only on the "
         + `distance i − j between the two tokens. ${moved}: nothing, to rounding. Drag the offset to see.`;
-      return "Sinusoidal: PE(position) is added to q and k, so a score depends on where the tokens are, not only "
-        + `on their distance. ${moved}.`;
+      return "Sinusoidal: PE(position), drawn beside the scores, is added to q and k, so a score depends on where "
+        + `the tokens are, not only on their distance. ${moved}.`;
     }
 
     function fillFlow(res) {
@@ -606,11 +652,21 @@
       } else if (res.entropyMax[f] === 0 && res.probs[f].every((p) => p === 0)) {
         ui.summary.textContent = `\u201c${state.tokens[f]}\u201d has no allowed key: its weights and its output are 0.`;
       } else {
-        const best = res.probs[f].indexOf(Math.max(...res.probs[f]));
-        ui.summary.textContent = `\u201c${state.tokens[f]}\u201d (query ${f}) looks most at \u201c${state.tokens[best]}\u201d `
-          + `(${fmt(res.probs[f][best])}); entropy ${fmt(res.entropy[f])} of at most ${fmt(res.entropyMax[f])} bits.`;
+        ui.summary.textContent = summaryOf(res, f);
       }
       drawFlow(res);
+    }
+
+    // a row whose largest weight is under EVEN times the even share 1/N has no key that stands out
+    function summaryOf(res, f) {
+      const allowed = res.scores[f].filter((s) => s !== null).length, top = Math.max(...res.probs[f]);
+      const who = `\u201c${state.tokens[f]}\u201d (query ${f})`, entropy = `entropy ${fmt(res.entropy[f])} of at most ${fmt(res.entropyMax[f])} bits`;
+      if (allowed > 1 && top < EVEN / allowed) {
+        return `${who} spreads its attention almost evenly over its ${allowed} allowed keys: no key stands out `
+          + `(the largest weight, ${fmt(top)}, is under ${EVEN}\u00d7 the even share 1/${allowed}); ${entropy}.`;
+      }
+      const best = res.probs[f].indexOf(top);
+      return `${who} looks most at \u201c${state.tokens[best]}\u201d (${fmt(top)}); ${entropy}.`;
     }
 
     function drawFlow(res) {
