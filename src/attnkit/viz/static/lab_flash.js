@@ -1,5 +1,10 @@
 /* attnkit lab, panel "flash": FlashAttention's online softmax, one key block at a time,
- * for the focused query row i (the last row when no query is focused).
+ * for one query row i.
+ *
+ * Which row: the panel's own choice if one is set, else (auto) the focused query row if its
+ * running max rises at some block, so that a rescale shows; else the row whose smallest
+ * rescale factor is smallest (ties: the lowest row; the last row when none rises). Which step:
+ * the one set, else (auto) the first step that rescales, else step 1.
  *
  * Keys are cut into blocks of B. Before block b the page holds only m (the running max),
  * l (the running sum) and acc (the unnormalised output, d numbers). Block b does
@@ -13,9 +18,12 @@
  * After the last block, acc / l is the row's softmax(s_i) V to rounding, and at no point
  * was more than B scores + d + 2 numbers held: never the n x n matrix.
  *
- * api: state() {block, step}; set({block?, step?}) -> state(); result() ->
- *   {row, block, steps: [{start, end, scores, blockMax, maxBefore, max, rescale, sum, acc, partial}],
- *    out, full, maxError, held}
+ * api: state() {block, step, row} (step, row: an int, or null for auto); set({block?, step?, row?})
+ *   -> state() (a new block puts the step back to auto); result() ->
+ *   {row, step, block, why, steps: [{start, end, scores, blockMax, maxBefore, max, rescale, sum, acc,
+ *    partial}], out, full, maxError, held}; why: "chosen", "focused", "rises" or "none rises".
+ *   A step's rescale is exp(m_old - m_new), 1 when the max stays and 0 before any key
+ *   (the page shows "\u2014" for the latter: there is nothing to rescale).
  */
 "use strict";
 (() => {
@@ -42,14 +50,27 @@
     return steps;
   }
 
+  const rises = (st) => Number.isFinite(st.maxBefore) && st.max > st.maxBefore;
+  const smallestRescale = (steps) => Math.min(...steps.filter(rises).map((st) => st.rescale));
+
+  // the row to show: {row, why}, as the header comment says
+  function pickRow(res, v, b, focus) {
+    const n = res.scores.length, rescales = res.scores.map((row) => smallestRescale(tiled(row, v, b)));
+    if (focus !== null && rescales[focus] < 1) return { row: focus, why: "focused" };
+    const best = rescales.indexOf(Math.min(...rescales));
+    return rescales[best] < 1 ? { row: best, why: "rises" } : { row: focus ?? n - 1, why: "none rises" };
+  }
+
   function make(kit) {
     const { el, fmt, rgb, diverging, ink, MINUS, shown } = kit;
-    let block = 2, step = 0, last = null;
+    let block = 2, step = null, row = null, last = null;
     const ui = {
       block: el("input", { type: "range", min: "1", max: "12", step: "1", "data-akl": "flash-block", "aria-label": "block size" }),
       blockText: el("output", { class: "akl-readout", "data-akl": "flash-block-text" }),
       step: el("input", { type: "range", min: "0", max: "0", step: "1", "data-akl": "flash-step", "aria-label": "step" }),
       stepText: el("output", { class: "akl-readout", "data-akl": "flash-step-text" }),
+      row: el("select", { "data-akl": "flash-row", "aria-label": "query row" }),
+      why: el("p", { class: "akl-flash-why", "data-akl": "flash-why" }),
       keys: el("div", { class: "akl-flash-keys", "data-akl": "flash-keys" }),
       story: el("p", { class: "akl-flash-story", "data-akl": "flash-story" }),
       table: el("table", { class: "akl-matrix akl-flash-table", "data-akl": "flash-steps" }),
@@ -58,21 +79,37 @@
     const node = el("section", { class: "akl-panel akl-flash", "data-akl": "flash" },
       el("h2", { text: "FlashAttention, step by step: one query row, one key block at a time" }),
       el("p", { class: "akl-hint", text: "The softmax needs the row's maximum and sum, which are known only after every key. "
-        + "FlashAttention keeps a running max m, a running sum l and an unnormalised output, "
-        + "and rescales them by exp(m_old \u2212 m_new) whenever a block raises the max." }),
+        + "FlashAttention keeps a running max m, a running sum l and an unnormalised output acc, "
+        + "and rescales l and acc by exp(m_old \u2212 m_new) whenever a block raises the max. "
+        + "Only at the end is acc divided by l." }),
       el("div", { class: "akl-flash-controls" },
+        el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: "query row" }),
+          el("span", { class: "akl-control-inputs" }, ui.row)),
         el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: "block size B" }),
           el("span", { class: "akl-control-inputs" }, ui.block, ui.blockText)),
         el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: "step" }),
           el("span", { class: "akl-control-inputs" }, ui.step, ui.stepText))),
-      ui.keys, ui.story, ui.table, ui.verdict);
+      ui.why, ui.keys, ui.story, ui.table, ui.verdict);
 
     function compute(state, res) {
-      const n = state.tokens.length, row = state.focus ?? n - 1;
-      const b = Math.min(block, n), steps = tiled(res.scores[row], state.v, b);
-      const out = steps[steps.length - 1].partial, full = res.out[row];
+      const n = state.tokens.length, b = Math.min(block, n);
+      const pick = row !== null && row < n ? { row, why: "chosen" } : pickRow(res, state.v, b, state.focus);
+      const steps = tiled(res.scores[pick.row], state.v, b);
+      const first = steps.findIndex(rises), s = step !== null ? Math.min(step, steps.length - 1) : Math.max(first, 0);
+      const out = steps[steps.length - 1].partial, full = res.out[pick.row];
       const maxError = Math.max(...out.map((o, c) => Math.abs(o - full[c])));
-      return { row, block: b, steps, out, full, maxError, held: b + state.v[0].length + 2 };
+      return { row: pick.row, why: pick.why, step: s, block: b, steps, out, full, maxError, held: b + state.v[0].length + 2 };
+    }
+
+    function whyText(state, r) {
+      const name = (i) => `\u201c${state.tokens[i]}\u201d (query ${i})`;
+      if (r.why === "chosen") return `Row ${name(r.row)}, as chosen.`;
+      if (r.why === "focused") return `Row ${name(r.row)}, the focused query: its maximum rises across the blocks.`;
+      if (r.why === "rises") return `Row ${name(r.row)}: its maximum rises across the blocks, so the rescale shows`
+        + (state.focus === null ? "." : `; the focused query ${name(state.focus)} has its maximum in its first block `
+          + "at this B, so nothing of it would be rescaled.");
+      return `No row's maximum rises at B = ${r.block}: every row meets its maximum in its first block. `
+        + "Try another block size, or drag a later key's vector.";
     }
 
     function drawKeys(state, r, s) {
@@ -94,7 +131,7 @@
       const grew = cur.max > cur.maxBefore && Number.isFinite(cur.maxBefore);
       ui.story.textContent = `Step ${s + 1} of ${r.steps.length}: keys ${cur.start}\u2013${cur.end - 1}. `
         + (Number.isFinite(cur.blockMax) ? `Block max ${fmt(cur.blockMax, 3)}; ` : "Every key of this block is masked; ")
-        + (grew ? `the max grows from ${fmt(cur.maxBefore, 3)} to ${fmt(cur.max, 3)}, so the earlier sum and output are multiplied by exp(${fmt(cur.maxBefore, 3)} ${MINUS} ${fmt(cur.max, 3)}) = ${fmt(cur.rescale, 4)}. `
+        + (grew ? `the max grows from ${fmt(cur.maxBefore, 3)} to ${fmt(cur.max, 3)}, so the earlier sum l and accumulator acc are multiplied by exp(${fmt(cur.maxBefore, 3)} ${MINUS} ${fmt(cur.max, 3)}) = ${fmt(cur.rescale, 4)}. `
           : !Number.isFinite(cur.max) ? "no key seen yet. "
             : Number.isFinite(cur.maxBefore) ? `the max stays ${fmt(cur.max, 3)}: nothing is rescaled. `
               : `the first allowed keys set m = ${fmt(cur.max, 3)}; there is nothing earlier to rescale. `)
@@ -102,25 +139,32 @@
     }
 
     function drawTable(state, r, s) {
-      const d = state.v[0].length;
-      const head = el("tr", {}, ...["step", "keys", "block max", "m", "rescale", "l"].map((t) => el("th", { text: t })));
-      for (let c = 0; c < d; c++) head.append(el("th", { text: `o${c}` }));
+      const d = state.v[0].length, th = (text, attrs = {}) => el("th", { ...attrs, text });
+      const groups = el("tr", {}, el("th", { colspan: "6" }),
+        th("acc: unnormalised, \u03a3 exp(s \u2212 m)\u00b7v", { colspan: String(d), class: "akl-flash-group" }),
+        th("acc / l: the partial output", { colspan: String(d), class: "akl-flash-group" }));
+      const head = el("tr", {}, ...["step", "keys", "block max", "m", "rescale", "l"].map((t) => th(t)),
+        ...Array.from({ length: d }, (_, c) => th(`acc${c}`, { "data-akl": "flash-acc-head" })),
+        ...Array.from({ length: d }, (_, c) => th(`o${c}`, { "data-akl": "flash-out-head" })));
+      const cells = (values, kind) => {
+        const top = Math.max(...values.map(Math.abs), 1e-12);
+        return values.map((x) => {
+          const c = diverging(x / top);
+          return el("td", { "data-akl": kind, style: `background:${rgb(c)};color:${ink(c)}`, title: String(x), text: fmt(x, 3) });
+        });
+      };
       const body = el("tbody");
       r.steps.slice(0, s + 1).forEach((st, b) => {
-        const tr = el("tr", { class: b === s ? "akl-focus" : "" }, el("th", { text: String(b + 1) }),
+        const nothing = !Number.isFinite(st.maxBefore);  // no key before this block: nothing to rescale
+        body.append(el("tr", { class: b === s ? "akl-focus" : "" }, el("th", { text: String(b + 1) }),
           el("td", { text: `${st.start}\u2013${st.end - 1}` }),
           el("td", { text: Number.isFinite(st.blockMax) ? fmt(st.blockMax, 3) : "\u2014" }),
           el("td", { text: Number.isFinite(st.max) ? fmt(st.max, 3) : `${MINUS}\u221e` }),
-          el("td", { class: st.rescale < 1 && st.maxBefore > -Infinity ? "akl-flash-rescaled" : "", text: fmt(st.rescale, 4) }),
-          el("td", { text: fmt(st.sum, 4) }));
-        const top = Math.max(...st.partial.map(Math.abs), 1e-12);
-        for (const o of st.partial) {
-          const c = diverging(o / top);
-          tr.append(el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(o), text: fmt(o, 3) }));
-        }
-        body.append(tr);
+          el("td", { "data-akl": "flash-rescale", class: rises(st) ? "akl-flash-rescaled" : "",
+            title: nothing ? "no earlier key: nothing to rescale" : String(st.rescale), text: nothing ? "\u2014" : fmt(st.rescale, 4) }),
+          el("td", { text: fmt(st.sum, 4) }), ...cells(st.acc, "flash-acc"), ...cells(st.partial, "flash-out")));
       });
-      ui.table.replaceChildren(el("thead", {}, head), body);
+      ui.table.replaceChildren(el("thead", {}, groups, head), body);
     }
 
     function drawVerdict(state, r, s) {
@@ -138,41 +182,50 @@
     function update(state, res) {
       const n = state.tokens.length;
       last = { state, res };
+      if (row !== null && row >= n) row = null;
       ui.block.max = String(n);
       const r = compute(state, res);
-      step = Math.min(step, r.steps.length - 1);
+      if (step !== null) step = r.step;
       ui.block.value = String(r.block);
       ui.blockText.textContent = `${r.block} key${r.block > 1 ? "s" : ""}`;
       ui.step.max = String(r.steps.length - 1);
-      ui.step.value = String(step);
-      ui.stepText.textContent = `${step + 1} / ${r.steps.length}`;
-      drawKeys(state, r, step);
-      drawTable(state, r, step);
-      drawVerdict(state, r, step);
+      ui.step.value = String(r.step);
+      ui.stepText.textContent = `${r.step + 1} / ${r.steps.length}`;
+      ui.row.replaceChildren(el("option", { value: "auto", text: "auto: a row that rescales" }),
+        ...state.tokens.map((t, i) => el("option", { value: String(i), text: `${i}: ${t}` })));
+      ui.row.value = row === null ? "auto" : String(row);
+      ui.why.textContent = whyText(state, r);
+      drawKeys(state, r, r.step);
+      drawTable(state, r, r.step);
+      drawVerdict(state, r, r.step);
     }
 
     function set(patch) {
       if (patch === null || typeof patch !== "object" || Array.isArray(patch))
-        throw new TypeError(`flash.set() takes {block, step}; got ${shown(patch)}`);
+        throw new TypeError(`flash.set() takes {block, step, row}; got ${shown(patch)}`);
       const n = last.state.tokens.length;
       const nb = "block" in patch ? patch.block : block;
       if (!Number.isInteger(nb) || nb < 1 || nb > n) throw new RangeError(`block must be an integer in [1, ${n}]; got ${shown(nb)}`);
-      const blocks = Math.ceil(n / nb), ns = "step" in patch ? patch.step : Math.min(step, blocks - 1);
-      if (!Number.isInteger(ns) || ns < 0 || ns >= blocks) throw new RangeError(`step must be an integer in [0, ${blocks - 1}]; got ${shown(ns)}`);
-      block = nb; step = ns;
+      const nr = "row" in patch ? patch.row : row;
+      if (nr !== null && (!Number.isInteger(nr) || nr < 0 || nr >= n)) throw new RangeError(`row must be null (auto) or an integer in [0, ${n - 1}]; got ${shown(nr)}`);
+      const blocks = Math.ceil(n / nb), ns = "step" in patch ? patch.step : "block" in patch ? null : step;
+      if (ns !== null && (!Number.isInteger(ns) || ns < 0 || ns >= blocks))
+        throw new RangeError(`step must be null (auto) or an integer in [0, ${blocks - 1}]; got ${shown(ns)}`);
+      block = nb; step = ns; row = nr;
       update(last.state, last.res);
-      return { block, step };
+      return { block, step, row };
     }
 
     node.addEventListener("input", (event) => {
       const kind = event.target.dataset.akl, value = Number(event.target.value);
-      if (kind === "flash-block") set({ block: value, step: 0 });
+      if (kind === "flash-block") set({ block: value });
       else if (kind === "flash-step") set({ step: value });
+      else if (kind === "flash-row") set({ row: event.target.value === "auto" ? null : value, step: null });
     });
 
     return {
       name: "flash", node, update,
-      api: { state: () => ({ block, step }), set, result: () => compute(last.state, last.res) },
+      api: { state: () => ({ block, step, row }), set, result: () => compute(last.state, last.res) },
     };
   }
 
