@@ -339,6 +339,12 @@ def test_write_lab_argument_errors(tmp_path):
 # --- FlashAttention step by step ---
 
 
+def shown(x: float, digits: int) -> str:
+    """A number as the page writes it (lab.js's fmt, below 100): fixed digits, a real minus sign."""
+    text = f"{x:.{digits}f}"
+    return text.lstrip("-") if float(text) == 0 else text.replace("-", "−")
+
+
 def online_softmax_steps(scores: list, v: np.ndarray, block: int) -> list[dict]:
     """The running statistics of FlashAttention's loop over key blocks, in float64 Python:
     scores is one row (None where masked), v is (n, d)."""
@@ -367,8 +373,10 @@ def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padde
     state = random_state(seed, n, d, causal, window, padded)
     state["focus"] = n - 1
     lab.page.evaluate("s => attnkitLab.set(s)", state)
-    chosen = lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0})", block)
-    assert chosen == {"block": block, "step": 0}
+    chosen = lab.page.evaluate("b => attnkitLab.panels.flash.set({block: b, step: 0, row: null})", block)
+    assert chosen == {"block": block, "step": 0, "row": None}
+    chosen = lab.page.evaluate(f"attnkitLab.panels.flash.set({{row: {n - 1}}})")
+    assert chosen == {"block": block, "step": 0, "row": n - 1}
     got = lab.page.evaluate("attnkitLab.panels.flash.result()")
     want_row = reference(state)
     row = [s if a else None for s, a in zip(want_row["scores"][n - 1], want_row["allowed"][n - 1])]
@@ -386,7 +394,47 @@ def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padde
     # the last step is the full softmax row, from attnkit's reference backend
     np.testing.assert_allclose(got["out"], want_row["out"][n - 1], rtol=0, atol=TOL)
     assert got["maxError"] <= TOL and got["held"] == block + d + 2
+    # what the table shows at the last step: every step's rescale ("—" before any key), acc and acc / l
+    lab.page.evaluate(f"attnkitLab.panels.flash.set({{step: {len(want) - 1}}})")
+    rescales = lab.page.locator('[data-akl="flash-rescale"]').all_text_contents()
+    assert rescales == ["—" if ref_before == -math.inf else shown(ref["rescale"], 4)
+                        for ref_before, ref in zip([-math.inf] + [r["max"] for r in want[:-1]], want)]
+    for kind, key in (("flash-acc", "acc"), ("flash-out", "partial")):
+        cells = lab.page.locator(f'[data-akl="flash-steps"] tbody tr:last-child [data-akl="{kind}"]').all_text_contents()
+        assert cells == [shown(x, 3) for x in want[-1][key]], kind
     lab.assert_clean()
+
+
+def test_flash_opens_on_a_rescale(watched_page):
+    """The default view shows the central idea: a row whose running max rises, at the step
+    that rescales, with a shown factor < 1; the row is the one the rule in lab_flash.js picks,
+    recomputed here from attnkit's scores."""
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html())
+    state = js_state(page)
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": None, "row": None}
+    got = page.evaluate("attnkitLab.panels.flash.result()")
+    want = reference(state)
+    v = np.array(state["v"])
+    rows = [online_softmax_steps([s if a else None for s, a in zip(want["scores"][i], want["allowed"][i])], v, 2)
+            for i in range(len(state["tokens"]))]
+    rises = [[k for k in range(1, len(steps)) if -math.inf < steps[k - 1]["max"] < steps[k]["max"]] for steps in rows]
+    smallest = [min([steps[k]["rescale"] for k in ks] or [1.0]) for steps, ks in zip(rows, rises)]
+    focus = state["focus"]
+    expected = focus if smallest[focus] < 1 else int(np.argmin(smallest))
+    assert smallest[expected] < 1 and got["row"] == expected
+    first = rises[expected][0]
+    assert got["step"] == first
+    rescales = page.locator('[data-akl="flash-rescale"]').all_text_contents()
+    assert rescales[0] == "—" and len(rescales) == first + 1
+    assert float(rescales[-1]) < 1 and rescales[-1] == shown(rows[expected][first]["rescale"], 4)
+    assert "akl-flash-rescaled" in page.get_attribute('[data-akl="flash-rescale"] >> nth=-1', "class")
+    why = page.text_content('[data-akl="flash-why"]')
+    assert f"(query {expected})" in why and "its maximum rises" in why
+    assert "multiplied by exp(" in page.text_content('[data-akl="flash-story"]')
+    assert page.locator('[data-akl="flash-acc-head"]').count() == page.locator('[data-akl="flash-out-head"]').count() == 4
+    watch.assert_clean()
 
 
 def test_flash_controls_walk_the_blocks(watched_page):
@@ -394,10 +442,15 @@ def test_flash_controls_walk_the_blocks(watched_page):
     page = watch.page
     page.set_content(lab_html())
     page.evaluate("attnkitLab.set({causal: false})")
-    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": 0}
+    page.select_option('[data-akl="flash-row"]', "5")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": None, "row": 5}
+    move(page, '[data-akl="flash-step"]', "0")
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 2, "step": 0, "row": 5}
     story = page.text_content('[data-akl="flash-story"]')
     assert story.startswith("Step 1 of 3: keys 0–1.")
+    assert page.text_content('[data-akl="flash-why"]') == "Row “mat” (query 5), as chosen."
     assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 1
+    assert page.locator('[data-akl="flash-rescale"]').all_text_contents() == ["—"]
     move(page, '[data-akl="flash-step"]', "1")
     assert page.locator('[data-akl="flash-steps"] tbody tr').count() == 2
     assert page.text_content('[data-akl="flash-story"]') != story
@@ -406,11 +459,13 @@ def test_flash_controls_walk_the_blocks(watched_page):
     verdict = page.text_content('[data-akl="flash-verdict"]')
     assert verdict.startswith("Done: acc / l equals the full softmax(s)·V") and "no 6×6 matrix" in verdict
     move(page, '[data-akl="flash-block"]', "4")
-    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 4, "step": 0}
+    assert page.evaluate("attnkitLab.panels.flash.state()") == {"block": 4, "step": None, "row": 5}
     assert page.locator('[data-akl="flash-block-cells"]').count() == 2
     assert page.text_content('[data-akl="flash-block-text"]') == "4 keys"
     error = page.evaluate("() => { try { attnkitLab.panels.flash.set({block: 7}) } catch (e) { return e.message } }")
     assert error == "block must be an integer in [1, 6]; got 7"
+    error = page.evaluate("() => { try { attnkitLab.panels.flash.set({row: 6}) } catch (e) { return e.message } }")
+    assert error == "row must be null (auto) or an integer in [0, 5]; got 6"
     # the focused row's token text is shown as text
     page.fill('[data-akl="label"][data-i="5"]', XSS_IMG)
     assert XSS_IMG in page.text_content('[data-akl="flash-keys"]')
@@ -588,53 +643,113 @@ def test_lab_bench_argument_errors(tmp_path):
 # --- several heads ---
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "causal"), [(1, 1, True), (2, 2, False), (4, 2, True), (4, 1, False)])
-def test_heads_match_multihead_attention(lab, heads, kv_heads, causal):
+def multihead_reference(s: dict, causal: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """attnkit.nn.MultiHeadAttention's output on the panel's x and weights, in float64, and each
+    head's pattern from the definition: query head h reads K/V head h // (H / Hkv)."""
     from attnkit.nn import AttentionConfig, MultiHeadAttention
 
-    lab.page.evaluate("s => attnkitLab.set(s)", random_state(40 + heads, 5, 4, causal, None, ()))
-    s = lab.page.evaluate("p => attnkitLab.panels.heads.set(p)", {"heads": heads, "kvHeads": kv_heads, "seed": 7})
-    got = lab.page.evaluate("attnkitLab.panels.heads.result()")
-    mha = MultiHeadAttention(AttentionConfig(embed_dim=4, num_heads=heads, num_kv_heads=kv_heads, head_dim=2,
-                                             bias=False, causal=causal, backend="reference")).double()
+    heads, kv_heads, n = s["heads"], s["kvHeads"], len(s["x"])
+    d_model = len(s["x"][0])
+    head_dim = d_model // heads
+    mha = MultiHeadAttention(AttentionConfig(embed_dim=d_model, num_heads=heads, num_kv_heads=kv_heads,
+                                             head_dim=head_dim, bias=False, causal=causal,
+                                             backend="reference")).double()
     with torch.no_grad():
         for name, key in (("q_proj", "wq"), ("k_proj", "wk"), ("v_proj", "wv"), ("o_proj", "wo")):
             getattr(mha, name).weight.copy_(torch.tensor(s[key], dtype=torch.float64))
         out = mha(torch.tensor(s["x"], dtype=torch.float64)[None])[0].numpy()
-    np.testing.assert_allclose(got["out"], out, rtol=0, atol=TOL)
-    # each head's pattern, from the definition: query head h reads K/V head h // (H / Hkv)
     x = np.array(s["x"])
     q, k = x @ np.array(s["wq"]).T, x @ np.array(s["wk"]).T
+    patterns = []
     for h in range(heads):
         g = h // (heads // kv_heads)
-        logits = q[:, 2 * h:2 * h + 2] @ k[:, 2 * g:2 * g + 2].T / math.sqrt(2)
+        logits = q[:, h * head_dim:(h + 1) * head_dim] @ k[:, g * head_dim:(g + 1) * head_dim].T / math.sqrt(head_dim)
         if causal:
-            logits = np.where(np.tri(5, dtype=bool), logits, -np.inf)
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        np.testing.assert_allclose(got["probs"][h], p / p.sum(1, keepdims=True), rtol=0, atol=TOL, err_msg=f"head {h}")
+            logits = np.where(np.tri(n, dtype=bool), logits, -np.inf)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        patterns.append(e / e.sum(1, keepdims=True))
+    return out, patterns
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "causal"), [(1, 1, True), (2, 2, False), (4, 2, True), (4, 1, False)])
+def test_heads_match_multihead_attention(lab, heads, kv_heads, causal):
+    lab.page.evaluate("s => attnkitLab.set(s)", random_state(40 + heads, 5, 4, causal, None, ()))
+    s = lab.page.evaluate("p => attnkitLab.panels.heads.set(p)", {"heads": heads, "kvHeads": kv_heads, "seed": 7})
+    assert s["preset"] == "random" and len(s["wq"]) == len(s["x"][0]) == 8  # H x D = d_model = 8
+    got = lab.page.evaluate("attnkitLab.panels.heads.result()")
+    out, patterns = multihead_reference(s, causal)
+    np.testing.assert_allclose(got["out"], out, rtol=0, atol=TOL)
+    for h in range(heads):
+        np.testing.assert_allclose(got["probs"][h], patterns[h], rtol=0, atol=TOL, err_msg=f"head {h}")
     lab.assert_clean()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_heads_roles_preset_does_what_it_says(watched_page, causal):
+    """The default heads: previous token, first token, same word, average; checked on the patterns
+    attnkit's MultiHeadAttention computes from the panel's own x and weights."""
+    tokens = ["The", "cat", "sat", "on", "the", "mat", "and", "the", "dog"]
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(tokens=tokens))
+    page.evaluate(f"attnkitLab.set({{causal: {'true' if causal else 'false'}}})")
+    s = page.evaluate("attnkitLab.panels.heads.state()")
+    assert (s["preset"], s["heads"], s["kvHeads"]) == ("roles", 4, 4)
+    got = page.evaluate("attnkitLab.panels.heads.result()")
+    out, (previous, first, same, average) = multihead_reference(s, causal)
+    np.testing.assert_allclose(got["out"], out, rtol=0, atol=TOL)
+    np.testing.assert_allclose(np.array(got["probs"]), np.stack((previous, first, same, average)), rtol=0, atol=TOL)
+    n = len(tokens)
+    assert all(previous[i].argmax() == i - 1 and previous[i, i - 1] > 0.9 for i in range(1, n))
+    assert all(first[i].argmax() == 0 and first[i, 0] > 0.8 for i in range(n))
+    for i, word in enumerate(tokens):  # every copy of its own word, and little else
+        copies = [j for j, other in enumerate(tokens) if other.lower() == word.lower() and (j <= i or not causal)]
+        assert same[i, copies].sum() > 0.9 and np.ptp(same[i, copies]) < 1e-9, word
+    allowed = np.tri(n) if causal else np.ones((n, n))
+    np.testing.assert_allclose(average, allowed / allowed.sum(1, keepdims=True), rtol=0, atol=TOL)
+    titles = page.locator('[data-akl="head-pattern"] h3').all_text_contents()
+    assert titles == ["head 0 · previous token · K/V 0", "head 1 · first token · K/V 1", "head 2 · same word · K/V 2",
+                      "head 3 · average · K/V 3"]
+    keys = page.locator('[data-akl="head-pattern"] >> nth=0').locator('[data-akl="head-key"]').all_text_contents()
+    assert keys == tokens
+    watch.assert_clean()
 
 
 def test_heads_controls_and_kv_saving(watched_page):
     from attnkit.nn import KV_PRESETS, kv_cache_bytes
 
+    def saving_of(name: str) -> str:
+        p = KV_PRESETS[name]
+        return f"{name} ({p.heads} query heads, {p.kv_heads} K/V) {size(p.bytes(4096))} instead of " \
+               f"{size(kv_cache_bytes(p.layers, p.heads, p.head_dim, 4096))}"
+
     watch = watched_page()
     page = watch.page
     page.set_content(lab_html(tokens=[XSS_IMG, "b", "c", "d"]))
-    assert page.locator('[data-akl="head-pattern"]').count() == 2
-    before = page.evaluate("attnkitLab.panels.heads.result()")
-    move(page, '[data-akl="heads"]', "4")
     assert page.locator('[data-akl="head-pattern"]').count() == 4
+    saving = page.text_content('[data-akl="kv-saving"]')
+    assert saving.startswith("MHA: each of the 4 heads keeps its own K and V") and "no saving" in saving
+    assert "instead of" not in saving and "GQA" not in saving
+    page.select_option('[data-akl="heads-preset"]', "random")
+    before = page.evaluate("attnkitLab.panels.heads.result()")
+    assert before["roles"] is None
+    assert page.locator('[data-akl="heads"] option').all_text_contents() == ["1 (D = 8)", "2 (D = 4)", "4 (D = 2)"]
+    page.select_option('[data-akl="heads"]', "2")
+    assert page.locator('[data-akl="head-pattern"]').count() == 2
+    assert page.locator('[data-akl="kv-heads"] option').all_text_contents() == ["1 (MQA)", "2 (MHA)"]
+    page.select_option('[data-akl="heads"]', "4")
     assert page.locator('[data-akl="kv-heads"] option').all_text_contents() == ["1 (MQA)", "2 (GQA)", "4 (MHA)"]
+    page.select_option('[data-akl="kv-heads"]', "2")
+    saving = page.text_content('[data-akl="kv-saving"]')
+    assert saving.startswith("GQA: 4 query heads share 2 K/V heads") and "2× smaller" in saving
+    assert saving_of("llama-3-8b") in saving and "falcon" not in saving  # 512 MiB instead of 2 GiB
     page.select_option('[data-akl="kv-heads"]', "1")
     state = page.evaluate("attnkitLab.panels.heads.state()")
     assert (state["heads"], state["kvHeads"], len(state["wk"])) == (4, 1, 2)
     assert page.locator('[data-akl="head-pattern"] h3').all_text_contents()[3] == "head 3 · K/V 0"
     saving = page.text_content('[data-akl="kv-saving"]')
-    assert "holds 1 of 4 heads" in saving and "4× smaller" in saving
-    llama = KV_PRESETS["llama-3-8b"]
-    own, mha = llama.bytes(4096), kv_cache_bytes(llama.layers, llama.heads, llama.head_dim, 4096)
-    assert f"llama-3-8b {size(own)} instead of {size(mha)}" in saving  # 512 MiB instead of 2 GiB
+    assert saving.startswith("MQA: 4 query heads share 1 K/V head") and "4× smaller" in saving
+    assert saving_of("falcon-7b") in saving and "llama" not in saving
     # the page's formatter (static/units.js) writes what attnkit's Python one does
     sizes = [0, 1, 1023, 1024, 1536, 27_955, 327_680, 1_048_000, 123_456_789, 1_342_177_280, 10 * 2**30, 2**50]
     assert page.evaluate(f"{sizes}.map(window.AttnkitUnits.bytes)") == [size(n) for n in sizes]
@@ -642,7 +757,9 @@ def test_heads_controls_and_kv_saving(watched_page):
     assert page.evaluate("attnkitLab.panels.heads.result()")["out"] != before["out"]
     assert XSS_IMG in page.text_content('[data-akl="head-patterns"]')
     assert page.evaluate("document.querySelectorAll('img').length") == 0
-    bad = "attnkitLab.panels.heads.set({heads: 4, kvHeads: 3})"
-    error = page.evaluate(f"() => {{ try {{ {bad} }} catch (e) {{ return e.message }} }}")
-    assert error == "kvHeads must divide heads = 4; got 3"
+    for bad, message in (("{heads: 4, kvHeads: 3}", "kvHeads must divide heads = 4; got 3"),
+                         ("{heads: 3}", "heads must be one of 1, 2, 4 (H x D = d_model = 8); got 3"),
+                         ("{preset: 'roles', kvHeads: 2}", "the roles preset has 4 heads, each its own K/V; got heads 4, kvHeads 2")):
+        error = page.evaluate(f"() => {{ try {{ attnkitLab.panels.heads.set({bad}) }} catch (e) {{ return e.message }} }}")
+        assert error == message
     watch.assert_clean()

@@ -38,7 +38,6 @@ from attnkit import models
 from attnkit.inspect import capture
 from attnkit.viz import server as server_module
 from attnkit.viz.encode import QUANTUM, decode
-from attnkit.viz.lab import DEFAULT_TOKENS
 from attnkit.viz.server import DEFAULT_EXAMPLE, make_server, serve
 from attnkit.viz.service import ExplainRequest, ExplainService, RequestError
 
@@ -816,7 +815,8 @@ def test_page_in_browser(served, watched_page, monkeypatch):
     page.click("[data-app-tab=lab]")
     page.wait_for_selector("#akl-app-lab .akl-root")
     assert page.is_hidden("[data-app-pane=explorer]")
-    assert page.evaluate("attnkitApp.lab.state().tokens") == list(DEFAULT_TOKENS)
+    assert page.evaluate("attnkitApp.lab.state().tokens") == XSS_TEXT.split()[:12]  # the typed text's words
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
     watch.assert_clean()
     watch.shot("serve-lab")
 

@@ -8,6 +8,9 @@
  * report's own scripts: AttnkitExplorer.mount (self-attention), AttnkitSeq2Seq.mount
  * (kind "seq2seq": cross-attention, encoder, decoder) or AttnkitGeneration.mount (kind
  * "generation"). The lab is mounted with AttnkitLab.mount the first time its tab opens.
+ * In the Lab tab the text box feeds the lab: its first 12 words (each cut to 64 characters)
+ * become the lab's tokens as they are typed, labelling the lab's random vectors (the page
+ * says so); Enter runs no model there, and the Explorer tab's own fields are hidden.
  * Settings (model, kind, limits, the example text) come from the JSON in #attnkit-data.
  * Every message, the server's included, reaches the screen through textContent only.
  *
@@ -43,7 +46,8 @@
     chip("model", config.model),
     chip("shape", `${config.layers} layers × ${config.heads} heads`),
     chip("limit", `up to ${config.max_tokens.toLocaleString("en-US")} tokens`));
-  ui.hint.textContent = "Enter explains · Shift+Enter starts a new line";
+  const EXPLAIN_HINT = "Enter explains · Shift+Enter starts a new line";
+  ui.hint.textContent = EXPLAIN_HINT;
   if (seq2seq) {
     ui.targetRow.hidden = false;
     ui.label.textContent = "Source";
@@ -151,6 +155,25 @@
     }
   }
 
+  /* The lab's tokens from the text box: its first LAB_TOKENS words, or null under 2 words. */
+  const LAB_TOKENS = 12, LAB_LABEL = 64;
+  const words = (text) => text.split(/\s+/).filter(Boolean);
+  function labTokens(text) {
+    const tokens = words(text).slice(0, LAB_TOKENS).map((w) => Array.from(w).slice(0, LAB_LABEL).join(""));
+    return tokens.length >= 2 ? tokens : null;
+  }
+
+  function syncLab() {
+    const tokens = labTokens(ui.text.value), count = words(ui.text.value).length;
+    if (tokens) app.lab.set({ tokens });
+    ui.hint.textContent = tokens === null
+      ? `The lab needs 2 or more words; it keeps its ${app.lab.state().tokens.length} tokens until the text has them.`
+      : `The lab's tokens are the text's ${count > LAB_TOKENS ? `first ${LAB_TOKENS} of ${count}` : count} words, `
+        + "as you type. They label random vectors: the lab shows how attention computes, not what the model does "
+        + "(the Explorer tab runs the model on this text).";
+  }
+
+  const explainLabel = ui.label.textContent;
   function showTab(name) {
     if (name !== "explorer" && name !== "lab") throw new RangeError(`showTab takes "explorer" or "lab"; got ${name}`);
     app.tab = name;
@@ -160,14 +183,26 @@
       tab.setAttribute("aria-selected", String(on));
     }
     for (const pane of ui.panes) pane.hidden = pane.dataset.appPane !== name;
+    const lab = name === "lab";
+    ui.targetRow.hidden = lab || !seq2seq;
+    ui.generateRow.hidden = lab || !generates;
+    ui.submit.textContent = lab ? "Use in lab" : "Explain";
+    ui.label.textContent = lab ? "Text: its words become the lab's tokens" : explainLabel;
+    if (!lab) { ui.hint.textContent = EXPLAIN_HINT; return; }
     // Mounted when first shown, so that its canvas is sized to a visible pane.
-    if (name === "lab" && !app.lab) app.lab = window.AttnkitLab.mount(ui.lab, null);
+    if (!app.lab) {
+      const tokens = labTokens(ui.text.value);
+      app.lab = window.AttnkitLab.mount(ui.lab, tokens && { tokens, tokens_from: "the words of the text box" });
+    }
+    syncLab();
   }
 
-  ui.form.addEventListener("submit", (ev) => { ev.preventDefault(); explain(); });
+  const submit = () => (app.tab === "lab" ? syncLab() : explain());
+  ui.form.addEventListener("submit", (ev) => { ev.preventDefault(); submit(); });
   ui.text.addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); explain(); }
+    if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); submit(); }
   });
+  ui.text.addEventListener("input", () => { if (app.tab === "lab") syncLab(); });
   for (const tab of ui.tabs) tab.addEventListener("click", () => showTab(tab.dataset.appTab));
 
   showTab("explorer");
