@@ -49,14 +49,12 @@ def main() -> None:
 
 
 def lab_shots(browser, lab: Path) -> None:
-    """docs/img/lab.png (the top of the page), lab-heads.png, lab-flash.png and lab-cost.png (its panels),
-    at 1280 wide."""
+    """docs/img/lab.png (the top of the page), lab-heads.png (the roles preset), lab-flash.png (its
+    default view: a row whose max rises, at its first rescale) and lab-cost.png, at 1280 wide."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(lab.as_uri())
     page.screenshot(path=OUT / "lab.png")
-    page.evaluate("attnkitLab.panels.heads.set({heads: 4, kvHeads: 2})")
     page.locator('[data-akl="heads-panel"]').screenshot(path=OUT / "lab-heads.png")
-    page.evaluate("attnkitLab.set({causal: false, position: 'rope'}); attnkitLab.panels.flash.set({step: 1})")
     page.locator('[data-akl="flash"]').screenshot(path=OUT / "lab-flash.png")
     page.evaluate("attnkitLab.panels.cost.set({length: 131072, preset: 'llama-3-8b'})")
     page.locator('[data-akl="cost"]').screenshot(path=OUT / "lab-cost.png")

@@ -28,7 +28,9 @@
  *                  file runs; mount calls factory(kit) -> {name, node, update(state, result), api}
  *                  or null (a panel whose data `initial` lacks)
  * `initial` is null or any part of a state, plus `head_dim` and `seed` for the starting
- * vectors that it does not give. The standalone page mounts itself on #attnkit-lab with
+ * vectors that it does not give, and `tokens_from` (a str or null): where the token labels
+ * came from, for the note that says they label random vectors ("given to attnkit lab", "the
+ * words of the text box"). The standalone page mounts itself on #attnkit-lab with
  * the JSON in #attnkit-data. Text reaches the screen through textContent only.
  */
 "use strict";
