@@ -952,3 +952,16 @@ def test_serve_lab_tab_uses_the_typed_text(watched_page, kind):
     assert page.text_content("#aks-submit") == "Explain" and page.is_visible("#aks-target-row") == (kind != "encoder")
     assert page.text_content("#aks-hint") == "Enter explains · Shift+Enter starts a new line"
     watch.assert_clean()
+
+
+def test_cli_says_the_tokens_only_label_random_vectors(tmp_path, capsys):
+    from attnkit import cli
+
+    path = tmp_path / "bank.html"
+    assert cli.main(["lab", "--out", str(path), "--tokens", "the bank of the river", "--seed", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "the tokens label random vectors (seed 4), not a model's" in out
+    assert '"tokens_from": "given to attnkit lab"' in path.read_text(encoding="utf-8")
+    assert cli.main(["lab", "--out", str(path)]) == 0
+    assert "label random vectors" not in capsys.readouterr().out
+    assert '"tokens_from": null' in path.read_text(encoding="utf-8")

@@ -27,5 +27,9 @@ def run(args: argparse.Namespace) -> int:
 
     path = write_lab(args.out, tokens=args.tokens.split() if args.tokens else None, head_dim=args.head_dim,
                      seed=args.seed, bench=args.bench)
-    Console().print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+    console = Console()
+    console.print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+    if args.tokens:
+        console.print(f"the tokens label random vectors (seed {args.seed}), not a model's: the page says so. "
+                      "`attnkit explain` shows a real model's attention to a text")
     return 0
