@@ -151,6 +151,9 @@ def test_extreme_scores_stay_finite(lab):
     result = js_result(lab.page)
     assert_matches(result, reference(state))
     assert [row[0] for row in result["probs"]] == [1] * 5
+    # |x| >= 1000 is written 3.6e7, as Python's "%.1e" without its "+" and leading zeros
+    mantissa, exponent = f"{reference(state)['scores'][0][0]:.1e}".split("e")
+    assert lab.page.text_content('[data-akl="scores"] tbody tr:nth-child(1) td') == f"{mantissa}e{int(exponent)}"
 
 
 def test_set_rejects_bad_states(lab):
@@ -566,7 +569,9 @@ def test_rope_scores_depend_only_on_distance(watched_page):
     scores = [[s for s in row if s is not None] for row in shifted["scores"]]
     np.testing.assert_allclose(np.concatenate(scores), np.concatenate(
         [[s for s in row if s is not None] for row in home["scores"]]), rtol=0, atol=TOL)
-    assert "Moving every token by 250 changes the scores by at most" in page.text_content('[data-akl="position-note"]')
+    note = page.text_content('[data-akl="position-note"]')
+    assert "Moving every token by 250 changes the scores by at most" in note
+    assert "e+" not in note and "e−1" in note  # rounding noise, about 1e-15, in e-notation
     assert canvas_pixels(page) == pixels  # same scores, same picture
     # sinusoidal positions are absolute: the same move changes the scores, by as much as the note says
     page.select_option('[data-akl="position"]', "sinusoidal")

@@ -291,16 +291,19 @@
     return node;
   }
 
+  function sci(x) {  // 1.2e3, 3.6e−15: no "+", a real minus sign
+    const [mantissa, exponent] = x.toExponential(1).split("e");
+    return `${mantissa.replace("-", MINUS)}e${exponent.replace("+", "").replace("-", MINUS)}`;
+  }
+
   function fmt(x, digits = 2) {
-    if (Math.abs(x) >= 1000) return x.toExponential(1).replace("-", MINUS);
+    if (Math.abs(x) >= 1000) return sci(x);
     const t = x.toFixed(Math.abs(x) >= 100 ? 0 : digits);
     return Number(t) === 0 ? t.replace("-", "") : t.replace("-", MINUS);
   }
 
   function small(x) {  // a difference that may be rounding noise: 3.6e−15, or 5.20 (never 5.2e+0)
-    if (x === 0 || Math.abs(x) >= 0.01) return fmt(x);
-    const [mantissa, exponent] = x.toExponential(1).split("e");
-    return `${mantissa.replace("-", MINUS)}e${exponent.replace("+", "").replace("-", MINUS)}`;
+    return x === 0 || Math.abs(x) >= 0.01 ? fmt(x) : sci(x);
   }
 
   function shortNumber(x) {  // for number fields: two decimals on the slider grid, else up to four
@@ -440,7 +443,7 @@
     lab.append(el("div", { class: "akl-main" }, buildEditor(ui, vectorsNote(seed, initial?.tokens_from)), buildView(ui)));
 
     // panels from the other lab_*.js files, which register before this one runs
-    const kit = { el, fmt, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
+    const kit = { el, fmt, small, rgb, ramp, diverging, ink, BLUE, MINUS, shown, initial };
     const panels = (window.AttnkitLabPanels ?? []).map((make) => make(kit)).filter((panel) => panel !== null);
     for (const panel of panels) lab.append(panel.node);
 

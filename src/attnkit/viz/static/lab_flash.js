@@ -62,7 +62,7 @@
   }
 
   function make(kit) {
-    const { el, fmt, rgb, diverging, ink, MINUS, shown } = kit;
+    const { el, fmt, small, rgb, diverging, ink, MINUS, shown } = kit;
     let block = 2, step = null, row = null, last = null;
     const ui = {
       block: el("input", { type: "range", min: "1", max: "12", step: "1", "data-akl": "flash-block", "aria-label": "block size" }),
@@ -175,7 +175,7 @@
         return;
       }
       ui.verdict.textContent = `Done: acc / l equals the full softmax(s)\u00b7V of this row to rounding `
-        + `(largest difference ${r.maxError.toExponential(1)}). At most ${r.held} numbers were held `
+        + `(largest difference ${small(r.maxError)}). At most ${r.held} numbers were held `
         + `(B = ${r.block} scores, d = ${state.v[0].length} outputs, m and l); no ${n}\u00d7${n} matrix of scores.`;
     }
 
