@@ -859,6 +859,8 @@ def test_twelve_tokens_fit_1280_pixels(watched_page):
         assert chips.nth(i).evaluate("e => e.scrollWidth <= e.clientWidth"), TWELVE[i]
         box = page.locator('[data-akl="key"]').nth(i).bounding_box()
         assert box["x"] >= view["x"] and box["x"] + box["width"] <= view["x"] + view["width"], TWELVE[i]
+    heights = page.eval_on_selector_all('[data-akl="key"] .akl-chip-label', "es => es.map(e => e.offsetHeight)")
+    assert len(set(heights)) == 1, heights  # one line each: no word broken across two
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # no page-wide scroll
     watch.shot("lab-12-tokens-1280")
     watch.assert_clean()

@@ -46,6 +46,8 @@
   const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding",
     "position", "slope", "offset"];
   const MAX_SLOPE = 4, MAX_OFFSET = 100000;
+  const MANY = 8;
+  const MIN_CHIP_FONT = 9;             // more tokens than this: compact chips (see lab.css)
   const EVEN = 1.5;           // a focused row whose top weight is under EVEN / N is called near-uniform
 
   const MINUS = "\u2212";
@@ -413,7 +415,7 @@
     return el("section", { class: "akl-panel akl-view" },
       el("h2", { text: "Where each query looks" }),
       ui.summary,
-      el("div", { class: "akl-flow-wrap" },
+      ui.flowWrap = el("div", { class: "akl-flow-wrap" },
         el("div", { class: "akl-axis akl-axis-q", text: "queries" }), ui.queries,
         ui.flow,
         el("div", { class: "akl-axis akl-axis-k", text: "keys" }), ui.keys),
@@ -486,6 +488,7 @@
         ui.queryChips.push(q); ui.keyChips.push(k);
       }
       for (const chips of [ui.queries, ui.keys]) chips.style.gridTemplateColumns = `repeat(${n}, minmax(0, 1fr))`;
+      ui.flowWrap.classList.toggle("akl-many", n > MANY);  // narrower chips: the axis names go above them
       ui.window.max = String(n);
     }
 
@@ -674,9 +677,22 @@
       return `${who} looks most at \u201c${state.tokens[best]}\u201d (${fmt(top)}); ${entropy}.`;
     }
 
+    // the chips' labels shrink (to at least MIN_CHIP_FONT px) until the longest fits on one line
+    const ruler = document.createElement("canvas").getContext("2d");
+    function fitChips() {
+      const labels = [...ui.queryChips, ...ui.keyChips.map((k) => k.firstChild)];
+      for (const label of labels) label.style.fontSize = "";
+      const style = getComputedStyle(labels[0]), size = parseFloat(style.fontSize);
+      ruler.font = `${style.fontWeight} ${size}px ${style.fontFamily}`;
+      const room = ui.keyChips[0].clientWidth - 6;  // the chip's padding and border
+      const widest = Math.max(...labels.map((label) => ruler.measureText(label.textContent).width));
+      if (widest > room) for (const label of labels) label.style.fontSize = `${Math.max(MIN_CHIP_FONT, (size * room) / widest)}px`;
+    }
+
     function drawFlow(res) {
       const canvas = ui.flow, width = canvas.clientWidth, height = canvas.clientHeight;
       if (!width || !height) return;  // hidden (a tab not shown): the ResizeObserver redraws later
+      fitChips();
       const dpr = window.devicePixelRatio || 1;
       if (canvas.width !== Math.round(width * dpr)) canvas.width = Math.round(width * dpr);
       if (canvas.height !== Math.round(height * dpr)) canvas.height = Math.round(height * dpr);
