@@ -81,8 +81,8 @@
     }
 
     const SERIES = [
-      { name: "materialised scores, 4n\u00b2", colour: "#dc2626", bytes: (n) => 4 * n * n },
-      { name: "FlashAttention, 8n", colour: "#2563eb", bytes: (n) => 8 * n },
+      { name: "materialised scores, 4n\u00b2 (one layer, one head)", colour: "#dc2626", bytes: (n) => 4 * n * n },
+      { name: "FlashAttention, 8n (one layer, one head)", colour: "#2563eb", bytes: (n) => 8 * n },
     ];
 
     function drawCurve(r, p) {
@@ -93,7 +93,7 @@
       const ctx = canvas.getContext("2d");
       ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
       ctx.clearRect(0, 0, width, height);
-      const lengths = data.lengths, kv = { name: `KV cache, ${p.name}${p.encoder ? " (if it kept one)" : ""}`, colour: "#059669",
+      const lengths = data.lengths, kv = { name: `KV cache, ${p.name}, all layers${p.encoder ? " (if it kept one)" : ""}`, colour: "#059669",
         bytes: (n) => p.kv_bytes[lengths.indexOf(n)], dashed: p.encoder };
       const series = [...SERIES, kv], all = series.flatMap((s) => lengths.map(s.bytes));
       const left = 58, right = width - 10, top = 10, bottom = height - 34;
