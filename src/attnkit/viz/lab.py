@@ -60,7 +60,8 @@ def lab_html(*, tokens: Sequence[str] | None = None, head_dim: int = 4, seed: in
 
     Args:
         tokens: 2 to 12 token labels, each a str of at most 64 characters; default
-            ``"The cat sat on the mat"``. Any text is safe: it is embedded as JSON.
+            ``"The cat sat on the mat"``. Any text is safe: it is embedded as JSON. They only
+            label the page's random vectors, and given tokens make the page say so.
         head_dim: the length ``d`` of each query, key and value vector, 2 to 8; default 4.
             The scale starts at ``1 / sqrt(d)``.
         seed: an int in ``[0, 2**32)`` choosing the starting vectors; the same seed gives
