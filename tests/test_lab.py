@@ -915,6 +915,28 @@ def test_minilm_preset_matches_its_config():
     assert preset.encoder and config["architectures"] == ["BertModel"]
 
 
+def test_decoder_presets_have_their_published_context_windows():
+    """GPT-2's and Falcon-7B's against transformers' config defaults (documented as those
+    models' configuration); the others against the max_position_embeddings of their hub
+    config.json, written out here with where they come from."""
+    from transformers import FalconConfig, GPT2Config
+
+    from attnkit.nn import KV_PRESETS
+
+    published = {
+        "gpt-2": GPT2Config().n_positions, "gpt-2-xl": GPT2Config().n_positions,  # 1024
+        "falcon-7b": FalconConfig().max_position_embeddings,  # 2048
+        # meta-llama/Llama-2-{7b,13b,70b}-hf config.json; the Llama 2 paper's 4k context
+        "llama-2-7b": 4096, "llama-2-13b": 4096, "llama-2-70b": 4096,
+        # meta-llama/Meta-Llama-3-{8B,70B} config.json; Meta's "sequences of 8,192 tokens"
+        "llama-3-8b": 8192, "llama-3-70b": 8192,
+        # mistralai/Mistral-7B-v0.1 config.json (its paper's Table 1 says context_len 8192)
+        "mistral-7b": 32768,
+    }
+    assert {name: p.context for name, p in KV_PRESETS.items() if not p.encoder} == published
+    assert "gpt2" in GPT2Config.__doc__ and "falcon-7b" in FalconConfig.__doc__
+
+
 # --- serve's Lab tab: the text box feeds the lab ---
 
 

@@ -285,10 +285,10 @@ def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, dtype
 class KVShape:
     """The cache-relevant shape of a model: layers, KV heads, head dim, and its window.
 
-    ``context`` is the most positions the model was trained for (its config's
-    ``max_position_embeddings``), None where unstated. ``encoder`` marks a model that reads
-    its whole text at once and keeps no KV cache (BERT-style); :meth:`bytes` still gives what
-    a cache of its shape would hold.
+    ``context`` is the model's context window as its published config states it
+    (``max_position_embeddings``; GPT-2's ``n_positions``), None where unstated.
+    ``encoder`` marks a model that reads its whole text at once and keeps no KV cache
+    (BERT-style); :meth:`bytes` still gives what a cache of its shape would hold.
     """
 
     name: str
@@ -311,6 +311,13 @@ class KVShape:
         return kv_cache_bytes(self.layers, self.kv_heads, self.head_dim, tokens, dtype, batch, self.window)
 
 
+# ``context``: max_position_embeddings (GPT-2: n_positions) in each model's config.json on the
+# Hugging Face hub (openai-community/gpt2 and gpt2-xl, meta-llama/Llama-2-*-hf,
+# meta-llama/Meta-Llama-3-*, mistralai/Mistral-7B-v0.1, tiiuae/falcon-7b), as quoted in the
+# hub's own discussions and model cards; GPT-2's and Falcon's equal transformers' GPT2Config
+# and FalconConfig defaults, which mirror those models. Mistral's config says 32768, while
+# its paper (Jiang et al. 2023, Table 1) gives context_len 8192 with its 4096-token window.
+# MiniLM's is its bundled config.json (tests/test_lab.py checks it).
 KV_PRESETS: dict[str, KVShape] = {p.name: p for p in (
     KVShape("gpt-2", 12, 12, 12, 64, context=1024),
     KVShape("gpt-2-xl", 48, 25, 25, 64, context=1024),
