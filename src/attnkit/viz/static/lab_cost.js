@@ -74,7 +74,8 @@
     function flagText(r, p) {
       const flags = [];
       if (r.pastContext) flags.push(`n = ${lengthName(r.length)} is past ${p.name}'s ${p.context.toLocaleString("en-US")}-token `
-        + "context window: the model was not trained on texts this long (shaded in the curve).");
+        + "context window (from its config): the model is not made to read texts this long "
+        + "(shaded in the curve).");
       if (p.encoder) flags.push(`${p.name} is an encoder: it reads the whole text at once and generates nothing, so it keeps `
         + "no KV cache. The row below gives what a cache of its shape would hold.");
       return flags.join(" ");
@@ -96,7 +97,7 @@
       const lengths = data.lengths, kv = { name: `KV cache, ${p.name}, all layers${p.encoder ? " (if it kept one)" : ""}`, colour: "#059669",
         bytes: (n) => p.kv_bytes[lengths.indexOf(n)], dashed: p.encoder };
       const series = [...SERIES, kv], all = series.flatMap((s) => lengths.map(s.bytes));
-      const left = 58, right = width - 10, top = 10, bottom = height - 34;
+      const left = 58, right = width - 10, top = 12 + 15 * series.length, bottom = height - 34;  // the legend above
       const [x0, x1] = [Math.log2(lengths[0]), Math.log2(lengths[lengths.length - 1])];
       const [y0, y1] = [Math.floor(Math.log2(Math.min(...all))), Math.ceil(Math.log2(Math.max(...all)))];
       const X = (n) => left + ((Math.log2(n) - x0) / (x1 - x0)) * (right - left);
@@ -104,8 +105,11 @@
       if (p.context !== null && p.context < lengths[lengths.length - 1]) {
         ctx.fillStyle = "rgba(245, 158, 11, 0.15)";
         ctx.fillRect(X(p.context), top, right - X(p.context), bottom - top);
-        ctx.fillStyle = "#92400e"; ctx.font = "11px system-ui, sans-serif"; ctx.textAlign = "left";
-        ctx.fillText(`past ${p.context.toLocaleString("en-US")} tokens`, X(p.context) + 4, top + 12);
+        ctx.fillStyle = "#92400e"; ctx.font = "11px system-ui, sans-serif";
+        const label = `past ${p.context.toLocaleString("en-US")} tokens`;
+        const inside = X(p.context) + 4 + ctx.measureText(label).width <= right;  // else left of the edge
+        ctx.textAlign = inside ? "left" : "right";
+        ctx.fillText(label, inside ? X(p.context) + 4 : X(p.context) - 4, top + 12);
       }
       ctx.strokeStyle = "#e5e7eb"; ctx.fillStyle = "#6b7280"; ctx.lineWidth = 1; ctx.font = "11px system-ui, sans-serif";
       for (let e = Math.ceil(y0 / 10) * 10; e <= y1; e += 10) {  // 1 KiB, 1 MiB, 1 GiB...
@@ -115,6 +119,8 @@
       ctx.textAlign = "center";
       for (const n of lengths.filter((_, i) => i % 2 === 0)) ctx.fillText(lengthName(n), X(n), bottom + 14);
       ctx.fillText("length n (tokens), log scale", (left + right) / 2, bottom + 28);
+      ctx.textAlign = "right";
+      ctx.fillText("bytes", left - 6, top - 4);
       for (const s of series) {
         ctx.strokeStyle = s.colour; ctx.lineWidth = 2; ctx.setLineDash(s.dashed ? [5, 4] : []);
         ctx.beginPath();
@@ -127,8 +133,16 @@
       ctx.strokeStyle = "#111827"; ctx.lineWidth = 1; ctx.setLineDash([2, 3]);
       ctx.beginPath(); ctx.moveTo(X(r.length), top); ctx.lineTo(X(r.length), bottom); ctx.stroke();
       ctx.setLineDash([]);
+      drawLegend(ctx, series, left);
+    }
+
+    // one line per series, above the plot, so that no curve runs under the text
+    function drawLegend(ctx, series, left) {
       ctx.textAlign = "left"; ctx.font = "12px system-ui, sans-serif";
-      series.forEach((s, i) => { ctx.fillStyle = s.colour; ctx.fillText(s.name, left + 8, top + 16 + 15 * i + (p.context !== null ? 14 : 0)); });
+      series.forEach((s, i) => {
+        ctx.fillStyle = s.colour; ctx.fillRect(left, 6 + 15 * i, 14, 3);
+        ctx.fillText(s.name, left + 20, 12 + 15 * i);
+      });
     }
 
     function row(name, figure, note) {
