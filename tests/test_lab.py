@@ -895,10 +895,11 @@ def test_the_page_says_its_vectors_are_random(watched_page):
     page = watch.page
     page.set_content(lab_html(tokens=["the", "bank", "of", "the", "river"], seed=3))
     note = page.text_content('[data-akl="vectors-note"]')
-    assert note.startswith("Your tokens (given to attnkit lab) label vectors that are random draws (seed 3)")
+    assert note.startswith("These tokens (given to attnkit lab) are only labels: the vectors are random draws (seed 3)")
     assert "what the words mean plays no part" in note
     page.set_content(lab_html())
-    assert page.text_content('[data-akl="vectors-note"]').startswith("The vectors are random draws (seed 0)")
+    assert page.text_content('[data-akl="vectors-note"]').startswith(
+        "The tokens are only labels: the vectors are random draws (seed 0)")
     watch.assert_clean()
 
 
@@ -969,7 +970,7 @@ def test_serve_lab_tab_uses_the_typed_text(watched_page, kind):
     assert "first 12 of 16 words" in hint and "label random vectors" in hint
     assert page.text_content("#aks-submit") == "Use in lab" and page.is_hidden("#aks-target-row")
     assert page.text_content('#akl-app-lab [data-akl="vectors-note"]').startswith(
-        "Your tokens (the words of the text box) label vectors that are random draws")
+        "These tokens (the words of the text box) are only labels: the vectors are random draws")
     # typing changes the lab; Enter runs no model here (no request, status stays idle)
     page.fill("#aks-text", "a cat sat")
     assert page.evaluate("attnkitApp.lab.state().tokens") == ["a", "cat", "sat"]

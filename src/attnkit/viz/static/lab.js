@@ -46,8 +46,8 @@
   const STATE_KEYS = ["tokens", "q", "k", "v", "scale", "temperature", "causal", "window", "focus", "padding",
     "position", "slope", "offset"];
   const MAX_SLOPE = 4, MAX_OFFSET = 100000;
-  const MANY = 8;
-  const MIN_CHIP_FONT = 9;             // more tokens than this: compact chips (see lab.css)
+  const MANY = 8;             // more tokens than this: compact chips, the axis names above them (see lab.css)
+  const MIN_CHIP_FONT = 9;    // px: the smallest a chip's label shrinks to (fitChips)
   const EVEN = 1.5;           // a focused row whose top weight is under EVEN / N is called near-uniform
 
   const MINUS = "\u2212";
@@ -380,9 +380,10 @@
 
   // what the vectors are: the labels are names only; `from` says where the labels came from, if not the default
   function vectorsNote(seed, from) {
-    const what = `random draws (seed ${seed}), not a trained model's: the labels only name them, so what the words mean `
-      + "plays no part. attnkit explain shows a real model's attention.";
-    return typeof from === "string" && from ? `Your tokens (${from}) label vectors that are ${what}` : `The vectors are ${what}`;
+    const what = `the vectors are random draws (seed ${seed}), not a trained model's, so what the words mean plays no part. `
+      + "attnkit explain shows a real model's attention.";
+    return typeof from === "string" && from ? `These tokens (${from}) are only labels: ${what}`
+      : `The tokens are only labels: ${what}`;
   }
 
   function buildEditor(ui, note) {
@@ -625,16 +626,16 @@
       if (state.position === "none") return "No positions: permuting the tokens permutes the scores; "
         + "only the causal mask and the window know about order.";
       if (state.position === "alibi") return `ALiBi: every score gets −${fmt(state.slope)}·|i − j| `
-        + "(drawn beside the scores), a penalty growing linearly with distance; q and k are not changed.";
+        + "(its table follows the scores below), a penalty growing linearly with distance; q and k are not changed.";
       const home = compute({ ...state, offset: 0 });
       let shift = 0;
       for (let i = 0; i < res.scores.length; i++) for (let j = 0; j < res.scores.length; j++)
         if (res.scores[i][j] !== null) shift = Math.max(shift, Math.abs(res.scores[i][j] - home.scores[i][j]));
       const moved = `Moving every token by ${state.offset} changes the scores by at most ${small(shift)}`;
-      if (state.position === "rope") return "RoPE rotates q and k by their positions (the rotated vectors are drawn "
-        + "beside the scores), so a score depends only on the "
+      if (state.position === "rope") return "RoPE rotates q and k by their positions (the rotated q\u2032 and k\u2032 "
+        + "are shown below, before the scores), so a score depends only on the "
         + `distance i − j between the two tokens. ${moved}: nothing, to rounding. Drag the offset to see.`;
-      return "Sinusoidal: PE(position), drawn beside the scores, is added to q and k, so a score depends on where "
+      return "Sinusoidal: PE(position), shown below before the scores, is added to q and k, so a score depends on where "
         + `the tokens are, not only on their distance. ${moved}.`;
     }
 

@@ -142,7 +142,7 @@
     }
 
     const bytesText = window.AttnkitUnits.bytes;  // units.js
-    const AT = 8;  // index of 4096 in the cost panel's lengths, 16 * 2**8
+    const AT = (kit.initial?.cost?.lengths ?? []).indexOf(4096);  // the lengths where kv_bytes were taken
 
     // what sharing K/V saves, for the variant shown, with the preset models of that variant
     function savingText() {
