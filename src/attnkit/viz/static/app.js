@@ -155,19 +155,20 @@
     }
   }
 
-  /* The lab's tokens from the text box: its first LAB_TOKENS words, or null under 2 words. */
-  const LAB_TOKENS = 12, LAB_LABEL = 64;
+  /* The lab's tokens from the text box: as many of its first words as the lab takes, each cut to
+   * the lab's longest label, or null under the fewest it takes (lab.js's LIMITS). */
+  const { minTokens, maxTokens: LAB_TOKENS, maxLabel } = window.AttnkitLab.LIMITS;
   const words = (text) => text.split(/\s+/).filter(Boolean);
   function labTokens(text) {
-    const tokens = words(text).slice(0, LAB_TOKENS).map((w) => Array.from(w).slice(0, LAB_LABEL).join(""));
-    return tokens.length >= 2 ? tokens : null;
+    const tokens = words(text).slice(0, LAB_TOKENS).map((w) => Array.from(w).slice(0, maxLabel).join(""));
+    return tokens.length >= minTokens ? tokens : null;
   }
 
   function syncLab() {
     const tokens = labTokens(ui.text.value), count = words(ui.text.value).length;
     if (tokens) app.lab.set({ tokens });
     ui.hint.textContent = tokens === null
-      ? `The lab needs 2 or more words; it keeps its ${app.lab.state().tokens.length} tokens until the text has them.`
+      ? `The lab needs ${minTokens} or more words; it keeps its ${app.lab.state().tokens.length} tokens until the text has them.`
       : `The lab's tokens are the text's ${count > LAB_TOKENS ? `first ${LAB_TOKENS} of ${count}` : count} words, `
         + "as you type. They label random vectors: the lab shows how attention computes, not what the model does "
         + "(the Explorer tab runs the model on this text).";

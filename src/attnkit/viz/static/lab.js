@@ -10,6 +10,8 @@
  * The mask allows (i, j) unless key j is padding, or causal and j > i, or a window w is
  * set and |i - j| > w (with causal: 0 <= i - j <= w).
  *
+ * AttnkitLab.LIMITS {minTokens, maxTokens, maxLabel}: how many tokens a lab takes and the
+ * longest label, in code points (serve's Lab tab cuts its text to them).
  * AttnkitLab.mount(root, initial) builds a lab inside `root` and returns its API, which
  * is also stored as window.attnkitLab:
  *   state()        {tokens, q, k, v, scale, temperature, causal, window, focus, padding,
@@ -824,7 +826,7 @@
     return api;
   }
 
-  window.AttnkitLab = { mount, compute };
+  window.AttnkitLab = { mount, compute, LIMITS: { minTokens: MIN_TOKENS, maxTokens: MAX_TOKENS, maxLabel: MAX_LABEL } };
 
   const host = document.getElementById("attnkit-lab");
   if (host) {
