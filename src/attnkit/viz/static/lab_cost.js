@@ -57,7 +57,7 @@
     const control = (name, ...inputs) => el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: name }),
       el("span", { class: "akl-control-inputs" }, ...inputs));
     const node = el("section", { class: "akl-panel akl-cost", "data-akl": "cost" },
-      el("h2", { text: "The cost of length: per layer, per head" }),
+      el("h2", { text: "The cost of length: one layer and head, and the KV cache of a whole model" }),
       el("div", { class: "akl-flash-controls" },
         control("length n", ui.length, ui.lengthText), control("window w", ui.window, ui.windowText),
         control("KV cache of", ui.preset)),
