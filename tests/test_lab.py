@@ -776,6 +776,17 @@ def test_heads_roles_preset_does_what_it_says(watched_page, causal):
                       "head 3 · average · K/V 3"]
     keys = page.locator('[data-akl="head-pattern"] >> nth=0').locator('[data-akl="head-key"]').all_text_contents()
     assert keys == tokens
+    # the output's column groups name the heads: columns 2h, 2h + 1 are p_h v_h (numpy, from the panel's weights)
+    groups = page.locator('[data-akl="heads-out-group"]').all_text_contents()
+    assert groups == ["head 0", "head 1", "head 2", "head 3"]
+    assert "W_o = I here" in page.text_content('[data-akl="heads-out-formula"]')
+    v = np.array(s["x"]) @ np.array(s["wv"]).T
+    for h, pattern in enumerate((previous, first, same, average)):
+        np.testing.assert_allclose(np.array(got["out"])[:, 2 * h:2 * h + 2], pattern @ v[:, 2 * h:2 * h + 2],
+                                   rtol=0, atol=TOL, err_msg=f"head {h}")
+    page.select_option('[data-akl="heads-preset"]', "random")  # W_o mixes the heads: no groups
+    assert page.locator('[data-akl="heads-out-group"]').count() == 0
+    assert page.text_content('[data-akl="heads-out-formula"]') == "concat(p_h·v_g)·W_oᵀ"
     watch.assert_clean()
 
 

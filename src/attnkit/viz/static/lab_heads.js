@@ -114,6 +114,7 @@
       seed: el("input", { type: "number", min: "0", step: "1", "data-akl": "heads-seed", "aria-label": "weights seed" }),
       patterns: el("div", { class: "akl-heads-patterns", "data-akl": "head-patterns" }),
       out: el("table", { class: "akl-matrix", "data-akl": "heads-out" }),
+      outFormula: el("code", { "data-akl": "heads-out-formula" }),
       saving: el("p", { class: "akl-heads-saving", "data-akl": "kv-saving" }),
     };
     const control = (name, ...inputs) => el("label", { class: "akl-control" }, el("span", { class: "akl-control-name", text: name }),
@@ -125,7 +126,7 @@
         + "random weights give heads that look alike. Heads that share a K/V head (GQA; MQA when there is one) read the same keys and values." }),
       el("div", { class: "akl-flash-controls" }, control("preset", ui.preset), control("heads H", ui.heads), control("K/V heads", ui.kv),
         control("weights seed", ui.seed)),
-      ui.patterns, el("h3", {}, el("span", { text: "output" }), el("code", { text: "concat(p_h\u00b7v_g)\u00b7W_o\u1d40" })), ui.out, ui.saving);
+      ui.patterns, el("h3", {}, el("span", { text: "output" }), ui.outFormula), ui.out, ui.saving);
 
     function heatmap(tokens, p, title, causal) {
       const cell = (x, masked) => {
@@ -181,10 +182,19 @@
       ui.patterns.replaceChildren(...r.probs.map((p, h) => heatmap(state.tokens, p, headTitle(h, group), state.causal)));
       const head = el("tr", {}, el("th", { text: "" }), ...Array.from({ length: E }, (_, c) => el("th", { text: `y${c}` })));
       const top = Math.max(...r.out.flat().map(Math.abs), 1e-12);
-      ui.out.replaceChildren(el("thead", {}, head), el("tbody", {}, ...r.out.map((row, i) => el("tr", {},
+      ui.out.replaceChildren(el("thead", {}, ...outGroups(), head), el("tbody", {}, ...r.out.map((row, i) => el("tr", {},
         el("th", { title: state.tokens[i], text: state.tokens[i] }),
         ...row.map((y) => { const c = diverging(y / top); return el("td", { style: `background:${rgb(c)};color:${ink(c)}`, title: String(y), text: fmt(y) }); })))));
+      ui.outFormula.textContent = "concat(p_h\u00b7v_g)\u00b7W_o\u1d40"
+        + (s.preset === "roles" ? ", W_o = I here: each head's D columns are its own output" : "");
       ui.saving.textContent = savingText();
+    }
+
+    // the roles preset's W_o is the identity, so y columns 2h and 2h + 1 are head h's own output
+    function outGroups() {
+      if (s.preset !== "roles") return [];
+      return [el("tr", {}, el("th", {}), ...ROLES.map((role, h) =>
+        el("th", { colspan: String(E / s.heads), class: "akl-flash-group", "data-akl": "heads-out-group", title: role, text: `head ${h}` })))];
     }
 
     function checkWeights(name, m, rows, cols) {
