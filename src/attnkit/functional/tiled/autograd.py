@@ -72,7 +72,8 @@ class _Native(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, strategy: Strategy, params: NativeParams, q: Tensor, k: Tensor,
                 v: Tensor) -> tuple[Tensor, Tensor]:
-        # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype
+        # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype or the
+        # low-precision dtype the kernel's block GEMMs take (native.gemm_dtype); lse comes back in fp32
         from attnkit.functional.tiled import native
 
         module: Any = native.load()
@@ -90,12 +91,13 @@ class _Native(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
         call, strategy = ctx.call, ctx.strategy
+        q, k, v, out, lse = (t.to(call.compute_dtype) for t in ctx.saved_tensors)  # the backward computes in fp32
         hkv, g = call.kv_heads, call.groups
         plan = band_plan(call) if strategy.fused_backward else None
+        dout = None if dout is None else _fold(dout.to(call.compute_dtype), hkv, g).contiguous()
         dq, dk, dv = _recompute_backward(call, strategy, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g),
-                                         _fold(lse, hkv, g), None if dout is None else _fold(dout, hkv, g).contiguous(),
+                                         _fold(lse, hkv, g), dout,
                                          None if dlse is None else _fold(dlse, hkv, g))
         return None, None, None, _unfold(dq, hkv, g), dk, dv
 
@@ -228,8 +230,11 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     k, v = call.k.to(cd), call.v.to(cd)
     strategy = choose(call)  # once per call; it travels into autograd's context
     if strategy.native is not None:  # GQA by index in the kernel: no folded copy of q
-        out, lse = _Native.apply(call, strategy, strategy.native, call.q.to(cd).contiguous(), k.contiguous(),
-                                 v.contiguous())
+        from attnkit.functional.tiled import native
+
+        gd = native.gemm_dtype(call.q.dtype)  # bfloat16/float16 stay so where the CPU has the units
+        out, lse = _Native.apply(call, strategy, strategy.native,
+                                 *(t.to(gd).contiguous() for t in (call.q, call.k, call.v)))
         return out.to(call.q.dtype), lse
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
     q_rows = _fold(call.q.to(cd), hkv, g)
