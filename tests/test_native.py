@@ -24,7 +24,7 @@ from attnkit.functional import tiled
 from attnkit.functional._call import make_call
 from attnkit.functional.tiled import native
 from attnkit.functional.tiled.plan import native_params
-from attnkit.functional.tiled.strategy import _native_faster, native_ok
+from attnkit.functional.tiled.strategy import _native_faster, choose, native_ok
 
 from conftest import assert_within, max_err, under_ci
 
@@ -82,15 +82,19 @@ GRID = [name if name in DEFAULT_TIER else pytest.param(name, marks=pytest.mark.s
 
 
 class _Spy:
-    """Counts the native kernel's forward calls and records the dtype each was handed."""
+    """Counts the native kernel's forward and backward calls and records the dtype each forward was handed."""
 
     def __init__(self, module):
-        self.module, self.calls, self.dtypes = module, 0, []
+        self.module, self.calls, self.backward_calls, self.dtypes = module, 0, 0, []
 
     def forward(self, *args):
         self.calls += 1
         self.dtypes.append(args[0].dtype)
         return self.module.forward(*args)
+
+    def backward(self, *args):
+        self.backward_calls += 1
+        return self.module.backward(*args)
 
 
 @pytest.fixture
@@ -120,7 +124,7 @@ def test_smoke_every_dtype_within_the_plain_runs_error(spy, dtype):
 @pytest.mark.parametrize("scale", [0.0, -0.7, 1e-30, 3.0])
 def test_smoke_scales_and_gradients_across_blocks(spy, scale):
     """Zero, negative, tiny and large scales, forward and backward, 200 rows over four 64-row blocks, in float64:
-    equal to the reference backend to 1e-10 (the backward recomputes from the native out and lse)."""
+    equal to the reference backend to 1e-10 (the native backward recomputes from the native out and lse)."""
     mask, bias = MASKS["causal+alibi-per-sequence"]()
     q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=4))
     with tiled.kernel("native"):
@@ -133,8 +137,69 @@ def test_smoke_scales_and_gradients_across_blocks(spy, scale):
     weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     got = torch.autograd.grad((out * weights).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    assert spy.backward_calls == 1
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
+# -- the native backward (FlashAttention-2 from the saved lse) ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_native_backward_matches_float64_autograd(spy, name):
+    """dq, dk, dv of a loss on out and lse (rows with no key left out, as users do) through the native backward,
+    against float64 autograd through the reference backend: every mask family the native forward runs, GQA
+    (2 groups), Lq != Lk, Dv != D, rows with no allowed key, several 64-row and 64-key blocks."""
+    mask, bias = MASKS[name]()
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=9))
+    with tiled.kernel("native"):
+        assert choose(_call(q, k, v, mask, bias)).native_backward
+        out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference", return_lse=True)
+    g = torch.Generator().manual_seed(10)
+    w_out, w_lse = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
+                                                                                        dtype=torch.float64)
+
+    def loss(o, lse_):
+        return (o * w_out).sum() + torch.where(torch.isfinite(lse_), lse_ * w_lse, 0.0).sum()
+
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(ref, ref_lse), (q, k, v))
+    assert spy.backward_calls == 1
+    for which, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{which}")
+
+
+def test_native_backward_of_float32_is_within_the_plain_runs_error(spy):
+    """float32 window with ALiBi and GQA: gradients at most 3x as far from float64 autograd as the float32
+    reference backend's (flash-attn's rule for gradients)."""
+    mask, bias = masks.sliding_window(100, 7), biases.alibi(4)
+    q64, k64, v64 = (t.requires_grad_(True) for t in _qkv(1, 4, 2, 300, 300, 64, 64, seed=11))
+    q, k, v = (t.detach().float().requires_grad_(True) for t in (q64, k64, v64))
+    do = torch.randn(1, 4, 300, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    with tiled.kernel("native"):
+        grads = torch.autograd.grad(attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled"), (q, k, v),
+                                    do.float())
+    assert spy.backward_calls == 1
+    plain = torch.autograd.grad(attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference"), (q, k, v),
+                                do.float())
+    ref = torch.autograd.grad(attnkit.attention(q64, k64, v64, mask=mask, bias=bias, backend="reference"),
+                              (q64, k64, v64), do)
+    for which, a, p, r in zip("qkv", grads, plain, ref):
+        assert_within(max_err(a, r), max_err(p, r), 3, 1e-6, f"d{which}")
+
+
+def test_native_backward_allocates_no_l_by_l_tensor(spy):
+    """A window at L=6000, forward and backward through the native kernel: no op returns a tensor of more than
+    O(L) elements (one (L x L) score matrix would be 36M)."""
+    from test_memory import LargestTensor
+
+    length = 6000
+    q, k, v = (torch.randn(1, 2, length, 32, requires_grad=True) for _ in range(3))
+    with LargestTensor() as probe, tiled.kernel("native"):
+        attnkit.attention(q, k, v, mask=masks.sliding_window(300), backend="tiled").sum().backward()
+    assert spy.calls == 1 and spy.backward_calls == 1
+    assert probe.largest <= 4 * 2 * length * 32, probe.largest
 
 
 # -- bfloat16 / float16: block GEMMs in the low-precision dtype where the CPU has the units ---------------------

@@ -67,7 +67,8 @@ class _Banded(torch.autograd.Function):
 
 
 class _Native(torch.autograd.Function):
-    """The native forward (:mod:`.native`); the backward is the batched fused one (or the per-chunk one)."""
+    """The native forward (:mod:`.native`) and its backward (:func:`_native_backward`, where the strategy says
+    ``native_backward``; else the batched fused one, or the per-chunk one)."""
 
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, strategy: Strategy, params: NativeParams, q: Tensor, k: Tensor,
@@ -92,14 +93,37 @@ class _Native(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
         call, strategy = ctx.call, ctx.strategy
-        q, k, v, out, lse = (t.to(call.compute_dtype) for t in ctx.saved_tensors)  # the backward computes in fp32
+        cd = call.compute_dtype  # the backward computes in float32 (float64), whatever the forward's GEMMs took
+        q, k, v, out, lse = (t.to(cd) for t in ctx.saved_tensors)
+        dout = torch.zeros_like(out) if dout is None else dout.to(cd)
+        dlse = None if dlse is None else dlse.to(cd)
+        if strategy.native_backward:
+            return None, None, None, *_native_backward(call, strategy.native, q, k, v, out, lse, dout, dlse)
         hkv, g = call.kv_heads, call.groups
         plan = band_plan(call) if strategy.fused_backward else None
-        dout = None if dout is None else _fold(dout.to(call.compute_dtype), hkv, g).contiguous()
         dq, dk, dv = _recompute_backward(call, strategy, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g),
-                                         _fold(lse, hkv, g), dout,
+                                         _fold(lse, hkv, g), _fold(dout, hkv, g).contiguous(),
                                          None if dlse is None else _fold(dlse, hkv, g))
         return None, None, None, _unfold(dq, hkv, g), dk, dv
+
+
+def _native_backward(call: AttentionCall, params: NativeParams, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     lse: Tensor, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (B, H, Lq, D), dk, dv (B, Hkv, Lk, D|Dv) from the native kernel's backward (FlashAttention-2: the
+    probabilities recomputed from ``lse``, O(L) extra memory); every tensor in the compute dtype."""
+    from attnkit.functional.tiled import native
+
+    module: Any = native.load()
+    # delta_i = rowsum(dO * O); a gradient on lse enters as -dlse (d lse / d s = p).  (B, H, Lq)
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    lse_b = torch.where(lse == _NEG_INF, float("inf"), lse)  # rows with no key: every probability 0
+    p = params
+    dq, dk, dv = module.backward(q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(),
+                                 lse_b.contiguous(), delta.contiguous(), call.scale, p.dlo, p.dhi, p.klen, p.q_ids,
+                                 p.kv_ids, p.slopes, p.aoff, native.BLOCK_Q, native.BLOCK_K)
+    return dq, dk, dv
 
 
 class _Tiled(torch.autograd.Function):

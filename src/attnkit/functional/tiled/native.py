@@ -1,4 +1,4 @@
-"""The optional native kernel: a C++ forward built once, cached, never required.
+"""The optional native kernel: a C++ forward and backward built once, cached, never required.
 
 ``csrc/attention.cpp`` runs one parallel loop over (batch, head, query block) work items
 with block GEMMs (oneDNN's micro-kernels for float32) and an online softmax, masking only
@@ -23,8 +23,14 @@ When it is used:
 It is never required. Without a compiler or ninja, or if the build fails, or with
 ``ATTNKIT_NATIVE=0`` in the environment, the pure-PyTorch paths run; the reason is logged
 once at debug level and :func:`native_status` says it. A failed build is not retried in
-the same process. The backward stays the pure-PyTorch recompute backward, from the
-native forward's ``out`` and ``lse``.
+the same process.
+
+The backward is native too, FlashAttention-2 style: one parallel loop over (batch, kv
+head, key block) work items that recomputes the probabilities from the forward's ``lse``
+(five block GEMMs per block pair, in float32 or float64 whatever the forward's dtype), so
+its extra memory is O(L): transposed copies of q, k and dO, and dq's float accumulator.
+dq is summed over key blocks under a lock per query block, so its last bits can vary from
+run to run, as FlashAttention's do.
 """
 
 from __future__ import annotations

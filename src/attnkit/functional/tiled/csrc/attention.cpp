@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -263,6 +265,53 @@ struct Operands {
   }
 };
 
+// The mask and bias of native_params, per batch element b: keys j with lo[b] <= j - i <= hi[b] and j < klen[b],
+// documents (qids, kids; a batch of one broadcasts) and ALiBi slopes per head (none when empty).
+template <typename T>
+struct Band {
+  const int64_t *lo, *hi, *klen, *aoff, *qids = nullptr, *kids = nullptr;
+  int64_t qis = 0, kis = 0;
+  const T* slopes = nullptr;
+  bool docs, alibi;
+  Band(const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen_, const at::Tensor& qids_,
+       const at::Tensor& kids_, const at::Tensor& slopes_, const at::Tensor& aoff_, int64_t Lq, int64_t Lk)
+      : lo(dlo.data_ptr<int64_t>()), hi(dhi.data_ptr<int64_t>()), klen(klen_.data_ptr<int64_t>()),
+        aoff(aoff_.data_ptr<int64_t>()), docs(qids_.numel() > 0), alibi(slopes_.numel() > 0) {
+    if (docs) {
+      qids = qids_.data_ptr<int64_t>();
+      kids = kids_.data_ptr<int64_t>();
+      qis = qids_.size(0) > 1 ? Lq : 0;
+      kis = kids_.size(0) > 1 ? Lk : 0;
+    }
+    if (alibi) slopes = slopes_.data_ptr<T>();
+  }
+  const int64_t* qid(int64_t b, int64_t i) const { return qids + b * qis + i; }
+  const int64_t* kid(int64_t b, int64_t j) const { return kids + b * kis + j; }
+};
+
+// The smallest and largest of ids[0, n).
+inline std::pair<int64_t, int64_t> id_range(const int64_t* ids, int64_t n) {
+  const auto mm = std::minmax_element(ids, ids + n);
+  return {*mm.first, *mm.second};
+}
+
+// One row of a score block, along t < n: ALiBi's -slope * |d0 + step * t| (the distance i + aoff - j), then -inf
+// outside the allowed run [tl, th) (clamped to the row) and, with documents, where other_ids[t] != own_id.
+template <typename T>
+void bias_and_mask_row(T* row, int64_t n, bool alibi, T slope, int64_t d0, int64_t step, bool full, int64_t tl,
+                       int64_t th, const int64_t* other_ids, int64_t own_id) {
+  if (alibi)
+    for (int64_t t = 0; t < n; ++t) row[t] -= slope * T(std::abs(d0 + step * t));
+  if (full) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  tl = std::clamp<int64_t>(tl, 0, n);
+  th = std::clamp<int64_t>(th, tl, n);
+  std::fill(row, row + tl, ninf);
+  std::fill(row + th, row + n, ninf);
+  if (other_ids)
+    for (int64_t t = tl; t < th; ++t) row[t] = other_ids[t] == own_id ? row[t] : ninf;
+}
+
 // T: the compute type (the softmax statistics, the accumulator, lse); In: q, k, v and out's type. In == T
 // (float, double) computes in T throughout; In = bfloat16 / half (the low-precision path) runs the block
 // GEMMs on In operands with fp32 accumulation: the scores come out in fp32 and are scaled there, and the
@@ -283,12 +332,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const In* qp = q.data_ptr<In>();
   In* op = out.data_ptr<In>();
   T* lp = lse.data_ptr<T>();
-  const int64_t *dlop = dlo.data_ptr<int64_t>(), *dhip = dhi.data_ptr<int64_t>(), *klp = klen.data_ptr<int64_t>();
-  const int64_t *aop = aoff.data_ptr<int64_t>();
-  const bool docs = qids.numel() > 0, alibi = slopes.numel() > 0;
-  const int64_t *qip = docs ? qids.data_ptr<int64_t>() : nullptr, *kip = docs ? kids.data_ptr<int64_t>() : nullptr;
-  const int64_t qis = docs && qids.size(0) > 1 ? Lq : 0, kis = docs && kids.size(0) > 1 ? Lk : 0;
-  const T* slp = alibi ? slopes.data_ptr<T>() : nullptr;
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const bool docs = band.docs, alibi = band.alibi;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t total = B * H * nq;
   std::atomic<int64_t> next{0};
@@ -305,26 +350,20 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t r = 0; r < nr; ++r)  // full precision: the scores come out scaled
         for (int64_t d = 0; d < D; ++d) qs[r * De + d] = low ? qblk[r * D + d] : In(qblk[r * D + d] * T(scale));
       const int64_t bkh = b * Hkv + kh;
-      const int64_t lo = dlop[b], hi = dhip[b];
+      const int64_t lo = band.lo[b], hi = band.hi[b];
       const int64_t jlo = std::max<int64_t>(0, i0 + lo) / BK * BK;  // key blocks aligned to BK
-      const int64_t jhi = std::min<int64_t>({Lk, klp[b], i1 - 1 + hi + 1});
+      const int64_t jhi = std::min<int64_t>({Lk, band.klen[b], i1 - 1 + hi + 1});
       std::fill(acc.begin(), acc.begin() + nr * Dv, T(0));
       std::fill(m.begin(), m.begin() + nr, ninf);
       std::fill(l.begin(), l.begin() + nr, T(0));
-      int64_t qmin = 0, qmax = 0;
-      if (docs) {
-        const int64_t* ids = qip + b * qis + i0;
-        qmin = *std::min_element(ids, ids + nr);
-        qmax = *std::max_element(ids, ids + nr);
-      }
-      const T slope = alibi ? slp[h] : T(0);
-      const int64_t off = aop[b];
+      const auto [qmin, qmax] = docs ? id_range(band.qid(b, i0), nr) : std::pair<int64_t, int64_t>{0, 0};
+      const T slope = alibi ? band.slopes[h] : T(0);
+      const int64_t off = band.aoff[b];
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
         const int64_t j1 = std::min(j0 + BK, jhi), nc = j1 - j0;
         bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
         if (docs) {
-          const int64_t* ids = kip + b * kis + j0;
-          const int64_t kmin = *std::min_element(ids, ids + nc), kmax = *std::max_element(ids, ids + nc);
+          const auto [kmin, kmax] = id_range(band.kid(b, j0), nc);
           if (kmax < qmin || kmin > qmax) continue;  // no document in common: an empty block
           full = full && qmin == qmax && kmin == kmax && qmin == kmin;
         }
@@ -334,18 +373,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const int64_t i = i0 + r;
           if (low)
             for (int64_t c = 0; c < nc; ++c) row[c] *= T(scale);
-          if (alibi)
-            for (int64_t c = 0; c < nc; ++c) row[c] -= slope * T(std::abs(i + off - (j0 + c)));
-          if (!full) {  // keys j0 + c with lo <= j - i <= hi: the columns [cl, ch)
-            const int64_t cl = std::clamp<int64_t>(i + lo - j0, 0, nc), ch = std::clamp<int64_t>(i + hi - j0 + 1, cl, nc);
-            std::fill(row, row + cl, ninf);
-            std::fill(row + ch, row + nc, ninf);
-            if (docs) {
-              const int64_t qid = qip[b * qis + i];
-              const int64_t* kid = kip + b * kis + j0;
-              for (int64_t c = cl; c < ch; ++c) row[c] = kid[c] == qid ? row[c] : ninf;
-            }
-          }
+          // keys j0 + c with lo <= j - i <= hi: the columns [i + lo - j0, i + hi - j0 + 1)
+          bias_and_mask_row<T>(row, nc, alibi, slope, i + off - j0, -1, full, i + lo - j0, i + hi - j0 + 1,
+                               docs ? band.kid(b, j0) : nullptr, docs ? *band.qid(b, i) : 0);
           const T mnew = std::max(m[r], max_row<T>(row, nc));
           if (mnew == ninf) {  // nothing allowed so far in this row: the block adds nothing
             std::fill(row, row + nc, T(0));
@@ -378,6 +408,149 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   });
 }
 
+// ---- The backward (FlashAttention-2): probabilities recomputed from the saved lse, O(L) extra memory -----------
+//
+// Work items are (batch, kv head, key block): each owns its keys' dk and dv and walks every query block of every
+// query head in its group that can see them, in the transposed layout (rows = keys, columns = queries) so that all
+// five block GEMMs read their operands as stored:
+//   S^T = K Q^T * scale (+ ALiBi, mask)       P^T = exp(S^T - lse)         dV += P^T dO
+//   dP^T = V dO^T                              dS^T = scale * P^T (dP^T - delta)
+//   dK += dS^T Q                               dQ^T = K^T dS^T, added into dq under its query block's lock.
+// delta = rowsum(dO * O) - dlse comes from the caller, and so does lse with +inf for a row with no key (its P is 0).
+
+// C[m, n] (+)= sum_k A[m, k] * B[k, n], every operand row-major with its own row stride.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                 double* C, int64_t ldc, bool add) {
+  for (int64_t m = 0; m < M; ++m) {
+    double* c = C + m * ldc;
+    if (!add) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[m * lda + k];
+      const double* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// row[r] = exp(row[r] - lse[r]) for r < n.
+template <typename T>
+void exp_minus(T* row, const T* lse, int64_t n) {
+  int64_t r = 0;
+  if constexpr (std::is_same<T, float>::value)
+    for (; r + 8 <= n; r += 8) Vec<float>::store(row + r, vexp(Vec<float>::load(row + r) - Vec<float>::load(lse + r)));
+  for (; r < n; ++r) row[r] = std::exp(row[r] - lse[r]);
+}
+
+// (rows, cols) -> (cols, rows) per leading index, times `mul`: the transposed operands of the backward's GEMMs.
+inline at::Tensor transposed(const at::Tensor& x, double mul) {
+  return (x.transpose(-1, -2) * mul).contiguous();
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                   const at::Tensor& lse, const at::Tensor& delta, double scale, const at::Tensor& dlo,
+                   const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids, const at::Tensor& kids,
+                   const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
+  const int64_t nq = (Lq + BQ - 1) / BQ, nk = (Lk + BK - 1) / BK;
+  const at::Tensor qt = transposed(q, scale), dot = transposed(dout, 1.0), kt = transposed(k, 1.0);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *dop = dout.data_ptr<T>();
+  const T *qtp = qt.data_ptr<T>(), *dotp = dot.data_ptr<T>(), *ktp = kt.data_ptr<T>();
+  const T *lsep = lse.data_ptr<T>(), *dlp = delta.data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const bool docs = band.docs, alibi = band.alibi;
+  std::vector<std::mutex> locks(B * H * nq);  // one per (b, h, query block) of dq
+  const int64_t total = B * Hkv * nk;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  // Dynamic scheduling as in the forward; first key blocks first (under causal they see the most queries).
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<T> st(BK * BQ), dpt(BK * BQ), dka(BK * D), dva(BK * Dv), dqt(D * BQ);
+    for (int64_t w = next++; w < total; w = next++) {
+      const int64_t kb = w / (B * Hkv), bkh = w % (B * Hkv), b = bkh / Hkv, kh = bkh % Hkv;
+      const int64_t lo = band.lo[b], hi = band.hi[b];
+      const int64_t j0 = kb * BK, j1 = std::min<int64_t>({j0 + BK, Lk, band.klen[b]}), nc = j1 - j0;
+      if (nc <= 0) continue;  // keys past this sequence's length: their gradients stay 0
+      const int64_t ilo = std::max<int64_t>(0, j0 - hi), ihi = std::min<int64_t>(Lq, j1 - 1 - lo + 1);
+      if (ilo >= ihi) continue;
+      const auto [kmin, kmax] = docs ? id_range(band.kid(b, j0), nc) : std::pair<int64_t, int64_t>{0, 0};
+      std::fill(dka.begin(), dka.begin() + nc * D, T(0));
+      std::fill(dva.begin(), dva.begin() + nc * Dv, T(0));
+      const T* kblk = kp + (bkh * Lk + j0) * D;
+      const T* vblk = vp + (bkh * Lk + j0) * Dv;
+      for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+        const int64_t bh = b * H + h;
+        const T slope = alibi ? band.slopes[h] : T(0);
+        for (int64_t qb = ilo / BQ; qb * BQ < ihi; ++qb) {
+          const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
+          bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
+          if (docs) {
+            const auto [qmin, qmax] = id_range(band.qid(b, i0), nr);
+            if (kmax < qmin || kmin > qmax) continue;  // no document in common
+            full = full && qmin == qmax && kmin == kmax && qmin == kmin;
+          }
+          gemm(nc, nr, D, kblk, D, qtp + bh * D * Lq + i0, Lq, st.data(), BQ, false);  // S^T, scaled
+          const T* lrow = lsep + bh * Lq + i0;
+          for (int64_t c = 0; c < nc; ++c) {
+            T* row = st.data() + c * BQ;
+            const int64_t j = j0 + c;
+            // queries i0 + r with lo <= j - i <= hi: the columns [j - hi - i0, j - lo - i0 + 1)
+            bias_and_mask_row<T>(row, nr, alibi, slope, i0 + band.aoff[b] - j, 1, full, j - hi - i0, j - lo - i0 + 1,
+                                 docs ? band.qid(b, i0) : nullptr, docs ? *band.kid(b, j) : 0);
+            exp_minus<T>(row, lrow, nr);  // P^T
+          }
+          const T* doblk = dop + (bh * Lq + i0) * Dv;
+          gemm(nc, Dv, nr, st.data(), BQ, doblk, Dv, dva.data(), Dv, true);  // dV += P^T dO
+          gemm(nc, nr, Dv, vblk, Dv, dotp + bh * Dv * Lq + i0, Lq, dpt.data(), BQ, false);  // dP^T = V dO^T
+          const T* drow = dlp + bh * Lq + i0;
+          for (int64_t c = 0; c < nc; ++c) {  // dS^T = scale * P^T (dP^T - delta), over dP^T
+            const T* p = st.data() + c * BQ;
+            T* g = dpt.data() + c * BQ;
+            for (int64_t r = 0; r < nr; ++r) g[r] = T(scale) * p[r] * (g[r] - drow[r]);
+          }
+          gemm(nc, D, nr, dpt.data(), BQ, qp + (bh * Lq + i0) * D, D, dka.data(), D, true);  // dK += dS^T Q
+          gemm(D, nr, nc, ktp + bkh * D * Lk + j0, Lk, dpt.data(), BQ, dqt.data(), BQ, false);  // dQ^T = K^T dS^T
+          T* dqblk = dqp + (bh * Lq + i0) * D;
+          std::lock_guard<std::mutex> guard(locks[bh * nq + qb]);
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t d = 0; d < D; ++d) dqblk[r * D + d] += dqt[d * BQ + r];
+        }
+      }
+      std::copy(dka.begin(), dka.begin() + nc * D, dkp + (bkh * Lk + j0) * D);
+      std::copy(dva.begin(), dva.begin() + nc * Dv, dvp + (bkh * Lk + j0) * Dv);
+    }
+    if constexpr (std::is_same<T, float>::value) at::native::cpublas::brgemm_release(false);
+  });
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, double scale,
+                                 const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
+                                 const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
+                                 const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && dout.dim() == 4, "q, k, v, dout must be 4-D");
+  for (const at::Tensor* t : {&q, &k, &v, &dout, &lse, &delta}) {
+    TORCH_CHECK(t->is_contiguous(), "the backward's tensors must be contiguous");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "the backward's tensors must share q's dtype");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "the backward computes in float or double");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
+    backward_impl<scalar_t>(q, k, v, dout, lse, delta, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q,
+                            block_k, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                                 const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
                                 const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
@@ -403,4 +576,5 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "attnkit native tiled attention forward: (out, lse)");
+  m.def("backward", &backward, "attnkit native tiled attention backward from out's delta and lse: (dq, dk, dv)");
 }
