@@ -225,8 +225,11 @@ def test_low_precision_within_sdpas_error(spy, dtype, name):
     do = torch.randn(2, 4, 200, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     with tiled.kernel("native"):
         out = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+        explained = str(choose(_call(q, k, v, mask)))
     grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
     assert spy.dtypes == [native.gemm_dtype(dtype)] and out.dtype == dtype
+    path = native.low_precision_path(dtype)[0]
+    assert f"native block GEMMs in {path}" in explained and "backward: native" in explained
     ref = attnkit.attention(q64, k64, v64, mask=mask, backend="reference")
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do)
     dense = mask.to_dense(200, 300, batch=2)
