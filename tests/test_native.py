@@ -24,9 +24,9 @@ from attnkit.functional import tiled
 from attnkit.functional._call import make_call
 from attnkit.functional.tiled import native
 from attnkit.functional.tiled.plan import native_params
-from attnkit.functional.tiled.strategy import _native_faster, native_ok
+from attnkit.functional.tiled.strategy import _native_faster, choose, native_ok
 
-from conftest import assert_within, under_ci
+from conftest import assert_within, max_err, under_ci
 
 pytestmark = pytest.mark.native  # these tests choose when the native kernel may run
 
@@ -82,18 +82,25 @@ GRID = [name if name in DEFAULT_TIER else pytest.param(name, marks=pytest.mark.s
 
 
 class _Spy:
-    """Counts the native kernel's forward calls."""
+    """Counts the native kernel's forward and backward calls and records the dtype each forward was handed."""
 
     def __init__(self, module):
-        self.module, self.calls = module, 0
+        self.module, self.calls, self.backward_calls, self.dtypes = module, 0, 0, []
 
     def forward(self, *args):
         self.calls += 1
+        self.dtypes.append(args[0].dtype)
         return self.module.forward(*args)
+
+    def backward(self, *args):
+        self.backward_calls += 1
+        return self.module.backward(*args)
 
 
 @pytest.fixture
 def spy(ext, monkeypatch):
+    for dtype in (torch.bfloat16, torch.float16):  # their one-off check runs the real kernel, not the spy
+        native.low_precision_path(dtype)
     watching = _Spy(ext)
     monkeypatch.setattr(native, "_state", {"module": watching, "reason": "built", "tried": True})
     return watching
@@ -117,7 +124,7 @@ def test_smoke_every_dtype_within_the_plain_runs_error(spy, dtype):
 @pytest.mark.parametrize("scale", [0.0, -0.7, 1e-30, 3.0])
 def test_smoke_scales_and_gradients_across_blocks(spy, scale):
     """Zero, negative, tiny and large scales, forward and backward, 200 rows over four 64-row blocks, in float64:
-    equal to the reference backend to 1e-10 (the backward recomputes from the native out and lse)."""
+    equal to the reference backend to 1e-10 (the native backward recomputes from the native out and lse)."""
     mask, bias = MASKS["causal+alibi-per-sequence"]()
     q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=4))
     with tiled.kernel("native"):
@@ -130,8 +137,142 @@ def test_smoke_scales_and_gradients_across_blocks(spy, scale):
     weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     got = torch.autograd.grad((out * weights).sum(), (q, k, v))
     want = torch.autograd.grad((ref * weights).sum(), (q, k, v))
+    assert spy.backward_calls == 1
     for name, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{name}")
+
+
+# -- the native backward (FlashAttention-2 from the saved lse) ------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_native_backward_matches_float64_autograd(spy, name):
+    """dq, dk, dv of a loss on out and lse (rows with no key left out, as users do) through the native backward,
+    against float64 autograd through the reference backend: every mask family the native forward runs, GQA
+    (2 groups), Lq != Lk, Dv != D, rows with no allowed key, several 64-row and 64-key blocks."""
+    mask, bias = MASKS[name]()
+    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=9))
+    with tiled.kernel("native"):
+        assert choose(_call(q, k, v, mask, bias)).native_backward
+        out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
+    ref, ref_lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference", return_lse=True)
+    g = torch.Generator().manual_seed(10)
+    w_out, w_lse = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
+                                                                                        dtype=torch.float64)
+
+    def loss(o, lse_):
+        return (o * w_out).sum() + torch.where(torch.isfinite(lse_), lse_ * w_lse, 0.0).sum()
+
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(ref, ref_lse), (q, k, v))
+    assert spy.backward_calls == 1
+    for which, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{which}")
+
+
+def test_native_backward_of_float32_is_within_the_plain_runs_error(spy):
+    """float32 window with ALiBi and GQA: gradients at most 3x as far from float64 autograd as the float32
+    reference backend's (flash-attn's rule for gradients)."""
+    mask, bias = masks.sliding_window(100, 7), biases.alibi(4)
+    q64, k64, v64 = (t.requires_grad_(True) for t in _qkv(1, 4, 2, 300, 300, 64, 64, seed=11))
+    q, k, v = (t.detach().float().requires_grad_(True) for t in (q64, k64, v64))
+    do = torch.randn(1, 4, 300, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    with tiled.kernel("native"):
+        grads = torch.autograd.grad(attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled"), (q, k, v),
+                                    do.float())
+    assert spy.backward_calls == 1
+    plain = torch.autograd.grad(attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference"), (q, k, v),
+                                do.float())
+    ref = torch.autograd.grad(attnkit.attention(q64, k64, v64, mask=mask, bias=bias, backend="reference"),
+                              (q64, k64, v64), do)
+    for which, a, p, r in zip("qkv", grads, plain, ref):
+        assert_within(max_err(a, r), max_err(p, r), 3, 1e-6, f"d{which}")
+
+
+def test_native_backward_allocates_no_l_by_l_tensor(spy):
+    """A window at L=6000, forward and backward through the native kernel: no op returns a tensor of more than
+    O(L) elements (one (L x L) score matrix would be 36M)."""
+    from test_memory import LargestTensor
+
+    length = 6000
+    q, k, v = (torch.randn(1, 2, length, 32, requires_grad=True) for _ in range(3))
+    with LargestTensor() as probe, tiled.kernel("native"):
+        attnkit.attention(q, k, v, mask=masks.sliding_window(300), backend="tiled").sum().backward()
+    assert spy.calls == 1 and spy.backward_calls == 1
+    assert probe.largest <= 4 * 2 * length * 32, probe.largest
+
+
+# -- bfloat16 / float16: block GEMMs in the low-precision dtype where the CPU has the units ---------------------
+
+LOW_PRECISION_MASKS = {
+    "window": masks.sliding_window(40, 3),
+    "window-bottom-right": masks.sliding_window(64, align="bottom_right"),
+    "document-causal-batch": MASKS["document-causal-batch"]()[0],
+    "causal+padding": masks.causal() & masks.key_padding([250, 17]),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(LOW_PRECISION_MASKS))
+def test_low_precision_within_sdpas_error(spy, dtype, name):
+    """Output and gradients in bfloat16/float16 (GQA, Lq != Lk, several 64-row blocks): against the float64
+    reference, at most 2x (outputs) and 3x (gradients) the error of PyTorch's SDPA run in the same dtype on the
+    same rounded inputs with the dense mask (flash-attn's rule). The kernel takes the dtype
+    :func:`native.gemm_dtype` says: the low-precision one where the CPU has the units, else float32."""
+    mask = LOW_PRECISION_MASKS[name]
+    q64, k64, v64 = (t.to(dtype).double().requires_grad_() for t in _qkv(2, 4, 2, 200, 300, 64, 64, seed=6))
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
+    do = torch.randn(2, 4, 200, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with tiled.kernel("native"):
+        out = attnkit.attention(q, k, v, mask=mask, backend="tiled")
+        explained = str(choose(_call(q, k, v, mask)))
+    grads = torch.autograd.grad(out, (q, k, v), do.to(dtype))
+    assert spy.dtypes == [native.gemm_dtype(dtype)] and out.dtype == dtype
+    path = native.low_precision_path(dtype)[0]
+    assert f"native block GEMMs in {path}" in explained and "backward: native" in explained
+    ref = attnkit.attention(q64, k64, v64, mask=mask, backend="reference")
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), do)
+    dense = mask.to_dense(200, 300, batch=2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                            attn_mask=dense.view(2, -1, 200, 300))
+    sdpa_grads = torch.autograd.grad(sdpa, (q, k, v), do.to(dtype))
+    assert_within(max_err(out, ref), max_err(sdpa, ref), 2, 1e-6, f"{dtype} output")
+    for which, g, sg, rg in zip("qkv", grads, sdpa_grads, ref_grads):
+        assert_within(max_err(g, rg), max_err(sg, rg), 3, 1e-6, f"{dtype} d{which}")
+
+
+def _capabilities(monkeypatch, **flags):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    monkeypatch.setattr(native, "available", lambda: False)  # the decision alone, no self-check
+
+
+def test_low_precision_path_follows_the_cpus_units(monkeypatch):
+    _capabilities(monkeypatch, amx_bf16=True, avx512_bf16=True)
+    path, reason = native.low_precision_path(torch.bfloat16)
+    assert path == "bfloat16" and "AMX-BF16" in reason
+    assert native.low_precision_path(torch.float16)[0] == "float32"
+    _capabilities(monkeypatch, avx512_bf16=True, avx512_fp16=True)
+    assert native.low_precision_path(torch.bfloat16) == ("bfloat16", native.low_precision_path()[1])
+    assert "AVX512-BF16" in native.low_precision_path()[1]
+    assert native.low_precision_path(torch.float16)[0] == "float16"
+    assert native.gemm_dtype(torch.float16) == torch.float16
+    _capabilities(monkeypatch, avx2=True)
+    path, reason = native.low_precision_path(torch.bfloat16)
+    assert path == "float32" and "without amx_bf16 or avx512_bf16" in reason
+    assert native.gemm_dtype(torch.bfloat16) == torch.float32 and native.gemm_dtype(torch.float64) == torch.float64
+    _capabilities(monkeypatch, amx_bf16=True)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert native.low_precision_path(torch.bfloat16)[0] == "float32"
+    with pytest.raises(ValueError, match=r"dtype=torch\.float32 is not a low-precision dtype"):
+        native.low_precision_path(torch.float32)
+
+
+def test_a_low_precision_path_that_fails_its_check_falls_back(monkeypatch):
+    _capabilities(monkeypatch, avx512_bf16=True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(native, "_self_check", lambda name: "max difference 3")
+    path, reason = native.low_precision_path(torch.bfloat16)
+    assert path == "float32" and "failed their check" in reason and "max difference 3" in reason
 
 
 # -- the build cache: names, the lock, concurrent loads (nothing is built) -------------------------------------

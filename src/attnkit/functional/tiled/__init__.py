@@ -29,11 +29,12 @@ the same band of keys are one fused call, and the full part below a causal diago
 the kernel's own ``is_causal`` (see :func:`.plan.band_plan`); the op count is then
 independent of L.
 
-An optional C++ forward (:mod:`.native`, ``kernel("native")``) runs one parallel loop
+An optional C++ kernel (:mod:`.native`, ``kernel("native")``) runs one parallel loop
 over (batch, head, query block) with block GEMMs and arithmetic edge masks, for the masks
-:func:`.plan.native_params` describes. ``kernel("auto")`` uses it for float32 sliding
-windows and causal documents once a build is cached (see :func:`.strategy.choose`); it
-is never required.
+:func:`.plan.native_params` describes, and its own FlashAttention-2 backward over
+(batch, kv head, key block); bfloat16/float16 block GEMMs where the CPU has the units.
+``kernel("auto")`` uses it for float32 sliding windows and causal documents once a build
+is cached (see :func:`.strategy.choose`); it is never required.
 
 Modules: :mod:`.plan` (the per-chunk and the batched plans), :mod:`.kernels`,
 :mod:`.autograd` (the autograd functions), :mod:`.strategy` (the :func:`kernel` switch and

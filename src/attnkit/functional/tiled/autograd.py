@@ -67,12 +67,14 @@ class _Banded(torch.autograd.Function):
 
 
 class _Native(torch.autograd.Function):
-    """The native forward (:mod:`.native`); the backward is the batched fused one (or the per-chunk one)."""
+    """The native forward (:mod:`.native`) and its backward (:func:`_native_backward`, where the strategy says
+    ``native_backward``; else the batched fused one, or the per-chunk one)."""
 
     @staticmethod
     def forward(ctx: Any, call: AttentionCall, strategy: Strategy, params: NativeParams, q: Tensor, k: Tensor,
                 v: Tensor) -> tuple[Tensor, Tensor]:
-        # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype
+        # q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): contiguous, compute dtype or the
+        # low-precision dtype the kernel's block GEMMs take (native.gemm_dtype); lse comes back in fp32
         from attnkit.functional.tiled import native
 
         module: Any = native.load()
@@ -90,14 +92,38 @@ class _Native(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, dout: Tensor | None, dlse: Tensor | None) -> tuple[Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
         call, strategy = ctx.call, ctx.strategy
+        cd = call.compute_dtype  # the backward computes in float32 (float64), whatever the forward's GEMMs took
+        q, k, v, out, lse = (t.to(cd) for t in ctx.saved_tensors)
+        dout = torch.zeros_like(out) if dout is None else dout.to(cd)
+        dlse = None if dlse is None else dlse.to(cd)
+        if strategy.native_backward:
+            return None, None, None, *_native_backward(call, strategy.native, q, k, v, out, lse, dout, dlse)
         hkv, g = call.kv_heads, call.groups
         plan = band_plan(call) if strategy.fused_backward else None
         dq, dk, dv = _recompute_backward(call, strategy, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g),
-                                         _fold(lse, hkv, g), None if dout is None else _fold(dout, hkv, g).contiguous(),
+                                         _fold(lse, hkv, g), _fold(dout, hkv, g).contiguous(),
                                          None if dlse is None else _fold(dlse, hkv, g))
         return None, None, None, _unfold(dq, hkv, g), dk, dv
+
+
+def _native_backward(call: AttentionCall, params: NativeParams, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                     lse: Tensor, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """dq (B, H, Lq, D), dk, dv (B, Hkv, Lk, D|Dv) from the native kernel's backward (FlashAttention-2: the
+    probabilities recomputed from ``lse``, O(L) extra memory); every tensor in the compute dtype."""
+    from attnkit.functional.tiled import native
+
+    module: Any = native.load()
+    # delta_i = rowsum(dO * O); a gradient on lse enters as -dlse (d lse / d s = p).  (B, H, Lq)
+    delta = (dout * out).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse
+    lse_b = torch.where(lse == _NEG_INF, float("inf"), lse)  # rows with no key: every probability 0
+    p = params
+    dq, dk, dv = module.backward(q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(),
+                                 lse_b.contiguous(), delta.contiguous(), call.scale, p.dlo, p.dhi, p.klen, p.q_ids,
+                                 p.kv_ids, p.slopes, p.aoff, native.BLOCK_Q, native.BLOCK_K)
+    return dq, dk, dv
 
 
 class _Tiled(torch.autograd.Function):
@@ -228,8 +254,11 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
     k, v = call.k.to(cd), call.v.to(cd)
     strategy = choose(call)  # once per call; it travels into autograd's context
     if strategy.native is not None:  # GQA by index in the kernel: no folded copy of q
-        out, lse = _Native.apply(call, strategy, strategy.native, call.q.to(cd).contiguous(), k.contiguous(),
-                                 v.contiguous())
+        from attnkit.functional.tiled import native
+
+        gd = native.gemm_dtype(call.q.dtype)  # bfloat16/float16 stay so where the CPU has the units
+        out, lse = _Native.apply(call, strategy, strategy.native,
+                                 *(t.to(gd).contiguous() for t in (call.q, call.k, call.v)))
         return out.to(call.q.dtype), lse
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
     q_rows = _fold(call.q.to(cd), hkv, g)

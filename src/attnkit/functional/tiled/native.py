@@ -1,11 +1,16 @@
-"""The optional native kernel: a C++ forward built once, cached, never required.
+"""The optional native kernel: a C++ forward and backward built once, cached, never required.
 
 ``csrc/attention.cpp`` runs one parallel loop over (batch, head, query block) work items
 with block GEMMs (oneDNN's micro-kernels for float32) and an online softmax, masking only
 the blocks on a mask's edge, arithmetically (see :func:`.plan.native_params` for the masks
-it understands). It is compiled with :func:`torch.utils.cpp_extension.load` and cached in
-torch's extension folder (``TORCH_EXTENSIONS_DIR``) under a name that carries a hash of
-the source, the flags and the torch version, so a stale build is never loaded.
+it understands). bfloat16 and float16 inputs run their block GEMMs in that dtype with fp32
+accumulation where the CPU has the units for it (AMX, AVX512-BF16, AVX512-FP16: oneDNN
+picks the micro-kernel), and in float32 elsewhere; :func:`low_precision_path` says which,
+and why. The softmax statistics are fp32 either way, and the output has the input's dtype.
+
+It is compiled with :func:`torch.utils.cpp_extension.load` and cached in torch's extension
+folder (``TORCH_EXTENSIONS_DIR``) under a name that carries a hash of the source, the flags
+and the torch version, so a stale build is never loaded.
 
 When it is used:
 
@@ -18,8 +23,14 @@ When it is used:
 It is never required. Without a compiler or ninja, or if the build fails, or with
 ``ATTNKIT_NATIVE=0`` in the environment, the pure-PyTorch paths run; the reason is logged
 once at debug level and :func:`native_status` says it. A failed build is not retried in
-the same process. The backward stays the pure-PyTorch recompute backward, from the
-native forward's ``out`` and ``lse``.
+the same process.
+
+The backward is native too, FlashAttention-2 style: one parallel loop over (batch, kv
+head, key block) work items that recomputes the probabilities from the forward's ``lse``
+(five block GEMMs per block pair, in float32 or float64 whatever the forward's dtype), so
+its extra memory is O(L): transposed copies of q, k and dO, and dq's float accumulator.
+dq is summed over key blocks under a lock per query block, so its last bits can vary from
+run to run, as FlashAttention's do.
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
+
+import torch
 
 _LOG = logging.getLogger("attnkit.native")
 _SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
@@ -67,8 +81,6 @@ def build_wanted() -> bool:
 @functools.cache
 def _name() -> str:
     """The extension's name: a hash of the source, the flags, torch and Python, so an edit or an upgrade rebuilds."""
-    import torch
-
     key = b"\0".join([_SOURCE.read_bytes(), " ".join(_CFLAGS).encode(), torch.__version__.encode(),
                       sys.version.encode()])
     return "attnkit_native_" + hashlib.sha256(key).hexdigest()[:16]
@@ -142,6 +154,80 @@ def _ninja_on_path() -> Iterator[None]:
         yield
     finally:
         os.environ["PATH"] = path
+
+
+# The CPU units oneDNN's bfloat16/float16 micro-kernels run on, best first, named as torch.cpu.get_capabilities() does.
+_GEMM_UNITS = {
+    "bfloat16": (("amx_bf16", "AMX-BF16 tiles"), ("avx512_bf16", "AVX512-BF16 instructions")),
+    "float16": (("amx_fp16", "AMX-FP16 tiles"), ("avx512_fp16", "AVX512-FP16 instructions")),
+}
+
+
+def low_precision_path(dtype: torch.dtype = torch.bfloat16) -> tuple[str, str]:
+    """The dtype the native kernel's block GEMMs take for ``dtype`` inputs on this CPU, and why.
+
+    ``dtype``: ``torch.bfloat16`` (default) or ``torch.float16``. Returns ``(path, reason)``: ``path`` is
+    ``dtype``'s name when the block GEMMs run in it, with fp32 accumulation, on oneDNN's micro-kernels for
+    the CPU's AMX tiles or AVX-512 low-precision instructions (taken from ``torch.cpu.get_capabilities()``
+    and ``torch.backends.cpu.get_cpu_capability()``), and ``"float32"`` where the CPU has none of them, oneDNN
+    is off (``torch.backends.mkldnn``), or the kernel, once loaded, failed its check against its own float32
+    path: the inputs are then cast to float32 as for the other kernels. The softmax statistics are float32
+    on both paths and the output has the input's dtype.
+
+    >>> import torch
+    >>> path, reason = low_precision_path(torch.bfloat16)
+    >>> path in ("bfloat16", "float32") and bool(reason)
+    True
+    """
+    name = str(dtype).removeprefix("torch.")
+    if name not in _GEMM_UNITS:
+        raise ValueError(f"low_precision_path: dtype={dtype} is not a low-precision dtype; expected torch.bfloat16 "
+                         f"or torch.float16 (float32 and float64 always compute in their own dtype)")
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return "float32", "oneDNN is unavailable or disabled (torch.backends.mkldnn): float32 block GEMMs"
+    capability = torch.backends.cpu.get_cpu_capability()
+    found = torch.cpu.get_capabilities()
+    units = [label for flag, label in _GEMM_UNITS[name] if found.get(flag)]
+    if not units:
+        flags = " or ".join(flag for flag, _ in _GEMM_UNITS[name])
+        return "float32", (f"torch reports CPU capability {capability} without {flags}: {name} block GEMMs "
+                           f"would be emulated, so they run in float32")
+    failure = _self_check(name) if available() else None
+    if failure:
+        return "float32", f"{name} block GEMMs failed their check against float32 ({failure}): float32 instead"
+    return name, (f"torch reports CPU capability {capability} with {units[0]}: oneDNN's {name} micro-kernels, "
+                  f"fp32 accumulation")
+
+
+def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to hand the native kernel for inputs of ``dtype``: itself for float32, float64 and the
+    low-precision dtypes this CPU runs natively (:func:`low_precision_path`), else float32."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    if dtype in (torch.bfloat16, torch.float16) and low_precision_path(dtype)[0] != "float32":
+        return dtype
+    return torch.float32
+
+
+@functools.cache
+def _self_check(name: str) -> str | None:
+    """Run the loaded kernel once in ``name`` against its float32 path on the same rounded inputs (odd sizes,
+    two key blocks, a window): None if they agree to the dtype's rounding, else what went wrong."""
+    module: Any = _state["module"]
+    dtype = getattr(torch, name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, d, generator=g).to(dtype) for n, d in ((67, 5), (71, 5), (71, 3)))
+    bands = (torch.tensor([-40]), torch.tensor([3]), torch.tensor([71]))
+    rest = (torch.empty(0, 0, dtype=torch.int64), torch.empty(0, 0, dtype=torch.int64), torch.empty(0),
+            torch.zeros(1, dtype=torch.int64), BLOCK_Q, BLOCK_K)
+    try:
+        low, _ = module.forward(q, k, v, 0.4, *bands, *rest)
+        full, _ = module.forward(q.float(), k.float(), v.float(), 0.4, *bands, *rest)
+    except (RuntimeError, AttributeError, TypeError) as exc:  # a TORCH_CHECK in ATen's brgemm, an older build
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0][:200] if first else ''}"
+    err = float((low.float() - full).abs().max())
+    return None if err <= 8 * torch.finfo(dtype).eps else f"max difference {err:.3g}"
 
 
 def native_status() -> str:

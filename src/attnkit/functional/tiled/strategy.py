@@ -100,8 +100,13 @@ class Strategy:
     reasons: tuple[str, ...]
     native: NativeParams | None = None
 
+    @property
+    def native_backward(self) -> bool:
+        """Whether the backward runs in the native kernel: always where the forward does (:mod:`.native`)."""
+        return self.native is not None
+
     def __str__(self) -> str:
-        backward = "fused" if self.fused_backward else "math"
+        backward = "native" if self.native_backward else "fused" if self.fused_backward else "math"
         return "\n".join([f"tiled forward: {self.forward}; backward: {backward} kernel",
                           *(f"  - {r}" for r in self.reasons)])
 
@@ -127,6 +132,12 @@ def choose(call: AttentionCall, *, native: bool = True) -> Strategy:
     params, why_native = _native_choice(call, pinned) if native else (None, "native kernel: not asked")
     reasons.append(why_native)
     if params is not None:
+        if call.q.dtype in (torch.bfloat16, torch.float16):
+            from attnkit.functional.tiled.native import low_precision_path
+
+            reasons.append("native block GEMMs in {}: {}".format(*low_precision_path(call.q.dtype)))
+        reasons.append("backward: the native kernel's (FlashAttention-2: probabilities recomputed from the saved "
+                       "lse, O(L) extra memory, in float32)")
         return Strategy("native", fused_forward, fused_backward, tuple(reasons), params)
     if pinned == "auto" and fused_forward and (not call.requires_grad or fused_backward):
         reasons.append("batched engine: runs of chunks with the same band of keys are one fused call each")

@@ -4,7 +4,9 @@
 // The mask is what attnkit.functional.tiled.plan.native_params describes, per batch element b:
 //   allowed(b, i, j) = dlo[b] <= j - i <= dhi[b]  and  j < klen[b]  and  (no ids or qids[b, i] == kids[b, j])
 // and the bias is ALiBi: -slopes[h] * |i + aoff[b] - j| (none when slopes is empty).
-// Returns out (B, H, Lq, Dv) and lse (B, H, Lq); a row with no allowed key has out 0, lse -inf.
+// Returns out (B, H, Lq, Dv) in q's dtype and lse (B, H, Lq) in the compute dtype (float for bfloat16 and
+// half inputs, whose block GEMMs run on oneDNN's low-precision micro-kernels); a row with no allowed key
+// has out 0, lse -inf.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -14,6 +16,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
@@ -178,7 +182,10 @@ T max_row(const T* row, int64_t n) {
 }
 
 // The two block GEMMs. float: oneDNN's JIT micro-kernels through ATen's brgemm (ATen falls
-// back to its own GEMM on CPUs oneDNN has none for); double: the hand-written loops above.
+// back to its own GEMM on CPUs oneDNN has none for); double: the hand-written loops above;
+// bfloat16 / half (the low-precision path, see forward_impl): oneDNN's micro-kernels with fp32
+// accumulation (AMX or AVX512-BF16 / -FP16 instructions), their right operand in VNNI layout:
+// element (k, n) at ((k / 2) * ldb + n) * 2 + k % 2, K even.
 // scores: s[r, c] = sum_d q[r, d] * kt[d, c], r < nr, c < nc (s has row stride lds, kt ldk).
 inline void scores(const float* q, int64_t D, const float* kt, int64_t ldk, float* s, int64_t lds, int64_t nr,
                    int64_t nc) {
@@ -189,6 +196,11 @@ inline void scores(const double* q, int64_t D, const double* kt, int64_t ldk, do
   constexpr int64_t w = 2 * Vec<double>::W;
   qk_block<double>(q, D, kt, ldk, s, lds, nr, (nc + w - 1) / w * w);
 }
+template <typename In>
+inline void scores(const In* q, int64_t D, const In* kt, int64_t ldk, float* s, int64_t lds, int64_t nr,
+                   int64_t nc) {
+  at::native::cpublas::brgemm(nr, nc, D, D, ldk, lds, false, q, kt, s, true);
+}
 // accumulate: acc[r, :] += sum_c p[r, c] * v[c, :], r < nr, c < nc (p has row stride ldp).
 inline void accumulate(const float* p, int64_t ldp, const float* v, int64_t Dv, float* acc, int64_t nr, int64_t nc) {
   at::native::cpublas::brgemm(nr, Dv, nc, ldp, Dv, Dv, true, p, v, acc, false);
@@ -197,30 +209,131 @@ inline void accumulate(const double* p, int64_t ldp, const double* v, int64_t Dv
                        int64_t nc) {
   pv_block<double>(p, ldp, v, Dv, acc, nr, nc);
 }
+template <typename In>
+inline void accumulate(const In* p, int64_t ldp, const In* v, int64_t Dv, float* acc, int64_t nr, int64_t nc) {
+  at::native::cpublas::brgemm(nr, Dv, nc, ldp, Dv, Dv, true, p, v, acc, true);
+}
 
+// (rows, cols) row-major, row stride ld, into VNNI pairs of rows: out[((r / 2) * cols + c) * 2 + r % 2];
+// out holds rows rounded up to even, and the padding row stays as the caller zeroed it.
+template <typename In>
+void pack_vnni(const In* in, int64_t ld, int64_t rows, int64_t cols, In* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[((r / 2) * cols + c) * 2 + r % 2] = in[r * ld + c];
+}
+
+// The operands every work item reads, laid out once per call. Full precision (In == T): K transposed,
+// (B, Hkv, D, Lk + pad), q scaled as it is copied, v as given. Low precision: K^T in VNNI layout
+// (B, Hkv, De / 2, Lk + pad, 2) with De = D rounded up to even, v in VNNI layout (B, Hkv, Lke / 2, Dv, 2)
+// with Lke = Lk rounded up to even; the padding is zero.
+template <typename T, typename In>
+struct Operands {
+  static constexpr bool low = !std::is_same<T, In>::value;
+  int64_t De, ldk;
+  at::Tensor kt, vv;
+  Operands(const at::Tensor& k, const at::Tensor& v, int64_t bkp) {
+    const int64_t B = k.size(0), Hkv = k.size(1), Lk = k.size(2), D = k.size(3), Dv = v.size(3);
+    De = low ? D + D % 2 : D;
+    ldk = Lk + bkp;  // rows padded so a padded key block never reads past the end
+    if constexpr (!low) {
+      kt = at::zeros({B, Hkv, D, ldk}, k.options());
+      if (Lk > 0) kt.narrow(3, 0, Lk).copy_(k.transpose(2, 3));
+      vv = v;
+    } else {
+      const int64_t Lke = Lk + Lk % 2;
+      kt = at::zeros({B, Hkv, De / 2, ldk, 2}, k.options());
+      vv = at::zeros({B, Hkv, Lke / 2, Dv, 2}, v.options());
+      const In *kp = k.data_ptr<In>(), *vp = v.data_ptr<In>();
+      In *ktp = kt.data_ptr<In>(), *vvp = vv.data_ptr<In>();
+      at::parallel_for(0, B * Hkv, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t bh = b0; bh < b1; ++bh) {
+          In* ktb = ktp + bh * De * ldk;
+          const In* kb = kp + bh * Lk * D;
+          for (int64_t j = 0; j < Lk; ++j)  // kt[d, j] = k[j, d]
+            for (int64_t d = 0; d < D; ++d) ktb[((d / 2) * ldk + j) * 2 + d % 2] = kb[j * D + d];
+          pack_vnni<In>(vp + bh * Lk * Dv, Dv, Lk, Dv, vvp + bh * Lke * Dv);
+        }
+      });
+    }
+  }
+  // Key block j0 of head (b, kh)'s K^T and v, as the block GEMMs read them.
+  const In* kt_block(int64_t bkh, int64_t j0) const {
+    return kt.data_ptr<In>() + bkh * De * ldk + (low ? 2 * j0 : j0);
+  }
+  const In* v_block(int64_t bkh, int64_t Lk, int64_t Dv, int64_t j0) const {
+    return vv.data_ptr<In>() + bkh * (low ? Lk + Lk % 2 : Lk) * Dv + j0 * Dv;
+  }
+};
+
+// The mask and bias of native_params, per batch element b: keys j with lo[b] <= j - i <= hi[b] and j < klen[b],
+// documents (qids, kids; a batch of one broadcasts) and ALiBi slopes per head (none when empty).
 template <typename T>
+struct Band {
+  const int64_t *lo, *hi, *klen, *aoff, *qids = nullptr, *kids = nullptr;
+  int64_t qis = 0, kis = 0;
+  const T* slopes = nullptr;
+  bool docs, alibi;
+  Band(const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen_, const at::Tensor& qids_,
+       const at::Tensor& kids_, const at::Tensor& slopes_, const at::Tensor& aoff_, int64_t Lq, int64_t Lk)
+      : lo(dlo.data_ptr<int64_t>()), hi(dhi.data_ptr<int64_t>()), klen(klen_.data_ptr<int64_t>()),
+        aoff(aoff_.data_ptr<int64_t>()), docs(qids_.numel() > 0), alibi(slopes_.numel() > 0) {
+    if (docs) {
+      qids = qids_.data_ptr<int64_t>();
+      kids = kids_.data_ptr<int64_t>();
+      qis = qids_.size(0) > 1 ? Lq : 0;
+      kis = kids_.size(0) > 1 ? Lk : 0;
+    }
+    if (alibi) slopes = slopes_.data_ptr<T>();
+  }
+  const int64_t* qid(int64_t b, int64_t i) const { return qids + b * qis + i; }
+  const int64_t* kid(int64_t b, int64_t j) const { return kids + b * kis + j; }
+};
+
+// The smallest and largest of ids[0, n).
+inline std::pair<int64_t, int64_t> id_range(const int64_t* ids, int64_t n) {
+  const auto mm = std::minmax_element(ids, ids + n);
+  return {*mm.first, *mm.second};
+}
+
+// One row of a score block, along t < n: ALiBi's -slope * |d0 + step * t| (the distance i + aoff - j), then -inf
+// outside the allowed run [tl, th) (clamped to the row) and, with documents, where other_ids[t] != own_id.
+template <typename T>
+void bias_and_mask_row(T* row, int64_t n, bool alibi, T slope, int64_t d0, int64_t step, bool full, int64_t tl,
+                       int64_t th, const int64_t* other_ids, int64_t own_id) {
+  if (alibi)
+    for (int64_t t = 0; t < n; ++t) row[t] -= slope * T(std::abs(d0 + step * t));
+  if (full) return;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  tl = std::clamp<int64_t>(tl, 0, n);
+  th = std::clamp<int64_t>(th, tl, n);
+  std::fill(row, row + tl, ninf);
+  std::fill(row + th, row + n, ninf);
+  if (other_ids)
+    for (int64_t t = tl; t < th; ++t) row[t] = other_ids[t] == own_id ? row[t] : ninf;
+}
+
+// T: the compute type (the softmax statistics, the accumulator, lse); In: q, k, v and out's type. In == T
+// (float, double) computes in T throughout; In = bfloat16 / half (the low-precision path) runs the block
+// GEMMs on In operands with fp32 accumulation: the scores come out in fp32 and are scaled there, and the
+// probabilities are rounded to In for the second GEMM, as PyTorch's own flash kernel does.
+template <typename T, typename In>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                   const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids,
                   const at::Tensor& kids, const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK,
                   at::Tensor& out, at::Tensor& lse) {
   using V = Vec<T>;
+  constexpr bool low = Operands<T, In>::low;
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
   const int64_t nq = (Lq + BQ - 1) / BQ;
   const int64_t bkp = (BK + 2 * V::W - 1) / (2 * V::W) * (2 * V::W);  // padded key block
-  const int64_t ldk = Lk + bkp;  // kt rows padded so a padded block never reads past the end
-  // K transposed once per call, (B, Hkv, D, Lk + pad): the right operand of every score block.
-  at::Tensor kt = at::zeros({B, Hkv, D, ldk}, k.options());
-  if (Lk > 0) kt.narrow(3, 0, Lk).copy_(k.transpose(2, 3));
-  const T *qp = q.data_ptr<T>(), *vp = v.data_ptr<T>();
-  const T* ktp = kt.data_ptr<T>();
-  T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
-  const int64_t *dlop = dlo.data_ptr<int64_t>(), *dhip = dhi.data_ptr<int64_t>(), *klp = klen.data_ptr<int64_t>();
-  const int64_t *aop = aoff.data_ptr<int64_t>();
-  const bool docs = qids.numel() > 0, alibi = slopes.numel() > 0;
-  const int64_t *qip = docs ? qids.data_ptr<int64_t>() : nullptr, *kip = docs ? kids.data_ptr<int64_t>() : nullptr;
-  const int64_t qis = docs && qids.size(0) > 1 ? Lq : 0, kis = docs && kids.size(0) > 1 ? Lk : 0;
-  const T* slp = alibi ? slopes.data_ptr<T>() : nullptr;
+  const Operands<T, In> ops(k, v, bkp);
+  const int64_t De = ops.De, ldk = ops.ldk;
+  const In* qp = q.data_ptr<In>();
+  In* op = out.data_ptr<In>();
+  T* lp = lse.data_ptr<T>();
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const bool docs = band.docs, alibi = band.alibi;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t total = B * H * nq;
   std::atomic<int64_t> next{0};
@@ -228,78 +341,214 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // One task per thread; each takes work items from a shared counter (dynamic scheduling: a
   // descheduled thread takes fewer items), last query blocks first (they have the most keys under causal).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ), qs(BQ * D);
+    std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ);
+    std::vector<In> qs(BQ * De, In(0)), ps(low ? BQ * bkp : 0, In(0));  // ps: the probabilities, rounded to In
     for (int64_t w = next++; w < total; w = next++) {
       const int64_t qb = nq - 1 - w / (B * H), bh = w % (B * H), b = bh / H, h = bh % H, kh = h / G;
       const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
-      const T* qblk = qp + (bh * Lq + i0) * D;
-      for (int64_t x = 0; x < nr * D; ++x) qs[x] = qblk[x] * T(scale);  // scores come out scaled
-      const T* ktbase = ktp + (b * Hkv + kh) * D * ldk;
-      const T* vbase = vp + (b * Hkv + kh) * Lk * Dv;
-      const int64_t lo = dlop[b], hi = dhip[b];
+      const In* qblk = qp + (bh * Lq + i0) * D;
+      for (int64_t r = 0; r < nr; ++r)  // full precision: the scores come out scaled
+        for (int64_t d = 0; d < D; ++d) qs[r * De + d] = low ? qblk[r * D + d] : In(qblk[r * D + d] * T(scale));
+      const int64_t bkh = b * Hkv + kh;
+      const int64_t lo = band.lo[b], hi = band.hi[b];
       const int64_t jlo = std::max<int64_t>(0, i0 + lo) / BK * BK;  // key blocks aligned to BK
-      const int64_t jhi = std::min<int64_t>({Lk, klp[b], i1 - 1 + hi + 1});
+      const int64_t jhi = std::min<int64_t>({Lk, band.klen[b], i1 - 1 + hi + 1});
       std::fill(acc.begin(), acc.begin() + nr * Dv, T(0));
       std::fill(m.begin(), m.begin() + nr, ninf);
       std::fill(l.begin(), l.begin() + nr, T(0));
-      int64_t qmin = 0, qmax = 0;
-      if (docs) {
-        const int64_t* ids = qip + b * qis + i0;
-        qmin = *std::min_element(ids, ids + nr);
-        qmax = *std::max_element(ids, ids + nr);
-      }
-      const T slope = alibi ? slp[h] : T(0);
-      const int64_t off = aop[b];
+      const auto [qmin, qmax] = docs ? id_range(band.qid(b, i0), nr) : std::pair<int64_t, int64_t>{0, 0};
+      const T slope = alibi ? band.slopes[h] : T(0);
+      const int64_t off = band.aoff[b];
       for (int64_t j0 = jlo; j0 < jhi; j0 += BK) {
         const int64_t j1 = std::min(j0 + BK, jhi), nc = j1 - j0;
         bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
         if (docs) {
-          const int64_t* ids = kip + b * kis + j0;
-          const int64_t kmin = *std::min_element(ids, ids + nc), kmax = *std::max_element(ids, ids + nc);
+          const auto [kmin, kmax] = id_range(band.kid(b, j0), nc);
           if (kmax < qmin || kmin > qmax) continue;  // no document in common: an empty block
           full = full && qmin == qmax && kmin == kmax && qmin == kmin;
         }
-        scores(qs.data(), D, ktbase + j0, ldk, s.data(), bkp, nr, nc);
+        scores(qs.data(), De, ops.kt_block(bkh, j0), ldk, s.data(), bkp, nr, nc);
         for (int64_t r = 0; r < nr; ++r) {
           T* row = s.data() + r * bkp;
           const int64_t i = i0 + r;
-          if (alibi)
-            for (int64_t c = 0; c < nc; ++c) row[c] -= slope * T(std::abs(i + off - (j0 + c)));
-          if (!full) {  // keys j0 + c with lo <= j - i <= hi: the columns [cl, ch)
-            const int64_t cl = std::clamp<int64_t>(i + lo - j0, 0, nc), ch = std::clamp<int64_t>(i + hi - j0 + 1, cl, nc);
-            std::fill(row, row + cl, ninf);
-            std::fill(row + ch, row + nc, ninf);
-            if (docs) {
-              const int64_t qid = qip[b * qis + i];
-              const int64_t* kid = kip + b * kis + j0;
-              for (int64_t c = cl; c < ch; ++c) row[c] = kid[c] == qid ? row[c] : ninf;
-            }
-          }
+          if (low)
+            for (int64_t c = 0; c < nc; ++c) row[c] *= T(scale);
+          // keys j0 + c with lo <= j - i <= hi: the columns [i + lo - j0, i + hi - j0 + 1)
+          bias_and_mask_row<T>(row, nc, alibi, slope, i + off - j0, -1, full, i + lo - j0, i + hi - j0 + 1,
+                               docs ? band.kid(b, j0) : nullptr, docs ? *band.qid(b, i) : 0);
           const T mnew = std::max(m[r], max_row<T>(row, nc));
           if (mnew == ninf) {  // nothing allowed so far in this row: the block adds nothing
             std::fill(row, row + nc, T(0));
-            continue;
+          } else {
+            const T alpha = std::exp(m[r] - mnew);
+            const T sum = exp_row<T>(row, nc, mnew);
+            l[r] = l[r] * alpha + sum;
+            m[r] = mnew;
+            if (alpha != T(1))
+              for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
           }
-          const T alpha = std::exp(m[r] - mnew);
-          const T sum = exp_row<T>(row, nc, mnew);
-          l[r] = l[r] * alpha + sum;
-          m[r] = mnew;
-          if (alpha != T(1))
-            for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
+          if constexpr (low)  // column nc (an odd block's pair partner) stays 0 from the last fill
+            for (int64_t c = 0; c < nc + nc % 2; ++c) ps[r * bkp + c] = c < nc ? In(row[c]) : In(0);
         }
-        accumulate(s.data(), bkp, vbase + j0 * Dv, Dv, acc.data(), nr, nc);
+        if constexpr (low)
+          accumulate(ps.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc + nc % 2);
+        else
+          accumulate(s.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc);
       }
-      T* oblk = op + (bh * Lq + i0) * Dv;
+      In* oblk = op + (bh * Lq + i0) * Dv;
       T* lblk = lp + bh * Lq + i0;
       for (int64_t r = 0; r < nr; ++r) {
         const bool any = l[r] > T(0);
         const T inv = any ? T(1) / l[r] : T(0);
-        for (int64_t e = 0; e < Dv; ++e) oblk[r * Dv + e] = acc[r * Dv + e] * inv;
+        for (int64_t e = 0; e < Dv; ++e) oblk[r * Dv + e] = In(acc[r * Dv + e] * inv);
         lblk[r] = any ? m[r] + std::log(l[r]) : ninf;
       }
     }
+    if constexpr (!std::is_same<T, double>::value) at::native::cpublas::brgemm_release(low);
+  });
+}
+
+// ---- The backward (FlashAttention-2): probabilities recomputed from the saved lse, O(L) extra memory -----------
+//
+// Work items are (batch, kv head, key block): each owns its keys' dk and dv and walks every query block of every
+// query head in its group that can see them, in the transposed layout (rows = keys, columns = queries) so that all
+// five block GEMMs read their operands as stored:
+//   S^T = K Q^T * scale (+ ALiBi, mask)       P^T = exp(S^T - lse)         dV += P^T dO
+//   dP^T = V dO^T                              dS^T = scale * P^T (dP^T - delta)
+//   dK += dS^T Q                               dQ^T = K^T dS^T, added into dq under its query block's lock.
+// delta = rowsum(dO * O) - dlse comes from the caller, and so does lse with +inf for a row with no key (its P is 0).
+
+// C[m, n] (+)= sum_k A[m, k] * B[k, n], every operand row-major with its own row stride.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                 int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, false);
+}
+inline void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda, const double* B, int64_t ldb,
+                 double* C, int64_t ldc, bool add) {
+  for (int64_t m = 0; m < M; ++m) {
+    double* c = C + m * ldc;
+    if (!add) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[m * lda + k];
+      const double* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+// row[r] = exp(row[r] - lse[r]) for r < n.
+template <typename T>
+void exp_minus(T* row, const T* lse, int64_t n) {
+  int64_t r = 0;
+  if constexpr (std::is_same<T, float>::value)
+    for (; r + 8 <= n; r += 8) Vec<float>::store(row + r, vexp(Vec<float>::load(row + r) - Vec<float>::load(lse + r)));
+  for (; r < n; ++r) row[r] = std::exp(row[r] - lse[r]);
+}
+
+// (rows, cols) -> (cols, rows) per leading index, times `mul`: the transposed operands of the backward's GEMMs.
+inline at::Tensor transposed(const at::Tensor& x, double mul) {
+  return (x.transpose(-1, -2) * mul).contiguous();
+}
+
+template <typename T>
+void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                   const at::Tensor& lse, const at::Tensor& delta, double scale, const at::Tensor& dlo,
+                   const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids, const at::Tensor& kids,
+                   const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
+  const int64_t nq = (Lq + BQ - 1) / BQ, nk = (Lk + BK - 1) / BK;
+  const at::Tensor qt = transposed(q, scale), dot = transposed(dout, 1.0), kt = transposed(k, 1.0);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *dop = dout.data_ptr<T>();
+  const T *qtp = qt.data_ptr<T>(), *dotp = dot.data_ptr<T>(), *ktp = kt.data_ptr<T>();
+  const T *lsep = lse.data_ptr<T>(), *dlp = delta.data_ptr<T>();
+  T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const bool docs = band.docs, alibi = band.alibi;
+  std::vector<std::mutex> locks(B * H * nq);  // one per (b, h, query block) of dq
+  const int64_t total = B * Hkv * nk;
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  // Dynamic scheduling as in the forward; first key blocks first (under causal they see the most queries).
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    std::vector<T> st(BK * BQ), dpt(BK * BQ), dka(BK * D), dva(BK * Dv), dqt(D * BQ);
+    for (int64_t w = next++; w < total; w = next++) {
+      const int64_t kb = w / (B * Hkv), bkh = w % (B * Hkv), b = bkh / Hkv, kh = bkh % Hkv;
+      const int64_t lo = band.lo[b], hi = band.hi[b];
+      const int64_t j0 = kb * BK, j1 = std::min<int64_t>({j0 + BK, Lk, band.klen[b]}), nc = j1 - j0;
+      if (nc <= 0) continue;  // keys past this sequence's length: their gradients stay 0
+      const int64_t ilo = std::max<int64_t>(0, j0 - hi), ihi = std::min<int64_t>(Lq, j1 - 1 - lo + 1);
+      if (ilo >= ihi) continue;
+      const auto [kmin, kmax] = docs ? id_range(band.kid(b, j0), nc) : std::pair<int64_t, int64_t>{0, 0};
+      std::fill(dka.begin(), dka.begin() + nc * D, T(0));
+      std::fill(dva.begin(), dva.begin() + nc * Dv, T(0));
+      const T* kblk = kp + (bkh * Lk + j0) * D;
+      const T* vblk = vp + (bkh * Lk + j0) * Dv;
+      for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+        const int64_t bh = b * H + h;
+        const T slope = alibi ? band.slopes[h] : T(0);
+        for (int64_t qb = ilo / BQ; qb * BQ < ihi; ++qb) {
+          const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
+          bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
+          if (docs) {
+            const auto [qmin, qmax] = id_range(band.qid(b, i0), nr);
+            if (kmax < qmin || kmin > qmax) continue;  // no document in common
+            full = full && qmin == qmax && kmin == kmax && qmin == kmin;
+          }
+          gemm(nc, nr, D, kblk, D, qtp + bh * D * Lq + i0, Lq, st.data(), BQ, false);  // S^T, scaled
+          const T* lrow = lsep + bh * Lq + i0;
+          for (int64_t c = 0; c < nc; ++c) {
+            T* row = st.data() + c * BQ;
+            const int64_t j = j0 + c;
+            // queries i0 + r with lo <= j - i <= hi: the columns [j - hi - i0, j - lo - i0 + 1)
+            bias_and_mask_row<T>(row, nr, alibi, slope, i0 + band.aoff[b] - j, 1, full, j - hi - i0, j - lo - i0 + 1,
+                                 docs ? band.qid(b, i0) : nullptr, docs ? *band.kid(b, j) : 0);
+            exp_minus<T>(row, lrow, nr);  // P^T
+          }
+          const T* doblk = dop + (bh * Lq + i0) * Dv;
+          gemm(nc, Dv, nr, st.data(), BQ, doblk, Dv, dva.data(), Dv, true);  // dV += P^T dO
+          gemm(nc, nr, Dv, vblk, Dv, dotp + bh * Dv * Lq + i0, Lq, dpt.data(), BQ, false);  // dP^T = V dO^T
+          const T* drow = dlp + bh * Lq + i0;
+          for (int64_t c = 0; c < nc; ++c) {  // dS^T = scale * P^T (dP^T - delta), over dP^T
+            const T* p = st.data() + c * BQ;
+            T* g = dpt.data() + c * BQ;
+            for (int64_t r = 0; r < nr; ++r) g[r] = T(scale) * p[r] * (g[r] - drow[r]);
+          }
+          gemm(nc, D, nr, dpt.data(), BQ, qp + (bh * Lq + i0) * D, D, dka.data(), D, true);  // dK += dS^T Q
+          gemm(D, nr, nc, ktp + bkh * D * Lk + j0, Lk, dpt.data(), BQ, dqt.data(), BQ, false);  // dQ^T = K^T dS^T
+          T* dqblk = dqp + (bh * Lq + i0) * D;
+          std::lock_guard<std::mutex> guard(locks[bh * nq + qb]);
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t d = 0; d < D; ++d) dqblk[r * D + d] += dqt[d * BQ + r];
+        }
+      }
+      std::copy(dka.begin(), dka.begin() + nc * D, dkp + (bkh * Lk + j0) * D);
+      std::copy(dva.begin(), dva.begin() + nc * Dv, dvp + (bkh * Lk + j0) * Dv);
+    }
     if constexpr (std::is_same<T, float>::value) at::native::cpublas::brgemm_release(false);
   });
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, double scale,
+                                 const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
+                                 const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
+                                 const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && dout.dim() == 4, "q, k, v, dout must be 4-D");
+  for (const at::Tensor* t : {&q, &k, &v, &dout, &lse, &delta}) {
+    TORCH_CHECK(t->is_contiguous(), "the backward's tensors must be contiguous");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "the backward's tensors must share q's dtype");
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "the backward computes in float or double");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
+    backward_impl<scalar_t>(q, k, v, dout, lse, delta, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q,
+                            block_k, dq, dk, dv);
+  });
+  return {dq, dk, dv};
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
@@ -311,11 +560,14 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  const bool low = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
+  TORCH_CHECK(!low || block_k % 2 == 0, "bfloat16/half need an even key block (VNNI pairs of keys)");
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
-  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_forward", [&] {
-    forward_impl<scalar_t>(q, k, v, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q, block_k,
-                           out, lse);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(low ? at::kFloat : q.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attnkit_native_forward", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    forward_impl<T, scalar_t>(q, k, v, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q, block_k,
+                              out, lse);
   });
   return {out, lse};
 }
@@ -324,4 +576,5 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "attnkit native tiled attention forward: (out, lse)");
+  m.def("backward", &backward, "attnkit native tiled attention backward from out's delta and lse: (dq, dk, dv)");
 }
