@@ -313,9 +313,9 @@ class TranslateResult:
             f"{c['ambiguous_at_sense']:.3f} on 'bank' itself while producing 'rive', and "
             f"{float(self.banque_mass[layer, head]):.3f} on the context word while producing 'banque'.")
         lines.append(self._intervention_line())
-        lines.append(f"Encoder probe: a linear probe fitted on the training sentences reads the sense of 'bank' from "
-                     f"the encoder output at 'bank' in {_percent(probe['held_out'])} of "
-                     f"{probe['held_out_sentences']} held-out sentences (50% is a coin flip).")
+        lines.append(f"Encoder probe: a linear probe reads the sense of 'bank' from the encoder output at 'bank' in "
+                     f"{_percent(probe['test'])} of {probe['test_sentences']} sentences it was not fitted on "
+                     f"(50% is a coin flip).")
         lines.append(self._lesson())
         for example in self.examples:
             verdict = "right" if example["correct"] else f"wrong: the reference is '{example['reference']}'"
@@ -489,9 +489,9 @@ def _blocked(probes: list[Sentence], width: int, positions: list[int]) -> Tensor
 def _intervention(model: EncoderDecoder, corpus: Corpus, probes: list[Sentence], seed: int) -> dict[str, dict]:
     """How often the sense choice flips when cross-attention cannot see the context word,
     against a random other source word (neither the context nor the ambiguous word), over
-    the probes the intact model gets right: for all probes, and split by where the
-    context word sits (after the ambiguous word, or before it, where the decoder has
-    already written its translation and can read it there)."""
+    the probes the intact model gets right: for all probes, split by where the context
+    word sits (after the ambiguous word, or before it, where the decoder has already
+    written its translation and could read it there), and per sense."""
     rng = random.Random(seed + 5)
     width = max(len(s.english) for s in probes)
     context = [s.context_index for s in probes]
@@ -502,7 +502,9 @@ def _intervention(model: EncoderDecoder, corpus: Corpus, probes: list[Sentence],
     no_other = _right_sense(model, corpus, probes, _blocked(probes, width, other))
     after = torch.tensor([c > a for c, a in zip(context, amb)])  # type: ignore[operator]
     out = {}
-    for name, rows in (("all", torch.ones_like(after)), ("context_after", after), ("context_before", ~after)):
+    groups = [("all", torch.ones_like(after)), ("context_after", after), ("context_before", ~after)]
+    groups += [(sense, torch.tensor([s.sense == sense for s in probes])) for sense in SENSES]
+    for name, rows in groups:
         base = intact & rows
         n = int(base.sum())
         out[name] = {"probes": int(rows.sum()), "right": n,
@@ -511,37 +513,37 @@ def _intervention(model: EncoderDecoder, corpus: Corpus, probes: list[Sentence],
     return out
 
 
-def _probe(model: EncoderDecoder, corpus: Corpus, word: str) -> dict[str, float]:
+def _probe(model: EncoderDecoder, corpus: Corpus, word: str, seed: int) -> dict[str, float]:
     """A logistic-regression probe for the sense of ``word`` on the encoder output at
-    ``word``: fitted on the training sentences, scored on the held-out ones (a sense,
-    context word and template never seen together)."""
-    def features(sentences: list[Sentence]) -> tuple[Tensor, Tensor]:
-        src, valid, _, _ = corpus.encode(sentences)
-        with torch.no_grad():
-            memory = model.encode(src, valid)  # (B, S, E)
-        at = torch.tensor([s.english.index(word) for s in sentences])
-        labels = torch.tensor([float(s.sense == sorted(AMBIGUOUS[word])[0]) for s in sentences])
-        return memory[torch.arange(len(sentences)), at].double(), labels.double()
-
-    x, y = features([s for s in corpus.train if s.ambiguous == word])
-    mean, std = x.mean(0), x.std(0) + 1e-6
+    ``word``: fitted on a random three quarters of the sentences with ``word`` (seen and
+    held-out alike; both senses occur in every template), scored on the other quarter. The
+    senses are balanced, so 50% is a coin flip: an encoder output that holds only the
+    token and its position (``encoder="none"``) cannot beat it."""
+    sentences = [s for s in corpus.train + corpus.held_out if s.ambiguous == word]
+    random.Random(seed + 7).shuffle(sentences)
+    src, valid, _, _ = corpus.encode(sentences)
+    with torch.no_grad():
+        memory = model.encode(src, valid)  # (B, S, E)
+    at = torch.tensor([s.english.index(word) for s in sentences])
+    x = memory[torch.arange(len(sentences)), at].double()  # (B, E)
+    y = torch.tensor([float(s.sense == sorted(AMBIGUOUS[word])[0]) for s in sentences], dtype=torch.float64)
+    fit = 3 * len(sentences) // 4
+    mean, std = x[:fit].mean(0), x[:fit].std(0) + 1e-6
     x = (x - mean) / std
     weight = torch.zeros(x.shape[1] + 1, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight], max_iter=100, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         optimizer.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(x @ weight[:-1] + weight[-1], y) + 1e-3 * weight[:-1].square().sum()
+        logits = x[:fit] @ weight[:-1] + weight[-1]
+        loss = F.binary_cross_entropy_with_logits(logits, y[:fit]) + 1e-3 * weight[:-1].square().sum()
         loss.backward()
         return loss
 
     optimizer.step(closure)
-    held_x, held_y = features([s for s in corpus.held_out if s.ambiguous == word])
     with torch.no_grad():
-        train_acc = float(((x @ weight[:-1] + weight[-1] > 0).double() == y).double().mean())
-        held = ((held_x - mean) / std) @ weight[:-1] + weight[-1]
-        return {"train": train_acc, "held_out": float(((held > 0).double() == held_y).double().mean()),
-                "held_out_sentences": len(held_y)}
+        right = ((x @ weight[:-1] + weight[-1] > 0).double() == y).double()
+    return {"fit": float(right[:fit].mean()), "test": float(right[fit:].mean()), "test_sentences": len(y) - fit}
 
 
 def _example(model: EncoderDecoder, corpus: Corpus, english: str) -> dict:
@@ -567,7 +569,7 @@ def _showcase(model: EncoderDecoder, corpus: Corpus) -> str:
     """:data:`SHOWCASE` when the model translates it right, else the shortest "rive"
     sentence it translates right (a short run may get the showcase wrong), else the showcase."""
     candidates = sorted((s for s in corpus.held_out + corpus.train if s.sense == "rive"),
-                        key=lambda s: (len(s.english), s not in corpus.held_out))
+                        key=lambda s: (len(s.english), s not in corpus.held_out))[:64]  # the shortest suffice
     src, valid, tgt_in, _ = corpus.encode(candidates)
     out = model.generate(src, tgt_in.shape[1] + 2, bos=BOS, eos=EOS, src_padding_mask=valid)
     right = [" ".join(s.english) for s, ids in zip(candidates, out.tolist()) if tuple(corpus.words(ids)) == s.french]
@@ -583,7 +585,7 @@ def _analyse(model: EncoderDecoder, corpus: Corpus, config: TranslateConfig, res
     result.controls = {**_controls(model, corpus, rive, layer, head), "uniform": result.uniform}
     every = [s for sense in SENSES for s in _probes(corpus, config, sense)]
     result.intervention = _intervention(model, corpus, every, config.seed)
-    result.probe = _probe(model, corpus, "bank")
+    result.probe = _probe(model, corpus, "bank", config.seed)
 
 
 def train_translation(config: TranslateConfig | None = None,
