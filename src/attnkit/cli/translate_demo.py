@@ -10,12 +10,8 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from attnkit.cli._common import Column, Console, Parser, Subparsers, positive
-
-if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
-    from attnkit.demos.translate import TranslateResult
 
 STEPS, FAST_STEPS = 400, 120
 ENCODERS = ("mixing", "none")  # attnkit.demos.translate.ENCODERS, without importing torch for --help
@@ -38,11 +34,6 @@ def add_parser(sub: Subparsers) -> Parser:
                    help="torch threads while training (a model this small is fastest on one)")
     p.set_defaults(run=run)
     return p
-
-
-def summary(result: TranslateResult) -> list[str]:
-    """The findings in words, one paragraph per line (:meth:`TranslateResult.findings`)."""
-    return result.findings()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     con.table("cross-attention mass on the context word, per head", [Column("layer", right=True),
               Column("head", right=True), Column("producing 'rive'", right=True),
               Column("producing 'banque'", right=True)], rows)
-    for line in summary(result):
+    for line in result.findings():
         con.print(line)
     html = write_example_report(result, out / "translate.html")
     con.print(f"wrote {html}: the cross-attention of the example, opened on layer {result.rive_head()[0]} head "
