@@ -4,6 +4,8 @@ tier); the --fast setting and the claim over several seeds with the real trainin
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 
 import pytest
@@ -127,18 +129,22 @@ def test_the_evidence_is_reported_in_range(brief):
 
 def test_hiding_a_source_word_from_cross_attention_is_decoding_without_it(one_thread):
     """The intervention's mechanism, against an independent route: cross-attention has no
-    positions, so hiding source token j with decode's cross_mask must equal decoding from
-    the encoder output with row j deleted (float64)."""
+    positions, so hiding source token j with decode's cross_mask must equal decoding each
+    sentence alone from its encoder output with row j (and its padding) deleted, in
+    float64. As in the demo, the batch is padded and each sentence hides another word, so
+    the padding mask and the cross mask act together."""
     torch.manual_seed(0)
     model = EncoderDecoder(EncoderDecoderConfig(src_vocab_size=11, tgt_vocab_size=13, dim=16, num_heads=2)).double()
     src, tgt = torch.randint(3, 11, (2, 6)), torch.randint(3, 13, (2, 4))
-    memory = model.encode(src)
-    keep = torch.ones(2, 6, dtype=torch.bool)
-    keep[:, 3] = False
-    hidden = model.decode(tgt, memory, cross_mask=masks.key_padding(valid=keep))
-    without = model.decode(tgt, memory[:, keep[0]])
-    torch.testing.assert_close(hidden, without, rtol=0, atol=1e-12)
-    assert not torch.allclose(hidden, model.decode(tgt, memory))  # the hidden word mattered
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])  # the second sentence: 4 words and 2 pads
+    memory = model.encode(src, valid)
+    keep = valid.clone()
+    keep[0, 3] = keep[1, 1] = False
+    hidden = model.decode(tgt, memory, src_padding_mask=valid, cross_mask=masks.key_padding(valid=keep))
+    for b in range(2):
+        without = model.decode(tgt[b:b + 1], memory[b:b + 1, keep[b]])
+        torch.testing.assert_close(hidden[b:b + 1], without, rtol=0, atol=1e-12)
+    assert not torch.allclose(hidden, model.decode(tgt, memory, src_padding_mask=valid))  # the hidden words mattered
 
 
 def test_encoder_without_mixing_keeps_each_position_to_its_own_token(one_thread):
@@ -157,6 +163,35 @@ def test_encoder_without_mixing_keeps_each_position_to_its_own_token(one_thread)
     assert not torch.allclose(mixing.encode(src)[0, 1], mixing.encode(other)[0, 1])  # the control: it mixes
     with pytest.raises(ValueError, match="encoder_window must be >= 1"):
         EncoderDecoderConfig(src_vocab_size=11, tgt_vocab_size=13, encoder_window=0)
+
+
+def _with(result, encoder="mixing", probe=1.0, **flips):
+    """``result`` with the measurements the lesson reads replaced: ``flips`` per group
+    (``all`` and the senses, the rest 0), the probe's test accuracy, the encoder setting."""
+    result = copy.copy(result)
+    result.config = dataclasses.replace(result.config, encoder=encoder)
+    result.intervention = {name: {"probes": 24, "right": 24, "flip_context": flips.get(name, 0.0), "flip_other": 0.0}
+                           for name in ("all", "context_after", "context_before", *SENSES)}
+    result.probe = {**result.probe, "test": probe}
+    return result.findings()
+
+
+def test_the_lesson_claims_only_what_the_measurements_give(brief):
+    """The lesson line follows the intervention and the probe it is given, not the setting's
+    expected story: a mixing encoder under which one sense still flips often, or whose probe
+    reads nothing, is not described as settling the sense in the encoder."""
+    settled = _with(brief)[-len(brief.examples) - 1]  # the lesson precedes the example lines
+    assert "rarely changes the choice" in settled and "the probe reads the sense" in settled
+    banque = _with(brief, all=0.12, banque=0.46)[-len(brief.examples) - 1]
+    assert "rarely" not in banque and "46.0% of the 'banque' choices" in banque
+    blind = _with(brief, probe=0.5)[-len(brief.examples) - 1]
+    assert "in only 50.0%" in blind and "and the probe reads" not in blind
+    guess = _with(brief, "none", all=0.5, rive=1.0, batte=1.0)[-len(brief.examples) - 1]
+    assert "hiding it flips 50.0% of the choices" in guess and "--encoder none" in guess
+    kept = _with(brief, "none", all=0.05)[-len(brief.examples) - 1]
+    assert "yet hiding it flips only 5.0%" in kept and "undersells" not in kept
+    nothing = _with(brief, all=None)[-len(brief.examples) - 1]
+    assert "says nothing" in nothing
 
 
 @pytest.mark.slow

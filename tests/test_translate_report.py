@@ -101,5 +101,22 @@ def test_page_opens_on_the_reported_head_at_the_sense_step_with_the_pngs_row_lab
     figures = watch.page.eval_on_selector_all(".akx-figures li", "items => items.map((li) => li.textContent)")
     assert figures == trained.findings()
     watch.assert_clean()
-    png = trained.plot(tmp_path / "translate.png")
-    assert png_rgb(png).shape[1] > png_rgb(png).shape[0]  # one panel per example side by side, and a colour bar
+    assert _has_gray_colour_bar(png_rgb(trained.plot(tmp_path / "translate.png")))
+
+
+def _has_gray_colour_bar(rgb) -> bool:
+    """A colour bar of the gray map: some pixel column holds a vertical run of 100 px or more
+    of neutral gray that darkens step by step from white (>= 250) to black (<= 5) through 50
+    or more levels. Heatmap cells cannot: each is one flat gray, a dozen to a panel."""
+    import numpy as np
+
+    gray, neutral = rgb[..., 0], rgb.max(-1) - rgb.min(-1) <= 2
+    for x in range(gray.shape[1]):
+        # breaks: where the run cannot continue from the pixel above (brighter, or not gray)
+        steps = (gray[1:, x] <= gray[:-1, x]) & neutral[1:, x] & neutral[:-1, x]
+        starts = np.flatnonzero(np.concatenate(([True], ~steps)))
+        for start, stop in zip(starts, [*starts[1:], len(steps) + 1]):
+            run = gray[start:stop, x]
+            if len(run) >= 100 and run[0] >= 250 and run[-1] <= 5 and len(np.unique(run)) >= 50:
+                return True
+    return False
