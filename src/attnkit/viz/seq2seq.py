@@ -79,7 +79,8 @@ def seq2seq_data(maps: Seq2SeqMaps, input_index: int = 0, *, title: str | None =
     index = _input(maps, input_index, Seq2SeqMaps)
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None; got {describe(title)}")
-    if isinstance(figures, str) or not all(isinstance(line, str) for line in figures):
+    lines = None if isinstance(figures, str) else list(figures)  # a generator is read once, here
+    if lines is None or not all(isinstance(line, str) for line in lines):
         raise TypeError(f"figures must be a sequence of str lines; got {describe(figures)}")
     budget = require_int("max_bytes", max_bytes, minimum=3)
     source = [str(t) for t in maps.encoder.tokens[index]]
@@ -98,7 +99,7 @@ def seq2seq_data(maps: Seq2SeqMaps, input_index: int = 0, *, title: str | None =
                                   progress=step, focus=None if name == "encoder" else focus,
                                   view=view if name == "cross" else None)
     return {"format": 1, "kind": "seq2seq", "title": parts["cross"]["title"], "model": maps.cross.model_name,
-            "source": source, "target": target, "figures": list(figures), "parts": parts}
+            "source": source, "target": target, "figures": lines, "parts": parts}
 
 
 def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: int | None = None,
