@@ -28,7 +28,8 @@ def add_parser(sub: Subparsers) -> Parser:
                    help="the encoder's self-attention: 'mixing' (every source word reads every other, so 'bank' "
                         "can read 'river' before the decoder does) or 'none' (each source position keeps only its "
                         "own token and position, so cross-attention must find the context word) (default: mixing)")
-    p.add_argument("--out", default="translate-demo", help="directory for translate.json and translate.png")
+    p.add_argument("--out", default="translate-demo",
+                   help="directory for translate.json, translate.html and translate.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--threads", type=positive, default=1,
                    help="torch threads while training (a model this small is fastest on one)")

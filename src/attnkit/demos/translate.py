@@ -401,10 +401,11 @@ class TranslateResult:
         al. 2015, Fig. 3: rows the French words produced (the row labelled "rive" is the
         step that writes "rive", as on the HTML page), columns the English source, grayscale
         (white = all the attention, black = none) with a colour bar, for the reported head;
-        the sense word's row label is bold. Needs matplotlib (``attnkit[plot]``)."""
+        the sense word's row label is bold, and the caption says why that head (its mean
+        mass on the context word). Needs matplotlib (``attnkit[plot]``)."""
         plt = pyplot()
         path = Path(path)
-        layer, head, _ = self.rive_head()
+        layer, head, mass = self.rive_head()
         fig, axes = plt.subplots(1, len(self.examples), figsize=(4.2 * len(self.examples) + 1, 4.6), squeeze=False,
                                  layout="constrained")
         for ax, example in zip(axes[0], self.examples):
@@ -421,7 +422,9 @@ class TranslateResult:
             ax.set_xlabel(f"{example['translation']}\n({verdict})", fontsize=8)
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
         fig.suptitle(f"cross-attention of layer {layer} head {head}, encoder: {self.config.encoder} (rows: the French "
-                     f"word produced at that step; columns: the English source)", fontsize=9)
+                     f"word produced at that step; columns: the English source)\nthe head with the most attention on "
+                     f"the context word while producing 'rive': {mass:.3f} over the probes, "
+                     f"{mass / self.uniform:.1f}x uniform", fontsize=9)
         fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the caption and labels are never cut
         plt.close(fig)
         return path
