@@ -1,8 +1,9 @@
 """The translation example's figures: `attnkit translate-demo` over several seeds, with the
 encoder's self-attention on ("mixing", the default) and off ("none").
 
-    python benchmarks/translate.py            # 5 seeds x 2 encoders, about 2 to 4 minutes on 2 cores
-    python benchmarks/translate.py --quick    # 2 seeds at --fast's 120 steps (a smoke test)
+    python benchmarks/translate.py            # 5 seeds x 2 encoders: 10 runs of 45 to 90 s on the loaded
+                                              # 2-core EPYC (--variants' 20 runs took 876 s on 2026-12-08)
+    python benchmarks/translate.py --quick    # 2 seeds at --fast's 120 steps, a smoke test; writes nothing
     python benchmarks/translate.py --variants # also: one decoder layer (one cross-attention layer); one head
 
 Each run trains the demo's EncoderDecoder (the CLI's default steps, one torch thread as the
@@ -13,7 +14,8 @@ count how often the sense the model scores higher flips, against hiding a random
 word); and a linear probe for the sense on the encoder output at "bank". The markdown gives
 each seed and the range over seeds. Writes benchmarks/results/translate.json and translate.md
 (or into ``--out``) and the alignment heatmaps of seed 0 into docs/img/translate.png (mixing)
-and docs/img/translate-none.png (``--png-dir``). The JSON notes the machine and its load
+and docs/img/translate-none.png (``--png-dir``); ``--quick`` writes nothing unless ``--out``
+or ``--png-dir`` is given. The JSON notes the machine and its load
 average before and after (``os.getloadavg()``): the training time depends on it, the figures
 do not.
 """
@@ -97,11 +99,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"2 seeds at {FAST_STEPS} steps (a smoke test)")
     parser.add_argument("--variants", action="store_true",
                         help="also train with one decoder layer and with one head (encoder 'none')")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--png-dir", type=Path, default=ROOT / "docs" / "img")
+    parser.add_argument("--out", type=Path, help=f"results directory (default {RESULTS}; none with --quick)")
+    parser.add_argument("--png-dir", type=Path, help="directory for the PNGs (default docs/img; none with --quick)")
     args = parser.parse_args()
     steps, seeds = (FAST_STEPS, [0, 1]) if args.quick else (STEPS, list(range(args.seeds)))
-    args.png_dir.mkdir(parents=True, exist_ok=True)
+    png_dir = args.png_dir or (None if args.quick else ROOT / "docs" / "img")
+    if png_dir is not None:
+        png_dir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     torch.set_num_threads(1)
     cases = [(encoder, "default") for encoder in ENCODERS]
@@ -114,8 +118,8 @@ def main() -> None:
             result = train_translation(config)
             runs.setdefault(label, []).append(_run(result))
             print(f"{label}, seed {seed}: {result.seconds:.0f} s", file=sys.stderr)
-            if seed == 0 and variant == "default":
-                result.plot(args.png_dir / ("translate.png" if encoder == "mixing" else "translate-none.png"))
+            if png_dir is not None and seed == 0 and variant == "default":
+                result.plot(png_dir / ("translate.png" if encoder == "mixing" else "translate-none.png"))
             probes = result.intervention["all"]["probes"]
     load_after = os.getloadavg()
     info = machine_info(f"load average {load_before[0]:.1f} before the run and {load_after[0]:.1f} after, "
@@ -124,7 +128,8 @@ def main() -> None:
             "seeds": seeds, "probes": probes, "runs": runs}
     markdown = render(data)
     print(markdown)
-    save("translate", data, markdown, args.out)
+    if args.out or not args.quick:
+        save("translate", data, markdown, args.out or RESULTS)
 
 
 if __name__ == "__main__":
