@@ -82,6 +82,10 @@ def test_seq2seq_data_has_the_three_parts_and_checks_its_arguments():
         seq2seq_data(maps.cross)
     with pytest.raises(TypeError, match="title must be a str"):
         report_html(maps, title=3)
+    assert data["figures"] == [] and seq2seq_data(maps, figures=(f for f in "ab"))["figures"] == ["a", "b"]
+    for bad in ("one line", ["a", 3]):
+        with pytest.raises(TypeError, match="figures must be a sequence of str lines"):
+            seq2seq_data(maps, figures=bad)
 
 
 def test_generation_data_adds_the_last_token_and_needs_new_tokens_for_a_decoder():
@@ -112,9 +116,12 @@ def open_page(watched_page, tmp_path):
 
 def test_seq2seq_page_draws_cross_attention_whose_values_are_the_maps(open_page):
     maps = toy_seq2seq()
-    watch = open_page(maps, "window.attnkitSeq2Seq", tolerance=0.0)
+    figures = [f"the head reads {XSS_IMG}", XSS_SCRIPT]
+    watch = open_page(maps, "window.attnkitSeq2Seq", tolerance=0.0, figures=figures)
     page = watch.page
     cross = "attnkitSeq2Seq.parts.cross"
+    # the findings above the picture are text, never markup
+    assert page.eval_on_selector_all(".akx-figures li", "items => items.map((li) => li.textContent)") == figures
     page.evaluate(f"{cross}.set({{layer: 1, heads: [0, 2], tab: 'matrix'}})")
     want = maps.cross.attentions[0].double()[1, [0, 2]].mean(0)  # (T, S)
     for i in range(len(TARGET)):

@@ -1,21 +1,20 @@
 """``attnkit translate-demo``: train a small encoder-decoder to translate template English into
-French on a CPU, and show that its cross-attention reads "river" when it writes "rive" for
-"bank". Prints the held-out accuracy and the heads' cross-attention on the context word;
-writes translate.json and the alignment heatmap translate.png into ``--out``."""
+French on a CPU, and test whether its cross-attention reads "river" when it writes "rive" for
+"bank": the heads' attention on the context word against controls, and an intervention
+(hide the context word from cross-attention: does the sense flip?). ``--encoder none``
+removes the encoder's self-attention, so the decoder must find the context word itself.
+Writes translate.json, the page translate.html and the alignment heatmap translate.png
+into ``--out``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from attnkit.cli._common import Column, Console, Parser, Subparsers, positive
 
-if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
-    from attnkit.demos.translate import TranslateResult
-
 STEPS, FAST_STEPS = 400, 120
-_SENSES = {"bank": ("rive", "banque"), "bat": ("chauve-souris", "batte")}
+ENCODERS = ("mixing", "none")  # attnkit.demos.translate.ENCODERS, without importing torch for --help
 
 
 def add_parser(sub: Subparsers) -> Parser:
@@ -25,39 +24,17 @@ def add_parser(sub: Subparsers) -> Parser:
                    help=f"training steps (default: {STEPS}; --fast: {FAST_STEPS})")
     p.add_argument("--fast", action="store_true", help=f"the quick setting ({FAST_STEPS} steps), as run in CI")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out split, the weights and the batches")
-    p.add_argument("--out", default="translate-demo", help="directory for translate.json and translate.png")
+    p.add_argument("--encoder", choices=ENCODERS, default="mixing",
+                   help="the encoder's self-attention: 'mixing' (every source word reads every other, so 'bank' "
+                        "can read 'river' before the decoder does) or 'none' (each source position keeps only its "
+                        "own token and position, so cross-attention must find the context word) (default: mixing)")
+    p.add_argument("--out", default="translate-demo",
+                   help="directory for translate.json, translate.html and translate.png")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     p.add_argument("--threads", type=positive, default=1,
                    help="torch threads while training (a model this small is fastest on one)")
     p.set_defaults(run=run)
     return p
-
-
-def _percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
-def summary(result: TranslateResult) -> list[str]:
-    """The findings in words, one paragraph per line."""
-    acc, counts = result.accuracy, result.counts
-    layer, head, mass = result.rive_head()
-    banque = float(result.banque_mass[layer, head])
-    lines = [f"held-out translations (sense, context word and template never seen together in training): "
-             f"{_percent(acc['all'])} exact of {counts['all']} sentences."]
-    for word in ("bank", "bat"):
-        parts = ", ".join(f"{s} {_percent(acc[s])} of {counts[s]}" for s in _SENSES[word] if s in acc)
-        lines.append(f"'{word}' translated with the right sense in {_percent(acc[word])} of {counts[word]} ({parts}).")
-    also = ("so it reads the deciding word for either sense" if banque > 2 * result.banque_uniform
-            else "so it reads the context word mainly for 'rive'")
-    lines.append(f"while producing 'rive', layer {layer} head {head} puts {mass:.3f} of its cross-attention on the "
-                 f"context word (river, stream or shore): {mass / result.uniform:.1f}x uniform attention "
-                 f"({result.uniform:.3f} = 1/source length). Producing 'banque', the same head puts {banque:.3f} on "
-                 f"the context word (money, loan or account; uniform {result.banque_uniform:.3f}), {also}.")
-    for example in result.examples:
-        note = "held out of training" if example["held_out"] else "in the training set"
-        lines.append(f"'{' '.join(example['source'])}' -> '{example['translation']}' ({note}).")
-    return lines
-
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,16 +43,16 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from attnkit._plot import pyplot
-    from attnkit.demos.translate import TranslateConfig, train_translation
+    from attnkit.demos.translate import TranslateConfig, train_translation, write_example_report
 
     steps = args.steps if args.steps is not None else (FAST_STEPS if args.fast else STEPS)
-    config = TranslateConfig(steps=steps, seed=args.seed, eval_every=max(1, steps // 20))
+    config = TranslateConfig(steps=steps, seed=args.seed, eval_every=max(1, steps // 20), encoder=args.encoder)
     if not args.no_plot:
         pyplot()  # fail now, not after training, when matplotlib is missing
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     con = Console()
-    con.rule("cross-attention: a small encoder-decoder learns English -> French")
+    con.rule(f"cross-attention: a small encoder-decoder learns English -> French (encoder: {args.encoder})")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -92,15 +69,13 @@ def run(args: argparse.Namespace) -> int:
     con.table("cross-attention mass on the context word, per head", [Column("layer", right=True),
               Column("head", right=True), Column("producing 'rive'", right=True),
               Column("producing 'banque'", right=True)], rows)
-    for line in summary(result):
+    for line in result.findings():
         con.print(line)
-    from attnkit.demos.translate import example_maps
-    from attnkit.viz import write_report
-
-    html = write_report(example_maps(result), out / "translate.html", tolerance=0.0)
-    con.print(f"wrote {html}: the cross-attention of 'the bank of the river' and its translation; no network")
+    html = write_example_report(result, out / "translate.html")
+    con.print(f"wrote {html}: the cross-attention of the example, opened on layer {result.rive_head()[0]} head "
+              f"{result.rive_head()[1]} at the step that writes the sense; no network")
     path = out / "translate.json"
-    path.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    path.write_text(json.dumps(result.to_dict(), indent=1, allow_nan=False) + "\n")
     con.print(f"wrote {path}")
     if not args.no_plot:
         con.print(f"wrote {result.plot(out / 'translate.png')}")

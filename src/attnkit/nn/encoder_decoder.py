@@ -66,6 +66,10 @@ class EncoderDecoderConfig:
         dropout: dropout on attention probabilities and sublayer outputs while training.
         bias: biases in the projections and MLPs.
         tie_embeddings: the output head shares the target embedding's weight.
+        encoder_window: None (default) lets every source token attend to every other in
+            the encoder; ``w`` limits each to the ``w - 1`` tokens either side of it (the
+            :class:`~attnkit.nn.AttentionConfig` ``window`` without ``causal``). 1 keeps each
+            source position to its own token and position: no mixing before cross-attention.
     """
 
     src_vocab_size: int
@@ -79,20 +83,23 @@ class EncoderDecoderConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
+    encoder_window: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("src_vocab_size", "tgt_vocab_size", "encoder_depth", "decoder_depth", "max_length"):
             require_int(name, getattr(self, name), minimum=1)
+        if self.encoder_window is not None:
+            require_int("encoder_window", self.encoder_window, minimum=1)
         if require_real("mlp_ratio", self.mlp_ratio) <= 0:
             raise ValueError(f"mlp_ratio must be > 0; got {self.mlp_ratio}")
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool; got {describe(getattr(self, name))}")
-        self.attention(causal=False)  # validates dim, num_heads, dropout
+        self.attention(causal=False, window=self.encoder_window)  # validates dim, num_heads, dropout, window
 
-    def attention(self, causal: bool) -> AttentionConfig:
+    def attention(self, causal: bool, window: int | None = None) -> AttentionConfig:
         return AttentionConfig(embed_dim=self.dim, num_heads=self.num_heads, bias=self.bias, dropout=self.dropout,
-                               causal=causal)
+                               causal=causal, window=window)
 
 
 @dataclass
@@ -116,9 +123,11 @@ class DecoderBlock(nn.Module):
     """Pre-norm decoder block: ``x + self_attn(norm(x))``, ``x + cross_attn(norm(x), memory)``,
     then ``x + mlp(norm(x))``.
 
-    ``forward(x, memory, *, memory_mask=None, padding_mask=None, caches=None)``: x (B, T, E),
-    memory (B, S, E) the encoder output, memory_mask (B, S) True for real source tokens,
-    padding_mask (B, T) True for real target tokens, caches a (self, cross) pair of KV caches.
+    ``forward(x, memory, *, memory_mask=None, padding_mask=None, caches=None, cross_mask=None)``:
+    x (B, T, E), memory (B, S, E) the encoder output, memory_mask (B, S) True for real source
+    tokens, padding_mask (B, T) True for real target tokens, caches a (self, cross) pair of
+    KV caches, cross_mask an extra :mod:`attnkit.masks` mask (or bool tensor) on the
+    cross-attention only, broadcastable to (B, H, T, S).
     """
 
     def __init__(self, config: EncoderDecoderConfig):
@@ -133,10 +142,12 @@ class DecoderBlock(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor, memory: Tensor, *, memory_mask: Tensor | None = None,
-                padding_mask: Tensor | None = None, caches: tuple[KVCache, KVCache] | None = None) -> Tensor:
+                padding_mask: Tensor | None = None, caches: tuple[KVCache, KVCache] | None = None,
+                cross_mask: Mask | Tensor | None = None) -> Tensor:
         self_cache, cross_cache = (None, None) if caches is None else caches
         x = x + self.drop(self.self_attn(self.self_norm(x), padding_mask=padding_mask, cache=self_cache))
-        x = x + self.drop(self.cross_attn(self.cross_norm(x), memory, padding_mask=memory_mask, cache=cross_cache))
+        x = x + self.drop(self.cross_attn(self.cross_norm(x), memory, mask=cross_mask, padding_mask=memory_mask,
+                                          cache=cross_cache))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
@@ -167,7 +178,8 @@ class EncoderDecoder(nn.Module):
             nn.init.normal_(emb.weight, std=0.02)
         self.src_positions = LearnedPositionalEmbedding(c.max_length, c.dim)
         self.tgt_positions = LearnedPositionalEmbedding(c.max_length, c.dim)
-        self.encoder = nn.ModuleList(TransformerBlock(c.attention(causal=False), mlp_ratio=c.mlp_ratio,
+        self.encoder = nn.ModuleList(TransformerBlock(c.attention(causal=False, window=c.encoder_window),
+                                                      mlp_ratio=c.mlp_ratio,
                                                       dropout=c.dropout) for _ in range(c.encoder_depth))
         self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(c.decoder_depth))
         self.encoder_norm, self.decoder_norm = nn.LayerNorm(c.dim), nn.LayerNorm(c.dim)
@@ -220,9 +232,16 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, tgt_ids: Tensor, memory: Tensor, *, src_padding_mask: Tensor | None = None,
                tgt_padding_mask: Tensor | None = None,
-               caches: list[tuple[KVCache, KVCache]] | None = None) -> Tensor:
+               caches: list[tuple[KVCache, KVCache]] | None = None,
+               cross_mask: Mask | Tensor | None = None) -> Tensor:
         """Logits (B, T, tgt_vocab) for ``tgt_ids`` (B, T) reading ``memory`` (B, S, E) from
         :meth:`encode`.
+
+        ``cross_mask``, an :mod:`attnkit.masks` mask or bool tensor broadcastable to (B, H,
+        T, S), True = may attend, limits every layer's cross-attention further and leaves
+        ``memory`` as it is: ``masks.key_padding(valid=keep)`` hides the source tokens where
+        ``keep`` (B, S) is False from the decoder only (an intervention; the encoder still
+        read them).
 
         With ``caches`` (from :meth:`new_caches`), ``tgt_ids`` continues the tokens already
         decoded: positions and causal masking count them, and the cross-attention keys
@@ -247,7 +266,7 @@ class EncoderDecoder(nn.Module):
             self._positions("tgt_ids", start, tgt_ids.shape[1], tgt_ids.device))  # (B, T, E)
         for i, block in enumerate(self.decoder):
             x = block(x, memory, memory_mask=src_valid, padding_mask=tgt_valid,
-                      caches=None if caches is None else caches[i])
+                      caches=None if caches is None else caches[i], cross_mask=cross_mask)
         return self.head(self.decoder_norm(x))
 
     def new_caches(self, kind: str = "dynamic", max_length: int | None = None) -> list[tuple[KVCache, KVCache]]:

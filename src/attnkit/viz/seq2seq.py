@@ -14,7 +14,7 @@ either kind of maps and call these.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from attnkit._checks import describe, require_int
@@ -38,7 +38,8 @@ def _input(maps: Any, input_index: object, kind: type[Any]) -> int:
 
 def seq2seq_data(maps: Seq2SeqMaps, input_index: int = 0, *, title: str | None = None, tolerance: float = 0.001,
                  max_bytes: int = 20_000_000, progress: Callable[[str, int, int], None] | None = None,
-                 ) -> dict[str, Any]:
+                 focus: int | None = None, view: tuple[int, Sequence[int]] | None = None,
+                 figures: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON of the encoder-decoder page: one :func:`~attnkit.viz.report.report_data` per part.
 
     Args:
@@ -49,17 +50,38 @@ def seq2seq_data(maps: Seq2SeqMaps, input_index: int = 0, *, title: str | None =
         tolerance, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`);
             ``max_bytes`` is the budget of the three parts together (a third each).
         progress: called as ``progress(description, done, total)``.
+        focus: a target token index (a row of the cross and decoder maps) to open both on,
+            or None (default).
+        view: ``(layer, heads)`` of the cross-attention to open on (model indices;
+            default: every head of the last layer).
+        figures: lines of text shown under the title (the findings behind the picture);
+            none by default. Shown through ``textContent``, never as HTML.
 
     Returns:
-        ``{"format": 1, "kind": "seq2seq", "title", "model", "source", "target",
+        ``{"format": 1, "kind": "seq2seq", "title", "model", "source", "target", "figures",
         "parts": {"cross", "encoder", "decoder"}}``; the cross part's ``tokens`` are the
         target tokens (its rows) and ``key_tokens`` the source tokens (its columns).
+
+    >>> import torch
+    >>> from attnkit.inspect import AttentionMaps, Seq2SeqMaps
+    >>> src, tgt = ["the", "bank"], ["la", "rive", "</s>"]
+    >>> p = lambda q, k: torch.softmax(torch.randn(1, 2, q, k), -1)
+    >>> maps = Seq2SeqMaps(AttentionMaps([p(2, 2)], [src], None, "toy", (0,), (0, 1)),
+    ...                    AttentionMaps([p(3, 3)], [tgt], None, "toy", (0,), (0, 1)),
+    ...                    AttentionMaps([p(3, 2)], [tgt], None, "toy", (0,), (0, 1), key_tokens=[src]),
+    ...                    {"source": None, "target": None})
+    >>> data = seq2seq_data(maps, focus=1, view=(0, [1]), figures=["head 1 reads 'bank'"])
+    >>> data["parts"]["cross"]["focus"], data["parts"]["cross"]["view"], data["figures"]
+    (1, {'layer': 0, 'heads': [1]}, ["head 1 reads 'bank'"])
     """
     from attnkit.viz.report import _text, report_data
 
     index = _input(maps, input_index, Seq2SeqMaps)
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None; got {describe(title)}")
+    lines = None if isinstance(figures, str) else list(figures)  # a generator is read once, here
+    if lines is None or not all(isinstance(line, str) for line in lines):
+        raise TypeError(f"figures must be a sequence of str lines; got {describe(figures)}")
     budget = require_int("max_bytes", max_bytes, minimum=3)
     source = [str(t) for t in maps.encoder.tokens[index]]
     target = [str(t) for t in maps.decoder.tokens[index]]
@@ -74,9 +96,10 @@ def seq2seq_data(maps: Seq2SeqMaps, input_index: int = 0, *, title: str | None =
                 progress(f"{name}: {what}", done, total)
 
         parts[name] = report_data(part, index, title=title, tolerance=tolerance, max_bytes=budget // 3,
-                                  progress=step)
+                                  progress=step, focus=None if name == "encoder" else focus,
+                                  view=view if name == "cross" else None)
     return {"format": 1, "kind": "seq2seq", "title": parts["cross"]["title"], "model": maps.cross.model_name,
-            "source": source, "target": target, "parts": parts}
+            "source": source, "target": target, "figures": lines, "parts": parts}
 
 
 def generation_data(maps: GenerationMaps, input_index: int = 0, *, new_tokens: int | None = None,

@@ -14,6 +14,10 @@
       el("div", { class: "akx-title", text: data.title || "encoder-decoder attention" }),
       el("div", { class: "akx-sub", text: `${data.model || "model"} · source ${data.source.length} tokens · target ${data.target.length} tokens` }),
     ]));
+    // the findings behind the picture (translate-demo: the head, its controls, the intervention)
+    if (data.figures && data.figures.length) {
+      root.appendChild(el("ul", { class: "akx-figures" }, data.figures.map((line) => el("li", { text: line }))));
+    }
     const bar = el("div", { class: "akx-tabs akx-parts", role: "tablist" });
     root.appendChild(bar);
     const api = { part: "cross", parts: {} };
