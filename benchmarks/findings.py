@@ -4,6 +4,7 @@
     python benchmarks/findings.py --quick      # smoke test: fewer sentences, a short training (about 2 min)
     python benchmarks/findings.py clark        # one part: clark | sinks | streaming (sinks and streaming train
                                                # the same small LMs, so running both at once trains them once)
+    python benchmarks/findings.py --replot     # redraw tables and PNGs from benchmarks/results/ only
 
 - ``clark``: Clark et al. 2019 ("What Does BERT Look At?", section 3, figures 1-2) on MiniLM: the share of
   attention on [CLS], [SEP] and on periods/commas by layer, and on the previous, same and next token, over
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import RESULTS, machine_info, machine_line, save
+from _results import RESULTS, load, machine_info, machine_line, save
 
 from attnkit._plot import pyplot
 from attnkit.inspect import capture
@@ -294,10 +295,13 @@ def plot_sinks(data: dict, path: Path) -> Path:
     for r in data["rows"]:
         style = "-" if "trained" in r["model"] and "untrained" not in r["model"] else ":"
         axes[0].plot(range(1, len(r["by_layer"]) + 1), r["by_layer"], style, marker="o", label=r["model"])
-    for n, v in data["uniform"].items():
+    most = max(len(r["by_layer"]) for r in data["rows"])
+    for i, (n, v) in enumerate(data["uniform"].items()):
         axes[0].axhline(v, color="grey", lw=0.8, ls="--")
-        axes[0].annotate(f"no preference, L={n}", (1, v), fontsize=7, color="grey", va="bottom")
+        axes[0].annotate(f"no preference, L={n}", (most, v), fontsize=7, color="grey", ha="right",
+                         va="bottom" if i else "top")
     axes[0].set(title="mass on the first token by layer", xlabel="layer", ylabel="mean weight", ylim=(0, 1))
+    axes[0].set_xticks(range(1, most + 1))
     axes[0].legend(frameon=False, fontsize=6)
     for p, h in data["training"].items():
         axes[1].plot(h["step"], h["first_token_mass"], marker="o", label=f"{p}: first-token mass")
@@ -406,6 +410,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--quick", action="store_true", help="a smoke test: small inputs, a short training")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--img", type=Path, default=IMG, help="where the PNGs go")
+    parser.add_argument("--replot", action="store_true",
+                        help="run nothing: redraw the tables and PNGs from the results files already in --out")
     args = parser.parse_args(argv)
     # one thread: these are small ops, and on a shared machine a second thread mostly waits at barriers
     torch.set_num_threads(1)
@@ -414,6 +420,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if unknown:
         parser.error(f"unknown part(s) {unknown}; choose from {', '.join(RENDER)}")
     done: dict[str, dict] = {}
+    if args.replot:
+        for part in parts:
+            data = load(f"findings-{part}", args.out)
+            save(f"findings-{part}", data, RENDER[part](data), args.out)
+            print(f"wrote {PLOT[part](data, args.img / f'findings-{part}.png')}", file=sys.stderr)
+            done[part] = data
+        return done
     lms, held_out = trained_models(args.quick) if {"sinks", "streaming"} & set(parts) else ({}, torch.empty(0))
     for part in parts:
         data = clark(args.quick) if part == "clark" else sinks(args.quick, lms, held_out) if part == "sinks" \
