@@ -116,8 +116,8 @@ def render_clark(data: dict) -> str:
     lines.append("")
     for k in ("prev", "next", "sep", "cls"):
         heads = ", ".join(f"{layer + 1}-{head}" for layer, head in over[k]) or "none"
-        lines.append(f"Heads (layer-head, layers from 1) with more than half of their attention on {name[k]}: "
-                     f"{heads}.")
+        lines.append(f"Heads (layer-head; layers from 1, heads from 0) with more than half of their attention on "
+                     f"{name[k]}: {heads}.")
     return "\n".join(lines)
 
 
