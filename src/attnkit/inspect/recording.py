@@ -31,6 +31,12 @@ layer at once when the mask or bias varies by head, as with attnkit's ALiBi), cu
 input's real tokens and converted to the storage ``dtype`` at once, into one preallocated
 (layers, heads, L, L) tensor per input. A 2,000-token capture of all 6 x 12 heads of a
 BERT-sized model stores 6 * 12 * 2000**2 * 2 bytes = 576 MB in float16.
+
+Some rows only (``queries=``): the selected query rows are computed in pieces of the query
+range (runs of nearby selected rows, at most about 64 MiB of float32 scores per head), with
+the mask and position bias shifted to each piece (:meth:`attnkit.masks.Mask.shifted`), and
+stored as (layers, heads, kept rows, L). ``max_bytes=`` is checked from the layer, head and
+token counts before the model runs.
 """
 
 from __future__ import annotations
