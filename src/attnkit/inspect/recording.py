@@ -322,14 +322,23 @@ class _Part:
     keys: list[int | None]  # None: only known once the model runs (Whisper's encoder frames)
 
 
-def _stored_bytes(parts: Sequence[_Part], queries: Queries, itemsize: int, last: int | None = None) -> int:
-    """Bytes the maps of ``parts`` take with ``queries`` (or only the ``last`` n rows of it)."""
+def _stored_bytes(parts: Sequence[_Part], queries: Queries, itemsize: int) -> int:
+    """Bytes the maps of ``parts`` take with ``queries``."""
     total = 0
     for p in parts:
         rows = [len(query_rows(queries, n, f"input {b}")) for b, n in enumerate(p.queries)]
-        rows = rows if last is None else [min(r, last) for r in rows]
         total += p.layers * (p.heads or 0) * sum(r * (k or 0) for r, k in zip(rows, p.keys)) * itemsize
     return total
+
+
+def _most_last_rows(parts: Sequence[_Part], itemsize: int, budget: int) -> int:
+    """The largest n for which ``queries=slice(-n, None)`` fits ``budget`` (0 if not even one row does);
+    the size grows with n, so a bisection finds it."""
+    low, high = 0, max(n for p in parts for n in p.queries)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _stored_bytes(parts, slice(-mid, None), itemsize) <= budget else (low, mid - 1)
+    return low
 
 
 def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Queries, dtype: torch.dtype,
@@ -346,17 +355,15 @@ def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Querie
         raise ValueError(f"max_bytes needs the size of the maps before the model runs, and the {', '.join(unknown)} "
                          "maps' head count or key count is not known until then; pass heads= explicitly, or leave "
                          "max_bytes out")
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     stored = _stored_bytes(parts, queries, itemsize)
     if stored <= max_bytes:
         return
     fits = []
-    longest = max(n for p in parts for n in p.queries)
-    last = max((n for n in range(1, longest + 1) if _stored_bytes(parts, queries, itemsize, n) <= max_bytes),
-               default=0)
+    last = _most_last_rows(parts, itemsize, max_bytes)
     if last:
         fits.append(f"queries=slice(-{last}, None) (the last {last} rows: "
-                    f"{size(_stored_bytes(parts, queries, itemsize, last))})")
+                    f"{size(_stored_bytes(parts, slice(-last, None), itemsize))})")
     per_head = stored / max(p.heads or 1 for p in parts)
     h = int(max_bytes // per_head)
     if h >= 1 and heads:
