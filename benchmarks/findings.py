@@ -299,14 +299,20 @@ def plot_sinks(data: dict, path: Path) -> Path:
     for i, (n, v) in enumerate(data["uniform"].items()):
         axes[0].axhline(v, color="grey", lw=0.8, ls="--")
         axes[0].annotate(f"no preference, L={n}", (most, v), fontsize=7, color="grey", ha="right",
-                         va="bottom" if i else "top")
-    axes[0].set(title="mass on the first token by layer", xlabel="layer", ylabel="mean weight", ylim=(0, 1))
+                         va="top" if i else "bottom")
+    for ax in axes:
+        ax.axhline(data["threshold"], color="red", lw=0.8, ls=":")
+        ax.annotate(f"sink threshold {data['threshold']} (Gu et al.)", (ax.get_xlim()[0], data["threshold"]),
+                    fontsize=7, color="red", va="bottom")
+    axes[0].set(title="mass on the first token by layer", xlabel="layer", ylabel="mean weight",
+                ylim=(0, 1.1 * max(0.37, *(max(r["by_layer"]) for r in data["rows"]),
+                                   *(max(h["sink_rate"]) for h in data["training"].values()))))
     axes[0].set_xticks(range(1, most + 1))
     axes[0].legend(frameon=False, fontsize=6)
     for p, h in data["training"].items():
         axes[1].plot(h["step"], h["first_token_mass"], marker="o", label=f"{p}: first-token mass")
         axes[1].plot(h["step"], h["sink_rate"], ls="--", label=f"{p}: sink rate")
-    axes[1].set(title="while the TransformerLMs train", xlabel="step", ylim=(0, 1))
+    axes[1].set(title="while the TransformerLMs train", xlabel="step", ylim=axes[0].get_ylim())
     axes[1].legend(frameon=False, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
