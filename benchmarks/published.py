@@ -102,13 +102,16 @@ VIEWS: dict[str, Callable[[], str]] = {
     "polysemy": lambda: script("polysemy").render(load("polysemy")),
     "engine": lambda: script("engine").render(load("engine")),
     "flex_functions": lambda: script("flex_functions").render(load("flex_functions")),
+    **{f"findings-{part}": (lambda part=part: script("findings").RENDER[part](load(f"findings-{part}")))
+       for part in ("clark", "sinks", "streaming")},
 }
 
 # results/<name>.md -> how it is rendered from results/<name>.json
 FILES: dict[str, Callable[[], str]] = {
     **{n: (lambda n=n: bench_markdown(load(n))) for n in PEER_FILES},
     **{n: VIEWS[n] for n in ("core", "decode", "linear", "ring", "capture", "report", "bertviz_size", "profile",
-                                  "translate", "monitor_overhead", "polysemy", "flex_functions")},
+                                  "translate", "monitor_overhead", "polysemy", "flex_functions", "findings-clark",
+                                  "findings-sinks", "findings-streaming")},
     "engine": lambda: script("_results").machine_line(load("engine")["machine"]) + "\n\n" + VIEWS["engine"](),
     "linear-favor": VIEWS["linear-favor"],
 }
@@ -140,7 +143,17 @@ def quoted() -> list[tuple[str, str]]:
              for line in shift_text.splitlines() if re.match(r"\s+\d+\s+\d+\s+[+-]", line)}
     gained = re.search(r"(\d+) heads gained more than 0.05", shift_text)[1]
     induction = load("induction")
+    clark, sinks, stream = (load(f"findings-{p}") for p in ("clark", "sinks", "streaming"))
+    rope = next(r for r in sinks["rows"] if r["model"].startswith("TransformerLM (rope), trained"))
+    late = {p: sum(v[256:]) / len(v[256:]) for p, v in stream["results"]["rope"].items()}
     return [
+        ("docs/findings.md", f"layers 2 to 5 give it {_span(clark['by_layer']['cls'][1:5], '.2f')} of all their "
+                             f"attention, and {len(clark['heads_over_half']['cls'])} of its 72 heads"),
+        ("docs/findings.md", f"the RoPE LM {_span(rope['by_layer'], '.3f')} by layer against "
+                             f"{sinks['uniform'][str(rope['length'])]:.3f}"),
+        ("docs/findings.md", f"the dense cache loses {late['dense']:.3f} nats per byte and the window "
+                             f"{late['window']:.3f}"),
+        ("docs/findings.md", f"keeping 4 sink bytes does not help: {late['sinks']:.3f} nats per byte"),
         ("docs/benchmarks.md", f"layer 3 head 1, {heads[(3, 1)][0]:.3f} vs {heads[(3, 1)][1]:.3f}"),
         ("docs/benchmarks.md", f"heads 10 and 8 move {shift[(5, 10)]:+.2f} and {shift[(5, 8)]:+.2f} of their "
                                f"attention onto the domain terms, and {gained} heads gain more than 0.05"),

@@ -69,6 +69,8 @@ def resolve(name: str, attn: object, input_index: object, *, dims: int | None = 
         n = len(maps.attentions)
         if index >= n:
             raise ValueError(f"input_index must be in [0, {n}) for {name} holding {n} inputs; got {index}")
+        if getattr(maps, "query_positions", None) is not None:
+            maps.require_full(f"{name}: per-head scores, rollout and comparisons")
         t = require_tensor(f"{name}.attentions[{index}]", maps.attentions[index])
         tokens = list(maps.tokens[index]) if maps.tokens else None
         ids = maps.token_ids[index] if maps.token_ids is not None else None

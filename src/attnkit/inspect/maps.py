@@ -12,12 +12,14 @@ with one list of tokens (and of ids) per input, one token per query. Optional ke
 written before they existed load without them): ``"key_tokens"``, ``"key_token_ids"``
 (cross-attention: one list per input, one per key), ``"special"``, ``"key_special"``
 ([[bool]]), ``"word_ids"``, ``"key_word_ids"`` ([[int or null]]), ``"model_layers"``,
-``"model_heads"`` (int). Without ``"key_tokens"`` the keys are the query tokens, and
-``"tokens"`` holds one token per key.
+``"model_heads"`` (int), ``"query_positions"`` ([[int]]: maps captured with ``queries=``,
+the token index of each stored row). Without ``"key_tokens"`` the keys are the query
+tokens, and ``"tokens"`` holds one token per key.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterable
@@ -35,7 +37,7 @@ __all__ = ["AttentionMaps", "Seq2SeqMaps"]
 _KEY = "attnkit.maps"
 _FORMAT = 1
 _OPTIONAL = ("key_tokens", "key_token_ids", "model_layers", "model_heads", "special", "key_special", "word_ids",
-             "key_word_ids")
+             "key_word_ids", "query_positions")
 
 
 def _indices(name: str, given: Iterable[int] | int | None, available: tuple[int, ...]) -> list[int]:
@@ -74,6 +76,10 @@ class AttentionMaps:
             special tokens (``[CLS]``, ``</s>``, padding...); None = unknown (no tokenizer).
         word_ids, key_word_ids: per input, the index of the word each token belongs to
             (the fast tokenizer's ``word_ids()``; None for special tokens); None = unknown.
+        query_positions: per input, which query token each stored row is (an index into
+            ``tokens``, increasing), for maps that hold only some rows
+            (``capture(..., queries=...)``); None = every row, row i is token i. ``tokens``
+            and the other per-query lists still hold every token. See :attr:`is_partial`.
 
     With ``key_tokens`` None and a map whose query count differs from ``len(tokens)``,
     ``tokens`` are the keys (what files and code before cross-attention wrote).
@@ -102,6 +108,7 @@ class AttentionMaps:
     key_special: list[list[bool]] | None = None
     word_ids: list[list[int | None]] | None = None
     key_word_ids: list[list[int | None]] | None = None
+    query_positions: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         self.layers, self.heads = tuple(self.layers), tuple(self.heads)
@@ -134,9 +141,46 @@ class AttentionMaps:
             if self.key_tokens is None:
                 if a.shape[3] != len(toks):
                     raise ValueError(f"attentions[{i}] has {a.shape[3]} keys but tokens[{i}] has {len(toks)} tokens")
-            elif (a.shape[2], a.shape[3]) != (len(toks), len(self.key_tokens[i])):
+            elif a.shape[3] != len(self.key_tokens[i]) or (self.query_positions is None and a.shape[2] != len(toks)):
                 raise ValueError(f"attentions[{i}] has {a.shape[2]} queries and {a.shape[3]} keys but tokens[{i}] has "
                                  f"{len(toks)} and key_tokens[{i}] {len(self.key_tokens[i])} tokens")
+        if self.query_positions is not None:
+            self._check_query_positions()
+
+    def _check_query_positions(self) -> None:
+        rows = self.query_positions
+        if not isinstance(rows, list) or len(rows) != len(self.attentions):
+            raise ValueError(f"query_positions must hold one list per input ({len(self.attentions)}); got {rows!r:.80}")
+        for i, (a, kept, toks) in enumerate(zip(self.attentions, rows, self.tokens)):
+            if not (isinstance(kept, list) and all(type(p) is int for p in kept)
+                    and all(0 <= p < len(toks) for p in kept) and all(p < q for p, q in itertools.pairwise(kept))):
+                raise ValueError(f"query_positions[{i}] must be increasing token indices in [0, {len(toks)}); "
+                                 f"got {kept!r:.80}")
+            if len(kept) != a.shape[2]:
+                raise ValueError(f"attentions[{i}] has {a.shape[2]} query rows but query_positions[{i}] names "
+                                 f"{len(kept)}; expected one position per row")
+
+    @property
+    def is_partial(self) -> bool:
+        """True when the maps hold only some query rows (see ``query_positions``)."""
+        return self.query_positions is not None
+
+    def rows(self, index: int = 0) -> list[int]:
+        """The query token of each stored row of input ``index``: ``query_positions[index]``, or
+        every token's index for full maps."""
+        return list(self.query_positions[index]) if self.query_positions is not None else \
+            list(range(self.attentions[index].shape[2]))
+
+    def require_full(self, what: str) -> None:
+        """Raise ValueError if these maps hold only some query rows: ``what`` (a view, a score,
+        a comparison) reads every row, and would draw or score the kept rows as if they were all."""
+        if self.query_positions is not None:
+            kept = self.query_positions[0] if self.query_positions else []
+            shown = ", ".join(map(str, kept[:8])) + (", ..." if len(kept) > 8 else "")
+            raise ValueError(f"{what} needs every query row, but these maps hold only some (captured with queries=; "
+                             f"input 0 keeps rows of tokens {shown} of {len(self.tokens[0]) if self.tokens else 0}). "
+                             "Capture again without queries= for this, or read the kept rows with maps[i] and "
+                             "maps.rows(i)")
 
     @property
     def keys(self) -> list[list[str]]:
@@ -156,7 +200,7 @@ class AttentionMaps:
         return {"key_tokens": copy(self.key_tokens), "key_token_ids": copy(self.key_token_ids),
                 "model_layers": self.model_layers, "model_heads": self.model_heads, "special": copy(self.special),
                 "key_special": copy(self.key_special), "word_ids": copy(self.word_ids),
-                "key_word_ids": copy(self.key_word_ids)}
+                "key_word_ids": copy(self.key_word_ids), "query_positions": copy(self.query_positions)}
 
     def __len__(self) -> int:
         return len(self.attentions)
@@ -229,8 +273,10 @@ class AttentionMaps:
         lengths = sorted({len(t) for t in self.tokens})
         spread = (f"{lengths[0]} tokens" if len(lengths) == 1 else f"{lengths[0]}..{lengths[-1]} tokens") if n else ""
         dtype = str(self.attentions[0].dtype).removeprefix("torch.") if n else "empty"
+        rows = "" if self.query_positions is None or not n else \
+            f", query rows {_span(tuple(self.query_positions[0]))}{' (input 0)' if n > 1 else ''}"
         return (f"AttentionMaps(model={self.model_name!r}, {n} input{'' if n == 1 else 's'}"
-                f"{' of ' + spread if spread else ''}, layers {_span(self.layers)}, heads {_span(self.heads)}, "
+                f"{' of ' + spread if spread else ''}{rows}, layers {_span(self.layers)}, heads {_span(self.heads)}, "
                 f"{dtype}, {size(self.nbytes)})")
 
 
@@ -331,6 +377,9 @@ def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
     for name in ("model_layers", "model_heads"):
         if meta.get(name) is not None and not (type(meta[name]) is int and meta[name] >= 1):
             raise bad(name, "null or an int >= 1")
+    rows = meta.get("query_positions")
+    if rows is not None and not (isinstance(rows, list) and len(rows) == len(tokens) and all(_ints(r) for r in rows)):
+        raise bad("query_positions", "null or a list per input of the token index of each stored row")
     names = [f"attentions.{i}" for i in range(len(tokens))]
     if sorted(file.shapes) != sorted(names):
         lacking = [n for n in names if n not in file.shapes]
@@ -347,8 +396,10 @@ def _read_metadata(path: str | os.PathLike, file: _tensorfile.Contents) -> dict:
             raise ValueError(f"{path}: tensor {name!r} has shape {list(shape)}; expected (layers, heads, Lq, Lk) "
                              f"with {want[0]} layers, {want[1]} heads and {want[2]} keys, as the metadata's "
                              f"'layers', 'heads' and '{'tokens' if keys is None else 'key_tokens'}'[{i}] say")
-        if keys is not None and shape[2] != len(tokens[i]):
-            raise ValueError(f"{path}: tensor {name!r} has {shape[2]} queries; 'tokens'[{i}] has {len(tokens[i])}")
+        queries = len(tokens[i]) if rows is None else len(rows[i])
+        if (keys is not None or rows is not None) and shape[2] != queries:
+            raise ValueError(f"{path}: tensor {name!r} has {shape[2]} queries; "
+                             f"{'tokens' if rows is None else 'query_positions'}[{i}] has {queries}")
     return meta
 
 

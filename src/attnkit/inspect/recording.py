@@ -31,6 +31,12 @@ layer at once when the mask or bias varies by head, as with attnkit's ALiBi), cu
 input's real tokens and converted to the storage ``dtype`` at once, into one preallocated
 (layers, heads, L, L) tensor per input. A 2,000-token capture of all 6 x 12 heads of a
 BERT-sized model stores 6 * 12 * 2000**2 * 2 bytes = 576 MB in float16.
+
+Some rows only (``queries=``): the selected query rows are computed in pieces of the query
+range (runs of nearby selected rows, at most about 64 MiB of float32 scores per head), with
+the mask and position bias shifted to each piece (:meth:`attnkit.masks.Mask.shifted`), and
+stored as (layers, heads, kept rows, L). ``max_bytes=`` is checked from the layer, head and
+token counts before the model runs.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +53,8 @@ from torch import Tensor, nn
 
 from attnkit import _model_facts as facts
 from attnkit import biases, masks
-from attnkit._checks import describe
+from attnkit._checks import describe, require_int
+from attnkit._format import size
 from attnkit.functional import attention_probs
 from attnkit.inspect import encoding as enc
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
@@ -73,6 +81,55 @@ def _heads_slice(t: Tensor, heads: list[int]) -> Tensor:
     """A (.., H, Lq, Lk)-broadcastable tensor restricted to some heads (unchanged if it has no head dim)."""
     t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
     return t4 if t4.shape[1] == 1 else t4[:, heads]
+
+
+Queries = int | slice | Sequence[int] | None
+_GAP = 64  # selected rows further apart than this are computed in separate blocks
+
+
+def _check_queries(queries: object) -> None:
+    if queries is None or isinstance(queries, slice) or (isinstance(queries, int) and not isinstance(queries, bool)):
+        return
+    if isinstance(queries, (str, bytes)) or not isinstance(queries, Sequence) or not queries or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in queries):
+        raise TypeError(f"queries must be None (every row), an int, a slice or a non-empty sequence of ints, indexing "
+                        f"each input's real tokens as a Python list (negative counts from the end; the last n: "
+                        f"queries=slice(-n, None)); got {describe(queries)}")
+
+
+def query_rows(queries: Queries, length: int, where: str = "the input") -> list[int]:
+    """The token indices ``queries`` selects among ``length`` real tokens, increasing and each once.
+
+    ``queries`` indexes the tokens as a Python list would: an int (``-1``: the last token), a
+    slice (``slice(-n, None)``: the last n; a slice may select none), or a sequence of ints;
+    None selects all.
+
+    >>> query_rows(slice(-3, None), 10), query_rows([4, -1, 4], 10), query_rows(-1, 10)
+    ([7, 8, 9], [4, 9], [9])
+    """
+    _check_queries(queries)
+    if queries is None:
+        return list(range(length))
+    if isinstance(queries, slice):
+        return sorted(set(range(length)[queries]))
+    wanted = [queries] if isinstance(queries, int) else list(queries)
+    bad = [i for i in wanted if not -length <= i < length]
+    if bad:
+        raise ValueError(f"queries {bad} are out of range for {where}, which has {length} real tokens; give indices "
+                         f"in [-{length}, {length}), or a slice, which clips")
+    return sorted({i % length for i in wanted})
+
+
+def _row_piece(x: Any, start: int, stop: int, q_len: int, k_len: int) -> Any:
+    """A mask or bias (Mask, Bias, tensor broadcastable to (B, H, Lq, Lk), a list of them, or None) as seen
+    by queries ``start:stop`` of the call."""
+    if x is None:
+        return None
+    if isinstance(x, list):
+        return [_row_piece(b, start, stop, q_len, k_len) for b in x]
+    if isinstance(x, Tensor):
+        return x[..., start:stop, :] if x.dim() >= 2 and x.shape[-2] == q_len and q_len > 1 else x
+    return x.shifted(start, 0, q_total=q_len, k_total=k_len)  # masks.Mask and biases.Bias
 
 
 def probabilities(q: Tensor, k: Tensor, mask: masks.Mask | Tensor | None, bias: Any, scale: float | None,
@@ -115,9 +172,12 @@ class _Recorder:
 
     def __init__(self, layers: tuple[int, ...] | None, heads: tuple[int, ...] | None, dtype: torch.dtype,
                  real_q: Sequence[slice | Tensor], real_k: Sequence[slice | Tensor],
-                 lengths: tuple[int | None, int | None], progress: Callable[[int, int], None] | None):
+                 lengths: tuple[int | None, int | None], progress: Callable[[int, int], None] | None,
+                 queries: Queries = None):
         self.layers, self.heads, self.dtype, self.progress = layers, heads, dtype, progress
-        self.real_q, self.real_k, self.lengths = real_q, real_k, lengths
+        self.real_q, self.real_k, self.lengths, self.queries = real_q, real_k, lengths, queries
+        self.rows: list[list[int]] | None = None  # per input, the kept real-token rows (queries given)
+        self._where: list[Tensor] = []  # per input, those rows' positions in the current call
         self.calls = 0
         self.recorded = 0
         self.num_heads: int | None = None
@@ -140,18 +200,55 @@ class _Recorder:
             raise ValueError(f"heads must be < {num_heads}, the model's heads per layer; got {list(self.heads)}")
         if not self.store:
             count = len(self.layers) if self.layers is not None else None
-            self.store = [torch.empty(count or 0, len(self.heads), enc.real_length(rq, q_len),
+            if self.queries is not None:
+                self.rows = [query_rows(self.queries, enc.real_length(rq, q_len), f"input {b}")
+                             for b, rq in enumerate(self.real_q)]
+            self.store = [torch.empty(count or 0, len(self.heads),
+                                      enc.real_length(rq, q_len) if self.rows is None else len(self.rows[b]),
                                       enc.real_length(rk, k_len), dtype=self.dtype)
-                          for rq, rk in zip(self.real_q, self.real_k)]
+                          for b, (rq, rk) in enumerate(zip(self.real_q, self.real_k))]
         if self.layers is None:  # all layers, however many: grow by one
             self.store = [torch.cat([s, s.new_empty(1, *s.shape[1:])]) for s in self.store]
             return layer
         return self.layers.index(layer)
 
-    def _keep(self, slot: int, start: int, probs: Tensor) -> None:
-        """Store (B, c, Lq, Lk) probabilities of the selected heads ``start:start + c``, cut to the real tokens."""
+    def _keep(self, slot: int, start: int, probs: Tensor, first: int = 0) -> None:
+        """Store (B, c, n, Lk) probabilities of the selected heads ``start:start + c`` for queries
+        ``first:first + n`` of the call, cut to the real tokens (and to the selected rows)."""
+        heads = slice(start, start + probs.shape[1])
         for b, (rq, rk) in enumerate(zip(self.real_q, self.real_k)):
-            self.store[b][slot, start:start + probs.shape[1]] = probs[b][:, rq][:, :, rk]
+            if self.rows is None:
+                self.store[b][slot, heads] = probs[b][:, rq][:, :, rk]
+                continue
+            where = self._where[b] - first  # the kept rows, numbered within this piece
+            inside = (where >= 0) & (where < probs.shape[2])
+            if bool(inside.any()):
+                rows = probs[b][:, where[inside]][:, :, rk]  # (c, kept here, Lk real)
+                self.store[b][slot, heads, inside.nonzero().flatten()] = rows.to(self.dtype)
+
+    def _locate(self, q_len: int) -> None:
+        """Each input's kept rows as query positions of a call with ``q_len`` (padded) queries."""
+        if self.rows is None:
+            return
+        self._where = []
+        for rq, kept in zip(self.real_q, self.rows):
+            real = torch.arange(q_len)[rq] if isinstance(rq, slice) else rq.cpu()
+            self._where.append(real[torch.tensor(kept, dtype=torch.long)])
+
+    def _pieces(self, batch: int, q_len: int, k_len: int) -> list[tuple[int, int]]:
+        """The query ranges to compute: everything at once without ``queries``; else runs of the selected rows
+        (of any input), split where rows are far apart or a piece's scores would pass about 64 MiB per head."""
+        if self.rows is None:
+            return [(0, q_len)]
+        wanted = sorted({int(p) for where in self._where for p in where})
+        most = max(1, _CHUNK_BYTES // max(1, batch * k_len * 4))
+        pieces: list[list[int]] = []
+        for p in wanted:
+            if pieces and p - pieces[-1][1] <= _GAP and p + 1 - pieces[-1][0] <= most:
+                pieces[-1][1] = p + 1
+            else:
+                pieces.append([p, p + 1])
+        return [(a, b) for a, b in pieces]
 
     def _done(self) -> None:
         self.recorded += 1
@@ -161,18 +258,25 @@ class _Recorder:
     def __call__(self, q: Tensor, k: Tensor, mask: masks.Mask | Tensor | None, bias: Any,
                  scale: float | None, softcap: float | None) -> None:
         """Compute and keep the probabilities of one attention call: q (B, H, Lq, D), k (B, Hkv, Lk, D)."""
-        slot = self._begin(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        q_len, k_len = q.shape[2], k.shape[2]
+        slot = self._begin(q.shape[0], q.shape[1], q_len, k_len)
         if slot is None:
             return
-        for start, probs in probabilities(q, k, mask, bias, scale, softcap, self.heads or ()):
-            self._keep(slot, start, probs)
-            del probs
+        self._locate(q_len)
+        for first, last in self._pieces(q.shape[0], q_len, k_len):
+            piece = (q, mask, bias) if (first, last) == (0, q_len) else (
+                q[:, :, first:last], _row_piece(mask, first, last, q_len, k_len),
+                _row_piece(bias, first, last, q_len, k_len))
+            for start, probs in probabilities(piece[0], k, piece[1], piece[2], scale, softcap, self.heads or ()):
+                self._keep(slot, start, probs, first)
+                del probs
         self._done()
 
     def given(self, probs: Tensor) -> None:
         """Keep one layer's probabilities (B, H, L, L) that the model computed itself."""
         slot = self._begin(probs.shape[0], probs.shape[1], probs.shape[2], probs.shape[3])
         if slot is not None:
+            self._locate(probs.shape[2])
             self._keep(slot, 0, probs[:, list(self.heads or ())])
             self._done()
 
@@ -201,6 +305,103 @@ def _progress(progress: bool | Callable[[int, int], None]) -> Callable[[int, int
         print(f"\rcapture: layer {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
     return show
+
+
+# -- what a capture will store ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One kind of attention call a capture records: how many layers and heads it keeps, and per input its
+    real query and key counts."""
+
+    name: str
+    layers: int
+    heads: int | None  # None: the model does not say (a max_bytes check then needs heads=)
+    queries: list[int]
+    keys: list[int | None]  # None: only known once the model runs (Whisper's encoder frames)
+
+
+def _stored_bytes(parts: Sequence[_Part], queries: Queries, itemsize: int) -> int:
+    """Bytes the maps of ``parts`` take with ``queries``."""
+    total = 0
+    for p in parts:
+        rows = [len(query_rows(queries, n, f"input {b}")) for b, n in enumerate(p.queries)]
+        total += p.layers * (p.heads or 0) * sum(r * (k or 0) for r, k in zip(rows, p.keys)) * itemsize
+    return total
+
+
+def _most_last_rows(parts: Sequence[_Part], itemsize: int, budget: int) -> int:
+    """The largest n for which ``queries=slice(-n, None)`` fits ``budget`` (0 if not even one row does);
+    the size grows with n, so a bisection finds it."""
+    low, high = 0, max(n for p in parts for n in p.queries)
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _stored_bytes(parts, slice(-mid, None), itemsize) <= budget else (low, mid - 1)
+    return low
+
+
+def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Queries, dtype: torch.dtype,
+                  layers: Sequence[int], heads: Sequence[int] | None) -> None:
+    """Refuse, before anything runs or is allocated, a capture whose maps would pass ``max_bytes``,
+    naming the size and the selections (queries=, heads=, layers=, dtype=) that would fit."""
+    for p in parts:  # bad queries are refused even without a budget (where the lengths are known)
+        for b, n in enumerate(p.queries if None not in p.keys else ()):
+            query_rows(queries, n, f"input {b}")
+    if max_bytes is None:
+        return
+    unknown = [p.name for p in parts if p.heads is None or None in p.keys]
+    if unknown:
+        raise ValueError(f"max_bytes needs the size of the maps before the model runs, and the {', '.join(unknown)} "
+                         "maps' head count or key count is not known until then; pass heads= explicitly, or leave "
+                         "max_bytes out")
+    itemsize = dtype.itemsize
+    stored = _stored_bytes(parts, queries, itemsize)
+    if stored <= max_bytes:
+        return
+    fits = []
+    last = _most_last_rows(parts, itemsize, max_bytes)
+    if last:
+        fits.append(f"queries=slice(-{last}, None) (the last {last} rows: "
+                    f"{size(_stored_bytes(parts, slice(-last, None), itemsize))})")
+    per_head = stored / max(p.heads or 1 for p in parts)
+    h = int(max_bytes // per_head)
+    if h >= 1 and heads:
+        fits.append(f"heads={list(heads[:h])} ({h} of the {len(heads)} heads: {size(per_head * h)})")
+    per_layer = stored / len(layers)
+    n_layers = int(max_bytes // per_layer)
+    if n_layers >= 1:
+        fits.append(f"layers={list(layers[:n_layers])} ({n_layers} of {len(layers)} layers: "
+                    f"{size(per_layer * n_layers)})")
+    for smaller in (torch.float16,):
+        if itemsize > 2 and stored * 2 // itemsize <= max_bytes:
+            fits.append(f"dtype={smaller} ({size(stored * 2 // itemsize)})")
+    shape = "; ".join(f"{p.name}: {p.layers} layers x {p.heads} heads x (rows x keys) of {len(p.queries)} input"
+                      f"{'s' if len(p.queries) > 1 else ''}" for p in parts)
+    advice = ("Selections that fit: " + "; ".join(fits)) if fits else \
+        "No single change of queries=, heads=, layers= or dtype= fits; combine them, or raise max_bytes"
+    raise ValueError(f"capture would store {size(stored)} ({stored:,} bytes of {str(dtype).replace('torch.', '')}; "
+                     f"{shape}), more than max_bytes={max_bytes:,}; nothing was run or allocated. {advice}")
+
+
+def _model_heads(model: nn.Module, hf: bool, *names: str) -> int | None:
+    """Query heads per layer: the first of the config fields ``names`` (transformers), or attnkit's modules'."""
+    if not hf:
+        return next((m.config.num_heads for m in model.modules() if isinstance(m, MultiHeadAttention)), None)
+    config = facts.text_config(model)
+    return next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+
+
+@dataclass(frozen=True)
+class _Keep:
+    """A capture's row selection and storage budget."""
+
+    queries: Queries
+    max_bytes: int | None
+
+    def check(self, parts: Sequence[_Part], dtype: torch.dtype, layers: Sequence[int],
+              heads: Sequence[int] | None) -> None:
+        _check_budget(self.max_bytes, parts, self.queries, dtype, layers, heads)
 
 
 # -- capture -------------------------------------------------------------------------------------
@@ -238,8 +439,9 @@ def _run(model: nn.Module, recording: contextlib.AbstractContextManager, args: t
 
 
 def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None = None,
-            heads: Iterable[int] | int | None = None, *, target: object = None, dtype: torch.dtype = torch.float32,
-            tokenizer: Any = None, progress: bool | Callable[[int, int], None] = False) -> AttentionMaps | Seq2SeqMaps:
+            heads: Iterable[int] | int | None = None, *, queries: Queries = None, max_bytes: int | None = None,
+            target: object = None, dtype: torch.dtype = torch.float32, tokenizer: Any = None,
+            progress: bool | Callable[[int, int], None] = False) -> AttentionMaps | Seq2SeqMaps:
     """Run ``model`` once on ``inputs`` and return the attention probabilities it computed.
 
     Args:
@@ -266,6 +468,21 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             are counted in the order the model calls attention (for an encoder-decoder,
             separately in its encoder, decoder and cross-attention; the selection applies
             to each).
+        queries: which query rows to keep, indexing each input's real (non-padding) tokens
+            as a Python list: an int (``-1``: the last token, what a generation step
+            reads), a slice (``slice(-n, None)``: the last n; ``slice(0, 64)``; a slice
+            clips to each input's length), or a sequence of ints (``[0, 5, -1]``). None
+            (default) keeps every row. Only the kept rows are computed and stored, each the
+            same as that row of a full capture; rows come in token order, each once, and
+            the maps say which tokens they are (``query_positions``, :meth:`AttentionMaps.rows`).
+            Keys are always every real token. For an encoder-decoder the selection applies
+            to each part's own queries (encoder: source tokens; decoder and cross: target
+            tokens). Views that draw or score whole maps (the explorer, head roles,
+            rollout, comparisons) refuse partial maps.
+        max_bytes: refuse, before the model runs and before anything is allocated, a
+            capture whose maps would take more than this many bytes; the error gives the
+            size and the ``queries=``, ``heads=``, ``layers=`` and ``dtype=`` choices that
+            would fit. None (default): no limit.
         dtype: storage dtype of the maps: float32 (default), float16, bfloat16 or float64.
             Probabilities are computed in float32 (float64 for a float64 model) and
             converted as soon as each head is done.
@@ -290,7 +507,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     Raises:
         ValueError: an input longer than the model's ``max_position_embeddings`` (or a
             learned-position TransformerLM's ``max_length``); a layer or head the model
-            does not have; a model that calls attention a number of times other than its
+            does not have; a query index out of range for an input; maps larger than
+            ``max_bytes``; a model that calls attention a number of times other than its
             layer count, or with a cache; an encoder-decoder model without a target, or
             a target for one that is not.
         TypeError: inputs or model of a kind capture does not take.
@@ -305,15 +523,20 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     (torch.Size([2, 2, 4, 4]), ['5', '6', '7', '8'])
     >>> bool(maps[0][..., 0, 1:].eq(0).all())  # causal: the first token sees only itself
     True
+    >>> last = capture(lm, torch.tensor([[5, 6, 7, 8]]), queries=slice(-2, None))  # the last 2 rows
+    >>> last[0].shape, last.rows(0), torch.equal(last[0], capture(lm, torch.tensor([[5, 6, 7, 8]]))[0][:, :, 2:])
+    (torch.Size([3, 4, 2, 4]), [2, 3], True)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {describe(model)}")
     if dtype not in _STORAGE:
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _STORAGE)}; got {dtype!r}")
     wanted_layers, wanted_heads = _index_list("layers", layers), _index_list("heads", heads)
+    _check_queries(queries)
+    keep = _Keep(queries, None if max_bytes is None else require_int("max_bytes", max_bytes, minimum=1))
     report = _progress(progress)
     if isinstance(model, EncoderDecoder):
-        return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer)
+        return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, keep)
     hf = facts.is_hf(model)
     if tokenizer is None and (enc.is_text(inputs) or enc.is_text(target) or hf):
         tokenizer = enc.find_tokenizer(model)
@@ -321,7 +544,7 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             raise ValueError(f"inputs are text, so capture needs a tokenizer, and none was found for "
                              f"{facts.name(model)!r}; pass tokenizer= (e.g. the one attnkit.models.load returns)")
     if hf and getattr(facts.pretrained(model).config, "is_encoder_decoder", False):
-        return _capture_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, report)
+        return _capture_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, report, keep)
     if target is not None:
         raise ValueError(f"target is for encoder-decoder models; {facts.name(model)!r} is not one (its decoder reads "
                          f"inputs alone); got target {enc.summary(target)}")
@@ -334,8 +557,12 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     batch, length = first.shape[:2]
     _check_length(model, length)
     real = enc.real_positions(valid, batch, length)
+    counts = [enc.real_length(r, length) for r in real]
+    num_heads = len(wanted_heads) if wanted_heads is not None else _model_heads(model, hf, "num_attention_heads")
+    keep.check([_Part("attention", len(selected), num_heads, counts, list(counts))], dtype, selected,
+               wanted_heads or (tuple(range(num_heads)) if num_heads else None))
     # tap
-    recorder = _Recorder(selected, wanted_heads, dtype, real, real, (length, length), report)
+    recorder = _Recorder(selected, wanted_heads, dtype, real, real, (length, length), report, keep.queries)
     _record_self_attention(model, recorder, args, kwargs)
     if count is not None and recorder.calls != count:
         raise ValueError(f"{facts.name(model)!r} called attention {recorder.calls} times in one forward pass but has "
@@ -347,7 +574,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     # assemble
     side = enc.sides(ids, real, length, tokenizer, word_ids)
     return AttentionMaps(attentions=recorder.store, model_name=facts.name(model), layers=selected,
-                         heads=recorder.heads or (), model_layers=count, model_heads=recorder.num_heads, **side)
+                         heads=recorder.heads or (), model_layers=count, model_heads=recorder.num_heads,
+                         query_positions=recorder.rows, **side)
 
 
 def _layers(model: nn.Module, hf: bool, wanted: tuple[int, ...] | None) -> tuple[int | None, tuple[int, ...]]:
@@ -398,9 +626,36 @@ def _check_length(model: nn.Module, length: int) -> None:
                          "(max_position_embeddings); shorten the input")
 
 
+def _part_recorders(layers: tuple[int, ...] | None, heads: tuple[int, ...] | None, dtype: torch.dtype,
+                    src: tuple[Sequence[slice | Tensor], int | None], tgt: tuple[Sequence[slice | Tensor], int],
+                    queries: Queries) -> dict[str, _Recorder]:
+    """The encoder's, decoder's and cross-attention's recorders; ``src``, ``tgt``: (real positions, length)."""
+    (real_src, src_len), (real_tgt, tgt_len) = src, tgt
+    return {
+        "encoder": _Recorder(layers, heads, dtype, real_src, real_src, (src_len, src_len), None, queries),
+        "decoder": _Recorder(layers, heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None, queries),
+        "cross": _Recorder(layers, heads, dtype, real_tgt, real_src, (tgt_len, src_len), None, queries),
+    }
+
+
+def _seq2seq_parts(model: nn.Module, layers: tuple[int, ...] | None, heads: tuple[int, ...] | None,
+                   depth: tuple[int | None, int | None], src: list[int | None], tgt: list[int]) -> list[_Part]:
+    """The encoder, decoder and cross parts a transformers encoder-decoder capture stores."""
+    def count(n: int | None) -> int:
+        return len(layers) if layers is not None else n or 0
+
+    enc_heads = len(heads) if heads else _model_heads(model, True, "encoder_attention_heads", "num_heads",
+                                                      "num_attention_heads")
+    dec_heads = len(heads) if heads else _model_heads(model, True, "decoder_attention_heads", "num_heads",
+                                                      "num_attention_heads")
+    return [_Part("encoder", count(depth[0]), enc_heads, [n or 0 for n in src], src),
+            _Part("decoder", count(depth[1]), dec_heads, tgt, list(tgt)),
+            _Part("cross", count(depth[1]), dec_heads, tgt, src)]
+
+
 def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_layers: tuple[int, ...] | None,
                      wanted_heads: tuple[int, ...] | None, dtype: torch.dtype, tokenizer: Any,
-                     report: Callable[[int, int], None] | None) -> Seq2SeqMaps:
+                     report: Callable[[int, int], None] | None, keep: _Keep) -> Seq2SeqMaps:
     """:func:`capture` of an encoder-decoder transformers model: its encoder, decoder and cross calls apart."""
     args, kwargs, src_ids, src_valid, src_words = enc.encode(model, inputs, tokenizer)
     if "decoder_input_ids" in kwargs and target is not None:
@@ -432,16 +687,18 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
         _check_length(model, src_len)
     real_src = enc.real_positions(src_valid, batch, src_len) if src_len is not None else [slice(0, None)] * batch
     real_tgt = enc.real_positions(tgt_valid, batch, tgt_len)
-    recorders = {
-        "encoder": _Recorder(wanted_layers, wanted_heads, dtype, real_src, real_src, (src_len, src_len), None),
-        "decoder": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None),
-        "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
-    }
-    parts = encoder_decoder_parts(model)
     config = facts.pretrained(model).config
     encoder_layers = getattr(config, "encoder_layers", None) or getattr(config, "num_layers", None)
     decoder_layers = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) \
         or encoder_layers
+    if keep.max_bytes is not None or keep.queries is not None:
+        src_n = [enc.real_length(r, src_len) if src_len is not None else None for r in real_src]
+        tgt_n = [enc.real_length(r, tgt_len) for r in real_tgt]
+        keep.check(_seq2seq_parts(model, wanted_layers, wanted_heads, (encoder_layers, decoder_layers), src_n, tgt_n),
+                   dtype, wanted_layers or tuple(range(max(encoder_layers or 1, decoder_layers or 1))), wanted_heads)
+    recorders = _part_recorders(wanted_layers, wanted_heads, dtype, (real_src, src_len), (real_tgt, tgt_len),
+                                keep.queries)
+    parts = encoder_decoder_parts(model)
     total = encoder_layers + 2 * decoder_layers if encoder_layers and decoder_layers else None
     done = [0]
 
@@ -472,7 +729,8 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     def maps(part: str, side: dict, **keys: Any) -> AttentionMaps:
         r = recorders[part]
         return AttentionMaps(attentions=r.store, model_name=facts.name(model), layers=r.layers or tuple(range(r.calls)),
-                             heads=r.heads or (), model_layers=r.calls, model_heads=r.num_heads, **side, **keys)
+                             heads=r.heads or (), model_layers=r.calls, model_heads=r.num_heads,
+                             query_positions=r.rows, **side, **keys)
 
     return Seq2SeqMaps(encoder=maps("encoder", src), decoder=maps("decoder", tgt), cross=maps("cross", tgt, **keyed),
                        sequences={"source": src["token_ids"], "target": tgt["token_ids"]})
@@ -483,7 +741,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
 
 def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: object,
                              wanted_layers: tuple[int, ...] | None, wanted_heads: tuple[int, ...] | None,
-                             dtype: torch.dtype, tokenizer: Any) -> Seq2SeqMaps:
+                             dtype: torch.dtype, tokenizer: Any, keep: _Keep) -> Seq2SeqMaps:
     """:func:`capture` of attnkit's :class:`~attnkit.nn.EncoderDecoder`, teacher-forced on ``target``:
     the decoder's input ids (B, T) as ``forward`` takes them (BOS, then the target shifted right)."""
     src, src_valid, rest = enc.source_inputs(inputs)
@@ -507,11 +765,17 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     batch, (src_len, tgt_len) = src.shape[0], (src.shape[1], tgt.shape[1])
     real_src = enc.real_positions(src_valid, batch, src_len)
     real_tgt = enc.real_positions(tgt_valid, batch, tgt_len)
-    recorders = {
-        "encoder": _Recorder(wanted_layers, wanted_heads, dtype, real_src, real_src, (src_len, src_len), None),
-        "decoder": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_tgt, (tgt_len, tgt_len), None),
-        "cross": _Recorder(wanted_layers, wanted_heads, dtype, real_tgt, real_src, (tgt_len, src_len), None),
-    }
+    src_n = [enc.real_length(r, src_len) for r in real_src]
+    tgt_n = [enc.real_length(r, tgt_len) for r in real_tgt]
+    heads = len(wanted_heads) if wanted_heads is not None else c.num_heads
+    enc_layers, dec_layers = (len(wanted_layers),) * 2 if wanted_layers is not None else (c.encoder_depth,
+                                                                                         c.decoder_depth)
+    keep.check([_Part("encoder", enc_layers, heads, src_n, list(src_n)), _Part("decoder", dec_layers, heads, tgt_n,
+                list(tgt_n)), _Part("cross", dec_layers, heads, tgt_n, list(src_n))], dtype,
+               wanted_layers or tuple(range(max(c.encoder_depth, c.decoder_depth))),
+               wanted_heads or tuple(range(c.num_heads)))
+    recorders = _part_recorders(wanted_layers, wanted_heads, dtype, (real_src, src_len), (real_tgt, tgt_len),
+                                keep.queries)
     parts = attnkit_parts(model)
     modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and id(m) in parts]
     recording = attnkit_tap(modules, lambda module: recorders[parts[id(module)]])
@@ -524,7 +788,8 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     def maps(part: str, side: dict, **keys: Any) -> AttentionMaps:
         r = recorders[part]
         return AttentionMaps(attentions=r.store, model_name=facts.name(model), layers=r.layers or tuple(range(r.calls)),
-                             heads=r.heads or (), model_layers=r.calls, model_heads=c.num_heads, **side, **keys)
+                             heads=r.heads or (), model_layers=r.calls, model_heads=c.num_heads,
+                             query_positions=r.rows, **side, **keys)
 
     return Seq2SeqMaps(encoder=maps("encoder", src_side), decoder=maps("decoder", tgt_side),
                        cross=maps("cross", tgt_side, **keyed),

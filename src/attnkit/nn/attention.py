@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from attnkit import biases, masks
 from attnkit._checks import describe, require_choice, require_int, require_real, require_tensor
 from attnkit.functional import attention, backends
-from attnkit.nn.cache import KVCache, SlidingWindowKVCache
+from attnkit.nn.cache import KVCache, SinkKVCache, SlidingWindowKVCache
 from attnkit.positions import RopeScaling, RotaryEmbedding
 
 __all__ = ["AttentionConfig", "MultiHeadAttention"]
@@ -186,6 +186,11 @@ class MultiHeadAttention(nn.Module):
                                  + ("a cross-attention context; use DynamicKVCache" if cross else
                                     f"this layer's window={c.window}; use a cache window >= the attention window, "
                                     "or DynamicKVCache"))
+            if isinstance(cache, SinkKVCache) and (cross or c.window is not None):
+                raise ValueError("a SinkKVCache is for causal self-attention without a sliding window (this layer has "
+                                 + ("cross-attention; use DynamicKVCache" if cross else
+                                    f"window={c.window}, whose mask would hide the sinks; build the model with "
+                                    "window=None, or use SlidingWindowKVCache") + ")")
             cache.role = role
         valid = self._padding("padding_mask", padding_mask, batch,
                               context.shape[1] if context is not None and context.dim() == 3 else length)

@@ -19,6 +19,8 @@ Three kinds:
 - :class:`SlidingWindowKVCache` is a ring buffer of ``window`` tokens: memory stays flat
   however long generation runs. Keys are cached after RoPE, so each keeps its own
   absolute position.
+- :class:`SinkKVCache` is StreamingLLM's cache (Xiao et al. 2023): the first ``sinks``
+  tokens, kept for ever, and a ring of the last ``window`` tokens after them.
 
 Each also tracks which keys are padding, when ``update`` is given ``valid`` flags, and
 exposes them as :attr:`KVCache.valid` for the keys returned by the last update.
@@ -46,6 +48,7 @@ __all__ = [
     "DynamicKVCache",
     "KVCache",
     "KVShape",
+    "SinkKVCache",
     "SlidingWindowKVCache",
     "StaticKVCache",
     "kv_cache_bytes",
@@ -254,6 +257,77 @@ class SlidingWindowKVCache(KVCache):
         self.position += n
         self.valid = new_valid
         return k_all, v_all
+
+
+class SinkKVCache(KVCache):
+    """StreamingLLM's cache (Xiao et al. 2023, "Efficient Streaming Language Models with
+    Attention Sinks"): the first ``sinks`` tokens, never evicted, then a ring buffer of the
+    last ``window`` tokens after them. Memory is fixed at ``sinks + window`` tokens.
+
+    ``update`` returns the kept sink tokens, the ring's tokens and the new ones, oldest
+    first; eviction happens between updates, so within one update the new queries see every
+    key it returns (feed a long prompt in pieces to bound it). Use it with a causal model
+    that has no sliding-window mask (:class:`~attnkit.nn.MultiHeadAttention` refuses it with
+    one: the mask would hide the sinks). Positions: keys are cached after RoPE, so a sink
+    keeps its absolute position 0..sinks-1 and its distance to the newest query grows;
+    ALiBi (``bottom_right``) measures distance by index in the returned keys, so there the
+    sinks sit just before the ring, as the paper's "positions within the cache". Padding
+    flags are not supported (``valid`` must be None).
+
+    Args:
+        window: recent tokens kept after the sinks (>= 1).
+        sinks: leading tokens kept for ever (>= 0; 0 is a plain sliding window). Default 4,
+            the paper's choice.
+
+    >>> import torch
+    >>> cache = SinkKVCache(window=3, sinks=2)
+    >>> for t in range(8):
+    ...     k_all, _ = cache.update(torch.full((1, 1, 1, 1), float(t)), torch.zeros(1, 1, 1, 1))
+    >>> k_all.flatten().tolist(), len(cache), cache.position  # sinks 0, 1; ring 4, 5, 6; new 7
+    ([0.0, 1.0, 4.0, 5.0, 6.0, 7.0], 5, 8)
+    """
+
+    def __init__(self, window: int, sinks: int = 4):
+        super().__init__()
+        self.window = require_int("window", window, minimum=1)
+        self.sinks = require_int("sinks", sinks, minimum=0)
+        self._recent = SlidingWindowKVCache(window)
+
+    def reset(self) -> None:
+        self.__init__(self.window, self.sinks)  # type: ignore[misc]
+
+    @property
+    def length(self) -> int:
+        return (0 if self._k is None else self._k.shape[2]) + self._recent.length
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self._recent.nbytes
+
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        if self._k is None or self._v is None:
+            raise ValueError("the cache is empty: call update(k, v) first")
+        if self._recent.length == 0:
+            return self._k, self._v
+        k, v = self._recent.keys_values()
+        return torch.cat((self._k, k), dim=2), torch.cat((self._v, v), dim=2)
+
+    def update(self, k: Tensor, v: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if valid is not None:
+            raise ValueError("SinkKVCache does not track padding: valid must be None (feed unpadded sequences, "
+                             "or use DynamicKVCache or SlidingWindowKVCache for padded batches)")
+        self._check(k, v, None)
+        held = 0 if self._k is None else self._k.shape[2]
+        take = min(k.shape[2], self.sinks - held)  # the first tokens ever seen become sinks
+        if self._k is None or take > 0:
+            self._k = k[:, :, :take] if self._k is None else torch.cat((self._k, k[:, :, :take]), dim=2)
+            self._v = v[:, :, :take] if self._v is None else torch.cat((self._v, v[:, :, :take]), dim=2)
+        self._store_valid(None, k.shape[0], 0, k.device, k.shape[2])
+        self.position += k.shape[2]
+        if take == k.shape[2]:
+            return self._k, self._v  # type: ignore[return-value]
+        recent_k, recent_v = self._recent.update(k[:, :, take:], v[:, :, take:])  # the ring's tokens, then the new
+        return torch.cat((self._k, recent_k), dim=2), torch.cat((self._v, recent_v), dim=2)  # type: ignore[arg-type]
 
 
 def kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, tokens: int, dtype: torch.dtype = torch.float16,

@@ -40,6 +40,7 @@ def _check_maps(maps: object, input_index: object) -> int:
     """The input's index, after checking that it holds maps with tokens the pages can show."""
     if not isinstance(maps, AttentionMaps):
         raise TypeError(f"maps must be an AttentionMaps (from attnkit.inspect.capture); got {describe(maps)}")
+    maps.require_full("the explorer page (its matrix, lines and head grid draw row i as token i)")
     index = require_int("input_index", input_index, minimum=0)
     if index >= len(maps):
         raise ValueError(f"input_index must be in [0, {len(maps)}) for maps of {len(maps)} inputs; got {index}")
