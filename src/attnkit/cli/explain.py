@@ -57,8 +57,8 @@ def add_parser(sub: Subparsers) -> Parser:
                    help="with --compare: the shared word to compare against (default: the most frequent word token "
                         "both texts share, other than --token)")
     p.add_argument("--no-cost", dest="cost", action="store_false",
-                   help="leave out the report's cost section (a quick profile of the model at this input's length "
-                        "and a few longer ones: a few seconds on a CPU)")
+                   help="leave out the report's cost section (by default the report has one: a quick profile of the "
+                        "model at this input's length and a few longer ones, a few seconds on a CPU)")
     modes.add_argument("--target", default=None,
                    help="encoder-decoder models: the target text (TEXT is the source); the report shows "
                         "cross-attention")
@@ -146,12 +146,17 @@ def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, 
         con.print("special tokens left out of the lists (heads park weight there): "
                   + " ".join(sorted({tokens[j] for j in summary.skipped_keys})) + "; --keep-special lists them")
     if summary.heads:
-        con.table("single heads that look hardest from the chosen tokens",
-                  ("token", "layer.head", "looks at", Column("weight", right=True)),
-                  [(f"{i} {tokens[i]}", f"L{lay}.H{hd}", f"{j} {tokens[j]}", f"{w:.3f}")
-                   for i, lay, hd, j, w in summary.heads])
-    con.table("heads that score highest in each role",
-              ("role", Column("mean", right=True), "top heads (layer.head score)"), _role_rows(summary.roles))
+        con.table("heads most specific to the chosen tokens: the token's weight on a key (more than 2 tokens away) "
+                  "against that key's column mean, the weight the average query gives it",
+                  ("token", "layer.head", "looks at", Column("weight", right=True), Column("col mean", right=True),
+                   Column("ratio", right=True), Column("diff", right=True), "column head?"),
+                  [(f"{h.query} {tokens[h.query]}", f"L{h.layer}.H{h.head}", f"{h.key} {tokens[h.key]}",
+                    f"{h.weight:.3f}", f"{h.column_mean:.3f}", f"{h.ratio:.1f}x", f"{h.difference:+.3f}",
+                    f"yes: most queries look at {tokens[h.column_key]}" if h.column_head else "")
+                   for h in summary.heads])
+    con.table("heads that score highest in each role (rows: the query rows each score rests on)",
+              ("role", Column("mean", right=True), Column("rows", right=True), "top heads (layer.head score)"),
+              _role_rows(summary.roles))
     for role, why in summary.roles.skipped.items():
         con.print(f"skipped {role}: {why}")
 
@@ -162,11 +167,12 @@ def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
                               for tops in per_layer)) for i, tok, per_layer in summary.rows]
 
 
-def _role_rows(roles: Any) -> list[tuple[str, str, str]]:
-    """One row per head role: its mean score over heads and its top three heads (the lowest, for distance and
-    entropy, where the telling heads are the lowest)."""
+def _role_rows(roles: Any) -> list[tuple[str, str, str, str]]:
+    """One row per head role: its mean score over heads, the rows it rests on and its top three heads (the
+    lowest, for distance and entropy, where the telling heads are the lowest)."""
     lowest = {"mean_distance", "normalized_entropy"}
     return [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
+             str(roles.evidence.get(role, "")),
              "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
             for role, scores in roles.scores.items()]
 
@@ -175,22 +181,23 @@ def _write_report(con: Console, args: argparse.Namespace, model: nn.Module, maps
                   wanted: list[int] | None, whole: bool) -> None:
     from attnkit.viz import report
 
-    tokens = maps.tokens[0]
-    view = _opening_head(maps, wanted, set(summary.skipped_keys))
+    view, why = _opening_head(maps, summary)
     cost = None
     if args.cost:
         from attnkit.viz.cost import cost_data
 
         with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
             try:
-                cost = cost_data(model, len(tokens))
+                cost = cost_data(model, len(maps.tokens[0]))
             except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
                 con.print(f"the report has no cost section: {err}")
     with con.progress() as progress:
         path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
-                                   view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
-    opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
-    con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
+                                   view=view, view_reason=why, rollout=whole, roles=summary.roles, cost=cost,
+                                   progress=progress)
+    con.print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+    if why:
+        con.print(why)
 
 
 def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
@@ -209,21 +216,13 @@ def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
     return wanted
 
 
-def _opening_head(maps: AttentionMaps, wanted: list[int] | None,
-                  skipped_keys: set[int]) -> tuple[int, list[int]] | None:
-    """(layer, [head]) to open the report on for the first chosen token: the single head that gives the
-    most weight to one key more than 2 tokens away (local heads, such as previous-token heads, say little
-    about that token), special tokens left out; the strongest head of all if none looks that far."""
-    import torch
-
-    if not wanted:
-        return None
-    i = wanted[0]
-    row = maps.attentions[0][:, :, i].float()  # (layers, heads, Lk)
-    far = torch.tensor([abs(i - j) > 2 and j not in skipped_keys for j in range(row.shape[-1])])
-    pool = row.masked_fill(~far, -1.0) if far.any() and float(row[..., far].max()) > 0 else row
-    flat = int(pool.flatten().argmax()) // row.shape[-1]
-    return maps.layers[flat // row.shape[1]], [maps.heads[flat % row.shape[1]]]
+def _opening_head(maps: AttentionMaps, summary: Any) -> tuple[tuple[int, list[int]] | None, str | None]:
+    """(layer, [head]) to open the report on for the first chosen token, and why in words: its most specific
+    head (the first of ``summary.heads``); (None, None) without chosen tokens."""
+    if not summary.heads:
+        return None, None
+    best = summary.heads[0]
+    return (best.layer, [best.head]), best.why(maps.tokens[0])
 
 
 def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any]) -> int:

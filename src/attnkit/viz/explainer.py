@@ -20,10 +20,12 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
 from attnkit.inspect.maps import AttentionMaps
+from attnkit.inspect.roles import column_heads, specificity
 from attnkit.inspect.tokens import special_mask
 from attnkit.viz.report import _check_maps
 
-__all__ = ["Summary", "explain", "find_tokens", "special_positions", "summarize"]
+__all__ = ["SpecificHead", "Summary", "explain", "find_tokens", "opening", "special_positions", "specific_heads",
+           "summarize"]
 
 
 def _bare(token: str) -> str:
@@ -105,6 +107,141 @@ def _special_keys(maps: AttentionMaps, input_index: int) -> list[int]:
 
 
 @dataclass(frozen=True)
+class SpecificHead:
+    """One head, from one query token: the key it gives the most weight beyond that key's column mean.
+
+    Attributes:
+        query: the query token's position.
+        layer, head: the model's layer and head.
+        key: the key's position.
+        weight: the query's weight on the key.
+        column_mean: the key's weight from the average query of this head (its column mean).
+        column_head: True when most of this head's queries put most of their weight on one key
+            (:func:`attnkit.inspect.roles.column_heads`): its weight says little about this query.
+        column_key: that one key's position, for a column head (else the head's most voted key).
+    """
+
+    query: int
+    layer: int
+    head: int
+    key: int
+    weight: float
+    column_mean: float
+    column_head: bool
+    column_key: int
+
+    @property
+    def difference(self) -> float:
+        """``weight - column_mean``: what the heads are ranked by."""
+        return self.weight - self.column_mean
+
+    @property
+    def ratio(self) -> float:
+        """``weight / column_mean`` (inf where no query but this one looks at the key)."""
+        return self.weight / self.column_mean if self.column_mean > 0 else float("inf")
+
+    def why(self, tokens: Sequence[str]) -> str:
+        """Why a page opens on this head, in words, naming the tokens (``tokens``: the maps' tokens)."""
+        text = (f"Opened on layer {self.layer} head {self.head}, query '{tokens[self.query]}': of all heads, it "
+                f"gives '{tokens[self.key]}' the most weight from '{tokens[self.query]}' beyond what the average "
+                f"query gives it ({self.weight:.2f} against a column mean of {self.column_mean:.2f}, "
+                f"{self.ratio:.1f}x).")
+        if self.column_head:
+            text += f" It is a column head: most of its queries look at '{tokens[self.column_key]}'."
+        return text
+
+
+FAR = 2  # keys this close to the query (|i - j| <= FAR) are left out of the specific ranking
+
+
+def specific_heads(maps: AttentionMaps, query: int, input_index: int = 0, *, n: int = 5,
+                   skip_keys: Sequence[int] = ()) -> list[SpecificHead]:
+    """The ``n`` heads whose weight from ``query`` on one key stands furthest above that key's
+    column mean (the weight the average query gives it), best first.
+
+    Each head's key is the one with the largest difference, among keys more than :data:`FAR`
+    tokens from the query and not in ``skip_keys`` (special tokens): a previous-token head is
+    specific to every query's neighbour, which says little about this one. When no key is that
+    far (a short input), every key but the query itself and ``skip_keys`` is a candidate. Column
+    heads are flagged, not dropped: their weight on a key is shared by every query, which the
+    difference shows.
+
+    >>> import torch
+    >>> from attnkit.inspect import AttentionMaps
+    >>> a = torch.full((1, 2, 6, 6), 0.1)           # two heads over 6 tokens
+    >>> a[0, 0, :, 1] = 0.5                          # head 0: every query looks at token 1
+    >>> a[0, 1, 5, 1] = 0.5                          # head 1: only query 5 does
+    >>> maps = AttentionMaps([a], [list("abcdef")], None, "toy", (0,), (0, 1))
+    >>> best = specific_heads(maps, 5, n=1)[0]
+    >>> best.head, best.key, round(best.weight, 3), round(best.column_mean, 3)
+    (1, 1, 0.5, 0.167)
+    """
+    attn = maps.attentions[input_index]
+    spec = specificity(attn, query)  # (layers, heads, Lk)
+    column = column_heads(attn)
+    far = _candidates(query, attn.shape[-1], skip_keys)
+    if not bool(far.any()):
+        return []
+    diff = spec.difference.masked_fill(~far, -torch.inf)
+    best, key = diff.max(-1)  # (layers, heads)
+    order = torch.sort(best.flatten(), descending=True, stable=True).indices[: require_int("n", n, minimum=1)]
+    n_heads = attn.shape[1]
+    out = []
+    for o in order.tolist():
+        li, hi = divmod(o, n_heads)
+        j = int(key[li, hi])
+        out.append(SpecificHead(query, maps.layers[li], maps.heads[hi], j, float(spec.weight[li, hi, j]),
+                                float(spec.column_mean[li, hi, j]), bool(column.flagged[li, hi]),
+                                int(column.key[li, hi])))
+    return out
+
+
+def _candidates(query: int, n_keys: int, skip_keys: Sequence[int]) -> torch.Tensor:
+    """(Lk,) bool: the keys :func:`specific_heads` may pick for ``query`` (far ones; all but itself if none)."""
+    j = torch.arange(n_keys)
+    allowed = torch.ones(n_keys, dtype=torch.bool)
+    allowed[list(skip_keys)] = False
+    far = allowed & ((j - query).abs() > FAR)
+    return far if bool(far.any()) else allowed & (j != query)
+
+
+def opening(maps: AttentionMaps, input_index: int = 0, *, focus: int | None = None) -> SpecificHead | None:
+    """The head and query a page opens on: for ``focus``, its most specific head (the first of
+    :func:`specific_heads`); without one, the query token (special tokens left out) whose most
+    specific head stands furthest above its key's column mean, and that head. None for
+    cross-attention maps or an input with nothing to pick.
+
+    >>> import torch
+    >>> from attnkit.inspect import AttentionMaps
+    >>> a = torch.full((1, 1, 6, 6), 0.1)
+    >>> a[0, 0, 4, 0] = 0.6                          # only query 4 looks hard at token 0
+    >>> maps = AttentionMaps([a], [list("abcdef")], None, "toy", (0,), (0,))
+    >>> best = opening(maps)
+    >>> best.query, best.key
+    (4, 0)
+    """
+    if maps.is_cross:
+        return None
+    special = _special_keys(maps, input_index)
+    if focus is not None:
+        found = specific_heads(maps, focus, input_index, n=1, skip_keys=special)
+        return found[0] if found else None
+    attn = maps.attentions[input_index]  # (layers, heads, L, L)
+    n = attn.shape[-1]
+    allowed = torch.stack([_candidates(i, n, special) for i in range(n)])  # (Lq, Lk)
+    best = torch.full((n,), -torch.inf)
+    for li in range(attn.shape[0]):  # one (L, L) map at a time: a long input's layer would not fit at once
+        for hi in range(attn.shape[1]):
+            a = attn[li, hi].float()
+            diff = (a - a.sum(0) / (a.sum(-1) > 0).sum().clamp(min=1)).masked_fill(~allowed, -torch.inf)
+            best = torch.maximum(best, diff.amax(-1))
+    best[special] = -torch.inf
+    if not bool(torch.isfinite(best).any()):
+        return None
+    return opening(maps, input_index, focus=int(best.argmax()))
+
+
+@dataclass(frozen=True)
 class Summary:
     """What ``attnkit explain`` prints.
 
@@ -112,8 +249,8 @@ class Summary:
         rows: per token of interest: (index, token, per layer: [(key index, key token, weight)]).
         shown, total: tokens of interest listed, and how many there were.
         skipped_keys: key positions left out of the lists (special tokens), if any.
-        heads: for up to 8 tokens of interest, when they were chosen: the 5 single heads
-            that put the most weight on one key, as (query, layer, head, key, weight).
+        heads: for up to 8 tokens of interest, when they were chosen: the 5 most specific
+            heads of each (:func:`specific_heads`), best first.
         roles: every head's role scores.
     """
 
@@ -121,7 +258,7 @@ class Summary:
     shown: int
     total: int
     skipped_keys: list[int]
-    heads: list[tuple[int, int, int, int, float]]
+    heads: list[SpecificHead]
     roles: HeadRoles
 
 
@@ -168,14 +305,8 @@ def summarize(
         per_layer.append([[(j, names[j], w) for j, w in zip(kr[:k].tolist(), wr[:k].tolist()) if w > 0]
                           for kr, wr in zip(keys, weights)])
     rows = [(i, names[i], [tops[n] for tops in per_layer]) for n, i in enumerate(shown)]
-    heads: list[tuple[int, int, int, int, float]] = []
-    if tokens is not None:
+    heads: list[SpecificHead] = []
+    if tokens is not None and not maps.is_cross:
         for i in wanted[:8]:
-            grid = attn[:, :, i].float().clone()  # (layers, heads, Lk)
-            grid[..., skipped] = -1.0
-            best, key = grid.max(-1)
-            order = torch.sort(best.flatten(), descending=True, stable=True).indices[:5]
-            n_heads = attn.shape[1]
-            heads.extend((i, maps.layers[o // n_heads], maps.heads[o % n_heads], int(key.flatten()[o]),
-                          float(best.flatten()[o])) for o in order.tolist() if float(best.flatten()[o]) > 0)
+            heads.extend(specific_heads(maps, i, input_index, skip_keys=_special_keys(maps, input_index)))
     return Summary(rows, len(rows), len(wanted), skipped, heads, head_roles(maps, input_index=input_index))
