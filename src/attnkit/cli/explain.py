@@ -56,6 +56,10 @@ def add_parser(sub: Subparsers) -> Parser:
     modes.add_argument("--anchor", default=None,
                    help="with --compare: the shared word to compare against (default: the most frequent word token "
                         "both texts share, other than --token)")
+    p.add_argument("--probe", metavar="ROLE", default=None,
+                   help="also score the heads for a self-attention head role (induction, previous_token, ...) on "
+                        "its standard probe, and print its top heads: random tokens, repeated once for induction "
+                        "and duplicate_token (Olsson et al. 2022)")
     p.add_argument("--no-cost", dest="cost", action="store_false",
                    help="leave out the report's cost section (by default the report has one: a quick profile of the "
                         "model at this input's length and a few longer ones, a few seconds on a CPU)")
@@ -93,13 +97,20 @@ def _check_options(args: argparse.Namespace) -> None:
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
     if args.out and not Path(args.out).resolve().parent.is_dir():  # the one check the report cannot make early
         raise ValueError(f"--out {args.out!r}: the folder {str(Path(args.out).resolve().parent)!r} does not exist")
+    if args.probe is not None:
+        from attnkit.viz.explainer import PROBES
+
+        if args.probe not in PROBES:
+            raise UsageError(f"--probe must be a self-attention head role, one of {', '.join(PROBES)}; got "
+                             f"{args.probe!r}")
     mode = "--target" if args.target is not None else "--generate" if args.generate is not None else None
     if mode is not None:
         if args.target is not None and args.generate is not None:
             raise UsageError("--target and --generate do not go together: --target reads a given target, "
                              "--generate makes one")
         others = [name for name, value in (("--compare", args.compare), ("--layers", args.layers),
-                                           ("--heads", args.heads), ("--token", args.token)) if value is not None]
+                                           ("--heads", args.heads), ("--token", args.token),
+                                           ("--probe", args.probe)) if value is not None]
         if others:
             raise UsageError(f"{others[0]} does not go with {mode}")
     if args.compare is None and args.anchor is not None:
@@ -123,6 +134,8 @@ def _self_attention(args: argparse.Namespace, con: Console, model: nn.Module, to
     wanted = _wanted(tokens, args.token)
     summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
     _print_summary(con, args, maps, summary)
+    if args.probe:
+        _print_probe(con, args.probe, (model, tokenizer))
     if args.out:
         _write_report(con, args, model, maps, summary, wanted, whole)
     if args.png:
@@ -159,6 +172,22 @@ def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, 
               _role_rows(summary.roles))
     for role, why in summary.roles.skipped.items():
         con.print(f"skipped {role}: {why}")
+
+
+def _print_probe(con: Console, role: str, model: tuple[nn.Module, Any]) -> None:
+    """``--probe ROLE``: the heads' scores for ROLE on its standard probe."""
+    from attnkit.viz.explainer import PROBES, probe
+
+    with con.status(f"running the {role} probe ({PROBES[role]})..."):
+        maps, roles = probe(role, model)
+    lowest = role in ("mean_distance", "normalized_entropy")
+    con.table(f"{role} on its standard probe: {PROBES[role]}, {len(maps.tokens[0])} tokens, scored on "
+              f"{roles.evidence_text(role)}" + (" (lowest first)" if lowest else ""),
+              ("layer.head", Column("score", right=True)),
+              [(f"L{lay}.H{hd}", f"{sc:.3f}") for lay, hd, sc in roles.top(role, 5, largest=not lowest)])
+    if role in ("previous_token", "duplicate_token", "induction", "first_token"):  # one key per row
+        n = len(maps.tokens[0])
+        con.print(f"(a head that spread its weight evenly over the {n} tokens would score about {1 / n:.3f})")
 
 
 def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
@@ -238,14 +267,19 @@ def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any
                              f"its tokens are " + " ".join(err.tokens)) from None
     tok, anc = found.token, found.anchor
     con.rule(f"{found.maps[0].model_name}: '{tok}' in two contexts, against '{anc}'")
+    lowest = [min(c[n] for c in found.baseline().values()) for n in range(len(found.token_cosine))]
     rows = [(str(layer), f"{found.token_cosine[n + 1]:.3f}", f"{found.anchor_cosine[n + 1]:.3f}",
+             f"{lowest[n + 1]:.3f}",
              *(f"{a[n]['mean'][0][0]} {a[n]['mean'][0][1]:.2f}; H{a[n]['head']}: {a[n]['head_key']} "
                f"{a[n]['head_weight']:.2f}" for a in found.attends))
             for n, layer in enumerate(found.maps[0].layers)]
     con.table(f"cosine of the hidden state between the texts, and where '{tok}' attends (top key of the mean of "
               "the heads; the best head's key)",
-              ("layer", Column(f"cos {tok}", right=True), Column(f"cos {anc}", right=True), "in TEXT", "in --compare"),
-              [("emb", f"{found.token_cosine[0]:.3f}", f"{found.anchor_cosine[0]:.3f}", "", ""), *rows])
+              ("layer", Column(f"cos {tok}", right=True), Column(f"cos {anc}", right=True),
+               Column("lowest shared", right=True), "in TEXT", "in --compare"),
+              [("emb", f"{found.token_cosine[0]:.3f}", f"{found.anchor_cosine[0]:.3f}", f"{lowest[0]:.3f}", "", ""),
+               *rows])
+    con.print(found.rule())
     con.print(found.summary())
     if args.out:
         path = contexts.write_compare_report(found, args.out)

@@ -20,12 +20,12 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
 from attnkit.inspect.maps import AttentionMaps
-from attnkit.inspect.roles import column_heads, specificity
+from attnkit.inspect.roles import ROLES, column_heads, specificity
 from attnkit.inspect.tokens import special_mask
 from attnkit.viz.report import _check_maps
 
-__all__ = ["SpecificHead", "Summary", "explain", "find_tokens", "opening", "special_positions", "specific_heads",
-           "summarize"]
+__all__ = ["PROBES", "SpecificHead", "Summary", "explain", "find_tokens", "opening", "probe", "special_positions",
+           "specific_heads", "summarize"]
 
 
 def _bare(token: str) -> str:
@@ -310,3 +310,49 @@ def summarize(
         for i in wanted[:8]:
             heads.extend(specific_heads(maps, i, input_index, skip_keys=_special_keys(maps, input_index)))
     return Summary(rows, len(rows), len(wanted), skipped, heads, head_roles(maps, input_index=input_index))
+
+
+# The standard probe of each self-attention role: random word tokens, repeated once for the roles that
+# read repeats (Olsson et al. 2022's induction probe), else never repeated, so no repeat confounds them.
+PROBES = {role: ("repeated random tokens" if role in ("induction", "duplicate_token") else "random tokens")
+          for role in ROLES}
+
+
+def probe(role: str, model: tuple[Any, Any], *, length: int = 40, seed: int = 0) -> tuple[AttentionMaps, HeadRoles]:
+    """Run ``model`` on ``role``'s standard probe (:data:`PROBES`) and score every head on it.
+
+    The probe is ``length`` random word tokens of the tokenizer's vocabulary (letters only, no
+    special token), seeded by ``seed``; for ``induction`` and ``duplicate_token`` the same
+    tokens follow once more, so the second half has ``length`` repeated tokens to score on. The
+    tokenizer adds its special tokens ([CLS] ... [SEP]) around them as for a text.
+
+    Args:
+        role: one of :data:`attnkit.inspect.roles.ROLES`.
+        model: a ``(model, tokenizer)`` pair.
+        length: random tokens (default 40), >= 5; the model must take 2 * length + its special tokens.
+        seed: the random tokens' seed (default 0).
+
+    Returns:
+        The probe's maps and their :func:`~attnkit.inspect.head_roles` (with the default
+        evidence minimum, which the repeated probe passes).
+    """
+    if role not in PROBES:
+        raise ValueError(f"role must be one of {', '.join(PROBES)} (the self-attention roles with a standard probe); "
+                         f"got {role!r}")
+    length = require_int("length", length, minimum=5)
+    seed = require_int("seed", seed)
+    net, tokenizer = model
+    vocab = tokenizer.get_vocab()
+    words = sorted(i for t, i in vocab.items() if t.isalpha() and i not in set(tokenizer.all_special_ids))
+    if len(words) < length:
+        raise ValueError(f"the tokenizer has {len(words)} word tokens; the probe needs length={length} distinct ones")
+    generator = torch.Generator().manual_seed(seed)
+    picked = [words[i] for i in torch.randperm(len(words), generator=generator)[:length].tolist()]
+    body = picked + picked if PROBES[role] == "repeated random tokens" else picked
+    empty = list(tokenizer("")["input_ids"])  # the special tokens of an empty text: [CLS] [SEP], <s>, or none
+    lead = empty[:1] if empty and empty[0] in (tokenizer.cls_token_id, tokenizer.bos_token_id) else []
+    ids = lead + body + empty[len(lead):]
+    maps = capture(net, torch.tensor(ids), tokenizer=tokenizer)
+    if not isinstance(maps, AttentionMaps):
+        raise TypeError(f"probe takes an encoder or a decoder model; {type(net).__name__} is an encoder-decoder")
+    return maps, head_roles(maps)
