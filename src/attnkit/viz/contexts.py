@@ -282,7 +282,7 @@ def _shared_positions(tokens_a: list[str], tokens_b: list[str], token: str) -> l
     """The first positions, in each sentence, of every word token both share other than ``token`` (as
     :func:`pick_anchor` matches them), in the first sentence's order."""
     special = set(special_positions(tokens_a)), set(special_positions(tokens_b))
-    first = [{}, {}]  # bare word -> its first position
+    first: list[dict[str, int]] = [{}, {}]  # bare word -> its first position
     for side, toks in enumerate((tokens_a, tokens_b)):
         for i, t in enumerate(toks):
             if i not in special[side] and any(c.isalnum() for c in t) and _bare(t) != _bare(token):
