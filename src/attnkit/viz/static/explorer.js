@@ -457,6 +457,7 @@
       ctx.textAlign = "right"; ctx.textBaseline = "bottom"; ctx.fillText(`${cross ? "target " : ""}query ↓`, off - 6, off - 6);
       mxAxes.textContent = `rows: ${cross ? "target tokens (queries)" : "queries"} ↓ · columns: ${cross ? "source tokens (keys)" : "keys"} →`;
       mx.dataset.origin = String(off);
+      mx.dataset.cell = String(cell);
       if (Math.max(Lq, Lk) > DET) drawOverview();
       drawLegend();
     }
