@@ -37,7 +37,7 @@
       line.appendChild(svg("title", {}, `${word}: cos ${ys[n - 1].toFixed(3)} after the last layer`));
       chart.appendChild(line);
     }
-    if (others.length) chart.appendChild(svg("text", { x: W - R + 8, y: T + 8, fill: "#999", class: "akc-tick" }, `grey: ${others.length} other shared word${others.length > 1 ? "s" : ""}`));
+    if (others.length) chart.appendChild(svg("text", { x: W - R + 8, y: T + 8, fill: "#999", class: "akc-tick" }, `grey: ${others.length} other${others.length > 1 ? "s" : ""}`));
     const series = [["token", data.token_cosine, "#e15759", data.token], ["anchor", data.anchor_cosine, "#4e79a7", data.anchor]];
     series.forEach(([key, ys, colour, word], s) => {
       chart.appendChild(svg("polyline", { points: ys.map((c, i) => `${X(i).toFixed(1)},${Y(c).toFixed(1)}`).join(" "),
