@@ -115,3 +115,16 @@ def test_the_page_opens_on_the_given_head_and_says_why(open_at):
     watch.assert_clean()
     with pytest.raises(TypeError, match="view_reason must be a str"):
         write_report(maps_of(4, 1, 1), "unused.html", view_reason=3)
+
+
+def test_role_cards_say_what_they_rest_on_and_thin_evidence_shows_no_number(open_at):
+    maps = maps_of(8, layers=1, heads=2)
+    maps = AttentionMaps(maps.attentions, maps.tokens, [[5, 6, 7, 5, 8, 9, 10, 11]], "toy", (0,), (0, 1))
+    watch = open_at(maps)
+    page = watch.page
+    page.evaluate("attnkitExplorer.set({tab: 'roles'})")
+    assert page.text_content('[data-role-card="first_token"] [data-role="evidence"]') == "scored on 8 query rows"
+    assert page.locator('[data-role-card="induction"]').count() == 0  # one repeated token: no number shown
+    hints = page.locator('[data-pane="roles"] > p.akx-hint').all_text_contents()
+    assert any(h.startswith("induction not scored: not enough evidence: 1 repeated token") for h in hints)
+    watch.assert_clean()

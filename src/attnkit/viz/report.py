@@ -90,6 +90,7 @@ def _scores(roles: Any) -> dict[str, Any]:
         "names": list(roles.scores),
         "scores": {name: [[clean(v) for v in row] for row in t.tolist()] for name, t in roles.scores.items()},
         "skipped": dict(roles.skipped),
+        "evidence": {name: roles.evidence_text(name) for name in roles.evidence},
     }
 
 

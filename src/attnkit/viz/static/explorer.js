@@ -518,8 +518,10 @@
         const flat = [];
         roles.scores[role].forEach((row, l) => row.forEach((s, h) => { if (s != null) flat.push([s, l, h]); }));
         const best = flat.sort((a, b) => (role === "mean_distance" || role === "normalized_entropy" ? a[0] - b[0] : b[0] - a[0])).slice(0, 3);
-        const card = el("div", { class: "akx-card" }, [el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
+        const card = el("div", { class: "akx-card", "data-role-card": role }, [el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
           el("div", { class: "akx-hint", text: ROLE_INFO[role] || "" })]);
+        const evidence = (roles.evidence || {})[role];
+        if (evidence) card.appendChild(el("div", { class: "akx-hint", "data-role": "evidence", text: `scored on ${evidence}` }));
         for (const [s, l, h] of best) {
           card.appendChild(el("button", { class: "akx-btn akx-pick", text: `L${data.layers[l]}.H${data.heads[h]}  ${s.toFixed(3)}`, onclick: () => pick(l, h) }));
         }
