@@ -32,21 +32,28 @@ def page_data(path):
     return json.loads(path.read_text(encoding="utf-8").split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
 
 
-def test_cosines_equal_transformers_hidden_states(minilm, one_thread):
-    found = compare_contexts(RIVER, MONEY, "bank", minilm)
+def transformers_cosines(minilm, texts):
+    """``cos(word)``: the cosine, per hidden state, of ``word``'s first occurrence in the two texts, from
+    transformers' own ``output_hidden_states`` (embeddings, then each of 6 layers); and the two token lists."""
     model, tokenizer = minilm
     states, tokens = [], []
     with torch.no_grad():
-        for text in (RIVER, MONEY):
+        for text in texts:
             enc = tokenizer(text, return_tensors="pt")
-            out = model(**enc, output_hidden_states=True)
-            states.append([h[0].double() for h in out.hidden_states])  # embeddings, then each of 6 layers
+            states.append([h[0].double() for h in model(**enc, output_hidden_states=True).hidden_states])
             tokens.append(tokenizer.convert_ids_to_tokens(enc["input_ids"][0]))
-    assert found.anchor == "the"  # "the" is the only word token besides "bank" in both sentences (3 times)
 
     def cos(word):
         i, j = tokens[0].index(word), tokens[1].index(word)
         return [float(a[i] @ b[j] / (a[i].norm() * b[j].norm())) for a, b in zip(*states)]
+
+    return cos, tokens
+
+
+def test_cosines_equal_transformers_hidden_states(minilm, one_thread):
+    found = compare_contexts(RIVER, MONEY, "bank", minilm)
+    cos, tokens = transformers_cosines(minilm, (RIVER, MONEY))
+    assert found.anchor == "the"  # "the" is the only word token besides "bank" in both sentences (3 times)
 
     assert len(found.token_cosine) == 7
     assert found.token_cosine == pytest.approx(cos("bank"), abs=1e-6)
@@ -68,18 +75,7 @@ PAY = "She went to the bank to deposit her pay check."
 
 def test_moves_more_is_below_every_shared_word_by_the_gap(minilm, one_thread):
     found = compare_contexts(FISH, PAY, "bank", minilm)
-    model, tokenizer = minilm
-    states, tokens = [], []
-    with torch.no_grad():
-        for text in (FISH, PAY):
-            enc = tokenizer(text, return_tensors="pt")
-            states.append([h[0].double() for h in model(**enc, output_hidden_states=True).hidden_states])
-            tokens.append(tokenizer.convert_ids_to_tokens(enc["input_ids"][0]))
-
-    def cos(word):
-        i, j = tokens[0].index(word), tokens[1].index(word)
-        return [float(a[i] @ b[j] / (a[i].norm() * b[j].norm())) for a, b in zip(*states)]
-
+    cos, _ = transformers_cosines(minilm, (FISH, PAY))
     words = ["she", "went", "to", "the"]  # the word tokens both sentences share, "bank" aside
     assert set(found.baseline()) == set(words)
     for w in words:
