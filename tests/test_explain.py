@@ -313,3 +313,22 @@ def test_probe_is_the_repeated_random_sequence(minilm):
         probe("top_key", minilm)
     with pytest.raises(SystemExit):
         cli.main(["explain", SEED, "--out", "", "--probe", "syntax"])
+
+
+@pytest.mark.slow  # six MiniLM runs
+def test_specificity_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "specificity.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "specificity.json").read_text())
+    assert data["machine"]["description"] and len(data["readings"]) == 6
+    # The table's figures are the JSON's, and the ranking is by difference.
+    diffs = [h["difference"] for h in data["specific"]]
+    assert diffs == sorted(diffs, reverse=True)
+    assert all(h["difference"] == pytest.approx(h["weight"] - h["column_mean"]) for h in data["specific"])
+    assert (tmp_path / "specificity.md").read_text().startswith("Machine: ")
