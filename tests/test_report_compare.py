@@ -189,5 +189,7 @@ def test_polysemy_benchmark_runs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "polysemy.json").read_text())
-    assert data["token"] == "bank" and data["anchor"] == "the" and len(data["token_cosine"]) == 7
+    assert data["token"] == "bank" and len(data["token_cosine"]) == 7
+    assert set(data["shared"]) == {"she", "went", "to", "the"} and data["anchor"] in data["shared"]
+    assert (tmp_path / "polysemy.md").read_text().rstrip().endswith(data["summary"])
     assert_drawn(tmp_path / "p.png")
