@@ -173,6 +173,14 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert page.locator('[data-role="cosine-chart"] [data-role="moves-more"]').count() == 1
     assert XSS_IMG in page.text_content(".akp-texts")
     assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
+    # At 1280 px the explorers stack: neither scrolls sideways, in the head view or the model view.
+    fits = "[...document.querySelectorAll('.akp-side .akx-main')].map((m) => m.scrollWidth <= m.clientWidth)"
+    assert page.evaluate(fits) == [True, True]
+    for side in ("left", "right"):
+        page.evaluate(f"window.attnkitCompare.{side}.set({{tab: 'model'}})")
+    page.wait_for_selector('.akp-side[data-side="1"] .akx-grid[data-done="1"]')
+    assert page.evaluate(fits) == [True, True]
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     watch.shot("report-compare")
     watch.assert_clean()
 

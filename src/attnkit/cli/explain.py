@@ -4,10 +4,11 @@ write a self-contained HTML report (with what attention costs in the model at th
 unless --no-cost) and, on request, PNG heatmaps.
 
 With --compare OTHER and one --token WORD: the word in two contexts. The report shows both
-sentences side by side, where WORD attends in each, per layer and in its best head, and the
+sentences' explorers, where WORD attends in each, per layer and in its best head, and the
 cosine similarity of WORD's hidden state between the sentences, layer by layer, against that of
-a word both share (the most frequent shared word token other than WORD, or --anchor); the
-terminal says from which layer WORD diverges; --png DIR writes the cosines as DIR/cosine.png.
+every word both share (the most frequent shared word token other than WORD, or --anchor, drawn
+and tabled beside it); the terminal states the rule and says after which layers WORD moves more
+than every shared word; --png DIR writes the cosines as DIR/cosine.png.
 
 With --target "..." (an encoder-decoder model folder, e.g. BART or Marian): TEXT is the source,
 the target is read teacher-forced, and the report shows the cross-attention (each target token's
@@ -283,7 +284,7 @@ def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any
     con.print(found.summary())
     if args.out:
         path = contexts.write_compare_report(found, args.out)
-        con.print(f"wrote {path} ({size(path.stat().st_size)}): both texts side by side; it needs no network")
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): both texts' explorers; it needs no network")
     if args.png:
         Path(args.png).mkdir(parents=True, exist_ok=True)
         con.print(f"wrote {found.plot(Path(args.png) / 'cosine.png')}")

@@ -313,8 +313,9 @@ def _attends(maps: AttentionMaps, i: int, k: int = 3) -> list[dict[str, Any]]:
 
 def compare_html(comparison: ContextComparison) -> str:
     """The comparison as one self-contained HTML page: the summary, the per-layer cosines, where the
-    token attends in each sentence, and both sentences' explorers side by side, each opening on
-    the token and its best head in the last layer."""
+    token attends in each sentence, and both sentences' explorers (one above the other; side by
+    side on a screen wide enough for both), each opening on the token and its best head in the
+    last layer."""
     from attnkit.viz.report import report_data
 
     if not isinstance(comparison, ContextComparison):

@@ -1,7 +1,7 @@
 /* attnkit compare report: one word in two sentences (attnkit.viz.contexts). The summary, the
  * per-layer cosine of the word's hidden state between the sentences against a shared word's
  * (an inline SVG), where the word attends per layer in each sentence, and the two sentences'
- * explorers side by side. Needs explorer.js and report_cost.js (for its svg helper). Text
+ * explorers (stacked below ~2400 px, side by side above; explorer.css). Needs explorer.js and report_cost.js (for its svg helper). Text
  * reaches the page through textContent only. */
 (function () {
   "use strict";
