@@ -11,7 +11,7 @@ from attnkit import cli, models
 from attnkit.inspect import AttentionMaps, capture, rollout
 from attnkit.viz import explain, find_tokens, save_pngs, summarize
 from attnkit.viz.encode import decode
-from attnkit.viz.explainer import special_positions
+from attnkit.viz.explainer import special_positions, specific_heads
 
 from conftest import assert_drawn, png_rgb
 
@@ -332,3 +332,23 @@ def test_specificity_benchmark_runs(tmp_path):
     assert diffs == sorted(diffs, reverse=True)
     assert all(h["difference"] == pytest.approx(h["weight"] - h["column_mean"]) for h in data["specific"])
     assert (tmp_path / "specificity.md").read_text().startswith("Machine: ")
+
+
+def test_specific_heads_on_a_hand_made_map_and_its_refusals():
+    a = torch.full((1, 2, 6, 6), 0.1)
+    a[0, 0, :, 1] = 0.5  # head 0: every query gives token 1 0.5, so query 5's 0.5 is the average
+    a[0, 1, 5, 1] = 0.5  # head 1: only query 5 does; column 1's mean is (5 * 0.1 + 0.5) / 6 = 1/6
+    maps = AttentionMaps([a], [list("abcdef")], None, "toy", (0,), (0, 1))
+    best, other = specific_heads(maps, 5, n=2)
+    assert (best.head, best.key) == (1, 1)
+    assert (best.weight, best.column_mean, best.difference, best.ratio) == pytest.approx((0.5, 1 / 6, 1 / 3, 3.0))
+    # Head 0: query 5 gives every key exactly its column mean: no key stands out.
+    assert other.head == 0 and other.difference == pytest.approx(0.0) and other.ratio == pytest.approx(1.0)
+    assert specific_heads(maps, 5, skip_keys=range(6)) == []
+    with pytest.raises(ValueError, match="n must be"):
+        specific_heads(maps, 5, n=0)
+    with pytest.raises(ValueError, match=r"query must be a query row in \[0, 6\); got 6"):
+        specific_heads(maps, 6)
+    cross = AttentionMaps([a[:, :, :3]], [list("abc")], None, "toy", (0,), (0, 1), key_tokens=[list("abcdef")])
+    with pytest.raises(ValueError, match="maps must be self-attention"):
+        specific_heads(cross, 0)

@@ -20,6 +20,7 @@ from attnkit.inspect.roles import (
     STOP_WORDS,
     attention_entropy,
     column_heads,
+    column_mean,
     duplicate_token_score,
     first_token_score,
     head_roles,
@@ -660,6 +661,8 @@ def test_specificity_against_a_loop_on_a_hand_made_map():
     # A fully masked row drops out of the column mean; a column nobody looks at has no ratio.
     masked = torch.cat([a, torch.zeros(1, 4)])
     assert specificity(masked, 3).column_mean.tolist() == pytest.approx(means)
+    assert column_mean(masked).tolist() == pytest.approx(means)
+    assert column_mean(torch.zeros(2, 3)).tolist() == [0.0, 0.0, 0.0]  # every row masked: 0, not NaN
     assert specificity(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 0).ratio[1].isnan()
     stacked = torch.stack([a, a.flip(-1)])[None]  # (1 layer, 2 heads, 4, 4)
     assert specificity(stacked, 3).weight.shape == (1, 2, 4)

@@ -81,6 +81,7 @@ __all__ = [
     "alignment_monotonicity",
     "attention_entropy",
     "column_heads",
+    "column_mean",
     "diagonal_score",
     "duplicate_token_score",
     "first_token_score",
@@ -476,13 +477,33 @@ class Specificity:
         return self.weight / self.column_mean.where(self.column_mean > 0, torch.nan)
 
 
+def column_mean(attn: Tensor | AttentionMaps, *, input_index: int = 0) -> Tensor:
+    """The weight the average query gives each key: ``mean_i A[..., i, j]`` over the query rows
+    that have any mass (a fully masked row drops out; all rows masked gives 0).
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        float64 (..., Lk). Works for Lq != Lk.
+
+    >>> import torch
+    >>> column_mean(torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.0, 0.0]]))  # the masked row drops out
+    tensor([0.1000, 0.9000], dtype=torch.float64)
+    """
+    t = resolve("attn", attn, input_index).attn
+    has_mass = t.sum(-1, keepdim=True) > 0  # (..., Lq, 1)
+    return t.sum(-2) / has_mass.sum(-2).clamp(min=1)
+
+
 def specificity(attn: Tensor | AttentionMaps, query: int, *, input_index: int = 0) -> Specificity:
     """Query ``query``'s weight on every key against that key's column mean over the queries.
 
     A head where every query looks at "cat" puts a large weight from "it" on "cat" too; that
     says nothing about "it". Specificity separates the two: the weight ``A[query, j]`` beside
-    ``mean_i A[i, j]``, the weight the average query gives key ``j`` (``query`` included;
-    rows with no mass left out). Their difference is the mass ``query`` adds, their ratio how
+    ``mean_i A[i, j]``, the weight the average query gives key ``j`` (:func:`column_mean`:
+    ``query`` included, rows with no mass left out). Their difference is the mass ``query`` adds, their ratio how
     many times the average it gives. Works for Lq != Lk.
 
     Args:
@@ -507,9 +528,7 @@ def specificity(attn: Tensor | AttentionMaps, query: int, *, input_index: int = 
     query = require_int("query", query, minimum=0)
     if query >= q_len:
         raise ValueError(f"query must be a query row in [0, {q_len}); got {query}")
-    has_mass = view.attn.sum(-1, keepdim=True) > 0  # (..., Lq, 1)
-    column_mean = view.attn.sum(-2) / has_mass.sum(-2).clamp(min=1)
-    return Specificity(query, view.attn[..., query, :], column_mean)
+    return Specificity(query, view.attn[..., query, :], column_mean(view.attn))
 
 
 @dataclass(frozen=True)

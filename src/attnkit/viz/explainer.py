@@ -20,7 +20,7 @@ import torch
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
 from attnkit.inspect.maps import AttentionMaps
-from attnkit.inspect.roles import ROLES, column_heads, specificity
+from attnkit.inspect.roles import ROLES, column_heads, column_mean, specificity
 from attnkit.inspect.tokens import special_mask
 from attnkit.viz.report import _check_maps
 
@@ -116,6 +116,9 @@ class SpecificHead:
         key: the key's position.
         weight: the query's weight on the key.
         column_mean: the key's weight from the average query of this head (its column mean).
+        difference, ratio: ``weight - column_mean`` (what the heads are ranked by) and
+            ``weight / column_mean`` (NaN when the column mean is 0), as
+            :class:`attnkit.inspect.roles.Specificity` computes them.
         column_head: True when most of this head's queries put most of their weight on one key
             (:func:`attnkit.inspect.roles.column_heads`): its weight says little about this query.
         column_key: that one key's position, for a column head (else the head's most voted key).
@@ -127,18 +130,10 @@ class SpecificHead:
     key: int
     weight: float
     column_mean: float
+    difference: float
+    ratio: float
     column_head: bool
     column_key: int
-
-    @property
-    def difference(self) -> float:
-        """``weight - column_mean``: what the heads are ranked by."""
-        return self.weight - self.column_mean
-
-    @property
-    def ratio(self) -> float:
-        """``weight / column_mean`` (inf where no query but this one looks at the key)."""
-        return self.weight / self.column_mean if self.column_mean > 0 else float("inf")
 
     def why(self, tokens: Sequence[str]) -> str:
         """Why a page opens on this head, in words, naming the tokens (``tokens``: the maps' tokens)."""
@@ -166,6 +161,18 @@ def specific_heads(maps: AttentionMaps, query: int, input_index: int = 0, *, n: 
     heads are flagged, not dropped: their weight on a key is shared by every query, which the
     difference shows.
 
+    Args:
+        maps: self-attention maps (Lq == Lk); cross-attention has no query-key distance and is
+            refused.
+        query: the query token's position, in [0, L).
+        input_index: which input of ``maps`` to read (default 0).
+        n: how many heads to return (default 5), >= 1; fewer if the model has fewer.
+        skip_keys: key positions never picked (default none), e.g. :func:`special_positions`.
+
+    Returns:
+        Up to ``n`` :class:`SpecificHead`, by ``difference``, largest first (ties: lower layer,
+        then lower head); [] when no key is left to pick (a one-token input, or every key skipped).
+
     >>> import torch
     >>> from attnkit.inspect import AttentionMaps
     >>> a = torch.full((1, 2, 6, 6), 0.1)           # two heads over 6 tokens
@@ -176,6 +183,11 @@ def specific_heads(maps: AttentionMaps, query: int, input_index: int = 0, *, n: 
     >>> best.head, best.key, round(best.weight, 3), round(best.column_mean, 3)
     (1, 1, 0.5, 0.167)
     """
+    if maps.is_cross:
+        raise ValueError("maps must be self-attention maps: specific_heads ranks keys by their distance from the "
+                         "query, which cross-attention (queries and keys from different sequences) does not have")
+    input_index = _check_maps(maps, input_index)
+    count = require_int("n", n, minimum=1)
     attn = maps.attentions[input_index]
     spec = specificity(attn, query)  # (layers, heads, Lk)
     column = column_heads(attn)
@@ -184,15 +196,15 @@ def specific_heads(maps: AttentionMaps, query: int, input_index: int = 0, *, n: 
         return []
     diff = spec.difference.masked_fill(~far, -torch.inf)
     best, key = diff.max(-1)  # (layers, heads)
-    order = torch.sort(best.flatten(), descending=True, stable=True).indices[: require_int("n", n, minimum=1)]
+    order = torch.sort(best.flatten(), descending=True, stable=True).indices[:count]
     n_heads = attn.shape[1]
     out = []
     for o in order.tolist():
         li, hi = divmod(o, n_heads)
         j = int(key[li, hi])
         out.append(SpecificHead(query, maps.layers[li], maps.heads[hi], j, float(spec.weight[li, hi, j]),
-                                float(spec.column_mean[li, hi, j]), bool(column.flagged[li, hi]),
-                                int(column.key[li, hi])))
+                                float(spec.column_mean[li, hi, j]), float(spec.difference[li, hi, j]),
+                                float(spec.ratio[li, hi, j]), bool(column.flagged[li, hi]), int(column.key[li, hi])))
     return out
 
 
@@ -211,6 +223,11 @@ def opening(maps: AttentionMaps, input_index: int = 0, *, focus: int | None = No
     specific head stands furthest above its key's column mean, and that head. None for
     cross-attention maps or an input with nothing to pick.
 
+    Args:
+        maps: the maps (L tokens); every layer and head is searched, one (L, L) map at a time.
+        input_index: which input of ``maps`` (default 0).
+        focus: a query position in [0, L), or None (default) to pick the query too.
+
     >>> import torch
     >>> from attnkit.inspect import AttentionMaps
     >>> a = torch.full((1, 1, 6, 6), 0.1)
@@ -220,6 +237,7 @@ def opening(maps: AttentionMaps, input_index: int = 0, *, focus: int | None = No
     >>> best.query, best.key
     (4, 0)
     """
+    input_index = _check_maps(maps, input_index)
     if maps.is_cross:
         return None
     special = _special_keys(maps, input_index)
@@ -229,11 +247,11 @@ def opening(maps: AttentionMaps, input_index: int = 0, *, focus: int | None = No
     attn = maps.attentions[input_index]  # (layers, heads, L, L)
     n = attn.shape[-1]
     allowed = torch.stack([_candidates(i, n, special) for i in range(n)])  # (Lq, Lk)
-    best = torch.full((n,), -torch.inf)
+    best = torch.full((n,), -torch.inf, dtype=torch.float64)
     for li in range(attn.shape[0]):  # one (L, L) map at a time: a long input's layer would not fit at once
         for hi in range(attn.shape[1]):
-            a = attn[li, hi].float()
-            diff = (a - a.sum(0) / (a.sum(-1) > 0).sum().clamp(min=1)).masked_fill(~allowed, -torch.inf)
+            a = attn[li, hi]
+            diff = (a.double() - column_mean(a)).masked_fill(~allowed, -torch.inf)
             best = torch.maximum(best, diff.amax(-1))
     best[special] = -torch.inf
     if not bool(torch.isfinite(best).any()):
