@@ -201,7 +201,9 @@ def _check_report_args(maps: AttentionMaps, index: int, title: object, focus: ob
 def _why_no_rollout(maps: AttentionMaps, key_tokens: list[str] | None, rollout: bool) -> str | None:
     """Why the page has no rollout, or None when it has one."""
     if key_tokens is not None:
-        return "rollout composes self-attention layers; these maps are cross-attention (queries and keys differ)"
+        return ("rollout composes the layers of a self-attention over one token list; these maps name their rows and "
+                "columns by different token lists (cross-attention: target tokens reading source tokens; or a "
+                "decoder's self-attention whose rows are named by the token each step produces)")
     if not rollout:
         return "rollout was turned off for these maps (they hold a subset of the model's heads)"
     if not has_whole_model(maps):
