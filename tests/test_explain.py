@@ -11,7 +11,7 @@ from attnkit import cli, models
 from attnkit.inspect import AttentionMaps, capture, rollout
 from attnkit.viz import explain, find_tokens, save_pngs, summarize
 from attnkit.viz.encode import decode
-from attnkit.viz.explainer import special_positions, specific_heads
+from attnkit.viz.explainer import special_positions, specific_heads, uniform_score
 
 from conftest import assert_drawn, png_rgb
 
@@ -294,7 +294,8 @@ def test_cli_explain_induction_without_evidence_and_its_probe(minilm, capsys):
     # The seed's one repeated token ("the") is too little to score induction on; the probe has 40.
     assert "skipped induction: not enough evidence: 1 repeated token, at least 5 needed" in printed
     assert "induction on its standard probe: repeated random tokens, 82 tokens, scored on 40 repeated tokens" in printed
-    assert "spread its weight evenly over the 82 tokens would score about 0.012" in printed
+    # MiniLM sees every key: even weight puts 1/82 on each query's one induction target.
+    assert f"spread each query's weight evenly over the keys it sees would score {1 / 82:.3f}" in printed
 
 
 def test_probe_is_the_repeated_random_sequence(minilm):
@@ -313,6 +314,20 @@ def test_probe_is_the_repeated_random_sequence(minilm):
         probe("top_key", minilm)
     with pytest.raises(SystemExit):
         cli.main(["explain", SEED, "--out", "", "--probe", "syntax"])
+    with pytest.raises(SystemExit):
+        cli.main(["explain", SEED, "--compare", "The dog sat.", "--token", "sat", "--probe", "induction"])
+
+
+def test_uniform_score_on_causal_maps_by_hand():
+    # BOS, then [5, 6] twice; causal: query i sees keys 0..i. Rows 3 and 4 repeat an earlier token; their
+    # induction targets (keys 2 and 3) get 1/4 and 1/5 from even weight: (1/4 + 1/5) / 2.
+    causal = torch.ones(5, 5).tril()[None, None] / torch.arange(1, 6)[:, None]
+    maps = AttentionMaps([causal], [list("xabab")], [[0, 5, 6, 5, 6]], "toy", (0,), (0,))
+    assert uniform_score(maps, "induction") == pytest.approx((1 / 4 + 1 / 5) / 2)
+    # First token: every row's even share of key 0, 1/(i + 1), averaged over the 5 rows.
+    assert uniform_score(maps, "first_token") == pytest.approx(sum(1 / (i + 1) for i in range(5)) / 5)
+    with pytest.raises(ValueError, match="role must be one of"):
+        uniform_score(maps, "syntax")
 
 
 @pytest.mark.slow  # six MiniLM runs

@@ -114,6 +114,9 @@ def _check_options(args: argparse.Namespace) -> None:
                                            ("--probe", args.probe)) if value is not None]
         if others:
             raise UsageError(f"{others[0]} does not go with {mode}")
+    if args.compare is not None and args.probe is not None:
+        raise UsageError("--probe does not go with --compare: run the probe on its own, "
+                         f"attnkit explain TEXT --probe {args.probe}")
     if args.compare is None and args.anchor is not None:
         raise UsageError("--anchor only goes with --compare OTHER --token WORD")
     if args.compare is not None and (not args.token or len(args.token) != 1):
@@ -175,20 +178,23 @@ def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, 
         con.print(f"skipped {role}: {why}")
 
 
+# The roles whose telling heads score lowest (local heads, sharp heads): listed lowest first.
+_LOWEST = frozenset({"mean_distance", "normalized_entropy"})
+
+
 def _print_probe(con: Console, role: str, model: tuple[nn.Module, Any]) -> None:
     """``--probe ROLE``: the heads' scores for ROLE on its standard probe."""
-    from attnkit.viz.explainer import PROBES, probe
+    from attnkit.viz.explainer import PROBES, probe, uniform_score
 
     with con.status(f"running the {role} probe ({PROBES[role]})..."):
         maps, roles = probe(role, model)
-    lowest = role in ("mean_distance", "normalized_entropy")
+    lowest = role in _LOWEST
     con.table(f"{role} on its standard probe: {PROBES[role]}, {len(maps.tokens[0])} tokens, scored on "
               f"{roles.evidence_text(role)}" + (" (lowest first)" if lowest else ""),
               ("layer.head", Column("score", right=True)),
               [(f"L{lay}.H{hd}", f"{sc:.3f}") for lay, hd, sc in roles.top(role, 5, largest=not lowest)])
-    if role in ("previous_token", "duplicate_token", "induction", "first_token"):  # one key per row
-        n = len(maps.tokens[0])
-        con.print(f"(a head that spread its weight evenly over the {n} tokens would score about {1 / n:.3f})")
+    con.print(f"(a head that spread each query's weight evenly over the keys it sees would score "
+              f"{uniform_score(maps, role):.3f} on the same tokens)")
 
 
 def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
@@ -200,10 +206,9 @@ def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
 def _role_rows(roles: Any) -> list[tuple[str, str, str, str]]:
     """One row per head role: its mean score over heads, the rows it rests on and its top three heads (the
     lowest, for distance and entropy, where the telling heads are the lowest)."""
-    lowest = {"mean_distance", "normalized_entropy"}
-    return [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
+    return [(role + (" (lowest)" if role in _LOWEST else ""), f"{float(scores.nanmean()):.3f}",
              str(roles.evidence.get(role, "")),
-             "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
+             "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in _LOWEST)))
             for role, scores in roles.scores.items()]
 
 

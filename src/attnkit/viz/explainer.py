@@ -19,13 +19,14 @@ import torch
 
 from attnkit._checks import describe, require_int
 from attnkit.inspect import HeadRoles, capture, head_roles
+from attnkit.inspect._patterns import visible_all
 from attnkit.inspect.maps import AttentionMaps
 from attnkit.inspect.roles import ROLES, column_heads, column_mean, specificity
 from attnkit.inspect.tokens import special_mask
 from attnkit.viz.report import _check_maps
 
 __all__ = ["PROBES", "SpecificHead", "Summary", "explain", "find_tokens", "opening", "probe", "special_positions",
-           "specific_heads", "summarize"]
+           "specific_heads", "summarize", "uniform_score"]
 
 
 def _bare(token: str) -> str:
@@ -334,6 +335,38 @@ def summarize(
 # read repeats (Olsson et al. 2022's induction probe), else never repeated, so no repeat confounds them.
 PROBES = {role: ("repeated random tokens" if role in ("induction", "duplicate_token") else "random tokens")
           for role in ROLES}
+
+
+def uniform_score(maps: AttentionMaps, role: str, input_index: int = 0) -> float:
+    """The score ``role`` gives a head that spreads each query's weight evenly over the keys it
+    sees (the keys any head of ``maps`` gives weight to: all of them in an encoder, the earlier
+    ones in a causal decoder), on the same tokens: the baseline a head's score must beat.
+
+    Args:
+        maps: self-attention maps (L tokens), with ``token_ids`` for ``duplicate_token`` and
+            ``induction``.
+        role: one of :data:`attnkit.inspect.roles.ROLES`.
+        input_index: which input of ``maps`` (default 0).
+
+    Returns:
+        The score; NaN where the role is undefined on these tokens (no repeated token).
+
+    >>> import torch
+    >>> from attnkit.inspect import AttentionMaps
+    >>> a = torch.softmax(torch.randn(1, 2, 4, 4), -1)  # an encoder's maps over 4 tokens: every key seen
+    >>> maps = AttentionMaps([a], [list("abab")], [[1, 2, 1, 2]], "toy", (0,), (0, 1))
+    >>> uniform_score(maps, "induction")              # one key in four is the induction target
+    0.25
+    """
+    input_index = _check_maps(maps, input_index)
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+    attn = maps.attentions[input_index]
+    seen = visible_all(attn).double()  # (L, L): keys any head gives weight to, as head_roles reads them
+    even = (seen / seen.sum(-1, keepdim=True).clamp(min=1))[None, None]
+    ids = None if maps.token_ids is None else [list(maps.token_ids[input_index])]
+    flat = AttentionMaps([even], [list(maps.tokens[input_index])], ids, "uniform", (0,), (0,))
+    return float(head_roles(flat, roles=[role], min_evidence=1)[role][0, 0])
 
 
 def probe(role: str, model: tuple[Any, Any], *, length: int = 40, seed: int = 0) -> tuple[AttentionMaps, HeadRoles]:
