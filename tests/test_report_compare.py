@@ -141,7 +141,7 @@ def toy_comparison(tokens_a, tokens_b, layers=2, heads=2):
 
     entry = {"mean": [(XSS_IMG, 0.5)], "head": 1, "head_key": XSS_SCRIPT, "head_key_index": 1, "head_weight": 0.5}
     return ContextComparison(texts=(XSS_IMG, XSS_SCRIPT), token=XSS_IMG, anchor=XSS_SCRIPT, positions=(1, 1),
-                             anchor_positions=(2, 2), token_cosine=[1.0, 0.9, 0.5], anchor_cosine=[1.0, 0.95, 0.9],
+                             anchor_positions=(2, 2), token_cosine=[1.0, 0.9, 0.5], anchor_cosine=[1.0, 0.95, 0.51],
                              maps=(maps(tokens_a, 0), maps(tokens_b, 1)), attends=([entry] * layers, [entry] * layers),
                              shared={"ok": [1.0, 0.97, 0.4], "<b>": [1.0, 0.99, 0.8]})
 
@@ -171,6 +171,9 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert "0.02" in page.text_content('[data-role="rule"]')
     assert page.locator('[data-role="cosine-chart"] polyline[data-series="shared"]').count() == 2
     assert page.locator('[data-role="cosine-chart"] [data-role="moves-more"]').count() == 1
+    # The word's and the anchor's end labels (cos 0.5 and 0.51: a pixel apart on the chart) do not overlap.
+    boxes = [page.locator('[data-role="end-label"]').nth(k).bounding_box() for k in (0, 1)]
+    assert abs(boxes[0]["y"] - boxes[1]["y"]) >= min(b["height"] for b in boxes) - 2
     assert XSS_IMG in page.text_content(".akp-texts")
     assert page.evaluate("window.__pwned") is None and page.locator("img").count() == 0
     # At 1280 px the explorers stack: neither scrolls sideways, in the head view or the model view.

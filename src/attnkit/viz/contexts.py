@@ -82,8 +82,18 @@ class ContextComparison:
 
     def moves_more(self, gap: float = GAP) -> list[int]:
         """The hidden states (1 = after the first captured layer) at which the token's cosine is more than
-        ``gap`` below every shared word's: there the context moved the token more than the words around it."""
+        ``gap`` below every shared word's: there the context moved the token more than the words around it.
+        [] when the sentences share fewer than :data:`MIN_SHARED` words: too few to tell (:meth:`summary` says so).
+
+        >>> c = ContextComparison(texts=("a", "b"), token="bank", anchor="the", positions=(1, 1),
+        ...     anchor_positions=(2, 2), token_cosine=[1.0, 0.9, 0.5], anchor_cosine=[1.0, 0.95, 0.4],
+        ...     maps=(None, None), attends=([], []), shared={"she": [1.0, 0.99, 0.6], "to": [1.0, 0.97, 0.7]})
+        >>> c.moves_more()       # after layer 0: 0.9 is more than 0.02 below 0.95, 0.99 and 0.97; not after 1
+        [1]
+        """
         others = list(self.baseline().values())
+        if len(others) < MIN_SHARED:
+            return []
         return [n for n in range(1, len(self.token_cosine))
                 if self.token_cosine[n] < min(c[n] for c in others) - gap]
 
@@ -131,8 +141,7 @@ class ContextComparison:
                 "positions": list(self.positions), "anchor_positions": list(self.anchor_positions),
                 "model": self.maps[0].model_name, "layers": list(layers),
                 "token_cosine": self.token_cosine, "anchor_cosine": self.anchor_cosine, "shared": self.baseline(),
-                "gap": GAP, "moves_more_after_layers": [layers[n - 1] for n in self.moves_more()]
-                if len(self.baseline()) >= MIN_SHARED else [],
+                "gap": GAP, "moves_more_after_layers": [layers[n - 1] for n in self.moves_more()],
                 "attends": [list(a) for a in self.attends], "rule": self.rule(), "summary": self.summary()}
 
     def plot(self, path: str | Path) -> str:
@@ -147,7 +156,7 @@ class ContextComparison:
         others = [c for w, c in self.shared.items() if w != self.anchor]
         for n, cos in enumerate(others):
             ax.plot(xs, cos, "-", color="#bbb", linewidth=1, label="other shared words" if n == 0 else None)
-        for n in self.moves_more() if len(self.baseline()) >= MIN_SHARED else []:
+        for n in self.moves_more():
             ax.axvspan(n - 0.4, n + 0.4, color="#e15759", alpha=0.08, linewidth=0)
         ax.set_xticks(xs, ["emb"] + [str(n) for n in self.maps[0].layers])
         ax.set_xlabel("hidden state after the embeddings (emb) and after each layer")

@@ -39,6 +39,12 @@
     }
     if (others.length) chart.appendChild(svg("text", { x: W - R + 8, y: T + 8, fill: "#999", class: "akc-tick" }, `grey: ${others.length} other${others.length > 1 ? "s" : ""}`));
     const series = [["token", data.token_cosine, "#e15759", data.token], ["anchor", data.anchor_cosine, "#4e79a7", data.anchor]];
+    // The two end labels, at least a line (12 px) apart so that close cosines do not print over each other.
+    const ends = series.map(([, ys]) => Y(ys[n - 1]));
+    if (Math.abs(ends[0] - ends[1]) < 12) {
+      const mid = (ends[0] + ends[1]) / 2, up = ends[0] <= ends[1] ? 0 : 1;
+      ends[up] = mid - 6; ends[1 - up] = mid + 6;
+    }
     series.forEach(([key, ys, colour, word], s) => {
       chart.appendChild(svg("polyline", { points: ys.map((c, i) => `${X(i).toFixed(1)},${Y(c).toFixed(1)}`).join(" "),
         fill: "none", stroke: colour, "stroke-width": 2, "stroke-dasharray": s ? "5 3" : "none", "data-series": key }));
@@ -47,7 +53,7 @@
         dot.appendChild(svg("title", {}, `${word} at ${names[i]}: cos ${c.toFixed(3)}`));
         chart.appendChild(dot);
       });
-      chart.appendChild(svg("text", { x: W - R + 8, y: Y(ys[n - 1]) + 4, fill: colour, class: "akc-tick" }, word));
+      chart.appendChild(svg("text", { x: W - R + 8, y: ends[s] + 4, fill: colour, class: "akc-tick", "data-role": "end-label" }, word));
     });
     return chart;
   }
