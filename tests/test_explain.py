@@ -11,7 +11,7 @@ from attnkit import cli, models
 from attnkit.inspect import AttentionMaps, capture, rollout
 from attnkit.viz import explain, find_tokens, save_pngs, summarize
 from attnkit.viz.encode import decode
-from attnkit.viz.explainer import special_positions, specific_heads, uniform_score
+from attnkit.viz.explainer import SpecificHead, special_positions, specific_heads, uniform_score
 
 from conftest import assert_drawn, png_rgb
 
@@ -360,6 +360,13 @@ def test_specific_heads_on_a_hand_made_map_and_its_refusals():
     # Head 0: query 5 gives every key exactly its column mean: no key stands out.
     assert other.head == 0 and other.difference == pytest.approx(0.0) and other.ratio == pytest.approx(1.0)
     assert specific_heads(maps, 5, skip_keys=range(6)) == []
+    # The column-head caveat names the right key: the weight is everyone's only when the column is this key.
+    tokens = list("abcdef")
+    on_it = SpecificHead(5, 0, 0, 1, 0.5, 0.5, 0.0, 1.0, column_head=True, column_key=1)
+    assert "most of its queries look at 'b', so its weight says little about 'f'" in on_it.why(tokens)
+    elsewhere = SpecificHead(5, 0, 0, 1, 0.5, 0.2, 0.3, 2.5, column_head=True, column_key=0)
+    assert "look at 'a' (a column head there), not at 'b'" in elsewhere.why(tokens)
+    assert "column" not in SpecificHead(5, 0, 0, 1, 0.5, 0.2, 0.3, 2.5, False, 0).why(tokens).split(")")[-1]
     with pytest.raises(ValueError, match="n must be"):
         specific_heads(maps, 5, n=0)
     with pytest.raises(ValueError, match=r"query must be a query row in \[0, 6\); got 6"):

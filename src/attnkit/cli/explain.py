@@ -169,13 +169,22 @@ def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, 
                    Column("ratio", right=True), Column("diff", right=True), "column head?"),
                   [(f"{h.query} {tokens[h.query]}", f"L{h.layer}.H{h.head}", f"{h.key} {tokens[h.key]}",
                     f"{h.weight:.3f}", f"{h.column_mean:.3f}", f"{h.ratio:.1f}x", f"{h.difference:+.3f}",
-                    f"yes: most queries look at {tokens[h.column_key]}" if h.column_head else "")
+                    _column_note(h, tokens))
                    for h in summary.heads])
     con.table("heads that score highest in each role (rows: the query rows each score rests on)",
               ("role", Column("mean", right=True), Column("rows", right=True), "top heads (layer.head score)"),
               _role_rows(summary.roles))
     for role, why in summary.roles.skipped.items():
         con.print(f"skipped {role}: {why}")
+
+
+def _column_note(h: Any, tokens: list[str]) -> str:
+    """The "column head?" cell: whether most queries look at one key, and whether it is this key."""
+    if not h.column_head:
+        return ""
+    if h.column_key == h.key:
+        return f"yes, on {tokens[h.key]}: its weight is everyone's"
+    return f"yes, on {tokens[h.column_key]}, not {tokens[h.key]}"
 
 
 # The roles whose telling heads score lowest (local heads, sharp heads): listed lowest first.

@@ -142,8 +142,12 @@ class SpecificHead:
                 f"gives '{tokens[self.key]}' the most weight from '{tokens[self.query]}' beyond what the average "
                 f"query gives it ({self.weight:.2f} against a column mean of {self.column_mean:.2f}, "
                 f"{self.ratio:.1f}x).")
-        if self.column_head:
-            text += f" It is a column head: most of its queries look at '{tokens[self.column_key]}'."
+        if self.column_head and self.column_key == self.key:
+            text += (f" It is a column head: most of its queries look at '{tokens[self.key]}', so its weight says "
+                     f"little about '{tokens[self.query]}'.")
+        elif self.column_head:
+            text += (f" Most of its queries look at '{tokens[self.column_key]}' (a column head there), not at "
+                     f"'{tokens[self.key]}'.")
         return text
 
 
