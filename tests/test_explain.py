@@ -295,7 +295,8 @@ def test_cli_explain_induction_without_evidence_and_its_probe(minilm, capsys):
     assert "skipped induction: not enough evidence: 1 repeated token, at least 5 needed" in printed
     assert "induction on its standard probe: repeated random tokens, 82 tokens, scored on 40 repeated tokens" in printed
     # MiniLM sees every key: even weight puts 1/82 on each query's one induction target.
-    assert f"spread each query's weight evenly over the keys it sees would score {1 / 82:.3f}" in printed
+    assert (f"(x even: the score against {1 / 82:.3f}, what a head that spread each query's weight evenly over the "
+            "keys it sees would score on the same tokens)") in printed
 
 
 def test_probe_is_the_repeated_random_sequence(minilm):

@@ -198,12 +198,14 @@ def _print_probe(con: Console, role: str, model: tuple[nn.Module, Any]) -> None:
     with con.status(f"running the {role} probe ({PROBES[role]})..."):
         maps, roles = probe(role, model)
     lowest = role in _LOWEST
+    even = uniform_score(maps, role)
     con.table(f"{role} on its standard probe: {PROBES[role]}, {len(maps.tokens[0])} tokens, scored on "
               f"{roles.evidence_text(role)}" + (" (lowest first)" if lowest else ""),
-              ("layer.head", Column("score", right=True)),
-              [(f"L{lay}.H{hd}", f"{sc:.3f}") for lay, hd, sc in roles.top(role, 5, largest=not lowest)])
-    con.print(f"(a head that spread each query's weight evenly over the keys it sees would score "
-              f"{uniform_score(maps, role):.3f} on the same tokens)")
+              ("layer.head", Column("score", right=True), Column("x even", right=True)),
+              [(f"L{lay}.H{hd}", f"{sc:.3f}", f"{sc / even:.1f}x" if even > 0 else "")
+               for lay, hd, sc in roles.top(role, 5, largest=not lowest)])
+    con.print(f"(x even: the score against {even:.3f}, what a head that spread each query's weight evenly over the "
+              "keys it sees would score on the same tokens)")
 
 
 def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
