@@ -172,6 +172,8 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert page.locator('[data-role="cosine-chart"] polyline[data-series="shared"]').count() == 2
     assert page.locator('[data-role="cosine-chart"] [data-role="moves-more"]').count() == 1
     # The word's and the anchor's end labels (cos 0.5 and 0.51: a pixel apart on the chart) do not overlap.
+    # The other shared word that moved most ("ok", 0.4) is named at its end; the page's headline names it too.
+    assert page.text_content('[data-role="lowest-label"]') == "ok"
     boxes = [page.locator('[data-role="end-label"]').nth(k).bounding_box() for k in (0, 1)]
     assert abs(boxes[0]["y"] - boxes[1]["y"]) >= min(b["height"] for b in boxes) - 2
     assert XSS_IMG in page.text_content(".akp-texts")

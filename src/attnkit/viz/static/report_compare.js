@@ -45,6 +45,12 @@
       const mid = (ends[0] + ends[1]) / 2, up = ends[0] <= ends[1] ? 0 : 1;
       ends[up] = mid - 6; ends[1 - up] = mid + 6;
     }
+    // The shared word that moved most (the headline names it), labelled at its end when there is room.
+    if (others.length) {
+      const [word, ys] = others.reduce((a, b) => (b[1][n - 1] < a[1][n - 1] ? b : a));
+      const y = Y(ys[n - 1]);
+      if (ends.every((e) => Math.abs(e - y) >= 12)) chart.appendChild(svg("text", { x: W - R + 8, y: y + 4, fill: "#999", class: "akc-tick", "data-role": "lowest-label" }, word));
+    }
     series.forEach(([key, ys, colour, word], s) => {
       chart.appendChild(svg("polyline", { points: ys.map((c, i) => `${X(i).toFixed(1)},${Y(c).toFixed(1)}`).join(" "),
         fill: "none", stroke: colour, "stroke-width": 2, "stroke-dasharray": s ? "5 3" : "none", "data-series": key }));
