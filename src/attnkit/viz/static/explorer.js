@@ -510,7 +510,6 @@
     const table = el("table", { class: "akx-table" });
     panes.roles.appendChild(tops);
     panes.roles.appendChild(table);
-    for (const [role, why] of Object.entries(roles.skipped || {})) panes.roles.appendChild(el("p", { class: "akx-hint", text: `${role} not scored: ${why}` }));
     let sortBy = roles.names[0] || null, sortDesc = true;
     function buildRoles() {
       tops.textContent = "";
@@ -526,6 +525,13 @@
           card.appendChild(el("button", { class: "akx-btn akx-pick", text: `L${data.layers[l]}.H${data.heads[h]}  ${s.toFixed(3)}`, onclick: () => pick(l, h) }));
         }
         tops.appendChild(card);
+      }
+      // A role left unscored (too little evidence, no token ids) gets a card beside the others, with the reason.
+      for (const [role, why] of Object.entries(roles.skipped || {})) {
+        tops.appendChild(el("div", { class: "akx-card", "data-role-card": role, "data-skipped": "1" }, [
+          el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
+          el("div", { class: "akx-hint", text: ROLE_INFO[role] || "" }),
+          el("div", { class: "akx-hint", "data-role": "not-scored", text: `not scored: ${why}` })]));
       }
       table.textContent = "";
       const head = el("tr", {}, [el("th", { text: "layer" }), el("th", { text: "head" })]);
