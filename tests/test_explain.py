@@ -363,6 +363,9 @@ def test_specific_heads_on_a_hand_made_map_and_its_refusals():
     assert specific_heads(maps, 5, skip_keys=range(6)) == []
     # The column-head caveat names the right key: the weight is everyone's only when the column is this key.
     tokens = list("abcdef")
+    assert "of all heads and keys more than 2 tokens away, it gives 'b'" in best.why(tokens)  # |5 - 1| > 2
+    near = SpecificHead(5, 0, 0, 4, 0.5, 0.2, 0.3, 2.5, False, 0)  # a short input's fallback: a near key
+    assert "of all heads and keys, it gives 'e'" in near.why(tokens)
     on_it = SpecificHead(5, 0, 0, 1, 0.5, 0.5, 0.0, 1.0, column_head=True, column_key=1)
     assert "most of its queries look at 'b', so its weight says little about 'f'" in on_it.why(tokens)
     elsewhere = SpecificHead(5, 0, 0, 1, 0.5, 0.2, 0.3, 2.5, column_head=True, column_key=0)

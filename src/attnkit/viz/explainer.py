@@ -138,9 +138,10 @@ class SpecificHead:
 
     def why(self, tokens: Sequence[str]) -> str:
         """Why a page opens on this head, in words, naming the tokens (``tokens``: the maps' tokens)."""
-        text = (f"Opened on layer {self.layer} head {self.head}, query '{tokens[self.query]}': of all heads, it "
-                f"gives '{tokens[self.key]}' the most weight from '{tokens[self.query]}' beyond what the average "
-                f"query gives it ({self.weight:.2f} against a column mean of {self.column_mean:.2f}, "
+        keys = f"keys more than {FAR} tokens away" if abs(self.key - self.query) > FAR else "keys"
+        text = (f"Opened on layer {self.layer} head {self.head}, query '{tokens[self.query]}': of all heads and "
+                f"{keys}, it gives '{tokens[self.key]}' the most weight from '{tokens[self.query]}' beyond what the "
+                f"average query gives it ({self.weight:.2f} against a column mean of {self.column_mean:.2f}, "
                 f"{self.ratio:.1f}x).")
         if self.column_head and self.column_key == self.key:
             text += (f" It is a column head: most of its queries look at '{tokens[self.key]}', so its weight says "
