@@ -329,6 +329,9 @@ def test_uniform_score_on_causal_maps_by_hand():
     assert uniform_score(maps, "first_token") == pytest.approx(sum(1 / (i + 1) for i in range(5)) / 5)
     with pytest.raises(ValueError, match="role must be one of"):
         uniform_score(maps, "syntax")
+    once = AttentionMaps([causal], [list("xabcd")], [[0, 5, 6, 7, 8]], "toy", (0,), (0,))
+    with pytest.raises(ValueError, match="induction has no score on these tokens: no token repeats"):
+        uniform_score(once, "induction")
 
 
 @pytest.mark.slow  # six MiniLM runs

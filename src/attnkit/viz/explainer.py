@@ -354,7 +354,8 @@ def uniform_score(maps: AttentionMaps, role: str, input_index: int = 0) -> float
         input_index: which input of ``maps`` (default 0).
 
     Returns:
-        The score; NaN where the role is undefined on these tokens (no repeated token).
+        The score. ValueError, with the reason, where the role has no score on these tokens
+        (``induction`` without a repeated token or without ``token_ids``).
 
     >>> import torch
     >>> from attnkit.inspect import AttentionMaps
@@ -371,7 +372,10 @@ def uniform_score(maps: AttentionMaps, role: str, input_index: int = 0) -> float
     even = (seen / seen.sum(-1, keepdim=True).clamp(min=1))[None, None]
     ids = None if maps.token_ids is None else [list(maps.token_ids[input_index])]
     flat = AttentionMaps([even], [list(maps.tokens[input_index])], ids, "uniform", (0,), (0,))
-    return float(head_roles(flat, roles=[role], min_evidence=1)[role][0, 0])
+    found = head_roles(flat, roles=[role], min_evidence=1)
+    if role in found.skipped:
+        raise ValueError(f"{role} has no score on these tokens: {found.skipped[role]}")
+    return float(found[role][0, 0])
 
 
 def probe(role: str, model: tuple[Any, Any], *, length: int = 40, seed: int = 0) -> tuple[AttentionMaps, HeadRoles]:
