@@ -172,6 +172,9 @@ def test_compare_page_in_the_browser(watched_page, tmp_path):
     assert page.locator('[data-role="cosine-chart"] polyline[data-series="shared"]').count() == 2
     assert page.locator('[data-role="cosine-chart"] [data-role="moves-more"]').count() == 1
     # The word's and the anchor's end labels (cos 0.5 and 0.51: a pixel apart on the chart) do not overlap.
+    # The axis starts a tenth below the lowest cosine (0.4, "ok"'s last), so the lines fill the chart.
+    assert found.axis_floor() == pytest.approx(0.3)
+    assert page.locator('[data-role="cosine-chart"] text.akc-tick').first.text_content() == "0.30"
     # The other shared word that moved most ("ok", 0.4) is named at its end; the page's headline names it too.
     assert page.text_content('[data-role="lowest-label"]') == "ok"
     boxes = [page.locator('[data-role="end-label"]').nth(k).bounding_box() for k in (0, 1)]

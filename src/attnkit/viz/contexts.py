@@ -19,6 +19,7 @@ first in the first sentence); tokens match as :func:`~attnkit.viz.explainer.find
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -102,6 +103,20 @@ class ContextComparison:
         found = self.moves_more(gap)
         return found[0] if found else None
 
+    def axis_floor(self) -> float:
+        """The bottom of the chart's cosine axis: a tenth below the lowest cosine drawn (the word's and
+        every shared word's), rounded down to a tenth, and not below -1. The lines then fill the chart
+        instead of its top fifth; the axis's tick labels say where it starts.
+
+        >>> c = ContextComparison(texts=("a", "b"), token="bank", anchor="the", positions=(1, 1),
+        ...     anchor_positions=(2, 2), token_cosine=[1.0, 0.84], anchor_cosine=[1.0, 0.61],
+        ...     maps=(None, None), attends=([], []))
+        >>> c.axis_floor()        # lowest 0.61: 0.6, a tenth lower
+        0.5
+        """
+        lowest = min(*self.token_cosine, *(c for cos in self.baseline().values() for c in cos))
+        return max(-1.0, round(math.floor(lowest * 10) / 10 - 0.1, 1))
+
     def rule(self) -> str:
         """The threshold, in words, as the page states it."""
         return (f'"{self.token}" moves more than the words around it at a layer when its cosine is more than {GAP} '
@@ -142,7 +157,8 @@ class ContextComparison:
                 "model": self.maps[0].model_name, "layers": list(layers),
                 "token_cosine": self.token_cosine, "anchor_cosine": self.anchor_cosine, "shared": self.baseline(),
                 "gap": GAP, "moves_more_after_layers": [layers[n - 1] for n in self.moves_more()],
-                "attends": [list(a) for a in self.attends], "rule": self.rule(), "summary": self.summary()}
+                "attends": [list(a) for a in self.attends], "rule": self.rule(), "axis_floor": self.axis_floor(),
+                "summary": self.summary()}
 
     def plot(self, path: str | Path) -> str:
         """A PNG of both cosines against the layer (needs the ``plot`` extra)."""
@@ -161,7 +177,7 @@ class ContextComparison:
         ax.set_xticks(xs, ["emb"] + [str(n) for n in self.maps[0].layers])
         ax.set_xlabel("hidden state after the embeddings (emb) and after each layer")
         ax.set_ylabel("cosine similarity between the sentences")
-        ax.set_ylim(min(0.0, *self.token_cosine, *(c for cos in others for c in cos)) - 0.02, 1.02)
+        ax.set_ylim(self.axis_floor(), 1.02)
         ax.set_title(f"{self.maps[0].model_name.rsplit('/', 1)[-1]}: '{self.token}' in two contexts", fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
         ax.grid(alpha=0.3)

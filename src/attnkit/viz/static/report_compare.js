@@ -14,7 +14,7 @@
     const n = data.token_cosine.length;
     const others = Object.entries(data.shared || {}).filter(([word]) => word !== data.anchor);
     const all = data.token_cosine.concat(data.anchor_cosine, ...others.map(([, ys]) => ys));
-    const lo = Math.min(0, ...all);
+    const lo = data.axis_floor ?? Math.min(0, ...all);  // contexts.ContextComparison.axis_floor: where the axis starts
     const X = (i) => L + (W - L - R) * i / Math.max(n - 1, 1);
     const Y = (c) => T + (H - T - B) * (1 - (c - lo) / (1 - lo));
     const chart = svg("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, "data-role": "cosine-chart", role: "img",
