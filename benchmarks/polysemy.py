@@ -1,10 +1,11 @@
 """"bank" in two contexts on the bundled MiniLM: the per-layer cosine of its hidden state between
-"The bank of the river was muddy." and "The bank raised its interest rates.", against "the".
+"She went to the bank to fish in the river." and "She went to the bank to deposit her pay check.",
+against every other word the two sentences share.
 
     python benchmarks/polysemy.py    # writes results/polysemy.json, .md and docs/img/polysemy.png
 
-The same as ``attnkit explain "The bank of the river was muddy." --compare "The bank raised its
-interest rates." --token bank --png DIR``. Deterministic: no timing, the same numbers on any machine
+The same as ``attnkit explain "She went to the bank to fish in the river." --compare "She went to
+the bank to deposit her pay check." --token bank --png DIR``. Deterministic: no timing, the same numbers on any machine
 up to float rounding.
 """
 
@@ -18,19 +19,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import RESULTS, save
 
-TEXTS = ("The bank of the river was muddy.", "The bank raised its interest rates.")
+TEXTS = ("She went to the bank to fish in the river.", "She went to the bank to deposit her pay check.")
 FIGURE = Path(__file__).resolve().parents[1] / "docs" / "img" / "polysemy.png"
 
 
 def render(data: dict) -> str:
-    tok, anc = data["token"], data["anchor"]
+    tok, shared = data["token"], data["shared"]
     lines = [f"{data['model']}: \"{tok}\" in \"{data['texts'][0]}\" and in \"{data['texts'][1]}\", "
-             f"against \"{anc}\" (in both).", "",
-             f"| hidden state | cos {tok} | cos {anc} |", "|---|---:|---:|"]
+             "against the other words both share.", "",
+             f"| hidden state | cos {tok} | " + " | ".join(f"cos {w}" for w in shared) + " |",
+             "|---|---:|" + "---:|" * len(shared)]
     names = ["embeddings", *(f"after layer {n}" for n in data["layers"])]
-    rows = zip(names, data["token_cosine"], data["anchor_cosine"])
-    lines += [f"| {name} | {t:.3f} | {a:.3f} |" for name, t, a in rows]
-    return "\n".join([*lines, "", data["summary"]])
+    for n, name in enumerate(names):
+        lines.append(f"| {name} | {data['token_cosine'][n]:.3f} | "
+                     + " | ".join(f"{c[n]:.3f}" for c in shared.values()) + " |")
+    return "\n".join([*lines, "", data["rule"], "", data["summary"]])
 
 
 def main(argv: list[str] | None = None) -> dict:

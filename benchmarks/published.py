@@ -105,6 +105,10 @@ VIEWS: dict[str, Callable[[], str]] = {
     **{f"findings-{part}": (lambda part=part: script("findings").RENDER[part](load(f"findings-{part}")))
        for part in ("clark", "sinks", "streaming")},
 }
+# results files whose table is linked from the prose rather than pasted into it
+LINKED: dict[str, Callable[[], str]] = {
+    "specificity": lambda: script("specificity").render(load("specificity")),
+}
 
 # results/<name>.md -> how it is rendered from results/<name>.json
 FILES: dict[str, Callable[[], str]] = {
@@ -114,6 +118,7 @@ FILES: dict[str, Callable[[], str]] = {
                                   "findings-sinks", "findings-streaming")},
     "engine": lambda: script("_results").machine_line(load("engine")["machine"]) + "\n\n" + VIEWS["engine"](),
     "linear-favor": VIEWS["linear-favor"],
+    **LINKED,
 }
 
 
@@ -146,6 +151,8 @@ def quoted() -> list[tuple[str, str]]:
     clark, sinks, stream = (load(f"findings-{p}") for p in ("clark", "sinks", "streaming"))
     rope = next(r for r in sinks["rows"] if r["model"].startswith("TransformerLM (rope), trained"))
     late = {p: sum(v[256:]) / len(v[256:]) for p, v in stream["results"]["rope"].items()}
+    spec = load("specificity")
+    lead, big, read = spec["specific"][0], spec["heaviest"], spec["readings"]
     return [
         ("docs/findings.md", f"layers 2 to 5 give it {_span(clark['by_layer']['cls'][1:5], '.2f')} of all their "
                              f"attention, and {len(clark['heads_over_half']['cls'])} of its 72 heads"),
@@ -154,11 +161,21 @@ def quoted() -> list[tuple[str, str]]:
         ("docs/findings.md", f"the dense cache loses {late['dense']:.3f} nats per byte and the window "
                              f"{late['window']:.3f}"),
         ("docs/findings.md", f"keeping 4 sink bytes does not help: {late['sinks']:.3f} nats per byte"),
+        ("README.md", f"layer {lead['layer']} head {lead['head']}: {lead['weight']:.3f} of `it`'s attention on "
+                      f"`{lead['key']}`, against a column mean of {lead['column_mean']:.3f}"),
+        ("README.md", f"Layer {big['layer']} head {big['head']} gives `{big['key']}` more ({big['weight']:.3f}), but "
+                      f"its column mean is {big['column_mean']:.3f}: it is a column head, where "
+                      f"{100 * big['column_fraction']:.0f}% of the queries put half their weight or more on "
+                      f"`{big['column_key']}`"),
+        ("README.md", f"it points to `{read[2]['points_to']}` "
+                      + ("both times" if read[2]["points_to"] == read[3]["points_to"] else "in one of them")
+                      + f" ({read[2]['meant_weight']:.3f} and {read[3]['other_weight']:.3f}), and to "
+                      f"`{read[4]['points_to']}` "
+                      + ("whether" if read[4]["points_to"] == read[5]["points_to"] else "only when")),
         ("docs/benchmarks.md", f"layer 3 head 1, {heads[(3, 1)][0]:.3f} vs {heads[(3, 1)][1]:.3f}"),
         ("docs/benchmarks.md", f"heads 10 and 8 move {shift[(5, 10)]:+.2f} and {shift[(5, 8)]:+.2f} of their "
                                f"attention onto the domain terms, and {gained} heads gain more than 0.05"),
         ("docs/inspect.md", f"{gained} heads gained more than 0.05 of their attention"),
-        ("README.md", f"layer 5, head 11 sends {cat:.3f} of `it`'s attention"),
         ("docs/benchmarks.md", f"layer 5 head 11 sends {cat:.3f} of `it`'s attention to `cat` and {mat:.3f} to"),
         ("docs/benchmarks.md", f"{prefer} of the 72 heads prefer `cat`"),
         ("docs/inspect.md", f"{prefer} of the 72 heads give `cat` more weight"),

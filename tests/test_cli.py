@@ -174,7 +174,10 @@ def test_every_option_has_help_and_shows_its_default(capsys):
         text = " ".join(sub.format_help().split())
         for action in sub._actions:
             assert action.help, (name, action.dest)
-            if action.option_strings and action.default not in (None, False) and action.dest != "help":
+            if action.nargs == 0 and action.default is True:  # a --no-X flag: "(default: True)" would read
+                assert "by default" in action.help, (name, action.dest)  # as "skipped by default"; say it in words
+                assert "(default: True)" not in text, name
+            elif action.option_strings and action.default not in (None, False) and action.dest != "help":
                 forms = ([sep.join(map(str, action.default)) for sep in (",", ", ")]
                          if isinstance(action.default, list) else [action.default])
                 assert any(f"default: {f!r}" in text or f"default: {f}" in text for f in forms), (name, action.dest)

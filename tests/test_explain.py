@@ -11,7 +11,7 @@ from attnkit import cli, models
 from attnkit.inspect import AttentionMaps, capture, rollout
 from attnkit.viz import explain, find_tokens, save_pngs, summarize
 from attnkit.viz.encode import decode
-from attnkit.viz.explainer import special_positions
+from attnkit.viz.explainer import SpecificHead, special_positions, specific_heads, uniform_score
 
 from conftest import assert_drawn, png_rgb
 
@@ -47,10 +47,22 @@ def test_summary_lists_the_heaviest_keys_without_special_tokens(minilm):
     row[[0, len(tokens) - 1]] = -1
     expected = [tokens[j] for j in row.topk(3).indices.tolist()]
     assert [key for _, key, _ in summary.rows[0][2][5]] == expected
-    # The strongest single head from "it" puts its weight on one key, as the maps say.
-    i, layer, head, key, weight = summary.heads[0]
-    assert weight == pytest.approx(float(maps.attentions[0][layer, head, i, key]), abs=1e-6)
-    assert all(weight >= w for *_, w in summary.heads)
+    # The heads are ranked by specificity: weight from "it" minus the key's column mean, over keys more than
+    # 2 tokens away and not special; computed here by loops over every head, key and query row.
+    attn, i = maps.attentions[0].double(), it[0]
+    n = len(tokens)
+    best = []
+    for layer in range(6):
+        for head in range(12):
+            a = attn[layer, head]
+            diffs = [(float(a[i, j]) - sum(float(a[q, j]) for q in range(n)) / n, j)
+                     for j in range(n) if abs(i - j) > 2 and j not in (0, n - 1)]
+            best.append((*max(diffs), layer, head))
+    best.sort(reverse=True)
+    assert [(h.layer, h.head, h.key) for h in summary.heads] == [(lay, hd, j) for _, j, lay, hd in best[:5]]
+    for h, (diff, *_) in zip(summary.heads, best):
+        assert h.difference == pytest.approx(diff, abs=1e-5) and h.query == i
+    assert (summary.heads[0].layer, summary.heads[0].head, tokens[summary.heads[0].key]) == (3, 1, "cat")
 
 
 def test_find_tokens_and_specials():
@@ -99,24 +111,20 @@ def test_cli_explain_writes_the_report(minilm, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "8:it" in printed and "2:cat" in printed
     assert "layer 5" in printed and "previous_token" in printed and "induction" in printed
-    assert "L5.H11" in printed  # the strongest single head from "it" (it -> cat)
+    assert "L3.H1" in printed  # the most specific head from "it" (it -> cat, 0.49 against a column mean of 0.16)
     text = out.read_text(encoding="utf-8")
     data = json.loads(text.split('id="attnkit-data">', 1)[1].split("</script>", 1)[0])
     assert data["focus"] == data["tokens"].index("it")
     assert data["title"] == SEED  # as typed, not rebuilt from lowercased wordpieces
-    # It opens on the head that gives one key beyond its neighbours (|i - j| > 2, no special token) the most
-    # weight from "it": computed here from the captured maps, a loop over every head.
-    maps = capture(minilm[0], SEED, tokenizer=minilm[1])
-    i, best = data["focus"], (-1.0, None)
-    for layer in range(6):
-        for head in range(12):
-            for j, tok in enumerate(data["tokens"]):
-                w = float(maps.attentions[0][layer, head, i, j])
-                if abs(i - j) > 2 and tok not in ("[CLS]", "[SEP]") and w > best[0]:
-                    best = (w, (layer, head))
-    assert best[1] == (5, 11)
-    assert data["view"] == {"layer": 5, "heads": [11]}
-    assert "opening on layer 5 head 11" in printed
+    # It opens on the most specific head (test_summary_lists_the_heaviest_keys_without_special_tokens checks the
+    # ranking by loops), and says why, on the page and in the terminal.
+    assert data["view"] == {"layer": 3, "heads": [1]}
+    assert data["view_reason"].startswith("Opened on layer 3 head 1, query 'it'")
+    assert "column mean of 0.16" in data["view_reason"]
+    assert " ".join(data["view_reason"].split()) in " ".join(printed.split())
+    # Layer 5 head 11, the heaviest, is a column head: most of its queries put half their weight or more on "cat".
+    a = capture(minilm[0], SEED, tokenizer=minilm[1]).attentions[0][5, 11]
+    assert sum(float(row.max()) >= 0.5 and data["tokens"][int(row.argmax())] == "cat" for row in a) > len(a) / 2
     assert decode(data["encoding"]).shape == (6 * 12 + 6, 13, 13)
 
 
@@ -270,3 +278,106 @@ def test_png_cell_colour_follows_its_value(tmp_path):
     for image, (lv, rv) in zip(images, ((0.2, 0.5), (0.5, 0.2))):
         assert np.abs(np.median(image[left], 0) - colour[lv]).max() <= 3
         assert np.abs(np.median(image[right], 0) - colour[rv]).max() <= 3
+
+
+def test_cli_explain_help_reads_right(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: True)" not in text and "(default: False)" not in text
+    assert "--no-cost leave out the report's cost section (by default the report has one" in text
+
+
+def test_cli_explain_induction_without_evidence_and_its_probe(minilm, capsys):
+    assert cli.main(["explain", SEED, "--out", "", "--probe", "induction", "--no-cost"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    # The seed's one repeated token ("the") is too little to score induction on; the probe has 40.
+    assert "skipped induction: not enough evidence: 1 repeated token, at least 5 needed" in printed
+    assert "induction on its standard probe: repeated random tokens, 82 tokens, scored on 40 repeated tokens" in printed
+    # MiniLM sees every key: even weight puts 1/82 on each query's one induction target.
+    assert (f"(x even: the score against {1 / 82:.3f}, what a head that spread each query's weight evenly over the "
+            "keys it sees would score on the same tokens)") in printed
+
+
+def test_probe_is_the_repeated_random_sequence(minilm):
+    from attnkit.viz.explainer import probe
+
+    maps, roles = probe("induction", minilm, length=12, seed=3)
+    ids = list(maps.token_ids[0])
+    body = ids[1:-1]
+    assert len(body) == 24 and body[:12] == body[12:] and len(set(body[:12])) == 12
+    assert maps.tokens[0][0] == "[CLS]" and maps.tokens[0][-1] == "[SEP]"
+    assert all(t.isalpha() for t in maps.tokens[0][1:-1])
+    assert roles.evidence["induction"] == 12 and "induction" in roles.scores
+    plain, _ = probe("previous_token", minilm, length=12, seed=3)
+    assert len(set(list(plain.token_ids[0])[1:-1])) == 12 == len(plain.tokens[0]) - 2  # never repeated
+    with pytest.raises(ValueError, match="role must be one of"):
+        probe("top_key", minilm)
+    with pytest.raises(SystemExit):
+        cli.main(["explain", SEED, "--out", "", "--probe", "syntax"])
+    with pytest.raises(SystemExit):
+        cli.main(["explain", SEED, "--compare", "The dog sat.", "--token", "sat", "--probe", "induction"])
+
+
+def test_uniform_score_on_causal_maps_by_hand():
+    # BOS, then [5, 6] twice; causal: query i sees keys 0..i. Rows 3 and 4 repeat an earlier token; their
+    # induction targets (keys 2 and 3) get 1/4 and 1/5 from even weight: (1/4 + 1/5) / 2.
+    causal = torch.ones(5, 5).tril()[None, None] / torch.arange(1, 6)[:, None]
+    maps = AttentionMaps([causal], [list("xabab")], [[0, 5, 6, 5, 6]], "toy", (0,), (0,))
+    assert uniform_score(maps, "induction") == pytest.approx((1 / 4 + 1 / 5) / 2)
+    # First token: every row's even share of key 0, 1/(i + 1), averaged over the 5 rows.
+    assert uniform_score(maps, "first_token") == pytest.approx(sum(1 / (i + 1) for i in range(5)) / 5)
+    with pytest.raises(ValueError, match="role must be one of"):
+        uniform_score(maps, "syntax")
+    once = AttentionMaps([causal], [list("xabcd")], [[0, 5, 6, 7, 8]], "toy", (0,), (0,))
+    with pytest.raises(ValueError, match="induction has no score on these tokens: no token repeats"):
+        uniform_score(once, "induction")
+
+
+@pytest.mark.slow  # six MiniLM runs
+def test_specificity_benchmark_runs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "specificity.py"
+    done = subprocess.run([sys.executable, str(script), "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "specificity.json").read_text())
+    assert data["machine"]["description"] and len(data["readings"]) == 6
+    # The table's figures are the JSON's, and the ranking is by difference.
+    diffs = [h["difference"] for h in data["specific"]]
+    assert diffs == sorted(diffs, reverse=True)
+    assert all(h["difference"] == pytest.approx(h["weight"] - h["column_mean"]) for h in data["specific"])
+    assert (tmp_path / "specificity.md").read_text().startswith("Machine: ")
+
+
+def test_specific_heads_on_a_hand_made_map_and_its_refusals():
+    a = torch.full((1, 2, 6, 6), 0.1)
+    a[0, 0, :, 1] = 0.5  # head 0: every query gives token 1 0.5, so query 5's 0.5 is the average
+    a[0, 1, 5, 1] = 0.5  # head 1: only query 5 does; column 1's mean is (5 * 0.1 + 0.5) / 6 = 1/6
+    maps = AttentionMaps([a], [list("abcdef")], None, "toy", (0,), (0, 1))
+    best, other = specific_heads(maps, 5, n=2)
+    assert (best.head, best.key) == (1, 1)
+    assert (best.weight, best.column_mean, best.difference, best.ratio) == pytest.approx((0.5, 1 / 6, 1 / 3, 3.0))
+    # Head 0: query 5 gives every key exactly its column mean: no key stands out.
+    assert other.head == 0 and other.difference == pytest.approx(0.0) and other.ratio == pytest.approx(1.0)
+    assert specific_heads(maps, 5, skip_keys=range(6)) == []
+    # The column-head caveat names the right key: the weight is everyone's only when the column is this key.
+    tokens = list("abcdef")
+    assert "of all heads and keys more than 2 tokens away, it gives 'b'" in best.why(tokens)  # |5 - 1| > 2
+    near = SpecificHead(5, 0, 0, 4, 0.5, 0.2, 0.3, 2.5, False, 0)  # a short input's fallback: a near key
+    assert "of all heads and keys, it gives 'e'" in near.why(tokens)
+    on_it = SpecificHead(5, 0, 0, 1, 0.5, 0.5, 0.0, 1.0, column_head=True, column_key=1)
+    assert "most of its queries look at 'b', so its weight says little about 'f'" in on_it.why(tokens)
+    elsewhere = SpecificHead(5, 0, 0, 1, 0.5, 0.2, 0.3, 2.5, column_head=True, column_key=0)
+    assert "look at 'a' (a column head there), not at 'b'" in elsewhere.why(tokens)
+    assert "column" not in SpecificHead(5, 0, 0, 1, 0.5, 0.2, 0.3, 2.5, False, 0).why(tokens).split(")")[-1]
+    with pytest.raises(ValueError, match="n must be"):
+        specific_heads(maps, 5, n=0)
+    with pytest.raises(ValueError, match=r"query must be a query row in \[0, 6\); got 6"):
+        specific_heads(maps, 6)
+    cross = AttentionMaps([a[:, :, :3]], [list("abc")], None, "toy", (0,), (0, 1), key_tokens=[list("abcdef")])
+    with pytest.raises(ValueError, match="maps must be self-attention"):
+        specific_heads(cross, 0)

@@ -67,6 +67,11 @@ def test_plot_and_json(brief, tmp_path):
     assert_drawn(path)
     data = json.loads(json.dumps(brief.to_dict()))
     assert data["steps"] == [0, 20, 40] and len(data["induction"]) == 3
+    # The evidence: every held-out sequence's second copy repeats its block (at least N/2 tokens, the last of
+    # which may be the one token not read); at most every token read but BOS (2N read) can be a repeat.
+    config = brief.config
+    n, count = config.half_length, config.eval_sequences
+    assert count * (math.ceil(n / 2) - 1) <= data["repeated_tokens"] == brief.repeated_tokens <= count * (2 * n - 1)
 
 
 def test_config_is_checked():

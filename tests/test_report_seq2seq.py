@@ -58,6 +58,12 @@ def test_cross_maps_report_with_target_rows_and_source_columns():
     data = report_data(maps.cross, tolerance=0.0)
     assert data["tokens"] == TARGET and data["key_tokens"] == SOURCE
     assert data["rollout"] is False and "cross-attention" in data["rollout_missing"]
+    # A decoder's self-attention whose rows are named by the token each step produces (keys: the tokens read)
+    # has key tokens too: the reason must not call it cross-attention outright.
+    produced = AttentionMaps([maps.decoder.attentions[0]], [[*TARGET[1:], "</s>"]], None, "toy",
+                             maps.decoder.layers, maps.decoder.heads, key_tokens=[TARGET])
+    assert "whose rows are named by the token each step produces" in report_data(produced)["rollout_missing"]
+    assert "these maps are cross-attention" not in report_data(produced)["rollout_missing"]
     got = decode(data["encoding"]).double()  # (layers * heads, T, S), layer-major
     want = maps.cross.attentions[0].double().reshape(6, len(TARGET), len(SOURCE))
     assert got.shape == want.shape and (got - want).abs().max() <= QUANTUM
@@ -155,8 +161,11 @@ def test_seq2seq_page_draws_cross_attention_whose_values_are_the_maps(open_page)
     assert XSS_SCRIPT in info and XSS_IMG in info  # the query (a target token) and its keys, as text
     watch.shot("report-seq2seq-cross")
     # The encoder and decoder parts are explorers of their own maps.
+    assert "reading the source tokens" in page.text_content('[data-role="part-shows"]')
     page.click('[data-part="decoder"]')
     assert page.is_visible('[data-part-pane="decoder"]') and not page.is_visible('[data-part-pane="cross"]')
+    shows = page.text_content('[data-role="part-shows"]')  # the tab says what it shows: not cross-attention
+    assert shows.startswith("The decoder's causal self-attention") and "not the source" in shows
     got = torch.tensor(page.evaluate("attnkitSeq2Seq.parts.decoder.row(0, 4)"), dtype=torch.float64)
     assert (got - maps.decoder.attentions[0].double()[0, 0, 4]).abs().max() <= QUANTUM
     got = torch.tensor(page.evaluate("attnkitSeq2Seq.parts.encoder.row(5, 1)"), dtype=torch.float64)

@@ -19,6 +19,8 @@ from attnkit.inspect.roles import (
     ROLES,
     STOP_WORDS,
     attention_entropy,
+    column_heads,
+    column_mean,
     duplicate_token_score,
     first_token_score,
     head_roles,
@@ -27,6 +29,7 @@ from attnkit.inspect.roles import (
     pattern_score,
     previous_token_score,
     rollout,
+    specificity,
     token_set,
     token_set_mass,
     top_attended,
@@ -424,7 +427,7 @@ def test_rollout_needs_all_layers_and_heads():
 def test_head_roles_equals_the_individual_scores():
     attn = random_attn(3, 4, length=9, seed=13)
     ids = repeated_sequence(4)
-    roles = head_roles(attn, ids)
+    roles = head_roles(attn, ids, min_evidence=1)
     assert tuple(roles.scores) == ROLES and not roles.skipped
     assert close(roles["previous_token"], previous_token_score(attn))
     assert close(roles["duplicate_token"], duplicate_token_score(attn, ids))
@@ -441,7 +444,7 @@ def test_head_roles_top_uses_model_indices_and_orders_scores():
     attn[1, 2, 0, 0] = 1.0
     attn[1, 2, torch.arange(1, 6), torch.arange(0, 5)] = 1.0  # a perfect previous-token head
     maps = MapsStandIn([attn], [list("abcdef")], [[1, 2, 3, 1, 2, 3]], layers=(2, 9), heads=(0, 4, 8))
-    roles = head_roles(maps)
+    roles = head_roles(maps, min_evidence=1)
     scores = roles["previous_token"]
     top = roles.top("previous_token", n=6)
     assert top[0] == (9, 8, 1.0)
@@ -488,7 +491,7 @@ def test_head_roles_reads_the_chosen_input():
     first, second = random_attn(1, 2, length=4, seed=16), random_attn(1, 2, length=6, seed=17)
     ids = [[1, 2, 1, 2], [1, 2, 3, 1, 2, 3]]
     maps = MapsStandIn([first, second], [list("abcd"), list("abcdef")], ids, (0,), (0, 1))
-    roles = head_roles(maps, input_index=1)
+    roles = head_roles(maps, input_index=1, min_evidence=1)
     assert roles.n_tokens == 6
     assert close(roles["induction"], induction_score(second, [1, 2, 3, 1, 2, 3]))
     assert close(induction_score(maps, input_index=1), roles["induction"])
@@ -501,7 +504,7 @@ def test_with_real_attention_maps():
     ids = [1, 2, 3, 1, 2, 3, 1]
     maps = AttentionMaps(attentions=[attn], tokens=[list("abcabca")], token_ids=[ids],
                          model_name="toy", layers=(0, 1, 2), heads=(0, 1))
-    roles = head_roles(maps)
+    roles = head_roles(maps, min_evidence=1)
     assert close(roles["induction"], induction_score(attn, ids)) and roles.model_name == "toy"
     assert torch.equal(rollout(maps), rollout(attn))
     sub = maps.select(layers=[2, 0], heads=1)
@@ -618,3 +621,74 @@ def test_bad_input_errors():
         head_roles(attn).top("first_token", n=0)
     with pytest.raises(ValueError, match="must be 4-D"):
         head_roles(attn[0])
+
+
+# evidence, specificity, column heads
+
+
+def test_head_roles_counts_evidence_and_refuses_a_score_on_too_little():
+    attn = random_attn(1, 2, length=8, seed=31)
+    one_repeat = head_roles(attn, [1, 2, 3, 1, 4, 5, 6, 7])  # one token repeats: one row to score induction on
+    assert "induction" not in one_repeat.scores and "duplicate_token" not in one_repeat.scores
+    assert one_repeat.skipped["induction"].startswith("not enough evidence: 1 repeated token, at least 5")
+    assert "--probe induction" in one_repeat.skipped["induction"]
+    assert one_repeat.evidence["induction"] == 1 and one_repeat.evidence_text("induction") == "1 repeated token"
+    # Counted by hand: 8 rows see a key; 7 have a previous token; the causal first row has one key only.
+    assert (one_repeat.evidence["first_token"], one_repeat.evidence["previous_token"],
+            one_repeat.evidence["normalized_entropy"]) == (8, 7, 7)
+    five = head_roles(attn, [1, 2, 3, 1, 2, 3, 1, 2])  # positions 3..7 repeat earlier tokens
+    assert five.evidence["induction"] == 5 and close(five["induction"], induction_score(attn, [1, 2, 3, 1, 2, 3, 1, 2]))
+    assert "induction" in head_roles(attn, [1, 2, 3, 1, 4, 5, 6, 7], min_evidence=1).scores
+    with pytest.raises(ValueError, match="min_evidence"):
+        head_roles(attn, min_evidence=0)
+
+
+def _column_means(a):
+    """Column means by a loop over the rows with any mass, in float64."""
+    rows = [r for r in a.double() if float(r.sum()) > 0]
+    return [sum(float(r[j]) for r in rows) / len(rows) for j in range(a.shape[-1])]
+
+
+def test_specificity_against_a_loop_on_a_hand_made_map():
+    # A column head on key 1 (every row sends it most weight) and row 3, which alone looks at key 0.
+    a = torch.tensor([[0.1, 0.8, 0.1, 0.0], [0.1, 0.7, 0.1, 0.1], [0.0, 0.9, 0.1, 0.0], [0.6, 0.3, 0.0, 0.1]])
+    s = specificity(a, 3)
+    means = _column_means(a)
+    assert s.column_mean.tolist() == pytest.approx(means)
+    assert s.difference.tolist() == pytest.approx([float(a[3, j]) - means[j] for j in range(4)])
+    assert s.ratio.tolist() == pytest.approx([float(a[3, j]) / means[j] for j in range(4)])
+    assert s.ratio[0] > 2 and s.ratio[1] < 1  # key 0 is specific to row 3; key 1 is everyone's
+    # A fully masked row drops out of the column mean; a column nobody looks at has no ratio.
+    masked = torch.cat([a, torch.zeros(1, 4)])
+    assert specificity(masked, 3).column_mean.tolist() == pytest.approx(means)
+    assert column_mean(masked).tolist() == pytest.approx(means)
+    assert column_mean(torch.zeros(2, 3)).tolist() == [0.0, 0.0, 0.0]  # every row masked: 0, not NaN
+    assert specificity(torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 0).ratio[1].isnan()
+    stacked = torch.stack([a, a.flip(-1)])[None]  # (1 layer, 2 heads, 4, 4)
+    assert specificity(stacked, 3).weight.shape == (1, 2, 4)
+    with pytest.raises(ValueError, match=r"query must be a query row in \[0, 4\); got 4"):
+        specificity(a, 4)
+
+
+def test_column_heads_against_a_count_on_hand_made_maps():
+    column = torch.tensor([[0.1, 0.8, 0.1], [0.2, 0.6, 0.2], [0.1, 0.55, 0.35], [0.7, 0.3, 0.0]])
+    diagonal = torch.eye(3, 4) * 0.9 + 0.025
+    spread = torch.full((4, 3), 1 / 3)
+    for a, key, fraction in ((column, 1, 3 / 4), (diagonal, 0, 1 / 3), (spread, 0, 0.0)):
+        found = column_heads(a)
+        # Counted here: rows whose top key holds at least half the row, grouped by key.
+        counts = {}
+        for row in a:
+            j = int(row.argmax())
+            if float(row[j]) >= 0.5 * float(row.sum()):
+                counts[j] = counts.get(j, 0) + 1
+        best = max(counts.values(), default=0)
+        assert float(found.fraction) == pytest.approx(best / a.shape[0]) == pytest.approx(fraction)
+        assert bool(found.flagged) == (best / a.shape[0] > 0.5)
+        if best:
+            assert int(found.key) == key
+    both = column_heads(torch.stack([column, column.roll(1, -1)])[None])
+    assert both.key.tolist() == [[1, 2]] and both.flagged.tolist() == [[True, True]]
+    assert not bool(column_heads(column, share=0.9).flagged)
+    with pytest.raises(ValueError, match=r"share must be in \(0, 1\]"):
+        column_heads(column, share=0)

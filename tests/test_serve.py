@@ -301,9 +301,29 @@ def test_cache_and_focus(served):
     payload = explain(served, "The dog barked at the mailman.", focus="dog")
     assert payload["tokens"][payload["focus"]] == "dog"
     assert explain(served, "The dog barked at the mailman.", focus=3)["focus"] == 3
-    assert explain(served, "The dog barked at the mailman.")["focus"] is None  # the cached payload is not changed
+    opened = explain(served, "The dog barked at the mailman.")  # the cached payload is not changed
+    assert opened["focus"] is not None and opened["view_reason"] and len(opened["view"]["heads"]) == 1
+    other = 3 if opened["focus"] != 3 else 2  # another query than the one the page opens on
+    assert explain(served, "The dog barked at the mailman.", focus=other)["view"] is None  # no head chosen for another
+    assert explain(served, "The dog barked at the mailman.", focus=opened["focus"])["view"] == opened["view"]
     status, message = error_of(call(served, "/api/explain", {"text": "The dog barked.", "focus": "cat"}))
     assert status == 400 and "'cat'" in message and "dog" in message
+
+
+def test_serve_opens_on_one_query_and_its_most_specific_head(served):
+    payload = explain(served, DEFAULT_EXAMPLE)
+    attn = capture(served.model, DEFAULT_EXAMPLE, tokenizer=served.tokenizer).attentions[0].double()
+    tokens = payload["tokens"]
+    n = len(tokens)
+    special = {0, n - 1}  # [CLS], [SEP]
+    # Every (query, layer, head, key): the query's weight minus the key's column mean, keys more than 2 tokens
+    # away and not special; the page opens on the largest, computed here by loops.
+    best = max((float(attn[lay, hd, q, j]) - float(attn[lay, hd, :, j].mean()), q, lay, hd)
+               for q in range(n) if q not in special for lay in range(6) for hd in range(12)
+               for j in range(n) if abs(q - j) > 2 and j not in special)
+    _, q, layer, head = best
+    assert payload["focus"] == q and payload["view"] == {"layer": layer, "heads": [head]}
+    assert payload["view_reason"].startswith(f"Opened on layer {layer} head {head}, query '{tokens[q]}'")
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -778,6 +798,9 @@ def test_page_in_browser(served, watched_page, monkeypatch):
     assert page.eval_on_selector("#akx-app-explorer .akx-title", "e => e.textContent") == DEFAULT_EXAMPLE
     meta = page.text_content("#aks-meta")
     assert "all-MiniLM-L6-v2" in meta and "512 tokens" in meta
+    opened = page.evaluate("attnkitApp.explorer.state()")  # one query and one head, not every head's tangle
+    assert opened["focus"] is not None and len(opened["heads"]) == 1
+    assert page.text_content("#akx-app-explorer [data-role=why]").startswith("Opened on layer")
 
     # Shift+Enter is a new line, not a request
     page.fill("#aks-text", "first line")

@@ -60,6 +60,7 @@ class HelpFormatter(argparse.HelpFormatter):
         text = action.help or ""
         default = action.default
         if (default is None or default is False or default is argparse.SUPPRESS or "default" in text
+                or (action.nargs == 0 and isinstance(default, bool))  # a flag: its help says what it does
                 or not action.option_strings):
             return text
         if isinstance(default, (list, tuple)):

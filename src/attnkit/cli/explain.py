@@ -4,10 +4,11 @@ write a self-contained HTML report (with what attention costs in the model at th
 unless --no-cost) and, on request, PNG heatmaps.
 
 With --compare OTHER and one --token WORD: the word in two contexts. The report shows both
-sentences side by side, where WORD attends in each, per layer and in its best head, and the
+sentences' explorers, where WORD attends in each, per layer and in its best head, and the
 cosine similarity of WORD's hidden state between the sentences, layer by layer, against that of
-a word both share (the most frequent shared word token other than WORD, or --anchor); the
-terminal says from which layer WORD diverges; --png DIR writes the cosines as DIR/cosine.png.
+every word both share (the most frequent shared word token other than WORD, or --anchor, drawn
+and tabled beside it); the terminal states the rule and says after which layers WORD moves more
+than every shared word; --png DIR writes the cosines as DIR/cosine.png.
 
 With --target "..." (an encoder-decoder model folder, e.g. BART or Marian): TEXT is the source,
 the target is read teacher-forced, and the report shows the cross-attention (each target token's
@@ -56,9 +57,13 @@ def add_parser(sub: Subparsers) -> Parser:
     modes.add_argument("--anchor", default=None,
                    help="with --compare: the shared word to compare against (default: the most frequent word token "
                         "both texts share, other than --token)")
+    p.add_argument("--probe", metavar="ROLE", default=None,
+                   help="also score the heads for a self-attention head role (induction, previous_token, ...) on "
+                        "its standard probe, and print its top heads: random tokens, repeated once for induction "
+                        "and duplicate_token (Olsson et al. 2022)")
     p.add_argument("--no-cost", dest="cost", action="store_false",
-                   help="leave out the report's cost section (a quick profile of the model at this input's length "
-                        "and a few longer ones: a few seconds on a CPU)")
+                   help="leave out the report's cost section (by default the report has one: a quick profile of the "
+                        "model at this input's length and a few longer ones, a few seconds on a CPU)")
     modes.add_argument("--target", default=None,
                    help="encoder-decoder models: the target text (TEXT is the source); the report shows "
                         "cross-attention")
@@ -93,15 +98,25 @@ def _check_options(args: argparse.Namespace) -> None:
         pyplot()  # fail now, not after the model ran, when matplotlib is missing
     if args.out and not Path(args.out).resolve().parent.is_dir():  # the one check the report cannot make early
         raise ValueError(f"--out {args.out!r}: the folder {str(Path(args.out).resolve().parent)!r} does not exist")
+    if args.probe is not None:
+        from attnkit.viz.explainer import PROBES
+
+        if args.probe not in PROBES:
+            raise UsageError(f"--probe must be a self-attention head role, one of {', '.join(PROBES)}; got "
+                             f"{args.probe!r}")
     mode = "--target" if args.target is not None else "--generate" if args.generate is not None else None
     if mode is not None:
         if args.target is not None and args.generate is not None:
             raise UsageError("--target and --generate do not go together: --target reads a given target, "
                              "--generate makes one")
         others = [name for name, value in (("--compare", args.compare), ("--layers", args.layers),
-                                           ("--heads", args.heads), ("--token", args.token)) if value is not None]
+                                           ("--heads", args.heads), ("--token", args.token),
+                                           ("--probe", args.probe)) if value is not None]
         if others:
             raise UsageError(f"{others[0]} does not go with {mode}")
+    if args.compare is not None and args.probe is not None:
+        raise UsageError("--probe does not go with --compare: run the probe on its own, "
+                         f"attnkit explain TEXT --probe {args.probe}")
     if args.compare is None and args.anchor is not None:
         raise UsageError("--anchor only goes with --compare OTHER --token WORD")
     if args.compare is not None and (not args.token or len(args.token) != 1):
@@ -123,6 +138,8 @@ def _self_attention(args: argparse.Namespace, con: Console, model: nn.Module, to
     wanted = _wanted(tokens, args.token)
     summary = ex.summarize(maps, tokens=wanted, k=args.top, max_rows=args.max_rows, skip_special=not args.keep_special)
     _print_summary(con, args, maps, summary)
+    if args.probe:
+        _print_probe(con, args.probe, (model, tokenizer))
     if args.out:
         _write_report(con, args, model, maps, summary, wanted, whole)
     if args.png:
@@ -146,14 +163,49 @@ def _print_summary(con: Console, args: argparse.Namespace, maps: AttentionMaps, 
         con.print("special tokens left out of the lists (heads park weight there): "
                   + " ".join(sorted({tokens[j] for j in summary.skipped_keys})) + "; --keep-special lists them")
     if summary.heads:
-        con.table("single heads that look hardest from the chosen tokens",
-                  ("token", "layer.head", "looks at", Column("weight", right=True)),
-                  [(f"{i} {tokens[i]}", f"L{lay}.H{hd}", f"{j} {tokens[j]}", f"{w:.3f}")
-                   for i, lay, hd, j, w in summary.heads])
-    con.table("heads that score highest in each role",
-              ("role", Column("mean", right=True), "top heads (layer.head score)"), _role_rows(summary.roles))
+        con.table("heads most specific to the chosen tokens: the token's weight on a key (more than 2 tokens away) "
+                  "against that key's column mean, the weight the average query gives it",
+                  ("token", "layer.head", "looks at", Column("weight", right=True), Column("col mean", right=True),
+                   Column("ratio", right=True), Column("diff", right=True), "column head?"),
+                  [(f"{h.query} {tokens[h.query]}", f"L{h.layer}.H{h.head}", f"{h.key} {tokens[h.key]}",
+                    f"{h.weight:.3f}", f"{h.column_mean:.3f}", f"{h.ratio:.1f}x", f"{h.difference:+.3f}",
+                    _column_note(h, tokens))
+                   for h in summary.heads])
+    con.table("heads that score highest in each role (rows: the query rows each score rests on)",
+              ("role", Column("mean", right=True), Column("rows", right=True), "top heads (layer.head score)"),
+              _role_rows(summary.roles))
     for role, why in summary.roles.skipped.items():
         con.print(f"skipped {role}: {why}")
+
+
+def _column_note(h: Any, tokens: list[str]) -> str:
+    """The "column head?" cell: whether most queries look at one key, and whether it is this key."""
+    if not h.column_head:
+        return ""
+    if h.column_key == h.key:
+        return f"yes, on {tokens[h.key]}: its weight is everyone's"
+    return f"yes, on {tokens[h.column_key]}, not {tokens[h.key]}"
+
+
+# The roles whose telling heads score lowest (local heads, sharp heads): listed lowest first.
+_LOWEST = frozenset({"mean_distance", "normalized_entropy"})
+
+
+def _print_probe(con: Console, role: str, model: tuple[nn.Module, Any]) -> None:
+    """``--probe ROLE``: the heads' scores for ROLE on its standard probe."""
+    from attnkit.viz.explainer import PROBES, probe, uniform_score
+
+    with con.status(f"running the {role} probe ({PROBES[role]})..."):
+        maps, roles = probe(role, model)
+    lowest = role in _LOWEST
+    even = uniform_score(maps, role)
+    con.table(f"{role} on its standard probe: {PROBES[role]}, {len(maps.tokens[0])} tokens, scored on "
+              f"{roles.evidence_text(role)}" + (" (lowest first)" if lowest else ""),
+              ("layer.head", Column("score", right=True), Column("x even", right=True)),
+              [(f"L{lay}.H{hd}", f"{sc:.3f}", f"{sc / even:.1f}x" if even > 0 else "")
+               for lay, hd, sc in roles.top(role, 5, largest=not lowest)])
+    con.print(f"(x even: the score against {even:.3f}, what a head that spread each query's weight evenly over the "
+              "keys it sees would score on the same tokens)")
 
 
 def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
@@ -162,12 +214,12 @@ def _layer_rows(summary: Any) -> list[tuple[str, ...]]:
                               for tops in per_layer)) for i, tok, per_layer in summary.rows]
 
 
-def _role_rows(roles: Any) -> list[tuple[str, str, str]]:
-    """One row per head role: its mean score over heads and its top three heads (the lowest, for distance and
-    entropy, where the telling heads are the lowest)."""
-    lowest = {"mean_distance", "normalized_entropy"}
-    return [(role + (" (lowest)" if role in lowest else ""), f"{float(scores.nanmean()):.3f}",
-             "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in lowest)))
+def _role_rows(roles: Any) -> list[tuple[str, str, str, str]]:
+    """One row per head role: its mean score over heads, the rows it rests on and its top three heads (the
+    lowest, for distance and entropy, where the telling heads are the lowest)."""
+    return [(role + (" (lowest)" if role in _LOWEST else ""), f"{float(scores.nanmean()):.3f}",
+             str(roles.evidence.get(role, "")),
+             "\n".join(f"L{lay}.H{hd} {sc:.3f}" for lay, hd, sc in roles.top(role, 3, largest=role not in _LOWEST)))
             for role, scores in roles.scores.items()]
 
 
@@ -175,22 +227,23 @@ def _write_report(con: Console, args: argparse.Namespace, model: nn.Module, maps
                   wanted: list[int] | None, whole: bool) -> None:
     from attnkit.viz import report
 
-    tokens = maps.tokens[0]
-    view = _opening_head(maps, wanted, set(summary.skipped_keys))
+    view, why = _opening_head(maps, summary)
     cost = None
     if args.cost:
         from attnkit.viz.cost import cost_data
 
         with con.status("timing the model for the report's cost section (--no-cost skips it)..."):
             try:
-                cost = cost_data(model, len(tokens))
+                cost = cost_data(model, len(maps.tokens[0]))
             except ValueError as err:  # a model whose attention cannot be timed: the maps still stand
                 con.print(f"the report has no cost section: {err}")
     with con.progress() as progress:
         path = report.write_report(maps, args.out, title=args.text, focus=wanted[0] if wanted else None,
-                                   view=view, rollout=whole, roles=summary.roles, cost=cost, progress=progress)
-    opens = "" if view is None else f", opening on layer {view[0]} head {view[1][0]}"
-    con.print(f"wrote {path} ({size(path.stat().st_size)}{opens}): open it in a browser; it needs no network")
+                                   view=view, view_reason=why, rollout=whole, roles=summary.roles, cost=cost,
+                                   progress=progress)
+    con.print(f"wrote {path} ({size(path.stat().st_size)}): open it in a browser; it needs no network")
+    if why:
+        con.print(why)
 
 
 def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
@@ -209,21 +262,13 @@ def _wanted(tokens: list[str], queries: list[str] | None) -> list[int] | None:
     return wanted
 
 
-def _opening_head(maps: AttentionMaps, wanted: list[int] | None,
-                  skipped_keys: set[int]) -> tuple[int, list[int]] | None:
-    """(layer, [head]) to open the report on for the first chosen token: the single head that gives the
-    most weight to one key more than 2 tokens away (local heads, such as previous-token heads, say little
-    about that token), special tokens left out; the strongest head of all if none looks that far."""
-    import torch
-
-    if not wanted:
-        return None
-    i = wanted[0]
-    row = maps.attentions[0][:, :, i].float()  # (layers, heads, Lk)
-    far = torch.tensor([abs(i - j) > 2 and j not in skipped_keys for j in range(row.shape[-1])])
-    pool = row.masked_fill(~far, -1.0) if far.any() and float(row[..., far].max()) > 0 else row
-    flat = int(pool.flatten().argmax()) // row.shape[-1]
-    return maps.layers[flat // row.shape[1]], [maps.heads[flat % row.shape[1]]]
+def _opening_head(maps: AttentionMaps, summary: Any) -> tuple[tuple[int, list[int]] | None, str | None]:
+    """(layer, [head]) to open the report on for the first chosen token, and why in words: its most specific
+    head (the first of ``summary.heads``); (None, None) without chosen tokens."""
+    if not summary.heads:
+        return None, None
+    best = summary.heads[0]
+    return (best.layer, [best.head]), best.why(maps.tokens[0])
 
 
 def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any]) -> int:
@@ -239,18 +284,23 @@ def _compare(args: argparse.Namespace, con: Console, model: tuple[nn.Module, Any
                              f"its tokens are " + " ".join(err.tokens)) from None
     tok, anc = found.token, found.anchor
     con.rule(f"{found.maps[0].model_name}: '{tok}' in two contexts, against '{anc}'")
+    lowest = [min(c[n] for c in found.baseline().values()) for n in range(len(found.token_cosine))]
     rows = [(str(layer), f"{found.token_cosine[n + 1]:.3f}", f"{found.anchor_cosine[n + 1]:.3f}",
+             f"{lowest[n + 1]:.3f}",
              *(f"{a[n]['mean'][0][0]} {a[n]['mean'][0][1]:.2f}; H{a[n]['head']}: {a[n]['head_key']} "
                f"{a[n]['head_weight']:.2f}" for a in found.attends))
             for n, layer in enumerate(found.maps[0].layers)]
     con.table(f"cosine of the hidden state between the texts, and where '{tok}' attends (top key of the mean of "
               "the heads; the best head's key)",
-              ("layer", Column(f"cos {tok}", right=True), Column(f"cos {anc}", right=True), "in TEXT", "in --compare"),
-              [("emb", f"{found.token_cosine[0]:.3f}", f"{found.anchor_cosine[0]:.3f}", "", ""), *rows])
+              ("layer", Column(f"cos {tok}", right=True), Column(f"cos {anc}", right=True),
+               Column("lowest shared", right=True), "in TEXT", "in --compare"),
+              [("emb", f"{found.token_cosine[0]:.3f}", f"{found.anchor_cosine[0]:.3f}", f"{lowest[0]:.3f}", "", ""),
+               *rows])
+    con.print(found.rule())
     con.print(found.summary())
     if args.out:
         path = contexts.write_compare_report(found, args.out)
-        con.print(f"wrote {path} ({size(path.stat().st_size)}): both texts side by side; it needs no network")
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): both texts' explorers; it needs no network")
     if args.png:
         Path(args.png).mkdir(parents=True, exist_ok=True)
         con.print(f"wrote {found.plot(Path(args.png) / 'cosine.png')}")

@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     layer, head, score = result.best_head("induction")
     p_layer, p_head, p_score = result.best_head("previous_token")
     con.print(f"strongest induction head: layer {layer} head {head}, score {score:.2f} "
-              f"(uniform attention: {result.chance_induction:.3f})")
+              f"(uniform attention: {result.chance_induction:.3f}; scored on {result.repeated_tokens} repeated "
+              f"tokens in {config.eval_sequences} held-out sequences)")
     con.print(f"strongest previous-token head: layer {p_layer} head {p_head}, score {p_score:.2f}")
     con.print(f"second-half loss {result.second_half_loss[-1]:.3f} vs first-half {result.first_half_loss[-1]:.3f} "
               f"nats, after {config.steps} steps in {result.seconds:.0f} s")

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from attnkit._checks import require_int, require_real
 from attnkit._plot import pyplot
+from attnkit.inspect._patterns import earlier_same
 from attnkit.inspect.maps import AttentionMaps
 from attnkit.inspect.recording import capture
 from attnkit.inspect.roles import induction_score, previous_token_score
@@ -81,6 +82,8 @@ class InductionResult:
     averaged over the held-out sequences. ``chance_induction`` is the induction score that
     uniform causal attention gets on the same sequences: what a head that ignores content
     scores (every query whose token occurred earlier counts, filler included).
+    ``repeated_tokens`` is the evidence the induction scores rest on: the query rows, over
+    all held-out sequences, whose token occurred earlier in its sequence.
     ``first_half_loss`` is the mean loss on the tokens of the first copy;
     ``second_half_loss`` on the second copy from its second token on (its first token
     cannot be predicted: nothing says the block starts again).
@@ -95,6 +98,7 @@ class InductionResult:
     previous_token: Tensor = field(default_factory=lambda: torch.empty(0))
     seconds: float = 0.0
     chance_induction: float = float("nan")
+    repeated_tokens: int = 0
     model: TransformerLM | None = None  # the trained model, for further inspection
 
     def best_head(self, score: str = "induction") -> tuple[int, int, float]:
@@ -111,7 +115,7 @@ class InductionResult:
         return {"config": asdict(self.config), "steps": self.steps, "first_half_loss": self.first_half_loss,
                 "second_half_loss": self.second_half_loss, "induction": self.induction.tolist(),
                 "previous_token": self.previous_token.tolist(), "seconds": self.seconds,
-                "chance_induction": self.chance_induction}
+                "chance_induction": self.chance_induction, "repeated_tokens": self.repeated_tokens}
 
     def plot(self, path: str | Path) -> Path:
         """Save the phase change as a PNG: the two losses over training, and every head's
@@ -196,6 +200,7 @@ def train_induction(config: InductionConfig | None = None,
     uniform = torch.ones(ids.shape[1], ids.shape[1]).tril()
     uniform /= uniform.sum(-1, keepdim=True)
     result.chance_induction = float(torch.stack([induction_score(uniform, row) for row in ids]).mean())
+    result.repeated_tokens = sum(int(earlier_same(row).any(-1).sum()) for row in ids)
     induction, previous = [], []
 
     def record(step: int) -> None:

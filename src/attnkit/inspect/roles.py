@@ -33,13 +33,13 @@ tensor(1., dtype=torch.float64)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from attnkit._checks import describe, require_int, require_tensor
+from attnkit._checks import describe, require_int, require_real, require_tensor
 from attnkit.inspect._patterns import (
     diagonal_pattern,
     distance,
@@ -72,11 +72,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CROSS_ROLES",
+    "MIN_EVIDENCE",
     "ROLES",
     "STOP_WORDS",
+    "ColumnHeads",
     "HeadRoles",
+    "Specificity",
     "alignment_monotonicity",
     "attention_entropy",
+    "column_heads",
+    "column_mean",
     "diagonal_score",
     "duplicate_token_score",
     "first_token_score",
@@ -86,6 +91,7 @@ __all__ = [
     "pattern_score",
     "previous_token_score",
     "rollout",
+    "specificity",
     "token_set",
     "token_set_mass",
     "top_attended",
@@ -446,6 +452,145 @@ def top_attended(
 
 
 @dataclass(frozen=True)
+class Specificity:
+    """How much more one query attends to each key than the average query does, from :func:`specificity`.
+
+    Attributes:
+        query: the query row read.
+        weight: float64 (..., Lk), ``A[..., query, j]``.
+        column_mean: float64 (..., Lk), the mean of column ``j`` over the query rows that have
+            any mass (a fully masked row drops out): the weight the average query gives key ``j``.
+    """
+
+    query: int
+    weight: Tensor
+    column_mean: Tensor
+
+    @property
+    def difference(self) -> Tensor:
+        """``weight - column_mean``: the mass this query gives a key beyond the average query."""
+        return self.weight - self.column_mean
+
+    @property
+    def ratio(self) -> Tensor:
+        """``weight / column_mean``; NaN where the column mean is 0 (no query looks at the key)."""
+        return self.weight / self.column_mean.where(self.column_mean > 0, torch.nan)
+
+
+def column_mean(attn: Tensor | AttentionMaps, *, input_index: int = 0) -> Tensor:
+    """The weight the average query gives each key: ``mean_i A[..., i, j]`` over the query rows
+    that have any mass (a fully masked row drops out; all rows masked gives 0).
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        float64 (..., Lk). Works for Lq != Lk.
+
+    >>> import torch
+    >>> column_mean(torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.0, 0.0]]))  # the masked row drops out
+    tensor([0.1000, 0.9000], dtype=torch.float64)
+    """
+    t = resolve("attn", attn, input_index).attn
+    has_mass = t.sum(-1, keepdim=True) > 0  # (..., Lq, 1)
+    return t.sum(-2) / has_mass.sum(-2).clamp(min=1)
+
+
+def specificity(attn: Tensor | AttentionMaps, query: int, *, input_index: int = 0) -> Specificity:
+    """Query ``query``'s weight on every key against that key's column mean over the queries.
+
+    A head where every query looks at "cat" puts a large weight from "it" on "cat" too; that
+    says nothing about "it". Specificity separates the two: the weight ``A[query, j]`` beside
+    ``mean_i A[i, j]``, the weight the average query gives key ``j`` (:func:`column_mean`:
+    ``query`` included, rows with no mass left out). Their difference is the mass ``query`` adds, their ratio how
+    many times the average it gives. Works for Lq != Lk.
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        query: the query row, in [0, Lq).
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        A :class:`Specificity` with ``weight`` and ``column_mean`` (..., Lk), and their
+        ``difference`` and ``ratio``.
+
+    >>> import torch
+    >>> A = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.7, 0.3]])  # every row but the last looks at key 1
+    >>> s = specificity(A, 2)
+    >>> s.weight, s.column_mean
+    (tensor([0.7000, 0.3000], dtype=torch.float64), tensor([0.3000, 0.7000], dtype=torch.float64))
+    >>> s.ratio
+    tensor([2.3333, 0.4286], dtype=torch.float64)
+    """
+    view = resolve("attn", attn, input_index)
+    q_len = view.attn.shape[-2]
+    query = require_int("query", query, minimum=0)
+    if query >= q_len:
+        raise ValueError(f"query must be a query row in [0, {q_len}); got {query}")
+    return Specificity(query, view.attn[..., query, :], column_mean(view.attn))
+
+
+@dataclass(frozen=True)
+class ColumnHeads:
+    """Heads where most queries put most of their weight on one key, from :func:`column_heads`.
+
+    Attributes:
+        key: long (...), per head the key that the most query rows give at least ``share``
+            of their weight (the first such key on ties; the row's top key otherwise).
+        fraction: float64 (...), the fraction of the query rows with mass that do so.
+        share: the weight a row must give the key to count (default 0.5, "most of it").
+    """
+
+    key: Tensor
+    fraction: Tensor
+    share: float
+
+    @property
+    def flagged(self) -> Tensor:
+        """bool (...): more than half the rows put ``share`` or more on the one key: a column head."""
+        return self.fraction > 0.5
+
+
+def column_heads(attn: Tensor | AttentionMaps, *, share: float = 0.5, input_index: int = 0) -> ColumnHeads:
+    """Find column heads: heads whose queries mostly look at one and the same key, whatever they are.
+
+    Per row, the top key counts when it holds at least ``share`` of the row's weight; per head,
+    the key counted by the most rows and the fraction of rows (with any mass) that counted it.
+    A head is flagged when that fraction is over 0.5. An attention sink ([CLS], [SEP]) is a
+    column head, and so is a head that sends every token to "cat": its weight from "it" to
+    "cat" says nothing about "it" (see :func:`specificity`). Works for Lq != Lk.
+
+    Args:
+        attn: probabilities (..., Lq, Lk), or an ``AttentionMaps``.
+        share: the part of a row's weight its top key must hold, in (0, 1] (default 0.5).
+        input_index: which input of an ``AttentionMaps`` to read (default 0).
+
+    Returns:
+        A :class:`ColumnHeads`; ``.flagged`` marks the column heads.
+
+    >>> import torch
+    >>> A = torch.tensor([[0.8, 0.2, 0.0], [0.6, 0.1, 0.3], [0.2, 0.2, 0.6]])
+    >>> found = column_heads(A)                 # rows 0 and 1 put most of their weight on key 0
+    >>> found.key, found.fraction, found.flagged
+    (tensor(0), tensor(0.6667, dtype=torch.float64), tensor(True))
+    """
+    view = resolve("attn", attn, input_index)
+    share = require_real("share", share)
+    if not 0 < share <= 1:
+        raise ValueError(f"share must be in (0, 1], the part of a row's weight on its top key; got {share}")
+    t = view.attn
+    total = t.sum(-1)  # (..., Lq)
+    top_weight, top = t.max(-1)
+    counted = (top_weight >= share * total) & (total > 0)
+    votes = torch.zeros(*t.shape[:-2], t.shape[-1], dtype=torch.float64)
+    votes.scatter_add_(-1, top, counted.to(torch.float64))
+    most, key = votes.max(-1)
+    rows = (total > 0).sum(-1).clamp(min=1)
+    return ColumnHeads(key, most / rows, float(share))
+
+
+@dataclass(frozen=True)
 class _Context:
     """What a role's score may read besides one layer's probabilities."""
 
@@ -497,6 +642,9 @@ _REGISTRY: dict[str, _Role] = {
     "token_set_mass": _Role(lambda t, c: set_mass(t, c.keys_in_set()), _BOTH, "key_set", "no row has any mass"),
 }
 
+# The repeated tokens below which head_roles calls duplicate_token and induction "not enough evidence".
+MIN_EVIDENCE = 5
+
 # The roles head_roles scores by default on self-attention maps (Lq == Lk) ...
 ROLES = tuple(name for name, role in _REGISTRY.items() if "self" in role.kinds and role.needs != "key_set")
 # ... and on cross-attention maps (queries: target tokens; keys: source tokens).
@@ -513,6 +661,12 @@ class HeadRoles:
         layers, heads: the model's layer and head indices on the scores' two axes.
         n_tokens: query rows (Lq) of the input.
         model_name: where the maps came from, if known.
+        evidence: role name -> how many query rows its score rests on: for ``duplicate_token``
+            and ``induction`` the repeated tokens (rows whose token occurred earlier), for the
+            rest the rows that see a key (``previous_token``: less the first). Scored and
+            skipped roles alike, where it could be counted.
+        min_evidence: the repeated tokens below which ``duplicate_token`` and ``induction``
+            were skipped ("not enough evidence").
     """
 
     scores: dict[str, Tensor]
@@ -521,6 +675,16 @@ class HeadRoles:
     heads: tuple[int, ...]
     n_tokens: int
     model_name: str | None = None
+    evidence: dict[str, int] = field(default_factory=dict)
+    min_evidence: int = 1
+
+    def evidence_text(self, role: str) -> str:
+        """``role``'s evidence in words, e.g. ``"1 repeated token"`` or ``"13 query rows"``; "" if not counted."""
+        if role not in self.evidence:
+            return ""
+        n = self.evidence[role]
+        unit = "repeated token" if _REGISTRY[role].needs == "token_ids" else "query row"
+        return f"{n} {unit}{'' if n == 1 else 's'}"
 
     def __getitem__(self, role: str) -> Tensor:
         if role in self.scores:
@@ -542,11 +706,11 @@ class HeadRoles:
         source = f"{self.model_name}: " if self.model_name else ""
         lines = [
             f"HeadRoles({source}{len(self.layers)} layers x {len(self.heads)} heads, {self.n_tokens} tokens)",
-            f"{'role':<20}{'mean':>7}  top heads (L.H score)",
+            f"{'role':<20}{'mean':>7}{'rows':>6}  top heads (L.H score)",
         ]
         for role, scores in self.scores.items():
             best = "  ".join(f"L{lay}.H{hd} {s:.3f}" for lay, hd, s in self.top(role, 3))
-            lines.append(f"{role:<20}{scores.nanmean().item():>7.3f}  {best}")
+            lines.append(f"{role:<20}{scores.nanmean().item():>7.3f}{self.evidence.get(role, ''):>6}  {best}")
         lines.extend(f"skipped {role}: {why}" for role, why in self.skipped.items())
         return "\n".join(lines)
 
@@ -615,6 +779,7 @@ def head_roles(
     roles: Iterable[str] | str | None = None,
     key_set: Tensor | Sequence[int] | None = None,
     cross: bool | None = None,
+    min_evidence: int = MIN_EVIDENCE,
     input_index: int = 0,
 ) -> HeadRoles:
     """Score every head for every role that applies to this input.
@@ -635,6 +800,11 @@ def head_roles(
     Skipped by default, with the reason in ``.skipped`` and in the printed table:
     ``duplicate_token`` and ``induction`` without token ids; the self-attention-only roles on
     a cross map; any role undefined for every head (one token, no repeats, no keys).
+    ``duplicate_token`` and ``induction`` rest on the query rows whose token occurred earlier:
+    with fewer than ``min_evidence`` such repeated tokens they are skipped as "not enough
+    evidence" (a sentence whose one repeated word is "the" scores induction on one row). The
+    standard probe is a sequence of random tokens repeated (Olsson et al. 2022;
+    ``attnkit explain --probe induction``). ``.evidence`` holds every role's count.
     Asked for by name in ``roles``, a role that does not fit the map's kind, or
     ``token_set_mass`` without a ``key_set``, raises ValueError instead.
 
@@ -645,6 +815,8 @@ def head_roles(
         key_set: bool (Lk,) mask (see :func:`token_set`) or key indices, for ``token_set_mass``.
         cross: True or False to say whether a tensor is cross-attention; None (default) decides
             as above.
+        min_evidence: repeated tokens ``duplicate_token`` and ``induction`` need (default
+            :data:`MIN_EVIDENCE`, 5), >= 1.
         input_index: which input of an ``AttentionMaps`` to read (default 0).
 
     Returns:
@@ -661,11 +833,11 @@ def head_roles(
     [(0, 1, 1.0)]
     >>> print(roles)
     HeadRoles(2 layers x 2 heads, 5 tokens)
-    role                   mean  top heads (L.H score)
-    previous_token        0.473  L0.H1 1.000  L0.H0 0.321  L1.H1 0.321
-    first_token           0.578  L1.H0 1.000  L0.H0 0.457  L1.H1 0.457
-    mean_distance         1.200  L1.H0 2.000  L0.H0 1.000  L1.H1 1.000
-    normalized_entropy    0.500  L0.H0 1.000  L1.H1 1.000  L0.H1 0.000
+    role                   mean  rows  top heads (L.H score)
+    previous_token        0.473     4  L0.H1 1.000  L0.H0 0.321  L1.H1 0.321
+    first_token           0.578     5  L1.H0 1.000  L0.H0 0.457  L1.H1 0.457
+    mean_distance         1.200     5  L1.H0 2.000  L0.H0 1.000  L1.H1 1.000
+    normalized_entropy    0.500     4  L0.H0 1.000  L1.H1 1.000  L0.H1 0.000
     skipped duplicate_token: no token ids (pass token_ids=)
     skipped induction: no token ids (pass token_ids=)
     >>> diagonal = torch.eye(4)[None, None]           # a cross map that reads the source in order
@@ -673,6 +845,7 @@ def head_roles(
     tensor([[1.]], dtype=torch.float64)
     """
     view = resolve("maps_or_tensor", maps_or_tensor, input_index, dims=4, cast=False)
+    min_evidence = require_int("min_evidence", min_evidence, minimum=1)
     t = view.attn
     q_len, k_len = t.shape[-2:]
     kind = _map_kind(cross, q_len, k_len, view.key_tokens is not None)
@@ -688,6 +861,14 @@ def head_roles(
             wanted.append(name)
     context = _Context(ids=ids, visible=visible_all(t),
                        key_set=None if key_set is None else key_mask(key_set, k_len))
+    evidence = {name: _evidence(name, context) for name in names
+                if _REGISTRY[name].needs != "token_ids" or ids is not None}
+    for name in list(wanted):
+        if _REGISTRY[name].needs == "token_ids" and 0 < evidence[name] < min_evidence:
+            wanted.remove(name)
+            skipped[name] = (f"not enough evidence: {evidence[name]} repeated token"
+                             f"{'' if evidence[name] == 1 else 's'}, at least {min_evidence} needed (the standard "
+                             "probe is a sequence of random tokens repeated: attnkit explain --probe " + name + ")")
     scores = _score_layers(t, view.layers, wanted, context, skipped)
     return HeadRoles(
         scores=scores,
@@ -696,4 +877,16 @@ def head_roles(
         heads=view.heads or tuple(range(t.shape[1])),
         n_tokens=q_len,
         model_name=view.model_name,
+        evidence=evidence,
+        min_evidence=min_evidence,
     )
+
+
+def _evidence(name: str, context: _Context) -> int:
+    """The query rows role ``name``'s score rests on (see :attr:`HeadRoles.evidence`)."""
+    if _REGISTRY[name].needs == "token_ids":
+        return int(earlier_same(context.token_ids()).any(-1).sum())
+    if name == "normalized_entropy":  # a row with one key has no choice to make
+        return int((context.visible.sum(-1) >= 2).sum())
+    rows = int(context.visible.any(-1).sum())
+    return rows - 1 if name == "previous_token" else rows

@@ -4,8 +4,11 @@
 (its first occurrence in each), where it attends (per layer: the mean of the heads and the
 best head) and its hidden state after the embeddings and after every layer. The cosine
 similarity of the two hidden states, layer by layer, says from where the model reads the word
-differently ("bank" of a river against "bank" of interest rates). The same cosine for an
-*anchor*, a word both sentences share, is the baseline: context moves every token a little.
+differently ("bank" of a river against "bank" of interest rates). The same cosine for the
+other words both sentences share is the baseline: context moves every token. The word *moves
+more than the words around it* at a layer only when its cosine is more than :data:`GAP` below
+every shared word's; the summary, the page's headline and its chart read the same numbers.
+One shared word, the *anchor*, is drawn and tabled beside the word.
 
 The anchor rule: the word token (one holding a letter or digit) other than ``token`` that the
 two sentences share most often, counting its occurrences in both (ties: the one that comes
@@ -16,9 +19,10 @@ first in the first sentence); tokens match as :func:`~attnkit.viz.explainer.find
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,8 @@ from attnkit.viz.explainer import explain, find_tokens, special_positions
 __all__ = ["ContextComparison", "TokenNotFound", "compare_contexts", "compare_html", "hidden_states",
            "write_compare_report"]
 
-GAP = 0.02  # how far below the anchor's cosine the token's must fall to count as diverging
+GAP = 0.02  # how far below every shared word's cosine the token's must fall to count as moving more
+MIN_SHARED = 3  # shared words the claim "moves more than the words around it" needs, the anchor included
 
 
 class TokenNotFound(ValueError):
@@ -70,43 +75,90 @@ class ContextComparison:
     anchor_cosine: list[float]
     maps: tuple[AttentionMaps, AttentionMaps]
     attends: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+    shared: dict[str, list[float]] = field(default_factory=dict)
+
+    def baseline(self) -> dict[str, list[float]]:
+        """The shared words' cosines the token is measured against: ``shared``, the anchor always included."""
+        return {self.anchor: self.anchor_cosine, **self.shared}
+
+    def moves_more(self, gap: float = GAP) -> list[int]:
+        """The hidden states (1 = after the first captured layer) at which the token's cosine is more than
+        ``gap`` below every shared word's: there the context moved the token more than the words around it.
+        [] when the sentences share fewer than :data:`MIN_SHARED` words: too few to tell (:meth:`summary` says so).
+
+        >>> c = ContextComparison(texts=("a", "b"), token="bank", anchor="the", positions=(1, 1),
+        ...     anchor_positions=(2, 2), token_cosine=[1.0, 0.9, 0.5], anchor_cosine=[1.0, 0.95, 0.4],
+        ...     maps=(None, None), attends=([], []), shared={"she": [1.0, 0.99, 0.6], "to": [1.0, 0.97, 0.7]})
+        >>> c.moves_more()       # after layer 0: 0.9 is more than 0.02 below 0.95, 0.99 and 0.97; not after 1
+        [1]
+        """
+        others = list(self.baseline().values())
+        if len(others) < MIN_SHARED:
+            return []
+        return [n for n in range(1, len(self.token_cosine))
+                if self.token_cosine[n] < min(c[n] for c in others) - gap]
 
     def diverges_from(self, gap: float = GAP) -> int | None:
-        """The first hidden state (1 = after the first captured layer) at which the token's cosine is
-        more than ``gap`` below the anchor's: from there the model reads the token by its context more
-        than it reads a shared word; None if it never is."""
-        return next((n for n in range(1, len(self.token_cosine))
-                     if self.token_cosine[n] < self.anchor_cosine[n] - gap), None)
+        """The first of :meth:`moves_more`'s hidden states; None if there is none."""
+        found = self.moves_more(gap)
+        return found[0] if found else None
+
+    def axis_floor(self) -> float:
+        """The bottom of the chart's cosine axis: a tenth below the lowest cosine drawn (the word's and
+        every shared word's), rounded down to a tenth, and not below -1. The lines then fill the chart
+        instead of its top fifth; the axis's tick labels say where it starts.
+
+        >>> c = ContextComparison(texts=("a", "b"), token="bank", anchor="the", positions=(1, 1),
+        ...     anchor_positions=(2, 2), token_cosine=[1.0, 0.84], anchor_cosine=[1.0, 0.61],
+        ...     maps=(None, None), attends=([], []))
+        >>> c.axis_floor()        # lowest 0.61: 0.6, a tenth lower
+        0.5
+        """
+        lowest = min(*self.token_cosine, *(c for cos in self.baseline().values() for c in cos))
+        return max(-1.0, round(math.floor(lowest * 10) / 10 - 0.1, 1))
+
+    def rule(self) -> str:
+        """The threshold, in words, as the page states it."""
+        return (f'"{self.token}" moves more than the words around it at a layer when its cosine is more than {GAP} '
+                f"below that of every other word both sentences share ({len(self.baseline())}: "
+                + ", ".join(self.baseline()) + f"), and they share at least {MIN_SHARED}.")
 
     def summary(self) -> str:
-        """The comparison in words, for the terminal: from which layer the token diverges, how low
-        the anchor's cosine goes, and which of the two moved more by the last layer."""
-        tok, anc, layers = self.token, self.anchor, self.maps[0].layers
-        t, a = self.token_cosine, self.anchor_cosine
-        start = self.diverges_from()
-        if start is None:
-            words = [f'"{tok}" never falls more than {GAP} below "{anc}" in cosine between the sentences']
+        """The comparison in words, for the terminal and the page's headline: at which layers the token
+        moves more than every shared word (:meth:`moves_more`), and where they all end after the last layer."""
+        tok, layers = self.token, self.maps[0].layers
+        t, others = self.token_cosine, self.baseline()
+        found = self.moves_more()
+        if len(others) < MIN_SHARED:
+            words = [f'"{tok}" is compared with {len(others)} shared word{"" if len(others) == 1 else "s"} only ('
+                     + ", ".join(others) + f"): too few (at least {MIN_SHARED}) to say whether it moves more than the "
+                     "words around it; sentences that share more words can"]
+        elif not found:
+            words = [f'"{tok}" never moves more than the words around it: at no layer is its cosine more than '
+                     f"{GAP} below every other shared word's"]
         else:
-            words = [f'"{tok}"\'s representations diverge from layer {layers[start - 1]} '
-                     f'(cos {t[start]:.2f} against {a[start]:.2f} for "{anc}")']
-        words.append(f'"{anc}" stays at cos > {min(a[1:]) - 0.005:.2f}')
+            words = [f'"{tok}" moves more than every other shared word after layer'
+                     f"{'s' if len(found) > 1 else ''} " + ", ".join(str(layers[n - 1]) for n in found)
+                     + f" (first: cos {t[found[0]]:.2f} against at least "
+                     f"{min(c[found[0]] for c in others.values()):.2f})"]
         last = len(t) - 1
-        if a[last] < t[last]:
-            words.append(f'after the last layer "{anc}" has moved more (cos {a[last]:.2f}) than "{tok}" '
-                         f"({t[last]:.2f})")
-        else:
-            words.append(f'after the last layer "{tok}" is at cos {t[last]:.2f}, "{anc}" at {a[last]:.2f}')
+        lowest = min(others, key=lambda w: others[w][last])
+        spread = sorted(c[last] for c in others.values())
+        words.append(f'after the last layer "{tok}" is at cos {t[last]:.2f}, the shared words at '
+                     + (f"{spread[0]:.2f}" if len(spread) == 1 else f"{spread[0]:.2f} to {spread[-1]:.2f}")
+                     + (f' ("{lowest}" has moved most)' if spread[0] < t[last] else ""))
         return "; ".join(words) + "."
 
     def to_dict(self) -> dict[str, Any]:
         """The numbers as JSON (the maps left out)."""
-        start = self.diverges_from()
+        layers = self.maps[0].layers
         return {"texts": list(self.texts), "token": self.token, "anchor": self.anchor,
                 "positions": list(self.positions), "anchor_positions": list(self.anchor_positions),
-                "model": self.maps[0].model_name, "layers": list(self.maps[0].layers),
-                "token_cosine": self.token_cosine, "anchor_cosine": self.anchor_cosine,
-                "diverges_from_layer": None if start is None else self.maps[0].layers[start - 1],
-                "attends": [list(a) for a in self.attends], "summary": self.summary()}
+                "model": self.maps[0].model_name, "layers": list(layers),
+                "token_cosine": self.token_cosine, "anchor_cosine": self.anchor_cosine, "shared": self.baseline(),
+                "gap": GAP, "moves_more_after_layers": [layers[n - 1] for n in self.moves_more()],
+                "attends": [list(a) for a in self.attends], "rule": self.rule(), "axis_floor": self.axis_floor(),
+                "summary": self.summary()}
 
     def plot(self, path: str | Path) -> str:
         """A PNG of both cosines against the layer (needs the ``plot`` extra)."""
@@ -117,14 +169,15 @@ class ContextComparison:
         xs = list(range(len(self.token_cosine)))
         ax.plot(xs, self.token_cosine, "o-", color="#e15759", label=f"'{self.token}'")
         ax.plot(xs, self.anchor_cosine, "s--", color="#4e79a7", label=f"'{self.anchor}' (shared word)")
-        start = self.diverges_from()
-        if start is not None:
-            layer = self.maps[0].layers[start - 1]
-            ax.axvline(start, color="#999", linestyle=":", label=f"diverges from layer {layer}")
+        others = [c for w, c in self.shared.items() if w != self.anchor]
+        for n, cos in enumerate(others):
+            ax.plot(xs, cos, "-", color="#bbb", linewidth=1, label="other shared words" if n == 0 else None)
+        for n in self.moves_more():
+            ax.axvspan(n - 0.4, n + 0.4, color="#e15759", alpha=0.08, linewidth=0)
         ax.set_xticks(xs, ["emb"] + [str(n) for n in self.maps[0].layers])
         ax.set_xlabel("hidden state after the embeddings (emb) and after each layer")
         ax.set_ylabel("cosine similarity between the sentences")
-        ax.set_ylim(min(0.0, *self.token_cosine) - 0.02, 1.02)
+        ax.set_ylim(self.axis_floor(), 1.02)
         ax.set_title(f"{self.maps[0].model_name.rsplit('/', 1)[-1]}: '{self.token}' in two contexts", fontsize=10)
         ax.legend(fontsize=8, loc="lower left")
         ax.grid(alpha=0.3)
@@ -242,11 +295,24 @@ def compare_contexts(text: str, other: str, token: str, model: tuple[Any, Any], 
     def cosines(i: int, j: int) -> list[float]:
         return [float(torch.nn.functional.cosine_similarity(a[i], b[j], dim=0)) for a, b in zip(*states)]
 
+    shared = {tokens[0][i]: cosines(i, j) for i, j in _shared_positions(tokens[0], tokens[1], token)}
     return ContextComparison(
         texts=(text, other), token=tokens[0][positions[0]], anchor=tokens[0][anchor_positions[0]],
         positions=positions, anchor_positions=anchor_positions, token_cosine=cosines(*positions),
         anchor_cosine=cosines(*anchor_positions), maps=(maps[0], maps[1]),
-        attends=(_attends(maps[0], positions[0]), _attends(maps[1], positions[1])))
+        attends=(_attends(maps[0], positions[0]), _attends(maps[1], positions[1])), shared=shared)
+
+
+def _shared_positions(tokens_a: list[str], tokens_b: list[str], token: str) -> list[tuple[int, int]]:
+    """The first positions, in each sentence, of every word token both share other than ``token`` (as
+    :func:`pick_anchor` matches them), in the first sentence's order."""
+    special = set(special_positions(tokens_a)), set(special_positions(tokens_b))
+    first: list[dict[str, int]] = [{}, {}]  # bare word -> its first position
+    for side, toks in enumerate((tokens_a, tokens_b)):
+        for i, t in enumerate(toks):
+            if i not in special[side] and any(c.isalnum() for c in t) and _bare(t) != _bare(token):
+                first[side].setdefault(_bare(t), i)
+    return [(i, first[1][w]) for w, i in first[0].items() if w in first[1]]
 
 
 def _attends(maps: AttentionMaps, i: int, k: int = 3) -> list[dict[str, Any]]:
@@ -272,8 +338,9 @@ def _attends(maps: AttentionMaps, i: int, k: int = 3) -> list[dict[str, Any]]:
 
 def compare_html(comparison: ContextComparison) -> str:
     """The comparison as one self-contained HTML page: the summary, the per-layer cosines, where the
-    token attends in each sentence, and both sentences' explorers side by side, each opening on
-    the token and its best head in the last layer."""
+    token attends in each sentence, and both sentences' explorers (one above the other; side by
+    side on a screen wide enough for both), each opening on the token and its best head in the
+    last layer."""
     from attnkit.viz.report import report_data
 
     if not isinstance(comparison, ContextComparison):

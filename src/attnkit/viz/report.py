@@ -91,6 +91,7 @@ def _scores(roles: Any) -> dict[str, Any]:
         "names": list(roles.scores),
         "scores": {name: [[clean(v) for v in row] for row in t.tolist()] for name, t in roles.scores.items()},
         "skipped": dict(roles.skipped),
+        "evidence": {name: roles.evidence_text(name) for name in roles.evidence},
     }
 
 
@@ -101,6 +102,7 @@ def report_data(
     title: str | None = None,
     focus: int | None = None,
     view: tuple[int, Sequence[int]] | None = None,
+    view_reason: str | None = None,
     tolerance: float = 0.001,
     plan: tuple[int | None, int] | str = "auto",
     max_bytes: int = 20_000_000,
@@ -119,6 +121,8 @@ def report_data(
         focus: a query token index to open the page on, or None.
         view: ``(layer, heads)``, model indices of the layer and heads to open the page on
             (default: every head of the last layer).
+        view_reason: why the page opens on ``view``, shown above the views (e.g.
+            :meth:`attnkit.viz.explainer.SpecificHead.why`); None (default) shows nothing.
         tolerance, plan, max_bytes: how the maps are stored (:func:`attnkit.viz.encode.encode`);
             by default the page's data stays under 20 MB whatever the input's length.
         rollout: include attention rollout (default True) when the maps hold every layer
@@ -130,7 +134,7 @@ def report_data(
         progress: called as ``progress(description, done, total)``.
     """
     index = _check_maps(maps, input_index)
-    focus = _check_report_args(maps, index, title, focus, rollout, roles, cost, progress)
+    focus = _check_report_args(maps, index, title, focus, rollout, roles, cost, progress, view_reason)
     attn = maps.attentions[index]
     tokens, key_tokens = _sides(maps, index)
     n_layers, n_heads = attn.shape[:2]
@@ -161,6 +165,7 @@ def report_data(
         "rollout_missing": why_not,
         "focus": focus,
         "view": opening,
+        "view_reason": view_reason,
         "roles": _scores(roles),
         "encoding": enc.to_json(),
         "cost": cost,
@@ -168,7 +173,7 @@ def report_data(
 
 
 def _check_report_args(maps: AttentionMaps, index: int, title: object, focus: object, rollout: object,
-                       roles: object, cost: object, progress: object) -> int | None:
+                       roles: object, cost: object, progress: object, view_reason: object = None) -> int | None:
     """:func:`report_data`'s arguments checked against the maps; the focus as an int or None."""
     lq = maps.attentions[index].shape[-2]
     if roles is not None and (not isinstance(roles, HeadRoles) or (roles.layers, roles.heads, roles.n_tokens) != (
@@ -184,6 +189,8 @@ def _check_report_args(maps: AttentionMaps, index: int, title: object, focus: ob
         raise TypeError(f"rollout must be a bool; got {describe(rollout)}")
     if title is not None and not isinstance(title, str):
         raise TypeError(f"title must be a str or None; got {describe(title)}")
+    if view_reason is not None and not isinstance(view_reason, str):
+        raise TypeError(f"view_reason must be a str or None; got {describe(view_reason)}")
     if focus is None:
         return None
     focus = require_int("focus", focus, minimum=0)
@@ -195,7 +202,9 @@ def _check_report_args(maps: AttentionMaps, index: int, title: object, focus: ob
 def _why_no_rollout(maps: AttentionMaps, key_tokens: list[str] | None, rollout: bool) -> str | None:
     """Why the page has no rollout, or None when it has one."""
     if key_tokens is not None:
-        return "rollout composes self-attention layers; these maps are cross-attention (queries and keys differ)"
+        return ("rollout composes the layers of a self-attention over one token list; these maps name their rows and "
+                "columns by different token lists (cross-attention: target tokens reading source tokens; or a "
+                "decoder's self-attention whose rows are named by the token each step produces)")
     if not rollout:
         return "rollout was turned off for these maps (they hold a subset of the model's heads)"
     if not has_whole_model(maps):

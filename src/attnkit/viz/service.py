@@ -307,8 +307,9 @@ class ExplainService:
 
         - A self-attention request (no ``target``, no ``generate``, not an encoder-decoder):
           the explorer payload (:func:`attnkit.viz.report.report_data`); ``focus`` (a
-          token's text, ``"#N"``, or an index) sets its ``"focus"`` on a copy; the cached
-          payload keeps ``None``.
+          token's text, ``"#N"``, or an index) sets its ``"focus"`` on a copy (and, when it is not
+          the query the page opens on, drops the opening view chosen for that query). Without
+          one the page opens on :func:`attnkit.viz.explainer.opening`'s query and head.
         - An encoder-decoder: :func:`~attnkit.viz.seq2seq.seq2seq_data` of ``text`` (the
           source) and ``target``, teacher-forced. Without a target the model writes one
           first, greedily, up to ``max_generate`` tokens (or its end-of-sequence token).
@@ -333,7 +334,10 @@ class ExplainService:
             payload = self._build(text, target, generate)
             self._remember(key, payload)
         if focus is not None:
-            payload = {**payload, "focus": self._focus(payload["tokens"], focus)}
+            chosen = self._focus(payload["tokens"], focus)
+            if chosen != payload.get("focus"):  # the opening view was chosen for another query
+                payload = {**payload, "view": None, "view_reason": None}
+            payload = {**payload, "focus": chosen}
         return payload, hit
 
     def _build(self, text: str, target: str | None, generate: int | None) -> dict[str, Any]:
@@ -358,9 +362,15 @@ class ExplainService:
                 return self._seq2seq(text, target)
             if generate is not None:
                 return self._generation(text, generate)
+            from attnkit.viz.explainer import opening
             from attnkit.viz.report import report_data
 
-            return report_data(self._run(text), title=_title(text))
+            maps = self._run(text)
+            best = opening(maps)  # one query and its most specific head, as explain --token opens
+            if best is None:
+                return report_data(maps, title=_title(text))
+            return report_data(maps, title=_title(text), focus=best.query, view=(best.layer, [best.head]),
+                               view_reason=best.why(maps.tokens[0]))
 
     def _seq2seq(self, text: str, target: str | None) -> dict[str, Any]:
         import torch

@@ -160,6 +160,10 @@
       el("div", { class: "akx-sub", text: `${data.model || "model"} · ${cross ? `${Lq} queries × ${Lk} keys` : `${Lq} tokens`} · ${L} layers × ${H} heads` }),
     ]));
 
+    /* why the page opened where it did (explain --token, serve) */
+    const why = data.view_reason ? el("p", { class: "akx-why", "data-role": "why", text: data.view_reason }) : null;
+    if (why) root.appendChild(why);
+
     /* controls */
     const layerSel = el("select", { "data-control": "layer", "aria-label": "layer" });
     data.layers.forEach((l, i) => layerSel.appendChild(el("option", { value: String(i), text: `layer ${l}` })));
@@ -241,6 +245,8 @@
     winCtl.addEventListener("input", () => { state.win = +winCtl.value; redraw(); });
     panes.head.appendChild(el("div", { class: "akx-row" }, Lq > WIN ? [el("span", { text: "Tokens" }), winCtl, winLbl] : []));
     panes.head.appendChild(hv);
+    const hvLegend = el("div", { class: "akx-hlegend", "data-role": "head-legend" });
+    panes.head.appendChild(hvLegend);
     const ROW = 20, LX = 200, RX = 560, W_HV = 760;
     // The key side's window: the query window's, kept inside the keys (they may be fewer or more).
     const keyStart = () => Math.max(0, Math.min(state.win, Lk - WIN));
@@ -316,6 +322,16 @@
         ctx.fillText(short(keyTokens[kj], 18), RX, y);
       }
       winLbl.textContent = `${w0}–${w0 + n - 1} of ${Lq}`;
+      drawHeadLegend(list);
+    }
+    /* Which colour is which head (several heads: one colour each; rollout: one colour), and what opacity means. */
+    function drawHeadLegend(list) {
+      hvLegend.textContent = "";
+      const key = (colour, text) => el("span", { class: "akx-hkey" }, [el("span", { class: "akx-swatch", style: `background:${colour}` }), el("span", { text })]);
+      if (state.mode === "rollout") hvLegend.appendChild(key("#5b3cc4", `rollout up to layer ${data.layers[state.layer]}`));
+      else for (const m of list) hvLegend.appendChild(key(headColor(m % H, H), `head ${data.heads[m % H]}`));
+      const many = list.length > 1 ? "each selected head draws its own lines in its colour (the info panel and matrix show their mean); " : "";
+      hvLegend.appendChild(el("span", { class: "akx-hint", text: `${many}a line's opacity is its weight; weights below the threshold are not drawn.` }));
     }
 
     /* ---------- model view ---------- */
@@ -334,7 +350,9 @@
         if (pending.length) setTimeout(work, 0); else grid.dataset.done = "1";
       };
       setTimeout(work, 0);
-      const S = Math.max(56, Math.min(96, Math.floor(1000 / (H + (hasRollout ? 2 : 1)))));
+      // Thumbnails sized to the pane's width, the rollout column included (scroll only past 24 px each).
+      const cols = H + (hasRollout ? 1 : 0), avail = (panes.model.clientWidth || 900) - 40 - 4 * cols;
+      const S = Math.max(24, Math.min(96, Math.floor(avail / cols)));
       grid.style.gridTemplateColumns = `auto repeat(${H + (hasRollout ? 1 : 0)}, ${S}px)`;
       grid.appendChild(el("div"));
       data.heads.forEach((h) => grid.appendChild(el("div", { class: "akx-gh", text: `H${h}` })));
@@ -385,7 +403,9 @@
     panes.matrix.appendChild(el("div", { class: "akx-mrow" }, Math.max(Lq, Lk) > DET ? [mx, ovWrap] : [mx]));
     panes.matrix.appendChild(legend);
     root.appendChild(tip);
-    const LAB = 130;
+    const LAB = 130, AXIS = 18;  // room for the token labels, and for the axis titles outside them
+    const mxAxes = el("div", { class: "akx-hint", "data-role": "axes" });
+    panes.matrix.insertBefore(mxAxes, panes.matrix.children[1]);
     let cell = 10;
     function matrixRows(r0, n) {
       const list = mats(), out = [];
@@ -397,7 +417,7 @@
       const [r0, c0] = state.detail, nr = Math.min(DET, Lq - r0), nc = Math.min(DET, Lk - c0);
       cell = Math.max(8, Math.min(40, Math.floor(680 / Math.max(nr, nc))));
       const labels = cell >= 9;
-      const off = labels ? LAB : 30;
+      const off = (labels ? LAB : 30) + AXIS;
       const ctx = sized(mx, off + nc * cell + 4, off + nr * cell + 4);
       ctx.clearRect(0, 0, mx.width, mx.height);
       const rows = matrixRows(r0, nr);
@@ -411,19 +431,33 @@
         ctx.strokeRect(off - 1, off + (state.focus - r0) * cell, nc * cell + 2, cell);
       }
       ctx.strokeStyle = "#ccc"; ctx.lineWidth = 1; ctx.strokeRect(off - 0.5, off - 0.5, nc * cell + 1, nr * cell + 1);
-      ctx.fillStyle = "#333"; ctx.font = `${Math.min(12, cell)}px ui-monospace, Menlo, Consolas, monospace`;
+      const font = Math.min(12, cell);
+      ctx.fillStyle = "#333"; ctx.font = `${font}px ui-monospace, Menlo, Consolas, monospace`;
       ctx.textBaseline = "middle";
+      const shown = [];
       if (labels) {
+        // Every step-th label, so that neighbours never overlap: rows need a line each, and the
+        // columns' labels, at 60 degrees, need font / sin(60) of width each.
+        const rowStep = Math.ceil((font + 1) / cell), colStep = Math.ceil((font + 1) / Math.sin(Math.PI / 3) / cell);
         ctx.textAlign = "right";
-        for (let i = 0; i < nr; i++) ctx.fillText(short(tokens[r0 + i], 16), off - 4, off + (i + 0.5) * cell);
-        for (let j = 0; j < nc; j++) {
+        for (let i = 0; i < nr; i += rowStep) ctx.fillText(short(tokens[r0 + i], 16), off - 4, off + (i + 0.5) * cell);
+        for (let j = 0; j < nc; j += colStep) {
+          shown.push(c0 + j);
           ctx.save(); ctx.translate(off + (j + 0.5) * cell, off - 4); ctx.rotate(-Math.PI / 3);
           ctx.textAlign = "left"; ctx.fillText(short(keyTokens[c0 + j], 16), 0, 0); ctx.restore();
         }
+        mx.dataset.labelStep = `${rowStep},${colStep}`;
       } else {
-        ctx.textAlign = "left"; ctx.fillText(`rows ${r0}–${r0 + nr - 1}, keys ${c0}–${c0 + nc - 1}`, 4, 14);
+        ctx.textAlign = "left"; ctx.fillText(`rows ${r0}–${r0 + nr - 1}, keys ${c0}–${c0 + nc - 1}`, AXIS + 4, AXIS + 14);
       }
+      mx.dataset.columnLabels = JSON.stringify(shown);
+      // The axes' titles: queries down the rows, keys across the columns.
+      ctx.fillStyle = "#1f2328"; ctx.font = "600 12px system-ui, sans-serif"; ctx.textBaseline = "top";
+      ctx.textAlign = "left"; ctx.fillText(`${cross ? "source " : ""}key →`, off, 2);
+      ctx.textAlign = "right"; ctx.textBaseline = "bottom"; ctx.fillText(`${cross ? "target " : ""}query ↓`, off - 6, off - 6);
+      mxAxes.textContent = `rows: ${cross ? "target tokens (queries)" : "queries"} ↓ · columns: ${cross ? "source tokens (keys)" : "keys"} →`;
       mx.dataset.origin = String(off);
+      mx.dataset.cell = String(cell);
       if (Math.max(Lq, Lk) > DET) drawOverview();
       drawLegend();
     }
@@ -476,7 +510,6 @@
     const table = el("table", { class: "akx-table" });
     panes.roles.appendChild(tops);
     panes.roles.appendChild(table);
-    for (const [role, why] of Object.entries(roles.skipped || {})) panes.roles.appendChild(el("p", { class: "akx-hint", text: `${role} not scored: ${why}` }));
     let sortBy = roles.names[0] || null, sortDesc = true;
     function buildRoles() {
       tops.textContent = "";
@@ -484,12 +517,21 @@
         const flat = [];
         roles.scores[role].forEach((row, l) => row.forEach((s, h) => { if (s != null) flat.push([s, l, h]); }));
         const best = flat.sort((a, b) => (role === "mean_distance" || role === "normalized_entropy" ? a[0] - b[0] : b[0] - a[0])).slice(0, 3);
-        const card = el("div", { class: "akx-card" }, [el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
+        const card = el("div", { class: "akx-card", "data-role-card": role }, [el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
           el("div", { class: "akx-hint", text: ROLE_INFO[role] || "" })]);
+        const evidence = (roles.evidence || {})[role];
+        if (evidence) card.appendChild(el("div", { class: "akx-hint", "data-role": "evidence", text: `scored on ${evidence}` }));
         for (const [s, l, h] of best) {
           card.appendChild(el("button", { class: "akx-btn akx-pick", text: `L${data.layers[l]}.H${data.heads[h]}  ${s.toFixed(3)}`, onclick: () => pick(l, h) }));
         }
         tops.appendChild(card);
+      }
+      // A role left unscored (too little evidence, no token ids) gets a card beside the others, with the reason.
+      for (const [role, why] of Object.entries(roles.skipped || {})) {
+        tops.appendChild(el("div", { class: "akx-card", "data-role-card": role, "data-skipped": "1" }, [
+          el("div", { class: "akx-cardt", text: role.replace(/_/g, " ") }),
+          el("div", { class: "akx-hint", text: ROLE_INFO[role] || "" }),
+          el("div", { class: "akx-hint", "data-role": "not-scored", text: `not scored: ${why}` })]));
       }
       table.textContent = "";
       const head = el("tr", {}, [el("th", { text: "layer" }), el("th", { text: "head" })]);

@@ -7,6 +7,12 @@
   "use strict";
   const X = window.AttnkitExplorer, el = X.el;
   const NAMES = { cross: "Cross-attention (target → source)", encoder: "Encoder self-attention", decoder: "Decoder self-attention" };
+  /* What each tab's rows and lines are, shown under the tabs. */
+  const SHOWS = {
+    cross: "Cross-attention: each decoder step (a row, on the left) reading the source tokens (on the right).",
+    encoder: "The encoder's self-attention: each source token reading every source token.",
+    decoder: "The decoder's causal self-attention: each decoder step reading the target tokens read so far (itself and earlier ones), not the source.",
+  };
 
   function mount(root, data) {
     root.textContent = "";
@@ -20,6 +26,8 @@
     }
     const bar = el("div", { class: "akx-tabs akx-parts", role: "tablist" });
     root.appendChild(bar);
+    const shows = el("p", { class: "akx-hint", "data-role": "part-shows" });
+    root.appendChild(shows);
     const api = { part: "cross", parts: {} };
     const holders = {};
     for (const name of ["cross", "encoder", "decoder"]) {
@@ -30,6 +38,7 @@
     }
     function show(name) {
       api.part = name;
+      shows.textContent = SHOWS[name];
       for (const b of bar.children) b.classList.toggle("akx-active", b.dataset.part === name);
       for (const [n, h] of Object.entries(holders)) h.style.display = n === name ? "" : "none";
       root.dataset.part = name;
