@@ -1,0 +1,257 @@
+"""Exact attention statistics streamed block by block: no (Lq x Lk) tensor, ever.
+
+Given a call and its rows' log-sum-exp (the forward keeps it), each block of scores that
+the tiled backend's plan visits (:func:`attnkit.functional.tiled.recompute.score_blocks`)
+becomes probabilities ``p = exp(s - lse)``, as FlashAttention's backward recomputes them,
+and is reduced at once to per-query, per-key and per-head statistics
+(:class:`CallStats`). Memory: the statistics themselves, O(B * H * (Lq * top_k + Lk)),
+plus one block of at most ``_SCORE_BUDGET`` scores.
+
+Einsum letters as in :mod:`attnkit._blocks`; a block's layout is (B, Hkv, bq, G, bk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnkit._blocks import ScoreBlock
+from attnkit._checks import describe
+from attnkit.functional._call import AttentionCall
+from attnkit.functional.tiled.recompute import fold_heads, score_blocks
+
+__all__ = ["CallStats", "StatsOptions", "call_stats", "distance_edges"]
+
+
+@dataclass(frozen=True)
+class StatsOptions:
+    """What :func:`call_stats` (and ``attnkit.attention(..., stats=)``, :func:`attnkit.inspect.stats`) keep.
+
+    ``top_k``: keys kept per query, by weight (0: none; the row maximum is still found).
+    ``sinks``: how many leading keys count as the sink (StreamingLLM keeps 4).
+    """
+
+    top_k: int = 8
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "sinks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0; got {value!r}")
+
+
+@dataclass(frozen=True)
+class CallStats:
+    """Statistics of one attention call's probabilities ``p[b, h, i, j]`` (B batch, H query heads).
+
+    Positions are the call's: queries ``0..Lq-1``, keys ``0..Lk-1``. Query ``i`` sits at
+    position ``i + Lk - Lq`` for distances (bottom-right, as in decoding with a cache; with
+    Lq == Lk it is ``i``). Only *counted* queries enter: those with ``query_valid`` and at
+    least one allowed key; every per-query field is 0 for the others (top indices -1).
+    Computed in the call's compute dtype (float32, float64 for float64 inputs), before dropout.
+
+    Fields:
+        received: (B, H, Lk) column sums over counted queries: ``sum_i p[b, h, i, j]`` (H2O's
+            accumulated attention; a sink's is large).
+        entropy: (B, H, Lq) ``-sum_j p log p`` in nats.
+        sink_mass: (B, H, Lq) ``sum_j p[b, h, i, j]`` over the sink keys
+            ``sink_start[b] <= j < sink_start[b] + sinks``.
+        distance: (B, H, Lq) mean distance ``sum_j p[b, h, i, j] * |pos(i) - j|``.
+        distance_hist: (B, H, nbins) probability mass summed over counted queries at distances
+            ``edges[t] <= |pos(i) - j| < edges[t + 1]`` (``distance_edges``: 0, 1, 2, 4, ...).
+            Divided by :attr:`counted` per head, a distribution.
+        distance_edges: (nbins + 1,) int64 bin edges, see :func:`distance_edges`.
+        top_index: (B, H, Lq, top_k) int64 keys of largest weight, descending; -1 where a
+            query has fewer than ``top_k`` keys of nonzero weight.
+        top_weight: (B, H, Lq, top_k) their probabilities (0 where the index is -1).
+        row_max: (B, H, Lq) the largest logit of each query: the largest score that enters the
+            softmax (after scale, softcap and biases); -inf for a query not counted.
+        max_logit: (B, H) ``row_max``'s maximum per head (QK-clip's statistic).
+        lse: (B, H, Lq) each row's log-sum-exp (-inf for a query not counted).
+        query_valid: (B, Lq) bool, the queries counted when they have a key.
+        sinks: the number of sink keys.
+    """
+
+    received: Tensor
+    entropy: Tensor
+    sink_mass: Tensor
+    distance: Tensor
+    distance_hist: Tensor
+    distance_edges: Tensor
+    top_index: Tensor
+    top_weight: Tensor
+    row_max: Tensor
+    max_logit: Tensor
+    lse: Tensor
+    query_valid: Tensor
+    sinks: int
+
+    @property
+    def counted(self) -> Tensor:
+        """(B, H) the number of counted queries per head."""
+        return torch.isfinite(self.lse).sum(-1)
+
+    def __repr__(self) -> str:
+        b, h, lq = self.entropy.shape
+        return (f"CallStats(batch={b}, heads={h}, queries={lq}, keys={self.received.shape[-1]}, "
+                f"top_k={self.top_index.shape[-1]}, sinks={self.sinks}, {self.entropy.dtype})")
+
+
+def distance_edges(q_len: int, k_len: int) -> Tensor:
+    """Bin edges ``[0, 1, 2, 4, ..., 2**m]`` with ``2**m`` above every distance of a (Lq, Lk) call.
+
+    >>> distance_edges(5, 5).tolist()
+    [0, 1, 2, 4, 8]
+    """
+    off = k_len - q_len
+    widest = max(abs(off + q_len - 1), abs(k_len - 1 - off), 1)
+    return torch.tensor([0] + [1 << t for t in range(widest.bit_length() + 1)], dtype=torch.int64)
+
+
+class _Accumulator:
+    """Running statistics in the folded row layout (B, Hkv, Lq, G) and key layout (B, Hkv, G, Lk)."""
+
+    def __init__(self, call: AttentionCall, lse: Tensor, options: StatsOptions, query_valid: Tensor | None,
+                 sink_start: Tensor | None):
+        b, hkv, g, lq, lk = call.batch, call.kv_heads, call.groups, call.q_len, call.k_len
+        cd, dev = call.compute_dtype, call.q.device
+        self.call, self.options, self.offset = call, options, lk - lq
+        valid = torch.ones(b, lq, dtype=torch.bool, device=dev) if query_valid is None else query_valid.to(dev)
+        self.query_valid = valid
+        lse_rows = fold_heads(lse.detach().to(cd), hkv).view(b, hkv, lq, g)
+        counted = valid.view(b, 1, lq, 1) & torch.isfinite(lse_rows)
+        self.lse = torch.where(counted, lse_rows, float("-inf"))  # reported
+        self.shift = torch.where(counted, lse_rows, float("inf")).unsqueeze(-1)  # p = exp(s - shift): 0 if not counted
+        self.clamp_all = not bool(counted.all())
+        self.sink_start = (torch.zeros(b, dtype=torch.int64, device=dev) if sink_start is None
+                           else sink_start.to(dev, torch.int64))
+        self.edges = distance_edges(lq, lk).to(dev)
+        self.k = max(1, options.top_k)  # the top weight gives the row maximum
+        rows = (b, hkv, lq, g)
+        self.entropy, self.sink, self.distance = (torch.zeros(rows, dtype=cd, device=dev) for _ in range(3))
+        self.hist = torch.zeros(b, hkv, g, self.edges.numel() - 1, dtype=cd, device=dev)
+        self.received = torch.zeros(b, hkv, g, lk, dtype=cd, device=dev)
+        self.top_w = torch.full((*rows, self.k), -1.0, dtype=cd, device=dev)
+        self.top_i = torch.full((*rows, self.k), -1, dtype=torch.int64, device=dev)
+
+    def add(self, block: ScoreBlock, partial: bool, s: Tensor) -> None:
+        rows = slice(block.q_start, block.q_stop)
+        t = s.sub_(self.shift[:, :, rows])  # log p, (B, Hkv, bq, G, bk)
+        if partial or self.clamp_all:  # -inf -> the lowest float, so that 0 * log p = 0
+            t.clamp_(min=torch.finfo(t.dtype).min)
+        p = t.exp()
+        self.entropy[:, :, rows] -= (p * t).sum(-1)
+        self.received[..., block.k_start : block.k_stop] += p.sum(2)
+        self._distance(block, p, rows)
+        self._hist(block, p)
+        self._sinks(block, p, rows)
+        self._top(block, p, rows)
+
+    def _positions(self, block: ScoreBlock) -> tuple[Tensor, Tensor]:
+        """Query positions (bq, 1) and key positions (1, bk), as int64."""
+        qi = torch.arange(block.q_start, block.q_stop, device=block.device).view(-1, 1) + self.offset
+        return qi, torch.arange(block.k_start, block.k_stop, device=block.device).view(1, -1)
+
+    def _distance(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+        b, hkv, bq, g, bk = p.shape
+        first, last = block.q_start + self.offset, block.q_stop - 1 + self.offset
+        if block.k_stop - 1 <= first or block.k_start >= last:  # every key on one side: a (bk, 2) product
+            sign = 1.0 if block.k_stop - 1 <= first else -1.0
+            ref = block.k_start  # positions relative to the block keep float32's precision
+            cols = torch.stack([torch.ones(bk, dtype=p.dtype, device=p.device),
+                                torch.arange(bk, dtype=p.dtype, device=p.device)], 1)
+            sums = (p.view(b, hkv, bq * g, bk) @ cols).view(b, hkv, bq, g, 2)
+            qi = torch.arange(block.q_start, block.q_stop, device=p.device).to(p.dtype).view(1, 1, -1, 1)
+            self.distance[:, :, rows] += sign * ((qi + (self.offset - ref)) * sums[..., 0] - sums[..., 1])
+        else:
+            qi, kj = self._positions(block)
+            self.distance[:, :, rows] += (p * (qi - kj).abs().to(p.dtype).view(1, 1, bq, 1, bk)).sum(-1)
+
+    def _hist(self, block: ScoreBlock, p: Tensor) -> None:
+        """Mass per distance bin from the row's running sums at each bin's boundaries."""
+        b, hkv, bq, g, bk = p.shape
+        qi = torch.arange(block.q_start, block.q_stop, device=p.device).view(-1, 1) + self.offset
+        e = self.edges.view(1, -1)
+        left = qi + 1 - e  # bin t on the left: keys [left[t + 1], left[t])
+        right = qi + e.clamp(min=1)  # bin t on the right: keys [right[t], right[t + 1])
+        bounds = torch.cat([left, right], 1) - block.k_start  # (bq, 2 * (nbins + 1)), keys before the bound
+        cum = p.cumsum(-1)
+        index = (bounds - 1).clamp(0, bk - 1).view(1, 1, bq, 1, -1).expand(b, hkv, bq, g, -1)
+        before = cum.gather(-1, index) * (bounds > 0).view(1, 1, bq, 1, -1).to(p.dtype)
+        n = self.edges.numel()
+        pl, pr = before[..., :n], before[..., n:]
+        self.hist += ((pl[..., :-1] - pl[..., 1:]) + (pr[..., 1:] - pr[..., :-1])).sum(2)
+
+    def _sinks(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+        n = self.options.sinks
+        lo, hi = int(self.sink_start.min()), int(self.sink_start.max()) + n
+        if n == 0 or block.k_stop <= lo or block.k_start >= hi:
+            return
+        kj = torch.arange(block.k_start, block.k_stop, device=p.device).view(1, -1)
+        start = self.sink_start.view(-1, 1)
+        inside = ((kj >= start) & (kj < start + n)).to(p.dtype)  # (B, bk)
+        self.sink[:, :, rows] += (p * inside.view(-1, 1, 1, 1, inside.shape[-1])).sum(-1)
+
+    def _top(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+        w, i = p.topk(min(self.k, p.shape[-1]), -1)
+        w = torch.cat([self.top_w[:, :, rows], w], -1)
+        i = torch.cat([self.top_i[:, :, rows], i + block.k_start], -1)
+        self.top_w[:, :, rows], pick = w.topk(self.k, -1)
+        self.top_i[:, :, rows] = i.gather(-1, pick)
+
+    def result(self) -> CallStats:
+        call = self.call
+        b, h, lq = call.batch, call.heads, call.q_len
+
+        def rows(t: Tensor) -> Tensor:  # (B, Hkv, Lq, G, ...) -> (B, H, Lq, ...)
+            return t.transpose(2, 3).reshape(b, h, lq, *t.shape[4:])
+
+        kept = self.top_w > 0
+        top_w = torch.where(kept, self.top_w, 0.0)
+        top_i = torch.where(kept, self.top_i, -1)
+        row_max = torch.where(kept[..., 0], self.lse + torch.log(self.top_w[..., 0].clamp(min=1e-300)), float("-inf"))
+        k = self.options.top_k
+        return CallStats(
+            received=self.received.reshape(b, h, call.k_len), entropy=rows(self.entropy), sink_mass=rows(self.sink),
+            distance=rows(self.distance), distance_hist=self.hist.reshape(b, h, -1), distance_edges=self.edges,
+            top_index=rows(top_i)[..., :k], top_weight=rows(top_w)[..., :k], row_max=rows(row_max),
+            max_logit=rows(row_max).amax(-1), lse=rows(self.lse), query_valid=self.query_valid,
+            sinks=self.options.sinks)
+
+
+def call_stats(call: AttentionCall, lse: Tensor, options: StatsOptions | None = None, *,
+               query_valid: Tensor | None = None, sink_start: Tensor | None = None) -> CallStats:
+    """:class:`CallStats` of one validated call, from its rows' log-sum-exp, block by block.
+
+    Args:
+        call: the call (:func:`attnkit.functional._call.make_call`); ``v`` is not read.
+        lse: (B, H, Lq) the log-sum-exp of each row, as :func:`attnkit.attention` returns it
+            with ``return_lse=True`` (-inf for a row with no allowed key).
+        options: :class:`StatsOptions` (default: top 8 keys, 4 sink keys).
+        query_valid: (B, Lq) bool, the real queries (default: all); the others are not counted.
+        sink_start: (B,) int, each sequence's first sink key (default 0; a left-padded
+            sequence's first real token).
+
+    Nothing of size (Lq x Lk) is allocated: one block of scores at a time (see
+    :func:`~attnkit.functional.tiled.recompute.score_blocks`).
+    """
+    options = StatsOptions() if options is None else options
+    if not isinstance(options, StatsOptions):
+        raise TypeError(f"options must be a StatsOptions; got {describe(options)}")
+    want = (call.batch, call.heads, call.q_len)
+    if not isinstance(lse, Tensor) or tuple(lse.shape) != want:
+        raise ValueError(f"lse must be a tensor of shape {want} (batch, heads, queries); got {describe(lse)}")
+    if query_valid is not None and (not isinstance(query_valid, Tensor) or query_valid.dtype != torch.bool
+                                    or tuple(query_valid.shape) != (call.batch, call.q_len)):
+        raise ValueError(f"query_valid must be a bool tensor of shape {(call.batch, call.q_len)}; got "
+                         f"{describe(query_valid)}")
+    if sink_start is not None and (not isinstance(sink_start, Tensor) or tuple(sink_start.shape) != (call.batch,)):
+        raise ValueError(f"sink_start must be an int tensor of shape ({call.batch},); got {describe(sink_start)}")
+    acc = _Accumulator(call, lse, options, query_valid, sink_start)
+    if call.q_len and call.k_len:
+        for block, partial, scores in score_blocks(call):
+            acc.add(block, partial, scores)
+    return acc.result()
