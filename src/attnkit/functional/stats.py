@@ -132,7 +132,8 @@ class _Accumulator:
         self.k = max(1, options.top_k)  # the top weight gives the row maximum
         rows = (b, hkv, lq, g)
         self.entropy, self.sink, self.distance = (torch.zeros(rows, dtype=cd, device=dev) for _ in range(3))
-        self.hist = torch.zeros(b, hkv, g, self.edges.numel() - 1, dtype=cd, device=dev)
+        self.rowsum = torch.zeros(rows, dtype=cd, device=dev)
+        self.hist = torch.zeros(*rows, self.edges.numel() - 1, dtype=cd, device=dev)
         self.received = torch.zeros(b, hkv, g, lk, dtype=cd, device=dev)
         self.top_w = torch.full((*rows, self.k), -1.0, dtype=cd, device=dev)
         self.top_i = torch.full((*rows, self.k), -1, dtype=torch.int64, device=dev)
@@ -146,7 +147,7 @@ class _Accumulator:
         self.entropy[:, :, rows] -= (p * t).sum(-1)
         self.received[..., block.k_start : block.k_stop] += p.sum(2)
         self._distance(block, p, rows)
-        self._hist(block, p)
+        self._hist(block, p, rows)
         self._sinks(block, p, rows)
         self._top(block, p, rows)
 
@@ -170,8 +171,8 @@ class _Accumulator:
             qi, kj = self._positions(block)
             self.distance[:, :, rows] += (p * (qi - kj).abs().to(p.dtype).view(1, 1, bq, 1, bk)).sum(-1)
 
-    def _hist(self, block: ScoreBlock, p: Tensor) -> None:
-        """Mass per distance bin from the row's running sums at each bin's boundaries."""
+    def _hist(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+        """Mass per distance bin from the row's running sums at each bin's boundaries; the row sums."""
         b, hkv, bq, g, bk = p.shape
         qi = torch.arange(block.q_start, block.q_stop, device=p.device).view(-1, 1) + self.offset
         e = self.edges.view(1, -1)
@@ -179,11 +180,12 @@ class _Accumulator:
         right = qi + e.clamp(min=1)  # bin t on the right: keys [right[t], right[t + 1])
         bounds = torch.cat([left, right], 1) - block.k_start  # (bq, 2 * (nbins + 1)), keys before the bound
         cum = p.cumsum(-1)
+        self.rowsum[:, :, rows] += cum[..., -1]
         index = (bounds - 1).clamp(0, bk - 1).view(1, 1, bq, 1, -1).expand(b, hkv, bq, g, -1)
         before = cum.gather(-1, index) * (bounds > 0).view(1, 1, bq, 1, -1).to(p.dtype)
         n = self.edges.numel()
         pl, pr = before[..., :n], before[..., n:]
-        self.hist += ((pl[..., :-1] - pl[..., 1:]) + (pr[..., 1:] - pr[..., :-1])).sum(2)
+        self.hist[:, :, rows] += (pl[..., :-1] - pl[..., 1:]) + (pr[..., 1:] - pr[..., :-1])
 
     def _sinks(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
         n = self.options.sinks
@@ -209,16 +211,22 @@ class _Accumulator:
         def rows(t: Tensor) -> Tensor:  # (B, Hkv, Lq, G, ...) -> (B, H, Lq, ...)
             return t.transpose(2, 3).reshape(b, h, lq, *t.shape[4:])
 
+        # The lse may carry its dtype's rounding (0.5 ulp of |lse|: 1e-6 at 20 in float32), which every
+        # exp(s - lse) of a row shares as a factor r = sum_j exp(s - lse) != 1. Dividing the row's sums by r,
+        # and log r off every log p, cancels it: what the row is, not what the lse rounded it to.
         kept = self.top_w > 0
-        top_w = torch.where(kept, self.top_w, 0.0)
-        top_i = torch.where(kept, self.top_i, -1)
+        r = torch.where(self.rowsum > 0, self.rowsum, 1.0)
         row_max = torch.where(kept[..., 0], self.lse + torch.log(self.top_w[..., 0].clamp(min=1e-300)), float("-inf"))
+        top_w = torch.where(kept, self.top_w / r.unsqueeze(-1), 0.0)
+        top_i = torch.where(kept, self.top_i, -1)
+        entropy = self.entropy / r + torch.log(r)
+        hist = (self.hist / r.unsqueeze(-1)).sum(2)  # (B, Hkv, G, nbins)
         k = self.options.top_k
         return CallStats(
-            received=self.received.reshape(b, h, call.k_len), entropy=rows(self.entropy), sink_mass=rows(self.sink),
-            distance=rows(self.distance), distance_hist=self.hist.reshape(b, h, -1), distance_edges=self.edges,
+            received=self.received.reshape(b, h, call.k_len), entropy=rows(entropy), sink_mass=rows(self.sink / r),
+            distance=rows(self.distance / r), distance_hist=hist.reshape(b, h, -1), distance_edges=self.edges,
             top_index=rows(top_i)[..., :k], top_weight=rows(top_w)[..., :k], row_max=rows(row_max),
-            max_logit=rows(row_max).amax(-1), lse=rows(self.lse), query_valid=self.query_valid,
+            max_logit=rows(row_max).amax(-1), lse=rows(self.lse + torch.log(r)), query_valid=self.query_valid,
             sinks=self.options.sinks)
 
 
