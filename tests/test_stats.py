@@ -254,3 +254,37 @@ def test_model_level_stats_allocate_no_l_by_l_tensor():
         st = stats(lm, torch.randint(0, 50, (1, length)))[0]
     assert st.received.shape == (1, 1, length)
     assert probe.largest < length * length / 8, probe.largest
+
+
+def test_call_stats_arguments_are_checked():
+    from attnkit.functional._call import make_call
+    from attnkit.functional.stats import call_stats
+
+    q = torch.randn(2, 2, 5, 4)
+    call = make_call(q, q, q, mask=None, bias=None, scale=None, softcap=None, dropout_p=0.0, return_lse=True)
+    lse = torch.zeros(2, 2, 5)
+    with pytest.raises(ValueError, match=r"lse must be a tensor of shape \(2, 2, 5\) \(batch, heads, queries\); got"):
+        call_stats(call, lse[:, :1])
+    with pytest.raises(ValueError, match=r"query_valid must be a bool tensor of shape \(2, 5\); got"):
+        call_stats(call, lse, query_valid=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"sink_start must be an int tensor of shape \(2,\); got"):
+        call_stats(call, lse, sink_start=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="options must be a StatsOptions; got"):
+        call_stats(call, lse, {"top_k": 2})
+
+
+def test_model_errors_name_the_problem():
+    lm = TransformerLM(TransformerConfig(vocab_size=20, dim=16, depth=1, num_heads=2, positions="learned",
+                                         max_length=8))
+    with pytest.raises(ValueError, match=r"the input has 9 tokens, but 'TransformerLM' accepts at most 8 positions"):
+        stats(lm, torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module; got"):
+        stats("gpt2", [1, 2, 3])
+    with pytest.raises(ValueError, match=r"sinks must be an int >= 0; got -2"):
+        stats(lm, [1, 2, 3], sinks=-2)
+    t = _transformers()
+    bart = t.BartModel(t.BartConfig(vocab_size=20, d_model=16, encoder_layers=1, decoder_layers=1,
+                                    encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                    decoder_ffn_dim=16, max_position_embeddings=16))
+    with pytest.raises(ValueError, match=r"is an encoder-decoder model: use attnkit\.inspect\.capture"):
+        stats(bart, torch.tensor([[3, 4, 5]]))
