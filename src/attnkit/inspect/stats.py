@@ -45,6 +45,8 @@ class AttentionStats:
     ``n`` below is the number of recorded layers (``layers``), ``H`` the heads per layer,
     ``L`` the input's real tokens (padding removed, left or right), ``k`` the top-k.
     Positions (``top_index``, the columns of ``received``) index the real tokens ``0..L-1``.
+    Distances are measured in the padded input's positions: the real tokens' own distances when
+    the padding is on the sides, as tokenizers pad.
 
     Fields:
         received: (n, H, L) attention each key receives, summed over the queries (column sums).
