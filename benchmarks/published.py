@@ -96,6 +96,7 @@ VIEWS: dict[str, Callable[[], str]] = {
     "capture": lambda: script("capture").render(load("capture")),
     "long_stats": lambda: script("long_stats").render(load("long_stats")),
     "long_stats_quick": lambda: script("long_stats").render(load("long_stats_quick")),
+    "long_stats_lm": lambda: script("long_stats").render(load("long_stats_lm")),
     "report": lambda: script("report").render(load("report")),
     "bertviz_size": lambda: script("bertviz_size").render(load("bertviz_size")),
     "profile": lambda: script("profile_models").render(load("profile")),
