@@ -10,6 +10,7 @@ from attnkit.functional.core import (
     select_backend,
 )
 from attnkit.functional.linear import LinearAttentionState, linear_attention, linear_attention_step
+from attnkit.functional.stats import CallStats, StatsOptions
 
-__all__ = ["BackendInfo", "CallPlan", "LinearAttentionState", "attention", "attention_probs", "backends",
-           "explain_call", "linear_attention", "linear_attention_step", "select_backend"]
+__all__ = ["BackendInfo", "CallPlan", "CallStats", "LinearAttentionState", "StatsOptions", "attention",
+           "attention_probs", "backends", "explain_call", "linear_attention", "linear_attention_step", "select_backend"]

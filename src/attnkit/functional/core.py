@@ -8,10 +8,12 @@ from typing import Literal, Protocol, overload
 import torch
 from torch import Tensor
 
+from attnkit._checks import describe
 from attnkit.biases import Bias
 from attnkit.functional._call import AttentionCall, make_call
 from attnkit.functional.reference import ReferenceBackend, reference_forward
 from attnkit.functional.sdpa import SDPABackend
+from attnkit.functional.stats import CallStats, StatsOptions, call_stats
 from attnkit.functional.tiled import Strategy, TiledBackend, choose
 from attnkit.masks import Mask
 
@@ -25,6 +27,8 @@ class Backend(Protocol):
 
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]: ...
 
+
+_Result = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, CallStats] | tuple[Tensor, Tensor, CallStats]
 
 _BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TiledBackend(), ReferenceBackend())}
 
@@ -157,6 +161,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     return_lse: Literal[False] = False,
+    stats: Literal[False] = False,
 ) -> Tensor: ...
 
 
@@ -173,6 +178,7 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     return_lse: Literal[True],
+    stats: Literal[False] = False,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -188,8 +194,43 @@ def attention(
     softcap: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    return_lse: Literal[False] = False,
+    stats: Literal[True] | StatsOptions,
+) -> tuple[Tensor, CallStats]: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | list[Bias] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+    return_lse: Literal[True],
+    stats: Literal[True] | StatsOptions,
+) -> tuple[Tensor, Tensor, CallStats]: ...
+
+
+@overload
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Mask | Tensor | None = None,
+    bias: Bias | Tensor | list[Bias] | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]: ...
+    stats: bool | StatsOptions = False,
+) -> _Result: ...
 
 
 def attention(
@@ -204,7 +245,8 @@ def attention(
     dropout_p: float = 0.0,
     backend: str = "auto",
     return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    stats: bool | StatsOptions = False,
+) -> _Result:
     """Scaled dot-product attention, exact, with every common variant.
 
     ``out_i = sum_j softmax_j(mask(bias(softcap(scale * q_i . k_j)))) v_j``
@@ -228,10 +270,18 @@ def attention(
         backend: ``"auto"``, ``"sdpa"``, ``"tiled"`` or ``"reference"``; see
             :func:`backends`. A backend that cannot run the call raises ValueError.
         return_lse: also return the log-sum-exp of each row's scores.
+        stats: True or a :class:`~attnkit.functional.stats.StatsOptions`: also return the
+            exact statistics of the probabilities (received mass per key, entropy, sink
+            mass, distance, top-k keys, max logit; see
+            :class:`~attnkit.functional.stats.CallStats`), computed after the forward from
+            its log-sum-exp, block by block, never holding an (Lq x Lk) tensor. The call
+            then runs on a backend that returns the log-sum-exp (not ``"sdpa"``).
 
     Returns:
         ``out`` (B, H, Lq, Dv) in the input dtype, or ``(out, lse)`` with ``lse``
-        (B, H, Lq) in float32 (float64 for float64 inputs).
+        (B, H, Lq) in float32 (float64 for float64 inputs); with ``stats``, the
+        :class:`~attnkit.functional.stats.CallStats` is appended: ``(out, stats)`` or
+        ``(out, lse, stats)``.
 
     Edges:
         A query row with no allowed key outputs 0, its lse is -inf, and its gradients
@@ -244,14 +294,29 @@ def attention(
     >>> out, lse = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), return_lse=True)
     >>> out.shape, lse.shape
     (torch.Size([1, 8, 128, 64]), torch.Size([1, 8, 128]))
+    >>> out, st = attnkit.attention(q, k, v, mask=attnkit.masks.causal(), stats=True)
+    >>> st.received.shape, st.top_index.shape, bool(st.top_index[0, 0, 0, 0] == 0)
+    (torch.Size([1, 8, 128]), torch.Size([1, 8, 128, 8]), True)
     """
+    options = _stats_options(stats)
     call = make_call(q, k, v, mask=mask, bias=bias, scale=scale, softcap=softcap,
-                     dropout_p=dropout_p, return_lse=return_lse)
+                     dropout_p=dropout_p, return_lse=return_lse or options is not None)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str; got {type(backend).__name__}")
     chosen = select_backend(call, backend)
     out, lse = _empty(call) if call.q_len == 0 or call.k_len == 0 else chosen.run(call)
-    return (out, lse) if return_lse else out
+    if options is None:
+        return (out, lse) if return_lse else out
+    found = call_stats(call, lse, options)
+    return (out, lse, found) if return_lse else (out, found)
+
+
+def _stats_options(stats: object) -> StatsOptions | None:
+    if isinstance(stats, StatsOptions):
+        return stats
+    if not isinstance(stats, bool):
+        raise TypeError(f"stats must be a bool or an attnkit.functional.stats.StatsOptions; got {describe(stats)}")
+    return StatsOptions() if stats else None
 
 
 def attention_probs(

@@ -15,6 +15,9 @@
   monotonicity and diagonal share), attention mass on a token set, top attended tokens,
   and attention rollout; :func:`head_roles` gathers the scores.
 - :mod:`attnkit.inspect.tokens`: the one rule for which tokens are special.
+- :func:`stats`: exact per-layer, per-head statistics at long context (received mass,
+  entropy, sinks, distance, top-k keys, max logit) without the (L x L) maps, as
+  :class:`AttentionStats`; :class:`CallStats` for one call (``attnkit.attention(..., stats=)``).
 - :func:`compare`: two models or checkpoints on the same input, per head.
 - :mod:`attnkit.inspect.induction`: the induction-head phase change, reproduced.
 """
@@ -32,19 +35,24 @@ from attnkit.inspect.roles import (
     token_set_mass,
     top_attended,
 )
+from attnkit.inspect.stats import AttentionStats, CallStats, StatsOptions, stats
 
 __all__ = [
     "STOP_WORDS",
     "AttentionMaps",
+    "AttentionStats",
+    "CallStats",
     "Comparison",
     "GenerationMaps",
     "HeadRoles",
     "Seq2SeqMaps",
+    "StatsOptions",
     "capture",
     "capture_generation",
     "compare",
     "head_roles",
     "rollout",
+    "stats",
     "token_set",
     "token_set_mass",
     "top_attended",
