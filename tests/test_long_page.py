@@ -1,0 +1,233 @@
+"""The long-document explorer (attnkit.viz.long, static/long.js) in real Chromium, against float64 dense maps.
+
+The reference: ``capture``'s dense maps of a float64 model (the reference backend in float64), reduced here to the
+statistics the page shows. The page is built from those reference statistics (what it shows is then compared to
+an independent computation, not to its own input's code path), and from ``attnkit.inspect.stats`` through
+:class:`LongDocument`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnkit.inspect import capture
+from attnkit.viz.encode import QUANTUM
+from attnkit.viz.long import Overview, long_data, write_long_report
+
+transformers = pytest.importorskip("transformers")
+
+LENGTH = 300
+TOP_K = 5
+SINKS = 4
+
+
+def tiny_llama(max_positions: int = 512):
+    """A random 2-layer, 4-head Llama in float64 (sdpa attention), as a long model would be read."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=max_positions)
+    return transformers.LlamaForCausalLM(config).double().eval()
+
+
+def document(length: int = LENGTH) -> torch.Tensor:
+    """Token ids (L,) with some repetition, so that heads have something to find."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(3, 97, (length // 3 + 1,), generator=g)
+    return torch.cat([base, base, torch.randint(3, 97, (length,), generator=g)])[:length]
+
+
+def dense(model, ids: torch.Tensor) -> torch.Tensor:
+    """(layers, heads, L, L) float64 probabilities, from capture's dense maps."""
+    maps = capture(model, ids, dtype=torch.float64)
+    return maps.attentions[0].double()
+
+
+def reference(probs: torch.Tensor, k: int = TOP_K, sinks: int = SINKS) -> Overview:
+    """The page's statistics from dense probabilities, in float64: every query of a causal model sees a key."""
+    n_layers, n_heads, length, _ = probs.shape
+    pos = torch.arange(length, dtype=torch.float64)
+    top = probs.topk(k, dim=-1)
+    return Overview(layers=list(range(n_layers)), heads=list(range(n_heads)), received=probs.sum(-2),
+                    entropy=-torch.special.xlogy(probs, probs).sum(-1).mean(-1),
+                    sink=probs[..., :sinks].sum(-1).mean(-1),
+                    distance=(probs * (pos[:, None] - pos[None, :]).abs()).sum(-1).mean(-1),
+                    max_logit=None, top_keys=top.indices, top_weights=top.values, sink_tokens=sinks)
+
+
+@pytest.fixture(scope="module")
+def case():
+    model = tiny_llama()
+    ids = document()
+    probs = dense(model, ids)
+    return model, ids, probs, reference(probs)
+
+
+@pytest.fixture
+def open_long(watched_page, tmp_path):
+    def make(data, name="long"):
+        path = write_long_report(data, tmp_path / f"{name}.html")
+        watch = watched_page(allowed=(path.as_uri(),))
+        watch.page.goto(path.as_uri())
+        watch.page.evaluate("window.attnkitLong.ready.then(() => true)")
+        return watch
+
+    return make
+
+
+def _numbers(text: str) -> list[float]:
+    import re
+
+    return [float(x) for x in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", text)]
+
+
+def test_overview_grid_and_strip_show_the_statistics(case, open_long):
+    _, ids, probs, ref = case
+    tokens = [f"t{int(i)}" for i in ids]
+    watch = open_long(long_data(ref, tokens, model="tiny-llama", context_window=512))
+    page = watch.page
+    assert "context window: 512 positions" in page.text_content(".akd-facts")
+    assert page.eval_on_selector_all("canvas", "cs => cs.length") == 6  # 3 grids, strip, text, zoom: no node per token
+    for layer, head in [(0, 0), (1, 3), (1, 1)]:
+        box = page.locator('[data-metric="sink"]').bounding_box()
+        cell = min(26, 300 // 4)
+        page.mouse.click(box["x"] + 30 + (head + 0.5) * cell, box["y"] + 16 + (layer + 0.5) * cell)
+        assert page.eval_on_selector(".akd", "r => [r.dataset.layer, r.dataset.head]") == [str(layer), str(head)]
+        shown = _numbers(page.text_content(".akd-readout"))  # layer, head, sink, entropy, distance
+        want = [layer, head, float(ref.sink[layer, head]), float(ref.entropy[layer, head]),
+                float(ref.distance[layer, head])]
+        assert shown[:2] == want[:2]
+        for got, exp in zip(shown[2:], want[2:]):
+            assert math.isclose(got, exp, rel_tol=1e-5, abs_tol=1e-6), (got, exp)  # shown to 6 significant digits
+        # The strip: hovering token j's pixel column says what it receives, summed over queries.
+        strip = page.locator('[data-view="strip"]').bounding_box()
+        for j in (0, 1, 57, LENGTH - 1):
+            page.mouse.move(strip["x"] + (j + 0.5) * strip["width"] / LENGTH, strip["y"] + 50)
+            text = page.text_content(".akd-readout")
+            assert text.startswith(f"token {j} "), text
+            got = _numbers(text.split("receives", 1)[1])[0]
+            assert math.isclose(got, float(probs[layer, head, :, j].sum()), rel_tol=1e-5, abs_tol=1e-6)
+    for selector in ('[data-metric="entropy"]', '[data-view="strip"]', '[data-view="text"]'):
+        from conftest import assert_canvas_drawn
+
+        assert_canvas_drawn(page, selector, min_colours=4)
+    watch.assert_clean()
+
+
+def test_static_zoom_lists_the_stored_top_k_and_sums_up_the_rest(case, open_long):
+    _, ids, probs, ref = case
+    watch = open_long(long_data(ref, [f"t{int(i)}" for i in ids], model="tiny-llama", context_window=512))
+    page = watch.page
+    page.evaluate("attnkitLong.select(1, 2)")
+    page.evaluate("attnkitLong.zoomTo(200, 210)")
+    page.wait_for_selector('.akd[data-zoom="done"]')
+    rows = page.eval_on_selector_all(".akd-row", """rs => rs.map(r => ({q: +r.dataset.query,
+        keys: [...r.querySelectorAll('.akd-key')].map(k => [+k.dataset.key, +k.dataset.weight]),
+        rest: +r.querySelector('.akd-rest').dataset.rest}))""")
+    assert [r["q"] for r in rows] == list(range(200, 210))
+    for r in rows:
+        row = probs[1, 2, r["q"]]
+        keys = [k for k, _ in r["keys"]]
+        assert len(keys) == TOP_K and all(abs(w - float(row[k])) <= QUANTUM for k, w in r["keys"])
+        assert [w for _, w in r["keys"]] == sorted((w for _, w in r["keys"]), reverse=True)
+        others = row.clone()
+        others[keys] = -1
+        assert float(others.max()) <= min(w for _, w in r["keys"]) + QUANTUM  # no unlisted key weighs more
+        assert abs(r["rest"] - float(1 - row[keys].sum())) <= TOP_K * QUANTUM
+    from conftest import assert_canvas_drawn
+
+    assert_canvas_drawn(page, '[data-view="zoom"]', min_colours=3, min_ink=0.001)
+    watch.assert_clean()
+
+
+def test_long_data_refuses_tokens_that_do_not_match(case):
+    _, _, _, ref = case
+    with pytest.raises(ValueError, match="tokens must be a list of the 300 tokens"):
+        long_data(ref, ["a"], model="m", context_window=None)
+    with pytest.raises(TypeError, match="overview must be an Overview"):
+        long_data({"received": 1}, ["a"], model="m", context_window=None)
+
+
+# --- LongDocument: the statistics through attnkit.inspect.stats, and the exact zoom ---
+
+
+@pytest.fixture(scope="module")
+def doc(case):
+    from attnkit.viz.long import LongDocument
+
+    model, ids, _, _ = case
+    return LongDocument(model, None, ids, top_k=TOP_K, sink_tokens=SINKS)
+
+
+def test_document_overview_is_the_dense_statistics(case, doc):
+    _, _, _, ref = case
+    ov = doc.overview
+    for name in ("received", "entropy", "sink", "distance"):
+        assert torch.allclose(getattr(ov, name).double(), getattr(ref, name), rtol=0, atol=1e-10), name
+    data = doc.data()
+    assert data["context_window"] == 512 and data["tokens"] == [str(int(i)) for i in case[1]]
+
+
+@pytest.mark.parametrize(("layer", "head", "q0", "q1", "k0", "k1", "columns"), [
+    (0, 1, 0, 3, 0, LENGTH, 4096),  # the first queries see one, two, three keys
+    (1, 3, 250, 270, 200, 280, 4096),  # a window of keys around them
+    (1, 0, 100, 164, 0, LENGTH, 7),  # 64 rows, the document in 7 columns of summed keys
+])
+def test_zoom_gives_the_exact_weights(case, doc, layer, head, q0, q1, k0, k1, columns):
+    import base64
+
+    import numpy as np
+
+    probs = case[2][layer, head, q0:q1]  # (R, L) float64 dense
+    got = doc.zoom(layer, head, q0, q1, k0, k1, columns)
+    per = got["per"]
+    assert per == math.ceil((k1 - k0) / columns)
+    cells = torch.from_numpy(np.frombuffer(base64.b64decode(got["weights"]), "<f4").astype(np.float64))
+    window = torch.nn.functional.pad(probs[:, k0:k1], (0, -(k1 - k0) % per)).reshape(q1 - q0, -1, per).sum(-1)
+    assert torch.allclose(cells.reshape(window.shape), window, rtol=1e-6, atol=1e-7)  # float32 on the wire
+    assert torch.allclose(torch.tensor(got["outside"], dtype=torch.float64),
+                          probs.sum(-1) - probs[:, k0:k1].sum(-1), atol=1e-12)
+    for row, listed in zip(probs, got["top"]):
+        assert len(listed) == min(8, int((row > 0).sum()))
+        for j, w in listed:
+            assert abs(w - float(row[j])) <= 1e-12
+        assert float(row.sort(descending=True).values[len(listed) - 1]) <= listed[-1][1] + 1e-15
+
+
+def test_zoom_refuses_what_it_cannot_answer(doc):
+    from attnkit.viz.service import RequestError
+
+    with pytest.raises(RequestError, match="q0, q1 must pick 1 to 64 queries") as err:
+        doc.parse_zoom(b'{"layer": 0, "head": 0, "q0": 0, "q1": 65}', "application/json")
+    assert err.value.status == 400
+    with pytest.raises(RequestError, match=r"layer must be one of the model's layers 0\.\.1; got 2"):
+        doc.parse_zoom(b'{"layer": 2, "head": 0, "q0": 0, "q1": 5}', "application/json")
+    with pytest.raises(RequestError, match="unknown field"):
+        doc.parse_zoom(b'{"layer": 0, "head": 0, "q0": 0, "q1": 5, "rows": 3}', "application/json")
+    with pytest.raises(RequestError, match="'q1' must be a whole number"):
+        doc.parse_zoom(b'{"layer": 0, "head": 0, "q0": 0, "q1": 5.5}', "application/json")
+    with pytest.raises(RequestError) as err:
+        doc.parse_zoom(b"{}", "text/plain")
+    assert err.value.status == 415
+    assert doc.parse_zoom(b'{"layer": 1, "head": 2, "q0": 4, "q1": 9}', "application/json") == {
+        "layer": 1, "head": 2, "q0": 4, "q1": 9, "k0": 0, "k1": LENGTH, "columns": 4096}
+
+
+def test_document_errors_say_what_to_do(tmp_path):
+    from attnkit.viz.long import LongDocument, read_text
+
+    with pytest.raises(ValueError, match="does not exist"):
+        read_text(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="holds no text"):
+        read_text(tmp_path / "empty.txt")
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8"):
+        read_text(tmp_path / "latin1.txt")
+    with pytest.raises(ValueError, match="accepts at most 64 positions"):
+        LongDocument(tiny_llama(max_positions=64), None, list(range(3, 70)))
+    with pytest.raises(ValueError, match="a tokenizer is needed"):
+        LongDocument(tiny_llama(), None, "some text")
