@@ -231,3 +231,66 @@ def test_document_errors_say_what_to_do(tmp_path):
         LongDocument(tiny_llama(max_positions=64), None, list(range(3, 70)))
     with pytest.raises(ValueError, match="a tokenizer is needed"):
         LongDocument(tiny_llama(), None, "some text")
+
+
+# --- attnkit serve --long: the zoom computed by the server ---
+
+
+@pytest.fixture
+def served_long(doc, case):
+    from attnkit.viz.server import make_server
+    from tiny_seq_models import word_tokenizer
+
+    from conftest import serving
+
+    with serving(make_server(case[0], word_tokenizer(), port=0, log=None, long=doc)) as server:
+        yield server
+
+
+def test_served_page_zooms_on_exact_weights(case, served_long, watched_page):
+    probs = case[2]
+    watch = watched_page(allowed=(served_long.url.rstrip("/"),))
+    page = watch.page
+    page.goto(served_long.url + "long")
+    page.evaluate("window.attnkitLong.ready.then(() => true)")
+    assert "exact weights on this server" in page.text_content(".akd")
+    page.evaluate("attnkitLong.select(1, 2)")
+    page.select_option(".akd-select", "64")
+    page.evaluate("attnkitLong.zoomTo(120, 130)")
+    page.wait_for_selector('.akd[data-zoom="done"]')
+    rows = page.eval_on_selector_all(".akd-row", """rs => rs.map(r => ({q: +r.dataset.query,
+        keys: [...r.querySelectorAll('.akd-key')].map(k => [+k.dataset.key, +k.dataset.weight]),
+        rest: +r.querySelector('.akd-rest').dataset.rest}))""")
+    cells = page.evaluate("attnkitLong.zoomed.rows.map(r => Array.from(r.cells))")
+    assert page.evaluate("[attnkitLong.zoomed.k0, attnkitLong.zoomed.k1, attnkitLong.zoomed.per]") == [56, 194, 1]
+    for r, row_cells in zip(rows, cells):
+        row = probs[1, 2, r["q"]]
+        assert len(r["keys"]) == 8 and all(abs(w - float(row[j])) <= 1e-12 for j, w in r["keys"])
+        assert float(row.sort(descending=True).values[7]) <= r["keys"][-1][1] + 1e-15
+        assert torch.allclose(torch.tensor(row_cells, dtype=torch.float64), row[56:194], rtol=1e-6, atol=1e-9)
+        assert abs(r["rest"] - float(row[:56].sum() + row[194:].sum())) <= 1e-12
+    from conftest import assert_canvas_drawn
+
+    assert_canvas_drawn(page, '[data-view="zoom"]', min_colours=3, min_ink=0.001)
+    watch.assert_clean()
+
+
+def test_zoom_endpoint_refuses_bad_requests_with_json(served_long):
+    import json
+    import urllib.error
+    import urllib.request
+
+    def post(body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+        request = urllib.request.Request(served_long.url + "api/long/zoom", data=body,
+                                         headers={"Content-Type": content_type}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    status, answer = post(b'{"layer": 0, "head": 9, "q0": 0, "q1": 4}')
+    assert status == 400 and "head must be one of the model's heads 0..3; got 9" in answer["error"]
+    assert post(b"layer=0", "application/x-www-form-urlencoded")[0] == 415
+    status, answer = post(b'{"layer": 0, "head": 1, "q0": 2, "q1": 4, "k0": 0, "k1": 3}')
+    assert status == 200 and (answer["q0"], answer["q1"], answer["per"]) == (2, 4, 1)
