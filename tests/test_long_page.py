@@ -51,11 +51,16 @@ def reference(probs: torch.Tensor, k: int = TOP_K, sinks: int = SINKS) -> Overvi
     n_layers, n_heads, length, _ = probs.shape
     pos = torch.arange(length, dtype=torch.float64)
     top = probs.topk(k, dim=-1)
+    far = (pos[:, None] - pos[None, :]).abs()
+    edges = [0] + [2 ** t for t in range(int(length - 1).bit_length() + 1)]  # 0, 1, 2, 4, ... past L - 1
+    share = torch.stack([(probs * ((far >= a) & (far < b))).sum((-1, -2)) / length
+                         for a, b in zip(edges, edges[1:])], -1)
     return Overview(layers=list(range(n_layers)), heads=list(range(n_heads)), received=probs.sum(-2),
                     entropy=-torch.special.xlogy(probs, probs).sum(-1).mean(-1),
                     sink=probs[..., :sinks].sum(-1).mean(-1),
                     distance=(probs * (pos[:, None] - pos[None, :]).abs()).sum(-1).mean(-1),
-                    max_logit=None, top_keys=top.indices, top_weights=top.values, sink_tokens=sinks)
+                    max_logit=None, top_keys=top.indices, top_weights=top.values, sink_tokens=sinks,
+                    distance_share=share, distance_edges=edges)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,7 @@ def test_overview_grid_and_strip_show_the_statistics(case, open_long):
     watch = open_long(long_data(ref, tokens, model="tiny-llama", context_window=512))
     page = watch.page
     assert "context window: 512 positions" in page.text_content(".akd-facts")
-    assert page.eval_on_selector_all("canvas", "cs => cs.length") == 6  # 3 grids, strip, text, zoom: no node per token
+    assert page.eval_on_selector_all("canvas", "cs => cs.length") == 7  # 3 grids, distances, strip, text, zoom
     for layer, head in [(0, 0), (1, 3), (1, 1)]:
         box = page.locator('[data-metric="sink"]').bounding_box()
         cell = min(26, 300 // 4)
@@ -110,6 +115,14 @@ def test_overview_grid_and_strip_show_the_statistics(case, open_long):
             assert text.startswith(f"token {j} "), text
             got = _numbers(text.split("receives", 1)[1])[0]
             assert math.isclose(got, float(probs[layer, head, :, j].sum()), rel_tol=1e-5, abs_tol=1e-6)
+        # The distance histogram: hovering bin t says its share of the weight.
+        hist = page.locator('[data-view="distance"]').bounding_box()
+        for t in (0, 1, 5, 9):
+            page.mouse.move(hist["x"] + 4 + (t + 0.5) * 14, hist["y"] + 40)
+            text = page.text_content(".akd-readout")
+            assert text.startswith(f"distance {ref.distance_edges[t]}"), text
+            got = _numbers(text.split(":", 1)[1])[0]
+            assert math.isclose(got, float(ref.distance_share[layer, head, t]), rel_tol=1e-5, abs_tol=1e-6)
     for selector in ('[data-metric="entropy"]', '[data-view="strip"]', '[data-view="text"]'):
         from conftest import assert_canvas_drawn
 
@@ -165,8 +178,9 @@ def doc(case):
 def test_document_overview_is_the_dense_statistics(case, doc):
     _, _, _, ref = case
     ov = doc.overview
-    for name in ("received", "entropy", "sink", "distance"):
+    for name in ("received", "entropy", "sink", "distance", "distance_share"):
         assert torch.allclose(getattr(ov, name).double(), getattr(ref, name), rtol=0, atol=1e-10), name
+    assert ov.distance_edges == ref.distance_edges
     data = doc.data()
     assert data["context_window"] == 512 and data["tokens"] == [str(int(i)) for i in case[1]]
 

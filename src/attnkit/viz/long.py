@@ -53,6 +53,7 @@ MAX_ZOOM_COLUMNS = 4096  # columns (keys, or sums over adjacent keys) one zoom a
 ZOOM_TOP = 8  # exact top keys per row a zoom answer lists
 _ZOOM_FIELDS = ("layer", "head", "q0", "q1", "k0", "k1", "columns")
 _BODY = '<div id="attnkit-long"></div>'
+_TITLE = 160  # characters of the document the page's title shows
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,9 @@ class Overview:
         max_logit: (layers, heads) the largest score, or None.
         top_keys, top_weights: (layers, heads, L, k) each query's k heaviest keys and their weights.
         sink_tokens: how many first tokens ``sink`` counts.
+        distance_share: (layers, heads, bins) the share of all the weight at distances
+            ``distance_edges[t] <= |i - j| < distance_edges[t + 1]``, or None.
+        distance_edges: (bins + 1) bin edges (0, 1, 2, 4, 8, ...), or None.
     """
 
     layers: list[int]
@@ -80,6 +84,8 @@ class Overview:
     top_keys: Tensor
     top_weights: Tensor
     sink_tokens: int
+    distance_share: Tensor | None = None
+    distance_edges: list[int] | None = None
 
     def __post_init__(self) -> None:
         n_layers, n_heads = len(self.layers), len(self.heads)
@@ -95,6 +101,11 @@ class Overview:
                 or self.top_weights.shape != self.top_keys.shape:
             raise ValueError(f"top_keys and top_weights must both be (layers, heads, L, k) with L = {length}; got "
                              f"{describe(self.top_keys)} and {describe(self.top_weights)}")
+        if (self.distance_share is None) != (self.distance_edges is None) or (
+                self.distance_share is not None and self.distance_edges is not None
+                and tuple(self.distance_share.shape) != (n_layers, n_heads, len(self.distance_edges) - 1)):
+            raise ValueError("distance_share must be (layers, heads, bins) with distance_edges of bins + 1 edges, "
+                             "or both None")
 
     @classmethod
     def from_stats(cls, st: AttentionStats) -> Overview:
@@ -103,7 +114,8 @@ class Overview:
             raise TypeError(f"st must be an AttentionStats (attnkit.inspect.stats(...)[0]); got {describe(st)}")
         return cls(layers=list(st.layers), heads=list(range(st.received.shape[1])), received=st.received,
                    entropy=st.mean_entropy, sink=st.sink_share, distance=st.mean_distance, max_logit=st.max_logit,
-                   top_keys=st.top_index, top_weights=st.top_weight, sink_tokens=st.sinks)
+                   top_keys=st.top_index, top_weights=st.top_weight, sink_tokens=st.sinks,
+                   distance_share=st.distance_share(), distance_edges=st.distance_edges.tolist())
 
 
 def _float32_blob(t: Tensor) -> str:
@@ -126,13 +138,14 @@ def long_data(overview: Overview, tokens: list[str], *, model: str, context_wind
         model: the model's name, as the page shows it.
         context_window: the most positions the model reads (``attnkit._model_facts.max_positions``),
             or None where it states none.
-        title: shown at the top (default: the start of the text rebuilt from the tokens).
+        title: shown at the top (default: "a document of L tokens").
         zoom: whether the page may ask ``POST /api/long/zoom`` for exact weights (``attnkit serve``);
             else it zooms on the stored top-k.
 
     Returns:
         ``{"format": 1, "kind": "long", "title", "model", "context_window", "tokens", "layers", "heads",
         "sink_tokens", "grid": {"sink", "entropy", "distance", "max_logit"} (layers x heads lists),
+        "distance_edges", "distance_share" (layers x heads x bins, or None),
         "received": {"dtype": "float32", "shape": [layers * heads, L], "blob"}, "top" (the encoded top-k,
         :func:`attnkit.viz.encode.encode_peaks`), "zoom": None | {"url", "max_rows", "max_columns"}}``.
 
@@ -157,13 +170,12 @@ def long_data(overview: Overview, tokens: list[str], *, model: str, context_wind
     top = encode_peaks(overview.top_keys.reshape(n_layers * n_heads, length, -1),
                        overview.top_weights.reshape(n_layers * n_heads, length, -1), length)
     if title is None:
-        from attnkit.viz.report import _text
-
-        title = _text([str(t) for t in tokens[:400]])
+        title = f"a document of {length:,} tokens"
     return {
         "format": 1, "kind": "long", "title": title, "model": model, "context_window": context_window,
         "tokens": [str(t) for t in tokens], "layers": list(overview.layers), "heads": list(overview.heads),
-        "sink_tokens": overview.sink_tokens,
+        "sink_tokens": overview.sink_tokens, "distance_edges": overview.distance_edges,
+        "distance_share": None if overview.distance_share is None else overview.distance_share.double().tolist(),
         "grid": {"sink": _grid(overview.sink), "entropy": _grid(overview.entropy),
                  "distance": _grid(overview.distance), "max_logit": _grid(overview.max_logit)},
         "received": {"dtype": "float32", "shape": [n_layers * n_heads, length],
@@ -254,6 +266,8 @@ class LongDocument:
         self.top_k = require_int("top_k", top_k, minimum=1)
         self.sink_tokens = require_int("sink_tokens", sink_tokens, minimum=1)
         self.ids = self._ids(text)  # (1, L)
+        flat = " ".join(text.split()) if isinstance(text, str) else ""
+        self.title = flat if len(flat) <= _TITLE else flat[:_TITLE - 1] + "…"  # the text's beginning, or none
         self.length = int(self.ids.shape[1])
         if self.length > MAX_LENGTH:
             raise ValueError(f"the document has {self.length:,} tokens; the long explorer shows at most "
@@ -298,9 +312,10 @@ class LongDocument:
         return facts.pretrained(self.model).base_model if facts.is_hf(self.model) else self.model
 
     def data(self, *, title: str | None = None, zoom: bool = False) -> dict[str, Any]:
-        """:func:`long_data` of this document (``zoom``: for a page served with :meth:`zoom` behind it)."""
+        """:func:`long_data` of this document (``zoom``: for a page served with :meth:`zoom` behind it); the
+        title defaults to the text's beginning."""
         return long_data(self.overview, self.stats.tokens, model=self.stats.model_name,
-                         context_window=self.stats.context_window, title=title, zoom=zoom)
+                         context_window=self.stats.context_window, title=title or self.title or None, zoom=zoom)
 
     # -- zoom ----------------------------------------------------------------------------------
 

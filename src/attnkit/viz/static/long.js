@@ -77,6 +77,36 @@
       canvas.addEventListener("click", (ev) => { const c = cellAt(ev, canvas); if (c) select(c.l, c.h); });
     }
     const CELL = Math.max(8, Math.min(26, Math.floor(300 / NH))), LEFT = 30, TOP = 16;
+    const hist = data.distance_share ? el("canvas", { class: "akd-hist", "data-view": "distance" }) : null;
+    const histCaption = el("figcaption");
+    if (hist) {
+      grids.appendChild(el("figure", { class: "akd-panel" }, [histCaption, hist,
+        el("div", { class: "akd-note", text: "share of the weight at each distance |query - key| (bins double)" })]));
+      hist.addEventListener("mousemove", (ev) => {
+        const [x] = local(ev, hist), t = Math.floor((x - 4) / HIST_BAR), share = data.distance_share[api.sel.l][api.sel.h];
+        if (t >= 0 && t < share.length) say(`distance ${binName(t)}: ${num(share[t])} of the weight (layer ${data.layers[api.sel.l]} head ${data.heads[api.sel.h]})`);
+      });
+    }
+    const HIST_BAR = 14, HIST_H = 80;
+    function binName(t) {
+      const a = data.distance_edges[t], b = data.distance_edges[t + 1] - 1;
+      return a === b ? String(a) : `${a}–${b}`;
+    }
+
+    function drawHist() {
+      if (!hist) return;
+      const share = data.distance_share[api.sel.l][api.sel.h];
+      histCaption.textContent = `attention distance, layer ${data.layers[api.sel.l]} head ${data.heads[api.sel.h]}`;
+      const ctx = sized(hist, 8 + share.length * HIST_BAR, HIST_H + 14);
+      const most = Math.max(...share) || 1;
+      ctx.font = "9px sans-serif"; ctx.textAlign = "center"; ctx.fillStyle = "#555";
+      share.forEach((v, t) => {
+        const h = v / most * (HIST_H - 2);
+        ctx.fillStyle = X.heatCss(0.25 + 0.75 * v / most);
+        ctx.fillRect(4 + t * HIST_BAR, HIST_H - h, HIST_BAR - 2, h);
+        if (t % 3 === 0) { ctx.fillStyle = "#555"; ctx.fillText(String(data.distance_edges[t]), 4 + (t + 0.5) * HIST_BAR, HIST_H + 10); }
+      });
+    }
 
     function cellAt(ev, canvas) {
       const [x, y] = local(ev, canvas);
@@ -397,7 +427,7 @@
       api.sel = { l, h };
       root.dataset.layer = String(data.layers[l]); root.dataset.head = String(data.heads[h]);
       say(describeHead(l, h));
-      drawGrids(); drawStrip(); drawText();
+      drawGrids(); drawHist(); drawStrip(); drawText();
       if (api.span) zoom();
     }
 
