@@ -8,6 +8,7 @@ an independent computation, not to its own input's code path), and from ``attnki
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -54,7 +55,7 @@ def reference(probs: torch.Tensor, k: int = TOP_K, sinks: int = SINKS) -> Overvi
     far = (pos[:, None] - pos[None, :]).abs()
     edges = [0] + [2 ** t for t in range(int(length - 1).bit_length() + 1)]  # 0, 1, 2, 4, ... past L - 1
     share = torch.stack([(probs * ((far >= a) & (far < b))).sum((-1, -2)) / length
-                         for a, b in zip(edges, edges[1:])], -1)
+                         for a, b in itertools.pairwise(edges)], -1)
     return Overview(layers=list(range(n_layers)), heads=list(range(n_heads)), received=probs.sum(-2),
                     entropy=-torch.special.xlogy(probs, probs).sum(-1).mean(-1),
                     sink=probs[..., :sinks].sum(-1).mean(-1),
