@@ -339,6 +339,7 @@
           return;
         }
       } else {
+        await api.ready;  // the stored top-k, decoded once
         z = fromTop(s.q0, s.q1, k0, k1, l * NH + h);
       }
       if (ticket !== asked) return;
