@@ -11,7 +11,8 @@ times, and reports the median of: the time from navigation to the page being dra
 (``attnkitLong.ready``), the time to select another head (every canvas redrawn), and to zoom on 64 queries; and the
 page's DOM element count (it holds no node per token). Writes benchmarks/results/long_page.json and .md (or into
 ``--out``), with the machine, its load average before and after, and a note (``ATTNKIT_BENCH_NOTE``). Timings depend on
-the load of the machine; the sizes do not. ``--html PATH`` keeps the page.
+the load of the machine; the sizes do not. ``--html PATH`` keeps the page; ``--png PATH`` saves a screenshot of it
+(docs/img/long-explorer.png is one).
 """
 
 from __future__ import annotations
@@ -89,6 +90,20 @@ def browse(html: Path, loads: int) -> dict:
             **{name: round(statistics.median(values), 1) for name, values in timings.items()}}
 
 
+def screenshot(html: Path, png: Path) -> None:
+    """A 1400 x 1000 screenshot of the page, zoomed on 24 queries two thirds into the document."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(html.as_uri(), timeout=600_000)
+        page.evaluate("(async () => { await window.attnkitLong.ready; const n = attnkitLong.data.tokens.length;"
+                      " const q = Math.floor(2 * n / 3); await attnkitLong.zoomTo(q, q + 24); })()")
+        page.screenshot(path=str(png))
+        browser.close()
+
+
 def render(data: dict) -> str:
     """The markdown of a long_page.json result."""
     b, c = data["build"], data["browser"]
@@ -115,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="2,048 tokens, 1 load: a smoke test")
     parser.add_argument("--loads", type=int, default=3, help="times the page is opened (default 3)")
     parser.add_argument("--html", type=Path, default=None, help="keep the page here")
+    parser.add_argument("--png", type=Path, default=None, help="save a screenshot of the page here")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     tokens, loads = (2048, 1) if args.quick else (args.tokens, args.loads)
@@ -122,8 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         html = args.html or Path(tmp) / "long.html"
-        built = build(tokens, Path(tmp) / "model", html)
+        built = build(tokens, Path(tmp) / "long-model", html)
         seen = browse(html, loads)
+        if args.png:
+            screenshot(html, args.png)
     data = {"machine": machine_info(), "load_average": {"before": load_before, "after": os.getloadavg()},
             "torch_threads": torch.get_num_threads(), "build": built, "browser": seen}
     markdown = render(data)

@@ -45,6 +45,10 @@
       for (let j = 0; j < L; j++) best = Math.max(best, received[m * L + j]);
       peak[m] = best;
     }
+    function inner() {  // the width the canvases fill: the root's, less its padding
+      const style = getComputedStyle(root);
+      return Math.max(300, Math.floor(root.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight) - 2));
+    }
     const api = { data, sel: { l: 0, h: 0 }, win: { start: 0, count: 0 }, span: null, zoomed: null, top: null };
     root.textContent = "";
     root.classList.add("akd");
@@ -151,7 +155,7 @@
     function head() { return api.sel.l * NH + api.sel.h; }
 
     function drawStrip() {
-      stripW = Math.max(300, root.clientWidth - 4);
+      stripW = inner();
       const ctx = sized(strip, stripW, STRIP_H);
       const m = head(), top = Math.log1p(peak[m]) || 1;
       stripTitle.textContent = `Mass each token receives from all queries, layer ${data.layers[api.sel.l]} head ` +
@@ -221,12 +225,11 @@
 
     function moveWindow(start) {
       api.win.start = Math.max(0, Math.min(L - 1, Math.round(start)));
-      slider.value = String(api.win.start);
       drawText(); drawStrip();
     }
 
     function drawText() {
-      const w = Math.max(300, root.clientWidth - 4);
+      const w = inner();
       const ctx = sized(text, w, TEXT_H);
       ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, w, TEXT_H);
       ctx.font = "13px sans-serif"; ctx.textBaseline = "middle";
@@ -249,6 +252,7 @@
         x += tw + 2; j++;
       }
       api.win.count = j - api.win.start;
+      slider.value = String(api.win.start);
       winLabel.textContent = ` tokens ${api.win.start}–${j - 1} of ${L.toLocaleString("en")}`;
     }
 
@@ -323,7 +327,7 @@
       let z;
       if (data.zoom) {
         status.textContent = "computing the exact weights…";
-        const width = Math.max(300, root.clientWidth - 4);
+        const width = inner();
         try {
           const res = await fetch(data.zoom.url, { method: "POST", headers: { "Content-Type": "application/json" },
             body: JSON.stringify({ layer: data.layers[l], head: data.heads[h], q0: s.q0, q1: s.q1, k0, k1,
@@ -369,7 +373,7 @@
     }
 
     function drawZoom(z) {
-      const width = Math.max(300, root.clientWidth - 4), R = z.q1 - z.q0;
+      const width = inner(), R = z.q1 - z.q0;
       z.rowH = Math.max(4, Math.min(18, Math.floor(260 / R))); z.width = width;
       const ctx = sized(zc, width, R * z.rowH);
       ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, width, R * z.rowH);
