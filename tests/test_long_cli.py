@@ -46,7 +46,7 @@ def test_explain_long_errors_name_the_fix(long_model, tmp_path, capsys):
     assert stop.value.code == 2 and "TEXT does not go with --long FILE" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         main(["explain"])
-    assert stop.value.code == 2 and "TEXT is required (or --long FILE" in capsys.readouterr().err
+    assert stop.value.code == 2 and "required: text (or --long FILE" in capsys.readouterr().err
 
 
 def test_serve_long_refuses_a_missing_file_before_loading(tmp_path):

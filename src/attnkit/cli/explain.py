@@ -104,7 +104,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.long is not None:
         _check_long(args)
     elif args.text is None:
-        raise UsageError("TEXT is required (or --long FILE for a long document)")
+        raise UsageError("the following arguments are required: text (or --long FILE for a long document)")
     if args.png:
         from attnkit._plot import pyplot
 
