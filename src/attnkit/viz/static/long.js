@@ -293,12 +293,13 @@
       WINDOWS.map(([v, t]) => el("option", { value: v, text: t })));
     windowSel.addEventListener("change", () => { if (api.span) zoom(); });
     const status = el("div", { class: "akd-status", role: "status" });
+    const busy = el("progress", { class: "akd-busy", "aria-label": "computing the weights", hidden: "" });
     const error = el("div", { class: "akd-error", role: "alert", hidden: "" });
     const zc = el("canvas", { class: "akd-zoom", "data-view": "zoom" });
     const axis = el("div", { class: "akd-note" });
     const rowsList = el("ol", { class: "akd-rows" });
     root.appendChild(el("section", { class: "akd-section akd-zoompanel" }, [
-      zoomTitle, el("div", { class: "akd-controls" }, [el("span", { text: "Keys: " }), windowSel, status]),
+      zoomTitle, el("div", { class: "akd-controls" }, [el("span", { text: "Keys: " }), windowSel, busy, status]),
       error, zc, axis, rowsList]));
     zc.addEventListener("mousemove", (ev) => {
       if (!api.zoomed) return;
@@ -327,6 +328,7 @@
       let z;
       if (data.zoom) {
         status.textContent = "computing the exact weights…";
+        busy.hidden = false;
         const width = inner();
         try {
           const res = await fetch(data.zoom.url, { method: "POST", headers: { "Content-Type": "application/json" },
@@ -338,6 +340,7 @@
           z = fromServer(answer);
         } catch (e) {
           if (ticket !== asked) return;
+          busy.hidden = true;
           status.textContent = ""; root.dataset.zoom = "error";
           showError(`The zoom failed: ${e.message}`);
           return;
@@ -348,6 +351,7 @@
       }
       if (ticket !== asked) return;
       api.zoomed = z;
+      busy.hidden = true;
       status.textContent = data.zoom ? "exact (computed by the server)" : `top ${data.top.peaks} keys per query, as stored`;
       drawZoom(z); listRows(z);
       root.dataset.zoom = "done";
