@@ -94,6 +94,7 @@ VIEWS: dict[str, Callable[[], str]] = {
     "linear-favor": lambda: script("linear").render_favor(load("linear")),
     "ring": lambda: script("ring").render(load("ring")),
     "capture": lambda: script("capture").render(load("capture")),
+    "long_stats_quick": lambda: script("long_stats").render(load("long_stats_quick")),
     "report": lambda: script("report").render(load("report")),
     "bertviz_size": lambda: script("bertviz_size").render(load("bertviz_size")),
     "profile": lambda: script("profile_models").render(load("profile")),

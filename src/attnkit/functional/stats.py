@@ -1,7 +1,7 @@
 """Exact attention statistics streamed block by block: no (Lq x Lk) tensor, ever.
 
 Given a call and its rows' log-sum-exp (the forward keeps it), each block of scores that
-the tiled backend's plan visits (:func:`attnkit.functional.tiled.recompute.score_blocks`)
+the tiled backend's plan visits (:func:`attnkit.functional.tiled.recompute.log_prob_blocks`)
 becomes probabilities ``p = exp(s - lse)``, as FlashAttention's backward recomputes them,
 and is reduced at once to per-query, per-key and per-head statistics
 (:class:`CallStats`). Memory: the statistics themselves, O(B * H * (Lq * top_k + Lk)),
@@ -20,7 +20,7 @@ from torch import Tensor
 from attnkit._blocks import ScoreBlock
 from attnkit._checks import describe
 from attnkit.functional._call import AttentionCall
-from attnkit.functional.tiled.recompute import fold_heads, score_blocks
+from attnkit.functional.tiled.recompute import fold_heads, log_prob_blocks
 
 __all__ = ["CallStats", "StatsOptions", "call_stats", "distance_edges"]
 
@@ -124,76 +124,75 @@ class _Accumulator:
         lse_rows = fold_heads(lse.detach().to(cd), hkv).view(b, hkv, lq, g)
         counted = valid.view(b, 1, lq, 1) & torch.isfinite(lse_rows)
         self.lse = torch.where(counted, lse_rows, float("-inf"))  # reported
-        self.shift = torch.where(counted, lse_rows, float("inf")).unsqueeze(-1)  # p = exp(s - shift): 0 if not counted
-        self.clamp_all = not bool(counted.all())
+        # p = exp(s - shift): 0 for a row not counted (a finite shift: inf would meet 0 in the product)
+        self.shift = torch.where(counted, lse_rows, torch.finfo(cd).max / 4)
         self.sink_start = (torch.zeros(b, dtype=torch.int64, device=dev) if sink_start is None
                            else sink_start.to(dev, torch.int64))
         self.edges = distance_edges(lq, lk).to(dev)
         self.k = max(1, options.top_k)  # the top weight gives the row maximum
         rows = (b, hkv, lq, g)
         self.entropy, self.sink, self.distance = (torch.zeros(rows, dtype=cd, device=dev) for _ in range(3))
-        self.hist = torch.zeros(b, hkv, g, self.edges.numel() - 1, dtype=cd, device=dev)
+        self.rowsum = torch.zeros(rows, dtype=cd, device=dev)
+        self.hist = torch.zeros(*rows, self.edges.numel() - 1, dtype=cd, device=dev)
         self.received = torch.zeros(b, hkv, g, lk, dtype=cd, device=dev)
         self.top_w = torch.full((*rows, self.k), -1.0, dtype=cd, device=dev)
         self.top_i = torch.full((*rows, self.k), -1, dtype=torch.int64, device=dev)
 
-    def add(self, block: ScoreBlock, partial: bool, s: Tensor) -> None:
+    def add(self, block: ScoreBlock, t: Tensor) -> None:
+        """One block's log-probabilities ``t`` (B, Hkv, bq, G, bk), finite."""
         rows = slice(block.q_start, block.q_stop)
-        t = s.sub_(self.shift[:, :, rows])  # log p, (B, Hkv, bq, G, bk)
-        if partial or self.clamp_all:  # -inf -> the lowest float, so that 0 * log p = 0
-            t.clamp_(min=torch.finfo(t.dtype).min)
         p = t.exp()
-        self.entropy[:, :, rows] -= (p * t).sum(-1)
+        self.entropy[:, :, rows] -= torch.einsum("...j,...j->...", p, t)
         self.received[..., block.k_start : block.k_stop] += p.sum(2)
-        self._distance(block, p, rows)
-        self._hist(block, p)
-        self._sinks(block, p, rows)
+        cum = p.cumsum(-1)  # running row sums: the histogram, the sinks and the row sums read it
+        total = cum[..., -1]
+        self.rowsum[:, :, rows] += total
+        self._distance(block, p, total, rows)
+        self._hist(block, cum, rows)
+        self._sinks(block, cum, rows)
         self._top(block, p, rows)
 
-    def _positions(self, block: ScoreBlock) -> tuple[Tensor, Tensor]:
-        """Query positions (bq, 1) and key positions (1, bk), as int64."""
-        qi = torch.arange(block.q_start, block.q_stop, device=block.device).view(-1, 1) + self.offset
-        return qi, torch.arange(block.k_start, block.k_stop, device=block.device).view(1, -1)
-
-    def _distance(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+    def _distance(self, block: ScoreBlock, p: Tensor, total: Tensor, rows: slice) -> None:
         b, hkv, bq, g, bk = p.shape
         first, last = block.q_start + self.offset, block.q_stop - 1 + self.offset
-        if block.k_stop - 1 <= first or block.k_start >= last:  # every key on one side: a (bk, 2) product
+        qi = torch.arange(block.q_start, block.q_stop, device=p.device).view(1, 1, -1, 1) + self.offset
+        if block.k_stop - 1 <= first or block.k_start >= last:  # every key on one side: |i - j| = +-(i - j)
             sign = 1.0 if block.k_stop - 1 <= first else -1.0
-            ref = block.k_start  # positions relative to the block keep float32's precision
-            cols = torch.stack([torch.ones(bk, dtype=p.dtype, device=p.device),
-                                torch.arange(bk, dtype=p.dtype, device=p.device)], 1)
-            sums = (p.view(b, hkv, bq * g, bk) @ cols).view(b, hkv, bq, g, 2)
-            qi = torch.arange(block.q_start, block.q_stop, device=p.device).to(p.dtype).view(1, 1, -1, 1)
-            self.distance[:, :, rows] += sign * ((qi + (self.offset - ref)) * sums[..., 0] - sums[..., 1])
+            # key positions relative to the block's first keep float32's precision
+            weighted = (p.reshape(-1, bk) @ torch.arange(bk, dtype=p.dtype, device=p.device)).view(b, hkv, bq, g)
+            self.distance[:, :, rows] += sign * ((qi - block.k_start).to(p.dtype) * total - weighted)
         else:
-            qi, kj = self._positions(block)
-            self.distance[:, :, rows] += (p * (qi - kj).abs().to(p.dtype).view(1, 1, bq, 1, bk)).sum(-1)
+            kj = torch.arange(block.k_start, block.k_stop, device=p.device)
+            d = (qi.view(-1, 1) - kj).abs().to(p.dtype).view(1, 1, bq, 1, bk)
+            self.distance[:, :, rows] += (p * d).sum(-1)
 
-    def _hist(self, block: ScoreBlock, p: Tensor) -> None:
-        """Mass per distance bin from the row's running sums at each bin's boundaries."""
-        b, hkv, bq, g, bk = p.shape
-        qi = torch.arange(block.q_start, block.q_stop, device=p.device).view(-1, 1) + self.offset
+    @staticmethod
+    def _before(cum: Tensor, k_start: int, bounds: Tensor) -> Tensor:
+        """``sum_{k_start <= j < bound} p[.., j]`` from the running sums ``cum`` (B, Hkv, bq, G, bk), for
+        ``bounds`` (B|1, 1, bq|1, 1, n) key positions: (B, Hkv, bq, G, n)."""
+        rel = bounds - k_start
+        index = (rel - 1).clamp(0, cum.shape[-1] - 1).expand(*cum.shape[:-1], rel.shape[-1])
+        return cum.gather(-1, index) * (rel > 0).to(cum.dtype)
+
+    def _hist(self, block: ScoreBlock, cum: Tensor, rows: slice) -> None:
+        """Mass per distance bin: differences of the running sums at each bin's boundaries."""
+        qi = torch.arange(block.q_start, block.q_stop, device=cum.device).view(-1, 1) + self.offset
         e = self.edges.view(1, -1)
         left = qi + 1 - e  # bin t on the left: keys [left[t + 1], left[t])
         right = qi + e.clamp(min=1)  # bin t on the right: keys [right[t], right[t + 1])
-        bounds = torch.cat([left, right], 1) - block.k_start  # (bq, 2 * (nbins + 1)), keys before the bound
-        cum = p.cumsum(-1)
-        index = (bounds - 1).clamp(0, bk - 1).view(1, 1, bq, 1, -1).expand(b, hkv, bq, g, -1)
-        before = cum.gather(-1, index) * (bounds > 0).view(1, 1, bq, 1, -1).to(p.dtype)
         n = self.edges.numel()
+        before = self._before(cum, block.k_start, torch.cat([left, right], 1).view(1, 1, qi.numel(), 1, 2 * n))
         pl, pr = before[..., :n], before[..., n:]
-        self.hist += ((pl[..., :-1] - pl[..., 1:]) + (pr[..., 1:] - pr[..., :-1])).sum(2)
+        self.hist[:, :, rows] += (pl[..., :-1] - pl[..., 1:]) + (pr[..., 1:] - pr[..., :-1])
 
-    def _sinks(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
+    def _sinks(self, block: ScoreBlock, cum: Tensor, rows: slice) -> None:
         n = self.options.sinks
         lo, hi = int(self.sink_start.min()), int(self.sink_start.max()) + n
         if n == 0 or block.k_stop <= lo or block.k_start >= hi:
             return
-        kj = torch.arange(block.k_start, block.k_stop, device=p.device).view(1, -1)
-        start = self.sink_start.view(-1, 1)
-        inside = ((kj >= start) & (kj < start + n)).to(p.dtype)  # (B, bk)
-        self.sink[:, :, rows] += (p * inside.view(-1, 1, 1, 1, inside.shape[-1])).sum(-1)
+        bounds = torch.stack([self.sink_start, self.sink_start + n], -1).view(-1, 1, 1, 1, 2)
+        before = self._before(cum, block.k_start, bounds)
+        self.sink[:, :, rows] += before[..., 1] - before[..., 0]
 
     def _top(self, block: ScoreBlock, p: Tensor, rows: slice) -> None:
         w, i = p.topk(min(self.k, p.shape[-1]), -1)
@@ -209,16 +208,22 @@ class _Accumulator:
         def rows(t: Tensor) -> Tensor:  # (B, Hkv, Lq, G, ...) -> (B, H, Lq, ...)
             return t.transpose(2, 3).reshape(b, h, lq, *t.shape[4:])
 
+        # The lse may carry its dtype's rounding (0.5 ulp of |lse|: 1e-6 at 20 in float32), which every
+        # exp(s - lse) of a row shares as a factor r = sum_j exp(s - lse) != 1. Dividing the row's sums by r,
+        # and log r off every log p, cancels it: what the row is, not what the lse rounded it to.
         kept = self.top_w > 0
-        top_w = torch.where(kept, self.top_w, 0.0)
-        top_i = torch.where(kept, self.top_i, -1)
+        r = torch.where(self.rowsum > 0, self.rowsum, 1.0)
         row_max = torch.where(kept[..., 0], self.lse + torch.log(self.top_w[..., 0].clamp(min=1e-300)), float("-inf"))
+        top_w = torch.where(kept, self.top_w / r.unsqueeze(-1), 0.0)
+        top_i = torch.where(kept, self.top_i, -1)
+        entropy = self.entropy / r + torch.log(r)
+        hist = (self.hist / r.unsqueeze(-1)).sum(2)  # (B, Hkv, G, nbins)
         k = self.options.top_k
         return CallStats(
-            received=self.received.reshape(b, h, call.k_len), entropy=rows(self.entropy), sink_mass=rows(self.sink),
-            distance=rows(self.distance), distance_hist=self.hist.reshape(b, h, -1), distance_edges=self.edges,
+            received=self.received.reshape(b, h, call.k_len), entropy=rows(entropy), sink_mass=rows(self.sink / r),
+            distance=rows(self.distance / r), distance_hist=hist.reshape(b, h, -1), distance_edges=self.edges,
             top_index=rows(top_i)[..., :k], top_weight=rows(top_w)[..., :k], row_max=rows(row_max),
-            max_logit=rows(row_max).amax(-1), lse=rows(self.lse), query_valid=self.query_valid,
+            max_logit=rows(row_max).amax(-1), lse=rows(self.lse + torch.log(r)), query_valid=self.query_valid,
             sinks=self.options.sinks)
 
 
@@ -236,7 +241,7 @@ def call_stats(call: AttentionCall, lse: Tensor, options: StatsOptions | None = 
             sequence's first real token).
 
     Nothing of size (Lq x Lk) is allocated: one block of scores at a time (see
-    :func:`~attnkit.functional.tiled.recompute.score_blocks`).
+    :func:`~attnkit.functional.tiled.recompute.log_prob_blocks`).
     """
     options = StatsOptions() if options is None else options
     if not isinstance(options, StatsOptions):
@@ -252,6 +257,6 @@ def call_stats(call: AttentionCall, lse: Tensor, options: StatsOptions | None = 
         raise ValueError(f"sink_start must be an int tensor of shape ({call.batch},); got {describe(sink_start)}")
     acc = _Accumulator(call, lse, options, query_valid, sink_start)
     if call.q_len and call.k_len:
-        for block, partial, scores in score_blocks(call):
-            acc.add(block, partial, scores)
+        for block, t in log_prob_blocks(call, acc.shift):
+            acc.add(block, t)
     return acc.result()
