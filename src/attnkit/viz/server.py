@@ -80,6 +80,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from attnkit._checks import describe, require_int, require_real
+from attnkit._model_facts import max_positions
 from attnkit.viz._html import CSP, page
 from attnkit.viz.lab import LAB_SCRIPTS
 from attnkit.viz.service import ExplainService, RequestError
@@ -109,6 +110,7 @@ DEFAULT_EXAMPLE = "The cat sat on the mat because it was tired."
 _DRAIN_LIMIT = 1 << 20  # an oversized body up to this many bytes past max_body is read and dropped before the 413
 _KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 _GRACE = 5  # seconds running requests get to finish once the server is told to stop
+_LONG_SHORT_LIMIT = 2048  # tokens the full-map explorer at / reads when a long document is served beside it
 # Control characters as \xNN in the log, so a request cannot write to the terminal.
 _CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _JSON = "application/json; charset=utf-8"
@@ -702,7 +704,9 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
         host, port, max_tokens, max_body, header_timeout, body_timeout, log: as for
             :func:`make_server`; the arguments are checked before the model is loaded.
         long: a UTF-8 text file: its statistics are computed once, before serving, and the long
-            explorer is served at ``/long`` (:class:`~attnkit.viz.long.LongDocument`).
+            explorer is served at ``/long`` (:class:`~attnkit.viz.long.LongDocument`). The explorer at
+            ``/`` then reads at most 2,048 tokens unless ``max_tokens`` says otherwise: it stores full maps,
+            which a long model's own limit (32K) would not bound.
         progress: a context manager factory (such as :meth:`attnkit.cli._common.Console.progress`) that
             yields ``progress(description, done, total)``, entered while they are computed; or None.
     """
@@ -720,6 +724,9 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
     if text is not None:
         with progress() if progress is not None else contextlib.nullcontext() as step:
             document = LongDocument(loaded, tokenizer, text, progress=step)
+    if document is not None and max_tokens is None:
+        window = max_positions(loaded, unstated=None)
+        max_tokens = _LONG_SHORT_LIMIT if window is None else min(window, _LONG_SHORT_LIMIT)
     server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body,
                          header_timeout=header_timeout, body_timeout=body_timeout, log=log, long=document)
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
