@@ -3,6 +3,7 @@
     python benchmarks/long_stats.py           # 32,768 tokens (Llama-style) and 131,072 (TransformerLM)
     python benchmarks/long_stats.py --quick   # 4,096 and 8,192 tokens, a smoke test (~1 min when idle)
     python benchmarks/long_stats.py --threads 1 --skip-lm   # on a busy machine: one thread, only the 32K model
+    python benchmarks/long_stats.py --threads 1 --lm-only --lm-shape 1 2   # only 131K tokens, 1 layer x 2 heads
 
 It prints the markdown table and writes benchmarks/results/long_stats.json and long_stats.md
 (long_stats_quick.* with ``--quick``; or into the directory given by ``--out``).
@@ -12,8 +13,8 @@ It prints the markdown table and writes benchmarks/results/long_stats.json and l
    memory growth of each (attnkit._timing.peak_memory_mib). Targets (issue 27): at most 2x
    the forward's time and 1 GiB of peak memory above the model at 32,768 tokens, where full
    float16 maps would need layers * heads * L * L * 2 bytes.
-2. attnkit's own TransformerLM (2 layers, 4 heads, width 256) on the tiled backend: the same
-   at 131,072 tokens, peak memory reported.
+2. attnkit's own TransformerLM (2 layers, 4 heads, D=64 by default, ``--lm-shape``) on the tiled
+   backend: the same at 131,072 tokens, peak memory reported.
 
 Times are medians of interleaved runs (``--repeats``); on a machine shared with other work,
 ``--threads 1`` avoids the thread barriers that a busy core stalls, for both sides alike.
@@ -50,9 +51,9 @@ def llama(length: int) -> torch.nn.Module:
     return model
 
 
-def transformer_lm() -> torch.nn.Module:
+def transformer_lm(depth: int, heads: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    lm = TransformerLM(TransformerConfig(vocab_size=1000, dim=256, depth=2, num_heads=4)).eval()
+    lm = TransformerLM(TransformerConfig(vocab_size=1000, dim=64 * heads, depth=depth, num_heads=heads)).eval()
     for module in lm.modules():
         if isinstance(module, MultiHeadAttention):
             module.config = dataclasses.replace(module.config, backend="tiled")
@@ -111,6 +112,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each (default: 3 quick, 1 full)")
     parser.add_argument("--skip-lm", action="store_true", help="only the Llama-style model")
+    parser.add_argument("--lm-only", action="store_true", help="only the TransformerLM (results: long_stats_lm)")
+    parser.add_argument("--lm-shape", type=int, nargs=2, default=(2, 4), metavar=("LAYERS", "HEADS"),
+                        help="the TransformerLM's layers and heads (D=64; default 2 4)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -119,12 +123,16 @@ def main() -> None:
     llama_length, lm_length = (4096, 8192) if args.quick else (32768, 131072)
     repeats = args.repeats or (3 if args.quick else 1)
     data = {"machine": machine_info(), "quick": args.quick, "rows": []}
-    data["rows"].append(measure("Llama-style 2 x 8, D=64 (sdpa)", llama(llama_length), llama_length, 2, 8, repeats))
+    if not args.lm_only:
+        data["rows"].append(measure("Llama-style 2 x 8, D=64 (sdpa)", llama(llama_length), llama_length, 2, 8,
+                                    repeats))
     if not args.skip_lm:
-        data["rows"].append(measure("TransformerLM 2 x 4, D=64 (tiled)", transformer_lm(), lm_length, 2, 4, repeats))
+        depth, heads = args.lm_shape
+        data["rows"].append(measure(f"TransformerLM {depth} x {heads}, D=64 (tiled)", transformer_lm(depth, heads),
+                                    lm_length, depth, heads, repeats))
     table = render(data)
     print(table)
-    save("long_stats" + ("_quick" if args.quick else ""), data, table, args.out)
+    save("long_stats" + ("_quick" if args.quick else "") + ("_lm" if args.lm_only else ""), data, table, args.out)
 
 
 if __name__ == "__main__":

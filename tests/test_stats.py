@@ -104,6 +104,14 @@ def test_rows_without_keys_and_uncounted_queries_are_zero():
     assert (st.top_index[0, 0, 0, 1:] == -1).all() and st.top_weight[0, 0, 0, 0] == 1  # the first query's one key
 
 
+def test_empty_calls():
+    q, k = torch.randn(1, 2, 0, 4), torch.randn(1, 2, 5, 4)
+    _, st = attnkit.attention(q, k, k, stats=True)
+    assert st.entropy.shape == (1, 2, 0) and st.received.abs().sum() == 0 and st.max_logit.tolist() == [[-1e999] * 2]
+    _, st = attnkit.attention(k, q, q, stats=StatsOptions(top_k=2))
+    assert (st.top_index == -1).all() and (st.lse == float("-inf")).all() and st.received.shape == (1, 2, 0)
+
+
 def test_stats_arguments_are_checked():
     q = torch.randn(1, 1, 4, 4)
     with pytest.raises(TypeError, match=r"stats must be a bool or an attnkit\.functional\.stats\.StatsOptions; got"):

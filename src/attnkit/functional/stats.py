@@ -213,7 +213,8 @@ class _Accumulator:
         # and log r off every log p, cancels it: what the row is, not what the lse rounded it to.
         kept = self.top_w > 0
         r = torch.where(self.rowsum > 0, self.rowsum, 1.0)
-        row_max = torch.where(kept[..., 0], self.lse + torch.log(self.top_w[..., 0].clamp(min=1e-300)), float("-inf"))
+        top1 = self.top_w[..., 0].clamp(min=torch.finfo(self.top_w.dtype).tiny)
+        row_max = rows(torch.where(kept[..., 0], self.lse + torch.log(top1), float("-inf")))  # exp(max - lse) = top1
         top_w = torch.where(kept, self.top_w / r.unsqueeze(-1), 0.0)
         top_i = torch.where(kept, self.top_i, -1)
         entropy = self.entropy / r + torch.log(r)
@@ -222,8 +223,9 @@ class _Accumulator:
         return CallStats(
             received=self.received.reshape(b, h, call.k_len), entropy=rows(entropy), sink_mass=rows(self.sink / r),
             distance=rows(self.distance / r), distance_hist=hist.reshape(b, h, -1), distance_edges=self.edges,
-            top_index=rows(top_i)[..., :k], top_weight=rows(top_w)[..., :k], row_max=rows(row_max),
-            max_logit=rows(row_max).amax(-1), lse=rows(self.lse + torch.log(r)), query_valid=self.query_valid,
+            top_index=rows(top_i)[..., :k], top_weight=rows(top_w)[..., :k], row_max=row_max,
+            max_logit=row_max.amax(-1) if lq else row_max.new_full((b, h), float("-inf")),
+            lse=rows(self.lse + torch.log(r)), query_valid=self.query_valid,
             sinks=self.options.sinks)
 
 
