@@ -105,6 +105,7 @@ VIEWS: dict[str, Callable[[], str]] = {
     "polysemy": lambda: script("polysemy").render(load("polysemy")),
     "engine": lambda: script("engine").render(load("engine")),
     "flex_functions": lambda: script("flex_functions").render(load("flex_functions")),
+    "long_page": lambda: script("long_page").render(load("long_page")),
     **{f"findings-{part}": (lambda part=part: script("findings").RENDER[part](load(f"findings-{part}")))
        for part in ("clark", "sinks", "streaming")},
 }
@@ -118,7 +119,7 @@ FILES: dict[str, Callable[[], str]] = {
     **{n: (lambda n=n: bench_markdown(load(n))) for n in PEER_FILES},
     **{n: VIEWS[n] for n in ("core", "decode", "linear", "ring", "capture", "report", "bertviz_size", "profile",
                                   "translate", "monitor_overhead", "polysemy", "flex_functions", "findings-clark",
-                                  "findings-sinks", "findings-streaming")},
+                                  "findings-sinks", "findings-streaming", "long_page")},
     "engine": lambda: script("_results").machine_line(load("engine")["machine"]) + "\n\n" + VIEWS["engine"](),
     "linear-favor": VIEWS["linear-favor"],
     **LINKED,

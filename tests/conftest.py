@@ -274,3 +274,22 @@ def assert_drawn(path, min_colours=8, min_ink=0.01):
     rgb = png_rgb(path)
     assert len(np.unique(rgb.reshape(-1, 3), axis=0)) >= min_colours, f"{path}: too few colours"
     assert (rgb.min(-1) < 200).mean() > min_ink, f"{path}: almost blank"
+
+
+# --- a server of attnkit serve's, running in a thread ---
+
+
+@contextmanager
+def serving(server):
+    """Run ``server`` (from ``attnkit.viz.server.make_server``) in a thread for the block; stop and close it after."""
+    import threading
+
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        assert not thread.is_alive()

@@ -16,7 +16,13 @@ lines to the source tokens, and the alignment heatmap: rows target, columns sour
 encoder's and decoder's self-attention; --png DIR writes DIR/alignment.png.
 
 With --generate N (a model that generates): greedy generation of N tokens from TEXT; the report
-shows the text growing token by token, and where each generated token looked."""
+shows the text growing token by token, and where each generated token looked.
+
+With --long FILE (instead of TEXT): a long document, up to the model's context window (32K tokens and
+more: no (L x L) map is stored). The terminal shows each layer's sink mass, entropy and attention
+distance; the report is the long explorer (a layers x heads grid, the mass each token receives along the
+document, the text, and each query's top keys). `attnkit serve --long FILE` zooms on exact weights
+instead. See docs/long-explorer.md."""
 
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ if TYPE_CHECKING:  # imported where used, so that `attnkit --help` stays fast
 def add_parser(sub: Subparsers) -> Parser:
     p = sub.add_parser("explain", help="what a model attends to in a text: terminal summary, HTML report, PNGs",
                        description=__doc__)
-    p.add_argument("text", help="the input text")
+    p.add_argument("text", nargs="?", default=None, help="the input text (leave it out with --long FILE)")
     p.add_argument("--model", default="minilm",
                    help="'minilm' (bundled all-MiniLM-L6-v2, the hf extra) or a local Hugging Face model folder")
     p.add_argument("--out", default="report.html", help="the HTML report to write ('' for none)")
@@ -69,6 +75,12 @@ def add_parser(sub: Subparsers) -> Parser:
                         "cross-attention")
     modes.add_argument("--generate", type=positive, default=None, metavar="N",
                    help="generate N tokens greedily from TEXT and show where each one looked")
+    modes.add_argument("--long", default=None, metavar="FILE",
+                   help="a long document (a UTF-8 text file) instead of TEXT: exact statistics without maps, and "
+                        "the long explorer as the report")
+    p.add_argument("--top-k", type=positive, default=5,
+                   help="with --long: the keys per query the report keeps (each adds about 4 bytes per query and "
+                        "head to the page)")
     p.set_defaults(run=run)
     return p
 
@@ -81,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     with con.status(f"loading {args.model}..."):
         model, tokenizer = models.load(args.model)
+    if args.long is not None:
+        return _long(args, con, model, tokenizer)
     if args.target is not None:
         return _seq2seq(args, con, model, tokenizer)
     if args.generate is not None:
@@ -92,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Options that do not go together, and outputs that cannot be written, refused before the model loads."""
+    if args.long is not None:
+        _check_long(args)
+    elif args.text is None:
+        raise UsageError("the following arguments are required: text (or --long FILE for a long document)")
     if args.png:
         from attnkit._plot import pyplot
 
@@ -122,6 +140,47 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.compare is not None and (not args.token or len(args.token) != 1):
         raise UsageError(f"--compare needs exactly one --token WORD to compare (e.g. --token bank); got "
                          f"{len(args.token or [])} --token")
+
+
+def _check_long(args: argparse.Namespace) -> None:
+    """--long FILE goes alone: no TEXT and no other mode; the file is read now, before the model loads."""
+    from attnkit.viz.long import read_text
+
+    given = [name for name, value in (("TEXT", args.text), ("--compare", args.compare), ("--target", args.target),
+                                      ("--generate", args.generate), ("--layers", args.layers), ("--heads", args.heads),
+                                      ("--token", args.token), ("--png", args.png)) if value is not None]
+    if given:
+        raise UsageError(f"{given[0]} does not go with --long FILE (the document is the file's text)")
+    args.long_text = read_text(args.long)
+
+
+def _long(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer: Any) -> int:
+    """``explain --long FILE``: a long document's statistics, per layer in the terminal, and the long explorer."""
+    from attnkit.viz.long import LongDocument, write_long_report
+
+    with con.progress() as progress:
+        doc = LongDocument(model, tokenizer, args.long_text, top_k=args.top_k, progress=progress)
+    st, window = doc.stats, doc.stats.context_window
+    con.rule(f"{st.model_name}: {doc.length:,} tokens of {args.long} (context window "
+             f"{'stated by none' if window is None else f'{window:,}'}), {len(st.layers)} layers x "
+             f"{st.received.shape[1]} heads")
+    rows = []
+    for n, layer in enumerate(st.layers):
+        sink, ent, dist = st.sink_share[n], st.mean_entropy[n], st.mean_distance[n]
+        rows.append((str(layer), f"{float(sink.mean()):.3f}", f"{float(sink.max()):.3f} H{int(sink.argmax())}",
+                     f"{float(ent.mean()):.2f}", f"{float(dist.mean()):.1f}",
+                     f"{float(dist.min()):.1f} H{int(dist.argmin())}"))
+    con.table(f"per layer, mean over heads and the standout head (sink: mass on the first {st.sinks} tokens)",
+              ("layer", Column("sink", right=True), Column("top sink", right=True), Column("entropy", right=True),
+               Column("distance", right=True), Column("most local", right=True)), rows)
+    heavy = st.received.double().mean((0, 1)).topk(min(5, doc.length))
+    con.print("tokens that receive the most (mean over layers and heads): " + "  ".join(
+        f"{j}:{st.tokens[j]} {float(v):.1f}" for v, j in zip(heavy.values, heavy.indices.tolist())))
+    if args.out:
+        path = write_long_report(doc.data(), args.out)
+        con.print(f"wrote {path} ({size(path.stat().st_size)}): the long explorer; open it in a browser; it needs "
+                  "no network. `attnkit serve --long FILE` zooms on exact weights")
+    return 0
 
 
 def _self_attention(args: argparse.Namespace, con: Console, model: nn.Module, tokenizer: Any) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from attnkit.cli._common import Parser, Subparsers, quiet_transformers
+from attnkit.cli._common import Console, Parser, Subparsers, quiet_transformers
 
 
 def add_parser(sub: Subparsers) -> Parser:
@@ -16,6 +16,9 @@ def add_parser(sub: Subparsers) -> Parser:
     p.add_argument("--model", default="minilm", help="'minilm' or a local Hugging Face model folder")
     p.add_argument("--max-tokens", type=int, default=None,
                    help="longest input accepted, in tokens (default: the model's maximum positions)")
+    p.add_argument("--long", default=None, metavar="FILE",
+                   help="also serve the long-document explorer of this UTF-8 text file at /long, its zoom computing "
+                        "exact weights (statistics computed once, at start; see docs/long-explorer.md)")
     p.set_defaults(run=run)
     return p
 
@@ -25,5 +28,6 @@ def run(args: argparse.Namespace) -> int:
     from attnkit.viz import server
 
     quiet_transformers()
-    server.serve(args.model, host=args.host, port=args.port, max_tokens=args.max_tokens)
+    server.serve(args.model, host=args.host, port=args.port, max_tokens=args.max_tokens, long=args.long,
+                 progress=Console().progress)
     return 0

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from attnkit._checks import describe, require_int, require_real
 
-__all__ = ["PLANS", "QUANTUM", "BudgetError", "Encoded", "decode", "encode"]
+__all__ = ["PLANS", "QUANTUM", "BudgetError", "Encoded", "decode", "encode", "encode_peaks"]
 
 QUANTUM = 1.0 / 65535
 MAX_LENGTH = 65535
@@ -332,3 +332,59 @@ def decode(data: dict) -> Tensor:
         out[:] = np.repeat(spread, block, axis=1)[:, :lk]
     out[row_of, cols] = values
     return torch.from_numpy(out.astype(np.float32).reshape(m, lq, lk))
+
+
+def encode_peaks(columns: Tensor, weights: Tensor, n_keys: int) -> Encoded:
+    """Rows given by their largest entries (top-k keys and weights), in :func:`encode`'s layout without a
+    background: what a page shows where the dense rows were never held.
+
+    Args:
+        columns: (M, Lq, k) integer key indices, each row's distinct keys in any order.
+        weights: (M, Lq, k) their probabilities. An entry of weight 0 is left out, whatever its index
+            (a row that saw fewer than k keys pads with them, e.g. as index -1).
+        n_keys: Lk, the keys of each row (the columns are below it).
+
+    ``dropped_max``/``dropped_mean`` give, per matrix, the most and the mean mass a row has outside
+    its stored entries (``1 - sum(weights)`` for a row that sees a key; 0 for one that sees none).
+
+    >>> import torch
+    >>> enc = encode_peaks(torch.tensor([[[2, 0], [1, 0]]]), torch.tensor([[[0.6, 0.3], [1.0, 0.0]]]), 3)
+    >>> decode(enc.to_json()), round(enc.dropped_max[0], 6)
+    (tensor([[[0.3000, 0.0000, 0.6000],
+             [0.0000, 1.0000, 0.0000]]]), 0.1)
+    """
+    if not isinstance(columns, Tensor) or columns.dtype.is_floating_point or columns.dim() != 3:
+        raise TypeError(f"columns must be an (M, Lq, k) integer tensor; got {describe(columns)}")
+    if not isinstance(weights, Tensor) or not weights.dtype.is_floating_point or weights.shape != columns.shape:
+        raise TypeError(f"weights must be a float tensor of the columns' shape {tuple(columns.shape)}; "
+                        f"got {describe(weights)}")
+    n_keys = require_int("n_keys", n_keys, minimum=1)
+    m, lq, _ = columns.shape
+    if max(lq, n_keys) > MAX_LENGTH:
+        raise ValueError(f"rows must be at most {MAX_LENGTH} x {MAX_LENGTH} to encode; got {lq} x {n_keys}")
+    w = weights.detach().cpu().double()
+    cols = columns.detach().cpu().long().masked_fill(w <= 0, 0)  # an entry of weight 0 (index -1, say) is left out
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= n_keys):
+        raise ValueError(f"columns must be in [0, n_keys={n_keys}); got values in [{int(cols.min())}, "
+                         f"{int(cols.max())}]")
+    if w.numel() and not (bool((w >= 0).all()) and bool((w <= 1.0 + 1e-6).all())):
+        raise ValueError("weights must be probabilities in [0, 1]; got values outside (or NaN)")
+    order = cols.masked_fill(w <= 0, n_keys).argsort(dim=-1, stable=True)  # ascending columns, zeros last
+    cols, w = cols.gather(-1, order), w.gather(-1, order)
+    keep = (w > 0).reshape(m * lq, -1)
+    row_counts = keep.sum(-1)
+    flat_cols, flat_w = cols.reshape(m * lq, -1)[keep], w.reshape(m * lq, -1)[keep]
+    rows = torch.arange(m * lq).repeat_interleave(row_counts)
+    gaps = flat_cols.clone()
+    if len(rows):
+        same_row = torch.zeros_like(rows, dtype=torch.bool)
+        same_row[1:] = rows[1:] == rows[:-1]
+        gaps[1:] = torch.where(same_row[1:], flat_cols[1:] - flat_cols[:-1], flat_cols[1:])
+    values = torch.round(flat_w / QUANTUM).clamp(1, 65535)
+    totals = w.sum(-1)  # (M, Lq)
+    dropped = torch.where(totals > 0, (1.0 - totals).clamp(min=0.0), 0.0)
+    raw = b"".join(a.numpy().astype("<u2").tobytes() for a in (row_counts, gaps, values))
+    return Encoded(blob=base64.b64encode(zlib.compress(raw, 6)).decode("ascii"), shape=(m, lq, n_keys),
+                   tolerance=0.0, peaks=int(columns.shape[-1]), blocks=0, block=0, kept=int(row_counts.sum()),
+                   raw_bytes=len(raw), dropped_max=[float(d.max()) for d in dropped],
+                   dropped_mean=[float(d.mean()) for d in dropped], blurred_max=[0.0] * m, blurred_mean=[0.0] * m)

@@ -19,6 +19,10 @@ Routes (every answer but the page and ``/healthz`` is JSON; errors are ``{"error
 ``GET /api/info``       ``{"model", "kind", "max_tokens", "max_generate", "max_body", "layers",
                         "heads"}``
 ``GET /healthz``        ``ok`` (text/plain)
+``GET /long``           with a long document (``serve --long FILE``): the long explorer
+                        (:mod:`attnkit.viz.long`)
+``POST /api/long/zoom`` ``{"layer", "head", "q0", "q1", "k0"?, "k1"?, "columns"?}`` -> 200 the
+                        exact weights of those queries (:meth:`attnkit.viz.long.LongDocument.zoom`)
 ======================  ================================================================
 
 Status codes: 400 a body that is not a JSON object with a non-empty string ``text``, an
@@ -65,6 +69,7 @@ import errno
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -72,12 +77,16 @@ import threading
 import traceback
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnkit._checks import describe, require_int, require_real
+from attnkit._model_facts import max_positions
 from attnkit.viz._html import CSP, page
 from attnkit.viz.lab import LAB_SCRIPTS
 from attnkit.viz.service import ExplainService, RequestError
+
+if TYPE_CHECKING:
+    from attnkit.viz.long import LongDocument
 
 try:
     import anyio
@@ -101,6 +110,7 @@ DEFAULT_EXAMPLE = "The cat sat on the mat because it was tired."
 _DRAIN_LIMIT = 1 << 20  # an oversized body up to this many bytes past max_body is read and dropped before the 413
 _KEEP_ALIVE = 5  # seconds an idle keep-alive connection stays open
 _GRACE = 5  # seconds running requests get to finish once the server is told to stop
+_LONG_SHORT_LIMIT = 2048  # tokens the full-map explorer at / reads when a long document is served beside it
 # Control characters as \xNN in the log, so a request cannot write to the terminal.
 _CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
 _JSON = "application/json; charset=utf-8"
@@ -453,12 +463,12 @@ async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
 
 
 def build_app(service: ExplainService, *, page_html: str, url: str, allowed_hosts: list[str], body_timeout: float,
-              log: Callable[[str], None] | None) -> Any:
+              log: Callable[[str], None] | None, long: LongDocument | None = None) -> Any:
     """The ASGI app of :class:`ExplainServer`: routes over ``service``, the Host and Origin guards, JSON errors.
 
     ``allowed_hosts`` are the ``Host`` values (no port; IPv6 in brackets) that name this
     server. The security headers are not added here: uvicorn adds them (see
-    :func:`make_server`).
+    :func:`make_server`). With ``long``, ``GET /long`` and ``POST /api/long/zoom`` too.
     """
     page_bytes = page_html.encode("utf-8")
 
@@ -483,14 +493,38 @@ def build_app(service: ExplainService, *, page_html: str, url: str, allowed_host
         answer, hit = await run_in_threadpool(work)
         return Response(answer, media_type=_JSON, headers={"X-Attnkit-Cache": "hit" if hit else "miss"})
 
+    routes = [Route("/", home, methods=["GET"]), Route("/healthz", healthz, methods=["GET"]),
+              Route("/api/info", info, methods=["GET"]), Route("/api/explain", explain, methods=["POST"])]
+    if long is not None:
+        routes.extend(_long_routes(long, body_timeout))
     app = Starlette(
-        routes=[Route("/", home, methods=["GET"]), Route("/healthz", healthz, methods=["GET"]),
-                Route("/api/info", info, methods=["GET"]), Route("/api/explain", explain, methods=["POST"])],
+        routes=routes,
         middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts, www_redirect=False),
                     Middleware(_SameOrigin, url=url)],
         exception_handlers={HTTPException: _http_error, RequestError: _refused, Exception: _internal_error},
     )
     return _Answers(app, log)
+
+
+def _long_routes(long: LongDocument, body_timeout: float) -> list[Route]:
+    """``GET /long`` (the long explorer, zooming through this server) and ``POST /api/long/zoom``."""
+    from attnkit.viz.long import long_html
+
+    page_bytes = long_html(long.data(zoom=True), connect=True).encode("utf-8")
+
+    async def long_page(request: Request) -> Response:
+        return Response(page_bytes, media_type="text/html; charset=utf-8")
+
+    async def zoom(request: Request) -> Response:
+        body = await _read_body(request, 4096, body_timeout)
+        content_type = request.headers.get("content-type", "")
+
+        def work() -> bytes:  # in a worker thread: a zoom may run the model up to one layer
+            return _json_bytes(long.zoom(**long.parse_zoom(body, content_type)))
+
+        return Response(await run_in_threadpool(work), media_type=_JSON)
+
+    return [Route("/long", long_page, methods=["GET"]), Route("/api/long/zoom", zoom, methods=["POST"])]
 
 
 # -- the server -----------------------------------------------------------------------------------
@@ -525,7 +559,8 @@ class ExplainServer:
     """
 
     def __init__(self, service: ExplainService, *, host: str, port: int, max_connections: int, header_timeout: float,
-                 body_timeout: float, log: Callable[[str], None] | None, example: str | None) -> None:
+                 body_timeout: float, log: Callable[[str], None] | None, example: str | None,
+                 long: LongDocument | None = None) -> None:
         self.service, self.log = service, log
         self.model_name, self.max_tokens, self.max_body = service.model_name, service.max_tokens, service.max_body
         self.layers, self.heads = service.layers, service.heads
@@ -557,7 +592,7 @@ class ExplainServer:
                     js=["explorer.js", "seq2seq.js", "generation.js", *LAB_SCRIPTS, "app.js"], body=_BODY, connect=True,
                     data={**service.info(), "example": example})
         app = build_app(service, page_html=html, url=self.url, allowed_hosts=self.allowed_hosts,
-                        body_timeout=body_timeout, log=log)
+                        body_timeout=body_timeout, log=log, long=long)
         protocol = _protocol(header_timeout, log)
         config = uvicorn.Config(
             app, http=protocol, ws="none", lifespan="off", loop="asyncio", log_config=None, access_log=False,
@@ -599,7 +634,8 @@ class ExplainServer:
 def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: int = 8000,
                 max_tokens: int | None = None, max_body: int = 65536, cache_size: int = 32, workers: int = 4,
                 max_connections: int = 256, header_timeout: float = 10.0, body_timeout: float = 20.0,
-                log: Callable[[str], None] | None = _stderr, example: str | None = DEFAULT_EXAMPLE) -> ExplainServer:
+                log: Callable[[str], None] | None = _stderr, example: str | None = DEFAULT_EXAMPLE,
+                long: LongDocument | None = None) -> ExplainServer:
     """An :class:`ExplainServer` for ``model``, bound and ready; it serves once you call ``serve_forever()``.
 
     Args:
@@ -626,6 +662,8 @@ def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: in
         log: called with each access line, uvicorn's warnings and each internal error's
             traceback; default stderr; None: silent. The network warning always goes to stderr.
         example: the text the page shows and explains when it opens; None: an empty box.
+        long: a :class:`~attnkit.viz.long.LongDocument` of ``model`` to serve at ``/long``, its zoom
+            computing exact weights on request; None: none.
 
     Raises:
         TypeError, ValueError: an argument of the wrong type or out of range.
@@ -646,13 +684,18 @@ def make_server(model: Any, tokenizer: Any, *, host: str = "127.0.0.1", port: in
         raise TypeError(f"example must be a str or None; got {describe(example)}")
     service = ExplainService(model, tokenizer, max_tokens=max_tokens, max_body=max_body, cache_size=cache_size,
                              workers=workers)
+    if long is not None and long.model is not model:
+        raise ValueError("long must be a LongDocument of the model this server runs; got one of another model")
     return ExplainServer(service, host=host, port=port, max_connections=max_connections,
-                         header_timeout=header_timeout, body_timeout=body_timeout, log=log, example=example)
+                         header_timeout=header_timeout, body_timeout=body_timeout, log=log, example=example,
+                         long=long)
 
 
 def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, max_tokens: int | None = None,
           max_body: int = 65536, header_timeout: float = 10.0, body_timeout: float = 20.0,
-          log: Callable[[str], None] | None = _stderr) -> None:
+          log: Callable[[str], None] | None = _stderr, long: str | os.PathLike | None = None,
+          progress: Callable[[], contextlib.AbstractContextManager[Callable[[str, int, int], None]]] | None = None,
+          ) -> None:
     """Load ``model`` once, print the app's URL and serve it until Ctrl-C or SIGTERM; then stop gracefully.
 
     Args:
@@ -660,21 +703,36 @@ def serve(model: str = "minilm", *, host: str = "127.0.0.1", port: int = 8000, m
             as for :func:`attnkit.models.load`.
         host, port, max_tokens, max_body, header_timeout, body_timeout, log: as for
             :func:`make_server`; the arguments are checked before the model is loaded.
+        long: a UTF-8 text file: its statistics are computed once, before serving, and the long
+            explorer is served at ``/long`` (:class:`~attnkit.viz.long.LongDocument`). The explorer at
+            ``/`` then reads at most 2,048 tokens unless ``max_tokens`` says otherwise: it stores full maps,
+            which a long model's own limit (32K) would not bound.
+        progress: a context manager factory (such as :meth:`attnkit.cli._common.Console.progress`) that
+            yields ``progress(description, done, total)``, entered while they are computed; or None.
     """
-    import os
-
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be 'minilm' or a local model folder (str or path); got {describe(model)}")
     _check_options(host, port, max_tokens, max_body, log)
     header_timeout = _check_timeout("header_timeout", header_timeout)
     body_timeout = _check_timeout("body_timeout", body_timeout)
     from attnkit import models
+    from attnkit.viz.long import LongDocument, read_text
 
+    text = None if long is None else read_text(long)
     loaded, tokenizer = models.load(model)
+    document = None
+    if text is not None:
+        with progress() if progress is not None else contextlib.nullcontext() as step:
+            document = LongDocument(loaded, tokenizer, text, progress=step)
+    if document is not None and max_tokens is None:
+        window = max_positions(loaded, unstated=None)
+        max_tokens = _LONG_SHORT_LIMIT if window is None else min(window, _LONG_SHORT_LIMIT)
     server = make_server(loaded, tokenizer, host=host, port=port, max_tokens=max_tokens, max_body=max_body,
-                         header_timeout=header_timeout, body_timeout=body_timeout, log=log)
+                         header_timeout=header_timeout, body_timeout=body_timeout, log=log, long=document)
     print(f"attnkit serve: {server.model_name} ({server.layers} layers x {server.heads} heads, up to "
           f"{server.max_tokens} tokens) at {server.url}  (Ctrl-C stops)", flush=True)
+    if document is not None:
+        print(f"attnkit serve: the long document ({document.length:,} tokens) at {server.url}long", flush=True)
     installed, previous = False, None
     # uvicorn stops gracefully on SIGINT and SIGTERM, then raises the signal again with the
     # handlers from before: make that SIGTERM a KeyboardInterrupt too, so both end here.
