@@ -197,6 +197,17 @@ def test_the_nearest_tuned_length_on_a_log_scale():
     assert t.find("window", "bfloat16", 1024) is None and t.find("causal", "float32", 1024) is None
 
 
+def test_the_cache_folder_follows_attnkit_cache_dir_then_xdg_cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert tuning.cache_path() == tmp_path / "mine" / "tuning.json"
+    monkeypatch.delenv("ATTNKIT_CACHE_DIR")
+    assert tuning.cache_path() == tmp_path / "xdg" / "attnkit" / "tuning.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert tuning.cache_path() == tmp_path / "home" / ".cache" / "attnkit" / "tuning.json"
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(tmp_path))

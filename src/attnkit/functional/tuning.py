@@ -249,12 +249,12 @@ def lookup(call: AttentionCall) -> tuple[TunedCase | None, str]:
     """The tuned case for ``call`` from the cache, or None; and a reason line saying which, or why none."""
     if call.requires_grad:
         return None, "kernel policy: static (the tuning cache times forward passes; this call needs gradients)"
+    state = load_cache()  # first: without a cache (one stat), nothing more is computed
+    if state.tuning is None:
+        return None, f"kernel policy: static ({state.note})"
     case = case_of(call)
     if isinstance(case, str):
         return None, f"kernel policy: static ({case})"
-    state = load_cache()
-    if state.tuning is None:
-        return None, f"kernel policy: static ({state.note})"
     found = state.tuning.find(*case)
     if found is None:
         return None, f"kernel policy: static (the tuning cache has no {case[0]} {case[1]} case)"
