@@ -140,19 +140,29 @@ class FakeClock:
 def _measured_ranking(costs, first=None, repeats=5):
     clock = FakeClock()
     runners = {name: clock.kernel(name, cost, (first or {}).get(name)) for name, cost in costs.items()}
-    medians, firsts = tuning.time_kernels(runners, repeats=repeats, clock=clock)
+    medians, firsts, _ = tuning.time_kernels(runners, repeats=repeats, clock=clock)
     return tuning.rank({k: 1e3 * s for k, s in medians.items()}), medians, firsts, clock
 
 
 def test_the_faster_kernel_wins_and_first_calls_are_kept_out_of_the_medians():
     ranking, medians, firsts, clock = _measured_ranking(
-        {"native": 0.012, "fused": 0.010, "math": 0.030, "flex": 0.011}, first={"flex": 30.0, "math": 5.0})
+        {"native": 0.012, "fused": 0.010, "math": 0.030, "flex": 0.011}, first={"flex": 30.0, "math": 0.035})
     assert ranking == ("fused", "flex", "native", "math")  # flex and native: 10% apart, not tied
     assert medians == pytest.approx({"native": 0.012, "fused": 0.010, "math": 0.030, "flex": 0.011})
     assert firsts["flex"] == pytest.approx(30.0)  # the compile, reported apart
-    # each kernel: first call, warm-up, 5 timed runs; the timed runs interleave (no kernel runs twice in a row)
-    timed = clock.calls[8:]
+    # each kernel: a first call (the warm-up), then 5 timed runs, interleaved (no kernel runs twice in a row)
+    timed = clock.calls[4:]
     assert len(timed) == 20 and all(a != b for a, b in itertools.pairwise(timed))
+
+
+def test_a_kernel_whose_first_call_is_far_slower_is_not_timed_further():
+    clock = FakeClock()
+    runners = {"math": clock.kernel("math", 0.050), "fused": clock.kernel("fused", 0.010),
+               "flex": clock.kernel("flex", 0.008, first=20.0)}  # Flex's compile does not count against it
+    medians, first, dropped = tuning.time_kernels(runners, repeats=3, clock=clock)
+    assert first["flex"] == pytest.approx(20.0)
+    assert set(medians) == {"fused", "flex"} and clock.calls.count("math") == 1
+    assert dropped == {"math": "its first call took 5.0x the fastest's: not timed further"}
 
 
 @pytest.mark.parametrize(("costs", "winner"), [
@@ -297,7 +307,8 @@ def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, cap
     saved = tuning.load_cache().tuning
     assert saved is not None and [(c.family, c.length) for c in saved.cases] == [("window", 256), ("dense", 256)]
     window = saved.cases[0]
-    assert set(window.medians_ms) == {"math", "fused", "banded"} and "native" in window.skipped
+    timed, dropped = set(window.medians_ms), {k for k, why in window.skipped.items() if "not timed further" in why}
+    assert timed and timed | dropped == {"math", "fused", "banded"} and not timed & dropped  # timings decide which
     assert "ATTNKIT_NATIVE=0" in window.skipped["native"]
     assert "window float32 L=256" in out and "saved to" in out and "tuning.json" in out
 

@@ -2,7 +2,7 @@
 
 The fastest tiled kernel differs between CPUs (an AMD EPYC without bf16 units and an Intel Xeon with AMX
 disagree), so a rule measured on one CPU is a guess on the next. :func:`tune` times each kernel on a small set
-of representative cases, interleaved, median after warm-up, and :func:`save` writes each case's medians to
+of representative cases, interleaved, median of 3 after a warm-up call, and :func:`save` writes each case's medians to
 ``tuning.json`` in the user's cache folder (:func:`cache_path`), as FFTW's wisdom does. ``backend="auto"`` reads
 it (:func:`lookup`) and never times anything inside a call; without a usable cache it keeps the static policy
 of :func:`attnkit.functional.tiled.choose`.
@@ -50,6 +50,7 @@ from attnkit.functional._call import AttentionCall
 
 SIMPLICITY = ("math", "fused", "banded", "native", "flex")  # simplest first: ties go to the earlier
 TIE = 0.03  # medians within 3% of the fastest are tied
+SLOW = 4.0  # a kernel whose first call takes this many times the fastest's is not timed further
 FAMILIES = ("window", "document", "causal", "dense")
 DTYPES = ("float32", "bfloat16")
 LENGTHS = (1024, 4096)
@@ -271,16 +272,23 @@ def flex_measured_fastest(call: AttentionCall) -> str | None:
     return f"the tuning cache measured compiled Flex fastest for {found.describe()}"
 
 
-def time_kernels(runners: dict[str, Callable[[], object]], repeats: int = 5,
-                 clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, float], dict[str, float]]:
-    """Each runner's median seconds (interleaved, after one warm-up call each) and its first call's seconds (a
-    compile, for Flex), both read from ``clock``."""
+def time_kernels(runners: dict[str, Callable[[], object]], repeats: int = 3,
+                 clock: Callable[[], float] = time.perf_counter
+                 ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Time each runner, reading ``clock`` (seconds): its first call (the warm-up; a compile, for Flex), then
+    ``repeats`` calls interleaved with the others. A kernel whose first call takes more than :data:`SLOW` times
+    the fastest first call (Flex's, a compile, aside) cannot win and is not timed further. Returns the medians,
+    the first calls, and the kernels dropped after their first call, with why."""
     first = {}
     for name, fn in runners.items():
         start = clock()
         fn()
         first[name] = clock() - start
-    return interleaved_median_seconds(runners, repeats, warmup=1, clock=clock), first
+    fastest = min((s for k, s in first.items() if k != "flex"), default=0.0)
+    dropped = {k: f"its first call took {s / fastest:.1f}x the fastest's: not timed further"
+               for k, s in first.items() if k != "flex" and fastest > 0 and s > SLOW * fastest}
+    kept = {k: fn for k, fn in runners.items() if k not in dropped}
+    return interleaved_median_seconds(kept, repeats, warmup=0, clock=clock), first, dropped
 
 
 def _runners(family: str, dtype: str, length: int, kernels: Sequence[str], heads: int,
@@ -328,16 +336,16 @@ def _pinned(name: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, lengths: Sequence[int] = LENGTHS,
-         *, kernels: Sequence[str] = SIMPLICITY, repeats: int = 5, heads: int = 8, head_dim: int = 64,
+         *, kernels: Sequence[str] = SIMPLICITY, repeats: int = 3, heads: int = 8, head_dim: int = 64,
          progress: Callable[[str, int, int], None] | None = None,
          clock: Callable[[], float] = time.perf_counter) -> Tuning:
     """Time each kernel on every (family, dtype, length) case on this machine; returns the :class:`Tuning`
     (:func:`save` writes it where ``auto`` reads it).
 
     Each case is a benchmark problem (:func:`attnkit.bench.cases.make_problem`: B=1, H=Hkv=``heads``,
-    D=``head_dim``, window 512, 8 causal documents), forward only. Every kernel that runs the case runs once
-    (its first call: Flex compiles there, once per shape), once more as warm-up, then ``repeats`` times
-    interleaved with the others; the medians decide. ``progress(description, done, total)`` is called before
+    D=``head_dim``, window 512, 8 causal documents), forward only. Every kernel that runs the case runs once as
+    warm-up (Flex compiles there, once per shape), then ``repeats`` times interleaved with the others
+    (:func:`time_kernels`); the medians decide. ``progress(description, done, total)`` is called before
     each case and at the end.
 
     >>> t = tune(["window"], ["float32"], [256], kernels=["math", "fused"], repeats=1)  # doctest: +SKIP
@@ -350,8 +358,9 @@ def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, len
         if progress is not None:
             progress(f"{family} {dtype} L={length}", n, len(grid))
         runners, skipped = _runners(family, dtype, length, kernels, heads, head_dim)
-        medians, first = time_kernels(runners, repeats, clock)
-        cases.append(TunedCase(family, dtype, length, {k: 1e3 * s for k, s in medians.items()}, first, skipped))
+        medians, first, dropped = time_kernels(runners, repeats, clock)
+        cases.append(TunedCase(family, dtype, length, {k: 1e3 * s for k, s in medians.items()}, first,
+                               {**skipped, **dropped}))
     if progress is not None:
         progress("done", len(grid), len(grid))
     return Tuning(this_machine(), time.time(), torch.get_num_threads(), tuple(cases))
