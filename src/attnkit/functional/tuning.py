@@ -135,12 +135,12 @@ class Tuning:
     def table(self) -> str:
         """The cases as a text table: the winner, then each kernel's median in ms (``-`` where not timed)."""
         kernels = [k for k in SIMPLICITY if any(k in c.medians_ms for c in self.cases)]
-        lines = [f"{'case':<28} {'winner':<8}" + "".join(f"{k:>9}" for k in kernels)]
+        lines = [f"{'case':<25} {'winner':<7}" + "".join(f"{k:>8}" for k in kernels)]  # 72 columns
         for c in self.cases:
             name = f"{c.family} {c.dtype} L={c.length}"
             winner = c.ranking[0] if c.medians_ms else "-"
-            cells = "".join(f"{c.medians_ms[k]:>9.1f}" if k in c.medians_ms else f"{'-':>9}" for k in kernels)
-            lines.append(f"{name:<28} {winner:<8}{cells}")
+            cells = "".join(f"{c.medians_ms[k]:>8.1f}" if k in c.medians_ms else f"{'-':>8}" for k in kernels)
+            lines.append(f"{name:<25} {winner:<7}{cells}")
         return "\n".join(lines)
 
     def to_json(self) -> str:
