@@ -323,6 +323,12 @@ def test_on_cuda_auto_chooses_sdpa_then_flex_then_tiled(monkeypatch):
     assert plan.backend == "flex" and "compiled FlexAttention" in plan.reasons[-1]  # gradients and lse: fine on CUDA
     plan = attnkit.explain_call(q, k, v, mask=masks.sliding_window(40), dropout_p=0.1)
     assert plan.backend == "tiled" and any("flex declined (it has no dropout)" in r for r in plan.reasons)
+    import attnkit.functional.flex as flex
+
+    monkeypatch.setattr(flex, "_SHAPES", {("another shape", n) for n in range(flex.AUTO_SHAPES)})
+    plan = attnkit.explain_call(q, k, v, mask=masks.sliding_window(40))
+    assert plan.backend == "tiled" and any("flex declined (it has compiled 8 shapes in this process" in r
+                                           for r in plan.reasons)
 
 
 def test_on_cpu_auto_takes_flex_only_where_the_tuner_measured_it_fastest(cache_dir):

@@ -9,9 +9,8 @@ import torch
 from torch import Tensor
 
 from attnkit.biases import Bias
-from attnkit.functional import tuning
+from attnkit.functional import flex, tuning
 from attnkit.functional._call import AttentionCall, make_call
-from attnkit.functional.flex import FlexBackend, refusals
 from attnkit.functional.reference import ReferenceBackend, reference_forward
 from attnkit.functional.sdpa import SDPABackend
 from attnkit.functional.tiled import Strategy, TiledBackend, choose
@@ -28,7 +27,7 @@ class Backend(Protocol):
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]: ...
 
 
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), FlexBackend(), TiledBackend(),
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), flex.FlexBackend(), TiledBackend(),
                                                      ReferenceBackend())}
 
 # Below this many scores (B * H * Lq * Lk), materialising is cheaper than tiling's overhead.
@@ -96,7 +95,9 @@ def _auto(call: AttentionCall) -> tuple[Backend, tuple[str, ...]]:
         return _BACKENDS["reference"], (*reasons, f"auto: {scores:,} scores, at most {_SMALL:,}: materialising is "
                                                   "cheaper than tiling")
     device = device_type(call)
-    flex_declined = refusals(call, device)
+    flex_declined = flex.refusals(call, device)
+    if not flex_declined and (too_many := flex.auto_refusal(call)) is not None:
+        flex_declined = [too_many]
     if device == "cuda":
         if not flex_declined:
             return _BACKENDS["flex"], (*reasons, "auto: on CUDA, compiled FlexAttention runs the masks and biases "

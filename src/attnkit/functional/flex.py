@@ -8,7 +8,8 @@ mask, bias, scale, softcap), holding the mask and bias objects, so reuse a mask 
 
 Where it runs: ``backend="flex"`` on CPU and CUDA. ``backend="auto"`` takes it on CUDA after sdpa, for calls
 SDPA cannot express (:func:`attnkit.functional.core.select_backend`); on CPU only where ``attnkit backends
---tune`` measured it fastest (:mod:`attnkit.functional.tuning`). :func:`refusals` lists what it cannot do:
+--tune`` measured it fastest (:mod:`attnkit.functional.tuning`); and in either case for the first
+:data:`AUTO_SHAPES` shapes of a process (:func:`auto_refusal`). :func:`refusals` lists what it cannot do:
 dropout, a tensor bias's gradient, a bias with no ``score_mod`` form, and on CPU (where inductor compiles it
 to C++) gradients, ``return_lse`` and float64.
 """
@@ -31,6 +32,10 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 _CACHE_SIZE = 32  # BlockMasks kept (least recently used dropped first)
+# Shapes auto lets Flex compile for in one process. Each new shape compiles anew (seconds), and past dynamo's
+# recompile limit (8) the compiled function falls back to eager FlexAttention, which materialises the scores.
+AUTO_SHAPES = 8
+_SHAPES: set[tuple] = set()  # (q, k, v shapes, device, dtype) compiled so far
 _PREPARED: OrderedDict[tuple, tuple[object, object, BlockMask | None, ScoreMod | None]] = OrderedDict()
 
 
@@ -75,6 +80,19 @@ def refusals(call: AttentionCall, device_type: str) -> list[str]:
         if call.requires_grad:
             reasons.append("its CPU kernel has no backward (inputs require grad)")
     return reasons
+
+
+def _shape(call: AttentionCall) -> tuple:
+    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.device, call.q.dtype
+
+
+def auto_refusal(call: AttentionCall) -> str | None:
+    """Why ``backend="auto"`` should not take Flex for ``call`` although it could run it: it would compile a
+    shape beyond the first :data:`AUTO_SHAPES` of this process (``backend="flex"`` still runs it)."""
+    if _shape(call) in _SHAPES or len(_SHAPES) < AUTO_SHAPES:
+        return None
+    return (f"it has compiled {len(_SHAPES)} shapes in this process and each new one compiles anew; "
+            "backend='flex' runs it anyway")
 
 
 def _parts(bias: Bias | None) -> tuple[Bias, ...]:
@@ -160,6 +178,7 @@ class FlexBackend:
 
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         block_mask, mod = _prepared(call)
+        _SHAPES.add(_shape(call))
         kwargs: dict[str, Any] = {}
         if call.return_lse:
             from torch.nn.attention.flex_attention import AuxRequest
