@@ -8,7 +8,7 @@
 Each row is one ``attnkit.bench.run`` of the tiled backend. ``auto`` rows time the backend's own choice, with
 the peers (SDPA, compiled Flex) timed in the same run, interleaved; the kernel column says which kernel auto
 chose and whether it came from the tuning cache (``attnkit backends --tune``) or the static policy. For window
-and document, the same cases also run with each tiled kernel pinned (native, banded, fused, math; separate
+and document, the same cases also run with each tiled kernel pinned (native, banded, fused; separate
 runs, no peers), and the auto rows say how auto compares with the fastest of them (the goal: within 5%). Every
 row names its CPU model, and the header gives the fp32 and bf16 matmul yardsticks (2048 x 2048) measured at the
 start of this run: bf16 runs at the fp32 rate or below on a CPU without bf16 units, and several times faster
@@ -38,7 +38,10 @@ from attnkit.functional.tiled import native
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _results import machine_info, machine_line, save
 
-KERNELS = ("native", "banded", "fused", "math")  # pinned, beside auto, for window and document
+# Pinned, beside auto, for window and document. The math kernel (plain PyTorch ops, the fallback for calls the
+# fused kernel cannot take) is left out: it is several times slower on every case here (`attnkit backends --tune`
+# times it), and it would double the run.
+KERNELS = ("native", "banded", "fused")
 SETTINGS = dict(heads=8, kv_heads=2, head_dim=64, window=512)
 
 
@@ -98,7 +101,7 @@ def main() -> None:
     ap.add_argument("--lengths", default="4096,8192", help="for causal, ALiBi and dense (document: the longest)")
     ap.add_argument("--backward-lengths", default="2048,8192", help="fwd+bwd: causal; window at the last")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per implementation (median)")
     args = ap.parse_args()
     if native.load() is None:
         sys.exit(f"native kernel unavailable: {native.native_status()}")
