@@ -325,10 +325,12 @@ def test_on_cuda_auto_chooses_sdpa_then_flex_then_tiled(monkeypatch):
     assert plan.backend == "tiled" and any("flex declined (it has no dropout)" in r for r in plan.reasons)
     import attnkit.functional.flex as flex
 
-    monkeypatch.setattr(flex, "_SHAPES", {("another shape", n) for n in range(flex.AUTO_SHAPES)})
+    monkeypatch.setattr(flex, "_COMPILED", {("another variant", n) for n in range(flex.AUTO_COMPILES)})
     plan = attnkit.explain_call(q, k, v, mask=masks.sliding_window(40))
-    assert plan.backend == "tiled" and any("flex declined (it has compiled 8 shapes in this process" in r
-                                           for r in plan.reasons)
+    assert plan.backend == "tiled" and any("flex declined (it has compiled 8 variants" in r for r in plan.reasons)
+    seen = flex._variant(_call(q, k, v, mask=masks.sliding_window(40)))  # the same parameters: no new compile
+    monkeypatch.setattr(flex, "_COMPILED", {seen, *(("another variant", n) for n in range(flex.AUTO_COMPILES))})
+    assert attnkit.explain_call(q, k, v, mask=masks.sliding_window(40)).backend == "flex"
 
 
 def test_on_cpu_auto_takes_flex_only_where_the_tuner_measured_it_fastest(cache_dir):

@@ -9,7 +9,7 @@ mask, bias, scale, softcap), holding the mask and bias objects, so reuse a mask 
 Where it runs: ``backend="flex"`` on CPU and CUDA. ``backend="auto"`` takes it on CUDA after sdpa, for calls
 SDPA cannot express (:func:`attnkit.functional.core.select_backend`); on CPU only where ``attnkit backends
 --tune`` measured it fastest (:mod:`attnkit.functional.tuning`); and in either case for the first
-:data:`AUTO_SHAPES` shapes of a process (:func:`auto_refusal`). :func:`refusals` lists what it cannot do:
+:data:`AUTO_COMPILES` compiles of a process (:func:`auto_refusal`). :func:`refusals` lists what it cannot do:
 dropout, a tensor bias's gradient, a bias with no ``score_mod`` form, and on CPU (where inductor compiles it
 to C++) gradients, ``return_lse`` and float64.
 """
@@ -32,10 +32,13 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 _CACHE_SIZE = 32  # BlockMasks kept (least recently used dropped first)
-# Shapes auto lets Flex compile for in one process. Each new shape compiles anew (seconds), and past dynamo's
-# recompile limit (8) the compiled function falls back to eager FlexAttention, which materialises the scores.
-AUTO_SHAPES = 8
-_SHAPES: set[tuple] = set()  # (q, k, v shapes, device, dtype) compiled so far
+# Compiles auto lets Flex make in one process. Dynamo compiles anew for each shape, dtype and device, and for
+# each value of the constants the mask, bias, scale and softcap bake in (a window's width: measured, a second
+# sliding_window(20) reuses the first's compile, a sliding_window(21) does not; document ids are tensors, and
+# new ids reuse it). Each compile takes seconds, and past dynamo's recompile limit (8) the compiled function
+# falls back to eager FlexAttention, which materialises the scores.
+AUTO_COMPILES = 8
+_COMPILED: set[tuple] = set()  # _variant() of every call run so far
 _PREPARED: OrderedDict[tuple, tuple[object, object, BlockMask | None, ScoreMod | None]] = OrderedDict()
 
 
@@ -82,17 +85,23 @@ def refusals(call: AttentionCall, device_type: str) -> list[str]:
     return reasons
 
 
-def _shape(call: AttentionCall) -> tuple:
-    return tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.device, call.q.dtype
+def _variant(call: AttentionCall) -> tuple:
+    """What a compile is specialised on, as far as attnkit can tell: shapes, device, dtype, and the mask's and
+    bias's parameters (their repr), scale and softcap. It may count two variants where dynamo compiles once (a
+    document mask's repr gives its number of documents); a mask whose repr omits a constant its mask_mod bakes
+    in would be counted once where dynamo compiles twice."""
+    return (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.device, call.q.dtype,
+            repr(call.mask), repr(call.bias), call.scale, call.softcap)
 
 
 def auto_refusal(call: AttentionCall) -> str | None:
     """Why ``backend="auto"`` should not take Flex for ``call`` although it could run it: it would compile a
-    shape beyond the first :data:`AUTO_SHAPES` of this process (``backend="flex"`` still runs it)."""
-    if _shape(call) in _SHAPES or len(_SHAPES) < AUTO_SHAPES:
+    variant (:func:`_variant`) beyond the first :data:`AUTO_COMPILES` of this process (``backend="flex"`` still
+    runs it)."""
+    if _variant(call) in _COMPILED or len(_COMPILED) < AUTO_COMPILES:
         return None
-    return (f"it has compiled {len(_SHAPES)} shapes in this process and each new one compiles anew; "
-            "backend='flex' runs it anyway")
+    return (f"it has compiled {len(_COMPILED)} variants (shapes, mask and bias parameters) in this process and "
+            "each new one compiles anew; backend='flex' runs it anyway")
 
 
 def _parts(bias: Bias | None) -> tuple[Bias, ...]:
@@ -178,7 +187,7 @@ class FlexBackend:
 
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         block_mask, mod = _prepared(call)
-        _SHAPES.add(_shape(call))
+        _COMPILED.add(_variant(call))
         kwargs: dict[str, Any] = {}
         if call.return_lse:
             from torch.nn.attention.flex_attention import AuxRequest
