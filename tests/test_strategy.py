@@ -150,19 +150,19 @@ def test_the_faster_kernel_wins_and_first_calls_are_kept_out_of_the_medians():
     assert ranking == ("fused", "flex", "native", "math")  # flex and native: 10% apart, not tied
     assert medians == pytest.approx({"native": 0.012, "fused": 0.010, "math": 0.030, "flex": 0.011})
     assert firsts["flex"] == pytest.approx(30.0)  # the compile, reported apart
-    # each kernel: a first call (the warm-up), then 5 timed runs, interleaved (no kernel runs twice in a row)
-    timed = clock.calls[4:]
+    # each kernel: a first call (the warm-up), a probe, then 5 timed runs, interleaved (no kernel twice in a row)
+    timed = clock.calls[8:]
     assert len(timed) == 20 and all(a != b for a, b in itertools.pairwise(timed))
 
 
-def test_a_kernel_whose_first_call_is_far_slower_is_not_timed_further():
+def test_a_kernel_whose_probe_after_the_warm_up_is_far_slower_is_not_timed_further():
     clock = FakeClock()
-    runners = {"math": clock.kernel("math", 0.050), "fused": clock.kernel("fused", 0.010),
-               "flex": clock.kernel("flex", 0.008, first=20.0)}  # Flex's compile does not count against it
+    runners = {"math": clock.kernel("math", 0.040), "fused": clock.kernel("fused", 0.010, first=1.0),
+               "flex": clock.kernel("flex", 0.008, first=20.0)}  # first calls (JIT, compile) do not count
     medians, first, dropped = tuning.time_kernels(runners, repeats=3, clock=clock)
     assert first["flex"] == pytest.approx(20.0)
-    assert set(medians) == {"fused", "flex"} and clock.calls.count("math") == 1
-    assert dropped == {"math": "its first call took 5.0x the fastest's: not timed further"}
+    assert set(medians) == {"fused", "flex"} and clock.calls.count("math") == 2
+    assert dropped == {"math": "its probe call took 5.0x the fastest's: not timed further"}
 
 
 @pytest.mark.parametrize(("costs", "winner"), [

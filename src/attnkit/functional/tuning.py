@@ -50,7 +50,7 @@ from attnkit.functional._call import AttentionCall
 
 SIMPLICITY = ("math", "fused", "banded", "native", "flex")  # simplest first: ties go to the earlier
 TIE = 0.03  # medians within 3% of the fastest are tied
-SLOW = 4.0  # a kernel whose first call takes this many times the fastest's is not timed further
+SLOW = 4.0  # a kernel whose probe call (after the warm-up) takes this many times the fastest's is not timed further
 FAMILIES = ("window", "document", "causal", "dense")
 DTYPES = ("float32", "bfloat16")
 LENGTHS = (1024, 4096)
@@ -275,20 +275,23 @@ def flex_measured_fastest(call: AttentionCall) -> str | None:
 def time_kernels(runners: dict[str, Callable[[], object]], repeats: int = 3,
                  clock: Callable[[], float] = time.perf_counter
                  ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
-    """Time each runner, reading ``clock`` (seconds): its first call (the warm-up; a compile, for Flex), then
-    ``repeats`` calls interleaved with the others. A kernel whose first call takes more than :data:`SLOW` times
-    the fastest first call (Flex's, a compile, aside) cannot win and is not timed further. Returns the medians,
-    the first calls, and the kernels dropped after their first call, with why."""
-    first = {}
-    for name, fn in runners.items():
-        start = clock()
-        fn()
-        first[name] = clock() - start
-    fastest = min((s for k, s in first.items() if k != "flex"), default=0.0)
-    dropped = {k: f"its first call took {s / fastest:.1f}x the fastest's: not timed further"
-               for k, s in first.items() if k != "flex" and fastest > 0 and s > SLOW * fastest}
+    """Time each runner, reading ``clock`` (seconds): its first call (the warm-up: a compile for Flex, JIT
+    kernels and caches for the others), then one probe call each, then ``repeats`` calls interleaved with the
+    others. A kernel whose probe takes more than :data:`SLOW` times the fastest probe cannot win and is not
+    timed further. Returns the medians, the first calls, and the kernels dropped after their probe, with why."""
+    first = {name: _seconds(fn, clock) for name, fn in runners.items()}
+    probe = {name: _seconds(fn, clock) for name, fn in runners.items()}
+    fastest = min(probe.values(), default=0.0)
+    dropped = {k: f"its probe call took {s / fastest:.1f}x the fastest's: not timed further"
+               for k, s in probe.items() if fastest > 0 and s > SLOW * fastest}
     kept = {k: fn for k, fn in runners.items() if k not in dropped}
     return interleaved_median_seconds(kept, repeats, warmup=0, clock=clock), first, dropped
+
+
+def _seconds(fn: Callable[[], object], clock: Callable[[], float]) -> float:
+    start = clock()
+    fn()
+    return clock() - start
 
 
 def _runners(family: str, dtype: str, length: int, kernels: Sequence[str], heads: int,
