@@ -75,6 +75,18 @@ def _native_off_unless_marked(request, monkeypatch):
         monkeypatch.setenv("ATTNKIT_NATIVE", "0")
 
 
+@pytest.fixture(scope="session")
+def _empty_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("attnkit-cache")
+
+
+@pytest.fixture(autouse=True)
+def _no_user_tuning_cache(_empty_cache_dir, monkeypatch):
+    """``kernel("auto")`` follows the user's tuning cache (``attnkit backends --tune``), so every test runs with
+    ``ATTNKIT_CACHE_DIR`` at an empty temporary folder; tests of the cache point it at their own."""
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(_empty_cache_dir))
+
+
 @contextmanager
 def native_only_if(allowed: bool):
     """``ATTNKIT_NATIVE`` unset (the native kernel may run, and build) inside the block if ``allowed``,

@@ -402,7 +402,7 @@ def test_attention_probs_match_definition():
 
 def test_backends_lists_features():
     info = attnkit.backends()
-    assert set(info) == {"sdpa", "tiled", "reference"}
+    assert set(info) == {"sdpa", "flex", "tiled", "reference"}
     assert "return_lse" in info["tiled"].features
     assert "tiled" in str(info["tiled"])
 

@@ -26,11 +26,11 @@ def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) 
 
 
 def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: int = 5,
-                               warmup: int = 1) -> dict[str, float]:
+                               warmup: int = 1, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median seconds of each function, timed in alternation so that drifts in machine
     load fall on all of them alike. Each round starts one function later, so that the
     after-effects of a heavy call (freeing gigabytes, a cold cache) do not always fall on
-    the same neighbour."""
+    the same neighbour. ``clock`` reads the time in seconds (a fake one in tests)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -40,9 +40,9 @@ def interleaved_median_seconds(fns: dict[str, Callable[[], object]], repeats: in
         shift = round_ % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             fn = fns[name]
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -106,21 +106,27 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str = "cpu"
     return max(0.0, peak_rss_mib() - base)
 
 
-def machine() -> str:
-    """The CPU model, core count, torch version and thread count, for benchmark reports."""
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, else ``platform.processor()``), e.g. ``AMD EPYC 7B13``."""
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return cpu
 
 
-def matmul_gflops(device: torch.device | str = "cpu") -> float:
-    """This machine's fp32 rate on a 2048 x 2048 matmul, in GFLOP/s: the yardstick for attention."""
+def machine() -> str:
+    """The CPU model, core count, torch version and thread count, for benchmark reports."""
+    return f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def matmul_gflops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """This machine's rate on a 2048 x 2048 matmul in ``dtype`` (default fp32), in GFLOP/s: the yardstick for
+    attention. In bfloat16 it shows whether the CPU has bf16 units (AMX, AVX512-BF16) or converts to fp32."""
     device = torch.device(device)
-    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    a, b = (torch.randn(2048, 2048, device=device).to(dtype) for _ in range(2))
 
     def run() -> None:
         a @ b

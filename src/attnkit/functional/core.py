@@ -10,6 +10,7 @@ from torch import Tensor
 
 from attnkit._checks import describe
 from attnkit.biases import Bias
+from attnkit.functional import flex, tuning
 from attnkit.functional._call import AttentionCall, make_call
 from attnkit.functional.reference import ReferenceBackend, reference_forward
 from attnkit.functional.sdpa import SDPABackend
@@ -30,7 +31,8 @@ class Backend(Protocol):
 
 _Result = Tensor | tuple[Tensor, Tensor] | tuple[Tensor, CallStats] | tuple[Tensor, Tensor, CallStats]
 
-_BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), TiledBackend(), ReferenceBackend())}
+_BACKENDS: dict[str, Backend] = {b.name: b for b in (SDPABackend(), flex.FlexBackend(), TiledBackend(),
+                                                     ReferenceBackend())}
 
 # Below this many scores (B * H * Lq * Lk), materialising is cheaper than tiling's overhead.
 _SMALL = 1 << 14
@@ -50,7 +52,7 @@ def backends() -> dict[str, BackendInfo]:
     """Each backend and what it supports; ``"auto"`` picks among them per call.
 
     >>> sorted(backends())
-    ['reference', 'sdpa', 'tiled']
+    ['flex', 'reference', 'sdpa', 'tiled']
     """
     return {n: BackendInfo(b.name, b.summary, b.features) for n, b in _BACKENDS.items()}
 
@@ -63,15 +65,7 @@ def select_backend(call: AttentionCall, backend: str) -> Backend:
 def _select(call: AttentionCall, backend: str) -> tuple[Backend, tuple[str, ...]]:
     """:func:`select_backend`, with the reasons for its choice."""
     if backend == "auto":
-        declined = _BACKENDS["sdpa"].supports(call)
-        if declined is None:
-            return _BACKENDS["sdpa"], ("auto: PyTorch's fused SDPA kernel runs this call without a dense mask",)
-        scores = call.batch * call.heads * call.q_len * call.k_len
-        why = f"auto: sdpa declined ({declined})"
-        if scores <= _SMALL:
-            return _BACKENDS["reference"], (why, f"auto: {scores:,} scores, at most {_SMALL:,}: materialising is "
-                                                 "cheaper than tiling")
-        return _BACKENDS["tiled"], (why, f"auto: {scores:,} scores, more than {_SMALL:,}: the tiled backend")
+        return _auto(call)
     if backend not in _BACKENDS:
         raise ValueError(
             f"backend must be 'auto' or one of {', '.join(map(repr, _BACKENDS))}; got {backend!r}"
@@ -84,6 +78,40 @@ def _select(call: AttentionCall, backend: str) -> tuple[Backend, tuple[str, ...]
             "Use backend='tiled' (exact, O(L) memory, every option) or backend='auto'"
         )
     return chosen, (f"backend pinned: {backend!r}",)
+
+
+def device_type(call: AttentionCall) -> str:
+    """The call's device type (``"cpu"``, ``"cuda"``, ...), on which auto's order depends; tests replace it to
+    check CUDA's order on a CPU."""
+    return call.q.device.type
+
+
+def _auto(call: AttentionCall) -> tuple[Backend, tuple[str, ...]]:
+    """``backend="auto"``: sdpa where it runs the call without a dense mask; else the reference for tiny calls;
+    else, on CUDA, compiled Flex where it can, and on CPU where ``attnkit backends --tune`` measured it fastest;
+    else the tiled backend."""
+    declined = _BACKENDS["sdpa"].supports(call)
+    if declined is None:
+        return _BACKENDS["sdpa"], ("auto: PyTorch's fused SDPA kernel runs this call without a dense mask",)
+    scores = call.batch * call.heads * call.q_len * call.k_len
+    reasons = [f"auto: sdpa declined ({declined})"]
+    if scores <= _SMALL:
+        return _BACKENDS["reference"], (*reasons, f"auto: {scores:,} scores, at most {_SMALL:,}: materialising is "
+                                                  "cheaper than tiling")
+    device = device_type(call)
+    flex_declined = flex.refusals(call, device)
+    if not flex_declined and (too_many := flex.auto_refusal(call)) is not None:
+        flex_declined = [too_many]
+    if device == "cuda":
+        if not flex_declined:
+            return _BACKENDS["flex"], (*reasons, "auto: on CUDA, compiled FlexAttention runs the masks and biases "
+                                                 "SDPA cannot express")
+        reasons.append(f"auto: flex declined ({'; '.join(flex_declined)})")
+    else:
+        measured = tuning.flex_measured_fastest(call)
+        if measured is not None and not flex_declined:
+            return _BACKENDS["flex"], (*reasons, f"auto: {measured}")
+    return _BACKENDS["tiled"], (*reasons, f"auto: {scores:,} scores, more than {_SMALL:,}: the tiled backend")
 
 
 @dataclass(frozen=True)
@@ -267,7 +295,7 @@ def attention(
         dropout_p: dropout on the probabilities, in [0, 1). The reference and tiled
             backends draw it from a hash of (seed, b, h, i, j), the seed from torch's
             global generator, so both give identical results; sdpa uses its own RNG.
-        backend: ``"auto"``, ``"sdpa"``, ``"tiled"`` or ``"reference"``; see
+        backend: ``"auto"``, ``"sdpa"``, ``"flex"``, ``"tiled"`` or ``"reference"``; see
             :func:`backends`. A backend that cannot run the call raises ValueError.
         return_lse: also return the log-sum-exp of each row's scores.
         stats: True or a :class:`~attnkit.functional.stats.StatsOptions`: also return the

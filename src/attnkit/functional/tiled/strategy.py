@@ -19,12 +19,13 @@ import torch
 
 from attnkit._checks import require_choice
 from attnkit.biases import tensor_bias_parts
+from attnkit.functional import tuning
 from attnkit.functional._call import AttentionCall
 
 if TYPE_CHECKING:
     from attnkit.functional.tiled.plan import NativeParams
 
-KERNELS = ("auto", "math", "fused", "native")
+KERNELS = ("auto", "math", "fused", "banded", "native")
 _NEG_INF = float("-inf")
 _KERNEL: ContextVar[str] = ContextVar("attnkit_tiled_kernel", default="auto")
 
@@ -33,13 +34,17 @@ _KERNEL: ContextVar[str] = ContextVar("attnkit_tiled_kernel", default="auto")
 def kernel(name: str) -> Iterator[str]:
     """Pin the tiled backend's kernel inside a ``with`` block (this thread/task only).
 
-    ``"auto"`` (default): the native forward for the float32 CPU calls where it measured
-    fastest (sliding windows and causal documents; see :func:`native_ok`) once its build is
-    cached, else the batched fused CPU kernel where the call allows it
-    (:mod:`attnkit.functional.tiled.plan`'s band plan: a bounded number of ops), else the
-    per-chunk math kernel. ``"math"``: the per-chunk math kernel only. ``"fused"``: the
-    per-chunk loop with the fused kernel on each segment (the v1 engine, kept for
-    comparison and for gradients of the log-sum-exp). ``"native"``: the optional C++
+    ``"auto"`` (default): the kernel ``attnkit backends --tune`` measured fastest on this
+    machine for the call's case, where the cache has one and the kernel can run the call
+    (:mod:`attnkit.functional.tuning`); else the static policy: the native forward for the
+    float32 CPU calls where it measured fastest on the machine it was developed on (sliding
+    windows and causal documents; see :func:`native_ok`) once its build is cached, else the
+    batched fused CPU kernel where the call allows it (:mod:`attnkit.functional.tiled.plan`'s
+    band plan: a bounded number of ops), else the per-chunk math kernel. ``"math"``: the
+    per-chunk math kernel only. ``"fused"``: the per-chunk loop with the fused kernel on each
+    segment (the v1 engine, kept for comparison and for gradients of the log-sum-exp).
+    ``"banded"``: the batched fused engine where the call allows it (else as ``"fused"``),
+    never the native kernel. ``"native"``: the optional C++
     forward (:mod:`.native`), built here on first use, for every call it supports (else the
     per-chunk loop, as ``"fused"``).
     """
@@ -129,6 +134,10 @@ def choose(call: AttentionCall, *, native: bool = True) -> Strategy:
     fused_backward = fused_forward and not grad_bias
     if fused_forward and grad_bias:
         reasons.append("backward: the math kernel (a tensor bias needs its gradient)")
+    if pinned == "auto" and native:
+        measured = _measured(call, fused_forward, fused_backward, reasons)
+        if measured is not None:
+            return measured
     params, why_native = _native_choice(call, pinned) if native else (None, "native kernel: not asked")
     reasons.append(why_native)
     if params is not None:
@@ -139,12 +148,34 @@ def choose(call: AttentionCall, *, native: bool = True) -> Strategy:
         reasons.append("backward: the native kernel's (FlashAttention-2: probabilities recomputed from the saved "
                        "lse, O(L) extra memory, in float32)")
         return Strategy("native", fused_forward, fused_backward, tuple(reasons), params)
-    if pinned == "auto" and fused_forward and (not call.requires_grad or fused_backward):
+    if pinned in ("auto", "banded") and fused_forward and (not call.requires_grad or fused_backward):
         reasons.append("batched engine: runs of chunks with the same band of keys are one fused call each")
         return Strategy("banded", fused_forward, fused_backward, tuple(reasons))
     forward = "fused" if fused_forward else "math"
     reasons.append(f"per-chunk loop, {forward} kernel on each segment")
     return Strategy(forward, fused_forward, fused_backward, tuple(reasons))
+
+
+def _measured(call: AttentionCall, fused_forward: bool, fused_backward: bool, reasons: list[str]) -> Strategy | None:
+    """The fastest kernel the tuning cache measured for the call's case that can run it, or None (the static
+    policy); appends the reason either way. Reads the cache only: nothing is timed here."""
+    found, why = tuning.lookup(call)
+    reasons.append(why)
+    if found is None:
+        return None
+    for name in found.ranking:
+        if name == "native":
+            params, why_native = _native_choice(call, "measured")
+            if params is not None:
+                return Strategy("native", fused_forward, fused_backward, (*reasons, why_native), params)
+        elif name in ("banded", "fused") and fused_forward:
+            return Strategy(name, fused_forward, fused_backward, (*reasons, f"{name}: the fastest measured kernel "
+                                                                             "that can run this call"))
+        elif name == "math":
+            return Strategy("math", fused_forward, fused_backward, (*reasons, "math: the fastest measured kernel "
+                                                                              "that can run this call"))
+    reasons.append("kernel policy: static (no measured kernel can run this call)")
+    return None
 
 
 def _why_not_fused(call: AttentionCall) -> str | None:
@@ -168,13 +199,13 @@ def _native_choice(call: AttentionCall, pinned: str) -> tuple[NativeParams | Non
     from attnkit.functional.tiled import native
     from attnkit.functional.tiled.plan import native_params
 
-    if pinned not in ("native", "auto"):
+    if pinned not in ("native", "auto", "measured"):
         return None, f"native kernel: not used (kernel pinned to {pinned!r})"
     for failed, reason in ((call.q.device.type != "cpu", "CPU only"), (call.softcap is not None, "softcap"),
                            (call.dropout_p != 0.0, "dropout")):
         if failed:
             return None, f"native kernel: not used ({reason})"
-    if pinned == "auto" and native._disabled():
+    if pinned != "native" and native._disabled():
         return None, f"native kernel: not used ({native.native_status()})"
     if pinned == "auto" and call.compute_dtype != torch.float32:
         return None, f"native kernel: not used (auto takes it for float32 only; this call computes in " \
@@ -187,6 +218,8 @@ def _native_choice(call: AttentionCall, pinned: str) -> tuple[NativeParams | Non
                      "measured faster than the batched engine)"
     if native.load(build=pinned == "native" or native.build_wanted()) is None:
         return None, f"native kernel: not available ({native.native_status()})"
+    if pinned == "measured":
+        return params, "native kernel: the fastest measured kernel that can run this call"
     return params, ("native kernel: pinned" if pinned == "native" else
                     "native kernel: a sliding window or causal documents computed in float32, where it measured "
                     "faster")
