@@ -52,7 +52,11 @@ import torch
 
 _LOG = logging.getLogger("attnkit.native")
 _SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17"]
+# at::parallel_for is a header template: without -fopenmp its OpenMP branch compiles out and every "parallel" loop
+# runs on the calling thread. On Linux the extension's libgomp.so.1 resolves to the one torch ships and has loaded,
+# so it shares torch's thread pool and torch.set_num_threads.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", *_OPENMP]
 
 BLOCK_Q = 64  # query rows per work item
 BLOCK_K = 64  # keys per block GEMM (key blocks start at multiples of it); see docs/core.md for the sweep
@@ -131,7 +135,8 @@ def _build() -> tuple[ModuleType | None, str]:
         from torch.utils import cpp_extension
 
         with _ninja_on_path():
-            module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
+            module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                                        extra_ldflags=_OPENMP, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: the pure-PyTorch path runs
         first = str(exc).strip().splitlines()
         return None, f"build failed: {type(exc).__name__}: {first[0] if first else ''}"[:300]
