@@ -145,18 +145,15 @@ def test_smoke_scales_and_gradients_across_blocks(spy, scale):
 # -- the native backward (FlashAttention-2 from the saved lse) ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", GRID)
-def test_native_backward_matches_float64_autograd(spy, name):
+def _assert_native_grads_match_float64(spy, mask, bias, shape, seed):
     """dq, dk, dv of a loss on out and lse (rows with no key left out, as users do) through the native backward,
-    against float64 autograd through the reference backend: every mask family the native forward runs, GQA
-    (2 groups), Lq != Lk, Dv != D, rows with no allowed key, several 64-row and 64-key blocks."""
-    mask, bias = MASKS[name]()
-    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=9))
+    against float64 autograd through the reference backend, to 1e-10."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(*shape, seed=seed))
     with tiled.kernel("native"):
         assert choose(_call(q, k, v, mask, bias)).native_backward
         out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
     ref, ref_lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference", return_lse=True)
-    g = torch.Generator().manual_seed(10)
+    g = torch.Generator().manual_seed(seed + 1)
     w_out, w_lse = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
                                                                                         dtype=torch.float64)
 
@@ -168,6 +165,69 @@ def test_native_backward_matches_float64_autograd(spy, name):
     assert spy.backward_calls == 1
     for which, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{which}")
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_native_backward_matches_float64_autograd(spy, name):
+    """Every mask family the native forward runs, GQA (2 groups), Lq != Lk, Dv != D, rows with no allowed key,
+    several 64-row and 64-key blocks with tails."""
+    _assert_native_grads_match_float64(spy, *MASKS[name](), (2, 4, 2, 200, 300, 16, 24), seed=9)
+
+
+ODD_SIZE_MASKS = {
+    "causal+padding+alibi": lambda: (masks.causal() & masks.key_padding([71, 0]), biases.alibi(4)),
+    "window+alibi-bottom-right": MASKS["window+alibi-bottom-right"],
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_SIZE_MASKS))
+def test_native_backward_odd_sizes_one_kv_head(spy, name):
+    """Odd D and Dv (5, 3), odd Lq and Lk (131, 77: tails of 3 and 13), four query heads on one kv head; with
+    padding, 71 keys in one sequence and none (every row empty) in the other."""
+    _assert_native_grads_match_float64(spy, *ODD_SIZE_MASKS[name](), (2, 4, 1, 131, 77, 5, 3), seed=14)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_native_backward_is_the_same_bits_at_every_thread_count(spy, kv_heads):
+    """float32 gradients at 1, 2 and 3 threads are bit-for-bit equal: dq is summed over key blocks in key-block
+    order whatever the schedule (with one kv head every work item adds into the same heads' query blocks)."""
+    mask, bias = MASKS["causal+padding+alibi"]()
+    q, k, v = (t.float().requires_grad_(True) for t in _qkv(2, 4, kv_heads, 500, 500, 32, 32, seed=15))
+    do = torch.randn(2, 4, 500, 32, generator=torch.Generator().manual_seed(16))
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3, 3):
+            torch.set_num_threads(n)
+            with tiled.kernel("native"):
+                out = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled")
+            runs.append(torch.autograd.grad(out, (q, k, v), do))
+    finally:
+        torch.set_num_threads(threads)
+    assert spy.backward_calls == 4
+    for grads in runs[1:]:
+        for which, a, b in zip("qkv", grads, runs[0]):
+            assert torch.equal(a, b), f"d{which} differs between thread counts"
+
+
+def test_the_kernel_rejects_bad_tensors_with_a_reason(ext):
+    """The extension's own checks (it is reachable as native.load()): a tensor off the CPU, wrong shapes of the
+    backward's lse/dout and of the mask parameters raise RuntimeError saying what was expected, not a crash."""
+    q, k, v = _qkv(1, 2, 1, 10, 12, 4, 4, dtype=torch.float32)
+    p = native_params(_call(q, k, v, masks.causal()))
+    band = (p.dlo, p.dhi, p.klen, p.q_ids, p.kv_ids, p.slopes, p.aoff, 64, 64)
+    out, lse = ext.forward(q, k, v, 0.5, *band)
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        ext.forward(q.to("meta"), k, v, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"lse and delta must be \(B, H, Lq\)"):
+        ext.backward(q, k, v, out, lse[..., :5].contiguous(), lse, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"dout must be \(B, H, Lq, Dv\)"):
+        ext.backward(q, k, v, out[..., :3].contiguous(), lse, lse, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"dlo, dhi, klen, aoff: contiguous CPU \(B,\)"):
+        ext.forward(q, k, v, 0.5, torch.zeros(3, dtype=torch.int64), *band[1:])
+    with pytest.raises(RuntimeError, match=r"slopes: contiguous CPU \(H,\)"):
+        ext.forward(q, k, v, 0.5, *band[:5], torch.ones(3), *band[6:])
+    with pytest.raises(RuntimeError, match=r"q \(B, H, Lq, D\), k"):
+        ext.forward(q, k[..., :3].contiguous(), v, 0.5, *band)
 
 
 def test_native_backward_of_float32_is_within_the_plain_runs_error(spy):
