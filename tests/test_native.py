@@ -11,9 +11,12 @@ without building anything.
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import threading
 import time
+import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -333,6 +336,44 @@ def test_a_low_precision_path_that_fails_its_check_falls_back(monkeypatch):
     monkeypatch.setattr(native, "_self_check", lambda name: "max difference 3")
     path, reason = native.low_precision_path(torch.bfloat16)
     assert path == "float32" and "failed their check" in reason and "max difference 3" in reason
+
+
+def test_the_self_check_runs_once_per_dtype_and_warns_its_reason(monkeypatch):
+    """Concurrent first calls run one check per dtype; a failing check (a raising kernel counts) warns once,
+    with its reason, since it hides the low-precision path from every later call."""
+    _capabilities(monkeypatch, avx512_bf16=True, avx512_fp16=True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(native, "_checked", {})
+    runs = []
+
+    class Broken:
+        def forward(self, *args):
+            runs.append(args[0].dtype)
+            time.sleep(0.05)  # a slow check: the other threads arrive while it runs
+            raise IndexError("ukernel said no")
+
+    monkeypatch.setattr(native, "_state", {"module": Broken(), "reason": "built", "tried": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(native.low_precision_path, [torch.bfloat16] * 4 + [torch.float16] * 4))
+    assert sorted(runs, key=str) == [torch.bfloat16, torch.float16]
+    assert {p for p, _ in paths} == {"float32"}
+    assert all("IndexError: ukernel said no" in reason for _, reason in paths)
+    assert sorted(str(w.message).split()[2] for w in caught) == ["bfloat16", "float16"]
+    assert all("IndexError: ukernel said no" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_low_precision_kernel_passes_its_check_where_the_cpu_has_the_units(ext, dtype):
+    """Where this CPU has the units, the real kernel's low-precision GEMMs agree with its float32 path, so the
+    low-precision tests above ran the low-precision path and not its float32 fallback."""
+    with mock.patch.object(native, "available", lambda: False):
+        decision = native.low_precision_path(dtype)
+    if decision[0] == "float32":
+        pytest.skip(f"no {dtype} units here: {decision[1]}")
+    assert native._run_check(decision[0]) is None
+    assert native.low_precision_path(dtype) == decision
 
 
 # -- the build cache: names, the lock, concurrent loads (nothing is built) -------------------------------------
