@@ -408,12 +408,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             if (alpha != T(1))
               for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
           }
-          if constexpr (low)  // column nc (an odd block's pair partner) stays 0 from the last fill
-            for (int64_t c = 0; c < nc + nc % 2; ++c) ps[r * bkp + c] = c < nc ? In(row[c]) : In(0);
+          if constexpr (low)
+            for (int64_t c = 0; c < nc; ++c) ps[r * bkp + c] = In(row[c]);
         }
-        if constexpr (low)
-          accumulate(ps.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc + nc % 2);
-        else
+        if constexpr (low) {
+          // Key pairs through the micro-kernel; an odd block's last key by hand, so that its pair partner (a key
+          // past the block: past the window, or padding past klen, whose v may hold anything) is never read.
+          const int64_t ne = nc - nc % 2;
+          if (ne > 0) accumulate(ps.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, ne);
+          if (nc % 2) {
+            const In* vl = ops.v_block(bkh, Lk, Dv, j0 + ne);  // key j0 + ne is even: the first of its pair
+            for (int64_t r = 0; r < nr; ++r) {
+              const T p = T(ps[r * bkp + ne]);
+              for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] += p * T(vl[2 * e]);
+            }
+          }
+        } else
           accumulate(s.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc);
       }
       In* oblk = op + (bh * Lq + i0) * Dv;
