@@ -11,9 +11,12 @@ without building anything.
 
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import threading
 import time
+import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -145,18 +148,15 @@ def test_smoke_scales_and_gradients_across_blocks(spy, scale):
 # -- the native backward (FlashAttention-2 from the saved lse) ------------------------------------------------
 
 
-@pytest.mark.parametrize("name", GRID)
-def test_native_backward_matches_float64_autograd(spy, name):
+def _assert_native_grads_match_float64(spy, mask, bias, shape, seed):
     """dq, dk, dv of a loss on out and lse (rows with no key left out, as users do) through the native backward,
-    against float64 autograd through the reference backend: every mask family the native forward runs, GQA
-    (2 groups), Lq != Lk, Dv != D, rows with no allowed key, several 64-row and 64-key blocks."""
-    mask, bias = MASKS[name]()
-    q, k, v = (t.requires_grad_(True) for t in _qkv(2, 4, 2, 200, 300, 16, 24, seed=9))
+    against float64 autograd through the reference backend, to 1e-10."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(*shape, seed=seed))
     with tiled.kernel("native"):
         assert choose(_call(q, k, v, mask, bias)).native_backward
         out, lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled", return_lse=True)
     ref, ref_lse = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="reference", return_lse=True)
-    g = torch.Generator().manual_seed(10)
+    g = torch.Generator().manual_seed(seed + 1)
     w_out, w_lse = torch.randn(out.shape, generator=g, dtype=torch.float64), torch.randn(lse.shape, generator=g,
                                                                                         dtype=torch.float64)
 
@@ -168,6 +168,70 @@ def test_native_backward_matches_float64_autograd(spy, name):
     assert spy.backward_calls == 1
     for which, a, b in zip("qkv", got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"d{which}")
+
+
+@pytest.mark.parametrize("name", GRID)
+def test_native_backward_matches_float64_autograd(spy, name):
+    """Every mask family the native forward runs, GQA (2 groups), Lq != Lk, Dv != D, rows with no allowed key,
+    several 64-row and 64-key blocks with tails."""
+    _assert_native_grads_match_float64(spy, *MASKS[name](), (2, 4, 2, 200, 300, 16, 24), seed=9)
+
+
+ODD_SIZE_MASKS = {
+    "causal+padding+alibi": lambda: (masks.causal() & masks.key_padding([71, 0]), biases.alibi(4)),
+    "window+alibi-bottom-right": MASKS["window+alibi-bottom-right"],
+}
+
+
+@pytest.mark.parametrize("name", list(ODD_SIZE_MASKS))
+def test_native_backward_odd_sizes_one_kv_head(spy, name):
+    """Odd D and Dv (5, 3), odd Lq and Lk (131, 77: tails of 3 and 13), four query heads on one kv head; with
+    padding, 71 keys in one sequence and none (every row empty) in the other."""
+    _assert_native_grads_match_float64(spy, *ODD_SIZE_MASKS[name](), (2, 4, 1, 131, 77, 5, 3), seed=14)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_native_backward_is_the_same_bits_at_every_thread_count(spy, kv_heads):
+    """float32 gradients at 1, 3 and 8 threads (twice) are bit-for-bit equal: dq is summed over key blocks in
+    key-block order whatever the schedule. (Summed under a lock per query block instead, as first written, dq
+    differed in thousands of elements between such runs.)"""
+    mask, bias = masks.causal(), biases.alibi(4)
+    q, k, v = (t.float().requires_grad_(True) for t in _qkv(1, 4, kv_heads, 1000, 1000, 32, 32, seed=15))
+    do = torch.randn(1, 4, 1000, 32, generator=torch.Generator().manual_seed(16))
+    threads, runs = torch.get_num_threads(), []
+    try:
+        for n in (1, 3, 8, 8):
+            torch.set_num_threads(n)
+            with tiled.kernel("native"):
+                out = attnkit.attention(q, k, v, mask=mask, bias=bias, backend="tiled")
+            runs.append(torch.autograd.grad(out, (q, k, v), do))
+    finally:
+        torch.set_num_threads(threads)
+    assert spy.backward_calls == 4
+    for grads in runs[1:]:
+        for which, a, b in zip("qkv", grads, runs[0]):
+            assert torch.equal(a, b), f"d{which} differs between thread counts"
+
+
+def test_the_kernel_rejects_bad_tensors_with_a_reason(ext):
+    """The extension's own checks (it is reachable as native.load()): a tensor off the CPU, wrong shapes of the
+    backward's lse/dout and of the mask parameters raise RuntimeError saying what was expected, not a crash."""
+    q, k, v = _qkv(1, 2, 1, 10, 12, 4, 4, dtype=torch.float32)
+    p = native_params(_call(q, k, v, masks.causal()))
+    band = (p.dlo, p.dhi, p.klen, p.q_ids, p.kv_ids, p.slopes, p.aoff, 64, 64)
+    out, lse = ext.forward(q, k, v, 0.5, *band)
+    with pytest.raises(RuntimeError, match="runs on the CPU"):
+        ext.forward(q.to("meta"), k, v, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"lse and delta must be \(B, H, Lq\)"):
+        ext.backward(q, k, v, out, lse[..., :5].contiguous(), lse, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"dout must be \(B, H, Lq, Dv\)"):
+        ext.backward(q, k, v, out[..., :3].contiguous(), lse, lse, 0.5, *band)
+    with pytest.raises(RuntimeError, match=r"dlo, dhi, klen, aoff: contiguous CPU \(B,\)"):
+        ext.forward(q, k, v, 0.5, torch.zeros(3, dtype=torch.int64), *band[1:])
+    with pytest.raises(RuntimeError, match=r"slopes: contiguous CPU \(H,\)"):
+        ext.forward(q, k, v, 0.5, *band[:5], torch.ones(3), *band[6:])
+    with pytest.raises(RuntimeError, match=r"q \(B, H, Lq, D\), k"):
+        ext.forward(q, k[..., :3].contiguous(), v, 0.5, *band)
 
 
 def test_native_backward_of_float32_is_within_the_plain_runs_error(spy):
@@ -241,6 +305,23 @@ def test_low_precision_within_sdpas_error(spy, dtype, name):
         assert_within(max_err(g, rg), max_err(sg, rg), 3, 1e-6, f"{dtype} d{which}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_keys_past_the_padding_are_never_read(spy, dtype):
+    """Key padding to 71 and 17 keys (odd: in bfloat16 the last key block's VNNI pair partner is a padded key),
+    with NaN in k and v past them: the output is finite and bit-equal to the same call with zeros there."""
+    q, k, v = _qkv(2, 4, 2, 100, 128, 64, 64, dtype=dtype, seed=17)
+    mask = masks.causal("bottom_right") & masks.key_padding([71, 17])
+    outs = []
+    for fill in (0.0, float("nan")):
+        kf, vf = k.clone(), v.clone()
+        for b, n in enumerate((71, 17)):
+            kf[b, :, n:], vf[b, :, n:] = fill, fill
+        with tiled.kernel("native"):
+            outs.append(attnkit.attention(q, kf, vf, mask=mask, backend="tiled"))
+    assert spy.dtypes == [native.gemm_dtype(dtype)] * 2
+    assert bool(outs[1].isfinite().all()) and torch.equal(outs[0], outs[1])
+
+
 def _capabilities(monkeypatch, **flags):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
     monkeypatch.setattr(native, "available", lambda: False)  # the decision alone, no self-check
@@ -273,6 +354,44 @@ def test_a_low_precision_path_that_fails_its_check_falls_back(monkeypatch):
     monkeypatch.setattr(native, "_self_check", lambda name: "max difference 3")
     path, reason = native.low_precision_path(torch.bfloat16)
     assert path == "float32" and "failed their check" in reason and "max difference 3" in reason
+
+
+def test_the_self_check_runs_once_per_dtype_and_warns_its_reason(monkeypatch):
+    """Concurrent first calls run one check per dtype; a failing check (a raising kernel counts) warns once,
+    with its reason, since it hides the low-precision path from every later call."""
+    _capabilities(monkeypatch, avx512_bf16=True, avx512_fp16=True)
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(native, "_checked", {})
+    runs = []
+
+    class Broken:
+        def forward(self, *args):
+            runs.append(args[0].dtype)
+            time.sleep(0.05)  # a slow check: the other threads arrive while it runs
+            raise IndexError("ukernel said no")
+
+    monkeypatch.setattr(native, "_state", {"module": Broken(), "reason": "built", "tried": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            paths = list(pool.map(native.low_precision_path, [torch.bfloat16] * 4 + [torch.float16] * 4))
+    assert sorted(runs, key=str) == [torch.bfloat16, torch.float16]
+    assert {p for p, _ in paths} == {"float32"}
+    assert all("IndexError: ukernel said no" in reason for _, reason in paths)
+    assert sorted(str(w.message).split()[2] for w in caught) == ["bfloat16", "float16"]
+    assert all("IndexError: ukernel said no" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_low_precision_kernel_passes_its_check_where_the_cpu_has_the_units(ext, dtype):
+    """Where this CPU has the units, the real kernel's low-precision GEMMs agree with its float32 path, so the
+    low-precision tests above ran the low-precision path and not its float32 fallback."""
+    with mock.patch.object(native, "available", lambda: False):
+        decision = native.low_precision_path(dtype)
+    if decision[0] == "float32":
+        pytest.skip(f"no {dtype} units here: {decision[1]}")
+    assert native._run_check(decision[0]) is None
+    assert native.low_precision_path(dtype) == decision
 
 
 # -- the build cache: names, the lock, concurrent loads (nothing is built) -------------------------------------

@@ -29,8 +29,8 @@ The backward is native too, FlashAttention-2 style: one parallel loop over (batc
 head, key block) work items that recomputes the probabilities from the forward's ``lse``
 (five block GEMMs per block pair, in float32 or float64 whatever the forward's dtype), so
 its extra memory is O(L): transposed copies of q, k and dO, and dq's float accumulator.
-dq is summed over key blocks under a lock per query block, so its last bits can vary from
-run to run, as FlashAttention's do.
+dq is summed over key blocks in key-block order whatever the threads' schedule, so the
+gradients are the same bits on every run and at every thread count.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ import os
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -52,7 +53,11 @@ import torch
 
 _LOG = logging.getLogger("attnkit.native")
 _SOURCE = Path(__file__).with_name("csrc") / "attention.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17"]
+# at::parallel_for is a header template: without -fopenmp its OpenMP branch compiles out and every "parallel" loop
+# runs on the calling thread. On Linux the extension's libgomp.so.1 resolves to the one torch ships and has loaded,
+# so it shares torch's thread pool and torch.set_num_threads.
+_OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.openmp.is_available() else []
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-std=c++17", *_OPENMP]
 
 BLOCK_Q = 64  # query rows per work item
 BLOCK_K = 64  # keys per block GEMM (key blocks start at multiples of it); see docs/core.md for the sweep
@@ -131,7 +136,8 @@ def _build() -> tuple[ModuleType | None, str]:
         from torch.utils import cpp_extension
 
         with _ninja_on_path():
-            module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS, verbose=False)
+            module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+                                        extra_ldflags=_OPENMP, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: the pure-PyTorch path runs
         first = str(exc).strip().splitlines()
         return None, f"build failed: {type(exc).__name__}: {first[0] if first else ''}"[:300]
@@ -209,24 +215,41 @@ def gemm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-@functools.cache
+_checked: dict[str, str | None] = {}
+_check_lock = threading.Lock()
+
+
 def _self_check(name: str) -> str | None:
     """Run the loaded kernel once in ``name`` against its float32 path on the same rounded inputs (odd sizes,
-    two key blocks, a window): None if they agree to the dtype's rounding, else what went wrong."""
+    two key blocks, a window): None if they agree to the dtype's rounding, else what went wrong. Once per dtype
+    and process (concurrent first calls wait for one check); a failure is also warned about, with its reason,
+    since it means the low-precision path has a bug on this CPU and every such call now runs in float32."""
+    with _check_lock:
+        if name not in _checked:
+            _checked[name] = failure = _run_check(name)
+            if failure:
+                warnings.warn(f"attnkit's native {name} block GEMMs failed their check against float32 ({failure}); "
+                              f"{name} calls compute in float32 instead. Please report this with `attnkit backends`'s "
+                              f"output.", RuntimeWarning, stacklevel=3)
+        return _checked[name]
+
+
+def _run_check(name: str) -> str | None:
     module: Any = _state["module"]
     dtype = getattr(torch, name)
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 2, n, d, generator=g).to(dtype) for n, d in ((67, 5), (71, 5), (71, 3)))
+    q, k, v = (torch.randn(1, 2, n, d, generator=g, dtype=torch.float32).to(dtype)
+               for n, d in ((67, 5), (71, 5), (71, 3)))
     bands = (torch.tensor([-40]), torch.tensor([3]), torch.tensor([71]))
     rest = (torch.empty(0, 0, dtype=torch.int64), torch.empty(0, 0, dtype=torch.int64), torch.empty(0),
             torch.zeros(1, dtype=torch.int64), BLOCK_Q, BLOCK_K)
     try:
         low, _ = module.forward(q, k, v, 0.4, *bands, *rest)
         full, _ = module.forward(q.float(), k.float(), v.float(), 0.4, *bands, *rest)
-    except (RuntimeError, AttributeError, TypeError) as exc:  # a TORCH_CHECK in ATen's brgemm, an older build
+        err = float((low.float() - full).abs().max())
+    except Exception as exc:  # any failure (a TORCH_CHECK in ATen's brgemm, an older build) means: not this path
         first = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {first[0][:200] if first else ''}"
-    err = float((low.float() - full).abs().max())
     return None if err <= 8 * torch.finfo(dtype).eps else f"max difference {err:.3g}"
 
 

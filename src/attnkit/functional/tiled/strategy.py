@@ -146,7 +146,7 @@ def choose(call: AttentionCall, *, native: bool = True) -> Strategy:
 
             reasons.append("native block GEMMs in {}: {}".format(*low_precision_path(call.q.dtype)))
         reasons.append("backward: the native kernel's (FlashAttention-2: probabilities recomputed from the saved "
-                       "lse, O(L) extra memory, in float32)")
+                       "lse, O(L) extra memory, in float32, float64 for float64 inputs)")
         return Strategy("native", fused_forward, fused_backward, tuple(reasons), params)
     if pinned in ("auto", "banded") and fused_forward and (not call.requires_grad or fused_backward):
         reasons.append("batched engine: runs of chunks with the same band of keys are one fused call each")

@@ -12,11 +12,12 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <mutex>
+#include <thread>
 #include <utility>
 #include <type_traits>
 #include <vector>
@@ -181,6 +182,16 @@ T max_row(const T* row, int64_t n) {
   return mx;
 }
 
+// Releases the calling thread's oneDNN micro-kernel state (AMX tiles) when its part of a parallel loop ends, thrown
+// out of or not (`on`: whether it ran any; float64 runs none).
+struct BrgemmRelease {
+  bool on, low;
+  BrgemmRelease(bool on_, bool low_) : on(on_), low(low_) {}
+  ~BrgemmRelease() {
+    if (on) at::native::cpublas::brgemm_release(low);
+  }
+};
+
 // The two block GEMMs. float: oneDNN's JIT micro-kernels through ATen's brgemm (ATen falls
 // back to its own GEMM on CPUs oneDNN has none for); double: the hand-written loops above;
 // bfloat16 / half (the low-precision path, see forward_impl): oneDNN's micro-kernels with fp32
@@ -274,9 +285,18 @@ struct Band {
   const T* slopes = nullptr;
   bool docs, alibi;
   Band(const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen_, const at::Tensor& qids_,
-       const at::Tensor& kids_, const at::Tensor& slopes_, const at::Tensor& aoff_, int64_t Lq, int64_t Lk)
+       const at::Tensor& kids_, const at::Tensor& slopes_, const at::Tensor& aoff_, int64_t B, int64_t H, int64_t Lq,
+       int64_t Lk)
       : lo(dlo.data_ptr<int64_t>()), hi(dhi.data_ptr<int64_t>()), klen(klen_.data_ptr<int64_t>()),
         aoff(aoff_.data_ptr<int64_t>()), docs(qids_.numel() > 0), alibi(slopes_.numel() > 0) {
+    for (const at::Tensor* t : {&dlo, &dhi, &klen_, &aoff_})
+      TORCH_CHECK(t->is_cpu() && t->is_contiguous() && t->numel() == B, "dlo, dhi, klen, aoff: contiguous CPU (B,)");
+    TORCH_CHECK(!alibi || (slopes_.is_cpu() && slopes_.is_contiguous() && slopes_.numel() == H),
+                "slopes: contiguous CPU (H,) or empty");
+    TORCH_CHECK(!docs || (qids_.is_cpu() && kids_.is_cpu() && qids_.is_contiguous() && kids_.is_contiguous() &&
+                          qids_.dim() == 2 && kids_.dim() == 2 && (qids_.size(0) == 1 || qids_.size(0) == B) &&
+                          (kids_.size(0) == 1 || kids_.size(0) == B) && qids_.size(1) == Lq && kids_.size(1) == Lk),
+                "document ids: contiguous CPU (1|B, Lq) and (1|B, Lk), or both empty");
     if (docs) {
       qids = qids_.data_ptr<int64_t>();
       kids = kids_.data_ptr<int64_t>();
@@ -332,7 +352,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const In* qp = q.data_ptr<In>();
   In* op = out.data_ptr<In>();
   T* lp = lse.data_ptr<T>();
-  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, B, H, Lq, Lk);
   const bool docs = band.docs, alibi = band.alibi;
   const T ninf = -std::numeric_limits<T>::infinity();
   const int64_t total = B * H * nq;
@@ -341,6 +361,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   // One task per thread; each takes work items from a shared counter (dynamic scheduling: a
   // descheduled thread takes fewer items), last query blocks first (they have the most keys under causal).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const BrgemmRelease release(!std::is_same<T, double>::value, low);
     std::vector<T> s(BQ * bkp), acc(BQ * Dv), m(BQ), l(BQ);
     std::vector<In> qs(BQ * De, In(0)), ps(low ? BQ * bkp : 0, In(0));  // ps: the probabilities, rounded to In
     for (int64_t w = next++; w < total; w = next++) {
@@ -387,12 +408,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             if (alpha != T(1))
               for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] *= alpha;
           }
-          if constexpr (low)  // column nc (an odd block's pair partner) stays 0 from the last fill
-            for (int64_t c = 0; c < nc + nc % 2; ++c) ps[r * bkp + c] = c < nc ? In(row[c]) : In(0);
+          if constexpr (low)
+            for (int64_t c = 0; c < nc; ++c) ps[r * bkp + c] = In(row[c]);
         }
-        if constexpr (low)
-          accumulate(ps.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc + nc % 2);
-        else
+        if constexpr (low) {
+          // Key pairs through the micro-kernel; an odd block's last key by hand, so that its pair partner (a key
+          // past the block: past the window, or padding past klen, whose v may hold anything) is never read.
+          const int64_t ne = nc - nc % 2;
+          if (ne > 0) accumulate(ps.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, ne);
+          if (nc % 2) {
+            const In* vl = ops.v_block(bkh, Lk, Dv, j0 + ne);  // key j0 + ne is even: the first of its pair
+            for (int64_t r = 0; r < nr; ++r) {
+              const T p = T(ps[r * bkp + ne]);
+              for (int64_t e = 0; e < Dv; ++e) acc[r * Dv + e] += p * T(vl[2 * e]);
+            }
+          }
+        } else
           accumulate(s.data(), bkp, ops.v_block(bkh, Lk, Dv, j0), Dv, acc.data(), nr, nc);
       }
       In* oblk = op + (bh * Lq + i0) * Dv;
@@ -404,7 +435,6 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         lblk[r] = any ? m[r] + std::log(l[r]) : ninf;
       }
     }
-    if constexpr (!std::is_same<T, double>::value) at::native::cpublas::brgemm_release(low);
   });
 }
 
@@ -415,7 +445,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // five block GEMMs read their operands as stored:
 //   S^T = K Q^T * scale (+ ALiBi, mask)       P^T = exp(S^T - lse)         dV += P^T dO
 //   dP^T = V dO^T                              dS^T = scale * P^T (dP^T - delta)
-//   dK += dS^T Q                               dQ^T = K^T dS^T, added into dq under its query block's lock.
+//   dK += dS^T Q                               dQ^T = K^T dS^T, added into dq in key-block order (see turn).
 // delta = rowsum(dO * O) - dlse comes from the caller, and so does lse with +inf for a row with no key (its P is 0).
 
 // C[m, n] (+)= sum_k A[m, k] * B[k, n], every operand row-major with its own row stride.
@@ -464,21 +494,40 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const T *qtp = qt.data_ptr<T>(), *dotp = dot.data_ptr<T>(), *ktp = kt.data_ptr<T>();
   const T *lsep = lse.data_ptr<T>(), *dlp = delta.data_ptr<T>();
   T *dqp = dq.data_ptr<T>(), *dkp = dk.data_ptr<T>(), *dvp = dv.data_ptr<T>();
-  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, Lq, Lk);
+  const Band<T> band(dlo, dhi, klen, qids, kids, slopes, aoff, B, H, Lq, Lk);
   const bool docs = band.docs, alibi = band.alibi;
-  std::vector<std::mutex> locks(B * H * nq);  // one per (b, h, query block) of dq
+  // Key block kb of batch element b: its keys' end j1 and the queries [ilo, ihi) that may see them (none: ilo >= ihi).
+  auto span = [&](int64_t b, int64_t kb) {
+    const int64_t j0 = kb * BK, j1 = std::min<int64_t>({j0 + BK, Lk, band.klen[b]});
+    if (j1 <= j0) return std::array<int64_t, 3>{j0, 0, 0};  // keys past this sequence's length: gradients stay 0
+    return std::array<int64_t, 3>{j1, std::max<int64_t>(0, j0 - band.hi[b]), std::min<int64_t>(Lq, j1 - band.lo[b])};
+  };
+  // dq is summed over key blocks in key-block order, whatever the schedule, so it is the same bits on every run and
+  // thread count. The key blocks that visit a query block are consecutive (both ends of span() grow with kb), so
+  // turn[bh, qb] is the next one to add, starting from first[b, qb]. A work item waits only for smaller key blocks,
+  // taken earlier by running threads, so the waits end; if a thread throws, `failed` releases the others.
+  std::vector<int64_t> first(B * nq, -1);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t kb = nk - 1; kb >= 0; --kb) {
+      const auto [j1, ilo, ihi] = span(b, kb);
+      for (int64_t qb = ilo / BQ; ilo < ihi && qb * BQ < ihi; ++qb) first[b * nq + qb] = kb;
+    }
+  std::vector<std::atomic<int64_t>> turn(B * H * nq);
+  for (int64_t bh = 0; bh < B * H; ++bh)
+    for (int64_t qb = 0; qb < nq; ++qb) turn[bh * nq + qb].store(first[bh / H * nq + qb], std::memory_order_relaxed);
+  std::atomic<bool> failed{false};
   const int64_t total = B * Hkv * nk;
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
-  // Dynamic scheduling as in the forward; first key blocks first (under causal they see the most queries).
+  // Dynamic scheduling as in the forward, in key-block order (under causal the first blocks see the most queries).
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const BrgemmRelease release(std::is_same<T, float>::value, false);
     std::vector<T> st(BK * BQ), dpt(BK * BQ), dka(BK * D), dva(BK * Dv), dqt(D * BQ);
-    for (int64_t w = next++; w < total; w = next++) {
+    for (int64_t w = next++; w < total; w = next++) try {
       const int64_t kb = w / (B * Hkv), bkh = w % (B * Hkv), b = bkh / Hkv, kh = bkh % Hkv;
-      const int64_t lo = band.lo[b], hi = band.hi[b];
-      const int64_t j0 = kb * BK, j1 = std::min<int64_t>({j0 + BK, Lk, band.klen[b]}), nc = j1 - j0;
-      if (nc <= 0) continue;  // keys past this sequence's length: their gradients stay 0
-      const int64_t ilo = std::max<int64_t>(0, j0 - hi), ihi = std::min<int64_t>(Lq, j1 - 1 - lo + 1);
+      const int64_t lo = band.lo[b], hi = band.hi[b], j0 = kb * BK;
+      const auto [j1, ilo, ihi] = span(b, kb);
+      const int64_t nc = j1 - j0;
       if (ilo >= ihi) continue;
       const auto [kmin, kmax] = docs ? id_range(band.kid(b, j0), nc) : std::pair<int64_t, int64_t>{0, 0};
       std::fill(dka.begin(), dka.begin() + nc * D, T(0));
@@ -490,44 +539,67 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         const T slope = alibi ? band.slopes[h] : T(0);
         for (int64_t qb = ilo / BQ; qb * BQ < ihi; ++qb) {
           const int64_t i0 = qb * BQ, i1 = std::min(i0 + BQ, Lq), nr = i1 - i0;
-          bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi;
+          bool full = j0 - (i1 - 1) >= lo && (j1 - 1) - i0 <= hi, skip = false;
           if (docs) {
             const auto [qmin, qmax] = id_range(band.qid(b, i0), nr);
-            if (kmax < qmin || kmin > qmax) continue;  // no document in common
+            skip = kmax < qmin || kmin > qmax;  // no document in common: nothing to add, but its turn passes
             full = full && qmin == qmax && kmin == kmax && qmin == kmin;
           }
-          gemm(nc, nr, D, kblk, D, qtp + bh * D * Lq + i0, Lq, st.data(), BQ, false);  // S^T, scaled
-          const T* lrow = lsep + bh * Lq + i0;
-          for (int64_t c = 0; c < nc; ++c) {
-            T* row = st.data() + c * BQ;
-            const int64_t j = j0 + c;
-            // queries i0 + r with lo <= j - i <= hi: the columns [j - hi - i0, j - lo - i0 + 1)
-            bias_and_mask_row<T>(row, nr, alibi, slope, i0 + band.aoff[b] - j, 1, full, j - hi - i0, j - lo - i0 + 1,
-                                 docs ? band.qid(b, i0) : nullptr, docs ? *band.kid(b, j) : 0);
-            exp_minus<T>(row, lrow, nr);  // P^T
+          if (!skip) {
+            gemm(nc, nr, D, kblk, D, qtp + bh * D * Lq + i0, Lq, st.data(), BQ, false);  // S^T, scaled
+            const T* lrow = lsep + bh * Lq + i0;
+            for (int64_t c = 0; c < nc; ++c) {
+              T* row = st.data() + c * BQ;
+              const int64_t j = j0 + c;
+              // queries i0 + r with lo <= j - i <= hi: the columns [j - hi - i0, j - lo - i0 + 1)
+              bias_and_mask_row<T>(row, nr, alibi, slope, i0 + band.aoff[b] - j, 1, full, j - hi - i0,
+                                   j - lo - i0 + 1, docs ? band.qid(b, i0) : nullptr, docs ? *band.kid(b, j) : 0);
+              exp_minus<T>(row, lrow, nr);  // P^T
+            }
+            const T* doblk = dop + (bh * Lq + i0) * Dv;
+            gemm(nc, Dv, nr, st.data(), BQ, doblk, Dv, dva.data(), Dv, true);  // dV += P^T dO
+            gemm(nc, nr, Dv, vblk, Dv, dotp + bh * Dv * Lq + i0, Lq, dpt.data(), BQ, false);  // dP^T = V dO^T
+            const T* drow = dlp + bh * Lq + i0;
+            for (int64_t c = 0; c < nc; ++c) {  // dS^T = scale * P^T (dP^T - delta), over dP^T
+              const T* p = st.data() + c * BQ;
+              T* g = dpt.data() + c * BQ;
+              for (int64_t r = 0; r < nr; ++r) g[r] = T(scale) * p[r] * (g[r] - drow[r]);
+            }
+            gemm(nc, D, nr, dpt.data(), BQ, qp + (bh * Lq + i0) * D, D, dka.data(), D, true);  // dK += dS^T Q
+            gemm(D, nr, nc, ktp + bkh * D * Lk + j0, Lk, dpt.data(), BQ, dqt.data(), BQ, false);  // dQ^T = K^T dS^T
           }
-          const T* doblk = dop + (bh * Lq + i0) * Dv;
-          gemm(nc, Dv, nr, st.data(), BQ, doblk, Dv, dva.data(), Dv, true);  // dV += P^T dO
-          gemm(nc, nr, Dv, vblk, Dv, dotp + bh * Dv * Lq + i0, Lq, dpt.data(), BQ, false);  // dP^T = V dO^T
-          const T* drow = dlp + bh * Lq + i0;
-          for (int64_t c = 0; c < nc; ++c) {  // dS^T = scale * P^T (dP^T - delta), over dP^T
-            const T* p = st.data() + c * BQ;
-            T* g = dpt.data() + c * BQ;
-            for (int64_t r = 0; r < nr; ++r) g[r] = T(scale) * p[r] * (g[r] - drow[r]);
+          std::atomic<int64_t>& t = turn[bh * nq + qb];
+          while (t.load(std::memory_order_acquire) != kb) {
+            if (failed.load(std::memory_order_relaxed)) return;  // another thread threw; parallel_for rethrows it
+            std::this_thread::yield();
           }
-          gemm(nc, D, nr, dpt.data(), BQ, qp + (bh * Lq + i0) * D, D, dka.data(), D, true);  // dK += dS^T Q
-          gemm(D, nr, nc, ktp + bkh * D * Lk + j0, Lk, dpt.data(), BQ, dqt.data(), BQ, false);  // dQ^T = K^T dS^T
           T* dqblk = dqp + (bh * Lq + i0) * D;
-          std::lock_guard<std::mutex> guard(locks[bh * nq + qb]);
-          for (int64_t r = 0; r < nr; ++r)
+          for (int64_t r = 0; r < nr && !skip; ++r)
             for (int64_t d = 0; d < D; ++d) dqblk[r * D + d] += dqt[d * BQ + r];
+          t.store(kb + 1, std::memory_order_release);
         }
       }
       std::copy(dka.begin(), dka.begin() + nc * D, dkp + (bkh * Lk + j0) * D);
       std::copy(dva.begin(), dva.begin() + nc * Dv, dvp + (bkh * Lk + j0) * Dv);
+    } catch (...) {
+      failed = true;
+      throw;
     }
-    if constexpr (std::is_same<T, float>::value) at::native::cpublas::brgemm_release(false);
   });
+}
+
+// q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv): 4-D, contiguous, on the CPU, one dtype, H a multiple of Hkv.
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t block_q, int64_t block_k) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->is_cpu(), "the native kernel runs on the CPU; got a tensor on ", t->device());
+    TORCH_CHECK(t->is_contiguous(), "q, k, v must be contiguous");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "q, k, v dtypes differ");
+  }
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(3) == q.size(3) &&
+              v.size(1) == k.size(1) && v.size(2) == k.size(2), "q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv)");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -535,14 +607,15 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
                                  const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
                                  const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && dout.dim() == 4, "q, k, v, dout must be 4-D");
-  for (const at::Tensor* t : {&q, &k, &v, &dout, &lse, &delta}) {
-    TORCH_CHECK(t->is_contiguous(), "the backward's tensors must be contiguous");
+  check_qkv(q, k, v, block_q, block_k);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "the backward computes in float or double");
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), "dout must be (B, H, Lq, Dv)");
+  TORCH_CHECK(lse.sizes() == q.sizes().slice(0, 3) && delta.sizes() == q.sizes().slice(0, 3),
+              "lse and delta must be (B, H, Lq)");
+  for (const at::Tensor* t : {&dout, &lse, &delta}) {
+    TORCH_CHECK(t->is_cpu() && t->is_contiguous(), "dout, lse, delta must be contiguous CPU tensors");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "the backward's tensors must share q's dtype");
   }
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "the backward computes in float or double");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
     backward_impl<scalar_t>(q, k, v, dout, lse, delta, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q,
@@ -555,11 +628,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
                                 const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
                                 const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v must be 4-D");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "q, k, v dtypes differ");
-  TORCH_CHECK(q.size(1) % k.size(1) == 0, "heads must be a multiple of kv heads");
-  TORCH_CHECK(block_q > 0 && block_k > 0, "block sizes must be positive");
+  check_qkv(q, k, v, block_q, block_k);
   const bool low = q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf;
   TORCH_CHECK(!low || block_k % 2 == 0, "bfloat16/half need an even key block (VNNI pairs of keys)");
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
