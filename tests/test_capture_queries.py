@@ -138,13 +138,23 @@ def decoders():
 @pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
 @pytest.mark.parametrize("queries", [slice(-4, None), [0, 3, -1]])
 def test_hf_decoders_with_padding_on_either_side(decoders, name, queries):
-    ids = torch.randint(3, 53, (3, 12), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(3, 12, dtype=torch.long)
+    ids = torch.randint(3, 53, (4, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(4, 12, dtype=torch.long)
     mask[0, :3] = 0  # left padding
     mask[1, 9:] = 0  # right padding
+    mask[3, :2] = mask[3, 10:] = 0  # both sides of one input
     inputs = {"input_ids": ids, "attention_mask": mask}
     model = decoders[name]
-    _same_rows(capture(model, inputs, queries=queries), capture(model, inputs))
+    part = capture(model, inputs, queries=queries)
+    _same_rows(part, capture(model, inputs))
+    real = [int(n) for n in mask.sum(1)]
+    assert [part.rows(b) for b in range(4)] == [_expected_rows(queries, n) for n in real]
+    # what max_bytes checks before running is what was stored: 2 layers x 6 heads x rows x real keys x float32
+    stored = sum(2 * 6 * len(_expected_rows(queries, n)) * n * 4 for n in real)
+    assert part.nbytes == stored == sum(t.numel() * t.element_size() for t in part.attentions)
+    capture(model, inputs, queries=queries, max_bytes=stored)
+    with pytest.raises(ValueError, match=f"capture would store .*[(]{stored:,} bytes of float32"):
+        capture(model, inputs, queries=queries, max_bytes=stored - 1)
 
 
 def test_minilm_pair_keeps_the_sep_rows():
@@ -172,6 +182,12 @@ def test_bart_cross_attention_rows():
                    queries=slice(-2, None))
     for name in ("encoder", "decoder", "cross"):
         _same_rows(getattr(part, name), getattr(full, name))
+    # the size max_bytes computes before running (source and target counted apart) is what was stored
+    capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+            queries=slice(-2, None), max_bytes=part.nbytes)
+    with pytest.raises(ValueError, match=f"[(]{part.nbytes:,} bytes of float32"):
+        capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+                queries=slice(-2, None), max_bytes=part.nbytes - 1)
 
 
 def test_the_last_row_equals_what_generation_capture_records(decoders):
