@@ -281,6 +281,14 @@ def test_max_bytes_counts_all_three_parts_of_an_encoder_decoder():
     assert maps.nbytes == size
     with pytest.raises(ValueError, match=f"capture would store .*{size:,} bytes"):
         capture(model, src, target=tgt, max_bytes=size - 1)
+    # the encoder is deeper than the decoder: layers=[0] keeps 1 of 2 encoder layers but the decoder's only one,
+    # so it stores more than half (2,368 bytes) and must not be advised for 1,800; heads=[0, 1] halves every part
+    budget = 1800
+    assert capture(model, src, target=tgt, layers=[0]).nbytes == (8 * 8 + 6 * 6 + 6 * 8) * 4 * 4 > budget
+    with pytest.raises(ValueError) as err:
+        capture(model, src, target=tgt, max_bytes=budget)
+    assert "layers=" not in str(err.value) and "heads=[0, 1] (2 of the 4 heads: 1.66 KiB)" in str(err.value)
+    assert capture(model, src, target=tgt, heads=[0, 1]).nbytes == size // 2 <= budget
 
 
 

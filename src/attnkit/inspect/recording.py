@@ -45,7 +45,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -341,6 +341,13 @@ def _most_last_rows(parts: Sequence[_Part], itemsize: int, budget: int) -> int:
     return low
 
 
+def _most(count: int, keep: Callable[[int], list[_Part]], queries: Queries, itemsize: int,
+          budget: int) -> tuple[int, int]:
+    """The largest n <= ``count`` whose parts ``keep(n)`` fit ``budget``, and their size; (0, 0) if none."""
+    sizes = ((n, _stored_bytes(keep(n), queries, itemsize)) for n in range(count, 0, -1))
+    return next(((n, b) for n, b in sizes if b <= budget), (0, 0))
+
+
 def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Queries, dtype: torch.dtype,
                   layers: Sequence[int], heads: Sequence[int] | None) -> None:
     """Refuse, before anything runs or is allocated, a capture whose maps would pass ``max_bytes``,
@@ -364,15 +371,16 @@ def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Querie
     if last:
         fits.append(f"queries=slice(-{last}, None) (the last {last} rows: "
                     f"{size(_stored_bytes(parts, slice(-last, None), itemsize))})")
-    per_head = stored / max(p.heads or 1 for p in parts)
-    h = int(max_bytes // per_head)
-    if h >= 1 and heads:
-        fits.append(f"heads={list(heads[:h])} ({h} of the {len(heads)} heads: {size(per_head * h)})")
-    per_layer = stored / len(layers)
-    n_layers = int(max_bytes // per_layer)
-    if n_layers >= 1:
-        fits.append(f"layers={list(layers[:n_layers])} ({n_layers} of {len(layers)} layers: "
-                    f"{size(per_layer * n_layers)})")
+    # the first h heads (or n layers) of each part: parts may differ in depth, so each size is counted
+    kept_heads = list(heads or ())
+    h, with_heads = _most(len(kept_heads), lambda n: [replace(p, heads=min(n, p.heads or 0)) for p in parts],
+                          queries, itemsize, max_bytes)
+    if h:
+        fits.append(f"heads={kept_heads[:h]} ({h} of the {len(kept_heads)} heads: {size(with_heads)})")
+    n_layers, with_layers = _most(len(layers), lambda n: [replace(p, layers=min(n, p.layers)) for p in parts],
+                                  queries, itemsize, max_bytes)
+    if n_layers:
+        fits.append(f"layers={list(layers[:n_layers])} ({n_layers} of {len(layers)} layers: {size(with_layers)})")
     for smaller in (torch.float16,):
         if itemsize > 2 and stored * 2 // itemsize <= max_bytes:
             fits.append(f"dtype={smaller} ({size(stored * 2 // itemsize)})")
