@@ -374,7 +374,7 @@ def render_streaming(data: dict) -> str:
              f"of the next byte by position. window: SlidingWindowKVCache, {budget} keys per step; sinks: "
              f"SinkKVCache, the first {data['sinks']} bytes and the last {budget - data['sinks'] - 1}, plus the "
              f"new one ({budget} keys); dense: every byte so far. Trained context: {context}.", "",
-             "| LM | cache | " + " | ".join(f"positions {a}-{b}" for a, b in spans) + " |",
+             "| LM | cache | " + " | ".join(f"positions {a}-{b - 1}" for a, b in spans) + " |",
              "|---|---|" + "---:|" * len(spans)]
     for positions, by in data["results"].items():
         for policy, loss in by.items():
