@@ -480,8 +480,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             as a Python list: an int (``-1``: the last token, what a generation step
             reads), a slice (``slice(-n, None)``: the last n; ``slice(0, 64)``; a slice
             clips to each input's length), or a sequence of ints (``[0, 5, -1]``). None
-            (default) keeps every row. Only the kept rows are computed and stored, each the
-            same as that row of a full capture; rows come in token order, each once, and
+            (default) keeps every row. Only the kept rows are computed and stored, each equal
+            to that row of a full capture up to float rounding (a matrix product over fewer
+            rows may differ in the last bit or two); rows come in token order, each once, and
             the maps say which tokens they are (``query_positions``, :meth:`AttentionMaps.rows`).
             Keys are always every real token. For an encoder-decoder the selection applies
             to each part's own queries (encoder: source tokens; decoder and cross: target
