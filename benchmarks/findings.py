@@ -397,7 +397,7 @@ def plot_streaming(data: dict, path: Path) -> Path:
         ax.axvline(data["context"], color="grey", lw=0.8, ls="--")
         ax.set(title=f"TransformerLM ({positions})", xlabel="position in the stream (bytes)")
         ax.legend(frameon=False)
-    axes[0].set_ylabel(f"next-byte loss, nats (mean of {smooth})")
+    axes[0].set_ylabel(f"next-byte loss, nats\n({data['streams']} streams, means of {smooth} positions)")
     fig.suptitle(f"dotted: the window ({data['budget']} keys) fills; dashed: the trained context "
                  f"({data['context']}) ends", fontsize=9)
     fig.tight_layout()
