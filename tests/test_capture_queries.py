@@ -188,6 +188,9 @@ def test_bart_cross_attention_rows():
     with pytest.raises(ValueError, match=f"[(]{part.nbytes:,} bytes of float32"):
         capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
                 queries=slice(-2, None), max_bytes=part.nbytes - 1)
+    with pytest.raises(ValueError, match=r"heads=\[0, 1\] \(2 of the 4 heads"):  # advised without heads= given
+        capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+                max_bytes=full.nbytes // 2)
 
 
 def test_the_last_row_equals_what_generation_capture_records(decoders):

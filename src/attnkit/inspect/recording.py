@@ -703,8 +703,9 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     if keep.max_bytes is not None or keep.queries is not None:
         src_n = [enc.real_length(r, src_len) if src_len is not None else None for r in real_src]
         tgt_n = [enc.real_length(r, tgt_len) for r in real_tgt]
-        keep.check(_seq2seq_parts(model, wanted_layers, wanted_heads, (encoder_layers, decoder_layers), src_n, tgt_n),
-                   dtype, wanted_layers or tuple(range(max(encoder_layers or 1, decoder_layers or 1))), wanted_heads)
+        stored = _seq2seq_parts(model, wanted_layers, wanted_heads, (encoder_layers, decoder_layers), src_n, tgt_n)
+        keep.check(stored, dtype, wanted_layers or tuple(range(max(encoder_layers or 1, decoder_layers or 1))),
+                   wanted_heads or tuple(range(max(p.heads or 0 for p in stored))))
     recorders = _part_recorders(wanted_layers, wanted_heads, dtype, (real_src, src_len), (real_tgt, tgt_len),
                                 keep.queries)
     parts = encoder_decoder_parts(model)
