@@ -262,6 +262,16 @@ def test_an_oversized_capture_is_refused_before_running_or_allocating(lm):
     assert capture(lm, tokens, queries=slice(-last, None)).rows(1) == list(range(300 - last, 300))
 
 
+def test_a_selection_that_keeps_no_row_of_any_input_is_refused(lm):
+    tokens = torch.randint(0, 40, (2, 6))
+    with pytest.raises(ValueError, match=r"queries=slice\(10, 20, None\) selects no row of any input \(real "
+                                         r"lengths \[6\]\)"):
+        capture(lm, tokens, queries=slice(10, 20))
+    padding = torch.tensor([[True] * 6, [False] * 3 + [True] * 3])
+    maps = capture(lm, {"tokens": tokens, "padding_mask": padding}, queries=slice(4, None))  # input 1 keeps none
+    assert maps.rows(0) == [4, 5] and maps.rows(1) == [] and maps[1].shape[2] == 0
+
+
 def test_max_bytes_is_exact_at_the_boundary(lm):
     tokens = torch.randint(0, 40, (1, 20))
     size = 2 * 4 * 5 * 20 * 2  # 2 layers, 4 heads, 5 rows, 20 keys, float16

@@ -352,9 +352,12 @@ def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Querie
                   layers: Sequence[int], heads: Sequence[int] | None) -> None:
     """Refuse, before anything runs or is allocated, a capture whose maps would pass ``max_bytes``,
     naming the size and the selections (queries=, heads=, layers=, dtype=) that would fit."""
-    for p in parts:  # bad queries are refused even without a budget (where the lengths are known)
-        for b, n in enumerate(p.queries if None not in p.keys else ()):
-            query_rows(queries, n, f"input {b}")
+    kept = [len(query_rows(queries, n, f"input {b}"))  # bad queries are refused even without a budget
+            for p in parts for b, n in enumerate(p.queries if None not in p.keys else ())]
+    if queries is not None and kept and not any(kept):
+        lengths = sorted({n for p in parts for n in p.queries})
+        raise ValueError(f"queries={queries!r} selects no row of any input (real lengths {lengths}); a slice clips "
+                         "to each input's length, so give one that reaches into the inputs, e.g. slice(-n, None)")
     if max_bytes is None:
         return
     unknown = [p.name for p in parts if p.heads is None or None in p.keys]
@@ -516,7 +519,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     Raises:
         ValueError: an input longer than the model's ``max_position_embeddings`` (or a
             learned-position TransformerLM's ``max_length``); a layer or head the model
-            does not have; a query index out of range for an input; maps larger than
+            does not have; a query index out of range for an input, or ``queries`` that keep
+            no row of any input (an input of the batch may keep none); maps larger than
             ``max_bytes``; a model that calls attention a number of times other than its
             layer count, or with a cache; an encoder-decoder model without a target, or
             a target for one that is not.
