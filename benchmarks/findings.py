@@ -292,14 +292,14 @@ def render_sinks(data: dict) -> str:
 def plot_sinks(data: dict, path: Path) -> Path:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for r in data["rows"]:
+    for i, r in enumerate(data["rows"]):
         style = "-" if "trained" in r["model"] and "untrained" not in r["model"] else ":"
-        axes[0].plot(range(1, len(r["by_layer"]) + 1), r["by_layer"], style, marker="o", label=r["model"])
+        # markers shrink row by row, so models with equal values (the random decoders) stay visible, nested
+        axes[0].plot(range(1, len(r["by_layer"]) + 1), r["by_layer"], style, marker="osD^v<>p"[i % 8],
+                     markersize=max(3.0, 9.0 - i), label=r["model"])
     most = max(len(r["by_layer"]) for r in data["rows"])
-    for i, (n, v) in enumerate(data["uniform"].items()):
-        axes[0].axhline(v, color="grey", lw=0.8, ls="--")
-        axes[0].annotate(f"no preference, L={n}", (most, v), fontsize=7, color="grey", ha="right",
-                         va="top" if i else "bottom")
+    for (n, v), dashes in zip(data["uniform"].items(), ((6, 2), (2, 2))):
+        axes[0].axhline(v, color="grey", lw=0.8, dashes=dashes, label=f"no preference, L={n}")
     for ax in axes:
         ax.axhline(data["threshold"], color="red", lw=0.8, ls=":")
         ax.annotate(f"sink threshold {data['threshold']} (Gu et al.)", (ax.get_xlim()[0], data["threshold"]),
@@ -308,7 +308,7 @@ def plot_sinks(data: dict, path: Path) -> Path:
                 ylim=(0, 1.1 * max(0.37, *(max(r["by_layer"]) for r in data["rows"]),
                                    *(max(h["sink_rate"]) for h in data["training"].values()))))
     axes[0].set_xticks(range(1, most + 1))
-    axes[0].legend(frameon=False, fontsize=6)
+    axes[0].legend(frameon=False, fontsize=6.5, ncols=2, loc="center", bbox_to_anchor=(0.5, 0.45))
     for p, h in data["training"].items():
         axes[1].plot(h["step"], h["first_token_mass"], marker="o", label=f"{p}: first-token mass")
         axes[1].plot(h["step"], h["sink_rate"], ls="--", label=f"{p}: sink rate")
@@ -374,7 +374,7 @@ def render_streaming(data: dict) -> str:
              f"of the next byte by position. window: SlidingWindowKVCache, {budget} keys per step; sinks: "
              f"SinkKVCache, the first {data['sinks']} bytes and the last {budget - data['sinks'] - 1}, plus the "
              f"new one ({budget} keys); dense: every byte so far. Trained context: {context}.", "",
-             "| LM | cache | " + " | ".join(f"positions {a}-{b}" for a, b in spans) + " |",
+             "| LM | cache | " + " | ".join(f"positions {a}-{b - 1}" for a, b in spans) + " |",
              "|---|---|" + "---:|" * len(spans)]
     for positions, by in data["results"].items():
         for policy, loss in by.items():
@@ -397,7 +397,7 @@ def plot_streaming(data: dict, path: Path) -> Path:
         ax.axvline(data["context"], color="grey", lw=0.8, ls="--")
         ax.set(title=f"TransformerLM ({positions})", xlabel="position in the stream (bytes)")
         ax.legend(frameon=False)
-    axes[0].set_ylabel(f"next-byte loss, nats (mean of {smooth})")
+    axes[0].set_ylabel(f"next-byte loss, nats\n({data['streams']} streams, means of {smooth} positions)")
     fig.suptitle(f"dotted: the window ({data['budget']} keys) fills; dashed: the trained context "
                  f"({data['context']}) ends", fontsize=9)
     fig.tight_layout()

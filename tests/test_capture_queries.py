@@ -138,13 +138,23 @@ def decoders():
 @pytest.mark.parametrize("name", ["llama", "mistral", "gpt2"])
 @pytest.mark.parametrize("queries", [slice(-4, None), [0, 3, -1]])
 def test_hf_decoders_with_padding_on_either_side(decoders, name, queries):
-    ids = torch.randint(3, 53, (3, 12), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones(3, 12, dtype=torch.long)
+    ids = torch.randint(3, 53, (4, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(4, 12, dtype=torch.long)
     mask[0, :3] = 0  # left padding
     mask[1, 9:] = 0  # right padding
+    mask[3, :2] = mask[3, 10:] = 0  # both sides of one input
     inputs = {"input_ids": ids, "attention_mask": mask}
     model = decoders[name]
-    _same_rows(capture(model, inputs, queries=queries), capture(model, inputs))
+    part = capture(model, inputs, queries=queries)
+    _same_rows(part, capture(model, inputs))
+    real = [int(n) for n in mask.sum(1)]
+    assert [part.rows(b) for b in range(4)] == [_expected_rows(queries, n) for n in real]
+    # what max_bytes checks before running is what was stored: 2 layers x 6 heads x rows x real keys x float32
+    stored = sum(2 * 6 * len(_expected_rows(queries, n)) * n * 4 for n in real)
+    assert part.nbytes == stored == sum(t.numel() * t.element_size() for t in part.attentions)
+    capture(model, inputs, queries=queries, max_bytes=stored)
+    with pytest.raises(ValueError, match=f"capture would store .*[(]{stored:,} bytes of float32"):
+        capture(model, inputs, queries=queries, max_bytes=stored - 1)
 
 
 def test_minilm_pair_keeps_the_sep_rows():
@@ -172,6 +182,15 @@ def test_bart_cross_attention_rows():
                    queries=slice(-2, None))
     for name in ("encoder", "decoder", "cross"):
         _same_rows(getattr(part, name), getattr(full, name))
+    # the size max_bytes computes before running (source and target counted apart) is what was stored
+    capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+            queries=slice(-2, None), max_bytes=part.nbytes)
+    with pytest.raises(ValueError, match=f"[(]{part.nbytes:,} bytes of float32"):
+        capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+                queries=slice(-2, None), max_bytes=part.nbytes - 1)
+    with pytest.raises(ValueError, match=r"heads=\[0, 1\] \(2 of the 4 heads"):  # advised without heads= given
+        capture(model, dict(inputs), target=["la rive du fleuve", "voiture rouge"], tokenizer=tokenizer,
+                max_bytes=full.nbytes // 2)
 
 
 def test_the_last_row_equals_what_generation_capture_records(decoders):
@@ -243,6 +262,16 @@ def test_an_oversized_capture_is_refused_before_running_or_allocating(lm):
     assert capture(lm, tokens, queries=slice(-last, None)).rows(1) == list(range(300 - last, 300))
 
 
+def test_a_selection_that_keeps_no_row_of_any_input_is_refused(lm):
+    tokens = torch.randint(0, 40, (2, 6))
+    with pytest.raises(ValueError, match=r"queries=slice\(10, 20, None\) selects no row of any input \(real "
+                                         r"lengths \[6\]\)"):
+        capture(lm, tokens, queries=slice(10, 20))
+    padding = torch.tensor([[True] * 6, [False] * 3 + [True] * 3])
+    maps = capture(lm, {"tokens": tokens, "padding_mask": padding}, queries=slice(4, None))  # input 1 keeps none
+    assert maps.rows(0) == [4, 5] and maps.rows(1) == [] and maps[1].shape[2] == 0
+
+
 def test_max_bytes_is_exact_at_the_boundary(lm):
     tokens = torch.randint(0, 40, (1, 20))
     size = 2 * 4 * 5 * 20 * 2  # 2 layers, 4 heads, 5 rows, 20 keys, float16
@@ -265,6 +294,14 @@ def test_max_bytes_counts_all_three_parts_of_an_encoder_decoder():
     assert maps.nbytes == size
     with pytest.raises(ValueError, match=f"capture would store .*{size:,} bytes"):
         capture(model, src, target=tgt, max_bytes=size - 1)
+    # the encoder is deeper than the decoder: layers=[0] keeps 1 of 2 encoder layers but the decoder's only one,
+    # so it stores more than half (2,368 bytes) and must not be advised for 1,800; heads=[0, 1] halves every part
+    budget = 1800
+    assert capture(model, src, target=tgt, layers=[0]).nbytes == (8 * 8 + 6 * 6 + 6 * 8) * 4 * 4 > budget
+    with pytest.raises(ValueError) as err:
+        capture(model, src, target=tgt, max_bytes=budget)
+    assert "layers=" not in str(err.value) and "heads=[0, 1] (2 of the 4 heads: 1.66 KiB)" in str(err.value)
+    assert capture(model, src, target=tgt, heads=[0, 1]).nbytes == size // 2 <= budget
 
 
 

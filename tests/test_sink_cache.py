@@ -74,3 +74,27 @@ def test_misuse_is_refused():
     cross = MultiHeadAttention(AttentionConfig(embed_dim=16, num_heads=2))
     with pytest.raises(ValueError, match="cross-attention; use DynamicKVCache"):
         cross(torch.randn(1, 1, 16), torch.randn(1, 3, 16), cache=SinkKVCache(4))
+
+
+@pytest.mark.parametrize("positions", ["rope", "alibi"])
+def test_positions_after_eviction(positions):
+    """After eviction, RoPE keys keep their original positions (unlike StreamingLLM, which re-indexes
+    them within the cache): the newest query equals a full forward whose mask keeps only the sinks and
+    the window. ALiBi counts distance within the kept keys, as the paper does: the newest query equals a
+    fresh forward over the kept tokens alone."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(AttentionConfig(embed_dim=16, num_heads=2, causal=True, positions=positions)).eval()
+    x, window, sinks = torch.randn(1, 15, 16), 5, 3
+    cache = SinkKVCache(window, sinks=sinks)
+    with torch.no_grad():
+        for t in range(15):
+            got = mha(x[:, t:t + 1], cache=cache)[:, -1]
+            kept = sorted(set(range(min(sinks, t + 1))) | set(range(max(0, t - window), t + 1)))
+            if positions == "rope":
+                allowed = torch.zeros(t + 1, t + 1, dtype=torch.bool)
+                allowed[-1, kept] = True
+                allowed[:-1] = True  # rows other than the newest are not compared
+                want = mha(x[:, :t + 1], mask=allowed)[:, -1]
+            else:
+                want = mha(x[:, kept])[:, -1]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"step {t}, keys {kept}")

@@ -45,7 +45,7 @@ import contextlib
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -341,13 +341,23 @@ def _most_last_rows(parts: Sequence[_Part], itemsize: int, budget: int) -> int:
     return low
 
 
+def _most(count: int, keep: Callable[[int], list[_Part]], queries: Queries, itemsize: int,
+          budget: int) -> tuple[int, int]:
+    """The largest n <= ``count`` whose parts ``keep(n)`` fit ``budget``, and their size; (0, 0) if none."""
+    sizes = ((n, _stored_bytes(keep(n), queries, itemsize)) for n in range(count, 0, -1))
+    return next(((n, b) for n, b in sizes if b <= budget), (0, 0))
+
+
 def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Queries, dtype: torch.dtype,
                   layers: Sequence[int], heads: Sequence[int] | None) -> None:
     """Refuse, before anything runs or is allocated, a capture whose maps would pass ``max_bytes``,
     naming the size and the selections (queries=, heads=, layers=, dtype=) that would fit."""
-    for p in parts:  # bad queries are refused even without a budget (where the lengths are known)
-        for b, n in enumerate(p.queries if None not in p.keys else ()):
-            query_rows(queries, n, f"input {b}")
+    kept = [len(query_rows(queries, n, f"input {b}"))  # bad queries are refused even without a budget
+            for p in parts for b, n in enumerate(p.queries if None not in p.keys else ())]
+    if queries is not None and kept and not any(kept):
+        lengths = sorted({n for p in parts for n in p.queries})
+        raise ValueError(f"queries={queries!r} selects no row of any input (real lengths {lengths}); a slice clips "
+                         "to each input's length, so give one that reaches into the inputs, e.g. slice(-n, None)")
     if max_bytes is None:
         return
     unknown = [p.name for p in parts if p.heads is None or None in p.keys]
@@ -364,15 +374,16 @@ def _check_budget(max_bytes: int | None, parts: Sequence[_Part], queries: Querie
     if last:
         fits.append(f"queries=slice(-{last}, None) (the last {last} rows: "
                     f"{size(_stored_bytes(parts, slice(-last, None), itemsize))})")
-    per_head = stored / max(p.heads or 1 for p in parts)
-    h = int(max_bytes // per_head)
-    if h >= 1 and heads:
-        fits.append(f"heads={list(heads[:h])} ({h} of the {len(heads)} heads: {size(per_head * h)})")
-    per_layer = stored / len(layers)
-    n_layers = int(max_bytes // per_layer)
-    if n_layers >= 1:
-        fits.append(f"layers={list(layers[:n_layers])} ({n_layers} of {len(layers)} layers: "
-                    f"{size(per_layer * n_layers)})")
+    # the first h heads (or n layers) of each part: parts may differ in depth, so each size is counted
+    kept_heads = list(heads or ())
+    h, with_heads = _most(len(kept_heads), lambda n: [replace(p, heads=min(n, p.heads or 0)) for p in parts],
+                          queries, itemsize, max_bytes)
+    if h:
+        fits.append(f"heads={kept_heads[:h]} ({h} of the {len(kept_heads)} heads: {size(with_heads)})")
+    n_layers, with_layers = _most(len(layers), lambda n: [replace(p, layers=min(n, p.layers)) for p in parts],
+                                  queries, itemsize, max_bytes)
+    if n_layers:
+        fits.append(f"layers={list(layers[:n_layers])} ({n_layers} of {len(layers)} layers: {size(with_layers)})")
     for smaller in (torch.float16,):
         if itemsize > 2 and stored * 2 // itemsize <= max_bytes:
             fits.append(f"dtype={smaller} ({size(stored * 2 // itemsize)})")
@@ -472,8 +483,9 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
             as a Python list: an int (``-1``: the last token, what a generation step
             reads), a slice (``slice(-n, None)``: the last n; ``slice(0, 64)``; a slice
             clips to each input's length), or a sequence of ints (``[0, 5, -1]``). None
-            (default) keeps every row. Only the kept rows are computed and stored, each the
-            same as that row of a full capture; rows come in token order, each once, and
+            (default) keeps every row. Only the kept rows are computed and stored, each equal
+            to that row of a full capture up to float rounding (a matrix product over fewer
+            rows may differ in the last bit or two); rows come in token order, each once, and
             the maps say which tokens they are (``query_positions``, :meth:`AttentionMaps.rows`).
             Keys are always every real token. For an encoder-decoder the selection applies
             to each part's own queries (encoder: source tokens; decoder and cross: target
@@ -507,7 +519,8 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
     Raises:
         ValueError: an input longer than the model's ``max_position_embeddings`` (or a
             learned-position TransformerLM's ``max_length``); a layer or head the model
-            does not have; a query index out of range for an input; maps larger than
+            does not have; a query index out of range for an input, or ``queries`` that keep
+            no row of any input (an input of the batch may keep none); maps larger than
             ``max_bytes``; a model that calls attention a number of times other than its
             layer count, or with a cache; an encoder-decoder model without a target, or
             a target for one that is not.
@@ -694,8 +707,9 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
     if keep.max_bytes is not None or keep.queries is not None:
         src_n = [enc.real_length(r, src_len) if src_len is not None else None for r in real_src]
         tgt_n = [enc.real_length(r, tgt_len) for r in real_tgt]
-        keep.check(_seq2seq_parts(model, wanted_layers, wanted_heads, (encoder_layers, decoder_layers), src_n, tgt_n),
-                   dtype, wanted_layers or tuple(range(max(encoder_layers or 1, decoder_layers or 1))), wanted_heads)
+        stored = _seq2seq_parts(model, wanted_layers, wanted_heads, (encoder_layers, decoder_layers), src_n, tgt_n)
+        keep.check(stored, dtype, wanted_layers or tuple(range(max(encoder_layers or 1, decoder_layers or 1))),
+                   wanted_heads or tuple(range(max(p.heads or 0 for p in stored))))
     recorders = _part_recorders(wanted_layers, wanted_heads, dtype, (real_src, src_len), (real_tgt, tgt_len),
                                 keep.queries)
     parts = encoder_decoder_parts(model)

@@ -268,11 +268,18 @@ class SinkKVCache(KVCache):
     first; eviction happens between updates, so within one update the new queries see every
     key it returns (feed a long prompt in pieces to bound it). Use it with a causal model
     that has no sliding-window mask (:class:`~attnkit.nn.MultiHeadAttention` refuses it with
-    one: the mask would hide the sinks). Positions: keys are cached after RoPE, so a sink
-    keeps its absolute position 0..sinks-1 and its distance to the newest query grows;
-    ALiBi (``bottom_right``) measures distance by index in the returned keys, so there the
-    sinks sit just before the ring, as the paper's "positions within the cache". Padding
-    flags are not supported (``valid`` must be None).
+    one: the mask would hide the sinks). Padding flags are not supported (``valid`` must
+    be None).
+
+    Positions, and where this differs from the paper: StreamingLLM gives every cached token
+    its position *within the cache* (its section 3.2: it caches keys before RoPE and rotates
+    them again at each step), so the sinks always sit just before the window. This cache
+    does not re-index. Keys are cached after RoPE, as every attnkit cache holds them, so a
+    sink keeps its original position 0..sinks-1 and its distance to the newest query grows
+    without bound, past any distance a model saw in training. With ALiBi the paper's
+    behaviour holds: ``MultiHeadAttention`` aligns the bias ``bottom_right`` over the keys
+    ``update`` returns, so distance is counted by index there and the sinks sit just before
+    the ring (the paper's "contiguous" bias).
 
     Args:
         window: recent tokens kept after the sinks (>= 1).
