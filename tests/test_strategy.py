@@ -313,6 +313,36 @@ def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, cap
     assert "window float32 L=256" in out and "saved to" in out and "tuning.json" in out
 
 
+def test_tune_into_a_folder_it_cannot_write_fails_at_once_saying_why(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "attnkit"))  # a folder under a file: never writable
+
+    def never(**kwargs):
+        raise AssertionError("tuned for minutes before finding the cache folder unwritable")
+
+    monkeypatch.setattr(tuning, "tune", never)
+    assert main(["backends", "--tune"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the tuning cache in {blocker / 'attnkit'} ($ATTNKIT_CACHE_DIR)" in err
+    assert "set ATTNKIT_CACHE_DIR to a folder you can write" in err
+
+
+def test_a_save_that_fails_leaves_the_old_cache_whole_and_no_temporary_file(cache_dir, monkeypatch):
+    old = _tuning([tuning.TunedCase("window", "float32", 256, {"fused": 1.0})])
+    tuning.save(old)
+    before = (cache_dir / "tuning.json").read_text()
+
+    def interrupted(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tuning.os, "replace", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        tuning.save(_tuning([tuning.TunedCase("window", "float32", 256, {"math": 1.0})]))
+    assert (cache_dir / "tuning.json").read_text() == before and sorted(p.name for p in cache_dir.iterdir()) == \
+        ["tuning.json"]
+
+
 def test_on_cuda_auto_chooses_sdpa_then_flex_then_tiled(monkeypatch):
     import attnkit.functional.core as core
 

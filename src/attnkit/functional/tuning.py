@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -214,13 +215,37 @@ def _read(path: Path, mtime_ns: int, size: int, machine: tuple[tuple[str, str], 
     return CacheState(path, tuning, f"tuning cache {path}")
 
 
+def check_writable(folder: Path | None = None) -> Path:
+    """Make ``folder`` (default :func:`cache_dir`) and check that a file can be written there, before a
+    minute-long :func:`tune`; returns it. Raises OSError naming the folder, where it came from and the fix."""
+    folder = cache_dir() if folder is None else folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tuning.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        source = "$ATTNKIT_CACHE_DIR" if os.environ.get("ATTNKIT_CACHE_DIR") else "the default cache folder"
+        raise OSError(f"cannot write the tuning cache in {folder} ({source}): {e.strerror or e}; set "
+                      "ATTNKIT_CACHE_DIR to a folder you can write") from e
+    return folder
+
+
 def save(tuning: Tuning, path: Path | None = None) -> Path:
-    """Write ``tuning`` to ``path`` (default :func:`cache_path`), atomically; returns the path."""
+    """Write ``tuning`` to ``path`` (default :func:`cache_path`) atomically: to a temporary file of its own in the
+    same folder, then ``os.replace``, so a reader (or a second ``--tune`` writing at once) sees a whole file,
+    the old or the new, never part of one. Returns the path."""
     path = cache_path() if path is None else path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(tuning.to_json() + "\n")
-    os.replace(tmp, path)
+    check_writable(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(tuning.to_json() + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
