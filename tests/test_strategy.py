@@ -4,6 +4,7 @@ backward; ``attnkit.explain_call`` and ``attnkit backends --explain-call`` say w
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import warnings
 
@@ -280,6 +281,21 @@ def test_a_corrupt_cache_warns_once_and_is_ignored(cache_dir, text):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tiled.choose(_window_call()[3])  # the same file: no second warning
+
+
+@pytest.mark.parametrize(("field", "value"), [("medians_ms", {"fused": float("nan"), "math": 2.0}),
+                                              ("medians_ms", {"fused": -1.0}), ("length", 0)])
+def test_a_cache_with_values_auto_cannot_use_warns_and_is_ignored_not_crashing_the_call(cache_dir, field, value):
+    data = json.loads(_tuning([tuning.TunedCase("window", "float32", 256, {"fused": 1.0})]).to_json())
+    data["cases"][0][field] = value
+    (cache_dir / "tuning.json").write_text(json.dumps(data))
+    q, k, v, call = _window_call()
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning cache .*tuning.json: it cannot be read"):
+        strategy = tiled.choose(call)
+    assert strategy.forward == "banded" and any("ignored: it cannot be read" in r for r in strategy.reasons)
+    out = attnkit.attention(q, k, v, mask=masks.sliding_window(40))
+    ref = attnkit.attention(q, k, v, mask=masks.sliding_window(40), backend="reference")
+    assert (out - ref).abs().max() < 1e-5  # float32
 
 
 def test_auto_never_times_inside_a_call(cache_dir, monkeypatch):

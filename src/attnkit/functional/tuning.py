@@ -156,6 +156,11 @@ class Tuning:
                                 {k: float(v) for k, v in c["medians_ms"].items()},
                                 {k: float(v) for k, v in c.get("first_call_s", {}).items()},
                                 dict(c.get("skipped", {}))) for c in data["cases"])
+        for c in cases:  # what auto computes with: a NaN median or a length of 0 would fail inside a user's call
+            bad = [f"{k} {ms!r}" for k, ms in c.medians_ms.items() if not (math.isfinite(ms) and ms > 0)]
+            if c.length < 1 or bad:
+                raise ValueError(f"case {c.family} {c.dtype}: length {c.length} (expected >= 1), medians "
+                                 f"{', '.join(bad) or 'fine'} (expected finite ms > 0)")
         return cls(dict(data["machine"]), float(data["created"]), int(data["threads"]), cases)
 
 
