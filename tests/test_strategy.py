@@ -307,7 +307,9 @@ def test_auto_never_times_inside_a_call(cache_dir, monkeypatch):
     for name in ("time_kernels", "interleaved_median_seconds", "tune"):
         monkeypatch.setattr(tuning, name, forbidden)
     q, k, v, _ = _window_call()
-    assert attnkit.attention(q, k, v, mask=masks.sliding_window(40)).shape == q.shape
+    plan = attnkit.explain_call(q, k, v, mask=masks.sliding_window(40))
+    assert plan.tiled.forward == "fused" and any("measured on this machine" in r for r in plan.tiled.reasons)
+    assert attnkit.attention(q, k, v, mask=masks.sliding_window(40)).shape == q.shape  # the cache followed, untimed
 
 
 def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, capsys, monkeypatch):
