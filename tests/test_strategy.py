@@ -331,6 +331,17 @@ def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, cap
     assert "window float32 L=256" in out and "saved to" in out and "tuning.json" in out
 
 
+def test_the_tuner_resets_flex_compiles_and_autos_count_of_them_before_a_case_that_times_flex(monkeypatch):
+    from attnkit.functional import flex
+
+    monkeypatch.setattr(flex, "_COMPILED", {("another variant", n) for n in range(flex.AUTO_COMPILES)})
+    clock = FakeClock()
+    monkeypatch.setattr(tuning, "_runners", lambda *a: ({"flex": clock.kernel("flex", 0.01),
+                                                         "math": clock.kernel("math", 0.02)}, {}))
+    result = tuning.tune(["window"], ["float32"], [256], repeats=1, clock=clock)
+    assert result.cases[0].ranking == ("flex", "math") and not flex._COMPILED
+
+
 def test_tune_into_a_folder_it_cannot_write_fails_at_once_saying_why(tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a file"
     blocker.write_text("")

@@ -108,6 +108,14 @@ def auto_refusal(call: AttentionCall) -> str | None:
             "each new one compiles anew; backend='flex' runs it anyway")
 
 
+def reset_compiles() -> None:
+    """Drop every compiled variant: ``torch._dynamo.reset()`` (all of ``torch.compile``'s caches in this process)
+    and auto's count of Flex's compiles with it (else, after the tuner's sixteen, auto would decline Flex)."""
+    torch._dynamo.reset()
+    with _LOCK:
+        _COMPILED.clear()
+
+
 def _parts(bias: Bias | None) -> tuple[Bias, ...]:
     return () if bias is None else bias.parts()
 

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from attnkit._timing import cpu_model, interleaved_median_seconds
+from attnkit.functional import flex
 from attnkit.functional._call import AttentionCall
 
 SIMPLICITY = ("math", "fused", "banded", "native", "flex")  # simplest first: ties go to the earlier
@@ -386,8 +387,8 @@ def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, len
     warm-up (Flex compiles there, once per shape), then ``repeats`` times interleaved with the others
     (:func:`time_kernels`); the medians decide. ``progress(description, done, total)`` is called before
     each case and at the end. Before each case that times Flex it resets ``torch.compile``'s caches
-    (``torch._dynamo.reset()``): sixteen shapes would pass dynamo's recompile limit, past which Flex runs
-    eager and materialises the scores.
+    (:func:`attnkit.functional.flex.reset_compiles`): sixteen shapes would pass dynamo's recompile limit,
+    past which Flex runs eager and materialises the scores.
 
     >>> t = tune(["window"], ["float32"], [256], kernels=["math", "fused"], repeats=1)  # doctest: +SKIP
     >>> t.cases[0].ranking  # doctest: +SKIP
@@ -400,7 +401,7 @@ def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, len
             progress(f"{family} {dtype} L={length}", n, len(grid))
         runners, skipped = _runners(family, dtype, length, kernels, heads, head_dim)
         if "flex" in runners:  # each case compiles Flex afresh: past dynamo's recompile limit it would run eager
-            torch._dynamo.reset()
+            flex.reset_compiles()
         medians, first, dropped = time_kernels(runners, repeats, clock)
         cases.append(TunedCase(family, dtype, length, {k: 1e3 * s for k, s in medians.items()}, first,
                                {**skipped, **dropped}))
