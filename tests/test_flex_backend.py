@@ -91,3 +91,26 @@ def test_the_block_mask_is_built_once_per_shape_and_mask(monkeypatch):
     prepared(q[:, :, :150], mask)
     prepared(q, masks.sliding_window(20))  # another mask object: its own entry
     assert built == [(200, 200), (150, 200), (200, 200)]
+
+
+def test_masks_that_print_alike_or_change_in_place_get_their_own_block_mask():
+    # The BlockMask cache must not be keyed by what a mask prints: these two document masks print alike (two
+    # documents each) but split the keys differently, and a document mask whose ids change in place is a new mask.
+    q, k, v = qkv(heads=2, q_len=256, head_dim=16)
+    halves = torch.tensor([0] * 128 + [1] * 128)
+    ragged = torch.tensor([0] * 40 + [1] * 216)
+    ids = torch.zeros(256, dtype=torch.int64)  # one document: every 128-block is full
+
+    def check(mask):
+        ref = attnkit.attention(q, k, v, mask=mask, backend="reference")
+        out = attnkit.attention(q.float(), k.float(), v.float(), mask=mask, backend="flex")
+        assert max_err(out, ref) < 1e-5, repr(mask)
+
+    a, b = masks.document(halves), masks.document(ragged)
+    assert repr(a) == repr(b)
+    check(a)
+    check(b)
+    changing = masks.document(ids)
+    check(changing)
+    ids[128:] = 1  # now the two off-diagonal blocks are empty, not full
+    check(changing)

@@ -4,6 +4,7 @@ backward; ``attnkit.explain_call`` and ``attnkit backends --explain-call`` say w
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import warnings
 
@@ -282,6 +283,21 @@ def test_a_corrupt_cache_warns_once_and_is_ignored(cache_dir, text):
         tiled.choose(_window_call()[3])  # the same file: no second warning
 
 
+@pytest.mark.parametrize(("field", "value"), [("medians_ms", {"fused": float("nan"), "math": 2.0}),
+                                              ("medians_ms", {"fused": -1.0}), ("length", 0)])
+def test_a_cache_with_values_auto_cannot_use_warns_and_is_ignored_not_crashing_the_call(cache_dir, field, value):
+    data = json.loads(_tuning([tuning.TunedCase("window", "float32", 256, {"fused": 1.0})]).to_json())
+    data["cases"][0][field] = value
+    (cache_dir / "tuning.json").write_text(json.dumps(data))
+    q, k, v, call = _window_call()
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning cache .*tuning.json: it cannot be read"):
+        strategy = tiled.choose(call)
+    assert strategy.forward == "banded" and any("ignored: it cannot be read" in r for r in strategy.reasons)
+    out = attnkit.attention(q, k, v, mask=masks.sliding_window(40))
+    ref = attnkit.attention(q, k, v, mask=masks.sliding_window(40), backend="reference")
+    assert (out - ref).abs().max() < 1e-5  # float32
+
+
 def test_auto_never_times_inside_a_call(cache_dir, monkeypatch):
     tuning.save(_tuning([tuning.TunedCase("window", "float32", 256, {"fused": 1.0})]))
 
@@ -291,7 +307,9 @@ def test_auto_never_times_inside_a_call(cache_dir, monkeypatch):
     for name in ("time_kernels", "interleaved_median_seconds", "tune"):
         monkeypatch.setattr(tuning, name, forbidden)
     q, k, v, _ = _window_call()
-    assert attnkit.attention(q, k, v, mask=masks.sliding_window(40)).shape == q.shape
+    plan = attnkit.explain_call(q, k, v, mask=masks.sliding_window(40))
+    assert plan.tiled.forward == "fused" and any("measured on this machine" in r for r in plan.tiled.reasons)
+    assert attnkit.attention(q, k, v, mask=masks.sliding_window(40)).shape == q.shape  # the cache followed, untimed
 
 
 def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, capsys, monkeypatch):
@@ -311,6 +329,47 @@ def test_the_tuner_measures_and_the_cli_saves_and_shows_the_table(cache_dir, cap
     assert timed and timed | dropped == {"math", "fused", "banded"} and not timed & dropped  # timings decide which
     assert "ATTNKIT_NATIVE=0" in window.skipped["native"]
     assert "window float32 L=256" in out and "saved to" in out and "tuning.json" in out
+
+
+def test_the_tuner_resets_flex_compiles_and_autos_count_of_them_before_a_case_that_times_flex(monkeypatch):
+    from attnkit.functional import flex
+
+    monkeypatch.setattr(flex, "_COMPILED", {("another variant", n) for n in range(flex.AUTO_COMPILES)})
+    clock = FakeClock()
+    monkeypatch.setattr(tuning, "_runners", lambda *a: ({"flex": clock.kernel("flex", 0.01),
+                                                         "math": clock.kernel("math", 0.02)}, {}))
+    result = tuning.tune(["window"], ["float32"], [256], repeats=1, clock=clock)
+    assert result.cases[0].ranking == ("flex", "math") and not flex._COMPILED
+
+
+def test_tune_into_a_folder_it_cannot_write_fails_at_once_saying_why(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    monkeypatch.setenv("ATTNKIT_CACHE_DIR", str(blocker / "attnkit"))  # a folder under a file: never writable
+
+    def never(**kwargs):
+        raise AssertionError("tuned for minutes before finding the cache folder unwritable")
+
+    monkeypatch.setattr(tuning, "tune", never)
+    assert main(["backends", "--tune"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the tuning cache in {blocker / 'attnkit'} ($ATTNKIT_CACHE_DIR)" in err
+    assert "set ATTNKIT_CACHE_DIR to a folder you can write" in err
+
+
+def test_a_save_that_fails_leaves_the_old_cache_whole_and_no_temporary_file(cache_dir, monkeypatch):
+    old = _tuning([tuning.TunedCase("window", "float32", 256, {"fused": 1.0})])
+    tuning.save(old)
+    before = (cache_dir / "tuning.json").read_text()
+
+    def interrupted(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tuning.os, "replace", interrupted)
+    with pytest.raises(OSError, match="disk full"):
+        tuning.save(_tuning([tuning.TunedCase("window", "float32", 256, {"math": 1.0})]))
+    assert (cache_dir / "tuning.json").read_text() == before and sorted(p.name for p in cache_dir.iterdir()) == \
+        ["tuning.json"]
 
 
 def test_on_cuda_auto_chooses_sdpa_then_flex_then_tiled(monkeypatch):

@@ -63,6 +63,7 @@ def explain(args: argparse.Namespace, con: Console) -> int:
 
 
 def tune(con: Console) -> int:
+    tuning.check_writable()  # before the run, not after it
     con.print(f"timing the tiled kernels and compiled Flex on this machine ({tuning.this_machine()['cpu']}): "
               f"{', '.join(tuning.FAMILIES)}; {', '.join(tuning.DTYPES)}; L = "
               f"{', '.join(map(str, tuning.LENGTHS))} (B=1, H=8, D=64, forward; medians of interleaved runs after "

@@ -99,18 +99,17 @@ def _auto(call: AttentionCall) -> tuple[Backend, tuple[str, ...]]:
         return _BACKENDS["reference"], (*reasons, f"auto: {scores:,} scores, at most {_SMALL:,}: materialising is "
                                                   "cheaper than tiling")
     device = device_type(call)
-    flex_declined = flex.refusals(call, device)
-    if not flex_declined and (too_many := flex.auto_refusal(call)) is not None:
-        flex_declined = [too_many]
-    if device == "cuda":
+    # on CPU, only where the tuning cache ranks Flex first (asked first: Flex's checks read the mask's repr)
+    measured = None if device == "cuda" else tuning.flex_measured_fastest(call)
+    if device == "cuda" or measured is not None:
+        flex_declined = flex.refusals(call, device)
+        if not flex_declined and (too_many := flex.auto_refusal(call)) is not None:
+            flex_declined = [too_many]
         if not flex_declined:
-            return _BACKENDS["flex"], (*reasons, "auto: on CUDA, compiled FlexAttention runs the masks and biases "
-                                                 "SDPA cannot express")
-        reasons.append(f"auto: flex declined ({'; '.join(flex_declined)})")
-    else:
-        measured = tuning.flex_measured_fastest(call)
-        if measured is not None and not flex_declined:
-            return _BACKENDS["flex"], (*reasons, f"auto: {measured}")
+            why = measured or "on CUDA, compiled FlexAttention runs the masks and biases SDPA cannot express"
+            return _BACKENDS["flex"], (*reasons, f"auto: {why}")
+        if device == "cuda":
+            reasons.append(f"auto: flex declined ({'; '.join(flex_declined)})")
     return _BACKENDS["tiled"], (*reasons, f"auto: {scores:,} scores, more than {_SMALL:,}: the tiled backend")
 
 

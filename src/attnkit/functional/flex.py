@@ -4,7 +4,8 @@ A mask becomes Flex's ``BlockMask`` and ``mask_mod`` (:func:`attnkit.masks.flex.
 biases become one ``score_mod`` (:func:`score_mod_of`: ALiBi, tensor biases, ``biases.score_mod`` functions and
 their sums). One ``torch.compile``'d ``flex_attention`` serves every call (``dynamic=False``: dynamo compiles
 once per shape, dtype and device); the ``BlockMask`` and ``score_mod`` are cached per (shapes, device, dtype,
-mask, bias, scale, softcap), holding the mask and bias objects, so reuse a mask object across calls to reuse them.
+mask, bias, scale, softcap, and the version counters of the tensors the mask and bias hold, so a mask changed in
+place gets a new one), holding the mask and bias objects, so reuse a mask object across calls to reuse them.
 
 Where it runs: ``backend="flex"`` on CPU and CUDA. ``backend="auto"`` takes it on CUDA after sdpa, for calls
 SDPA cannot express (:func:`attnkit.functional.core.select_backend`); on CPU only where ``attnkit backends
@@ -17,6 +18,7 @@ to C++) gradients, ``return_lse`` and float64.
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -40,6 +42,7 @@ _CACHE_SIZE = 32  # BlockMasks kept (least recently used dropped first)
 AUTO_COMPILES = 8
 _COMPILED: set[tuple] = set()  # _variant() of every call run so far
 _PREPARED: OrderedDict[tuple, tuple[object, object, BlockMask | None, ScoreMod | None]] = OrderedDict()
+_LOCK = threading.Lock()  # guards _PREPARED and _COMPILED: attention may be called from several threads
 
 
 @functools.cache
@@ -98,10 +101,19 @@ def auto_refusal(call: AttentionCall) -> str | None:
     """Why ``backend="auto"`` should not take Flex for ``call`` although it could run it: it would compile a
     variant (:func:`_variant`) beyond the first :data:`AUTO_COMPILES` of this process (``backend="flex"`` still
     runs it)."""
-    if _variant(call) in _COMPILED or len(_COMPILED) < AUTO_COMPILES:
-        return None
+    with _LOCK:
+        if _variant(call) in _COMPILED or len(_COMPILED) < AUTO_COMPILES:
+            return None
     return (f"it has compiled {len(_COMPILED)} variants (shapes, mask and bias parameters) in this process and "
             "each new one compiles anew; backend='flex' runs it anyway")
+
+
+def reset_compiles() -> None:
+    """Drop every compiled variant: ``torch._dynamo.reset()`` (all of ``torch.compile``'s caches in this process)
+    and auto's count of Flex's compiles with it (else, after the tuner's sixteen, auto would decline Flex)."""
+    torch._dynamo.reset()
+    with _LOCK:
+        _COMPILED.clear()
 
 
 def _parts(bias: Bias | None) -> tuple[Bias, ...]:
@@ -158,20 +170,41 @@ _BIAS_MODS: dict[type, Callable[[Any, int, int], ScoreMod]] = {
 }
 
 
+def _tensor_versions(obj: object, depth: int = 4) -> tuple:
+    """The version counter of every tensor ``obj`` holds in its attributes (and in the masks, lengths and other
+    objects those hold, ``depth`` levels down), so that a tensor changed in place (a document mask's ids, a
+    dense mask's tensor) gives a new cache key. A tensor without a version counter (made in inference mode)
+    cannot be told from a changed one, so it gives a new object each time and the key is never reused."""
+    if isinstance(obj, Tensor):
+        try:
+            return (obj._version,)
+        except RuntimeError:
+            return (object(),)
+    if depth == 0 or not hasattr(obj, "__dict__") or isinstance(obj, type):
+        return ()
+    return tuple(v for a in vars(obj).values() for v in _tensor_versions(a, depth - 1))
+
+
 def _prepared(call: AttentionCall) -> tuple[BlockMask | None, ScoreMod | None]:
-    """The call's ``BlockMask`` and ``score_mod``, from the cache or built (and cached)."""
+    """The call's ``BlockMask`` and ``score_mod``, from the cache or built (and cached). The key holds the
+    mask's and bias's identities (each entry keeps them alive, so an id is not reused while its entry lives)
+    and the version counters of the tensors they hold (:func:`_tensor_versions`), never their ``repr``: two
+    masks that print alike but differ get their own ``BlockMask``, and so does a mask changed in place."""
     key = (tuple(call.q.shape), tuple(call.k.shape), tuple(call.v.shape), call.q.device, call.q.dtype,
-           id(call.mask), id(call.bias), call.scale, call.softcap)
-    if key in _PREPARED:
-        _PREPARED.move_to_end(key)
-        return _PREPARED[key][2:]
+           id(call.mask), id(call.bias), _tensor_versions(call.mask), _tensor_versions(call.bias), call.scale,
+           call.softcap)
+    with _LOCK:
+        if key in _PREPARED:
+            _PREPARED.move_to_end(key)
+            return _PREPARED[key][2:]
     block_mask = None
     if call.mask is not None:
         block_mask = to_flex(call.mask, None, None, call.q_len, call.k_len, device=call.q.device)[0]
     entry = (call.mask, call.bias, block_mask, score_mod_of(call))  # holding mask and bias keeps their ids unique
-    _PREPARED[key] = entry
-    if len(_PREPARED) > _CACHE_SIZE:
-        _PREPARED.popitem(last=False)
+    with _LOCK:
+        _PREPARED[key] = entry
+        if len(_PREPARED) > _CACHE_SIZE:
+            _PREPARED.popitem(last=False)
     return entry[2:]
 
 
@@ -187,7 +220,8 @@ class FlexBackend:
 
     def run(self, call: AttentionCall) -> tuple[Tensor, Tensor]:
         block_mask, mod = _prepared(call)
-        _COMPILED.add(_variant(call))
+        with _LOCK:
+            _COMPILED.add(_variant(call))
         kwargs: dict[str, Any] = {}
         if call.return_lse:
             from torch.nn.attention.flex_attention import AuxRequest

@@ -35,6 +35,7 @@ import functools
 import json
 import math
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,6 +47,7 @@ from typing import Any
 import torch
 
 from attnkit._timing import cpu_model, interleaved_median_seconds
+from attnkit.functional import flex
 from attnkit.functional._call import AttentionCall
 
 SIMPLICITY = ("math", "fused", "banded", "native", "flex")  # simplest first: ties go to the earlier
@@ -155,6 +157,11 @@ class Tuning:
                                 {k: float(v) for k, v in c["medians_ms"].items()},
                                 {k: float(v) for k, v in c.get("first_call_s", {}).items()},
                                 dict(c.get("skipped", {}))) for c in data["cases"])
+        for c in cases:  # what auto computes with: a NaN median or a length of 0 would fail inside a user's call
+            bad = [f"{k} {ms!r}" for k, ms in c.medians_ms.items() if not (math.isfinite(ms) and ms > 0)]
+            if c.length < 1 or bad:
+                raise ValueError(f"case {c.family} {c.dtype}: length {c.length} (expected >= 1), medians "
+                                 f"{', '.join(bad) or 'fine'} (expected finite ms > 0)")
         return cls(dict(data["machine"]), float(data["created"]), int(data["threads"]), cases)
 
 
@@ -194,7 +201,13 @@ def load_cache() -> CacheState:
         stat = path.stat()
     except OSError:
         return CacheState(path, None, f"no tuning cache at {path}; `attnkit backends --tune` measures this machine")
-    return _read(path, stat.st_mtime_ns, stat.st_size, tuple(sorted(this_machine().items())))
+    return _read(path, stat.st_mtime_ns, stat.st_size, _machine_key())
+
+
+@functools.cache
+def _machine_key() -> tuple[tuple[str, str], ...]:
+    """:func:`this_machine`, read once per process (it reads /proc/cpuinfo: 30-40 us, twice per auto call)."""
+    return tuple(sorted(this_machine().items()))
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,13 +227,37 @@ def _read(path: Path, mtime_ns: int, size: int, machine: tuple[tuple[str, str], 
     return CacheState(path, tuning, f"tuning cache {path}")
 
 
+def check_writable(folder: Path | None = None) -> Path:
+    """Make ``folder`` (default :func:`cache_dir`) and check that a file can be written there, before a
+    minute-long :func:`tune`; returns it. Raises OSError naming the folder, where it came from and the fix."""
+    folder = cache_dir() if folder is None else folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tuning.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        source = "$ATTNKIT_CACHE_DIR" if os.environ.get("ATTNKIT_CACHE_DIR") else "the default cache folder"
+        raise OSError(f"cannot write the tuning cache in {folder} ({source}): {e.strerror or e}; set "
+                      "ATTNKIT_CACHE_DIR to a folder you can write") from e
+    return folder
+
+
 def save(tuning: Tuning, path: Path | None = None) -> Path:
-    """Write ``tuning`` to ``path`` (default :func:`cache_path`), atomically; returns the path."""
+    """Write ``tuning`` to ``path`` (default :func:`cache_path`) atomically: to a temporary file of its own in the
+    same folder, then ``os.replace``, so a reader (or a second ``--tune`` writing at once) sees a whole file,
+    the old or the new, never part of one. Returns the path."""
     path = cache_path() if path is None else path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(tuning.to_json() + "\n")
-    os.replace(tmp, path)
+    check_writable(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(tuning.to_json() + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -350,8 +387,8 @@ def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, len
     warm-up (Flex compiles there, once per shape), then ``repeats`` times interleaved with the others
     (:func:`time_kernels`); the medians decide. ``progress(description, done, total)`` is called before
     each case and at the end. Before each case that times Flex it resets ``torch.compile``'s caches
-    (``torch._dynamo.reset()``): sixteen shapes would pass dynamo's recompile limit, past which Flex runs
-    eager and materialises the scores.
+    (:func:`attnkit.functional.flex.reset_compiles`): sixteen shapes would pass dynamo's recompile limit,
+    past which Flex runs eager and materialises the scores.
 
     >>> t = tune(["window"], ["float32"], [256], kernels=["math", "fused"], repeats=1)  # doctest: +SKIP
     >>> t.cases[0].ranking  # doctest: +SKIP
@@ -364,7 +401,7 @@ def tune(families: Sequence[str] = FAMILIES, dtypes: Sequence[str] = DTYPES, len
             progress(f"{family} {dtype} L={length}", n, len(grid))
         runners, skipped = _runners(family, dtype, length, kernels, heads, head_dim)
         if "flex" in runners:  # each case compiles Flex afresh: past dynamo's recompile limit it would run eager
-            torch._dynamo.reset()
+            flex.reset_compiles()
         medians, first, dropped = time_kernels(runners, repeats, clock)
         cases.append(TunedCase(family, dtype, length, {k: 1e3 * s for k, s in medians.items()}, first,
                                {**skipped, **dropped}))
