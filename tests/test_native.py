@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import shutil
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -421,6 +424,32 @@ def test_a_build_counts_as_cached_only_when_finished_and_unlocked(monkeypatch, t
     assert not native.cached()
     monkeypatch.setattr(native, "_folder", lambda: None)
     assert not native.cached()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the build guard is an fcntl lock")
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_build_is_waited_for(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_folder", lambda: tmp_path)
+    (tmp_path / "lock").write_text("")  # torch's lock file, left by a build that was killed
+    with pytest.warns(RuntimeWarning, match="did not finish"), native._no_stale_lock():
+        assert not (tmp_path / "lock").exists()
+    # a build in another process holds the guard: a second build waits for it, and leaves its lock alone
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, sys, time
+        with open({str(tmp_path / "attnkit.lock")!r}, "w") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            open({str(tmp_path / "lock")!r}, "w").close()
+            print("held", flush=True)
+            time.sleep(1.0)
+            import os; os.remove({str(tmp_path / "lock")!r})
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the live build's lock is not called stale
+            with native._no_stale_lock():
+                assert not (tmp_path / "lock").exists()  # entered only once the holder finished
+    finally:
+        holder.wait(timeout=30)
 
 
 def test_concurrent_first_loads_share_one_build(monkeypatch):

@@ -135,13 +135,46 @@ def _build() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils import cpp_extension
 
-        with _ninja_on_path():
+        with _ninja_on_path(), _no_stale_lock():
             module = cpp_extension.load(name=_name(), sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
                                         extra_ldflags=_OPENMP, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: the pure-PyTorch path runs
         first = str(exc).strip().splitlines()
         return None, f"build failed: {type(exc).__name__}: {first[0] if first else ''}"[:300]
     return module, "built"
+
+
+@contextlib.contextmanager
+def _no_stale_lock() -> Iterator[None]:
+    """Hold an OS lock on the build folder for the build, and remove torch's ``lock`` file
+    when it is stale.
+
+    torch marks a build in progress with a plain ``lock`` file and waits, for ever, while it
+    exists; a build killed midway (Ctrl-C, a timeout) leaves it behind, and every later build
+    of this source would hang. Every attnkit build holds ``attnkit.lock`` (an ``fcntl`` lock,
+    which the OS drops when its process dies), so a ``lock`` file found while holding it was
+    left by a dead build. Where ``fcntl`` is missing (Windows) torch's own lock alone applies.
+    """
+    folder = _folder()
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None  # type: ignore[assignment]
+    if folder is None or fcntl is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "attnkit.lock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = folder / "lock"
+        if stale.exists():
+            warnings.warn(f"attnkit: removing {stale}, left by a build of the native kernel that did not finish",
+                          RuntimeWarning, stacklevel=4)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
