@@ -95,6 +95,21 @@ def test_a_bias_softcap_and_cross_lengths():
     assert st.distance_edges.tolist() == [0, 1, 2, 4, 8, 16, 32]
 
 
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(3), masks.sliding_window(2, 2)],
+                         ids=["causal", "window", "symmetric"])
+@pytest.mark.parametrize("lengths", [(5, 9), (9, 5)], ids=["lq<lk", "lq>lk"])
+def test_distance_follows_the_masks_top_left_diagonal(mask, lengths):
+    """A top-left mask puts query i at key position i (SDPA's convention), whatever Lq and Lk; the distance
+    and its bins must measure from there, not from the bottom-right diagonal."""
+    g = torch.Generator().manual_seed(4)
+    lq, lk = lengths
+    q, k = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (lq, lk))
+    _, st = attnkit.attention(q, k[:, :2], k[:, :2], mask=mask, stats=StatsOptions(top_k=2, sinks=2))
+    p = attnkit.attention_probs(q, k[:, :2], k[:, :2], mask=mask).nan_to_num()
+    assert st.distance_edges.tolist()[-1] > max(lq, lk) - 1
+    assert_matches(st, reference(p, 2, 2, st.distance_edges, offset=0), 1e-12)
+
+
 def test_rows_without_keys_and_uncounted_queries_are_zero():
     q = k = torch.randn(1, 1, 6, 4, dtype=torch.float64)
     mask = masks.from_function(lambda b, h, i, j: (j <= i) & (i != 2))
