@@ -26,13 +26,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from attnkit import _model_facts as facts
 from attnkit import masks
 from attnkit.nn.attention import MultiHeadAttention
 
-__all__ = ["Observer", "attnkit_tap", "tap", "transformers_tap", "wrap_attention_functions"]
+__all__ = ["Observer", "attnkit_tap", "run_eval", "tap", "transformers_tap", "wrap_attention_functions"]
 
 _PATCH_LOCK = threading.RLock()  # one thread at a time patches transformers' lookup
 _PATCHING: list[str] = []  # the kinds the lock's holder patches now (to refuse a nested one of the same kind)
@@ -50,6 +51,29 @@ def tap(model: nn.Module, route: Callable[[nn.Module], Observer | None]) -> Iter
     else:
         with attnkit_tap([m for m in model.modules() if isinstance(m, MultiHeadAttention)], route):
             yield
+
+
+def run_eval(model: nn.Module, recording: contextlib.AbstractContextManager, args: tuple, kwargs: dict, *,
+             forward: Callable[..., Any] | None = None) -> Any:
+    """One forward pass in eval mode without gradients inside ``recording`` (a :func:`tap`, or any context
+    manager); every module of ``model`` gets its training mode back after, also when the pass raises.
+
+    ``forward(*args, **kwargs)`` is what runs (default ``model``; e.g. a transformers model's base model, to
+    skip its head). Returns its output.
+
+    >>> import torch
+    >>> m = torch.nn.Dropout(0.5)
+    >>> float(run_eval(m, contextlib.nullcontext(), (torch.ones(4),), {}).sum()), m.training
+    (4.0, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), recording:
+            return (model if forward is None else forward)(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ The data: the tokens as JSON, the grids as numbers, the received mass per head a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from attnkit import _model_facts as facts
 from attnkit._checks import describe, require_int
 from attnkit.inspect.stats import AttentionStats, stats
-from attnkit.integrations.tap import tap
+from attnkit.integrations.tap import run_eval, tap
 from attnkit.viz._html import page
 from attnkit.viz.encode import MAX_LENGTH, encode_peaks
 from attnkit.viz.service import RequestError
@@ -433,17 +434,8 @@ class LongDocument:
                 raise _Enough
 
         args, kwargs = self._inputs()
-        target = self._body()
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            self.model.eval()
-            with torch.no_grad(), tap(self.model, lambda module: observe):
-                target(*args, **kwargs)
-        except _Enough:
-            pass
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with contextlib.suppress(_Enough):
+            run_eval(self.model, tap(self.model, lambda module: observe), args, kwargs, forward=self._body())
         if len(calls) <= layer_index:
             raise ValueError(f"the model made {len(calls)} attention calls reading the document; layer index "
                              f"{layer_index} was asked for")
