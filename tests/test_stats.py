@@ -221,10 +221,10 @@ def test_other_implementations(impl):
 def test_the_model_output_is_unchanged_and_logits_match_the_scores():
     model = _tiny("llama", "sdpa", torch.float64)
     inputs = _padded("left")
-    with torch.no_grad():
-        want = model(**inputs).logits
+    with torch.no_grad():  # stats runs the base model (no head): its hidden states are the model's own
+        want = model.base_model(**inputs).last_hidden_state
     seen = []
-    handle = model.register_forward_hook(lambda m, a, out: seen.append(out.logits))
+    handle = model.base_model.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
     try:
         got = stats(model, inputs)
     finally:
@@ -270,6 +270,20 @@ def test_transformer_lm_with_padding_and_layers():
         stats(lm, inputs, layers=3)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_stats_skip_a_language_models_head(name):
+    """The head's (L x vocab) logits are never read: stats runs the base model (4 GB of logits at 32K tokens)."""
+    model = _tiny(name, "sdpa", torch.float32)
+    called = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: called.append(1))
+    try:
+        got = stats(model, _padded("left"), top_k=2)
+    finally:
+        handle.remove()
+    assert not called
+    assert got[0].layers == (0, 1) and got[0].model_name == type(model).__name__  # the model given, not its body
+
+
 def test_model_level_stats_allocate_no_l_by_l_tensor():
     length = 4096
     lm = TransformerLM(TransformerConfig(vocab_size=50, dim=16, depth=1, num_heads=1)).eval()
@@ -311,3 +325,6 @@ def test_model_errors_name_the_problem():
                                     decoder_ffn_dim=16, max_position_embeddings=16))
     with pytest.raises(ValueError, match=r"is an encoder-decoder model: use attnkit\.inspect\.capture"):
         stats(bart, torch.tensor([[3, 4, 5]]))
+    llama = _tiny("llama", "sdpa", torch.float32)
+    with pytest.raises(ValueError, match=r"^stats cannot read attention with attention sinks \(s_aux\)"):
+        stats(llama, {"input_ids": torch.tensor([[3, 4, 5]]), "s_aux": torch.zeros(6)})

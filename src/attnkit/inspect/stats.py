@@ -184,8 +184,11 @@ def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None =
         One :class:`AttentionStats` per input, cut to its real tokens.
 
     Every mask the model uses is honoured (causal, sliding window, padding, documents), as
-    the tap translates it. The model's outputs are exactly those of a normal call. Memory:
-    the statistics, O(layers * heads * L * top_k), plus one block of scores at a time.
+    the tap translates it. The model's attention calls are exactly those of a normal call.
+    A transformers model with a task head (``...ForCausalLM``, ``...ForMaskedLM``) runs as
+    its ``base_model`` where that takes the inputs' keywords: the head's (L x vocab) logits,
+    4 GB at 32K tokens and a 30K vocabulary, are never computed. Memory: the statistics,
+    O(layers * heads * L * top_k), plus one block of scores at a time.
 
     Raises:
         ValueError: a layer the model does not have; an input longer than the model's
@@ -232,7 +235,8 @@ def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None =
     valid_bool = None if valid is None else valid.bool().to(first.device)
     recorder = _StatsRecorder(wanted, options, valid_bool, length, report, count)
     ours = {id(m) for m in model.modules()}
-    run_eval(model, tap(model, lambda module: recorder if id(module) in ours else None), args, kwargs)
+    recording = tap(model, lambda module: recorder if id(module) in ours else None, reader="stats")
+    run_eval(model, recording, args, kwargs, forward=facts.headless(model, kwargs))
     expected = wanted if wanted is not None else tuple(range(count if count is not None else recorder.calls))
     if [layer for layer, _ in recorder.kept] != list(expected):
         raise ValueError(f"{facts.name(model)!r} called attention {recorder.calls} times through the attention tap; "

@@ -300,17 +300,11 @@ class LongDocument:
         return ((), {"input_ids": self.ids}) if facts.is_hf(self.model) else ((self.ids,), {})
 
     def _statistics(self, progress: Callable[[str, int, int], None] | None) -> Overview:
-        """:func:`attnkit.inspect.stats` of the document. A transformers model is read through its base model
-        (its ``base_model``: the same attention calls, without a language-model head's (L x vocab) logits,
-        4 GB at 32K tokens and a 30K vocabulary)."""
+        """:func:`attnkit.inspect.stats` of the document (which skips a language model's head)."""
         step = None if progress is None else (lambda done, total: progress("attention statistics", done, total))
-        self.stats = stats(self._body(), self.ids, top_k=self.top_k, sinks=self.sink_tokens,
+        self.stats = stats(self.model, self.ids, top_k=self.top_k, sinks=self.sink_tokens,
                            tokenizer=self.tokenizer, progress=step or False)[0]
         return Overview.from_stats(self.stats)
-
-    def _body(self) -> nn.Module:
-        """What runs the attention: a transformers model's base model, else the model."""
-        return facts.pretrained(self.model).base_model if facts.is_hf(self.model) else self.model
 
     def data(self, *, title: str | None = None, zoom: bool = False) -> dict[str, Any]:
         """:func:`long_data` of this document (``zoom``: for a page served with :meth:`zoom` behind it); the
@@ -435,7 +429,8 @@ class LongDocument:
 
         args, kwargs = self._inputs()
         with contextlib.suppress(_Enough):
-            run_eval(self.model, tap(self.model, lambda module: observe), args, kwargs, forward=self._body())
+            run_eval(self.model, tap(self.model, lambda module: observe, reader="the zoom"), args, kwargs,
+                     forward=facts.headless(self.model, kwargs))
         if len(calls) <= layer_index:
             raise ValueError(f"the model made {len(calls)} attention calls reading the document; layer index "
                              f"{layer_index} was asked for")
