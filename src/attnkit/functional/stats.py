@@ -68,7 +68,8 @@ class CallStats:
             Divided by :attr:`counted` per head, a distribution.
         distance_edges: (nbins + 1,) int64 bin edges, see :func:`distance_edges`.
         top_index: (B, H, Lq, top_k) int64 keys of largest weight, descending; -1 where a
-            query has fewer than ``top_k`` keys of nonzero weight.
+            query has fewer than ``top_k`` keys of nonzero weight. Keys of equal weight come in
+            no set order, and which of them fills the last place is not set either (as ``torch.topk``).
         top_weight: (B, H, Lq, top_k) their probabilities (0 where the index is -1).
         row_max: (B, H, Lq) the largest logit of each query: the largest score that enters the
             softmax (after scale, softcap and biases); -inf for a query not counted.

@@ -58,7 +58,7 @@ class AttentionStats:
             queries with a key; see :meth:`distance_share`).
         distance_edges: (nbins + 1,) int64: 0, 1, 2, 4, 8, ...
         top_index: (n, H, L, k) int64 each query's keys of largest weight, descending;
-            -1 where fewer keys carry weight.
+            -1 where fewer keys carry weight; keys of equal weight in no set order.
         top_weight: (n, H, L, k) their probabilities (0 where the index is -1).
         row_max: (n, H, L) each query's largest logit (the score entering the softmax).
         max_logit: (n, H) the largest logit of each head (QK-clip).
