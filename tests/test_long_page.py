@@ -309,6 +309,12 @@ def test_zoom_endpoint_refuses_bad_requests_with_json(served_long):
     assert post(b"layer=0", "application/x-www-form-urlencoded")[0] == 415
     status, answer = post(b'{"layer": 0, "head": 1, "q0": 2, "q1": 4, "k0": 0, "k1": 3}')
     assert status == 200 and (answer["q0"], answer["q1"], answer["per"]) == (2, 4, 1)
+    try:  # a wrong address is told every route, the long page's included
+        urllib.request.urlopen(served_long.url + "lon", timeout=60)
+    except urllib.error.HTTPError as err:
+        status, answer = err.code, json.loads(err.read())
+    assert status == 404 and answer["error"].endswith(
+        "This server answers GET /, GET /healthz, GET /api/info, POST /api/explain, GET /long and POST /api/long/zoom")
 
 
 # --- at 32K tokens (slow: the statistics take minutes to tens of minutes on 2 cores) ---

@@ -95,6 +95,21 @@ def test_a_bias_softcap_and_cross_lengths():
     assert st.distance_edges.tolist() == [0, 1, 2, 4, 8, 16, 32]
 
 
+@pytest.mark.parametrize("mask", [masks.causal(), masks.sliding_window(3), masks.sliding_window(2, 2)],
+                         ids=["causal", "window", "symmetric"])
+@pytest.mark.parametrize("lengths", [(5, 9), (9, 5)], ids=["lq<lk", "lq>lk"])
+def test_distance_follows_the_masks_top_left_diagonal(mask, lengths):
+    """A top-left mask puts query i at key position i (SDPA's convention), whatever Lq and Lk; the distance
+    and its bins must measure from there, not from the bottom-right diagonal."""
+    g = torch.Generator().manual_seed(4)
+    lq, lk = lengths
+    q, k = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64) for n in (lq, lk))
+    _, st = attnkit.attention(q, k[:, :2], k[:, :2], mask=mask, stats=StatsOptions(top_k=2, sinks=2))
+    p = attnkit.attention_probs(q, k[:, :2], k[:, :2], mask=mask).nan_to_num()
+    assert st.distance_edges.tolist()[-1] > max(lq, lk) - 1
+    assert_matches(st, reference(p, 2, 2, st.distance_edges, offset=0), 1e-12)
+
+
 def test_rows_without_keys_and_uncounted_queries_are_zero():
     q = k = torch.randn(1, 1, 6, 4, dtype=torch.float64)
     mask = masks.from_function(lambda b, h, i, j: (j <= i) & (i != 2))
@@ -206,10 +221,10 @@ def test_other_implementations(impl):
 def test_the_model_output_is_unchanged_and_logits_match_the_scores():
     model = _tiny("llama", "sdpa", torch.float64)
     inputs = _padded("left")
-    with torch.no_grad():
-        want = model(**inputs).logits
+    with torch.no_grad():  # stats runs the base model (no head): its hidden states are the model's own
+        want = model.base_model(**inputs).last_hidden_state
     seen = []
-    handle = model.register_forward_hook(lambda m, a, out: seen.append(out.logits))
+    handle = model.base_model.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state))
     try:
         got = stats(model, inputs)
     finally:
@@ -255,6 +270,20 @@ def test_transformer_lm_with_padding_and_layers():
         stats(lm, inputs, layers=3)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_stats_skip_a_language_models_head(name):
+    """The head's (L x vocab) logits are never read: stats runs the base model (4 GB of logits at 32K tokens)."""
+    model = _tiny(name, "sdpa", torch.float32)
+    called = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda *a: called.append(1))
+    try:
+        got = stats(model, _padded("left"), top_k=2)
+    finally:
+        handle.remove()
+    assert not called
+    assert got[0].layers == (0, 1) and got[0].model_name == type(model).__name__  # the model given, not its body
+
+
 def test_model_level_stats_allocate_no_l_by_l_tensor():
     length = 4096
     lm = TransformerLM(TransformerConfig(vocab_size=50, dim=16, depth=1, num_heads=1)).eval()
@@ -296,3 +325,6 @@ def test_model_errors_name_the_problem():
                                     decoder_ffn_dim=16, max_position_embeddings=16))
     with pytest.raises(ValueError, match=r"is an encoder-decoder model: use attnkit\.inspect\.capture"):
         stats(bart, torch.tensor([[3, 4, 5]]))
+    llama = _tiny("llama", "sdpa", torch.float32)
+    with pytest.raises(ValueError, match=r"^stats cannot read attention with attention sinks \(s_aux\)"):
+        stats(llama, {"input_ids": torch.tensor([[3, 4, 5]]), "s_aux": torch.zeros(6)})

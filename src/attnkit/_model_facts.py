@@ -6,6 +6,7 @@ Where a model does not state a fact, the caller says what to assume (``max_posit
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -50,6 +51,20 @@ def max_positions(model: nn.Module, *, unstated: int | None) -> int | None:
     if isinstance(model, TransformerLM) and model.config.positions == "learned":
         return model.config.max_length
     return unstated
+
+
+def headless(model: nn.Module, kwargs: dict[str, Any]) -> nn.Module:
+    """What runs ``model``'s attention without its task head: a transformers model's ``base_model`` where that
+    is another module whose ``forward`` names every keyword in ``kwargs``, else ``model`` itself.
+
+    The same attention calls, without (for a language model) the head's (L x vocab) logits: 4 GB in float32 at
+    32K tokens and a 30K vocabulary, which nothing that reads attention needs. An attnkit module is itself.
+    """
+    base = getattr(model, "base_model", None) if is_hf(model) else None
+    if not isinstance(base, nn.Module) or base is model:
+        return model
+    named = inspect.signature(base.forward).parameters
+    return base if all(key in named for key in kwargs) else model
 
 
 def kind(model: nn.Module) -> str:

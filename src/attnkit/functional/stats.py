@@ -21,6 +21,7 @@ from attnkit._blocks import ScoreBlock
 from attnkit._checks import describe
 from attnkit.functional._call import AttentionCall
 from attnkit.functional.tiled.recompute import fold_heads, log_prob_blocks
+from attnkit.functional.tiled.translate import query_offset
 
 __all__ = ["CallStats", "StatsOptions", "call_stats", "distance_edges"]
 
@@ -47,9 +48,11 @@ class StatsOptions:
 class CallStats:
     """Statistics of one attention call's probabilities ``p[b, h, i, j]`` (B batch, H query heads).
 
-    Positions are the call's: queries ``0..Lq-1``, keys ``0..Lk-1``. Query ``i`` sits at
-    position ``i + Lk - Lq`` for distances (bottom-right, as in decoding with a cache; with
-    Lq == Lk it is ``i``). Only *counted* queries enter: those with ``query_valid`` and at
+    Positions are the call's: queries ``0..Lq-1``, keys ``0..Lk-1``. For distances query ``i``
+    sits at key position ``i + offset``: the diagonal of the mask's causal or sliding-window part
+    in its own alignment (``causal()``, top-left: ``i``; ``causal(align="bottom_right")``:
+    ``i + Lk - Lq``), else ``i + Lk - Lq`` (bottom-right, as in decoding with a cache). With
+    Lq == Lk it is ``i``. Only *counted* queries enter: those with ``query_valid`` and at
     least one allowed key; every per-query field is 0 for the others (top indices -1).
     Computed in the call's compute dtype (float32, float64 for float64 inputs), before dropout.
 
@@ -65,7 +68,8 @@ class CallStats:
             Divided by :attr:`counted` per head, a distribution.
         distance_edges: (nbins + 1,) int64 bin edges, see :func:`distance_edges`.
         top_index: (B, H, Lq, top_k) int64 keys of largest weight, descending; -1 where a
-            query has fewer than ``top_k`` keys of nonzero weight.
+            query has fewer than ``top_k`` keys of nonzero weight. Keys of equal weight come in
+            no set order, and which of them fills the last place is not set either (as ``torch.topk``).
         top_weight: (B, H, Lq, top_k) their probabilities (0 where the index is -1).
         row_max: (B, H, Lq) the largest logit of each query: the largest score that enters the
             softmax (after scale, softcap and biases); -inf for a query not counted.
@@ -100,13 +104,14 @@ class CallStats:
                 f"top_k={self.top_index.shape[-1]}, sinks={self.sinks}, {self.entropy.dtype})")
 
 
-def distance_edges(q_len: int, k_len: int) -> Tensor:
-    """Bin edges ``[0, 1, 2, 4, ..., 2**m]`` with ``2**m`` above every distance of a (Lq, Lk) call.
+def distance_edges(q_len: int, k_len: int, offset: int | None = None) -> Tensor:
+    """Bin edges ``[0, 1, 2, 4, ..., 2**m]`` with ``2**m`` above every distance of a (Lq, Lk) call whose
+    query ``i`` sits at key position ``i + offset`` (default ``Lk - Lq``, bottom-right).
 
     >>> distance_edges(5, 5).tolist()
     [0, 1, 2, 4, 8]
     """
-    off = k_len - q_len
+    off = k_len - q_len if offset is None else offset
     widest = max(abs(off + q_len - 1), abs(k_len - 1 - off), 1)
     return torch.tensor([0] + [1 << t for t in range(widest.bit_length() + 1)], dtype=torch.int64)
 
@@ -118,7 +123,7 @@ class _Accumulator:
                  sink_start: Tensor | None):
         b, hkv, g, lq, lk = call.batch, call.kv_heads, call.groups, call.q_len, call.k_len
         cd, dev = call.compute_dtype, call.q.device
-        self.call, self.options, self.offset = call, options, lk - lq
+        self.call, self.options, self.offset = call, options, query_offset(call.mask, lq, lk)
         valid = torch.ones(b, lq, dtype=torch.bool, device=dev) if query_valid is None else query_valid.to(dev)
         self.query_valid = valid
         lse_rows = fold_heads(lse.detach().to(cd), hkv).view(b, hkv, lq, g)
@@ -128,7 +133,7 @@ class _Accumulator:
         self.shift = torch.where(counted, lse_rows, torch.finfo(cd).max / 4)
         self.sink_start = (torch.zeros(b, dtype=torch.int64, device=dev) if sink_start is None
                            else sink_start.to(dev, torch.int64))
-        self.edges = distance_edges(lq, lk).to(dev)
+        self.edges = distance_edges(lq, lk, self.offset).to(dev)
         self.k = max(1, options.top_k)  # the top weight gives the row maximum
         rows = (b, hkv, lq, g)
         self.entropy, self.sink, self.distance = (torch.zeros(rows, dtype=cd, device=dev) for _ in range(3))

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -57,8 +56,9 @@ from attnkit._checks import describe, require_int
 from attnkit._format import size
 from attnkit.functional import attention_probs
 from attnkit.inspect import encoding as enc
+from attnkit.inspect._common import index_list, layer_progress
 from attnkit.inspect.maps import AttentionMaps, Seq2SeqMaps
-from attnkit.integrations.tap import Observer, attnkit_tap, tap, transformers_tap
+from attnkit.integrations.tap import Observer, attnkit_tap, run_eval, tap, transformers_tap
 from attnkit.nn.attention import MultiHeadAttention
 from attnkit.nn.encoder_decoder import EncoderDecoder
 
@@ -66,15 +66,6 @@ __all__ = ["capture", "probabilities"]
 
 _STORAGE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHUNK_BYTES = 1 << 26  # float32 scores computed at once, at most (when heads can be split)
-
-
-def _index_list(name: str, given: Iterable[int] | int | None) -> tuple[int, ...] | None:
-    if given is None:
-        return None
-    values = [given] if isinstance(given, int) else list(given)
-    if not values or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
-        raise ValueError(f"{name} must be None, an int >= 0 or a non-empty sequence of them; got {given!r}")
-    return tuple(sorted(set(values)))
 
 
 def _heads_slice(t: Tensor, heads: list[int]) -> Tensor:
@@ -293,20 +284,6 @@ def attnkit_parts(model: EncoderDecoder) -> dict[int, str]:
     return parts
 
 
-def _progress(progress: bool | Callable[[int, int], None]) -> Callable[[int, int], None] | None:
-    if callable(progress):
-        return progress
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool or a callable (done, total); got {describe(progress)}")
-    if not progress:
-        return None
-
-    def show(done: int, total: int) -> None:
-        print(f"\rcapture: layer {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    return show
-
-
 # -- what a capture will store ---------------------------------------------------------------------
 
 
@@ -436,19 +413,6 @@ def encoder_decoder_parts(model: nn.Module) -> dict[int, str]:
     return parts
 
 
-def _run(model: nn.Module, recording: contextlib.AbstractContextManager, args: tuple, kwargs: dict) -> Any:
-    """One forward pass of ``model`` in eval mode without gradients, recorded; its modes restored after.
-    Returns the model's output."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), recording:
-            return model(*args, **kwargs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None = None,
             heads: Iterable[int] | int | None = None, *, queries: Queries = None, max_bytes: int | None = None,
             target: object = None, dtype: torch.dtype = torch.float32, tokenizer: Any = None,
@@ -544,10 +508,10 @@ def capture(model: nn.Module, inputs: object, layers: Iterable[int] | int | None
         raise TypeError(f"model must be a torch.nn.Module; got {describe(model)}")
     if dtype not in _STORAGE:
         raise TypeError(f"dtype must be one of {', '.join(str(d) for d in _STORAGE)}; got {dtype!r}")
-    wanted_layers, wanted_heads = _index_list("layers", layers), _index_list("heads", heads)
+    wanted_layers, wanted_heads = index_list("layers", layers), index_list("heads", heads)
     _check_queries(queries)
     keep = _Keep(queries, None if max_bytes is None else require_int("max_bytes", max_bytes, minimum=1))
-    report = _progress(progress)
+    report = layer_progress("capture", progress)
     if isinstance(model, EncoderDecoder):
         return _capture_attnkit_seq2seq(model, inputs, target, wanted_layers, wanted_heads, dtype, tokenizer, keep)
     hf = facts.is_hf(model)
@@ -613,7 +577,7 @@ def _record_self_attention(model: nn.Module, recorder: _Recorder, args: tuple, k
     """One forward of ``model`` with ``recorder`` on the tap of its own attention calls; for a transformers model
     whose attention bypasses the tap, its eager path's ``output_attentions`` instead."""
     ours = {id(m) for m in model.modules()}  # calls of other models meanwhile are not this capture's
-    _run(model, tap(model, lambda module: recorder if id(module) in ours else None), args, kwargs)
+    run_eval(model, tap(model, lambda module: recorder if id(module) in ours else None), args, kwargs)
     if not facts.is_hf(model) or recorder.calls:
         return
     # Its attention bypasses transformers' AttentionInterface (BERT before transformers 5): use the
@@ -627,7 +591,7 @@ def _record_self_attention(model: nn.Module, recorder: _Recorder, args: tuple, k
             f"attention interface, so capture can only read its eager path's output_attentions; it "
             f"was loaded with attn_implementation={implementation!r}. Load it with "
             f"attn_implementation='eager' to capture its maps")
-    out = _run(model, contextlib.nullcontext(), args, {**kwargs, "output_attentions": True})
+    out = run_eval(model, contextlib.nullcontext(), args, {**kwargs, "output_attentions": True})
     for probs in getattr(out, "attentions", None) or ():
         recorder.given(probs)
 
@@ -725,7 +689,7 @@ def _capture_seq2seq(model: nn.Module, inputs: object, target: object, wanted_la
             report(min(done[0], total), total)  # called before this call's maps are computed
         return recorders[part]
 
-    _run(model, transformers_tap(model, route), args, kwargs)
+    run_eval(model, transformers_tap(model, route), args, kwargs)
     counts = {part: r.calls for part, r in recorders.items()}
     if counts["encoder"] == 0 or counts["decoder"] == 0 or counts["cross"] != counts["decoder"]:
         raise ValueError(f"{facts.name(model)!r} made {counts['encoder']} encoder, {counts['decoder']} decoder and "
@@ -793,7 +757,7 @@ def _capture_attnkit_seq2seq(model: EncoderDecoder, inputs: object, target: obje
     parts = attnkit_parts(model)
     modules = [m for m in model.modules() if isinstance(m, MultiHeadAttention) and id(m) in parts]
     recording = attnkit_tap(modules, lambda module: recorders[parts[id(module)]])
-    _run(model, recording, (src, tgt), {"src_padding_mask": src_valid, "tgt_padding_mask": tgt_valid})
+    run_eval(model, recording, (src, tgt), {"src_padding_mask": src_valid, "tgt_padding_mask": tgt_valid})
     src_side = enc.sides(src, real_src, src_len, tokenizer, None)
     tgt_side = enc.sides(tgt, real_tgt, tgt_len, tokenizer, None)
     keyed = {"key_tokens": src_side["tokens"], "key_token_ids": src_side["token_ids"],

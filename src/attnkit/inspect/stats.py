@@ -15,7 +15,6 @@ then the statistics block by block from q, k, the mask and that log-sum-exp
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,8 @@ from attnkit.functional._call import make_call
 from attnkit.functional.core import select_backend
 from attnkit.functional.stats import CallStats, StatsOptions, call_stats
 from attnkit.inspect import encoding as enc
-from attnkit.integrations.tap import tap
+from attnkit.inspect._common import index_list, layer_progress
+from attnkit.integrations.tap import run_eval, tap
 from attnkit.nn.attention import MultiHeadAttention
 
 __all__ = ["AttentionStats", "CallStats", "StatsOptions", "stats"]
@@ -58,7 +58,7 @@ class AttentionStats:
             queries with a key; see :meth:`distance_share`).
         distance_edges: (nbins + 1,) int64: 0, 1, 2, 4, 8, ...
         top_index: (n, H, L, k) int64 each query's keys of largest weight, descending;
-            -1 where fewer keys carry weight.
+            -1 where fewer keys carry weight; keys of equal weight in no set order.
         top_weight: (n, H, L, k) their probabilities (0 where the index is -1).
         row_max: (n, H, L) each query's largest logit (the score entering the softmax).
         max_logit: (n, H) the largest logit of each head (QK-clip).
@@ -149,29 +149,6 @@ class _StatsRecorder:
             self.progress(len(self.kept), len(self.layers) if self.layers is not None else self.total or len(self.kept))
 
 
-def _progress(progress: bool | Callable[[int, int], None]) -> Callable[[int, int], None] | None:
-    if callable(progress):
-        return progress
-    if not isinstance(progress, bool):
-        raise TypeError(f"progress must be a bool or a callable (done, total); got {describe(progress)}")
-    if not progress:
-        return None
-
-    def show(done: int, total: int) -> None:
-        print(f"\rstats: layer {done}/{total}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-    return show
-
-
-def _layer_list(given: Iterable[int] | int | None) -> tuple[int, ...] | None:
-    if given is None:
-        return None
-    values = [given] if isinstance(given, int) else list(given)
-    if not values or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in values):
-        raise ValueError(f"layers must be None, an int >= 0 or a non-empty sequence of them; got {given!r}")
-    return tuple(sorted(set(values)))
-
-
 def _layer_count(model: nn.Module) -> int | None:
     if facts.is_hf(model):
         count = getattr(facts.text_config(model), "num_hidden_layers", None)
@@ -181,19 +158,6 @@ def _layer_count(model: nn.Module) -> int | None:
         raise TypeError(f"model must be a transformers model or hold attnkit MultiHeadAttention modules; got "
                         f"{type(model).__name__}, which holds none")
     return count
-
-
-def _run(model: nn.Module, recorder: _StatsRecorder, args: tuple, kwargs: dict) -> None:
-    """One forward in eval mode without gradients, ``recorder`` on the tap; the model's modes restored after."""
-    ours = {id(m) for m in model.modules()}
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), tap(model, lambda module: recorder if id(module) in ours else None):
-            model(*args, **kwargs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None = None, *, top_k: int = 8,
@@ -220,8 +184,11 @@ def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None =
         One :class:`AttentionStats` per input, cut to its real tokens.
 
     Every mask the model uses is honoured (causal, sliding window, padding, documents), as
-    the tap translates it. The model's outputs are exactly those of a normal call. Memory:
-    the statistics, O(layers * heads * L * top_k), plus one block of scores at a time.
+    the tap translates it. The model's attention calls are exactly those of a normal call.
+    A transformers model with a task head (``...ForCausalLM``, ``...ForMaskedLM``) runs as
+    its ``base_model`` where that takes the inputs' keywords: the head's (L x vocab) logits,
+    4 GB at 32K tokens and a 30K vocabulary, are never computed. Memory: the statistics,
+    O(layers * heads * L * top_k), plus one block of scores at a time.
 
     Raises:
         ValueError: a layer the model does not have; an input longer than the model's
@@ -242,11 +209,11 @@ def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None =
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {describe(model)}")
     options = StatsOptions(top_k=top_k, sinks=sinks)
-    wanted = _layer_list(layers)
+    wanted = index_list("layers", layers)
     count = _layer_count(model)
     if count is not None and wanted is not None and wanted[-1] >= count:
         raise ValueError(f"layers must be < {count}, the model's layer count; got {list(wanted)}")
-    report = _progress(progress)
+    report = layer_progress("stats", progress)
     hf = facts.is_hf(model)
     if hf and getattr(facts.pretrained(model).config, "is_encoder_decoder", False):
         raise ValueError(f"stats reads self-attention over one input; {facts.name(model)!r} is an encoder-decoder "
@@ -267,7 +234,9 @@ def stats(model: nn.Module, inputs: object, layers: Iterable[int] | int | None =
                          "positions; shorten the input")
     valid_bool = None if valid is None else valid.bool().to(first.device)
     recorder = _StatsRecorder(wanted, options, valid_bool, length, report, count)
-    _run(model, recorder, args, kwargs)
+    ours = {id(m) for m in model.modules()}
+    recording = tap(model, lambda module: recorder if id(module) in ours else None, reader="stats")
+    run_eval(model, recording, args, kwargs, forward=facts.headless(model, kwargs))
     expected = wanted if wanted is not None else tuple(range(count if count is not None else recorder.calls))
     if [layer for layer, _ in recorder.kept] != list(expected):
         raise ValueError(f"{facts.name(model)!r} called attention {recorder.calls} times through the attention tap; "

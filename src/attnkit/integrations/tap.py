@@ -26,13 +26,14 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from attnkit import _model_facts as facts
 from attnkit import masks
 from attnkit.nn.attention import MultiHeadAttention
 
-__all__ = ["Observer", "attnkit_tap", "tap", "transformers_tap", "wrap_attention_functions"]
+__all__ = ["Observer", "attnkit_tap", "run_eval", "tap", "transformers_tap", "wrap_attention_functions"]
 
 _PATCH_LOCK = threading.RLock()  # one thread at a time patches transformers' lookup
 _PATCHING: list[str] = []  # the kinds the lock's holder patches now (to refuse a nested one of the same kind)
@@ -41,15 +42,39 @@ Observer = Callable[[Tensor, Tensor, "masks.Mask | Tensor | None", Any, "float |
 
 
 @contextlib.contextmanager
-def tap(model: nn.Module, route: Callable[[nn.Module], Observer | None]) -> Iterator[None]:
+def tap(model: nn.Module, route: Callable[[nn.Module], Observer | None], *, reader: str = "capture") -> Iterator[None]:
     """For this block, ``route(module)(q, k, mask, bias, scale, softcap)`` after each attention call of ``model``:
-    a transformers model through :func:`transformers_tap`, else its attnkit modules through :func:`attnkit_tap`."""
+    a transformers model through :func:`transformers_tap`, else its attnkit modules through :func:`attnkit_tap`.
+    ``reader`` names the caller in errors ("stats cannot read attention with ...")."""
     if facts.is_hf(model):
-        with transformers_tap(model, route):
+        with transformers_tap(model, route, reader=reader):
             yield
     else:
         with attnkit_tap([m for m in model.modules() if isinstance(m, MultiHeadAttention)], route):
             yield
+
+
+def run_eval(model: nn.Module, recording: contextlib.AbstractContextManager, args: tuple, kwargs: dict, *,
+             forward: Callable[..., Any] | None = None) -> Any:
+    """One forward pass in eval mode without gradients inside ``recording`` (a :func:`tap`, or any context
+    manager); every module of ``model`` gets its training mode back after, also when the pass raises.
+
+    ``forward(*args, **kwargs)`` is what runs (default ``model``; e.g. a transformers model's base model, to
+    skip its head). Returns its output.
+
+    >>> import torch
+    >>> m = torch.nn.Dropout(0.5)
+    >>> float(run_eval(m, contextlib.nullcontext(), (torch.ones(4),), {}).sum()), m.training
+    (4.0, True)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad(), recording:
+            return (model if forward is None else forward)(*args, **kwargs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 @contextlib.contextmanager
@@ -98,12 +123,15 @@ def _arguments(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[
 
 
 @contextlib.contextmanager
-def transformers_tap(model: nn.Module, route: Callable[[nn.Module], Observer | None]) -> Iterator[None]:
+def transformers_tap(model: nn.Module, route: Callable[[nn.Module], Observer | None], *,
+                     reader: str = "capture") -> Iterator[None]:
     """Wrap the attention functions transformers hands to ``model``'s modules, for this block only.
 
     After each attention call of a module, ``route(module)`` says who records it (None: nobody);
     that recorder gets ``(q, k, mask, bias, scaling, softcap)``: q (B, H, Lq, D), k (B, Hkv, Lk, D)
     and the attnkit mask and bias the call means (:func:`~attnkit.integrations.transformers.to_attnkit_mask`).
+    A call with an argument the tap cannot translate (attention sinks, a head mask) raises ValueError,
+    naming ``reader`` (who reads the attention: "capture", "stats", ...).
     """
     from attnkit.integrations.transformers import UNSUPPORTED, to_attnkit_mask  # needs transformers >= 4.57
 
@@ -116,7 +144,7 @@ def transformers_tap(model: nn.Module, route: Callable[[nn.Module], Observer | N
             (module, query, key, _, attention_mask), named = _arguments(fn, args, kwargs)
             for name, what in UNSUPPORTED.items():
                 if name != "cache" and named.get(name) is not None:
-                    raise ValueError(f"capture cannot record attention with {what} ({type(module).__name__} passed "
+                    raise ValueError(f"{reader} cannot read attention with {what} ({type(module).__name__} passed "
                                      f"{name}=...): the probabilities would differ from what the model computes")
             result = fn(*args, **kwargs)
             recorder = route(module)

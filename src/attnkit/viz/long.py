@@ -26,6 +26,7 @@ The data: the tokens as JSON, the grids as numbers, the received mass per head a
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -41,7 +42,7 @@ from torch import Tensor, nn
 from attnkit import _model_facts as facts
 from attnkit._checks import describe, require_int
 from attnkit.inspect.stats import AttentionStats, stats
-from attnkit.integrations.tap import tap
+from attnkit.integrations.tap import run_eval, tap
 from attnkit.viz._html import page
 from attnkit.viz.encode import MAX_LENGTH, encode_peaks
 from attnkit.viz.service import RequestError
@@ -299,17 +300,11 @@ class LongDocument:
         return ((), {"input_ids": self.ids}) if facts.is_hf(self.model) else ((self.ids,), {})
 
     def _statistics(self, progress: Callable[[str, int, int], None] | None) -> Overview:
-        """:func:`attnkit.inspect.stats` of the document. A transformers model is read through its base model
-        (its ``base_model``: the same attention calls, without a language-model head's (L x vocab) logits,
-        4 GB at 32K tokens and a 30K vocabulary)."""
+        """:func:`attnkit.inspect.stats` of the document (which skips a language model's head)."""
         step = None if progress is None else (lambda done, total: progress("attention statistics", done, total))
-        self.stats = stats(self._body(), self.ids, top_k=self.top_k, sinks=self.sink_tokens,
+        self.stats = stats(self.model, self.ids, top_k=self.top_k, sinks=self.sink_tokens,
                            tokenizer=self.tokenizer, progress=step or False)[0]
         return Overview.from_stats(self.stats)
-
-    def _body(self) -> nn.Module:
-        """What runs the attention: a transformers model's base model, else the model."""
-        return facts.pretrained(self.model).base_model if facts.is_hf(self.model) else self.model
 
     def data(self, *, title: str | None = None, zoom: bool = False) -> dict[str, Any]:
         """:func:`long_data` of this document (``zoom``: for a page served with :meth:`zoom` behind it); the
@@ -433,17 +428,9 @@ class LongDocument:
                 raise _Enough
 
         args, kwargs = self._inputs()
-        target = self._body()
-        modes = [(m, m.training) for m in self.model.modules()]
-        try:
-            self.model.eval()
-            with torch.no_grad(), tap(self.model, lambda module: observe):
-                target(*args, **kwargs)
-        except _Enough:
-            pass
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with contextlib.suppress(_Enough):
+            run_eval(self.model, tap(self.model, lambda module: observe, reader="the zoom"), args, kwargs,
+                     forward=facts.headless(self.model, kwargs))
         if len(calls) <= layer_index:
             raise ValueError(f"the model made {len(calls)} attention calls reading the document; layer index "
                              f"{layer_index} was asked for")

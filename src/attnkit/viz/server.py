@@ -408,14 +408,18 @@ def _internal_error(request: Request | None, exc: Exception) -> Response:
     return _json(500, {"error": f"internal error ({type(exc).__name__}); the server's log has the details"})
 
 
-_ROUTES_HELP = "This server answers GET /, POST /api/explain, GET /api/info and GET /healthz"
+def _routes_help(app: Any) -> str:
+    """"This server answers GET /, ...": every route ``app`` has (the long explorer's too, when it serves one)."""
+    found = [f"{method} {route.path}" for route in app.routes if isinstance(route, Route)
+             for method in sorted(set(route.methods or ()) - {"HEAD"})]
+    return f"This server answers {', '.join(found[:-1])} and {found[-1]}"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's 404 and 405, as JSON that says what the server answers."""
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return _json(404, {"error": f"no such page: {request.url.path}. {_ROUTES_HELP}"})
+        return _json(404, {"error": f"no such page: {request.url.path}. {_routes_help(request.app)}"})
     if exc.status_code == 405:
         allowed = (exc.headers or {}).get("Allow", "")
         methods = " or ".join(m.strip() for m in allowed.split(",") if m.strip() != "HEAD")

@@ -91,6 +91,20 @@ def causal_offset(mask: Mask, q_len: int, k_len: int) -> int | None:
     return None
 
 
+def query_offset(mask: Mask | Tensor | None, q_len: int, k_len: int) -> int:
+    """The key position of query 0: the diagonal of ``mask``'s causal or window part (a :class:`Diagonal`,
+    alone or in an :class:`And`, without per-sequence lengths) in its own alignment, else ``k_len - q_len``
+    (bottom-right, as in decoding with a cache)."""
+    parts, diagonals = [mask], []
+    while parts:
+        part = parts.pop()
+        if isinstance(part, And):
+            parts += [part.b, part.a]
+        elif isinstance(part, Diagonal) and part.lengths is None:
+            diagonals.append(part.diagonal(q_len, k_len))
+    return diagonals[0] if diagonals else k_len - q_len
+
+
 def by_position(mask: Mask) -> bool:
     """Whether ``mask.allowed`` reads only the block's ``b, h, i, j`` index tensors (never its ranges),
     so it can be evaluated on any layout of indices, such as the batched engine's band of keys that

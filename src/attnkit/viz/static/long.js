@@ -14,6 +14,7 @@
   ];
   const WINDOWS = [["whole", "the whole document"], ["64", "64 keys either side"], ["512", "512 keys either side"]];
   const num = (v) => (v == null ? "n/a" : Number(v.toPrecision(6)).toString());
+  const brief = (v) => Number(v.toPrecision(4)).toString();  // a legend's ends: the readout has 6 digits
   const plain = (t) => t.replace(/\s+/g, " ");
 
   function sized(canvas, w, h) {
@@ -58,9 +59,12 @@
       el("div", { class: "akx-sub akd-facts", text: `${data.model} · ${L.toLocaleString("en")} tokens · ${NL} layers × ${NH} heads · ` +
         (cw == null ? "context window: the model states none (its positions set no limit)"
           : `context window: ${cw.toLocaleString("en")} positions (this document fills ${(100 * L / cw).toFixed(1)}%)`) }),
-      el("div", { class: "akx-sub", text: data.zoom
-        ? "Zoom computes exact weights on this server."
-        : `Zoom shows each query's top ${data.top.peaks} keys as stored (weights to 1/65535) and sums up the rest.` }),
+      el("div", { class: "akx-sub", text: `How to read it: in each grid a row is a layer (L0, L1, …) and a column a head; ` +
+        "hover a cell for its values, click it to show that head in the strip and the text below. " +
+        "Drag over the text to zoom on those queries: " + (data.zoom
+          ? "their exact weights on this server, computed on request."
+          : `this page stores each query's ${data.top.peaks} heaviest keys (weights to 1/65535), and the zoom sums up the rest; ` +
+            "attnkit serve --long computes exact weights.") }),
     ]));
 
     /* ---------- overview grid ---------- */
@@ -75,7 +79,7 @@
       gridCanvases[name] = { canvas, lo, hi };
       grids.appendChild(el("figure", { class: "akd-panel" }, [
         el("figcaption", { text: label(data) }), canvas,
-        el("div", { class: "akd-note", text: `${note}; ${num(lo)} (light) to ${num(hi)} (dark)` }),
+        el("div", { class: "akd-note", text: `${note}; ${brief(lo)} (light) to ${brief(hi)} (dark)` }),
       ]));
       canvas.addEventListener("mousemove", (ev) => { const c = cellAt(ev, canvas); if (c) say(describeHead(c.l, c.h)); });
       canvas.addEventListener("click", (ev) => { const c = cellAt(ev, canvas); if (c) select(c.l, c.h); });
