@@ -195,13 +195,14 @@ def test_native_backward_odd_sizes_one_kv_head(spy, name):
 
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_native_backward_is_the_same_bits_at_every_thread_count(spy, kv_heads):
-    """float32 gradients at 1, 3 and 8 threads (twice) are bit-for-bit equal: dq is summed over key blocks in
-    key-block order whatever the schedule. (Summed under a lock per query block instead, as first written, dq
-    differed in thousands of elements between such runs.)"""
+    """Under torch.use_deterministic_algorithms(True), float32 gradients at 1, 3 and 8 threads (twice) are
+    bit-for-bit equal: dq is summed over key blocks in key-block order whatever the schedule. (Summed under a lock
+    per query block, the default, dq differs in thousands of elements between such runs.)"""
     mask, bias = masks.causal(), biases.alibi(4)
     q, k, v = (t.float().requires_grad_(True) for t in _qkv(1, 4, kv_heads, 1000, 1000, 32, 32, seed=15))
     do = torch.randn(1, 4, 1000, 32, generator=torch.Generator().manual_seed(16))
-    threads, runs = torch.get_num_threads(), []
+    threads, runs, deterministic = torch.get_num_threads(), [], torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         for n in (1, 3, 8, 8):
             torch.set_num_threads(n)
@@ -210,6 +211,7 @@ def test_native_backward_is_the_same_bits_at_every_thread_count(spy, kv_heads):
             runs.append(torch.autograd.grad(out, (q, k, v), do))
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
     assert spy.backward_calls == 4
     for grads in runs[1:]:
         for which, a, b in zip("qkv", grads, runs[0]):
@@ -226,9 +228,9 @@ def test_the_kernel_rejects_bad_tensors_with_a_reason(ext):
     with pytest.raises(RuntimeError, match="runs on the CPU"):
         ext.forward(q.to("meta"), k, v, 0.5, *band)
     with pytest.raises(RuntimeError, match=r"lse and delta must be \(B, H, Lq\)"):
-        ext.backward(q, k, v, out, lse[..., :5].contiguous(), lse, 0.5, *band)
+        ext.backward(q, k, v, out, lse[..., :5].contiguous(), lse, 0.5, *band, False)
     with pytest.raises(RuntimeError, match=r"dout must be \(B, H, Lq, Dv\)"):
-        ext.backward(q, k, v, out[..., :3].contiguous(), lse, lse, 0.5, *band)
+        ext.backward(q, k, v, out[..., :3].contiguous(), lse, lse, 0.5, *band, False)
     with pytest.raises(RuntimeError, match=r"dlo, dhi, klen, aoff: contiguous CPU \(B,\)"):
         ext.forward(q, k, v, 0.5, torch.zeros(3, dtype=torch.int64), *band[1:])
     with pytest.raises(RuntimeError, match=r"slopes: contiguous CPU \(H,\)"):

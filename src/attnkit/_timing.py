@@ -107,13 +107,23 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device | str = "cpu"
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``'s, else ``platform.processor()``), e.g. ``AMD EPYC 7B13``."""
+    """The CPU's model name (``/proc/cpuinfo``'s, else ``platform.processor()``), e.g. ``AMD EPYC 7B13``.
+
+    Where the name is generic (no model number, as some cloud machines report ``AMD EPYC``), the CPU family and
+    model numbers follow it, ``AMD EPYC (family 26, model 2)``: two generations under one name differ by 2x in
+    fp32 matmul rate and in whether they have bf16 units, so the tuning cache and the benchmark rows must tell
+    them apart.
+    """
     cpu = platform.processor() or "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+    except OSError:
+        return cpu
+    info = {key.strip(): value.strip() for key, value in info.items()}
+    cpu = info.get("model name", cpu)
+    if not any(ch.isdigit() for ch in cpu) and "cpu family" in info and "model" in info:
+        cpu = f"{cpu} (family {info['cpu family']}, model {info['model']})"
     return cpu
 
 

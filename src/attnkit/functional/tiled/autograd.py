@@ -110,7 +110,9 @@ class _Native(torch.autograd.Function):
 def _native_backward(call: AttentionCall, params: NativeParams, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                      lse: Tensor, dout: Tensor, dlse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """dq (B, H, Lq, D), dk, dv (B, Hkv, Lk, D|Dv) from the native kernel's backward (FlashAttention-2: the
-    probabilities recomputed from ``lse``, O(L) extra memory); every tensor in the compute dtype."""
+    probabilities recomputed from ``lse``, O(L) extra memory); every tensor in the compute dtype. dq's sum over
+    key blocks runs in key-block order (the same bits at every thread count) under
+    ``torch.use_deterministic_algorithms(True)``, else in the order the threads finish."""
     from attnkit.functional.tiled import native
 
     module: Any = native.load()
@@ -122,7 +124,8 @@ def _native_backward(call: AttentionCall, params: NativeParams, q: Tensor, k: Te
     p = params
     dq, dk, dv = module.backward(q.contiguous(), k.contiguous(), v.contiguous(), dout.contiguous(),
                                  lse_b.contiguous(), delta.contiguous(), call.scale, p.dlo, p.dhi, p.klen, p.q_ids,
-                                 p.kv_ids, p.slopes, p.aoff, native.BLOCK_Q, native.BLOCK_K)
+                                 p.kv_ids, p.slopes, p.aoff, native.BLOCK_Q, native.BLOCK_K,
+                                 torch.are_deterministic_algorithms_enabled())
     return dq, dk, dv
 
 

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <mutex>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -484,8 +485,8 @@ template <typename T>
 void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                    const at::Tensor& lse, const at::Tensor& delta, double scale, const at::Tensor& dlo,
                    const at::Tensor& dhi, const at::Tensor& klen, const at::Tensor& qids, const at::Tensor& kids,
-                   const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK, at::Tensor& dq,
-                   at::Tensor& dk, at::Tensor& dv) {
+                   const at::Tensor& slopes, const at::Tensor& aoff, int64_t BQ, int64_t BK, bool deterministic,
+                   at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hkv = k.size(1), Lk = k.size(2), Dv = v.size(3), G = H / Hkv;
   const int64_t nq = (Lq + BQ - 1) / BQ, nk = (Lk + BK - 1) / BK;
@@ -502,8 +503,10 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     if (j1 <= j0) return std::array<int64_t, 3>{j0, 0, 0};  // keys past this sequence's length: gradients stay 0
     return std::array<int64_t, 3>{j1, std::max<int64_t>(0, j0 - band.hi[b]), std::min<int64_t>(Lq, j1 - band.lo[b])};
   };
-  // dq is summed over key blocks in key-block order, whatever the schedule, so it is the same bits on every run and
-  // thread count. The key blocks that visit a query block are consecutive (both ends of span() grow with kb), so
+  // Deterministic (torch.use_deterministic_algorithms): dq is summed over key blocks in key-block order, whatever the
+  // schedule, so it is the same bits on every run and thread count. Otherwise each addition takes the query block's
+  // lock, in whatever order the work arrives (as FlashAttention's atomic adds): no thread waits for a descheduled
+  // one, which matters on a busy machine. The key blocks that visit a query block are consecutive (both ends of span() grow with kb), so
   // turn[bh, qb] is the next one to add, starting from first[b, qb]. A work item waits only for smaller key blocks,
   // taken earlier by running threads, so the waits end; if a thread throws, `failed` releases the others.
   std::vector<int64_t> first(B * nq, -1);
@@ -515,6 +518,7 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   std::vector<std::atomic<int64_t>> turn(B * H * nq);
   for (int64_t bh = 0; bh < B * H; ++bh)
     for (int64_t qb = 0; qb < nq; ++qb) turn[bh * nq + qb].store(first[bh / H * nq + qb], std::memory_order_relaxed);
+  std::vector<std::mutex> locks(deterministic ? 0 : B * H * nq);
   std::atomic<bool> failed{false};
   const int64_t total = B * Hkv * nk;
   std::atomic<int64_t> next{0};
@@ -568,14 +572,24 @@ void backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
             gemm(nc, D, nr, dpt.data(), BQ, qp + (bh * Lq + i0) * D, D, dka.data(), D, true);  // dK += dS^T Q
             gemm(D, nr, nc, ktp + bkh * D * Lk + j0, Lk, dpt.data(), BQ, dqt.data(), BQ, false);  // dQ^T = K^T dS^T
           }
+          T* dqblk = dqp + (bh * Lq + i0) * D;
+          auto add_dq = [&] {
+            for (int64_t r = 0; r < nr && !skip; ++r)
+              for (int64_t d = 0; d < D; ++d) dqblk[r * D + d] += dqt[d * BQ + r];
+          };
+          if (!deterministic) {
+            if (!skip) {
+              const std::lock_guard<std::mutex> hold(locks[bh * nq + qb]);
+              add_dq();
+            }
+            continue;
+          }
           std::atomic<int64_t>& t = turn[bh * nq + qb];
           while (t.load(std::memory_order_acquire) != kb) {
             if (failed.load(std::memory_order_relaxed)) return;  // another thread threw; parallel_for rethrows it
             std::this_thread::yield();
           }
-          T* dqblk = dqp + (bh * Lq + i0) * D;
-          for (int64_t r = 0; r < nr && !skip; ++r)
-            for (int64_t d = 0; d < D; ++d) dqblk[r * D + d] += dqt[d * BQ + r];
+          add_dq();
           t.store(kb + 1, std::memory_order_release);
         }
       }
@@ -606,7 +620,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta, double scale,
                                  const at::Tensor& dlo, const at::Tensor& dhi, const at::Tensor& klen,
                                  const at::Tensor& qids, const at::Tensor& kids, const at::Tensor& slopes,
-                                 const at::Tensor& aoff, int64_t block_q, int64_t block_k) {
+                                 const at::Tensor& aoff, int64_t block_q, int64_t block_k, bool deterministic) {
   check_qkv(q, k, v, block_q, block_k);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, "the backward computes in float or double");
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({q.size(0), q.size(1), q.size(2), v.size(3)}), "dout must be (B, H, Lq, Dv)");
@@ -619,7 +633,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attnkit_native_backward", [&] {
     backward_impl<scalar_t>(q, k, v, dout, lse, delta, scale, dlo, dhi, klen, qids, kids, slopes, aoff, block_q,
-                            block_k, dq, dk, dv);
+                            block_k, deterministic, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
