@@ -29,8 +29,9 @@ The backward is native too, FlashAttention-2 style: one parallel loop over (batc
 head, key block) work items that recomputes the probabilities from the forward's ``lse``
 (five block GEMMs per block pair, in float32 or float64 whatever the forward's dtype), so
 its extra memory is O(L): transposed copies of q, k and dO, and dq's float accumulator.
-dq is summed over key blocks in key-block order whatever the threads' schedule, so the
-gradients are the same bits on every run and at every thread count.
+dq is summed under a lock per query block; under ``torch.use_deterministic_algorithms(True)``
+in key-block order whatever the threads' schedule, so the gradients are the same bits on
+every run and at every thread count.
 """
 
 from __future__ import annotations
