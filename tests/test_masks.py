@@ -577,10 +577,10 @@ def test_the_literature_runs_on_every_backend_and_skips_blocks(mask, backend, ti
     # the tiled backend's plan visits only the blocks the mask allows
     from attnkit.functional._call import make_call
     from attnkit.functional.tiled import choose
-    from attnkit.functional.tiled.plan import _plan
+    from attnkit.functional.tiled.plan import chunk_plan
 
     call = make_call(q, k, v, mask=mask, bias=None, scale=None, softcap=None, dropout_p=0.0, return_lse=False)
-    visited = sum(s.k_stop - s.k_start for c in _plan(call, 64, choose(call)) for s in c.segments for _ in [c])
+    visited = sum(s.k_stop - s.k_start for c in chunk_plan(call, 64, choose(call)) for s in c.segments for _ in [c])
     state = mask.block_states(300, 300, 64, 128)
     assert (state == EMPTY).any() and visited < 5 * 300
 

@@ -45,7 +45,7 @@ def _compiler() -> str | None:
 def ext():
     module = native.load()
     if module is None:
-        if (_compiler() or under_ci()) and not native._disabled():
+        if (_compiler() or under_ci()) and not native.disabled():
             pytest.fail(f"the native kernel must build where a compiler exists ({_compiler()}): "
                         f"{native.native_status()}")
         pytest.skip(f"native kernel unavailable: {native.native_status()}")

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         con.print(f"native kernel: built in {time.perf_counter() - start:.0f} s")
         return 0
-    if native._disabled():
+    if native.disabled():
         state = native.native_status()
     elif native.cached():
         state = "built and cached (used by default for sliding windows and causal documents)"

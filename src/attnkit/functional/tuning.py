@@ -343,7 +343,7 @@ def _runners(family: str, dtype: str, length: int, kernels: Sequence[str], heads
     runners: dict[str, Callable[[], object]] = {}
     skipped = {}
     for name in kernels:
-        if name == "native" and not (native.available() or (native._disabled() is None and native.cached())):
+        if name == "native" and not (native.available() or (native.disabled() is None and native.cached())):
             skipped[name] = f"{native.native_status()} (`attnkit backends --build-native` builds it)"
             continue
         backend = "flex" if name == "flex" else "tiled"

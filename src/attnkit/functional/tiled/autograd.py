@@ -16,18 +16,18 @@ from attnkit.functional.tiled.kernels import _fused_backward, _fused_forward, _l
 from attnkit.functional.tiled.plan import (
     BandPlan,
     NativeParams,
-    _block_q,
     _Chunk,
-    _plan,
     _Segment,
     band_plan,
+    chunk_plan,
+    query_block,
 )
 from attnkit.functional.tiled.strategy import Strategy, choose
 
 _NEG_INF = float("-inf")
 
 
-def _chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device: torch.device) -> ScoreBlock:
+def chunk_block(call: AttentionCall, chunk: _Chunk, seg: _Segment, device: torch.device) -> ScoreBlock:
     return ScoreBlock(call.batch, call.kv_heads, call.groups, call.q_len, call.k_len,
                       chunk.q_start, chunk.q_stop, seg.k_start, seg.k_stop, device)
 
@@ -41,8 +41,8 @@ def _recompute_backward(call: AttentionCall, strategy: Strategy, plan: BandPlan 
     if dlse is None and plan is not None:
         dout = torch.zeros_like(out) if dout is None else dout
         return kernels.band_backward(call, plan, q_rows, k, v, out, lse, dout)
-    dq, dk, dv, _ = _backward_rows(call, strategy, _plan(call, _block_q(call), strategy), q_rows, k, v, out, lse,
-                                   dout, dlse)
+    chunks = chunk_plan(call, query_block(call), strategy)
+    dq, dk, dv, _ = _backward_rows(call, strategy, chunks, q_rows, k, v, out, lse, dout, dlse)
     return dq, dk, dv
 
 
@@ -101,9 +101,9 @@ class _Native(torch.autograd.Function):
             return None, None, None, *_native_backward(call, strategy.native, q, k, v, out, lse, dout, dlse)
         hkv, g = call.kv_heads, call.groups
         plan = band_plan(call) if strategy.fused_backward else None
-        dq, dk, dv = _recompute_backward(call, strategy, plan, _fold(q, hkv, g), k, v, _fold(out, hkv, g),
-                                         _fold(lse, hkv, g), _fold(dout, hkv, g).contiguous(),
-                                         None if dlse is None else _fold(dlse, hkv, g))
+        dq, dk, dv = _recompute_backward(call, strategy, plan, fold_groups(q, hkv, g), k, v, fold_groups(out, hkv, g),
+                                         fold_groups(lse, hkv, g), fold_groups(dout, hkv, g).contiguous(),
+                                         None if dlse is None else fold_groups(dlse, hkv, g))
         return None, None, None, _unfold(dq, hkv, g), dk, dv
 
 
@@ -145,7 +145,7 @@ class _Tiled(torch.autograd.Function):
             acc_o: Tensor | None = None
             acc_l: Tensor | None = None
             for seg in chunk.segments:
-                block = _chunk_block(call, chunk, seg, q_rows.device)
+                block = chunk_block(call, chunk, seg, q_rows.device)
                 o, l = kernel(call, block, seg, q_c, k[:, :, seg.k_start : seg.k_stop],
                               v[:, :, seg.k_start : seg.k_stop])
                 acc_o, acc_l = lse_merge(acc_o, acc_l, o, l)
@@ -197,7 +197,7 @@ def _backward_rows(call: AttentionCall, strategy: Strategy, plan: list[_Chunk], 
         q_c, o_c, l_c, do_c, d_c = (t[:, :, rows] for t in (q_rows, out, lse_b, dout, delta))
         for seg in chunk.segments:
             cols = slice(seg.k_start, seg.k_stop)
-            block = _chunk_block(call, chunk, seg, q_rows.device)
+            block = chunk_block(call, chunk, seg, q_rows.device)
             if fused:
                 gq, gk, gv = _fused_backward(call, block, seg, q_c, k[:, :, cols], v[:, :, cols],
                                              o_c, l_c, do_c)
@@ -214,7 +214,7 @@ def _backward_rows(call: AttentionCall, strategy: Strategy, plan: list[_Chunk], 
     return dq, dk, dv, bias_grads
 
 
-def _fold(t: Tensor, hkv: int, g: int) -> Tensor:
+def fold_groups(t: Tensor, hkv: int, g: int) -> Tensor:
     """(B, H, L, ...) -> (B, Hkv, L*G, ...) with rows ordered (i, g), as the plan expects."""
     if g == 1:
         return t
@@ -241,11 +241,11 @@ def partial_gradients(call: AttentionCall, out: Tensor, lse: Tensor, dout: Tenso
     """
     cd = call.compute_dtype
     hkv, g = call.kv_heads, call.groups
-    q_rows = _fold(call.q.to(cd), hkv, g)
-    out_rows, lse_rows, dout_rows = (_fold(t.to(cd), hkv, g) for t in (out, lse, dout))
-    dlse_rows = None if dlse is None else _fold(dlse.to(cd), hkv, g)
+    q_rows = fold_groups(call.q.to(cd), hkv, g)
+    out_rows, lse_rows, dout_rows = (fold_groups(t.to(cd), hkv, g) for t in (out, lse, dout))
+    dlse_rows = None if dlse is None else fold_groups(dlse.to(cd), hkv, g)
     strategy = choose(call, native=False)  # the backward needs only whether the fused kernel may run
-    plan = _plan(call, _block_q(call), strategy)
+    plan = chunk_plan(call, query_block(call), strategy)
     dq, dk, dv, _ = _backward_rows(call, strategy, plan, q_rows, call.k.to(cd), call.v.to(cd), out_rows, lse_rows,
                                    dout_rows, dlse_rows)
     return _unfold(dq, hkv, g), dk, dv
@@ -264,12 +264,12 @@ def tiled_forward(call: AttentionCall) -> tuple[Tensor, Tensor]:
                                  *(t.to(gd).contiguous() for t in (call.q, call.k, call.v)))
         return out.to(call.q.dtype), lse
     # Fold query heads by key/value group: rows ordered (i, g).  (B, Hkv, Lq*G, D)
-    q_rows = _fold(call.q.to(cd), hkv, g)
+    q_rows = fold_groups(call.q.to(cd), hkv, g)
     bias_tensors = [p.tensor for p in tensor_bias_parts(call.bias)]
     if strategy.forward == "banded":
         q_rows, k, v = q_rows.contiguous(), k.contiguous(), v.contiguous()
         out_rows, lse_rows = _Banded.apply(call, strategy, band_plan(call), q_rows, k, v, *bias_tensors)
     else:
-        out_rows, lse_rows = _Tiled.apply(call, strategy, _plan(call, _block_q(call), strategy), q_rows, k, v,
+        out_rows, lse_rows = _Tiled.apply(call, strategy, chunk_plan(call, query_block(call), strategy), q_rows, k, v,
                                           *bias_tensors)
     return _unfold(out_rows, hkv, g).to(call.q.dtype), _unfold(lse_rows, hkv, g)

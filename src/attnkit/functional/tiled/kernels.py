@@ -86,7 +86,7 @@ def _fused_backward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_row
 # -- the math kernel, per segment --------------------------------------------------------
 
 
-def _scores(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
+def segment_scores(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
             leaves: dict[int, Tensor] | None = None, raw: Tensor | None = None) -> Tensor:
     """Masked, transformed scores of one segment, (B, Hkv, bq, G, bk)."""
     if raw is None:
@@ -99,7 +99,7 @@ def _scores(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tenso
 
 def _math_forward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Tensor, k_seg: Tensor,
                   v_seg: Tensor) -> tuple[Tensor, Tensor]:
-    s = _scores(call, block, seg, q_rows, k_seg)
+    s = segment_scores(call, block, seg, q_rows, k_seg)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == _NEG_INF, 0.0, m)
     p = (s - m).exp_()
@@ -126,7 +126,7 @@ def _math_backward(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows
             raw = raw.detach().requires_grad_(True)
             leaves = {id(p): block.take(p.tensor4).detach().to(raw.dtype).requires_grad_(True)
                       for p in parts}
-        s = _scores(call, block, seg, q_rows, k_seg, leaves, raw=raw)
+        s = segment_scores(call, block, seg, q_rows, k_seg, leaves, raw=raw)
     with torch.no_grad():
         p = torch.exp(s.detach() - lse_rows.reshape(b, hkv, bq, g, 1))  # (B, Hkv, bq, G, bk)
         pv = p
@@ -155,7 +155,7 @@ def _lse_grad(call: AttentionCall, block: ScoreBlock, seg: _Segment, q_rows: Ten
               dlse_rows: Tensor) -> tuple[Tensor, Tensor]:
     """Gradient of sum(dlse * lse) w.r.t. q and k on one segment: d lse_i / d s_ij = p_ij."""
     b, hkv, bq, g, bk = block.shape
-    s = _scores(call, block, seg, q_rows, k_seg)
+    s = segment_scores(call, block, seg, q_rows, k_seg)
     p = torch.exp(s - lse_rows.reshape(b, hkv, bq, g, 1))
     ds = (p * dlse_rows.reshape(b, hkv, bq, g, 1)).reshape(b, hkv, bq * g, bk)
     return (ds @ k_seg) * call.scale, (ds.transpose(-1, -2) @ q_rows) * call.scale

@@ -73,7 +73,8 @@ def _setting() -> str:
     return os.environ.get("ATTNKIT_NATIVE", "").strip().lower()
 
 
-def _disabled() -> str | None:
+def disabled() -> str | None:
+    """Why the native kernel is switched off (``ATTNKIT_NATIVE=0``), or None."""
     if _setting() in _OFF:
         return "disabled by ATTNKIT_NATIVE=0"
     return None
@@ -117,7 +118,7 @@ def load(build: bool = True) -> ModuleType | None:
     first calls wait for one build. Across processes torch's own file lock in the
     extension folder serialises builds.
     """
-    if _disabled():
+    if disabled():
         return None
     if _state["tried"]:
         return _state["module"]  # type: ignore[return-value]
@@ -289,9 +290,9 @@ def _run_check(name: str) -> str | None:
 
 def native_status() -> str:
     """Why the native kernel is or is not in use: ``"built"``, ``"not built yet ..."``, or the reason it is off."""
-    return _disabled() or str(_state["reason"])
+    return disabled() or str(_state["reason"])
 
 
 def available() -> bool:
     """Whether the native kernel is ready now, without building it."""
-    return not _disabled() and _state["module"] is not None
+    return not disabled() and _state["module"] is not None

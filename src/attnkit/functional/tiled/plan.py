@@ -1,6 +1,6 @@
 """The tiled backend's plans: which keys each query chunk visits, and how chunks batch.
 
-* :func:`_plan` (per-chunk engine): each query chunk's key *segments*, runs of full or
+* :func:`chunk_plan` (per-chunk engine): each query chunk's key *segments*, runs of full or
   partial blocks from the mask's block map; empty blocks are skipped.
 * :func:`band_plan` (batched engine): consecutive chunks with the same band of keys
   relative to the chunk form one *run*, one fused-kernel call; a causal-like map's full
@@ -57,7 +57,7 @@ class _Chunk:
     segments: tuple[_Segment, ...]
 
 
-def _plan(call: AttentionCall, block_q: int, strategy: Strategy) -> list[_Chunk]:
+def chunk_plan(call: AttentionCall, block_q: int, strategy: Strategy) -> list[_Chunk]:
     """Split the call into query chunks, each with the key segments it must visit."""
     q_len, k_len = call.q_len, call.k_len
     nq = -(-q_len // block_q)
@@ -93,7 +93,7 @@ def _plan(call: AttentionCall, block_q: int, strategy: Strategy) -> list[_Chunk]
     return chunks
 
 
-def _block_q(call: AttentionCall) -> int:
+def query_block(call: AttentionCall) -> int:
     """Query positions per chunk: a power of two in [16, 256] within the score budget."""
     per_row = call.batch * call.heads * _MIN_SEGMENT
     size = 256

@@ -1,8 +1,8 @@
 """The tiled backend's blocks of log-probabilities, one at a time, as its backward recomputes them.
 
-:func:`log_prob_blocks` walks the per-chunk plan (:func:`.plan._plan`) with the math kernel's
+:func:`log_prob_blocks` walks the per-chunk plan (:func:`.plan.chunk_plan`) with the math kernel's
 segment size, so every block it yields holds at most ``_SCORE_BUDGET`` values, and gives each
-block's masked, transformed scores (:func:`.kernels._scores`) minus the row's log-sum-exp:
+block's masked, transformed scores (:func:`.kernels.segment_scores`) minus the row's log-sum-exp:
 ``exp`` of them are that block's probabilities, what the backward recomputes, and what
 :mod:`attnkit.functional.stats` reduces to statistics. Nothing of size (Lq x Lk) is allocated.
 """
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from attnkit._blocks import ScoreBlock
 from attnkit.functional._call import AttentionCall
-from attnkit.functional.tiled.autograd import _chunk_block, _fold
-from attnkit.functional.tiled.kernels import _scores
-from attnkit.functional.tiled.plan import _block_q, _plan
+from attnkit.functional.tiled.autograd import chunk_block, fold_groups
+from attnkit.functional.tiled.kernels import segment_scores
+from attnkit.functional.tiled.plan import chunk_plan, query_block
 from attnkit.functional.tiled.strategy import Strategy
 
 __all__ = ["fold_heads", "log_prob_blocks"]
@@ -28,7 +28,7 @@ _MATH = Strategy("math", False, False, ("statistics: the math kernel's segments,
 
 def fold_heads(t: Tensor, kv_heads: int) -> Tensor:
     """(B, H, L, ...) -> (B, Hkv, L*G, ...), rows ordered (i, g): the layout of :func:`log_prob_blocks`' rows."""
-    return _fold(t, kv_heads, t.shape[1] // kv_heads)
+    return fold_groups(t, kv_heads, t.shape[1] // kv_heads)
 
 
 def log_prob_blocks(call: AttentionCall, shift: Tensor) -> Iterator[tuple[ScoreBlock, Tensor]]:
@@ -50,11 +50,11 @@ def log_prob_blocks(call: AttentionCall, shift: Tensor) -> Iterator[tuple[ScoreB
     shift_rows = shift.reshape(call.batch, call.kv_heads, -1, 1)  # (B, Hkv, Lq*G, 1)
     plain = call.softcap is None and call.bias is None
     with torch.no_grad():
-        for chunk in _plan(call, _block_q(call), _MATH):
+        for chunk in chunk_plan(call, query_block(call), _MATH):
             rows = slice(chunk.q_start * g, chunk.q_stop * g)
             q_c = q_rows[:, :, rows]
             for seg in chunk.segments:
-                block = _chunk_block(call, chunk, seg, q_rows.device)
+                block = chunk_block(call, chunk, seg, q_rows.device)
                 k_seg = k[:, :, seg.k_start : seg.k_stop]
                 if plain:  # the scores as the reference computes them, (q.k) * scale, less the shift
                     t = torch.add(-shift_rows[:, :, rows], q_c @ k_seg.transpose(-1, -2), alpha=call.scale)
@@ -62,6 +62,7 @@ def log_prob_blocks(call: AttentionCall, shift: Tensor) -> Iterator[tuple[ScoreB
                     if seg.partial and call.mask is not None:
                         t.masked_fill_(~call.mask.allowed(block), lowest)
                 else:
-                    t = _scores(call, block, seg, q_c, k_seg).sub_(shift_rows[:, :, rows].view(*block.shape[:4], 1))
+                    t = segment_scores(call, block, seg, q_c, k_seg)
+                    t.sub_(shift_rows[:, :, rows].view(*block.shape[:4], 1))
                     t.clamp_(min=lowest)
                 yield block, t

@@ -205,7 +205,7 @@ def _native_choice(call: AttentionCall, pinned: str) -> tuple[NativeParams | Non
                            (call.dropout_p != 0.0, "dropout")):
         if failed:
             return None, f"native kernel: not used ({reason})"
-    if pinned != "native" and native._disabled():
+    if pinned != "native" and native.disabled():
         return None, f"native kernel: not used ({native.native_status()})"
     if pinned == "auto" and call.compute_dtype != torch.float32:
         return None, f"native kernel: not used (auto takes it for float32 only; this call computes in " \
